@@ -1,0 +1,112 @@
+//! The gRPC services, one file each: authenticate, validate, call the store, map the answer.
+//!
+//! This is the only layer that sees tonic types, and [`ApiError`]'s `From` impl is the one
+//! place where errors become a `tonic::Status`. It never touches sled and never decides how
+//! data is laid out. Internal errors are logged with their detail and answered with a
+//! generic message.
+
+pub mod admin;
+pub mod delivery;
+pub mod register;
+pub mod trigger;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tonic::Status;
+
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+use crate::validate::Invalid;
+
+/// What every service shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub config: Arc<Config>,
+    /// False once shutdown has begun: intake answers UNAVAILABLE.
+    accepting: Arc<AtomicBool>,
+}
+
+impl Shared {
+    pub fn new(store: Arc<dyn Store>, config: Arc<Config>) -> Self {
+        Self { store, config, accepting: Arc::new(AtomicBool::new(true)) }
+    }
+
+    /// Stops accepting new writes (shutdown has begun).
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Refuses writes once shutdown has begun.
+    pub fn ensure_accepting(&self) -> Result<(), ApiError> {
+        if self.accepting.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(ApiError::Unavailable("hookd is shutting down; retry against another instance or after restart"))
+        }
+    }
+}
+
+/// Every way a call can fail, mapped once to a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(&'static str),
+    #[error("storage failure")]
+    Store(#[from] StoreError),
+}
+
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
+        ApiError::InvalidArgument(invalid.0)
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Self {
+        match error {
+            ApiError::InvalidArgument(message) => Status::invalid_argument(message),
+            ApiError::Unauthenticated(message) => Status::unauthenticated(message),
+            ApiError::PermissionDenied(message) => Status::permission_denied(message),
+            ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            ApiError::ResourceExhausted(message) => Status::resource_exhausted(message),
+            ApiError::Unavailable(message) => Status::unavailable(message),
+            ApiError::Store(StoreError::Closed) => Status::unavailable("hookd is shutting down"),
+            ApiError::Store(error) => {
+                tracing::error!(error = &error as &dyn std::error::Error, "request failed on storage");
+                Status::internal("internal storage error; see the server log")
+            }
+        }
+    }
+}
+
+impl From<Invalid> for Status {
+    fn from(invalid: Invalid) -> Self {
+        ApiError::from(invalid).into()
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        ApiError::from(error).into()
+    }
+}
+
+/// Result of a service method body.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Wraps a body's result into a tonic response.
+pub fn respond<T>(result: ApiResult<T>) -> Result<tonic::Response<T>, Status> {
+    result.map(tonic::Response::new).map_err(Status::from)
+}

@@ -1,0 +1,239 @@
+//! `hookd.v1.RegisterService`: event hashes and the listeners registered against them.
+//!
+//! Secrets are sealed (crypto) before the store sees them and are never returned, except a
+//! generated one in the answer that mints it. Another producer's listeners answer NOT_FOUND,
+//! so ids reveal nothing.
+
+use hookd::v1::register_service_server::RegisterService;
+use hookd::v1::{
+    DeleteListenerRequest, DeleteListenerResponse, DeriveEventHashRequest, DeriveEventHashResponse, GetListenerRequest,
+    ListListenersRequest, ListListenersResponse, Listener as ListenerMessage, RegisterListenerRequest,
+    RegisterListenerResponse, RotateListenerSecretRequest, RotateListenerSecretResponse, UpdateListenerRequest,
+};
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, ApiResult, Shared};
+use crate::clock::{now_ms, timestamp};
+use crate::store::{EventHashEntry, Listener, Producer};
+use crate::validate::{self, SecretChoice};
+use crate::{auth, crypto, ids};
+
+pub struct RegisterApi {
+    shared: Shared,
+}
+
+impl RegisterApi {
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+
+    /// The caller's listener, or NOT_FOUND (also for another producer's).
+    fn own_listener(&self, producer: &Producer, listener_id: &str) -> ApiResult<Listener> {
+        self.shared
+            .store
+            .listener(listener_id)?
+            .filter(|listener| listener.producer_id == producer.id)
+            .ok_or(ApiError::NotFound("listener"))
+    }
+
+    /// The caller's event hash entry, or NOT_FOUND.
+    fn own_event_hash(&self, producer: &Producer, event_hash: &str) -> ApiResult<EventHashEntry> {
+        self.shared
+            .store
+            .event_hash(event_hash)?
+            .filter(|entry| entry.producer_id == producer.id)
+            .ok_or(ApiError::NotFound("event hash"))
+    }
+
+    /// Seals the chosen secret for `listener_id`; returns the envelope and, when generated,
+    /// the plaintext to show once.
+    fn seal(&self, listener_id: &str, choice: Option<SecretChoice<'_>>) -> (Vec<u8>, String) {
+        match choice {
+            None => (Vec::new(), String::new()),
+            Some(SecretChoice::Given(secret)) => {
+                (self.shared.config.keyring.seal(listener_id, secret.as_bytes()), String::new())
+            }
+            Some(SecretChoice::Generate) => {
+                let secret = crypto::mint_listener_secret();
+                (self.shared.config.keyring.seal(listener_id, secret.as_bytes()), secret)
+            }
+        }
+    }
+}
+
+pub(crate) fn listener_message(listener: Listener) -> ListenerMessage {
+    ListenerMessage {
+        id: listener.id,
+        event_hash: listener.event_hash,
+        url: listener.url,
+        has_secret: !listener.sealed_secret.is_empty(),
+        enabled: listener.enabled,
+        description: listener.description,
+        ordered: listener.ordered,
+        created_at: Some(timestamp(listener.created_at_ms)),
+        event_type: listener.event_type,
+        disabled_reason: listener.disabled_reason,
+    }
+}
+
+#[tonic::async_trait]
+impl RegisterService for RegisterApi {
+    async fn derive_event_hash(
+        &self,
+        request: Request<DeriveEventHashRequest>,
+    ) -> Result<Response<DeriveEventHashResponse>, Status> {
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let event_type = validate::event_type(&request.get_ref().event_type)?;
+        let event_hash = self.shared.config.keyring.event_hash(&producer.id, event_type);
+        // Remember what the hash stands for, so it stays valid even if the derivation changes.
+        if self.shared.store.event_hash(&event_hash)?.is_none() {
+            self.shared.ensure_accepting()?;
+            let entry = EventHashEntry { producer_id: producer.id.clone(), event_type: event_type.to_owned() };
+            self.shared.store.put_event_hash(&event_hash, entry).await?;
+        }
+        Ok(Response::new(DeriveEventHashResponse { event_hash }))
+    }
+
+    async fn register_listener(
+        &self,
+        request: Request<RegisterListenerRequest>,
+    ) -> Result<Response<RegisterListenerResponse>, Status> {
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        self.shared.ensure_accepting()?;
+        let request = request.into_inner();
+        let url = validate::listener_url(&request.url)?;
+        let description = validate::free_text("description", &request.description)?.to_owned();
+        let choice = validate::secret_choice(request.secret.as_deref(), request.generate_secret)?;
+        let entry = self.own_event_hash(&producer, &request.event_hash)?;
+
+        let now = now_ms();
+        let id = ids::listener_id(now);
+        let (sealed_secret, minted) = self.seal(&id, choice);
+        let listener = Listener {
+            id,
+            producer_id: producer.id,
+            event_hash: request.event_hash,
+            event_type: entry.event_type,
+            url,
+            sealed_secret,
+            enabled: true,
+            description,
+            ordered: request.ordered,
+            created_at_ms: now,
+            disabled_reason: String::new(),
+        };
+        self.shared.store.insert_listener(listener.clone()).await?;
+        tracing::info!(listener_id = %listener.id, producer_id = %listener.producer_id, "listener registered");
+        Ok(Response::new(RegisterListenerResponse { listener: Some(listener_message(listener)), secret: minted }))
+    }
+
+    async fn get_listener(&self, request: Request<GetListenerRequest>) -> Result<Response<ListenerMessage>, Status> {
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let listener = self.own_listener(&producer, &request.get_ref().listener_id)?;
+        Ok(Response::new(listener_message(listener)))
+    }
+
+    async fn list_listeners(
+        &self,
+        request: Request<ListListenersRequest>,
+    ) -> Result<Response<ListListenersResponse>, Status> {
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let request = request.into_inner();
+        let limit = validate::page_size(request.page_size)?;
+        let after = validate::page_token(&request.page_token)?;
+        let event_type = if request.event_hash.is_empty() {
+            None
+        } else {
+            Some(self.own_event_hash(&producer, &request.event_hash)?.event_type)
+        };
+        let listeners =
+            self.shared.store.list_listeners(&producer.id, event_type.as_deref(), after.as_deref(), limit)?;
+        let next_page_token = match listeners.last() {
+            Some(last) if listeners.len() == limit => validate::encode_page_token(&last.id),
+            _ => String::new(),
+        };
+        let listeners = listeners.into_iter().map(listener_message).collect();
+        Ok(Response::new(ListListenersResponse { listeners, next_page_token }))
+    }
+
+    async fn update_listener(
+        &self,
+        request: Request<UpdateListenerRequest>,
+    ) -> Result<Response<ListenerMessage>, Status> {
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        self.shared.ensure_accepting()?;
+        let request = request.into_inner();
+        let url = request.url.as_deref().map(validate::listener_url).transpose()?;
+        let description = match request.description.as_deref() {
+            Some(text) => Some(validate::free_text("description", text)?.to_owned()),
+            None => None,
+        };
+        self.own_listener(&producer, &request.listener_id)?;
+        let (enabled, ordered) = (request.enabled, request.ordered);
+        let updated = self
+            .shared
+            .store
+            .update_listener(
+                &request.listener_id,
+                Box::new(move |listener| {
+                    if let Some(url) = url {
+                        listener.url = url;
+                    }
+                    if let Some(description) = description {
+                        listener.description = description;
+                    }
+                    if let Some(ordered) = ordered {
+                        listener.ordered = ordered;
+                    }
+                    match enabled {
+                        Some(true) => {
+                            listener.enabled = true;
+                            listener.disabled_reason.clear();
+                        }
+                        Some(false) if listener.enabled => {
+                            listener.enabled = false;
+                            listener.disabled_reason = "disabled by UpdateListener".to_owned();
+                        }
+                        _ => {}
+                    }
+                }),
+            )
+            .await?
+            .ok_or(ApiError::NotFound("listener"))?;
+        Ok(Response::new(listener_message(updated)))
+    }
+
+    async fn delete_listener(
+        &self,
+        request: Request<DeleteListenerRequest>,
+    ) -> Result<Response<DeleteListenerResponse>, Status> {
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        self.shared.ensure_accepting()?;
+        let listener_id = &request.get_ref().listener_id;
+        self.own_listener(&producer, listener_id)?;
+        self.shared.store.delete_listener(listener_id).await?.ok_or(ApiError::NotFound("listener"))?;
+        tracing::info!(%listener_id, "listener deleted");
+        Ok(Response::new(DeleteListenerResponse {}))
+    }
+
+    async fn rotate_listener_secret(
+        &self,
+        request: Request<RotateListenerSecretRequest>,
+    ) -> Result<Response<RotateListenerSecretResponse>, Status> {
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        self.shared.ensure_accepting()?;
+        let request = request.into_inner();
+        let choice = validate::secret_choice(request.secret.as_deref(), request.generate_secret)?
+            .ok_or_else(|| ApiError::InvalidArgument("give a secret or set generate_secret".into()))?;
+        self.own_listener(&producer, &request.listener_id)?;
+        let (sealed_secret, minted) = self.seal(&request.listener_id, Some(choice));
+        let updated = self
+            .shared
+            .store
+            .update_listener(&request.listener_id, Box::new(move |listener| listener.sealed_secret = sealed_secret))
+            .await?
+            .ok_or(ApiError::NotFound("listener"))?;
+        tracing::info!(listener_id = %updated.id, "listener secret rotated");
+        Ok(Response::new(RotateListenerSecretResponse { listener: Some(listener_message(updated)), secret: minted }))
+    }
+}

@@ -1,0 +1,340 @@
+//! Configuration: flags and `HOOKD_*` environment variables, validated once into an
+//! immutable [`Config`].
+//!
+//! Flags win over environment variables, which win over defaults (clap resolves that). With
+//! nothing configured, hookd runs as a local development server: a missing admin token or
+//! master key is generated into the data directory, and every such choice is reported as a
+//! [`Notice`] for the caller to log. This module never logs or prints a secret: notices name
+//! files, not contents. Invalid input is a [`ConfigError`] with a message for a human.
+
+use std::fs;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::crypto::{self, Keyring};
+
+/// Largest `--max-payload-bytes` accepted (64 MiB).
+const MAX_PAYLOAD_LIMIT: u64 = 64 * 1024 * 1024;
+/// Shortest admin token accepted, in characters.
+const MIN_ADMIN_TOKEN_LEN: usize = 16;
+const DEV_ADMIN_TOKEN_FILE: &str = "dev-admin-token";
+const DEV_MASTER_KEY_FILE: &str = "dev-master-key";
+
+/// hookd: durable, signed webhook delivery over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "hookd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `hookd serve`; each also reads the environment variable it names.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address of the gRPC server.
+    #[arg(long, env = "HOOKD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Directory of the embedded database (created if missing).
+    #[arg(long, env = "HOOKD_DATA_DIR", default_value = "./hookd-data")]
+    pub data_dir: PathBuf,
+    /// Token for AdminService calls (at least 16 characters). Generated into the data
+    /// directory when unset (development only).
+    #[arg(long, env = "HOOKD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// File holding the master key (base64 of 32 bytes). `HOOKD_MASTER_KEY` gives the key
+    /// itself instead. With neither, a key is generated into the data directory
+    /// (development only).
+    #[arg(long, env = "HOOKD_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Largest accepted event payload, in bytes.
+    #[arg(long, env = "HOOKD_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: u64,
+    /// Log format.
+    #[arg(long, env = "HOOKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the database lives.
+    pub data_dir: PathBuf,
+    /// SHA-256 of the admin token (the token itself is not kept).
+    pub admin_token_hash: [u8; 32],
+    /// The master key's derived keys.
+    pub keyring: Keyring,
+    /// Largest accepted event payload, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Config {
+    /// A configuration from explicit values, with defaults for the rest.
+    pub fn new(data_dir: impl Into<PathBuf>, admin_token: &str, keyring: Keyring) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            admin_token_hash: crypto::hash_api_key(admin_token),
+            keyring,
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Something the operator should know about the configuration that was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    GeneratedAdminToken(PathBuf),
+    ReusedDevAdminToken(PathBuf),
+    GeneratedMasterKey(PathBuf),
+    /// The master key file sits inside the data directory: anyone with a copy of the
+    /// directory can open the secrets in it.
+    MasterKeyInsideDataDir(PathBuf),
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Notice::GeneratedAdminToken(path) => write!(
+                f,
+                "no admin token configured: generated one into {} (development only; set HOOKD_ADMIN_TOKEN in production)",
+                path.display()
+            ),
+            Notice::ReusedDevAdminToken(path) => write!(
+                f,
+                "no admin token configured: using the development token in {} (set HOOKD_ADMIN_TOKEN in production)",
+                path.display()
+            ),
+            Notice::GeneratedMasterKey(path) => write!(
+                f,
+                "no master key configured: generated one into {} (development only; use HOOKD_MASTER_KEY or --master-key-file outside the data directory in production)",
+                path.display()
+            ),
+            Notice::MasterKeyInsideDataDir(path) => write!(
+                f,
+                "the master key file {} is inside the data directory: this is for development only, since a copy of the directory then opens every secret in it",
+                path.display()
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--listen / HOOKD_LISTEN: {0:?} is not an address like 127.0.0.1:50051")]
+    Listen(String),
+    #[error("--admin-token / HOOKD_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LEN} characters")]
+    AdminTokenTooShort,
+    #[error("--max-payload-bytes / HOOKD_MAX_PAYLOAD_BYTES must be between 1 and {MAX_PAYLOAD_LIMIT}, not {0}")]
+    MaxPayload(u64),
+    #[error("give the master key by HOOKD_MASTER_KEY or by --master-key-file / HOOKD_MASTER_KEY_FILE, not both")]
+    TwoMasterKeys,
+    #[error("{source_name}: {error}")]
+    MasterKey { source_name: String, error: crypto::CryptoError },
+    #[error("{action} {path}: {error}")]
+    Io { action: &'static str, path: PathBuf, error: std::io::Error },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ConfigError + 'a {
+    move |error| ConfigError::Io { action, path: path.to_owned(), error }
+}
+
+/// What [`resolve`] produces: the configuration, the listen address and what to tell the
+/// operator.
+#[derive(Debug)]
+pub struct Resolved {
+    pub config: Config,
+    pub listen: SocketAddr,
+    pub notices: Vec<Notice>,
+}
+
+/// Validates `args` (with `master_key_env`, the value of `HOOKD_MASTER_KEY`), creates the data
+/// directory, and fills in development defaults where nothing was configured.
+pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resolved, ConfigError> {
+    let listen: SocketAddr = args.listen.parse().map_err(|_| ConfigError::Listen(args.listen.clone()))?;
+    if args.max_payload_bytes == 0 || args.max_payload_bytes > MAX_PAYLOAD_LIMIT {
+        return Err(ConfigError::MaxPayload(args.max_payload_bytes));
+    }
+    if args.admin_token.as_ref().is_some_and(|t| t.len() < MIN_ADMIN_TOKEN_LEN) {
+        return Err(ConfigError::AdminTokenTooShort);
+    }
+    let master_key_env = master_key_env.filter(|key| !key.trim().is_empty());
+    if master_key_env.is_some() && args.master_key_file.is_some() {
+        return Err(ConfigError::TwoMasterKeys);
+    }
+
+    let data_dir = &args.data_dir;
+    fs::create_dir_all(data_dir).map_err(io_error("cannot create the data directory", data_dir))?;
+    let mut notices = Vec::new();
+
+    let keyring = match (master_key_env, &args.master_key_file) {
+        (Some(text), _) => Keyring::from_base64(&text)
+            .map_err(|error| ConfigError::MasterKey { source_name: "HOOKD_MASTER_KEY".into(), error })?,
+        (None, Some(path)) => {
+            let text = fs::read_to_string(path).map_err(io_error("cannot read the master key file", path))?;
+            if is_inside(path, data_dir) {
+                notices.push(Notice::MasterKeyInsideDataDir(path.clone()));
+            }
+            Keyring::from_base64(&text).map_err(|error| ConfigError::MasterKey {
+                source_name: format!("master key file {}", path.display()),
+                error,
+            })?
+        }
+        (None, None) => {
+            let path = data_dir.join(DEV_MASTER_KEY_FILE);
+            let text = match fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    let text = crypto::mint_master_key_base64();
+                    write_private(&path, &text)?;
+                    notices.push(Notice::GeneratedMasterKey(path.clone()));
+                    text
+                }
+                Err(error) => return Err(io_error("cannot read the master key file", &path)(error)),
+            };
+            notices.push(Notice::MasterKeyInsideDataDir(path.clone()));
+            Keyring::from_base64(&text).map_err(|error| ConfigError::MasterKey {
+                source_name: format!("master key file {}", path.display()),
+                error,
+            })?
+        }
+    };
+
+    let admin_token = match &args.admin_token {
+        Some(token) => token.clone(),
+        None => {
+            let path = data_dir.join(DEV_ADMIN_TOKEN_FILE);
+            match fs::read_to_string(&path) {
+                Ok(token) if token.trim().len() >= MIN_ADMIN_TOKEN_LEN => {
+                    notices.push(Notice::ReusedDevAdminToken(path));
+                    token.trim().to_owned()
+                }
+                Ok(_) => return Err(ConfigError::AdminTokenTooShort),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    let token = crypto::mint_token();
+                    write_private(&path, &token)?;
+                    notices.push(Notice::GeneratedAdminToken(path));
+                    token
+                }
+                Err(error) => return Err(io_error("cannot read the admin token file", &path)(error)),
+            }
+        }
+    };
+
+    let mut config = Config::new(data_dir.clone(), &admin_token, keyring);
+    config.max_payload_bytes = usize::try_from(args.max_payload_bytes).expect("limit checked above fits usize");
+    Ok(Resolved { config, listen, notices })
+}
+
+/// Whether `path` lies inside `dir` (both resolved when they exist).
+fn is_inside(path: &Path, dir: &Path) -> bool {
+    let resolve = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    resolve(path).starts_with(resolve(dir))
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, contents: &str) -> Result<(), ConfigError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(io_error("cannot create", path))?;
+    file.write_all(contents.as_bytes()).map_err(io_error("cannot write", path))?;
+    file.sync_all().map_err(io_error("cannot sync", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(data_dir: &Path, extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["hookd", "serve", "--data-dir", data_dir.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("arguments parse").command {
+            Command::Serve(args) => args,
+        }
+    }
+
+    #[test]
+    fn defaults_start_a_development_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let resolved = resolve(&args(&data, &[]), None).unwrap();
+        assert_eq!(resolved.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(resolved.config.max_payload_bytes, 1024 * 1024);
+        assert!(resolved.notices.contains(&Notice::GeneratedMasterKey(data.join(DEV_MASTER_KEY_FILE))));
+        assert!(resolved.notices.contains(&Notice::GeneratedAdminToken(data.join(DEV_ADMIN_TOKEN_FILE))));
+
+        // A second start reuses what the first generated.
+        let again = resolve(&args(&data, &[]), None).unwrap();
+        assert_eq!(again.config.keyring.key_id(), resolved.config.keyring.key_id());
+        assert_eq!(again.config.admin_token_hash, resolved.config.admin_token_hash);
+        assert!(again.notices.contains(&Notice::ReusedDevAdminToken(data.join(DEV_ADMIN_TOKEN_FILE))));
+    }
+
+    #[test]
+    fn explicit_values_are_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crypto::mint_master_key_base64();
+        let token = "a-long-enough-admin-token";
+        let resolved = resolve(
+            &args(dir.path(), &["--listen", "127.0.0.1:0", "--admin-token", token, "--max-payload-bytes", "10"]),
+            Some(key.clone()),
+        )
+        .unwrap();
+        assert_eq!(resolved.config.admin_token_hash, crypto::hash_api_key(token));
+        assert_eq!(resolved.config.keyring.key_id(), Keyring::from_base64(&key).unwrap().key_id());
+        assert_eq!(resolved.config.max_payload_bytes, 10);
+        assert!(resolved.notices.is_empty());
+    }
+
+    #[test]
+    fn master_key_file_inside_the_data_dir_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        fs::write(&path, crypto::mint_master_key_base64()).unwrap();
+        let resolved = resolve(
+            &args(dir.path(), &["--admin-token", "0123456789abcdef", "--master-key-file", path.to_str().unwrap()]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(resolved.notices, vec![Notice::MasterKeyInsideDataDir(path)]);
+    }
+
+    #[test]
+    fn invalid_values_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: Vec<(Vec<&str>, Option<String>, &str)> = vec![
+            (vec!["--listen", "nowhere"], None, "--listen"),
+            (vec!["--admin-token", "short"], None, "at least 16"),
+            (vec!["--max-payload-bytes", "0"], None, "HOOKD_MAX_PAYLOAD_BYTES"),
+            (vec![], Some("bm90IDMyIGJ5dGVz".into()), "HOOKD_MASTER_KEY"),
+            (vec!["--master-key-file", "/nonexistent/key"], None, "cannot read the master key file"),
+            (vec!["--master-key-file", "/nonexistent/key"], Some(crypto::mint_master_key_base64()), "not both"),
+        ];
+        for (extra, env, expected) in cases {
+            let error = resolve(&args(dir.path(), &extra), env).unwrap_err().to_string();
+            assert!(error.contains(expected), "{extra:?}: {error:?} should mention {expected:?}");
+        }
+    }
+
+    #[test]
+    fn non_numeric_payload_limit_is_refused() {
+        let parsed = Cli::try_parse_from(["hookd", "serve", "--max-payload-bytes", "notanumber"]);
+        assert!(parsed.is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! hookd: a webhook delivery service. This library is the whole server; the `hookd` binary
+//! only parses configuration, installs logging and wires signals to [`run`].
+//!
+//! Modules, each the single owner of its concern: [`config`] (flags and environment),
+//! [`store`] (all durable state; the only one that touches sled), [`crypto`] (keys, sealed
+//! secrets, event hashes), [`auth`] (who is calling), [`validate`] (input rules), `api` (the
+//! gRPC services; the only one that sees tonic types), [`telemetry`] (logging).
+
+mod api;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod ids;
+pub mod store;
+pub mod telemetry;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookd::v1::admin_service_server::AdminServiceServer;
+use hookd::v1::delivery_service_server::DeliveryServiceServer;
+use hookd::v1::register_service_server::RegisterServiceServer;
+use hookd::v1::trigger_service_server::TriggerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+pub use config::Config;
+use store::{SledStore, Store, StoreError};
+
+/// How long in-flight calls get to finish once shutdown has begun.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Room for the non-payload fields of a trigger above `max_payload_bytes`, so an oversized
+/// payload gets hookd's own clear error rather than a transport one.
+const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the database in {dir}: {source}")]
+    Open { dir: String, source: StoreError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection descriptors are invalid: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves hookd on `listener` until `shutdown` is cancelled, then stops intake, lets
+/// in-flight calls finish (up to a grace period), flushes the database and returns.
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+        .await
+        .expect("opening the store does not panic")
+        .map_err(|source| RunError::Open { dir: config.data_dir.display().to_string(), source })?;
+    if let Err(error) = store.check_master_key(&config.keyring.key_id(), &config.keyring.key_check()) {
+        store.close()?;
+        return Err(error.into());
+    }
+    let result = serve(listener, config, store.clone(), shutdown).await;
+    let closed = tokio::task::spawn_blocking(move || store.close()).await.expect("closing the store does not panic");
+    result?;
+    closed?;
+    tracing::info!("hookd stopped");
+    Ok(())
+}
+
+async fn serve(
+    listener: TcpListener,
+    config: Config,
+    store: Arc<SledStore>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let max_message = config.max_payload_bytes + REQUEST_OVERHEAD_BYTES;
+    let local_addr = listener.local_addr().ok();
+    tracing::info!(
+        addr = ?local_addr,
+        data_dir = %config.data_dir.display(),
+        master_key_id = %config.keyring.key_id(),
+        "hookd serving"
+    );
+    let shared = api::Shared::new(store, Arc::new(config));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let services = [
+        "",
+        <AdminServiceServer<api::admin::AdminApi> as tonic::server::NamedService>::NAME,
+        <RegisterServiceServer<api::register::RegisterApi> as tonic::server::NamedService>::NAME,
+        <TriggerServiceServer<api::trigger::TriggerApi> as tonic::server::NamedService>::NAME,
+        <DeliveryServiceServer<api::delivery::DeliveryApi> as tonic::server::NamedService>::NAME,
+    ];
+    for name in services {
+        health.set_service_status(name, ServingStatus::Serving).await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hookd::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hookd::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let stopping = {
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down: intake stopped, finishing in-flight calls");
+            shared.stop_accepting();
+            for name in services {
+                health.set_service_status(name, ServingStatus::NotServing).await;
+            }
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            AdminServiceServer::new(api::admin::AdminApi::new(shared.clone())).max_decoding_message_size(max_message),
+        )
+        .add_service(
+            RegisterServiceServer::new(api::register::RegisterApi::new(shared.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            TriggerServiceServer::new(api::trigger::TriggerApi::new(shared.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(DeliveryServiceServer::new(api::delivery::DeliveryApi))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+    let mut server = tokio::spawn(server);
+    tokio::select! {
+        joined = &mut server => joined.expect("the server task does not panic")?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight calls did not finish in time; closing them");
+            server.abort();
+        }
+    }
+    Ok(())
+}

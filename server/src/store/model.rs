@@ -1,0 +1,178 @@
+//! The records hookd keeps, and their versioned encoding.
+//!
+//! Every stored value is one version byte followed by a protobuf encoding of the record, so
+//! fields can be added without a migration and a future layout gets a new version byte. These
+//! are plain data: no I/O, no policy, and never a plaintext secret.
+
+use prost::Message;
+
+/// Version byte of the current record encoding.
+const RECORD_V1: u8 = 1;
+
+/// Encodes a record for storage: version byte, then protobuf.
+pub(crate) fn encode<M: Message>(record: &M) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + record.encoded_len());
+    bytes.push(RECORD_V1);
+    record.encode(&mut bytes).expect("a Vec grows to fit any record");
+    bytes
+}
+
+/// Decodes a stored record; `None` for an unknown version or corrupt bytes.
+pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Option<M> {
+    match bytes.split_first() {
+        Some((&RECORD_V1, body)) => M::decode(body).ok(),
+        _ => None,
+    }
+}
+
+/// A service that triggers events.
+#[derive(Clone, PartialEq, Message)]
+pub struct Producer {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(bool, tag = "3")]
+    pub enabled: bool,
+    #[prost(uint64, tag = "4")]
+    pub created_at_ms: u64,
+    #[prost(string, tag = "5")]
+    pub disabled_reason: String,
+    /// SHA-256 of every API key that currently opens this producer (the newest last).
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub key_hashes: Vec<Vec<u8>>,
+}
+
+/// What an API key hash opens, and until when.
+#[derive(Clone, PartialEq, Message)]
+pub struct ApiKeyEntry {
+    #[prost(string, tag = "1")]
+    pub producer_id: String,
+    /// 0: no expiry. Otherwise the key stops working at this time (a rotation's grace).
+    #[prost(uint64, tag = "2")]
+    pub expires_at_ms: u64,
+}
+
+impl ApiKeyEntry {
+    /// Whether the key still opens its producer at `now_ms`.
+    pub fn valid_at(&self, now_ms: u64) -> bool {
+        self.expires_at_ms == 0 || now_ms < self.expires_at_ms
+    }
+}
+
+/// The (producer, event type) an event hash stands for.
+#[derive(Clone, PartialEq, Message)]
+pub struct EventHashEntry {
+    #[prost(string, tag = "1")]
+    pub producer_id: String,
+    #[prost(string, tag = "2")]
+    pub event_type: String,
+}
+
+/// A callback URL registered for an event hash.
+#[derive(Clone, PartialEq, Message)]
+pub struct Listener {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub producer_id: String,
+    #[prost(string, tag = "3")]
+    pub event_hash: String,
+    #[prost(string, tag = "4")]
+    pub event_type: String,
+    #[prost(string, tag = "5")]
+    pub url: String,
+    /// The signing secret sealed under the master key (empty: unsigned).
+    #[prost(bytes = "vec", tag = "6")]
+    pub sealed_secret: Vec<u8>,
+    #[prost(bool, tag = "7")]
+    pub enabled: bool,
+    #[prost(string, tag = "8")]
+    pub description: String,
+    #[prost(bool, tag = "9")]
+    pub ordered: bool,
+    #[prost(uint64, tag = "10")]
+    pub created_at_ms: u64,
+    #[prost(string, tag = "11")]
+    pub disabled_reason: String,
+}
+
+/// An event as the trigger path hands it to the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub producer_id: String,
+    pub event_type: String,
+    pub payload: Vec<u8>,
+    pub content_type: String,
+    pub idempotency_key: Option<String>,
+    pub created_at_ms: u64,
+}
+
+/// One event of the event log.
+#[derive(Clone, PartialEq, Message)]
+pub struct Event {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Position in the event log: the order fan-out follows.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    #[prost(string, tag = "3")]
+    pub producer_id: String,
+    #[prost(string, tag = "4")]
+    pub event_type: String,
+    #[prost(bytes = "vec", tag = "5")]
+    pub payload: Vec<u8>,
+    #[prost(string, tag = "6")]
+    pub content_type: String,
+    #[prost(uint64, tag = "7")]
+    pub created_at_ms: u64,
+    #[prost(string, tag = "8")]
+    pub idempotency_key: String,
+}
+
+/// A remembered idempotency key.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct IdempotencyEntry {
+    #[prost(string, tag = "1")]
+    pub event_id: String,
+    #[prost(uint64, tag = "2")]
+    pub created_at_ms: u64,
+}
+
+/// The answer to an append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub event_id: String,
+    /// True when the idempotency key matched an earlier event, whose id this is.
+    pub duplicate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_with_a_version_byte() {
+        let entry = EventHashEntry { producer_id: "prd_1".into(), event_type: "a.b".into() };
+        let bytes = encode(&entry);
+        assert_eq!(bytes[0], RECORD_V1);
+        assert_eq!(decode::<EventHashEntry>(&bytes), Some(entry));
+    }
+
+    #[test]
+    fn unknown_versions_are_refused() {
+        let mut bytes = encode(&EventHashEntry::default());
+        bytes[0] = 99;
+        assert_eq!(decode::<EventHashEntry>(&bytes), None);
+        assert_eq!(decode::<EventHashEntry>(&[]), None);
+    }
+
+    #[test]
+    fn key_expiry() {
+        let forever = ApiKeyEntry { producer_id: "p".into(), expires_at_ms: 0 };
+        assert!(forever.valid_at(u64::MAX));
+        let graced = ApiKeyEntry { producer_id: "p".into(), expires_at_ms: 1_000 };
+        assert!(graced.valid_at(999));
+        assert!(!graced.valid_at(1_000));
+    }
+}

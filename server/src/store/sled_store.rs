@@ -1,0 +1,400 @@
+//! The embedded backend: one sled tree with one key prefix per keyspace.
+//!
+//! One tree (rather than a tree per keyspace) lets a record and its indexes change in one
+//! `apply_batch` — atomic without cross-tree transactions. Reads go straight to sled; every
+//! write goes through the group-commit [`Writer`]. Key layout (`/` ends each prefix):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `m/keycheck` | key id + check value of the master key |
+//! | `p/{producer id}` | [`Producer`] |
+//! | `k/{sha256 of api key}` | [`ApiKeyEntry`] |
+//! | `h/{event hash}` | [`EventHashEntry`] |
+//! | `l/{listener id}` | [`Listener`] |
+//! | `lt/{producer id}/{event type}\0{listener id}` | empty: listeners of one event type |
+//! | `lp/{producer id}/{listener id}` | empty: all listeners of a producer |
+//! | `e/{seq: u64 big-endian}` | [`Event`]: the event log, in trigger order |
+//! | `i/{producer id}\0{idempotency key}` | idempotency record |
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use sled::{Batch, Tree};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::model::{ApiKeyEntry, Appended, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode};
+use super::writer::{self, Job, JobSender, Writer};
+use super::{ListenerEdit, Store, StoreError, StoreFuture};
+use crate::ids;
+
+pub(crate) mod keys {
+    pub const KEY_CHECK: &[u8] = b"m/keycheck";
+    pub const PRODUCERS: &[u8] = b"p/";
+    pub const LISTENERS: &[u8] = b"l/";
+    pub const EVENTS: &[u8] = b"e/";
+
+    fn join(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    pub fn producer(id: &str) -> Vec<u8> {
+        join(&[PRODUCERS, id.as_bytes()])
+    }
+    pub fn api_key(hash: &[u8]) -> Vec<u8> {
+        join(&[b"k/", hash])
+    }
+    pub fn event_hash(hash: &str) -> Vec<u8> {
+        join(&[b"h/", hash.as_bytes()])
+    }
+    pub fn listener(id: &str) -> Vec<u8> {
+        join(&[LISTENERS, id.as_bytes()])
+    }
+    /// Prefix of the listeners of one (producer, event type).
+    pub fn listeners_by_type(producer_id: &str, event_type: &str) -> Vec<u8> {
+        join(&[b"lt/", producer_id.as_bytes(), b"/", event_type.as_bytes(), b"\0"])
+    }
+    /// Prefix of all listeners of one producer.
+    pub fn listeners_by_producer(producer_id: &str) -> Vec<u8> {
+        join(&[b"lp/", producer_id.as_bytes(), b"/"])
+    }
+    pub fn event(seq: u64) -> [u8; 10] {
+        let mut key = [0u8; 10];
+        key[..2].copy_from_slice(EVENTS);
+        key[2..].copy_from_slice(&seq.to_be_bytes());
+        key
+    }
+    pub fn idempotency(producer_id: &str, key: &str) -> Vec<u8> {
+        join(&[b"i/", producer_id.as_bytes(), b"\0", key.as_bytes()])
+    }
+}
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    tree: Tree,
+    jobs: Mutex<Option<JobSender>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    durable_seq: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore").finish_non_exhaustive()
+    }
+}
+
+fn corrupt(key: &[u8]) -> StoreError {
+    StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned() }
+}
+
+fn read<M: prost::Message + Default>(tree: &Tree, key: &[u8]) -> Result<Option<M>, StoreError> {
+    match tree.get(key)? {
+        Some(bytes) => decode(&bytes).map(Some).ok_or_else(|| corrupt(key)),
+        None => Ok(None),
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Bound::Excluded(end);
+        }
+    }
+    Bound::Unbounded
+}
+
+/// Keys under `prefix`, after `prefix ++ after` when given, at most `limit`.
+fn scan_after(
+    tree: &Tree,
+    prefix: &[u8],
+    after: Option<&str>,
+    limit: usize,
+) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), sled::Error>> {
+    let start = match after {
+        Some(after) => Bound::Excluded([prefix, after.as_bytes()].concat()),
+        None => Bound::Included(prefix.to_vec()),
+    };
+    tree.range::<Vec<u8>, _>((start, prefix_end(prefix))).take(limit)
+}
+
+impl SledStore {
+    /// Opens (or creates) the database under `dir` and starts its writer thread.
+    pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
+        let tree = db.open_tree("hookd")?;
+        let next_seq = match tree.scan_prefix(keys::EVENTS).next_back() {
+            Some(entry) => {
+                let (key, _) = entry?;
+                let seq_bytes: [u8; 8] = key[keys::EVENTS.len()..].try_into().map_err(|_| corrupt(&key))?;
+                u64::from_be_bytes(seq_bytes) + 1
+            }
+            None => 0,
+        };
+        let (durable_tx, durable_rx) = watch::channel(next_seq.saturating_sub(1));
+        let (jobs_tx, jobs_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
+        let writer = Writer::new(tree.clone(), jobs_rx, next_seq, durable_tx);
+        let handle = std::thread::Builder::new()
+            .name("hookd-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|error| StoreError::Backend(Arc::new(sled::Error::Io(error))))?;
+        Ok(Arc::new(Self {
+            db,
+            tree,
+            jobs: Mutex::new(Some(jobs_tx)),
+            writer: Mutex::new(Some(handle)),
+            durable_seq: durable_rx,
+        }))
+    }
+
+    /// The highest event sequence number known durable; changes as events are appended.
+    pub fn durable_seq(&self) -> watch::Receiver<u64> {
+        self.durable_seq.clone()
+    }
+
+    fn sender(&self) -> Result<JobSender, StoreError> {
+        self.jobs.lock().expect("writer sender lock is never poisoned").clone().ok_or(StoreError::Closed)
+    }
+
+    /// Runs `apply` on the writer thread and resolves once its group is flushed.
+    fn write<T, F>(&self, apply: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
+    {
+        let sender = self.sender();
+        Box::pin(async move { writer::write(&sender?, apply).await })
+    }
+}
+
+impl Store for SledStore {
+    fn check_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
+        let mut expected = key_id.as_bytes().to_vec();
+        expected.push(0);
+        expected.extend_from_slice(check);
+        match self.tree.compare_and_swap(keys::KEY_CHECK, None as Option<&[u8]>, Some(expected.clone()))? {
+            Ok(()) => {
+                self.tree.flush()?;
+                Ok(())
+            }
+            Err(existing) if existing.current.as_deref() == Some(&expected[..]) => Ok(()),
+            Err(existing) => {
+                let stored = existing.current.unwrap_or_default();
+                let stored_id = stored.split(|&b| b == 0).next().unwrap_or_default();
+                Err(StoreError::WrongMasterKey {
+                    expected: String::from_utf8_lossy(stored_id).into_owned(),
+                    found: key_id.to_owned(),
+                })
+            }
+        }
+    }
+
+    fn create_producer(&self, producer: Producer, key_hash: [u8; 32]) -> StoreFuture<()> {
+        self.write(move |tree| {
+            let mut batch = Batch::default();
+            let entry = ApiKeyEntry { producer_id: producer.id.clone(), expires_at_ms: 0 };
+            batch.insert(keys::api_key(&key_hash), encode(&entry));
+            batch.insert(keys::producer(&producer.id), encode(&producer));
+            Ok(tree.apply_batch(batch)?)
+        })
+    }
+
+    fn producer(&self, producer_id: &str) -> Result<Option<Producer>, StoreError> {
+        read(&self.tree, &keys::producer(producer_id))
+    }
+
+    fn list_producers(&self, after: Option<&str>, limit: usize) -> Result<Vec<Producer>, StoreError> {
+        scan_after(&self.tree, keys::PRODUCERS, after, limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&value).ok_or_else(|| corrupt(&key))
+            })
+            .collect()
+    }
+
+    fn producer_by_key(&self, key_hash: &[u8; 32], now_ms: u64) -> Result<Option<Producer>, StoreError> {
+        let Some(entry) = read::<ApiKeyEntry>(&self.tree, &keys::api_key(key_hash))? else {
+            return Ok(None);
+        };
+        if !entry.valid_at(now_ms) {
+            return Ok(None);
+        }
+        self.producer(&entry.producer_id)
+    }
+
+    fn rotate_producer_key(
+        &self,
+        producer_id: &str,
+        new_key_hash: [u8; 32],
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> StoreFuture<bool> {
+        let producer_id = producer_id.to_owned();
+        self.write(move |tree| {
+            let Some(mut producer) = read::<Producer>(tree, &keys::producer(&producer_id))? else {
+                return Ok(false);
+            };
+            let mut batch = Batch::default();
+            let mut kept = Vec::new();
+            for old in producer.key_hashes.drain(..) {
+                let key = keys::api_key(&old);
+                match read::<ApiKeyEntry>(tree, &key)? {
+                    Some(mut entry) if grace_ms > 0 && entry.valid_at(now_ms) => {
+                        // A key already expiring sooner keeps its earlier end.
+                        let end = now_ms.saturating_add(grace_ms);
+                        entry.expires_at_ms = if entry.expires_at_ms == 0 { end } else { entry.expires_at_ms.min(end) };
+                        batch.insert(key, encode(&entry));
+                        kept.push(old);
+                    }
+                    _ => batch.remove(key),
+                }
+            }
+            let entry = ApiKeyEntry { producer_id: producer_id.clone(), expires_at_ms: 0 };
+            batch.insert(keys::api_key(&new_key_hash), encode(&entry));
+            kept.push(new_key_hash.to_vec());
+            producer.key_hashes = kept;
+            batch.insert(keys::producer(&producer_id), encode(&producer));
+            tree.apply_batch(batch)?;
+            Ok(true)
+        })
+    }
+
+    fn set_producer_enabled(&self, producer_id: &str, enabled: bool, reason: String) -> StoreFuture<Option<Producer>> {
+        let producer_id = producer_id.to_owned();
+        self.write(move |tree| {
+            let key = keys::producer(&producer_id);
+            let Some(mut producer) = read::<Producer>(tree, &key)? else {
+                return Ok(None);
+            };
+            producer.enabled = enabled;
+            producer.disabled_reason = if enabled { String::new() } else { reason };
+            tree.insert(key, encode(&producer))?;
+            Ok(Some(producer))
+        })
+    }
+
+    fn put_event_hash(&self, event_hash: &str, entry: EventHashEntry) -> StoreFuture<()> {
+        let key = keys::event_hash(event_hash);
+        self.write(move |tree| {
+            tree.insert(key, encode(&entry))?;
+            Ok(())
+        })
+    }
+
+    fn event_hash(&self, event_hash: &str) -> Result<Option<EventHashEntry>, StoreError> {
+        read(&self.tree, &keys::event_hash(event_hash))
+    }
+
+    fn insert_listener(&self, listener: Listener) -> StoreFuture<()> {
+        self.write(move |tree| {
+            let mut batch = Batch::default();
+            index_listener(&mut batch, &listener, true);
+            batch.insert(keys::listener(&listener.id), encode(&listener));
+            Ok(tree.apply_batch(batch)?)
+        })
+    }
+
+    fn listener(&self, listener_id: &str) -> Result<Option<Listener>, StoreError> {
+        read(&self.tree, &keys::listener(listener_id))
+    }
+
+    fn list_listeners(
+        &self,
+        producer_id: &str,
+        event_type: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Listener>, StoreError> {
+        let prefix = match event_type {
+            Some(event_type) => keys::listeners_by_type(producer_id, event_type),
+            None => keys::listeners_by_producer(producer_id),
+        };
+        let mut listeners = Vec::with_capacity(limit.min(1024));
+        for entry in scan_after(&self.tree, &prefix, after, limit) {
+            let (key, _) = entry?;
+            let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| corrupt(&key))?;
+            // The index and the record change in one batch, so a missing record is corruption.
+            listeners.push(self.listener(id)?.ok_or_else(|| corrupt(&key))?);
+        }
+        Ok(listeners)
+    }
+
+    fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>> {
+        let key = keys::listener(listener_id);
+        self.write(move |tree| {
+            let Some(mut listener) = read::<Listener>(tree, &key)? else {
+                return Ok(None);
+            };
+            edit(&mut listener);
+            tree.insert(key, encode(&listener))?;
+            Ok(Some(listener))
+        })
+    }
+
+    fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<Listener>> {
+        let key = keys::listener(listener_id);
+        self.write(move |tree| {
+            let Some(listener) = read::<Listener>(tree, &key)? else {
+                return Ok(None);
+            };
+            let mut batch = Batch::default();
+            index_listener(&mut batch, &listener, false);
+            batch.remove(key);
+            tree.apply_batch(batch)?;
+            Ok(Some(listener))
+        })
+    }
+
+    fn append_event(&self, event: NewEvent) -> StoreFuture<Appended> {
+        let sender = self.sender();
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            sender?.send(Job::Append { event, reply }).await.map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn event(&self, event_id: &str) -> Result<Option<Event>, StoreError> {
+        let Some(seq) = ids::event_seq(event_id) else {
+            return Ok(None);
+        };
+        let event: Option<Event> = read(&self.tree, &keys::event(seq))?;
+        // The random half of the id must match too: ids cannot be enumerated.
+        Ok(event.filter(|event| event.id == event_id))
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        // Dropping the last sender lets the writer finish its queue, flush and exit.
+        drop(self.jobs.lock().expect("writer sender lock is never poisoned").take());
+        if let Some(handle) = self.writer.lock().expect("writer handle lock is never poisoned").take() {
+            if handle.join().is_err() {
+                tracing::error!("the database writer thread panicked");
+            }
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Adds (or removes) the index entries of a listener.
+fn index_listener(batch: &mut Batch, listener: &Listener, add: bool) {
+    let by_type =
+        [keys::listeners_by_type(&listener.producer_id, &listener.event_type), listener.id.clone().into_bytes()]
+            .concat();
+    let by_producer = [keys::listeners_by_producer(&listener.producer_id), listener.id.clone().into_bytes()].concat();
+    for key in [by_type, by_producer] {
+        if add {
+            batch.insert(key, &[] as &[u8]);
+        } else {
+            batch.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "sled_store_tests.rs"]
+mod tests;

@@ -1,0 +1,159 @@
+use super::*;
+use crate::store::writer::IDEMPOTENCY_WINDOW_MS;
+
+fn new_event(producer: &str, key: Option<&str>, at_ms: u64) -> NewEvent {
+    NewEvent {
+        producer_id: producer.into(),
+        event_type: "thing.happened".into(),
+        payload: b"{}".to_vec(),
+        content_type: "application/json".into(),
+        idempotency_key: key.map(str::to_owned),
+        created_at_ms: at_ms,
+    }
+}
+
+fn listener(id: &str, producer: &str, event_type: &str) -> Listener {
+    Listener {
+        id: id.into(),
+        producer_id: producer.into(),
+        event_hash: format!("evh_{event_type}"),
+        event_type: event_type.into(),
+        url: "http://127.0.0.1:1/hook".into(),
+        enabled: true,
+        ..Listener::default()
+    }
+}
+
+#[tokio::test]
+async fn events_append_in_order_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let first = store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    let second = store.append_event(new_event("prd_a", None, 2)).await.unwrap();
+    assert_eq!(ids::event_seq(&first.event_id), Some(0));
+    assert_eq!(ids::event_seq(&second.event_id), Some(1));
+    assert_eq!(*store.durable_seq().borrow(), 1);
+    store.close().unwrap();
+    drop(store);
+
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.event(&first.event_id).unwrap().unwrap().created_at_ms, 1);
+    let third = store.append_event(new_event("prd_a", None, 3)).await.unwrap();
+    assert_eq!(ids::event_seq(&third.event_id), Some(2), "the sequence continues after a restart");
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn event_lookup_needs_the_whole_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let appended = store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    let forged = format!("{}{}", &appended.event_id[..20], "0".repeat(16));
+    assert!(store.event(&forged).unwrap().is_none());
+    assert!(store.event("evt_nope").unwrap().is_none());
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn idempotency_keys_dedupe_within_the_window_and_per_producer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let first = store.append_event(new_event("prd_a", Some("k1"), 1_000)).await.unwrap();
+    assert!(!first.duplicate);
+    let again = store.append_event(new_event("prd_a", Some("k1"), 2_000)).await.unwrap();
+    assert_eq!(again, Appended { event_id: first.event_id.clone(), duplicate: true });
+    let other_producer = store.append_event(new_event("prd_b", Some("k1"), 2_000)).await.unwrap();
+    assert!(!other_producer.duplicate);
+    let after_window = store.append_event(new_event("prd_a", Some("k1"), 1_000 + IDEMPOTENCY_WINDOW_MS)).await.unwrap();
+    assert!(!after_window.duplicate);
+    assert_ne!(after_window.event_id, first.event_id);
+    store.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_with_one_key_record_one_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append_event(new_event("prd_a", Some("same"), 5)).await.unwrap() })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
+    assert!(answers.iter().all(|a| a.event_id == answers[0].event_id));
+    assert_eq!(*store.durable_seq().borrow(), 0, "exactly one event was appended");
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn master_key_check_is_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.check_master_key("aa", &[1; 32]).unwrap();
+    store.check_master_key("aa", &[1; 32]).unwrap();
+    let error = store.check_master_key("bb", &[2; 32]).unwrap_err();
+    assert!(
+        matches!(error, StoreError::WrongMasterKey { ref expected, ref found } if expected == "aa" && found == "bb")
+    );
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn listeners_are_listed_by_type_and_by_producer_in_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    for i in 0..5 {
+        store.insert_listener(listener(&format!("lst_{i}"), "prd_a", "t.one")).await.unwrap();
+    }
+    store.insert_listener(listener("lst_9", "prd_a", "t.two")).await.unwrap();
+    store.insert_listener(listener("lst_8", "prd_b", "t.one")).await.unwrap();
+
+    let page = store.list_listeners("prd_a", Some("t.one"), None, 3).unwrap();
+    assert_eq!(page.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["lst_0", "lst_1", "lst_2"]);
+    let rest = store.list_listeners("prd_a", Some("t.one"), Some("lst_2"), 3).unwrap();
+    assert_eq!(rest.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["lst_3", "lst_4"]);
+    assert_eq!(store.list_listeners("prd_a", None, None, 100).unwrap().len(), 6);
+    // "t.on" is a prefix of "t.one": the separator keeps them apart.
+    assert!(store.list_listeners("prd_a", Some("t.on"), None, 100).unwrap().is_empty());
+
+    assert!(store.delete_listener("lst_1").await.unwrap().is_some());
+    assert_eq!(store.list_listeners("prd_a", Some("t.one"), None, 100).unwrap().len(), 4);
+    assert_eq!(store.list_listeners("prd_a", None, None, 100).unwrap().len(), 5);
+    assert!(store.delete_listener("lst_1").await.unwrap().is_none());
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn key_rotation_with_and_without_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let producer = Producer { id: "prd_a".into(), enabled: true, key_hashes: vec![vec![1; 32]], ..Producer::default() };
+    store.create_producer(producer, [1; 32]).await.unwrap();
+    assert!(store.producer_by_key(&[1; 32], 100).unwrap().is_some());
+
+    assert!(store.rotate_producer_key("prd_a", [2; 32], 100, 50).await.unwrap());
+    assert!(store.producer_by_key(&[1; 32], 149).unwrap().is_some(), "old key works during grace");
+    assert!(store.producer_by_key(&[1; 32], 150).unwrap().is_none(), "old key stops after grace");
+    assert!(store.producer_by_key(&[2; 32], 10_000).unwrap().is_some());
+
+    assert!(store.rotate_producer_key("prd_a", [3; 32], 120, 0).await.unwrap());
+    assert!(store.producer_by_key(&[1; 32], 120).unwrap().is_none());
+    assert!(store.producer_by_key(&[2; 32], 120).unwrap().is_none(), "grace 0 stops the old key at once");
+    assert!(store.producer_by_key(&[3; 32], 120).unwrap().is_some());
+    assert_eq!(store.producer("prd_a").unwrap().unwrap().key_hashes, vec![vec![3u8; 32]]);
+    assert!(!store.rotate_producer_key("prd_x", [4; 32], 0, 0).await.unwrap());
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn writes_after_close_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    store.close().unwrap();
+    assert!(matches!(store.append_event(new_event("prd_a", None, 1)).await, Err(StoreError::Closed)));
+}

@@ -79,7 +79,7 @@ async fn serve(
     let max_message = config.max_payload_bytes + REQUEST_OVERHEAD_BYTES;
     let local_addr = listener.local_addr().ok();
     tracing::info!(
-        addr = ?local_addr,
+        addr = %local_addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
         data_dir = %config.data_dir.display(),
         master_key_id = %config.keyring.key_id(),
         "hookd serving"

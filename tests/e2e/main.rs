@@ -1,1 +1,10 @@
+//! End-to-end tests: real servers on loopback, real gRPC clients, the real binary where a
+//! process boundary matters (crash, startup refusal, logs).
 
+mod intake;
+mod listeners;
+mod producers;
+mod restart;
+mod secrets;
+mod service;
+mod support;

@@ -370,10 +370,10 @@ impl Store for SledStore {
     fn close(&self) -> Result<(), StoreError> {
         // Dropping the last sender lets the writer finish its queue, flush and exit.
         drop(self.jobs.lock().expect("writer sender lock is never poisoned").take());
-        if let Some(handle) = self.writer.lock().expect("writer handle lock is never poisoned").take() {
-            if handle.join().is_err() {
-                tracing::error!("the database writer thread panicked");
-            }
+        if let Some(handle) = self.writer.lock().expect("writer handle lock is never poisoned").take()
+            && handle.join().is_err()
+        {
+            tracing::error!("the database writer thread panicked");
         }
         self.db.flush()?;
         Ok(())

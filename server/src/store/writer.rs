@@ -107,10 +107,10 @@ impl Writer {
                 }
             }
         }
-        if batch_len > 0 {
-            if let Err(error) = self.tree.apply_batch(batch) {
-                failure.get_or_insert(error.into());
-            }
+        if batch_len > 0
+            && let Err(error) = self.tree.apply_batch(batch)
+        {
+            failure.get_or_insert(error.into());
         }
         let outcome = match failure {
             Some(error) => Err(error),

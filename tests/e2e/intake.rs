@@ -1,0 +1,81 @@
+//! Trigger intake: validation, limits, idempotency, and RPCs not built yet.
+
+use std::sync::Arc;
+
+use hookd_client::v1::{
+    GetEventRequest, ListEventsRequest, TriggerRequest, TriggerStreamRequest, WatchDeliveriesRequest,
+};
+use tonic::Code;
+
+use crate::support::{TestServer, master_key, trigger_request};
+
+#[tokio::test]
+async fn triggers_are_validated_and_limited() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let server = TestServer::start_with(dir, &master_key(), |config| config.max_payload_bytes = 1024).await;
+    let (producer, _, _) = server.producer("intake").await;
+    let trigger = |request: TriggerRequest| {
+        let producer = producer.clone();
+        async move { producer.trigger().trigger(request).await }
+    };
+
+    let ack = trigger(trigger_request("ok.type", &[b'x'; 1024])).await.unwrap().into_inner();
+    assert!(ack.event_id.starts_with("evt_") && !ack.duplicate);
+
+    let too_big = trigger(trigger_request("ok.type", &[b'x'; 1025])).await.unwrap_err();
+    assert_eq!(too_big.code(), Code::ResourceExhausted);
+    assert!(too_big.message().contains("1024"), "{}", too_big.message());
+
+    for bad_type in ["", "white space", &"t".repeat(129)] {
+        let refused = trigger(trigger_request(bad_type, b"{}")).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{bad_type:?}");
+    }
+    let bad_content_type = TriggerRequest { content_type: "a\nb".into(), ..trigger_request("ok.type", b"{}") };
+    assert_eq!(trigger(bad_content_type).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let anonymous = server.anonymous().await.trigger().trigger(trigger_request("ok.type", b"{}")).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    let unknown_key = server.anonymous().await.with_api_key("hkp_unknown").unwrap();
+    let refused = unknown_key.trigger().trigger(trigger_request("ok.type", b"{}")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_first_event() {
+    let server = TestServer::start().await;
+    let (producer, _, _) = server.producer("idem").await;
+    let (other, _, _) = server.producer("other").await;
+    let keyed = |key: &str| TriggerRequest { idempotency_key: key.into(), ..trigger_request("order.placed", b"{}") };
+
+    let first = producer.trigger().trigger(keyed("order-1")).await.unwrap().into_inner();
+    assert!(!first.duplicate);
+    let again = producer.trigger().trigger(keyed("order-1")).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.event_id, first.event_id);
+
+    let different = producer.trigger().trigger(keyed("order-2")).await.unwrap().into_inner();
+    assert!(!different.duplicate);
+    assert_ne!(different.event_id, first.event_id);
+    let other_producer = other.trigger().trigger(keyed("order-1")).await.unwrap().into_inner();
+    assert!(!other_producer.duplicate, "idempotency keys are per producer");
+    let unkeyed_a = producer.trigger().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
+    let unkeyed_b = producer.trigger().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
+    assert_ne!(unkeyed_a.event_id, unkeyed_b.event_id);
+}
+
+#[tokio::test]
+async fn rpcs_not_built_yet_answer_unimplemented() {
+    let server = TestServer::start().await;
+    let (producer, _, _) = server.producer("future").await;
+
+    let requests =
+        tokio_stream::iter(vec![TriggerStreamRequest { r#ref: 1, trigger: Some(trigger_request("a.b", b"{}")) }]);
+    let stream = producer.trigger().trigger_stream(requests).await;
+    assert_eq!(stream.unwrap_err().code(), Code::Unimplemented);
+    let watch = producer.trigger().watch_deliveries(WatchDeliveriesRequest::default()).await;
+    assert_eq!(watch.unwrap_err().code(), Code::Unimplemented);
+    let list = producer.delivery().list_events(ListEventsRequest::default()).await;
+    assert_eq!(list.unwrap_err().code(), Code::Unimplemented);
+    let get = producer.delivery().get_event(GetEventRequest::default()).await;
+    assert_eq!(get.unwrap_err().code(), Code::Unimplemented);
+}

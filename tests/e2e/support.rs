@@ -1,0 +1,235 @@
+//! The end-to-end harness: real hookd servers on 127.0.0.1:0 with temporary data
+//! directories, either in-process (through `hookd_server::run`) or as the real `hookd` binary,
+//! and clients that talk to them over real gRPC.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookd_client::Client;
+use hookd_client::v1::{CreateProducerRequest, DeriveEventHashRequest, RegisterListenerRequest, TriggerRequest};
+use hookd_server::config::Config;
+use hookd_server::crypto::Keyring;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// Every wait in these tests is bounded by this.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A fresh random master key, base64.
+pub fn master_key() -> String {
+    hookd_server::crypto::mint_master_key_base64()
+}
+
+/// Runs `future` or fails the test after [`DEADLINE`].
+pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(DEADLINE, future).await.unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
+}
+
+/// An in-process server.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    /// Held so the directory outlives the server.
+    _dir: Arc<tempfile::TempDir>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), hookd_server::RunError>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |_| {}).await
+    }
+
+    /// Starts a server on `dir` with `master_key`, after `adjust` has edited the config.
+    pub async fn start_with(dir: Arc<tempfile::TempDir>, master_key: &str, adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config::new(dir.path(), ADMIN_TOKEN, Keyring::from_base64(master_key).unwrap());
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(hookd_server::run(listener, config, shutdown.clone()));
+        Self { addr, _dir: dir, shutdown, task: Some(task) }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Begins shutdown without waiting for it.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down and returns what `run` returned.
+    pub async fn stop(mut self) -> Result<(), hookd_server::RunError> {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("stopped once");
+        bounded("server shutdown", task).await.expect("server task does not panic")
+    }
+
+    pub async fn anonymous(&self) -> Client {
+        bounded("connect", Client::connect(self.endpoint())).await.unwrap()
+    }
+
+    pub async fn admin(&self) -> Client {
+        self.anonymous().await.with_api_key(ADMIN_TOKEN).unwrap()
+    }
+
+    /// Creates a producer; returns a client holding its key, its id and the key.
+    pub async fn producer(&self, name: &str) -> (Client, String, String) {
+        let created = self
+            .admin()
+            .await
+            .admin()
+            .create_producer(CreateProducerRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let client = self.anonymous().await.with_api_key(&created.api_key).unwrap();
+        (client, created.producer.unwrap().id, created.api_key)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn derive(client: &Client, event_type: &str) -> String {
+    client
+        .register()
+        .derive_event_hash(DeriveEventHashRequest { event_type: event_type.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .event_hash
+}
+
+pub fn listener_request(event_hash: &str, url: &str) -> RegisterListenerRequest {
+    RegisterListenerRequest { event_hash: event_hash.into(), url: url.into(), ..Default::default() }
+}
+
+pub fn trigger_request(event_type: &str, payload: &[u8]) -> TriggerRequest {
+    TriggerRequest { event_type: event_type.into(), payload: payload.to_vec(), ..Default::default() }
+}
+
+/// The real `hookd` binary, started as a child process; killed when dropped.
+pub struct HookdProcess {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    /// Every line the process wrote to stderr so far (the log).
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// How a [`HookdProcess`] start ended before it served.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub status: std::process::ExitStatus,
+    pub log: Vec<String>,
+}
+
+impl HookdProcess {
+    /// Starts `hookd serve` on `data_dir` with a random loopback port and waits until it serves.
+    pub async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self, StartFailure> {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookd"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env_remove("HOOKD_MASTER_KEY")
+            .env_remove("HOOKD_ADMIN_TOKEN")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("the hookd binary starts");
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (serving_tx, mut serving_rx) = mpsc::unbounded_channel();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("hookd serving") {
+                    let _ = serving_tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let started = tokio::time::timeout(DEADLINE, async {
+            tokio::select! {
+                Some(line) = serving_rx.recv() => Ok(line),
+                status = child.wait() => Err(status.unwrap()),
+            }
+        })
+        .await
+        .expect("hookd either serves or exits within the deadline");
+        match started {
+            Ok(line) => {
+                let addr = parse_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
+                Ok(Self { child, addr, log })
+            }
+            Err(status) => {
+                // Let the reader drain what the process wrote before it exited.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(StartFailure { status, log: log.lock().unwrap().clone() })
+            }
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().unwrap();
+        bounded("kill -9", self.child.wait()).await.unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("still running");
+        let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        assert!(status.success());
+        bounded("graceful exit", self.child.wait()).await.unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+fn parse_addr(line: &str) -> Option<SocketAddr> {
+    let start = line.find("addr=")? + "addr=".len();
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    rest[..end].trim_matches('"').parse().ok()
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}

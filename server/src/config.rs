@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::crypto::{self, Keyring};
+use crate::pipeline::retry::parse_duration;
+use crate::pipeline::{PipelineConfig, RetrySchedule};
 
 /// Largest `--max-payload-bytes` accepted (64 MiB).
 const MAX_PAYLOAD_LIMIT: u64 = 64 * 1024 * 1024;
@@ -68,6 +70,21 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "HOOKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Delivery attempts in flight at once, across all listeners.
+    #[arg(long, env = "HOOKD_WORKERS", default_value_t = 64)]
+    pub workers: usize,
+    /// Time limit of one delivery attempt, connecting included (e.g. 15s, 500ms).
+    #[arg(long, env = "HOOKD_ATTEMPT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub attempt_timeout: std::time::Duration,
+    /// Delays after each failed attempt, comma-separated: `1s,1s,2s` means at most 4 attempts.
+    #[arg(long, env = "HOOKD_RETRY_SCHEDULE", default_value = "5s,5m,30m,2h,5h,10h,10h")]
+    pub retry_schedule: RetrySchedule,
+    /// Delivery attempts in flight at once to one listener.
+    #[arg(long, env = "HOOKD_LISTENER_IN_FLIGHT", default_value_t = 8)]
+    pub listener_in_flight: usize,
+    /// Disable a listener after this long with nothing but failed attempts (e.g. 5d, 12h).
+    #[arg(long, env = "HOOKD_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
+    pub disable_after: std::time::Duration,
 }
 
 /// The validated configuration the server runs with.
@@ -81,6 +98,8 @@ pub struct Config {
     pub keyring: Keyring,
     /// Largest accepted event payload, in bytes.
     pub max_payload_bytes: usize,
+    /// How deliveries are made.
+    pub pipeline: PipelineConfig,
 }
 
 impl Config {
@@ -91,6 +110,7 @@ impl Config {
             admin_token_hash: crypto::hash_api_key(admin_token),
             keyring,
             max_payload_bytes: 1024 * 1024,
+            pipeline: PipelineConfig::default(),
         }
     }
 }
@@ -143,6 +163,10 @@ pub enum ConfigError {
     MaxPayload(u64),
     #[error("give the master key by HOOKD_MASTER_KEY or by --master-key-file / HOOKD_MASTER_KEY_FILE, not both")]
     TwoMasterKeys,
+    #[error("--workers / HOOKD_WORKERS and --listener-in-flight / HOOKD_LISTENER_IN_FLIGHT must be 1 to 10000")]
+    Workers,
+    #[error("--attempt-timeout / HOOKD_ATTEMPT_TIMEOUT must be between 100ms and 10m")]
+    AttemptTimeout,
     #[error("{source_name}: {error}")]
     MasterKey { source_name: String, error: crypto::CryptoError },
     #[error("{action} {path}: {error}")]
@@ -171,6 +195,14 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     }
     if args.admin_token.as_ref().is_some_and(|t| t.len() < MIN_ADMIN_TOKEN_LEN) {
         return Err(ConfigError::AdminTokenTooShort);
+    }
+    if !(1..=10_000).contains(&args.workers) || !(1..=10_000).contains(&args.listener_in_flight) {
+        return Err(ConfigError::Workers);
+    }
+    if args.attempt_timeout < std::time::Duration::from_millis(100)
+        || args.attempt_timeout > std::time::Duration::from_secs(600)
+    {
+        return Err(ConfigError::AttemptTimeout);
     }
     let master_key_env = master_key_env.filter(|key| !key.trim().is_empty());
     if master_key_env.is_some() && args.master_key_file.is_some() {
@@ -237,6 +269,13 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
 
     let mut config = Config::new(data_dir.clone(), &admin_token, keyring);
     config.max_payload_bytes = usize::try_from(args.max_payload_bytes).expect("limit checked above fits usize");
+    config.pipeline = PipelineConfig {
+        workers: args.workers,
+        attempt_timeout: args.attempt_timeout,
+        retry_schedule: args.retry_schedule.clone(),
+        listener_in_flight: args.listener_in_flight,
+        disable_after: args.disable_after,
+    };
     Ok(Resolved { config, listen, notices })
 }
 
@@ -276,6 +315,10 @@ mod tests {
         let resolved = resolve(&args(&data, &[]), None).unwrap();
         assert_eq!(resolved.listen, "127.0.0.1:50051".parse().unwrap());
         assert_eq!(resolved.config.max_payload_bytes, 1024 * 1024);
+        assert_eq!(resolved.config.pipeline.retry_schedule, RetrySchedule::standard());
+        assert_eq!(resolved.config.pipeline.attempt_timeout, std::time::Duration::from_secs(15));
+        assert_eq!(resolved.config.pipeline.workers, 64);
+        assert_eq!(resolved.config.pipeline.listener_in_flight, 8);
         assert!(resolved.notices.contains(&Notice::GeneratedMasterKey(data.join(DEV_MASTER_KEY_FILE))));
         assert!(resolved.notices.contains(&Notice::GeneratedAdminToken(data.join(DEV_ADMIN_TOKEN_FILE))));
 
@@ -292,13 +335,29 @@ mod tests {
         let key = crypto::mint_master_key_base64();
         let token = "a-long-enough-admin-token";
         let resolved = resolve(
-            &args(dir.path(), &["--listen", "127.0.0.1:0", "--admin-token", token, "--max-payload-bytes", "10"]),
+            &args(
+                dir.path(),
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-token",
+                    token,
+                    "--max-payload-bytes",
+                    "10",
+                    "--retry-schedule",
+                    "100ms,1s",
+                    "--disable-after",
+                    "2h",
+                ],
+            ),
             Some(key.clone()),
         )
         .unwrap();
         assert_eq!(resolved.config.admin_token_hash, crypto::hash_api_key(token));
         assert_eq!(resolved.config.keyring.key_id(), Keyring::from_base64(&key).unwrap().key_id());
         assert_eq!(resolved.config.max_payload_bytes, 10);
+        assert_eq!(resolved.config.pipeline.retry_schedule.max_attempts(), 3);
+        assert_eq!(resolved.config.pipeline.disable_after, std::time::Duration::from_secs(7200));
         assert!(resolved.notices.is_empty());
     }
 
@@ -322,6 +381,8 @@ mod tests {
             (vec!["--listen", "nowhere"], None, "--listen"),
             (vec!["--admin-token", "short"], None, "at least 16"),
             (vec!["--max-payload-bytes", "0"], None, "HOOKD_MAX_PAYLOAD_BYTES"),
+            (vec!["--workers", "0"], None, "HOOKD_WORKERS"),
+            (vec!["--attempt-timeout", "1ms"], None, "HOOKD_ATTEMPT_TIMEOUT"),
             (vec![], Some("bm90IDMyIGJ5dGVz".into()), "HOOKD_MASTER_KEY"),
             (vec!["--master-key-file", "/nonexistent/key"], None, "cannot read the master key file"),
             (vec!["--master-key-file", "/nonexistent/key"], Some(crypto::mint_master_key_base64()), "not both"),
@@ -333,8 +394,10 @@ mod tests {
     }
 
     #[test]
-    fn non_numeric_payload_limit_is_refused() {
-        let parsed = Cli::try_parse_from(["hookd", "serve", "--max-payload-bytes", "notanumber"]);
-        assert!(parsed.is_err());
+    fn malformed_values_are_refused_by_the_parser() {
+        for bad in [["--max-payload-bytes", "notanumber"], ["--retry-schedule", "soon"], ["--disable-after", "5"]] {
+            let parsed = Cli::try_parse_from(["hookd", "serve", bad[0], bad[1]]);
+            assert!(parsed.is_err(), "{bad:?}");
+        }
     }
 }

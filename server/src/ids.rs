@@ -10,6 +10,7 @@ use crate::crypto::{hex, random_bytes};
 pub const PRODUCER_PREFIX: &str = "prd_";
 pub const LISTENER_PREFIX: &str = "lst_";
 pub const EVENT_PREFIX: &str = "evt_";
+pub const DELIVERY_PREFIX: &str = "dlv_";
 
 /// A time-ordered id: prefix + hex(8-byte big-endian milliseconds ‖ 8 random bytes).
 fn time_ordered(prefix: &str, now_ms: u64) -> String {
@@ -33,6 +34,18 @@ pub fn event_id(seq: u64) -> String {
     bytes[..8].copy_from_slice(&seq.to_be_bytes());
     bytes[8..].copy_from_slice(&random_bytes::<8>());
     format!("{EVENT_PREFIX}{}", hex(&bytes))
+}
+
+/// The id of the delivery of event `seq` to `listener_id`: the same every time it is
+/// computed, so a fan-out redone after a crash creates no duplicate. It starts with the
+/// event's position, so a listener's deliveries sort in trigger order.
+pub fn delivery_id(seq: u64, listener_id: &str) -> String {
+    use sha2::Digest as _;
+    let listener_part = sha2::Sha256::digest(listener_id.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&seq.to_be_bytes());
+    bytes[8..].copy_from_slice(&listener_part[..8]);
+    format!("{DELIVERY_PREFIX}{}", hex(&bytes))
 }
 
 /// The event-log position an event id claims (the caller still compares the whole id).
@@ -64,6 +77,15 @@ mod tests {
         assert!(is_well_formed(&early, LISTENER_PREFIX));
         assert!(!is_well_formed(&early, PRODUCER_PREFIX));
         assert_ne!(listener_id(1_000), listener_id(1_000));
+    }
+
+    #[test]
+    fn delivery_ids_are_deterministic_and_sort_by_event() {
+        let a = delivery_id(7, "lst_a");
+        assert_eq!(a, delivery_id(7, "lst_a"));
+        assert_ne!(a, delivery_id(7, "lst_b"));
+        assert!(delivery_id(7, "lst_z") < delivery_id(8, "lst_a"));
+        assert!(is_well_formed(&a, DELIVERY_PREFIX));
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod ids;
+pub mod pipeline;
+pub mod signing;
 pub mod store;
 pub mod telemetry;
 pub mod validate;
@@ -29,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 pub use config::Config;
+use pipeline::Pipeline;
 use store::{SledStore, Store, StoreError};
 
 /// How long in-flight calls get to finish once shutdown has begun.
@@ -48,6 +51,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection descriptors are invalid: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
 }
 
 /// Serves hookd on `listener` until `shutdown` is cancelled, then stops intake, lets
@@ -58,8 +63,15 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         .await
         .expect("opening the store does not panic")
         .map_err(|source| RunError::Open { dir: config.data_dir.display().to_string(), source })?;
-    if let Err(error) = store.check_master_key(&config.keyring.key_id(), &config.keyring.key_check()) {
-        store.close()?;
+    let checked = {
+        let store = store.clone();
+        let (key_id, check) = (config.keyring.key_id(), config.keyring.key_check());
+        tokio::task::spawn_blocking(move || store.check_master_key(&key_id, &check)).await.expect("does not panic")
+    };
+    if let Err(error) = checked {
+        if let Err(close_error) = store.close() {
+            tracing::error!(error = &close_error as &dyn std::error::Error, "closing the database failed");
+        }
         return Err(error.into());
     }
     let result = serve(listener, config, store.clone(), shutdown).await;
@@ -84,7 +96,15 @@ async fn serve(
         master_key_id = %config.keyring.key_id(),
         "hookd serving"
     );
-    let shared = api::Shared::new(store, Arc::new(config));
+    let pipeline = Pipeline::start(
+        store.clone(),
+        store.clone(),
+        config.keyring.clone(),
+        config.pipeline.clone(),
+        store.durable_seq(),
+    )?;
+    let drain_deadline = config.pipeline.attempt_timeout.min(SHUTDOWN_GRACE);
+    let shared = api::Shared::new(store, Arc::new(config), pipeline.handle());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let services = [
@@ -143,5 +163,6 @@ async fn serve(
             server.abort();
         }
     }
+    pipeline.stop(drain_deadline).await;
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! End-to-end tests: real servers on loopback, real gRPC clients, the real binary where a
 //! process boundary matters (crash, startup refusal, logs).
 
+mod crash;
+mod delivery;
 mod intake;
 mod listeners;
 mod producers;
+mod receiver;
 mod restart;
 mod secrets;
 mod service;

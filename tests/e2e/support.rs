@@ -30,11 +30,30 @@ pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output
     tokio::time::timeout(DEADLINE, future).await.unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
 }
 
+/// Polls `check` until it yields a value, failing the test after [`DEADLINE`]: for state
+/// that only the API can observe (no event to wait on).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let polled = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    polled.unwrap_or_else(|_| panic!("{what} did not happen within {DEADLINE:?}"))
+}
+
 /// An in-process server.
 pub struct TestServer {
     pub addr: SocketAddr,
     /// Held so the directory outlives the server.
-    _dir: Arc<tempfile::TempDir>,
+    dir: Arc<tempfile::TempDir>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<(), hookd_server::RunError>>>,
 }
@@ -52,11 +71,21 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(hookd_server::run(listener, config, shutdown.clone()));
-        Self { addr, _dir: dir, shutdown, task: Some(task) }
+        Self { addr, dir, shutdown, task: Some(task) }
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// A handle that keeps the data directory after the server is stopped.
+    pub fn keep_dir(&self) -> Arc<tempfile::TempDir> {
+        self.dir.clone()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Begins shutdown without waiting for it.

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tonic::Status;
 
 use crate::config::Config;
+use crate::pipeline::PipelineHandle;
 use crate::store::{Store, StoreError};
 use crate::validate::Invalid;
 
@@ -24,13 +25,14 @@ use crate::validate::Invalid;
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub config: Arc<Config>,
+    pub pipeline: PipelineHandle,
     /// False once shutdown has begun: intake answers UNAVAILABLE.
     accepting: Arc<AtomicBool>,
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn Store>, config: Arc<Config>) -> Self {
-        Self { store, config, accepting: Arc::new(AtomicBool::new(true)) }
+    pub fn new(store: Arc<dyn Store>, config: Arc<Config>, pipeline: PipelineHandle) -> Self {
+        Self { store, config, pipeline, accepting: Arc::new(AtomicBool::new(true)) }
     }
 
     /// Stops accepting new writes (shutdown has begun).

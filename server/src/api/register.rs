@@ -200,6 +200,7 @@ impl RegisterService for RegisterApi {
             )
             .await?
             .ok_or(ApiError::NotFound("listener"))?;
+        self.shared.pipeline.listener_changed(&updated.id);
         Ok(Response::new(listener_message(updated)))
     }
 
@@ -212,6 +213,7 @@ impl RegisterService for RegisterApi {
         let listener_id = &request.get_ref().listener_id;
         self.own_listener(&producer, listener_id)?;
         self.shared.store.delete_listener(listener_id).await?.ok_or(ApiError::NotFound("listener"))?;
+        self.shared.pipeline.listener_changed(listener_id);
         tracing::info!(%listener_id, "listener deleted");
         Ok(Response::new(DeleteListenerResponse {}))
     }

@@ -8,6 +8,7 @@
 //! sealed.
 
 pub mod model;
+mod sled_pipeline;
 mod sled_store;
 mod writer;
 
@@ -15,7 +16,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use model::{ApiKeyEntry, Appended, Event, EventHashEntry, Listener, NewEvent, Producer};
+pub use model::{
+    ApiKeyEntry, Appended, Attempt, AttemptTrigger, Delivery, DeliveryState, DueEntry, Event, EventHashEntry,
+    FanoutCursor, Listener, ListenerHealth, NewEvent, NextStep, Producer,
+};
 pub use sled_store::SledStore;
 
 /// A write that resolves once it is durable (or failed).
@@ -102,4 +106,63 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything written so far durable and stops the writer. Later writes fail with
     /// [`StoreError::Closed`].
     fn close(&self) -> Result<(), StoreError>;
+}
+
+/// The delivery pipeline's state: the fan-out cursor, deliveries, the due queue (with leases
+/// and per-listener parking), attempts and listener health.
+///
+/// These writes are atomic but not flushed on their own: delivery is at-least-once, so an
+/// attempt redone after a crash is allowed, while an event is never lost because the event
+/// log itself is flushed before a trigger is answered. Methods block briefly (sled calls);
+/// async callers run them on the blocking pool.
+pub trait PipelineStore: Send + Sync + 'static {
+    /// Where fan-out stands (the start of the log when it never ran).
+    fn fanout_cursor(&self) -> Result<FanoutCursor, StoreError>;
+    /// The first event at or after `seq` in the event log (sequence numbers may have gaps
+    /// where a group commit failed).
+    fn event_from(&self, seq: u64) -> Result<Option<Event>, StoreError>;
+    /// The event at exactly `seq`.
+    fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError>;
+    /// Creates `deliveries` (each due at its `next_attempt_at_ms`) and moves the cursor, in one
+    /// atomic write. A delivery that already exists is left as it is.
+    fn commit_fanout(&self, deliveries: &[Delivery], cursor: &FanoutCursor) -> Result<(), StoreError>;
+
+    /// Up to `limit` queue entries due at or before `now_ms`, in (due time, delivery id) order.
+    fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError>;
+    /// When the earliest queue entry is due.
+    fn next_due_ms(&self) -> Result<Option<u64>, StoreError>;
+    /// Leases entries until `until_ms`: they stay queued (a crash makes them due again) but
+    /// are not handed out twice meanwhile.
+    fn lease(&self, entries: &[DueEntry], until_ms: u64) -> Result<(), StoreError>;
+    /// Takes entries off the queue into their listener's parking lot, kept in delivery order.
+    fn park(&self, entries: &[DueEntry]) -> Result<(), StoreError>;
+    /// Puts back up to `limit` of a listener's parked entries, oldest delivery first, at their
+    /// original due time. Returns the ids of the deliveries put back.
+    fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// The oldest unfinished delivery of a listener (the one a strictly ordered listener
+    /// must finish first).
+    fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError>;
+    /// At startup: every lease of a previous run ends now and every parked entry is queued
+    /// again. Returns how many entries were released.
+    fn recover(&self, now_ms: u64) -> Result<usize, StoreError>;
+
+    fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError>;
+    /// Records an attempt and the delivery's new state in one atomic write: the attempt, the
+    /// delivery, the end of its lease, and its next queue entry or its leaving the queue.
+    fn complete_attempt(
+        &self,
+        delivery: &Delivery,
+        attempt: &Attempt,
+        leased_until_ms: u64,
+        next: NextStep,
+    ) -> Result<(), StoreError>;
+    /// Takes a leased entry with nothing left to do out of the queue.
+    fn drop_entry(&self, delivery_id: &str, leased_until_ms: u64) -> Result<(), StoreError>;
+    /// Ends a delivery without an attempt (e.g. its listener was deleted).
+    fn cancel_delivery(&self, delivery: &Delivery, leased_until_ms: u64) -> Result<(), StoreError>;
+    /// Attempts of a delivery, in order.
+    fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError>;
+
+    fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError>;
+    fn set_listener_health(&self, listener_id: &str, health: &ListenerHealth) -> Result<(), StoreError>;
 }

@@ -147,6 +147,114 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// Where fan-out stands in the event log.
+#[derive(Clone, PartialEq, Eq, Message)]
+pub struct FanoutCursor {
+    /// The next event to fan out.
+    #[prost(uint64, tag = "1")]
+    pub next_seq: u64,
+    /// Within a large fan-out of `next_seq`: the last listener already given a delivery.
+    #[prost(string, tag = "2")]
+    pub after_listener: String,
+}
+
+/// The state of a delivery. Numbers match `hookd.v1.DeliveryState`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum DeliveryState {
+    Unspecified = 0,
+    Pending = 1,
+    Succeeded = 2,
+    Failed = 3,
+    Cancelled = 4,
+}
+
+/// One event to one listener.
+#[derive(Clone, PartialEq, Message)]
+pub struct Delivery {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "2")]
+    pub event_id: String,
+    #[prost(uint64, tag = "3")]
+    pub event_seq: u64,
+    #[prost(string, tag = "4")]
+    pub listener_id: String,
+    #[prost(string, tag = "5")]
+    pub producer_id: String,
+    #[prost(enumeration = "DeliveryState", tag = "6")]
+    pub state: i32,
+    /// Attempts made so far.
+    #[prost(uint32, tag = "7")]
+    pub attempts: u32,
+    /// When the next scheduled attempt is due (pending only).
+    #[prost(uint64, tag = "8")]
+    pub next_attempt_at_ms: u64,
+    #[prost(uint32, tag = "9")]
+    pub last_status_code: u32,
+    #[prost(uint64, tag = "10")]
+    pub created_at_ms: u64,
+}
+
+/// What started an attempt. Numbers match `hookd.v1.AttemptTrigger`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum AttemptTrigger {
+    Unspecified = 0,
+    Scheduled = 1,
+    Manual = 2,
+}
+
+/// One HTTP request of a delivery and its outcome.
+#[derive(Clone, PartialEq, Message)]
+pub struct Attempt {
+    /// 1-based.
+    #[prost(uint32, tag = "1")]
+    pub number: u32,
+    #[prost(uint64, tag = "2")]
+    pub started_at_ms: u64,
+    #[prost(uint64, tag = "3")]
+    pub duration_ms: u64,
+    /// 0 when there was no HTTP answer.
+    #[prost(uint32, tag = "4")]
+    pub status_code: u32,
+    /// `kind: message` of a transport error (timeout, connect, dns, tls, refused, other).
+    #[prost(string, tag = "5")]
+    pub error: String,
+    #[prost(btree_map = "string, string", tag = "6")]
+    pub response_headers: std::collections::BTreeMap<String, String>,
+    /// The first 4 KiB of the response body.
+    #[prost(bytes = "vec", tag = "7")]
+    pub response_body: Vec<u8>,
+    #[prost(enumeration = "AttemptTrigger", tag = "8")]
+    pub trigger: i32,
+}
+
+/// How a listener has been doing, kept across restarts.
+#[derive(Clone, PartialEq, Message)]
+pub struct ListenerHealth {
+    /// Start of the current run of nothing but failures; 0 while the last attempt succeeded.
+    #[prost(uint64, tag = "1")]
+    pub failing_since_ms: u64,
+}
+
+/// A due-queue entry: a delivery waiting for an attempt at `due_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueEntry {
+    pub due_ms: u64,
+    pub delivery_id: String,
+    pub listener_id: String,
+}
+
+/// What to do with a delivery after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextStep {
+    /// Succeeded, or failed for good: leaves the queue.
+    Done,
+    /// Another attempt at this time.
+    RetryAt(u64),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

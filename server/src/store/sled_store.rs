@@ -15,6 +15,15 @@
 //! | `lp/{producer id}/{listener id}` | empty: all listeners of a producer |
 //! | `e/{seq: u64 big-endian}` | [`Event`]: the event log, in trigger order |
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
+//! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
+//! | `d/{delivery id}` | [`Delivery`](super::Delivery) |
+//! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
+//! | `ls/{delivery id}` | lease end (u64): entries handed to a worker |
+//! | `pk/{listener id}/{delivery id}` | original due time: parked while the listener is busy |
+//! | `pl/{listener id}/{delivery id}` | empty: unfinished deliveries of a listener, oldest first |
+//! | `dl/{listener id}/{delivery id}` | empty: every delivery of a listener |
+//! | `a/{delivery id}/{attempt: u32 big-endian}` | [`Attempt`](super::Attempt) |
+//! | `lh/{listener id}` | [`ListenerHealth`](super::ListenerHealth) |
 
 use std::ops::Bound;
 use std::path::Path;
@@ -68,12 +77,52 @@ pub(crate) mod keys {
     pub fn idempotency(producer_id: &str, key: &str) -> Vec<u8> {
         join(&[b"i/", producer_id.as_bytes(), b"\0", key.as_bytes()])
     }
+
+    pub const FANOUT_CURSOR: &[u8] = b"c/fanout";
+    pub const DUE: &[u8] = b"q/";
+    pub const LEASES: &[u8] = b"ls/";
+    pub const PARKED: &[u8] = b"pk/";
+
+    pub fn delivery(id: &str) -> Vec<u8> {
+        join(&[b"d/", id.as_bytes()])
+    }
+    /// Queue entry: due time (big-endian, so keys sort by time), then the delivery id.
+    pub fn due(due_ms: u64, delivery_id: &str) -> Vec<u8> {
+        join(&[DUE, &due_ms.to_be_bytes(), delivery_id.as_bytes()])
+    }
+    pub fn lease(delivery_id: &str) -> Vec<u8> {
+        join(&[LEASES, delivery_id.as_bytes()])
+    }
+    pub fn parked_prefix(listener_id: &str) -> Vec<u8> {
+        join(&[PARKED, listener_id.as_bytes(), b"/"])
+    }
+    pub fn parked(listener_id: &str, delivery_id: &str) -> Vec<u8> {
+        join(&[&parked_prefix(listener_id), delivery_id.as_bytes()])
+    }
+    pub fn pending_prefix(listener_id: &str) -> Vec<u8> {
+        join(&[b"pl/", listener_id.as_bytes(), b"/"])
+    }
+    pub fn pending(listener_id: &str, delivery_id: &str) -> Vec<u8> {
+        join(&[&pending_prefix(listener_id), delivery_id.as_bytes()])
+    }
+    pub fn by_listener(listener_id: &str, delivery_id: &str) -> Vec<u8> {
+        join(&[b"dl/", listener_id.as_bytes(), b"/", delivery_id.as_bytes()])
+    }
+    pub fn attempts_prefix(delivery_id: &str) -> Vec<u8> {
+        join(&[b"a/", delivery_id.as_bytes(), b"/"])
+    }
+    pub fn attempt(delivery_id: &str, number: u32) -> Vec<u8> {
+        join(&[&attempts_prefix(delivery_id), &number.to_be_bytes()])
+    }
+    pub fn listener_health(listener_id: &str) -> Vec<u8> {
+        join(&[b"lh/", listener_id.as_bytes()])
+    }
 }
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
-    tree: Tree,
+    pub(super) tree: Tree,
     jobs: Mutex<Option<JobSender>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     durable_seq: watch::Receiver<u64>,
@@ -85,11 +134,11 @@ impl std::fmt::Debug for SledStore {
     }
 }
 
-fn corrupt(key: &[u8]) -> StoreError {
+pub(super) fn corrupt(key: &[u8]) -> StoreError {
     StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned() }
 }
 
-fn read<M: prost::Message + Default>(tree: &Tree, key: &[u8]) -> Result<Option<M>, StoreError> {
+pub(super) fn read<M: prost::Message + Default>(tree: &Tree, key: &[u8]) -> Result<Option<M>, StoreError> {
     match tree.get(key)? {
         Some(bytes) => decode(&bytes).map(Some).ok_or_else(|| corrupt(key)),
         None => Ok(None),
@@ -97,7 +146,7 @@ fn read<M: prost::Message + Default>(tree: &Tree, key: &[u8]) -> Result<Option<M
 }
 
 /// The smallest key greater than every key that starts with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
+pub(super) fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < u8::MAX {

@@ -1,0 +1,104 @@
+//! Fan-out: follows the event log in trigger order with a durable cursor, like a stream
+//! consumer, and creates one delivery per enabled listener of each event.
+//!
+//! Each chunk of deliveries is committed with the cursor in one atomic write, so a crash
+//! redoes at most a chunk, and delivery ids derived from (event, listener) make that redo
+//! create nothing twice. Very large fan-outs are cut into chunks with a progress mark, so
+//! memory stays flat. It wakes when the event log grows, never on a polling sleep, and it
+//! never touches the intake path: intake only appends.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{Context, blocking};
+use crate::clock::now_ms;
+use crate::ids;
+use crate::store::{Delivery, DeliveryState, FanoutCursor, StoreError};
+
+/// Listeners handled per atomic write.
+const CHUNK: usize = 500;
+
+/// Follows the event log until `shutdown`.
+pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<u64>, shutdown: CancellationToken) {
+    let mut last_due_ms = 0;
+    loop {
+        durable_seq.borrow_and_update();
+        // Catch up with everything appended so far; a change during this is seen below.
+        loop {
+            let step = {
+                let context = context.clone();
+                blocking(move || fan_out_chunk(&context, last_due_ms)).await
+            };
+            match step {
+                Ok(Some((queued, due_ms))) => {
+                    last_due_ms = due_ms;
+                    if queued > 0 {
+                        context.wake.notify_one();
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::error!(error = &error as &dyn std::error::Error, "fan-out failed; retrying");
+                    if shutdown
+                        .run_until_cancelled(tokio::time::sleep(std::time::Duration::from_secs(1)))
+                        .await
+                        .is_none()
+                    {
+                        return;
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+        tokio::select! {
+            changed = durable_seq.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Fans out the next chunk past the cursor. Returns how many deliveries were queued and
+/// their due time, or `None` when the log is fully fanned out.
+fn fan_out_chunk(context: &Context, last_due_ms: u64) -> Result<Option<(usize, u64)>, StoreError> {
+    let cursor = context.queue.fanout_cursor()?;
+    let Some(event) = context.queue.event_from(cursor.next_seq)? else {
+        return Ok(None);
+    };
+    let after = if event.seq == cursor.next_seq && !cursor.after_listener.is_empty() {
+        Some(cursor.after_listener.as_str())
+    } else {
+        None
+    };
+    let listeners = context.store.list_listeners(&event.producer_id, Some(&event.event_type), after, CHUNK)?;
+    // Due times never go backwards, so first attempts leave in trigger order.
+    let due_ms = now_ms().max(last_due_ms);
+    let deliveries: Vec<Delivery> = listeners
+        .iter()
+        .filter(|listener| listener.enabled)
+        .map(|listener| Delivery {
+            id: ids::delivery_id(event.seq, &listener.id),
+            event_id: event.id.clone(),
+            event_seq: event.seq,
+            listener_id: listener.id.clone(),
+            producer_id: event.producer_id.clone(),
+            state: DeliveryState::Pending as i32,
+            attempts: 0,
+            next_attempt_at_ms: due_ms,
+            last_status_code: 0,
+            created_at_ms: due_ms,
+        })
+        .collect();
+    let next = match listeners.last() {
+        Some(last) if listeners.len() == CHUNK => FanoutCursor { next_seq: event.seq, after_listener: last.id.clone() },
+        _ => FanoutCursor { next_seq: event.seq + 1, after_listener: String::new() },
+    };
+    context.queue.commit_fanout(&deliveries, &next)?;
+    if !deliveries.is_empty() {
+        tracing::debug!(event_id = %event.id, deliveries = deliveries.len(), "fanned out");
+    }
+    Ok(Some((deliveries.len(), due_ms)))
+}

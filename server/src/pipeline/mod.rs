@@ -1,0 +1,158 @@
+//! The delivery pipeline: fan-out, dispatch, delivery, retries. Tokio tasks over the
+//! store's durable queues.
+//!
+//! - [`fanout`] follows the event log with a durable cursor and creates one delivery per
+//!   enabled listener, queued as due now.
+//! - [`dispatch`] takes due deliveries in (due time, delivery id) order, applies the
+//!   per-listener limits (in-flight cap, strict order, whole-listener back-off, disabled),
+//!   leases what may go and hands it to a bounded pool of workers.
+//! - [`worker`] makes one attempt ([`deliver`] does the HTTP), records it with the delivery's
+//!   next step ([`retry`] decides), and reports back to the dispatcher.
+//!
+//! The pipeline never sees gRPC types and never answers a caller; a failing request only
+//! ever produces an attempt record. Cancellation is a token; on shutdown in-flight attempts
+//! get a deadline and whatever is left stays leased, to be redone after a restart.
+
+pub mod deliver;
+mod dispatch;
+mod fanout;
+pub mod retry;
+mod worker;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::crypto::Keyring;
+use crate::store::{PipelineStore, Store};
+pub use retry::RetrySchedule;
+
+/// How the pipeline behaves; part of the server's configuration.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Attempts in flight at once, across all listeners.
+    pub workers: usize,
+    /// Time limit of one HTTP attempt, connection included.
+    pub attempt_timeout: Duration,
+    /// Delays between attempts.
+    pub retry_schedule: RetrySchedule,
+    /// Attempts in flight at once to one listener.
+    pub listener_in_flight: usize,
+    /// A listener that has had nothing but failures for this long is disabled.
+    pub disable_after: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            workers: 64,
+            attempt_timeout: Duration::from_secs(15),
+            retry_schedule: RetrySchedule::standard(),
+            listener_in_flight: 8,
+            disable_after: Duration::from_secs(5 * 24 * 3600),
+        }
+    }
+}
+
+/// What the tasks of the pipeline share.
+pub(crate) struct Context {
+    pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn PipelineStore>,
+    pub keyring: Keyring,
+    pub sender: deliver::Sender,
+    pub config: PipelineConfig,
+    /// Rung when new deliveries are queued.
+    pub wake: Notify,
+}
+
+impl Context {
+    /// How long a handed-out delivery stays leased: past any attempt's end.
+    pub fn lease(&self) -> Duration {
+        self.config.attempt_timeout * 2 + Duration::from_secs(30)
+    }
+}
+
+/// Messages to the dispatcher.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// A worker finished with a delivery.
+    Finished(worker::Finished),
+    /// A listener was enabled, disabled, changed or deleted.
+    ListenerChanged(String),
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    commands: mpsc::UnboundedSender<Command>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Tells the pipeline about listener changes made through the API.
+#[derive(Clone, Debug)]
+pub struct PipelineHandle {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl PipelineHandle {
+    /// A listener was changed (enabled, disabled, deleted, order switched): parked
+    /// deliveries are reconsidered.
+    pub fn listener_changed(&self, listener_id: &str) {
+        // A closed pipeline (shutting down) has nothing left to reconsider.
+        let _ = self.commands.send(Command::ListenerChanged(listener_id.to_owned()));
+    }
+}
+
+/// Why the pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl Pipeline {
+    /// Starts fan-out and dispatch. `durable_seq` follows the event log's durable end.
+    pub fn start(
+        store: Arc<dyn Store>,
+        queue: Arc<dyn PipelineStore>,
+        keyring: Keyring,
+        config: PipelineConfig,
+        durable_seq: tokio::sync::watch::Receiver<u64>,
+    ) -> Result<Self, PipelineError> {
+        let sender = deliver::Sender::new(config.attempt_timeout)?;
+        let context = Arc::new(Context { store, queue, keyring, sender, config, wake: Notify::new() });
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (commands, inbox) = mpsc::unbounded_channel();
+        tasks.spawn(fanout::run(context.clone(), durable_seq, shutdown.clone()));
+        tasks.spawn(dispatch::Dispatcher::new(context, inbox, commands.clone()).run(shutdown.clone()));
+        tasks.close();
+        Ok(Self { commands, tasks, shutdown })
+    }
+
+    pub fn handle(&self) -> PipelineHandle {
+        PipelineHandle { commands: self.commands.clone() }
+    }
+
+    /// Stops taking new work and waits up to `deadline` for in-flight attempts; what is
+    /// still in flight then stays leased and is redone after a restart.
+    pub async fn stop(self, deadline: Duration) {
+        self.shutdown.cancel();
+        if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
+            tracing::warn!(?deadline, "in-flight attempts did not finish in time; they will be redone after restart");
+        }
+    }
+}
+
+/// Runs a blocking store call off the async threads, keeping the tracing span.
+pub(crate) async fn blocking<T, F>(work: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work)).await.expect("store calls do not panic")
+}

@@ -1,0 +1,271 @@
+//! One delivery attempt from start to record: load the delivery, its listener and event,
+//! open the secret, sign, POST, then record the attempt together with the delivery's next
+//! step in one atomic write.
+//!
+//! A worker never panics the pipeline and never retries on its own: every failure becomes
+//! an attempt record and a scheduled next attempt (or the end). It reports what happened to
+//! the dispatcher, which owns the per-listener limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::deliver::{WebhookRequest, webhook_headers};
+use super::retry::{honours_retry_after, is_success};
+use super::{Context, blocking};
+use crate::clock::now_ms;
+use crate::crypto::random_bytes;
+use crate::signing;
+use crate::store::{Attempt, AttemptTrigger, DeliveryState, DueEntry, ListenerHealth, NextStep, StoreError};
+
+/// How a worker's turn ended, as far as the dispatcher is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Succeeded,
+    /// Failed; another attempt is scheduled.
+    Retrying,
+    /// Failed for the last time.
+    FailedForGood,
+    /// Nothing was sent (listener gone, delivery already finished, or a store error).
+    NotSent,
+}
+
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub delivery_id: String,
+    pub listener_id: String,
+    pub outcome: Outcome,
+}
+
+/// Makes the attempt for a leased queue entry.
+pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry, leased_until_ms: u64) -> Finished {
+    let outcome = match try_attempt(&context, &entry, leased_until_ms).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            // The lease stays: the delivery is due again when it ends.
+            tracing::error!(delivery_id = %entry.delivery_id, error = &error as &dyn std::error::Error, "delivery attempt could not be recorded");
+            Outcome::NotSent
+        }
+    };
+    Finished { delivery_id: entry.delivery_id, listener_id: entry.listener_id, outcome }
+}
+
+async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: u64) -> Result<Outcome, StoreError> {
+    let loaded = {
+        let context = context.clone();
+        let entry = entry.clone();
+        blocking(move || -> Result<_, StoreError> {
+            let delivery = context.queue.delivery(&entry.delivery_id)?;
+            let listener = context.store.listener(&entry.listener_id)?;
+            let event = match &delivery {
+                Some(delivery) => context.queue.event_at(delivery.event_seq)?,
+                None => None,
+            };
+            Ok((delivery, listener, event))
+        })
+        .await?
+    };
+    let (Some(mut delivery), listener, Some(event)) = loaded else {
+        tracing::warn!(delivery_id = %entry.delivery_id, "queued delivery or its event is missing; dropping the entry");
+        let queue = context.queue.clone();
+        let entry = entry.clone();
+        blocking(move || drop_entry(queue.as_ref(), &entry, leased_until_ms)).await?;
+        return Ok(Outcome::NotSent);
+    };
+    if delivery.state != DeliveryState::Pending as i32 {
+        let queue = context.queue.clone();
+        let entry = entry.clone();
+        blocking(move || drop_entry(queue.as_ref(), &entry, leased_until_ms)).await?;
+        return Ok(Outcome::NotSent);
+    }
+    let Some(listener) = listener else {
+        tracing::info!(delivery_id = %delivery.id, listener_id = %entry.listener_id, "listener deleted; delivery cancelled");
+        let queue = context.queue.clone();
+        blocking(move || queue.cancel_delivery(&delivery, leased_until_ms)).await?;
+        return Ok(Outcome::NotSent);
+    };
+
+    let number = delivery.attempts + 1;
+    let signing_key = if listener.sealed_secret.is_empty() {
+        None
+    } else {
+        match context.keyring.open(&listener.id, &listener.sealed_secret) {
+            Ok(secret) => Some(signing::signing_key(&secret)),
+            Err(error) => {
+                // Never send unsigned what must be signed: record a failed attempt instead.
+                tracing::error!(listener_id = %listener.id, %error, "listener secret does not open");
+                return record(context, delivery, listener.id, number, leased_until_ms, failed_to_sign(&error)).await;
+            }
+        }
+    };
+    let started_at_ms = now_ms();
+    let timestamp = i64::try_from(started_at_ms / 1000).unwrap_or(i64::MAX);
+    let request = WebhookRequest {
+        event_id: &event.id,
+        event_type: &event.event_type,
+        delivery_id: &delivery.id,
+        attempt: number,
+        content_type: &event.content_type,
+        body: &event.payload,
+        timestamp,
+    };
+    let headers = webhook_headers(&request, signing_key.as_deref());
+    drop(signing_key);
+    let response = context.sender.post(&listener.url, headers, event.payload.clone()).await;
+
+    let status = response.status.unwrap_or(0);
+    let attempt = Attempt {
+        number,
+        started_at_ms,
+        duration_ms: u64::try_from(response.duration.as_millis()).unwrap_or(u64::MAX),
+        status_code: u32::from(status),
+        error: response.error.clone().unwrap_or_default(),
+        response_headers: response.headers.clone(),
+        response_body: response.body.clone(),
+        trigger: AttemptTrigger::Scheduled as i32,
+    };
+    let retry_after = response.retry_after.filter(|_| honours_retry_after(status));
+    let succeeded = response.status.is_some_and(is_success);
+    delivery.last_status_code = u32::from(status);
+    finish(context, delivery, listener.id, attempt, leased_until_ms, succeeded, retry_after).await
+}
+
+fn failed_to_sign(error: &crate::crypto::CryptoError) -> AttemptResult {
+    AttemptResult { error: format!("other: the listener's secret does not open: {error}") }
+}
+
+struct AttemptResult {
+    error: String,
+}
+
+/// Records an attempt that never reached the network.
+async fn record(
+    context: &Arc<Context>,
+    delivery: crate::store::Delivery,
+    listener_id: String,
+    number: u32,
+    leased_until_ms: u64,
+    result: AttemptResult,
+) -> Result<Outcome, StoreError> {
+    let attempt = Attempt {
+        number,
+        started_at_ms: now_ms(),
+        error: result.error,
+        trigger: AttemptTrigger::Scheduled as i32,
+        ..Attempt::default()
+    };
+    finish(context, delivery, listener_id, attempt, leased_until_ms, false, None).await
+}
+
+/// Writes the attempt with the delivery's next step, and keeps the listener's health.
+async fn finish(
+    context: &Arc<Context>,
+    mut delivery: crate::store::Delivery,
+    listener_id: String,
+    attempt: Attempt,
+    leased_until_ms: u64,
+    succeeded: bool,
+    retry_after: Option<Duration>,
+) -> Result<Outcome, StoreError> {
+    let now = now_ms();
+    delivery.attempts = attempt.number;
+    let (next, outcome) = if succeeded {
+        delivery.state = DeliveryState::Succeeded as i32;
+        delivery.next_attempt_at_ms = 0;
+        (NextStep::Done, Outcome::Succeeded)
+    } else {
+        match context.config.retry_schedule.delay_after(attempt.number, retry_after, jitter()) {
+            Some(delay) => {
+                let due = now.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                delivery.next_attempt_at_ms = due;
+                (NextStep::RetryAt(due), Outcome::Retrying)
+            }
+            None => {
+                delivery.state = DeliveryState::Failed as i32;
+                delivery.next_attempt_at_ms = 0;
+                (NextStep::Done, Outcome::FailedForGood)
+            }
+        }
+    };
+    if succeeded {
+        tracing::debug!(delivery_id = %delivery.id, attempt = attempt.number, status = attempt.status_code, "delivered");
+    } else {
+        tracing::info!(
+            delivery_id = %delivery.id,
+            attempt = attempt.number,
+            status = attempt.status_code,
+            error = %attempt.error,
+            final_attempt = outcome == Outcome::FailedForGood,
+            "delivery attempt failed"
+        );
+    }
+    let disable = {
+        let context = context.clone();
+        let listener_id = listener_id.clone();
+        blocking(move || -> Result<bool, StoreError> {
+            context.queue.complete_attempt(&delivery, &attempt, leased_until_ms, next)?;
+            track_health(&context, &listener_id, succeeded, now)
+        })
+        .await?
+    };
+    if disable {
+        disable_listener(context, &listener_id).await?;
+    }
+    Ok(outcome)
+}
+
+/// Keeps the start of a listener's run of failures; true when it has lasted long enough to
+/// disable the listener. Writes only when the run starts or ends.
+fn track_health(context: &Context, listener_id: &str, succeeded: bool, now: u64) -> Result<bool, StoreError> {
+    let health = context.queue.listener_health(listener_id)?;
+    if succeeded {
+        if health.failing_since_ms != 0 {
+            context.queue.set_listener_health(listener_id, &ListenerHealth { failing_since_ms: 0 })?;
+        }
+        return Ok(false);
+    }
+    if health.failing_since_ms == 0 {
+        context.queue.set_listener_health(listener_id, &ListenerHealth { failing_since_ms: now })?;
+        return Ok(false);
+    }
+    let limit = u64::try_from(context.config.disable_after.as_millis()).unwrap_or(u64::MAX);
+    Ok(now.saturating_sub(health.failing_since_ms) >= limit)
+}
+
+/// Disables a listener durably, with the reason, so it gets no new deliveries.
+async fn disable_listener(context: &Arc<Context>, listener_id: &str) -> Result<(), StoreError> {
+    let reason = format!(
+        "disabled by hookd after {} of nothing but failed attempts",
+        super::retry::format_duration(context.config.disable_after)
+    );
+    let changed = context
+        .store
+        .update_listener(
+            listener_id,
+            Box::new(move |listener| {
+                if listener.enabled {
+                    listener.enabled = false;
+                    listener.disabled_reason = reason;
+                }
+            }),
+        )
+        .await?;
+    if changed.is_some() {
+        tracing::warn!(%listener_id, "listener disabled after a long run of failures");
+    }
+    Ok(())
+}
+
+/// Takes a queue entry that has nothing left to do out of the queue.
+fn drop_entry(
+    queue: &dyn crate::store::PipelineStore,
+    entry: &DueEntry,
+    leased_until_ms: u64,
+) -> Result<(), StoreError> {
+    queue.drop_entry(&entry.delivery_id, leased_until_ms)
+}
+
+/// A uniform value in [-1, 1] for retry jitter.
+fn jitter() -> f64 {
+    let bits = u64::from_le_bytes(random_bytes::<8>()) >> 11;
+    (bits as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}

@@ -1,0 +1,240 @@
+//! [`PipelineStore`] on sled: the fan-out cursor, deliveries, the due queue with leases and
+//! parking, attempts and listener health.
+//!
+//! Every method is one `apply_batch` (atomic, crash-safe) on the same tree as the rest, and
+//! none flushes: these writes ride on the next group commit or sled's background flush.
+//! Only the pipeline calls these, and each queue entry has one owner at a time (dispatcher,
+//! then one worker), so plain batches need no transaction.
+
+use sled::Batch;
+
+use super::model::{
+    Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, decode, encode,
+};
+use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
+use super::{PipelineStore, StoreError};
+
+fn be_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes.try_into().map_err(|_| corrupt(key))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+fn utf8(key: &[u8], bytes: &[u8]) -> Result<String, StoreError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| corrupt(key))
+}
+
+/// Parses a `q/` key and its value.
+fn due_entry(key: &[u8], value: &[u8]) -> Result<DueEntry, StoreError> {
+    let rest = &key[keys::DUE.len()..];
+    if rest.len() < 8 {
+        return Err(corrupt(key));
+    }
+    Ok(DueEntry {
+        due_ms: be_u64(key, &rest[..8])?,
+        delivery_id: utf8(key, &rest[8..])?,
+        listener_id: utf8(key, value)?,
+    })
+}
+
+impl PipelineStore for SledStore {
+    fn fanout_cursor(&self) -> Result<FanoutCursor, StoreError> {
+        Ok(read(&self.tree, keys::FANOUT_CURSOR)?.unwrap_or_default())
+    }
+
+    fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        read(&self.tree, &keys::event(seq))
+    }
+
+    fn event_from(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        let start = keys::event(seq).to_vec();
+        match self.tree.range::<Vec<u8>, _>((std::ops::Bound::Included(start), prefix_end(keys::EVENTS))).next() {
+            Some(entry) => {
+                let (key, value) = entry?;
+                decode(&value).map(Some).ok_or_else(|| corrupt(&key))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn commit_fanout(&self, deliveries: &[Delivery], cursor: &FanoutCursor) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for delivery in deliveries {
+            let key = keys::delivery(&delivery.id);
+            // A re-run after a crash must not reset a delivery that already made progress.
+            if self.tree.contains_key(&key)? {
+                continue;
+            }
+            batch.insert(key, encode(delivery));
+            batch.insert(keys::due(delivery.next_attempt_at_ms, &delivery.id), delivery.listener_id.as_bytes());
+            batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+            batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+        }
+        batch.insert(keys::FANOUT_CURSOR, encode(cursor));
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError> {
+        let end = keys::due(now_ms.saturating_add(1), "");
+        self.tree
+            .range(keys::DUE.to_vec()..end)
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                due_entry(&key, &value)
+            })
+            .collect()
+    }
+
+    fn next_due_ms(&self) -> Result<Option<u64>, StoreError> {
+        match self.tree.scan_prefix(keys::DUE).next() {
+            Some(entry) => {
+                let (key, value) = entry?;
+                Ok(Some(due_entry(&key, &value)?.due_ms))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn lease(&self, entries: &[DueEntry], until_ms: u64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for entry in entries {
+            batch.remove(keys::due(entry.due_ms, &entry.delivery_id));
+            batch.insert(keys::due(until_ms, &entry.delivery_id), entry.listener_id.as_bytes());
+            batch.insert(keys::lease(&entry.delivery_id), &until_ms.to_be_bytes());
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    fn park(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for entry in entries {
+            batch.remove(keys::due(entry.due_ms, &entry.delivery_id));
+            batch.insert(keys::parked(&entry.listener_id, &entry.delivery_id), &entry.due_ms.to_be_bytes());
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let prefix = keys::parked_prefix(listener_id);
+        let mut batch = Batch::default();
+        let mut moved = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix).take(limit) {
+            let (key, value) = entry?;
+            let delivery_id = utf8(&key, &key[prefix.len()..])?;
+            batch.remove(key.clone());
+            batch.insert(keys::due(be_u64(&key, &value)?, &delivery_id), listener_id.as_bytes());
+            moved.push(delivery_id);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(moved)
+    }
+
+    fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError> {
+        let prefix = keys::pending_prefix(listener_id);
+        match self.tree.scan_prefix(&prefix).next() {
+            Some(entry) => {
+                let (key, _) = entry?;
+                Ok(Some(utf8(&key, &key[prefix.len()..])?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn recover(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut released = 0;
+        // Bounded batches keep memory flat however large the backlog.
+        loop {
+            let mut batch = Batch::default();
+            let mut count = 0;
+            for entry in self.tree.scan_prefix(keys::LEASES).take(1024) {
+                let (key, value) = entry?;
+                let delivery_id = utf8(&key, &key[keys::LEASES.len()..])?;
+                let until = be_u64(&key, &value)?;
+                let queued = keys::due(until, &delivery_id);
+                if let Some(listener_id) = self.tree.get(&queued)? {
+                    batch.remove(queued);
+                    batch.insert(keys::due(now_ms, &delivery_id), listener_id);
+                }
+                batch.remove(key);
+                count += 1;
+            }
+            for entry in self.tree.scan_prefix(keys::PARKED).take(1024usize.saturating_sub(count)) {
+                let (key, value) = entry?;
+                let rest = utf8(&key, &key[keys::PARKED.len()..])?;
+                let (listener_id, delivery_id) = rest.split_once('/').ok_or_else(|| corrupt(&key))?;
+                batch.remove(key.clone());
+                batch.insert(keys::due(be_u64(&key, &value)?, delivery_id), listener_id.as_bytes());
+                count += 1;
+            }
+            if count == 0 {
+                return Ok(released);
+            }
+            self.tree.apply_batch(batch)?;
+            released += count;
+        }
+    }
+
+    fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError> {
+        read(&self.tree, &keys::delivery(delivery_id))
+    }
+
+    fn complete_attempt(
+        &self,
+        delivery: &Delivery,
+        attempt: &Attempt,
+        leased_until_ms: u64,
+        next: NextStep,
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.insert(keys::attempt(&delivery.id, attempt.number), encode(attempt));
+        batch.insert(keys::delivery(&delivery.id), encode(delivery));
+        batch.remove(keys::due(leased_until_ms, &delivery.id));
+        batch.remove(keys::lease(&delivery.id));
+        match next {
+            NextStep::RetryAt(due_ms) => {
+                batch.insert(keys::due(due_ms, &delivery.id), delivery.listener_id.as_bytes());
+            }
+            NextStep::Done => batch.remove(keys::pending(&delivery.listener_id, &delivery.id)),
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    fn drop_entry(&self, delivery_id: &str, leased_until_ms: u64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.remove(keys::due(leased_until_ms, delivery_id));
+        batch.remove(keys::lease(delivery_id));
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    fn cancel_delivery(&self, delivery: &Delivery, leased_until_ms: u64) -> Result<(), StoreError> {
+        let mut cancelled = delivery.clone();
+        cancelled.state = DeliveryState::Cancelled as i32;
+        cancelled.next_attempt_at_ms = 0;
+        let mut batch = Batch::default();
+        batch.insert(keys::delivery(&delivery.id), encode(&cancelled));
+        batch.remove(keys::due(leased_until_ms, &delivery.id));
+        batch.remove(keys::lease(&delivery.id));
+        batch.remove(keys::pending(&delivery.listener_id, &delivery.id));
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError> {
+        let prefix = keys::attempts_prefix(delivery_id);
+        self.tree
+            .range::<Vec<u8>, _>((std::ops::Bound::Included(prefix.clone()), prefix_end(&prefix)))
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&value).ok_or_else(|| corrupt(&key))
+            })
+            .collect()
+    }
+
+    fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError> {
+        Ok(read(&self.tree, &keys::listener_health(listener_id))?.unwrap_or_default())
+    }
+
+    fn set_listener_health(&self, listener_id: &str, health: &ListenerHealth) -> Result<(), StoreError> {
+        self.tree.insert(keys::listener_health(listener_id), encode(health))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! Crash safety of delivery with the real binary: SIGKILL in the middle of delivery, and
+//! SIGKILL right after triggers are acknowledged while a 50-listener fan-out is under way.
+//! After a restart on the same data directory every (event, listener) pair arrives at least
+//! once.
+
+use std::collections::HashSet;
+
+use hookd_client::Client;
+use hookd_client::v1::{CreateProducerRequest, TriggerRequest};
+
+use crate::receiver::Receiver;
+use crate::support::{ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listener_request, master_key};
+
+struct Crashable {
+    dir: tempfile::TempDir,
+    key: String,
+}
+
+impl Crashable {
+    fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap(), key: master_key() }
+    }
+
+    async fn start(&self) -> HookdProcess {
+        let env = [
+            ("HOOKD_MASTER_KEY", self.key.as_str()),
+            ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("HOOKD_RETRY_SCHEDULE", "100ms,100ms,100ms,100ms,100ms"),
+        ];
+        HookdProcess::start(self.dir.path(), &env).await.unwrap()
+    }
+}
+
+async fn producer(hookd: &HookdProcess) -> (Client, String) {
+    let admin = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(ADMIN_TOKEN).unwrap();
+    let request = CreateProducerRequest { name: "crash".into() };
+    let key = admin.admin().create_producer(request).await.unwrap().into_inner().api_key;
+    (Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&key).unwrap(), key)
+}
+
+/// Triggers `count` events concurrently; returns their ids.
+async fn trigger_many(producer: &Client, count: usize) -> Vec<String> {
+    let mut in_flight = tokio::task::JoinSet::new();
+    for n in 0..count {
+        let producer = producer.clone();
+        in_flight.spawn(async move {
+            let request = TriggerRequest {
+                event_type: "crash.test".into(),
+                payload: format!("{n}").into_bytes(),
+                ..Default::default()
+            };
+            producer.trigger().trigger(request).await.unwrap().into_inner().event_id
+        });
+    }
+    let mut ids = Vec::new();
+    while let Some(id) = bounded("triggers", in_flight.join_next()).await {
+        ids.push(id.unwrap());
+    }
+    ids
+}
+
+/// Waits until every (event, path) pair has reached the receiver.
+async fn wait_for_all(receiver: &Receiver, events: &[String], paths: &[String]) {
+    let expected: HashSet<(String, String)> =
+        events.iter().flat_map(|e| paths.iter().map(move |p| (e.clone(), p.clone()))).collect();
+    receiver
+        .wait_until("every (event, listener) pair delivered", DEADLINE * 2, |requests| {
+            let got: HashSet<(String, String)> =
+                requests.iter().map(|r| (r.webhook_id().to_owned(), r.path.clone())).collect();
+            expected.is_subset(&got)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_delivery_loses_nothing() {
+    const EVENTS: usize = 300;
+    let receiver = Receiver::start().await;
+    let crashable = Crashable::new();
+    let hookd = crashable.start().await;
+    let (producer, _) = producer(&hookd).await;
+    let hash = derive(&producer, "crash.test").await;
+    let paths = vec!["/a".to_owned(), "/b".to_owned()];
+    for path in &paths {
+        producer.register().register_listener(listener_request(&hash, &receiver.url(path))).await.unwrap();
+    }
+    let events = trigger_many(&producer, EVENTS).await;
+    receiver.wait_until("delivery under way", DEADLINE, |requests| requests.len() >= 50).await;
+    hookd.kill9().await;
+    let delivered_before = receiver.requests().len();
+
+    let _hookd = crashable.start().await;
+    wait_for_all(&receiver, &events, &paths).await;
+    assert!(delivered_before < EVENTS * paths.len(), "the kill came in the middle of delivery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_50_listener_fan_out_loses_nothing() {
+    const LISTENERS: usize = 50;
+    const EVENTS: usize = 40;
+    let receiver = Receiver::start().await;
+    let crashable = Crashable::new();
+    let hookd = crashable.start().await;
+    let (producer, _) = producer(&hookd).await;
+    let hash = derive(&producer, "crash.test").await;
+    let paths: Vec<String> = (0..LISTENERS).map(|n| format!("/l{n}")).collect();
+    for path in &paths {
+        producer.register().register_listener(listener_request(&hash, &receiver.url(path))).await.unwrap();
+    }
+    let events = trigger_many(&producer, EVENTS).await;
+    // Right after the acks: fan-out of 2,000 deliveries has barely begun.
+    hookd.kill9().await;
+    let delivered_before = receiver.requests().len();
+
+    let _hookd = crashable.start().await;
+    wait_for_all(&receiver, &events, &paths).await;
+    assert!(delivered_before < EVENTS * LISTENERS, "the kill came before the fan-out was delivered");
+}

@@ -1,0 +1,304 @@
+//! Delivery end to end: a real server, a real HTTP receiver, signatures checked with the
+//! `standardwebhooks` crate, retries, isolation, strict order and auto-disable.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookd_client::Client;
+use hookd_client::v1::{GetListenerRequest, RegisterListenerRequest, TriggerRequest, UpdateListenerRequest};
+use hookd_server::config::Config;
+use hookd_server::ids;
+use hookd_server::store::{Attempt, Delivery, DeliveryState, PipelineStore, SledStore, Store};
+
+use crate::receiver::{Receiver, Reply};
+use crate::support::{DEADLINE, TestServer, derive, eventually, master_key};
+
+/// Starts a server whose retries come fast, with `adjust` for the rest.
+async fn server_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+    TestServer::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |config| {
+        config.pipeline.retry_schedule = "200ms,200ms,200ms".parse().unwrap();
+        adjust(config);
+    })
+    .await
+}
+
+async fn listen(producer: &Client, hash: &str, url: String, secret: Option<&str>, ordered: bool) -> (String, String) {
+    let created = producer
+        .register()
+        .register_listener(RegisterListenerRequest {
+            event_hash: hash.into(),
+            url,
+            secret: secret.map(str::to_owned),
+            ordered,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (created.listener.unwrap().id, created.secret)
+}
+
+async fn trigger(producer: &Client, event_type: &str, payload: String) -> String {
+    producer
+        .trigger()
+        .trigger(TriggerRequest { event_type: event_type.into(), payload: payload.into_bytes(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .event_id
+}
+
+/// Stops the server and reads what it recorded about one delivery.
+async fn recorded(server: TestServer, pairs: &[(&str, &str)]) -> Vec<(Delivery, Vec<Attempt>)> {
+    let dir = server.data_dir().to_owned();
+    let keep_dir = server.keep_dir();
+    server.stop().await.unwrap();
+    let store = SledStore::open(&dir).unwrap();
+    let found = pairs
+        .iter()
+        .map(|(event_id, listener_id)| {
+            let id = ids::delivery_id(ids::event_seq(event_id).unwrap(), listener_id);
+            let delivery = store.delivery(&id).unwrap().unwrap_or_else(|| panic!("no delivery {id}"));
+            (delivery, store.attempts(&id).unwrap())
+        })
+        .collect();
+    store.close().unwrap();
+    drop(keep_dir);
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listener_gets_every_event_signed() {
+    let receiver = Receiver::start().await;
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("shop").await;
+    let hash = derive(&producer, "order.placed").await;
+    let generated = producer
+        .register()
+        .register_listener(RegisterListenerRequest {
+            event_hash: hash.clone(),
+            url: receiver.url("/generated"),
+            generate_secret: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    listen(&producer, &hash, receiver.url("/plain"), Some("a-plain-text-secret"), false).await;
+    listen(&producer, &hash, receiver.url("/unsigned"), None, false).await;
+    // Another event type's listener gets none of these.
+    let other_hash = derive(&producer, "order.cancelled").await;
+    listen(&producer, &other_hash, receiver.url("/other"), None, false).await;
+
+    let mut events = Vec::new();
+    for n in 0..20 {
+        let payload = format!("{{\"order\": {n}}}");
+        events.push((trigger(&producer, "order.placed", payload.clone()).await, payload));
+    }
+    receiver
+        .wait_until("20 events at each of 3 listeners", DEADLINE, |requests| {
+            ["/generated", "/plain", "/unsigned"].iter().all(|path| {
+                requests.iter().filter(|r| r.path == *path).map(|r| r.webhook_id()).collect::<HashSet<_>>().len() == 20
+            })
+        })
+        .await;
+
+    let generated_key = standardwebhooks::Webhook::new(&generated).unwrap();
+    let plain_key = standardwebhooks::Webhook::from_bytes(b"a-plain-text-secret".to_vec()).unwrap();
+    for request in receiver.requests() {
+        let (event_id, payload) = events.iter().find(|(id, _)| id == request.webhook_id()).expect("a triggered event");
+        assert_eq!(request.body, payload.as_bytes(), "the body is the payload as triggered");
+        assert_eq!(request.header("hookd-event-type"), "order.placed");
+        assert_eq!(request.header("hookd-attempt"), "1");
+        assert_eq!(request.header("content-type"), "application/json");
+        assert!(request.header("user-agent").starts_with("hookd/"));
+        assert!(request.header("hookd-delivery-id").starts_with("dlv_"));
+        assert_eq!(request.webhook_id(), event_id);
+        match request.path.as_str() {
+            "/generated" => generated_key.verify(&request.body, &request.headers).expect("signature verifies"),
+            "/plain" => {
+                plain_key.verify(&request.body, &request.headers).expect("signature verifies");
+                assert!(generated_key.verify(&request.body, &request.headers).is_err(), "the wrong key fails");
+            }
+            "/unsigned" => assert!(request.headers.get("webhook-signature").is_none()),
+            other => panic!("unexpected request to {other}"),
+        }
+    }
+    // The same event carries the same webhook-id to every listener.
+    let ids_at =
+        |path: &str| receiver.requests_to(path).iter().map(|r| r.webhook_id().to_owned()).collect::<HashSet<_>>();
+    assert_eq!(ids_at("/generated"), ids_at("/unsigned"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_schedule_and_every_attempt_is_recorded() {
+    let receiver = Receiver::start().await;
+    receiver.script("/flaky", |_, nth| Reply::Status(if nth <= 2 { 500 } else { 200 }));
+    receiver.script("/down", |_, _| Reply::Status(500));
+    receiver.script("/redirect", |_, _| Reply::WithHeaders(302, vec![("location", "/elsewhere".into())]));
+    receiver.script("/busy", |_, nth| {
+        if nth == 1 { Reply::WithHeaders(503, vec![("retry-after", "1".into())]) } else { Reply::Status(204) }
+    });
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("retries").await;
+    let hash = derive(&producer, "job.done").await;
+    let (flaky, _) = listen(&producer, &hash, receiver.url("/flaky"), None, false).await;
+    let (down, _) = listen(&producer, &hash, receiver.url("/down"), None, false).await;
+    let (redirect, _) = listen(&producer, &hash, receiver.url("/redirect"), None, false).await;
+    let (busy, _) = listen(&producer, &hash, receiver.url("/busy"), None, false).await;
+    let event = trigger(&producer, "job.done", "{}".into()).await;
+
+    receiver
+        .wait_until("3 flaky, 4 down, 4 redirect and 2 busy attempts", DEADLINE, |requests| {
+            let count = |path: &str| requests.iter().filter(|r| r.path == path).count();
+            count("/flaky") == 3 && count("/down") == 4 && count("/redirect") == 4 && count("/busy") == 2
+        })
+        .await;
+
+    for path in ["/flaky", "/down", "/redirect", "/busy"] {
+        let requests = receiver.requests_to(path);
+        let numbers: Vec<u32> = requests.iter().map(|r| r.attempt()).collect();
+        assert_eq!(numbers, (1..=numbers.len() as u32).collect::<Vec<_>>(), "{path}: hookd-attempt counts up");
+        let timestamps: HashSet<&str> = requests.iter().map(|r| r.header("webhook-timestamp")).collect();
+        assert!(timestamps.iter().all(|t| t.parse::<i64>().is_ok()), "{path}: fresh unix timestamps");
+        assert!(requests.iter().all(|r| r.webhook_id() == event), "{path}: the webhook-id never changes");
+        // Never earlier than the schedule allows (200 ms, less 20 % jitter).
+        for pair in requests.windows(2) {
+            assert!(pair[1].at - pair[0].at >= Duration::from_millis(160), "{path}: a retry came too early");
+        }
+    }
+    let busy_requests = receiver.requests_to("/busy");
+    assert!(
+        busy_requests[1].at - busy_requests[0].at >= Duration::from_millis(390),
+        "Retry-After: 1 is honoured up to twice the scheduled 200 ms"
+    );
+    assert!(receiver.requests_to("/elsewhere").is_empty(), "redirects are not followed");
+
+    let found = recorded(server, &[(&event, &flaky), (&event, &down), (&event, &redirect), (&event, &busy)]).await;
+    let states: Vec<(i32, u32)> = found.iter().map(|(d, _)| (d.state, d.attempts)).collect();
+    assert_eq!(
+        states,
+        [
+            (DeliveryState::Succeeded as i32, 3),
+            (DeliveryState::Failed as i32, 4),
+            (DeliveryState::Failed as i32, 4),
+            (DeliveryState::Succeeded as i32, 2)
+        ]
+    );
+    let statuses = |index: usize| found[index].1.iter().map(|a| a.status_code).collect::<Vec<_>>();
+    assert_eq!(statuses(0), [500, 500, 200]);
+    assert_eq!(statuses(1), [500, 500, 500, 500]);
+    assert_eq!(statuses(2), [302, 302, 302, 302]);
+    assert_eq!(statuses(3), [503, 204]);
+    let first = &found[0].1[0];
+    assert_eq!(first.response_body, b"recorded", "the response body is kept");
+    assert!(first.response_headers.contains_key("content-length"));
+    assert_eq!(found[3].1[0].response_headers.get("retry-after").map(String::as_str), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_listener_costs_only_its_own_deliveries() {
+    const EVENTS: usize = 40;
+    let receiver = Receiver::start().await;
+    receiver.script("/hang", |_, _| Reply::Hang);
+    let server = server_with(|config| {
+        config.pipeline.workers = 8;
+        config.pipeline.listener_in_flight = 4;
+        // Longer than this test waits: the hanging requests hold their slots throughout.
+        config.pipeline.attempt_timeout = DEADLINE * 2;
+    })
+    .await;
+    let (producer, _, _) = server.producer("isolation").await;
+    let hash = derive(&producer, "tick").await;
+    listen(&producer, &hash, receiver.url("/hang"), None, false).await;
+    listen(&producer, &hash, receiver.url("/healthy"), None, false).await;
+    for n in 0..EVENTS {
+        trigger(&producer, "tick", format!("{{\"n\": {n}}}")).await;
+    }
+    receiver
+        .wait_until("every event at the healthy listener", DEADLINE, |requests| {
+            requests.iter().filter(|r| r.path == "/healthy").count() == EVENTS
+        })
+        .await;
+    assert_eq!(receiver.requests_to("/hang").len(), 4, "the hanging listener holds exactly its in-flight cap");
+    assert_eq!(receiver.max_hanging(), 4);
+    receiver.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_listener_gets_each_event_only_after_the_previous_one_succeeded() {
+    const EVENTS: usize = 12;
+    let receiver = Receiver::start().await;
+    // Every third event fails its first attempt.
+    receiver.script("/ordered", |request, nth| {
+        let n: usize = std::str::from_utf8(&request.body).unwrap().parse().unwrap();
+        Reply::Status(if n.is_multiple_of(3) && nth == 1 { 500 } else { 200 })
+    });
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("ordered").await;
+    let hash = derive(&producer, "step").await;
+    listen(&producer, &hash, receiver.url("/ordered"), None, true).await;
+    let mut events = Vec::new();
+    for n in 0..EVENTS {
+        events.push(trigger(&producer, "step", n.to_string()).await);
+    }
+    receiver
+        .wait_until("every event delivered to the ordered listener", DEADLINE, |requests| {
+            requests.len() == EVENTS + EVENTS.div_ceil(3)
+        })
+        .await;
+    // Arrivals: each event's attempts together, events in trigger order, a failed first
+    // attempt always followed by the same event's retry.
+    let arrivals: Vec<(String, u32)> =
+        receiver.requests().iter().map(|r| (r.webhook_id().to_owned(), r.attempt())).collect();
+    let mut expected = Vec::new();
+    for (n, event) in events.iter().enumerate() {
+        expected.push((event.clone(), 1));
+        if n.is_multiple_of(3) {
+            expected.push((event.clone(), 2));
+        }
+    }
+    assert_eq!(arrivals, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_failing_for_too_long_is_disabled_and_can_be_re_enabled() {
+    let receiver = Receiver::start().await;
+    receiver.script("/broken", |_, _| Reply::Status(500));
+    let server = server_with(|config| {
+        config.pipeline.retry_schedule = "100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms,100ms".parse().unwrap();
+        config.pipeline.disable_after = Duration::from_millis(500);
+    })
+    .await;
+    let (producer, _, _) = server.producer("breaker").await;
+    let hash = derive(&producer, "ping").await;
+    let (listener_id, _) = listen(&producer, &hash, receiver.url("/broken"), None, false).await;
+    trigger(&producer, "ping", "{}".into()).await;
+
+    let disabled = eventually("the listener disabled after half a second of failures", || {
+        let (producer, listener_id) = (producer.clone(), listener_id.clone());
+        async move {
+            let request = GetListenerRequest { listener_id };
+            let listener = producer.register().get_listener(request).await.unwrap().into_inner();
+            (!listener.enabled).then_some(listener)
+        }
+    })
+    .await;
+    assert!(disabled.disabled_reason.contains("failed attempts"), "{}", disabled.disabled_reason);
+
+    // Re-enabled, it gets new events again.
+    receiver.script("/broken", |_, _| Reply::Status(200));
+    producer
+        .register()
+        .update_listener(UpdateListenerRequest { listener_id, enabled: Some(true), ..Default::default() })
+        .await
+        .unwrap();
+    let fresh = trigger(&producer, "ping", "{\"after\": true}".into()).await;
+    receiver
+        .wait_until("the event after re-enabling", DEADLINE, |requests| {
+            requests.iter().any(|r| r.webhook_id() == fresh)
+        })
+        .await;
+}

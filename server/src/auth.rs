@@ -46,15 +46,19 @@ pub fn admin(metadata: &MetadataMap, config: &Config) -> Result<(), ApiError> {
 
 /// Admits an enabled producer's valid API key.
 pub fn producer(metadata: &MetadataMap, store: &dyn Store) -> Result<Producer, ApiError> {
-    let token = bearer(metadata)?;
-    let producer = store
-        .producer_by_key(&crypto::hash_api_key(token), now_ms())?
-        .ok_or(ApiError::Unauthenticated("unknown or expired API key"))?;
+    producer_with_key(metadata, store).map(|(producer, _)| producer)
+}
+
+/// Like [`producer`], also returning the key's hash, for writes that check it again.
+pub fn producer_with_key(metadata: &MetadataMap, store: &dyn Store) -> Result<(Producer, [u8; 32]), ApiError> {
+    let key_hash = crypto::hash_api_key(bearer(metadata)?);
+    let producer =
+        store.producer_by_key(&key_hash, now_ms())?.ok_or(ApiError::Unauthenticated("unknown or expired API key"))?;
     if !producer.enabled {
         let reason = if producer.disabled_reason.is_empty() { "no reason given" } else { &producer.disabled_reason };
         return Err(ApiError::PermissionDenied(format!("producer {} is disabled: {reason}", producer.id)));
     }
-    Ok(producer)
+    Ok((producer, key_hash))
 }
 
 /// Admits the admin token or an enabled producer's key.

@@ -58,7 +58,7 @@ pub struct ServeArgs {
     /// Token for AdminService calls (at least 16 characters). Generated into the data
     /// directory when unset (development only).
     #[arg(long, env = "HOOKD_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Redacted>,
     /// File holding the master key (base64 of 32 bytes). `HOOKD_MASTER_KEY` gives the key
     /// itself instead. With neither, a key is generated into the data directory
     /// (development only).
@@ -85,6 +85,25 @@ pub struct ServeArgs {
     /// Disable a listener after this long with nothing but failed attempts (e.g. 5d, 12h).
     #[arg(long, env = "HOOKD_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
     pub disable_after: std::time::Duration,
+}
+
+/// A configured secret: printed as `Redacted(..)`, so a debug log of the arguments shows no
+/// token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Redacted(..)")
+    }
+}
+
+impl std::str::FromStr for Redacted {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
 }
 
 /// The validated configuration the server runs with.
@@ -167,10 +186,21 @@ pub enum ConfigError {
     Workers,
     #[error("--attempt-timeout / HOOKD_ATTEMPT_TIMEOUT must be between 100ms and 10m")]
     AttemptTimeout,
+    #[error("HOOKD_MASTER_KEY is set but empty")]
+    BlankMasterKey,
     #[error("{source_name}: {error}")]
-    MasterKey { source_name: String, error: crypto::CryptoError },
+    MasterKey {
+        source_name: String,
+        #[source]
+        error: crypto::CryptoError,
+    },
     #[error("{action} {path}: {error}")]
-    Io { action: &'static str, path: PathBuf, error: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> ConfigError + 'a {
@@ -193,7 +223,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     if args.max_payload_bytes == 0 || args.max_payload_bytes > MAX_PAYLOAD_LIMIT {
         return Err(ConfigError::MaxPayload(args.max_payload_bytes));
     }
-    if args.admin_token.as_ref().is_some_and(|t| t.len() < MIN_ADMIN_TOKEN_LEN) {
+    if args.admin_token.as_ref().is_some_and(|t| t.0.len() < MIN_ADMIN_TOKEN_LEN) {
         return Err(ConfigError::AdminTokenTooShort);
     }
     if !(1..=10_000).contains(&args.workers) || !(1..=10_000).contains(&args.listener_in_flight) {
@@ -204,7 +234,10 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     {
         return Err(ConfigError::AttemptTimeout);
     }
-    let master_key_env = master_key_env.filter(|key| !key.trim().is_empty());
+    // Set but blank (e.g. a secret that failed to mount) must not fall back to a dev key.
+    if master_key_env.as_ref().is_some_and(|key| key.trim().is_empty()) {
+        return Err(ConfigError::BlankMasterKey);
+    }
     if master_key_env.is_some() && args.master_key_file.is_some() {
         return Err(ConfigError::TwoMasterKeys);
     }
@@ -247,7 +280,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     };
 
     let admin_token = match &args.admin_token {
-        Some(token) => token.clone(),
+        Some(token) => token.0.clone(),
         None => {
             let path = data_dir.join(DEV_ADMIN_TOKEN_FILE);
             match fs::read_to_string(&path) {
@@ -362,6 +395,13 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_token_never_shows_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let parsed = args(dir.path(), &["--admin-token", "visible-if-leaked-123"]);
+        assert!(!format!("{parsed:?}").contains("visible-if-leaked-123"));
+    }
+
+    #[test]
     fn master_key_file_inside_the_data_dir_is_flagged() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key");
@@ -386,6 +426,7 @@ mod tests {
             (vec![], Some("bm90IDMyIGJ5dGVz".into()), "HOOKD_MASTER_KEY"),
             (vec!["--master-key-file", "/nonexistent/key"], None, "cannot read the master key file"),
             (vec!["--master-key-file", "/nonexistent/key"], Some(crypto::mint_master_key_base64()), "not both"),
+            (vec![], Some("  ".into()), "set but empty"),
         ];
         for (extra, env, expected) in cases {
             let error = resolve(&args(dir.path(), &extra), env).unwrap_err().to_string();

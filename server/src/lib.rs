@@ -139,6 +139,7 @@ async fn serve(
         }
     };
     let server = tonic::transport::Server::builder()
+        .layer(api::OversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -165,4 +166,15 @@ async fn serve(
     }
     pipeline.stop(drain_deadline).await;
     Ok(())
+}
+
+/// Runs blocking work (store calls that scan or write) off the async threads, keeping the
+/// tracing span.
+pub(crate) async fn blocking<T, F>(work: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work)).await.expect("blocking store work does not panic")
 }

@@ -39,6 +39,11 @@ fn main() -> ExitCode {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         match hookd_server::run(listener, resolved.config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
+            // The configured master key is wrong for this data directory: a configuration error.
+            Err(error @ hookd_server::RunError::Store(hookd_server::store::StoreError::WrongMasterKey { .. })) => {
+                tracing::error!("{error}");
+                ExitCode::from(2)
+            }
             Err(error) => {
                 tracing::error!("{error}");
                 ExitCode::FAILURE

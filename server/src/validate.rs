@@ -52,6 +52,10 @@ pub fn listener_url(value: &str) -> Result<String, Invalid> {
     if url.host().is_none() {
         return Err(invalid("url must name a host"));
     }
+    // Normalising can percent-encode a URL past the limit.
+    if url.as_str().len() > MAX_URL_LEN {
+        return Err(invalid(format!("url must be at most {MAX_URL_LEN} characters once normalised")));
+    }
     Ok(url.to_string())
 }
 

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use hookd_client::v1::{
-    GetEventRequest, ListEventsRequest, TriggerRequest, TriggerStreamRequest, WatchDeliveriesRequest,
+    GetEventRequest, ListAttemptsRequest, ListDeliveriesRequest, ListEventsRequest, RecoverListenerRequest,
+    ReplayEventRequest, RetryDeliveryRequest, TriggerRequest, TriggerStreamRequest, WatchDeliveriesRequest,
 };
 use tonic::Code;
 
@@ -25,6 +26,10 @@ async fn triggers_are_validated_and_limited() {
     let too_big = trigger(trigger_request("ok.type", &[b'x'; 1025])).await.unwrap_err();
     assert_eq!(too_big.code(), Code::ResourceExhausted);
     assert!(too_big.message().contains("1024"), "{}", too_big.message());
+    // Far over the limit, the transport refuses the message before hookd reads it: the
+    // caller still gets RESOURCE_EXHAUSTED, not the transport's OUT_OF_RANGE.
+    let far_too_big = trigger(trigger_request("ok.type", &vec![b'x'; 256 * 1024])).await.unwrap_err();
+    assert_eq!(far_too_big.code(), Code::ResourceExhausted, "{far_too_big:?}");
 
     for bad_type in ["", "white space", &"t".repeat(129)] {
         let refused = trigger(trigger_request(bad_type, b"{}")).await.unwrap_err();
@@ -70,12 +75,20 @@ async fn rpcs_not_built_yet_answer_unimplemented() {
 
     let requests =
         tokio_stream::iter(vec![TriggerStreamRequest { r#ref: 1, trigger: Some(trigger_request("a.b", b"{}")) }]);
-    let stream = producer.trigger().trigger_stream(requests).await;
-    assert_eq!(stream.unwrap_err().code(), Code::Unimplemented);
-    let watch = producer.trigger().watch_deliveries(WatchDeliveriesRequest::default()).await;
-    assert_eq!(watch.unwrap_err().code(), Code::Unimplemented);
-    let list = producer.delivery().list_events(ListEventsRequest::default()).await;
-    assert_eq!(list.unwrap_err().code(), Code::Unimplemented);
-    let get = producer.delivery().get_event(GetEventRequest::default()).await;
-    assert_eq!(get.unwrap_err().code(), Code::Unimplemented);
+    let mut codes = vec![("TriggerStream", producer.trigger().trigger_stream(requests).await.map(|_| ()))];
+    codes.push((
+        "WatchDeliveries",
+        producer.trigger().watch_deliveries(WatchDeliveriesRequest::default()).await.map(|_| ()),
+    ));
+    let mut delivery = producer.delivery();
+    codes.push(("ListEvents", delivery.list_events(ListEventsRequest::default()).await.map(|_| ())));
+    codes.push(("GetEvent", delivery.get_event(GetEventRequest::default()).await.map(|_| ())));
+    codes.push(("ListDeliveries", delivery.list_deliveries(ListDeliveriesRequest::default()).await.map(|_| ())));
+    codes.push(("ListAttempts", delivery.list_attempts(ListAttemptsRequest::default()).await.map(|_| ())));
+    codes.push(("ReplayEvent", delivery.replay_event(ReplayEventRequest::default()).await.map(|_| ())));
+    codes.push(("RetryDelivery", delivery.retry_delivery(RetryDeliveryRequest::default()).await.map(|_| ())));
+    codes.push(("RecoverListener", delivery.recover_listener(RecoverListenerRequest::default()).await.map(|_| ())));
+    for (rpc, answer) in codes {
+        assert_eq!(answer.unwrap_err().code(), Code::Unimplemented, "{rpc}");
+    }
 }

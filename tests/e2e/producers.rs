@@ -1,8 +1,8 @@
 //! Producers: disable at once, rotate keys without losing listeners, admin-only access.
 
 use hookd_client::v1::{
-    GetListenerRequest, GetProducerRequest, ListListenersRequest, ListProducersRequest, RotateProducerKeyRequest,
-    SetProducerEnabledRequest,
+    DeriveEventHashRequest, GetListenerRequest, GetProducerRequest, ListListenersRequest, ListProducersRequest,
+    RotateProducerKeyRequest, SetProducerEnabledRequest,
 };
 use tonic::Code;
 
@@ -35,6 +35,13 @@ async fn a_disabled_producer_is_refused_at_once_and_can_be_re_enabled() {
     assert_eq!(refused.code(), Code::PermissionDenied);
     assert!(refused.message().contains("key leaked"), "{}", refused.message());
     let refused = producer.register().register_listener(listener_request(&hash, "http://127.0.0.1:9/x")).await;
+    assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    let refused =
+        producer.register().derive_event_hash(DeriveEventHashRequest { event_type: "invoice.paid".into() }).await;
+    assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    let refused = producer.register().list_listeners(ListListenersRequest::default()).await;
+    assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    let refused = producer.register().get_listener(GetListenerRequest { listener_id: "lst_x".into() }).await;
     assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
 
     server

@@ -83,7 +83,7 @@ async fn the_binary_refuses_a_wrong_master_key_with_a_clear_message() {
 
     let wrong = master_key();
     let failure = HookdProcess::start(dir.path(), &[("HOOKD_MASTER_KEY", &wrong)]).await.err().expect("refused");
-    assert!(!failure.status.success());
+    assert_eq!(failure.status.code(), Some(2), "a wrong master key is a configuration error");
     let log = failure.log.join("\n");
     assert!(log.contains("master key does not match"), "{log}");
 
@@ -115,8 +115,9 @@ async fn invalid_configuration_exits_non_zero_with_a_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_loses_no_acknowledged_trigger() {
-    const TRIGGERS: usize = 300;
+async fn kill_9_with_triggers_in_flight_loses_no_acknowledged_one() {
+    const WRITERS: usize = 16;
+    const KILL_AFTER: usize = 300;
     let dir = tempfile::tempdir().unwrap();
     let key = master_key();
     let env = [("HOOKD_MASTER_KEY", key.as_str()), ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN)];
@@ -131,21 +132,38 @@ async fn kill_9_loses_no_acknowledged_trigger() {
         .api_key;
     let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
 
-    // Many triggers in flight at once share group commits; each ack means durable.
-    let mut in_flight = tokio::task::JoinSet::new();
-    for i in 0..TRIGGERS {
-        let producer = producer.clone();
-        in_flight.spawn(async move {
-            let key = format!("k-{i}");
-            let ack = producer.trigger().trigger(keyed(&key)).await.unwrap().into_inner();
-            (key, ack.event_id)
+    // Writers trigger without pause, many in flight sharing group commits; the kill lands
+    // while they are still going. Every ack that came back must survive it.
+    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..WRITERS {
+        let (producer, acks_tx) = (producer.clone(), acks_tx.clone());
+        writers.spawn(async move {
+            for n in 0.. {
+                let key = format!("w{writer}-{n}");
+                match producer.trigger().trigger(keyed(&key)).await {
+                    Ok(ack) => {
+                        let _ = acks_tx.send((key, ack.into_inner().event_id));
+                    }
+                    // The server died under this call: nothing was acknowledged.
+                    Err(_) => return,
+                }
+            }
         });
     }
+    drop(acks_tx);
     let mut acked = Vec::new();
-    while let Some(done) = bounded("triggers", in_flight.join_next()).await {
-        acked.push(done.unwrap());
+    while acked.len() < KILL_AFTER {
+        acked.push(bounded("acks", acks.recv()).await.expect("writers keep acking"));
     }
     hookd.kill9().await;
+    while let Some(done) = bounded("writers stop", writers.join_next()).await {
+        done.unwrap();
+    }
+    // Acks that arrived between the count and the kill are acknowledged too.
+    while let Ok(late) = acks.try_recv() {
+        acked.push(late);
+    }
 
     let hookd = HookdProcess::start(dir.path(), &env).await.unwrap();
     let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();

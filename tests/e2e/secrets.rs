@@ -81,7 +81,8 @@ async fn no_secret_or_api_key_is_stored_or_logged_in_plaintext() {
 
     let generated_bytes = base64::engine::general_purpose::STANDARD.decode(&generated["whsec_".len()..]).unwrap();
     let whsec_bytes = base64::engine::general_purpose::STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
-    let needles: [(&str, &[u8]); 7] = [
+    let needles: [(&str, &[u8]); 8] = [
+        ("admin token", admin_token.as_bytes()),
         ("given listener secret", given_secret.as_bytes()),
         ("generated listener secret", generated.as_bytes()),
         ("generated secret's key bytes", &generated_bytes),

@@ -182,7 +182,7 @@ impl HookdProcess {
         let (serving_tx, mut serving_rx) = mpsc::unbounded_channel();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let sink = log.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("hookd serving") {
                     let _ = serving_tx.send(line.clone());
@@ -204,8 +204,8 @@ impl HookdProcess {
                 Ok(Self { child, addr, log })
             }
             Err(status) => {
-                // Let the reader drain what the process wrote before it exited.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The process has exited: its stderr ends, and the reader with it.
+                bounded("reading the log of an exited process", reader).await.unwrap();
                 Err(StartFailure { status, log: log.lock().unwrap().clone() })
             }
         }

@@ -7,7 +7,8 @@ use hookd::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, ApiResult, Shared, respond};
+use super::{ApiError, ApiResult, Shared, page_end, respond};
+use crate::blocking;
 use crate::clock::{now_ms, timestamp};
 use crate::store::Producer;
 use crate::{auth, crypto, ids, validate};
@@ -75,11 +76,10 @@ impl AdminService for AdminApi {
         auth::admin(request.metadata(), &self.shared.config)?;
         let limit = validate::page_size(request.get_ref().page_size)?;
         let after = validate::page_token(&request.get_ref().page_token)?;
-        let producers = self.shared.store.list_producers(after.as_deref(), limit)?;
-        let next_page_token = match producers.last() {
-            Some(last) if producers.len() == limit => validate::encode_page_token(&last.id),
-            _ => String::new(),
-        };
+        let store = self.shared.store.clone();
+        // One more than asked tells whether another page exists.
+        let mut producers = blocking(move || store.list_producers(after.as_deref(), limit + 1)).await?;
+        let next_page_token = page_end(&mut producers, limit, |producer| &producer.id);
         let producers = producers.into_iter().map(producer_message).collect();
         Ok(Response::new(ListProducersResponse { producers, next_page_token }))
     }

@@ -7,8 +7,11 @@
 
 pub mod admin;
 pub mod delivery;
+mod oversize;
 pub mod register;
 pub mod trigger;
+
+pub use oversize::OversizeLayer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +20,7 @@ use tonic::Status;
 
 use crate::config::Config;
 use crate::pipeline::PipelineHandle;
-use crate::store::{Store, StoreError};
+use crate::store::{Refusal, Store, StoreError};
 use crate::validate::Invalid;
 
 /// What every service shares.
@@ -85,6 +88,12 @@ impl From<ApiError> for Status {
             ApiError::ResourceExhausted(message) => Status::resource_exhausted(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Store(StoreError::Closed) => Status::unavailable("hookd is shutting down"),
+            ApiError::Store(StoreError::Refused(Refusal::KeyRevoked)) => {
+                Status::unauthenticated("unknown or expired API key")
+            }
+            ApiError::Store(StoreError::Refused(Refusal::ProducerDisabled(reason))) => {
+                Status::permission_denied(format!("the producer is disabled: {reason}"))
+            }
             ApiError::Store(error) => {
                 tracing::error!(error = &error as &dyn std::error::Error, "request failed on storage");
                 Status::internal("internal storage error; see the server log")
@@ -103,6 +112,16 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         ApiError::from(error).into()
     }
+}
+
+/// Cuts a page fetched with one extra item down to `limit`; the next page token when the
+/// extra item was there, else empty.
+pub(crate) fn page_end<T>(items: &mut Vec<T>, limit: usize, id: impl Fn(&T) -> &str) -> String {
+    if items.len() <= limit {
+        return String::new();
+    }
+    items.truncate(limit);
+    items.last().map(|last| crate::validate::encode_page_token(id(last))).unwrap_or_default()
 }
 
 /// Result of a service method body.

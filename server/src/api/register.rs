@@ -12,7 +12,8 @@ use hookd::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, ApiResult, Shared};
+use super::{ApiError, ApiResult, Shared, page_end};
+use crate::blocking;
 use crate::clock::{now_ms, timestamp};
 use crate::store::{EventHashEntry, Listener, Producer};
 use crate::validate::{self, SecretChoice};
@@ -146,12 +147,13 @@ impl RegisterService for RegisterApi {
         } else {
             Some(self.own_event_hash(&producer, &request.event_hash)?.event_type)
         };
-        let listeners =
-            self.shared.store.list_listeners(&producer.id, event_type.as_deref(), after.as_deref(), limit)?;
-        let next_page_token = match listeners.last() {
-            Some(last) if listeners.len() == limit => validate::encode_page_token(&last.id),
-            _ => String::new(),
-        };
+        let store = self.shared.store.clone();
+        let producer_id = producer.id.clone();
+        // One more than asked tells whether another page exists.
+        let mut listeners =
+            blocking(move || store.list_listeners(&producer_id, event_type.as_deref(), after.as_deref(), limit + 1))
+                .await?;
+        let next_page_token = page_end(&mut listeners, limit, |listener| &listener.id);
         let listeners = listeners.into_iter().map(listener_message).collect();
         Ok(Response::new(ListListenersResponse { listeners, next_page_token }))
     }

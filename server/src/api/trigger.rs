@@ -29,7 +29,7 @@ impl TriggerApi {
     }
 
     /// Validates one trigger into the event to append.
-    fn new_event(&self, producer: &Producer, request: TriggerRequest) -> ApiResult<NewEvent> {
+    fn new_event(&self, producer: &Producer, key_hash: [u8; 32], request: TriggerRequest) -> ApiResult<NewEvent> {
         let event_type = validate::event_type(&request.event_type)?.to_owned();
         let limit = self.shared.config.max_payload_bytes;
         if request.payload.len() > limit {
@@ -40,6 +40,7 @@ impl TriggerApi {
         }
         Ok(NewEvent {
             producer_id: producer.id.clone(),
+            key_hash,
             event_type,
             payload: request.payload,
             content_type: validate::content_type(&request.content_type)?,
@@ -54,9 +55,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[tonic::async_trait]
 impl TriggerService for TriggerApi {
     async fn trigger(&self, request: Request<TriggerRequest>) -> Result<Response<TriggerAck>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let (producer, key_hash) = auth::producer_with_key(request.metadata(), self.shared.store.as_ref())?;
         self.shared.ensure_accepting()?;
-        let event = self.new_event(&producer, request.into_inner())?;
+        let event = self.new_event(&producer, key_hash, request.into_inner())?;
         let appended = self.shared.store.append_event(event).await?;
         Ok(Response::new(TriggerAck { event_id: appended.event_id, duplicate: appended.duplicate }))
     }

@@ -26,6 +26,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use crate::blocking;
 use crate::crypto::Keyring;
 use crate::store::{PipelineStore, Store};
 pub use retry::RetrySchedule;
@@ -145,14 +146,4 @@ impl Pipeline {
             tracing::warn!(?deadline, "in-flight attempts did not finish in time; they will be redone after restart");
         }
     }
-}
-
-/// Runs a blocking store call off the async threads, keeping the tracing span.
-pub(crate) async fn blocking<T, F>(work: F) -> T
-where
-    T: Send + 'static,
-    F: FnOnce() -> T + Send + 'static,
-{
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(work)).await.expect("store calls do not panic")
 }

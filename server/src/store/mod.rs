@@ -36,6 +36,8 @@ pub enum StoreError {
     Corrupt { key: String },
     #[error("the store is closed")]
     Closed,
+    #[error("{0}")]
+    Refused(Refusal),
     #[error(
         "the master key does not match this data directory: it was created with key {expected}, \
          the configured key is {found}"
@@ -47,6 +49,15 @@ impl From<sled::Error> for StoreError {
     fn from(error: sled::Error) -> Self {
         StoreError::Backend(Arc::new(error))
     }
+}
+
+/// Why the store refused an append on the caller's behalf (checked where writes are serial).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the API key is no longer valid")]
+    KeyRevoked,
+    #[error("the producer is disabled: {0}")]
+    ProducerDisabled(String),
 }
 
 /// Everything hookd keeps. Reads are synchronous point lookups or bounded scans; writes go

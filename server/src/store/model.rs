@@ -101,6 +101,8 @@ pub struct Listener {
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewEvent {
     pub producer_id: String,
+    /// SHA-256 of the API key the trigger came with: checked again when it is written.
+    pub key_hash: [u8; 32],
     pub event_type: String,
     pub payload: Vec<u8>,
     pub content_type: String,

@@ -7,6 +7,7 @@
 //! | key | value |
 //! | --- | --- |
 //! | `m/keycheck` | key id + check value of the master key |
+//! | `m/next_seq` | the next event sequence number (u64), kept even when old events are trimmed |
 //! | `p/{producer id}` | [`Producer`] |
 //! | `k/{sha256 of api key}` | [`ApiKeyEntry`] |
 //! | `h/{event hash}` | [`EventHashEntry`] |
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use sled::{Batch, Tree};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::model::{ApiKeyEntry, Appended, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode};
 use super::writer::{self, Job, JobSender, Writer};
@@ -40,6 +41,8 @@ use crate::ids;
 
 pub(crate) mod keys {
     pub const KEY_CHECK: &[u8] = b"m/keycheck";
+    /// The next event sequence number (a high-water mark that survives trimming the log).
+    pub const NEXT_SEQ: &[u8] = b"m/next_seq";
     pub const PRODUCERS: &[u8] = b"p/";
     pub const LISTENERS: &[u8] = b"l/";
     pub const EVENTS: &[u8] = b"e/";
@@ -126,7 +129,13 @@ pub struct SledStore {
     jobs: Mutex<Option<JobSender>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     durable_seq: watch::Receiver<u64>,
+    /// Payload bytes of appends waiting for the writer: bounds intake memory whatever the
+    /// payload limit and the number of callers.
+    pending_bytes: Arc<Semaphore>,
 }
+
+/// Most payload bytes waiting for the writer at once.
+const PENDING_BYTES: u32 = 256 * 1024 * 1024;
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,7 +185,7 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
         let tree = db.open_tree("hookd")?;
-        let next_seq = match tree.scan_prefix(keys::EVENTS).next_back() {
+        let after_last_event = match tree.scan_prefix(keys::EVENTS).next_back() {
             Some(entry) => {
                 let (key, _) = entry?;
                 let seq_bytes: [u8; 8] = key[keys::EVENTS.len()..].try_into().map_err(|_| corrupt(&key))?;
@@ -184,7 +193,12 @@ impl SledStore {
             }
             None => 0,
         };
-        let (durable_tx, durable_rx) = watch::channel(next_seq.saturating_sub(1));
+        let high_water = match tree.get(keys::NEXT_SEQ)? {
+            Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| corrupt(keys::NEXT_SEQ))?),
+            None => 0,
+        };
+        let next_seq = after_last_event.max(high_water);
+        let (durable_tx, durable_rx) = watch::channel(next_seq);
         let (jobs_tx, jobs_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
         let writer = Writer::new(tree.clone(), jobs_rx, next_seq, durable_tx);
         let handle = std::thread::Builder::new()
@@ -197,10 +211,12 @@ impl SledStore {
             jobs: Mutex::new(Some(jobs_tx)),
             writer: Mutex::new(Some(handle)),
             durable_seq: durable_rx,
+            pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
         }))
     }
 
-    /// The highest event sequence number known durable; changes as events are appended.
+    /// The next event's sequence number once everything appended so far is durable: it
+    /// changes (grows) as events are appended.
     pub fn durable_seq(&self) -> watch::Receiver<u64> {
         self.durable_seq.clone()
     }
@@ -400,7 +416,10 @@ impl Store for SledStore {
 
     fn append_event(&self, event: NewEvent) -> StoreFuture<Appended> {
         let sender = self.sender();
+        let pending_bytes = self.pending_bytes.clone();
+        let weight = u32::try_from(event.payload.len()).unwrap_or(u32::MAX).clamp(1, PENDING_BYTES);
         Box::pin(async move {
+            let _held = pending_bytes.acquire_many_owned(weight).await.map_err(|_| StoreError::Closed)?;
             let (reply, answer) = oneshot::channel();
             sender?.send(Job::Append { event, reply }).await.map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?

@@ -1,9 +1,27 @@
 use super::*;
+use crate::store::Refusal;
 use crate::store::writer::IDEMPOTENCY_WINDOW_MS;
+
+/// The key hash the test producers are created with.
+fn key_of(producer: &str) -> [u8; 32] {
+    crate::crypto::hash_api_key(producer)
+}
+
+/// Opens a store holding enabled producers `prd_a` and `prd_b`.
+async fn open_with_producers(dir: &std::path::Path) -> Arc<SledStore> {
+    let store = SledStore::open(dir).unwrap();
+    for id in ["prd_a", "prd_b"] {
+        let producer =
+            Producer { id: id.into(), enabled: true, key_hashes: vec![key_of(id).to_vec()], ..Producer::default() };
+        store.create_producer(producer, key_of(id)).await.unwrap();
+    }
+    store
+}
 
 fn new_event(producer: &str, key: Option<&str>, at_ms: u64) -> NewEvent {
     NewEvent {
         producer_id: producer.into(),
+        key_hash: key_of(producer),
         event_type: "thing.happened".into(),
         payload: b"{}".to_vec(),
         content_type: "application/json".into(),
@@ -27,12 +45,12 @@ fn listener(id: &str, producer: &str, event_type: &str) -> Listener {
 #[tokio::test]
 async fn events_append_in_order_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open_with_producers(dir.path()).await;
     let first = store.append_event(new_event("prd_a", None, 1)).await.unwrap();
     let second = store.append_event(new_event("prd_a", None, 2)).await.unwrap();
     assert_eq!(ids::event_seq(&first.event_id), Some(0));
     assert_eq!(ids::event_seq(&second.event_id), Some(1));
-    assert_eq!(*store.durable_seq().borrow(), 1);
+    assert_eq!(*store.durable_seq().borrow(), 2, "two events are durable");
     store.close().unwrap();
     drop(store);
 
@@ -46,7 +64,7 @@ async fn events_append_in_order_and_survive_reopen() {
 #[tokio::test]
 async fn event_lookup_needs_the_whole_id() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open_with_producers(dir.path()).await;
     let appended = store.append_event(new_event("prd_a", None, 1)).await.unwrap();
     let forged = format!("{}{}", &appended.event_id[..20], "0".repeat(16));
     assert!(store.event(&forged).unwrap().is_none());
@@ -57,7 +75,7 @@ async fn event_lookup_needs_the_whole_id() {
 #[tokio::test]
 async fn idempotency_keys_dedupe_within_the_window_and_per_producer() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open_with_producers(dir.path()).await;
     let first = store.append_event(new_event("prd_a", Some("k1"), 1_000)).await.unwrap();
     assert!(!first.duplicate);
     let again = store.append_event(new_event("prd_a", Some("k1"), 2_000)).await.unwrap();
@@ -73,7 +91,7 @@ async fn idempotency_keys_dedupe_within_the_window_and_per_producer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_with_one_key_record_one_event() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
+    let store = open_with_producers(dir.path()).await;
     let tasks: Vec<_> = (0..64)
         .map(|_| {
             let store = store.clone();
@@ -86,7 +104,7 @@ async fn concurrent_appends_with_one_key_record_one_event() {
     }
     assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
     assert!(answers.iter().all(|a| a.event_id == answers[0].event_id));
-    assert_eq!(*store.durable_seq().borrow(), 0, "exactly one event was appended");
+    assert_eq!(*store.durable_seq().borrow(), 1, "exactly one event was appended");
     store.close().unwrap();
 }
 
@@ -156,4 +174,21 @@ async fn writes_after_close_fail_cleanly() {
     let store = SledStore::open(dir.path()).unwrap();
     store.close().unwrap();
     assert!(matches!(store.append_event(new_event("prd_a", None, 1)).await, Err(StoreError::Closed)));
+}
+
+#[tokio::test]
+async fn appends_are_refused_once_the_producer_is_disabled_or_the_key_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    store.set_producer_enabled("prd_a", false, "leaked".into()).await.unwrap();
+    let refused = store.append_event(new_event("prd_a", None, 1)).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Refused(Refusal::ProducerDisabled(ref reason)) if reason == "leaked"));
+
+    store.rotate_producer_key("prd_b", [9; 32], 1, 0).await.unwrap();
+    let refused = store.append_event(new_event("prd_b", None, 1)).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Refused(Refusal::KeyRevoked)));
+    let mut with_new_key = new_event("prd_b", None, 1);
+    with_new_key.key_hash = [9; 32];
+    store.append_event(with_new_key).await.unwrap();
+    store.close().unwrap();
 }

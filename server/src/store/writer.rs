@@ -11,16 +11,18 @@ use sled::{Batch, Tree};
 use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::StoreError;
-use super::model::{Appended, Event, IdempotencyEntry, NewEvent, decode, encode};
-use super::sled_store::keys;
+use super::model::{ApiKeyEntry, Appended, Event, IdempotencyEntry, NewEvent, Producer, decode, encode};
+use super::sled_store::{keys, read};
+use super::{Refusal, StoreError};
 use crate::ids;
 
 /// How long an idempotency key maps to its first event.
 pub(crate) const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
 /// Most jobs committed under one flush; bounds the latency a group adds to its first job.
 const MAX_GROUP: usize = 4096;
-/// Jobs waiting for the writer before senders wait (backpressure, bounded memory).
+/// Most payload bytes committed under one flush, so one group's batch stays small.
+const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Jobs waiting for the writer before senders wait (backpressure).
 pub(crate) const QUEUE_CAPACITY: usize = 8192;
 
 /// Runs after the group's flush with its outcome.
@@ -33,6 +35,15 @@ pub(crate) enum Job {
     Write(WriteFn),
 }
 
+impl Job {
+    fn bytes(&self) -> usize {
+        match self {
+            Job::Append { event, .. } => event.payload.len(),
+            Job::Write(_) => 0,
+        }
+    }
+}
+
 pub(crate) type JobSender = mpsc::Sender<Job>;
 
 /// State the writer keeps between groups.
@@ -40,7 +51,8 @@ pub(crate) struct Writer {
     tree: Tree,
     jobs: mpsc::Receiver<Job>,
     next_seq: u64,
-    /// The highest event sequence number known durable; fan-out follows it.
+    /// How many sequence numbers are used and durable (the next event's number); fan-out
+    /// follows it.
     durable_seq: watch::Sender<u64>,
 }
 
@@ -49,101 +61,127 @@ impl Writer {
         Self { tree, jobs, next_seq, durable_seq }
     }
 
-    /// Serves jobs until every sender is gone, then flushes one last time.
+    /// Serves jobs until every sender is gone, then flushes one last time. A group that
+    /// fails to apply or flush stops the writer: its callers get the error, later ones find
+    /// the store closed (UNAVAILABLE) rather than writes that may or may not be on disk.
     pub(crate) fn run(mut self) {
         let mut group = Vec::with_capacity(64);
         while let Some(first) = self.jobs.blocking_recv() {
+            let mut bytes = first.bytes();
             group.push(first);
-            while group.len() < MAX_GROUP {
+            while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
                 match self.jobs.try_recv() {
-                    Ok(job) => group.push(job),
+                    Ok(job) => {
+                        bytes += job.bytes();
+                        group.push(job);
+                    }
                     Err(_) => break,
                 }
             }
-            self.commit(&mut group);
+            if let Err(error) = self.commit(&mut group) {
+                tracing::error!(error = &error as &dyn std::error::Error, "database write failed; the writer stops");
+                return;
+            }
         }
         if let Err(error) = self.tree.flush() {
             tracing::error!(%error, "final flush of the database failed");
         }
     }
 
-    fn commit(&mut self, group: &mut Vec<Job>) {
+    fn commit(&mut self, group: &mut Vec<Job>) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        let mut batch_len = 0usize;
+        let mut staged = 0usize;
         let mut completions: Vec<Completion> = Vec::with_capacity(group.len());
         // Idempotency keys claimed earlier in this same group, not yet in the tree.
         let mut claimed: HashMap<Vec<u8>, String> = HashMap::new();
         let mut failure: Option<StoreError> = None;
-        let mut appended_seq = None;
+        let seq_before = self.next_seq;
 
         for job in group.drain(..) {
+            if let Some(error) = &failure {
+                // Nothing more is applied after a failure.
+                answer_unapplied(job, error.clone());
+                continue;
+            }
             match job {
-                Job::Append { event, reply } => {
-                    let answer = self.stage_append(event, &mut batch, &mut claimed);
-                    match answer {
-                        Ok((appended, seq)) => {
-                            if seq.is_some() {
-                                batch_len += 1;
-                                appended_seq = seq;
-                            }
-                            completions.push(Box::new(move |flushed| {
-                                let _ = reply.send(flushed.map(|()| appended));
-                            }));
-                        }
-                        Err(error) => {
-                            let _ = reply.send(Err(error));
-                        }
+                Job::Append { event, reply } => match self.stage_append(event, &mut batch, &mut claimed) {
+                    Ok((appended, new)) => {
+                        staged += usize::from(new);
+                        completions.push(Box::new(move |flushed| {
+                            let _ = reply.send(flushed.map(|()| appended));
+                        }));
                     }
-                }
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                },
                 Job::Write(write) => {
                     // Earlier appends go first, so a write sees the state before it.
-                    if batch_len > 0 {
-                        if let Err(error) = self.tree.apply_batch(std::mem::take(&mut batch)) {
-                            failure.get_or_insert(error.into());
+                    if staged > 0 {
+                        if let Err(error) = self.apply(std::mem::take(&mut batch)) {
+                            failure = Some(error);
+                            drop(write);
+                            continue;
                         }
-                        batch_len = 0;
+                        staged = 0;
                     }
-                    completions.push(write(&self.tree));
+                    // A panicking edit fails its own caller, not the writer.
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&self.tree))) {
+                        Ok(completion) => completions.push(completion),
+                        Err(_) => tracing::error!("a database write job panicked; its caller gets an error"),
+                    }
                 }
             }
         }
-        if batch_len > 0
-            && let Err(error) = self.tree.apply_batch(batch)
+        if staged > 0
+            && failure.is_none()
+            && let Err(error) = self.apply(batch)
         {
-            failure.get_or_insert(error.into());
+            failure = Some(error);
         }
         let outcome = match failure {
             Some(error) => Err(error),
             None => self.tree.flush().map(|_| ()).map_err(StoreError::from),
         };
-        if let Err(error) = &outcome {
-            tracing::error!(%error, jobs = completions.len(), "group commit failed");
-        } else if let Some(seq) = appended_seq {
-            self.durable_seq.send_replace(seq);
+        if outcome.is_ok() && self.next_seq != seq_before {
+            self.durable_seq.send_replace(self.next_seq);
         }
         for completion in completions {
             completion(outcome.clone());
         }
+        outcome
+    }
+
+    /// Applies the staged appends together with the sequence high-water mark, so numbers are
+    /// never reused even after old events are trimmed.
+    fn apply(&self, mut batch: Batch) -> Result<(), StoreError> {
+        batch.insert(keys::NEXT_SEQ, &self.next_seq.to_be_bytes());
+        Ok(self.tree.apply_batch(batch)?)
     }
 
     /// Adds one event (and its idempotency record) to the batch, or finds its duplicate.
-    /// Returns the answer and, for a new event, its sequence number.
+    /// Returns the answer and whether a new event was staged.
+    ///
+    /// The caller's key and its producer are checked again here, where writes are serial:
+    /// a trigger authorised just before its producer was disabled (or its key rotated away)
+    /// is refused rather than acknowledged after the admin call returned.
     fn stage_append(
         &mut self,
         event: NewEvent,
         batch: &mut Batch,
         claimed: &mut HashMap<Vec<u8>, String>,
-    ) -> Result<(Appended, Option<u64>), StoreError> {
+    ) -> Result<(Appended, bool), StoreError> {
+        self.check_caller(&event)?;
         let idempotency = event.idempotency_key.as_deref().map(|key| keys::idempotency(&event.producer_id, key));
         if let Some(idem_key) = &idempotency {
             if let Some(event_id) = claimed.get(idem_key) {
-                return Ok((Appended { event_id: event_id.clone(), duplicate: true }, None));
+                return Ok((Appended { event_id: event_id.clone(), duplicate: true }, false));
             }
             if let Some(bytes) = self.tree.get(idem_key)? {
                 let entry: IdempotencyEntry = decode(&bytes)
                     .ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(idem_key).into() })?;
                 if event.created_at_ms < entry.created_at_ms.saturating_add(IDEMPOTENCY_WINDOW_MS) {
-                    return Ok((Appended { event_id: entry.event_id, duplicate: true }, None));
+                    return Ok((Appended { event_id: entry.event_id, duplicate: true }, false));
                 }
             }
         }
@@ -167,7 +205,32 @@ impl Writer {
             idempotency_key: event.idempotency_key.unwrap_or_default(),
         };
         batch.insert(keys::event(seq).to_vec(), encode(&record));
-        Ok((Appended { event_id, duplicate: false }, Some(seq)))
+        Ok((Appended { event_id, duplicate: false }, true))
+    }
+
+    fn check_caller(&self, event: &NewEvent) -> Result<(), StoreError> {
+        let key = keys::api_key(&event.key_hash);
+        let entry: Option<ApiKeyEntry> = read(&self.tree, &key)?;
+        if !entry.is_some_and(|entry| entry.producer_id == event.producer_id && entry.valid_at(event.created_at_ms)) {
+            return Err(StoreError::Refused(Refusal::KeyRevoked));
+        }
+        let producer: Option<Producer> = read(&self.tree, &keys::producer(&event.producer_id))?;
+        match producer {
+            Some(producer) if producer.enabled => Ok(()),
+            Some(producer) => Err(StoreError::Refused(Refusal::ProducerDisabled(producer.disabled_reason))),
+            None => Err(StoreError::Refused(Refusal::KeyRevoked)),
+        }
+    }
+}
+
+/// Answers a job of a group that failed before the job was applied.
+fn answer_unapplied(job: Job, error: StoreError) {
+    match job {
+        Job::Append { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        // Dropping a write unapplied drops its reply sender: the caller sees the store closed.
+        Job::Write(write) => drop(write),
     }
 }
 

@@ -16,7 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::crypto::{self, Keyring};
 use crate::pipeline::retry::parse_duration;
-use crate::pipeline::{PipelineConfig, RetrySchedule};
+use crate::pipeline::target::Cidr;
+use crate::pipeline::{PipelineConfig, PolicyKind, RetrySchedule, TargetPolicy};
 
 /// Largest `--max-payload-bytes` accepted (64 MiB).
 const MAX_PAYLOAD_LIMIT: u64 = 64 * 1024 * 1024;
@@ -85,6 +86,13 @@ pub struct ServeArgs {
     /// Disable a listener after this long with nothing but failed attempts (e.g. 5d, 12h).
     #[arg(long, env = "HOOKD_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
     pub disable_after: std::time::Duration,
+    /// Which addresses deliveries may connect to: `default` refuses link-local and cloud
+    /// metadata addresses, `strict` every non-public address, `open` nothing.
+    #[arg(long, env = "HOOKD_TARGET_POLICY", value_enum, default_value_t = PolicyKind::Default)]
+    pub target_policy: PolicyKind,
+    /// Address ranges always allowed as targets, comma-separated (e.g. 10.1.0.0/16,fd00::/8).
+    #[arg(long, env = "HOOKD_ALLOW_TARGETS", value_delimiter = ',')]
+    pub allow_targets: Vec<Cidr>,
 }
 
 /// A configured secret: printed as `Redacted(..)`, so a debug log of the arguments shows no
@@ -308,6 +316,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
         retry_schedule: args.retry_schedule.clone(),
         listener_in_flight: args.listener_in_flight,
         disable_after: args.disable_after,
+        target_policy: TargetPolicy { kind: args.target_policy, allow: args.allow_targets.clone() },
     };
     Ok(Resolved { config, listen, notices })
 }
@@ -381,6 +390,10 @@ mod tests {
                     "100ms,1s",
                     "--disable-after",
                     "2h",
+                    "--target-policy",
+                    "strict",
+                    "--allow-targets",
+                    "10.0.0.0/8,::1",
                 ],
             ),
             Some(key.clone()),
@@ -391,6 +404,9 @@ mod tests {
         assert_eq!(resolved.config.max_payload_bytes, 10);
         assert_eq!(resolved.config.pipeline.retry_schedule.max_attempts(), 3);
         assert_eq!(resolved.config.pipeline.disable_after, std::time::Duration::from_secs(7200));
+        let policy = &resolved.config.pipeline.target_policy;
+        assert_eq!(policy.kind, PolicyKind::Strict);
+        assert_eq!(policy.allow, vec!["10.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()]);
         assert!(resolved.notices.is_empty());
     }
 
@@ -436,7 +452,13 @@ mod tests {
 
     #[test]
     fn malformed_values_are_refused_by_the_parser() {
-        for bad in [["--max-payload-bytes", "notanumber"], ["--retry-schedule", "soon"], ["--disable-after", "5"]] {
+        for bad in [
+            ["--max-payload-bytes", "notanumber"],
+            ["--retry-schedule", "soon"],
+            ["--disable-after", "5"],
+            ["--target-policy", "lax"],
+            ["--allow-targets", "10.0.0.0/99"],
+        ] {
             let parsed = Cli::try_parse_from(["hookd", "serve", bad[0], bad[1]]);
             assert!(parsed.is_err(), "{bad:?}");
         }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use hookd_client::Client;
 use hookd_client::v1::{CreateProducerRequest, TriggerRequest};
 
-use crate::receiver::Receiver;
+use crate::receiver::{Receiver, Reply};
 use crate::support::{ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listener_request, master_key};
 
 struct Crashable {
@@ -115,4 +115,36 @@ async fn kill_9_during_a_50_listener_fan_out_loses_nothing() {
     let _hookd = crashable.start().await;
     wait_for_all(&receiver, &events, &paths).await;
     assert!(delivered_before < EVENTS * LISTENERS, "the kill came before the fan-out was delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_an_attempt_in_flight_exits_cleanly_and_the_attempt_is_redone() {
+    let receiver = Receiver::start().await;
+    receiver.script("/slow", |_, nth| if nth == 1 { Reply::Hang } else { Reply::Status(200) });
+    let crashable = Crashable::new();
+    let env = [
+        ("HOOKD_MASTER_KEY", crashable.key.as_str()),
+        ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN),
+        // Shutdown gives in-flight attempts up to the attempt timeout.
+        ("HOOKD_ATTEMPT_TIMEOUT", "30s"),
+    ];
+    let hookd = HookdProcess::start(crashable.dir.path(), &env).await.unwrap();
+    let (producer, _) = producer(&hookd).await;
+    let hash = derive(&producer, "crash.test").await;
+    producer.register().register_listener(listener_request(&hash, &receiver.url("/slow"))).await.unwrap();
+    let events = trigger_many(&producer, 1).await;
+    receiver.wait_until("the first attempt hanging", DEADLINE, |requests| requests.len() == 1).await;
+
+    // The hanging attempt cannot finish: shutdown waits its deadline, then exits 0 with the
+    // delivery still leased.
+    assert!(hookd.terminate().await.success(), "SIGTERM is a clean exit");
+    receiver.release();
+
+    let _hookd = HookdProcess::start(crashable.dir.path(), &env).await.unwrap();
+    receiver
+        .wait_until("the attempt redone after the restart", DEADLINE, |requests| {
+            requests.iter().any(|r| r.webhook_id() == events[0] && r.attempt() == 1 && r.path == "/slow")
+                && requests.len() >= 2
+        })
+        .await;
 }

@@ -6,10 +6,12 @@
 //! duration of one call.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
+use super::target::{GuardedResolver, TargetPolicy};
 use crate::signing;
 
 /// How much of a response body is kept.
@@ -50,6 +52,8 @@ pub fn webhook_headers(request: &WebhookRequest<'_>, signing_key: Option<&[u8]>)
 /// Why an attempt got no HTTP answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportError {
+    /// The target policy refused the address: nothing was sent.
+    Refused,
     Timeout,
     Dns,
     Connect,
@@ -60,6 +64,7 @@ pub enum TransportError {
 impl TransportError {
     pub fn as_str(self) -> &'static str {
         match self {
+            TransportError::Refused => "refused",
             TransportError::Timeout => "timeout",
             TransportError::Dns => "dns",
             TransportError::Connect => "connect",
@@ -87,11 +92,14 @@ pub struct Response {
 #[derive(Debug, Clone)]
 pub struct Sender {
     client: reqwest::Client,
+    policy: Arc<TargetPolicy>,
 }
 
 impl Sender {
-    /// A client that follows no redirects and gives each attempt `timeout` in all.
-    pub fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+    /// A client that follows no redirects, gives each attempt `timeout` in all, and connects
+    /// only to addresses `policy` allows.
+    pub fn new(timeout: Duration, policy: TargetPolicy) -> Result<Self, reqwest::Error> {
+        let policy = Arc::new(policy);
         // reqwest is built without a default TLS provider; ring is ours. A second install
         // (another server in the same process) is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -102,14 +110,19 @@ impl Sender {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .no_proxy()
+            .dns_resolver(GuardedResolver::new(policy.clone()))
             .build()?;
-        Ok(Self { client })
+        Ok(Self { client, policy })
     }
 
     /// POSTs `body` to `url` with `headers` and reports what happened. Never fails: every
     /// problem is described in the [`Response`].
     pub async fn post(&self, url: &str, headers: Vec<(&'static str, String)>, body: Vec<u8>) -> Response {
         let started = Instant::now();
+        // Literal IPs skip the resolver: check them here.
+        if let Err(refusal) = self.policy.check_literal(url) {
+            return Response { error: Some(refusal), duration: started.elapsed(), ..Response::default() };
+        }
         let mut header_map = HeaderMap::with_capacity(headers.len());
         for (name, value) in headers {
             match HeaderValue::from_str(&value) {
@@ -170,7 +183,9 @@ fn describe(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     let lower = chain.to_lowercase();
-    let kind = if error.is_timeout() {
+    let kind = if lower.contains("target policy") {
+        TransportError::Refused
+    } else if error.is_timeout() {
         TransportError::Timeout
     } else if lower.contains("dns error") || lower.contains("failed to lookup") || lower.contains("name or service") {
         TransportError::Dns
@@ -227,9 +242,21 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let sender = Sender::new(Duration::from_secs(5)).unwrap();
+        let sender = Sender::new(Duration::from_secs(5), TargetPolicy::default()).unwrap();
         let response = sender.post(&format!("http://{addr}/"), vec![], b"{}".to_vec()).await;
         assert_eq!(response.status, None);
         assert!(response.error.as_deref().unwrap().starts_with("connect:"), "{:?}", response.error);
+    }
+
+    #[tokio::test]
+    async fn refused_targets_are_never_contacted() {
+        let sender = Sender::new(Duration::from_secs(5), TargetPolicy::default()).unwrap();
+        let response = sender.post("http://169.254.169.254/latest/meta-data", vec![], Vec::new()).await;
+        assert!(response.error.as_deref().unwrap().starts_with("refused:"), "{:?}", response.error);
+
+        let strict = TargetPolicy { kind: super::super::target::PolicyKind::Strict, allow: Vec::new() };
+        let sender = Sender::new(Duration::from_secs(5), strict).unwrap();
+        let response = sender.post("http://localhost:9/", vec![], Vec::new()).await;
+        assert!(response.error.as_deref().unwrap().starts_with("refused:"), "{:?}", response.error);
     }
 }

@@ -17,6 +17,7 @@ pub mod deliver;
 mod dispatch;
 mod fanout;
 pub mod retry;
+pub mod target;
 mod worker;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ pub(crate) use crate::blocking;
 use crate::crypto::Keyring;
 use crate::store::{PipelineStore, Store};
 pub use retry::RetrySchedule;
+pub use target::{PolicyKind, TargetPolicy};
 
 /// How the pipeline behaves; part of the server's configuration.
 #[derive(Debug, Clone)]
@@ -44,6 +46,8 @@ pub struct PipelineConfig {
     pub listener_in_flight: usize,
     /// A listener that has had nothing but failures for this long is disabled.
     pub disable_after: Duration,
+    /// Which addresses deliveries may connect to.
+    pub target_policy: TargetPolicy,
 }
 
 impl Default for PipelineConfig {
@@ -54,6 +58,7 @@ impl Default for PipelineConfig {
             retry_schedule: RetrySchedule::standard(),
             listener_in_flight: 8,
             disable_after: Duration::from_secs(5 * 24 * 3600),
+            target_policy: TargetPolicy::default(),
         }
     }
 }
@@ -123,7 +128,7 @@ impl Pipeline {
         config: PipelineConfig,
         durable_seq: tokio::sync::watch::Receiver<u64>,
     ) -> Result<Self, PipelineError> {
-        let sender = deliver::Sender::new(config.attempt_timeout)?;
+        let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
         let context = Arc::new(Context { store, queue, keyring, sender, config, wake: Notify::new() });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();

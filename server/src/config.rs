@@ -90,6 +90,9 @@ pub struct ServeArgs {
     /// metadata addresses, `strict` every non-public address, `open` nothing.
     #[arg(long, env = "HOOKD_TARGET_POLICY", value_enum, default_value_t = PolicyKind::Default)]
     pub target_policy: PolicyKind,
+    /// How long events, their deliveries and attempts are kept (e.g. 30d, 12h); at least 1s.
+    #[arg(long, env = "HOOKD_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: std::time::Duration,
     /// Address ranges always allowed as targets, comma-separated (e.g. 10.1.0.0/16,fd00::/8).
     #[arg(long, env = "HOOKD_ALLOW_TARGETS", value_delimiter = ',')]
     pub allow_targets: Vec<Cidr>,
@@ -194,6 +197,8 @@ pub enum ConfigError {
     Workers,
     #[error("--attempt-timeout / HOOKD_ATTEMPT_TIMEOUT must be between 100ms and 10m")]
     AttemptTimeout,
+    #[error("--retention / HOOKD_RETENTION must be at least 1s")]
+    Retention,
     #[error("HOOKD_MASTER_KEY is set but empty")]
     BlankMasterKey,
     #[error("{source_name}: {error}")]
@@ -241,6 +246,9 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
         || args.attempt_timeout > std::time::Duration::from_secs(600)
     {
         return Err(ConfigError::AttemptTimeout);
+    }
+    if args.retention < std::time::Duration::from_secs(1) {
+        return Err(ConfigError::Retention);
     }
     // Set but blank (e.g. a secret that failed to mount) must not fall back to a dev key.
     if master_key_env.as_ref().is_some_and(|key| key.trim().is_empty()) {
@@ -317,6 +325,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
         listener_in_flight: args.listener_in_flight,
         disable_after: args.disable_after,
         target_policy: TargetPolicy { kind: args.target_policy, allow: args.allow_targets.clone() },
+        retention: args.retention,
     };
     Ok(Resolved { config, listen, notices })
 }
@@ -439,6 +448,7 @@ mod tests {
             (vec!["--max-payload-bytes", "0"], None, "HOOKD_MAX_PAYLOAD_BYTES"),
             (vec!["--workers", "0"], None, "HOOKD_WORKERS"),
             (vec!["--attempt-timeout", "1ms"], None, "HOOKD_ATTEMPT_TIMEOUT"),
+            (vec!["--retention", "10ms"], None, "HOOKD_RETENTION"),
             (vec![], Some("bm90IDMyIGJ5dGVz".into()), "HOOKD_MASTER_KEY"),
             (vec!["--master-key-file", "/nonexistent/key"], None, "cannot read the master key file"),
             (vec!["--master-key-file", "/nonexistent/key"], Some(crypto::mint_master_key_base64()), "not both"),

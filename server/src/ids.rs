@@ -48,6 +48,22 @@ pub fn delivery_id(seq: u64, listener_id: &str) -> String {
     format!("{DELIVERY_PREFIX}{}", hex(&bytes))
 }
 
+/// The id of a replayed delivery of event `seq`: random after the event's position, so every
+/// replay is a new delivery while the id still sorts with its event.
+pub fn replay_delivery_id(seq: u64) -> String {
+    format!("{DELIVERY_PREFIX}{}{}", hex(&seq.to_be_bytes()), hex(&random_bytes::<8>()))
+}
+
+/// The event-log position a delivery id starts with.
+pub fn delivery_event_seq(delivery_id: &str) -> Option<u64> {
+    let digits = delivery_id.strip_prefix(DELIVERY_PREFIX)?;
+    if digits.len() != 32 {
+        return None;
+    }
+    let bytes = data_encoding::HEXLOWER.decode(digits[..16].as_bytes()).ok()?;
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
 /// The event-log position an event id claims (the caller still compares the whole id).
 pub fn event_seq(event_id: &str) -> Option<u64> {
     let digits = event_id.strip_prefix(EVENT_PREFIX)?;
@@ -86,6 +102,11 @@ mod tests {
         assert_ne!(a, delivery_id(7, "lst_b"));
         assert!(delivery_id(7, "lst_z") < delivery_id(8, "lst_a"));
         assert!(is_well_formed(&a, DELIVERY_PREFIX));
+        assert_eq!(delivery_event_seq(&a), Some(7));
+        let replay = replay_delivery_id(7);
+        assert!(is_well_formed(&replay, DELIVERY_PREFIX));
+        assert_eq!(delivery_event_seq(&replay), Some(7));
+        assert_ne!(replay, replay_delivery_id(7));
     }
 
     #[test]

@@ -88,6 +88,8 @@ async fn serve(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    // Cancelled by the caller, or by this function once the server has ended for any reason.
+    let shutdown = shutdown.child_token();
     let max_message = config.max_payload_bytes + REQUEST_OVERHEAD_BYTES;
     let local_addr = listener.local_addr().ok();
     tracing::info!(
@@ -96,15 +98,19 @@ async fn serve(
         master_key_id = %config.keyring.key_id(),
         "hookd serving"
     );
-    let pipeline = Pipeline::start(
-        store.clone(),
-        store.clone(),
-        config.keyring.clone(),
-        config.pipeline.clone(),
-        store.durable_seq(),
-    )?;
+    let pipeline =
+        Pipeline::start(store.clone(), config.keyring.clone(), config.pipeline.clone(), store.durable_seq())?;
     let drain_deadline = config.pipeline.attempt_timeout.min(SHUTDOWN_GRACE);
-    let shared = api::Shared::new(store, Arc::new(config), pipeline.handle());
+    let pipeline_handle = pipeline.handle();
+    // Delivery stops as soon as shutdown begins, alongside the draining of calls.
+    let pipeline_stopped = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            pipeline.stop(drain_deadline).await;
+        })
+    };
+    let shared = api::Shared::new(store, Arc::new(config), pipeline_handle);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let services = [
@@ -154,18 +160,21 @@ async fn serve(
             TriggerServiceServer::new(api::trigger::TriggerApi::new(shared.clone()))
                 .max_decoding_message_size(max_message),
         )
-        .add_service(DeliveryServiceServer::new(api::delivery::DeliveryApi))
+        .add_service(DeliveryServiceServer::new(api::delivery::DeliveryApi::new(shared.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
     let mut server = tokio::spawn(server);
-    tokio::select! {
-        joined = &mut server => joined.expect("the server task does not panic")?,
+    let served = tokio::select! {
+        joined = &mut server => joined.expect("the server task does not panic"),
         () = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight calls did not finish in time; closing them");
             server.abort();
+            Ok(())
         }
-    }
-    pipeline.stop(drain_deadline).await;
-    Ok(())
+    };
+    // Whatever ended the server, the pipeline stops before the store closes.
+    shutdown.cancel();
+    pipeline_stopped.await.expect("stopping the pipeline does not panic");
+    Ok(served?)
 }
 
 /// Runs blocking work (store calls that scan or write) off the async threads, keeping the

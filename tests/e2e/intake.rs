@@ -2,10 +2,7 @@
 
 use std::sync::Arc;
 
-use hookd_client::v1::{
-    GetEventRequest, ListAttemptsRequest, ListDeliveriesRequest, ListEventsRequest, RecoverListenerRequest,
-    ReplayEventRequest, RetryDeliveryRequest, TriggerRequest, TriggerStreamRequest, WatchDeliveriesRequest,
-};
+use hookd_client::v1::TriggerRequest;
 use tonic::Code;
 
 use crate::support::{TestServer, master_key, trigger_request};
@@ -66,29 +63,4 @@ async fn an_idempotency_key_returns_the_first_event() {
     let unkeyed_a = producer.trigger().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
     let unkeyed_b = producer.trigger().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
     assert_ne!(unkeyed_a.event_id, unkeyed_b.event_id);
-}
-
-#[tokio::test]
-async fn rpcs_not_built_yet_answer_unimplemented() {
-    let server = TestServer::start().await;
-    let (producer, _, _) = server.producer("future").await;
-
-    let requests =
-        tokio_stream::iter(vec![TriggerStreamRequest { r#ref: 1, trigger: Some(trigger_request("a.b", b"{}")) }]);
-    let mut codes = vec![("TriggerStream", producer.trigger().trigger_stream(requests).await.map(|_| ()))];
-    codes.push((
-        "WatchDeliveries",
-        producer.trigger().watch_deliveries(WatchDeliveriesRequest::default()).await.map(|_| ()),
-    ));
-    let mut delivery = producer.delivery();
-    codes.push(("ListEvents", delivery.list_events(ListEventsRequest::default()).await.map(|_| ())));
-    codes.push(("GetEvent", delivery.get_event(GetEventRequest::default()).await.map(|_| ())));
-    codes.push(("ListDeliveries", delivery.list_deliveries(ListDeliveriesRequest::default()).await.map(|_| ())));
-    codes.push(("ListAttempts", delivery.list_attempts(ListAttemptsRequest::default()).await.map(|_| ())));
-    codes.push(("ReplayEvent", delivery.replay_event(ReplayEventRequest::default()).await.map(|_| ())));
-    codes.push(("RetryDelivery", delivery.retry_delivery(RetryDeliveryRequest::default()).await.map(|_| ())));
-    codes.push(("RecoverListener", delivery.recover_listener(RecoverListenerRequest::default()).await.map(|_| ())));
-    for (rpc, answer) in codes {
-        assert_eq!(answer.unwrap_err().code(), Code::Unimplemented, "{rpc}");
-    }
 }

@@ -3,6 +3,7 @@
 
 mod crash;
 mod delivery;
+mod inspection;
 mod intake;
 mod listeners;
 mod producers;

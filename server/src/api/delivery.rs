@@ -1,48 +1,310 @@
-//! `hookd.v1.DeliveryService`: inspection, replay and recovery. Declared in the contract but
-//! not built yet: every method answers UNIMPLEMENTED, never a fake success.
+//! `hookd.v1.DeliveryService`: what happened to every event, and how to mend it.
+//!
+//! A producer key sees only its own events, deliveries and listeners; anything else answers
+//! NOT_FOUND, so ids reveal nothing. The admin token sees everything. Listings are served
+//! from the blocking pool; retry, replay and recovery queue work for the pipeline and wake
+//! it, never making an attempt on the calling task.
+
+use std::collections::HashMap;
 
 use hookd::v1::delivery_service_server::DeliveryService;
 use hookd::v1::{
-    Delivery, Event, GetEventRequest, ListAttemptsRequest, ListAttemptsResponse, ListDeliveriesRequest,
-    ListDeliveriesResponse, ListEventsRequest, ListEventsResponse, RecoverListenerRequest, RecoverListenerResponse,
-    ReplayEventRequest, ReplayEventResponse, RetryDeliveryRequest,
+    Attempt as AttemptMessage, Delivery as DeliveryMessage, DeliveryState as StateMessage, Event as EventMessage,
+    GetEventRequest, ListAttemptsRequest, ListAttemptsResponse, ListDeliveriesRequest, ListDeliveriesResponse,
+    ListEventsRequest, ListEventsResponse, RecoverListenerRequest, RecoverListenerResponse, ReplayEventRequest,
+    ReplayEventResponse, RetryDeliveryRequest,
 };
 use tonic::{Request, Response, Status};
 
-#[derive(Debug, Default)]
-pub struct DeliveryApi;
+use super::{ApiError, ApiResult, Shared};
+use crate::auth::{self, Caller};
+use crate::blocking;
+use crate::clock::{now_ms, timestamp};
+use crate::store::{Attempt, Delivery, DeliveryState, Event, EventFilter, Listener};
+use crate::{ids, validate};
 
-fn not_built(method: &str) -> Status {
-    Status::unimplemented(format!("DeliveryService.{method} is not built yet"))
+/// Deliveries re-queued per write by RecoverListener.
+const RECOVER_BATCH: usize = 500;
+/// Listeners read per page by ReplayEvent.
+const REPLAY_PAGE: usize = 500;
+
+pub struct DeliveryApi {
+    shared: Shared,
+}
+
+impl DeliveryApi {
+    pub fn new(shared: Shared) -> Self {
+        Self { shared }
+    }
+
+    fn caller<T>(&self, request: &Request<T>) -> ApiResult<Caller> {
+        auth::admin_or_producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())
+    }
+
+    fn own_event(&self, caller: &Caller, event_id: &str) -> ApiResult<Event> {
+        self.shared
+            .store
+            .event(event_id)?
+            .filter(|event| owns(caller, &event.producer_id))
+            .ok_or(ApiError::NotFound("event"))
+    }
+
+    fn own_delivery(&self, caller: &Caller, delivery_id: &str) -> ApiResult<Delivery> {
+        self.shared
+            .queue
+            .delivery(delivery_id)?
+            .filter(|delivery| owns(caller, &delivery.producer_id))
+            .ok_or(ApiError::NotFound("delivery"))
+    }
+
+    fn own_listener(&self, caller: &Caller, listener_id: &str) -> ApiResult<Listener> {
+        self.shared
+            .store
+            .listener(listener_id)?
+            .filter(|listener| owns(caller, &listener.producer_id))
+            .ok_or(ApiError::NotFound("listener"))
+    }
+}
+
+fn owns(caller: &Caller, producer_id: &str) -> bool {
+    match caller {
+        Caller::Admin => true,
+        Caller::Producer(producer) => producer.id == producer_id,
+    }
+}
+
+/// Milliseconds since the epoch of an optional timestamp; `None` when unset.
+fn millis(field: &str, value: Option<prost_types::Timestamp>) -> ApiResult<Option<u64>> {
+    let Some(value) = value else { return Ok(None) };
+    let seconds = u64::try_from(value.seconds)
+        .map_err(|_| ApiError::InvalidArgument(format!("{field} must not be before 1970")))?;
+    let nanos = u64::try_from(value.nanos.max(0)).unwrap_or(0);
+    Ok(Some(seconds.saturating_mul(1000).saturating_add(nanos / 1_000_000)))
+}
+
+fn state_filter(value: i32) -> ApiResult<Option<DeliveryState>> {
+    match StateMessage::try_from(value) {
+        Ok(StateMessage::Unspecified) => Ok(None),
+        Ok(StateMessage::Pending) => Ok(Some(DeliveryState::Pending)),
+        Ok(StateMessage::Succeeded) => Ok(Some(DeliveryState::Succeeded)),
+        Ok(StateMessage::Failed) => Ok(Some(DeliveryState::Failed)),
+        Ok(StateMessage::Cancelled) => Ok(Some(DeliveryState::Cancelled)),
+        Err(_) => Err(ApiError::InvalidArgument(format!("state {value} is not a DeliveryState"))),
+    }
+}
+
+pub(crate) fn event_message(event: Event) -> EventMessage {
+    EventMessage {
+        id: event.id,
+        event_type: event.event_type,
+        payload: event.payload,
+        content_type: event.content_type,
+        created_at: Some(timestamp(event.created_at_ms)),
+        idempotency_key: event.idempotency_key,
+    }
+}
+
+pub(crate) fn delivery_message(delivery: Delivery) -> DeliveryMessage {
+    let pending = delivery.state == DeliveryState::Pending as i32;
+    DeliveryMessage {
+        id: delivery.id,
+        event_id: delivery.event_id,
+        listener_id: delivery.listener_id,
+        state: delivery.state,
+        attempts: delivery.attempts,
+        next_attempt_at: (pending && delivery.next_attempt_at_ms > 0).then(|| timestamp(delivery.next_attempt_at_ms)),
+        last_status_code: delivery.last_status_code,
+        created_at: Some(timestamp(delivery.created_at_ms)),
+    }
+}
+
+fn attempt_message(attempt: Attempt) -> AttemptMessage {
+    AttemptMessage {
+        number: attempt.number,
+        started_at: Some(timestamp(attempt.started_at_ms)),
+        duration_ms: attempt.duration_ms,
+        status_code: attempt.status_code,
+        error: attempt.error,
+        response_headers: attempt.response_headers.into_iter().collect::<HashMap<_, _>>(),
+        response_body: attempt.response_body,
+        trigger: attempt.trigger,
+    }
+}
+
+fn token(resume_after: Option<String>) -> String {
+    resume_after.map(|position| validate::encode_page_token(&position)).unwrap_or_default()
 }
 
 #[tonic::async_trait]
 impl DeliveryService for DeliveryApi {
-    async fn list_events(&self, _: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
-        Err(not_built("ListEvents"))
+    async fn list_events(&self, request: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let limit = validate::page_size(request.page_size)?;
+        let after_seq = match validate::page_token(&request.page_token)? {
+            Some(position) => Some(
+                position
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::InvalidArgument("page_token is not one this server issued".into()))?,
+            ),
+            None => None,
+        };
+        let event_type = if request.event_type.is_empty() {
+            None
+        } else {
+            Some(validate::event_type(&request.event_type)?.to_owned())
+        };
+        let filter = EventFilter {
+            producer_id: match &caller {
+                Caller::Admin => None,
+                Caller::Producer(producer) => Some(producer.id.clone()),
+            },
+            event_type,
+            since_ms: millis("since", request.since)?.unwrap_or(0),
+            until_ms: millis("until", request.until)?,
+        };
+        let history = self.shared.history.clone();
+        let page = blocking(move || history.list_events(&filter, after_seq, limit)).await?;
+        Ok(Response::new(ListEventsResponse {
+            events: page.items.into_iter().map(event_message).collect(),
+            next_page_token: token(page.resume_after),
+        }))
     }
-    async fn get_event(&self, _: Request<GetEventRequest>) -> Result<Response<Event>, Status> {
-        Err(not_built("GetEvent"))
+
+    async fn get_event(&self, request: Request<GetEventRequest>) -> Result<Response<EventMessage>, Status> {
+        let caller = self.caller(&request)?;
+        let event = self.own_event(&caller, &request.get_ref().event_id)?;
+        Ok(Response::new(event_message(event)))
     }
+
     async fn list_deliveries(
         &self,
-        _: Request<ListDeliveriesRequest>,
+        request: Request<ListDeliveriesRequest>,
     ) -> Result<Response<ListDeliveriesResponse>, Status> {
-        Err(not_built("ListDeliveries"))
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let limit = validate::page_size(request.page_size)?;
+        let after = validate::page_token(&request.page_token)?;
+        let state = state_filter(request.state)?;
+        let history = self.shared.history.clone();
+        let page = match (request.event_id.is_empty(), request.listener_id.is_empty()) {
+            (false, true) => {
+                let event = self.own_event(&caller, &request.event_id)?;
+                blocking(move || history.deliveries_of_event(event.seq, state, after.as_deref(), limit)).await?
+            }
+            (true, false) => {
+                if !matches!(caller, Caller::Admin) {
+                    self.own_listener(&caller, &request.listener_id)?;
+                }
+                let listener_id = request.listener_id;
+                blocking(move || history.deliveries_of_listener(&listener_id, state, after.as_deref(), limit)).await?
+            }
+            _ => return Err(ApiError::InvalidArgument("give exactly one of event_id and listener_id".into()).into()),
+        };
+        Ok(Response::new(ListDeliveriesResponse {
+            deliveries: page.items.into_iter().map(delivery_message).collect(),
+            next_page_token: token(page.resume_after),
+        }))
     }
-    async fn list_attempts(&self, _: Request<ListAttemptsRequest>) -> Result<Response<ListAttemptsResponse>, Status> {
-        Err(not_built("ListAttempts"))
+
+    async fn list_attempts(
+        &self,
+        request: Request<ListAttemptsRequest>,
+    ) -> Result<Response<ListAttemptsResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let delivery = self.own_delivery(&caller, &request.get_ref().delivery_id)?;
+        let queue = self.shared.queue.clone();
+        let attempts = blocking(move || queue.attempts(&delivery.id)).await?;
+        Ok(Response::new(ListAttemptsResponse { attempts: attempts.into_iter().map(attempt_message).collect() }))
     }
-    async fn replay_event(&self, _: Request<ReplayEventRequest>) -> Result<Response<ReplayEventResponse>, Status> {
-        Err(not_built("ReplayEvent"))
+
+    async fn replay_event(
+        &self,
+        request: Request<ReplayEventRequest>,
+    ) -> Result<Response<ReplayEventResponse>, Status> {
+        let caller = self.caller(&request)?;
+        self.shared.ensure_accepting()?;
+        let event = self.own_event(&caller, &request.get_ref().event_id)?;
+        let (store, history) = (self.shared.store.clone(), self.shared.history.clone());
+        let deliveries = blocking(move || -> ApiResult<Vec<Delivery>> {
+            let now = now_ms();
+            let mut created = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let listeners =
+                    store.list_listeners(&event.producer_id, Some(&event.event_type), after.as_deref(), REPLAY_PAGE)?;
+                let batch: Vec<Delivery> = listeners
+                    .iter()
+                    .filter(|listener| listener.enabled)
+                    .map(|listener| Delivery {
+                        id: ids::replay_delivery_id(event.seq),
+                        event_id: event.id.clone(),
+                        event_seq: event.seq,
+                        listener_id: listener.id.clone(),
+                        producer_id: event.producer_id.clone(),
+                        state: DeliveryState::Pending as i32,
+                        attempts: 0,
+                        next_attempt_at_ms: now,
+                        last_status_code: 0,
+                        created_at_ms: now,
+                    })
+                    .collect();
+                history.create_deliveries(&batch)?;
+                created.extend(batch);
+                match listeners.last() {
+                    Some(last) if listeners.len() == REPLAY_PAGE => after = Some(last.id.clone()),
+                    _ => return Ok(created),
+                }
+            }
+        })
+        .await?;
+        self.shared.pipeline.queued();
+        tracing::info!(deliveries = deliveries.len(), "event replayed");
+        Ok(Response::new(ReplayEventResponse { deliveries: deliveries.into_iter().map(delivery_message).collect() }))
     }
-    async fn retry_delivery(&self, _: Request<RetryDeliveryRequest>) -> Result<Response<Delivery>, Status> {
-        Err(not_built("RetryDelivery"))
+
+    async fn retry_delivery(
+        &self,
+        request: Request<RetryDeliveryRequest>,
+    ) -> Result<Response<DeliveryMessage>, Status> {
+        let caller = self.caller(&request)?;
+        self.shared.ensure_accepting()?;
+        let delivery = self.own_delivery(&caller, &request.get_ref().delivery_id)?;
+        let history = self.shared.history.clone();
+        let id = delivery.id.clone();
+        blocking(move || history.queue_manual_attempt(&id, now_ms())).await?.ok_or(ApiError::NotFound("delivery"))?;
+        self.shared.pipeline.queued();
+        Ok(Response::new(delivery_message(delivery)))
     }
+
     async fn recover_listener(
         &self,
-        _: Request<RecoverListenerRequest>,
+        request: Request<RecoverListenerRequest>,
     ) -> Result<Response<RecoverListenerResponse>, Status> {
-        Err(not_built("RecoverListener"))
+        let caller = self.caller(&request)?;
+        self.shared.ensure_accepting()?;
+        let request = request.into_inner();
+        let listener = self.own_listener(&caller, &request.listener_id)?;
+        let since =
+            millis("since", request.since)?.ok_or_else(|| ApiError::InvalidArgument("since is required".into()))?;
+        let until = millis("until", request.until)?;
+        let history = self.shared.history.clone();
+        let listener_id = listener.id.clone();
+        let failed = blocking(move || history.failed_deliveries(&listener_id, since, until)).await?;
+        let count = failed.len();
+        // Re-queue in bounded batches in the background; the answer says how many.
+        let (history, pipeline) = (self.shared.history.clone(), self.shared.pipeline.clone());
+        tokio::spawn(async move {
+            for chunk in failed.chunks(RECOVER_BATCH).map(<[String]>::to_vec) {
+                let history = history.clone();
+                if let Err(error) = blocking(move || history.requeue_failed(&chunk, now_ms())).await {
+                    tracing::error!(error = &error as &dyn std::error::Error, "recovering a listener stopped");
+                    return;
+                }
+                pipeline.queued();
+            }
+        });
+        tracing::info!(listener_id = %listener.id, count, "listener recovery queued");
+        Ok(Response::new(RecoverListenerResponse { requeued: u64::try_from(count).unwrap_or(u64::MAX) }))
     }
 }

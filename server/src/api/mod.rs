@@ -20,13 +20,15 @@ use tonic::Status;
 
 use crate::config::Config;
 use crate::pipeline::PipelineHandle;
-use crate::store::{Refusal, Store, StoreError};
+use crate::store::{HistoryStore, PipelineStore, Refusal, Store, StoreError};
 use crate::validate::Invalid;
 
 /// What every service shares.
 #[derive(Clone)]
 pub struct Shared {
     pub store: Arc<dyn Store>,
+    pub queue: Arc<dyn PipelineStore>,
+    pub history: Arc<dyn HistoryStore>,
     pub config: Arc<Config>,
     pub pipeline: PipelineHandle,
     /// False once shutdown has begun: intake answers UNAVAILABLE.
@@ -34,8 +36,19 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(store: Arc<dyn Store>, config: Arc<Config>, pipeline: PipelineHandle) -> Self {
-        Self { store, config, pipeline, accepting: Arc::new(AtomicBool::new(true)) }
+    pub fn new<S: Store + PipelineStore + HistoryStore>(
+        store: Arc<S>,
+        config: Arc<Config>,
+        pipeline: PipelineHandle,
+    ) -> Self {
+        Self {
+            store: store.clone(),
+            queue: store.clone(),
+            history: store,
+            config,
+            pipeline,
+            accepting: Arc::new(AtomicBool::new(true)),
+        }
     }
 
     /// Stops accepting new writes (shutdown has begun).

@@ -24,12 +24,13 @@ const CHUNK: usize = 500;
 pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<u64>, shutdown: CancellationToken) {
     let mut last_due_ms = 0;
     loop {
-        durable_seq.borrow_and_update();
+        // Only durable events: an event applied but not yet flushed may still fail its commit.
+        let durable = *durable_seq.borrow_and_update();
         // Catch up with everything appended so far; a change during this is seen below.
         loop {
             let step = {
                 let context = context.clone();
-                blocking(move || fan_out_chunk(&context, last_due_ms)).await
+                blocking(move || fan_out_chunk(&context, last_due_ms, durable)).await
             };
             match step {
                 Ok(Some((queued, due_ms))) => {
@@ -61,11 +62,11 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
     }
 }
 
-/// Fans out the next chunk past the cursor. Returns how many deliveries were queued and
-/// their due time, or `None` when the log is fully fanned out.
-fn fan_out_chunk(context: &Context, last_due_ms: u64) -> Result<Option<(usize, u64)>, StoreError> {
+/// Fans out the next chunk past the cursor, among events before `durable_end`. Returns how
+/// many deliveries were queued and their due time, or `None` when there is nothing to do.
+fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Result<Option<(usize, u64)>, StoreError> {
     let cursor = context.queue.fanout_cursor()?;
-    let Some(event) = context.queue.event_from(cursor.next_seq)? else {
+    let Some(event) = context.queue.event_from(cursor.next_seq)?.filter(|event| event.seq < durable_end) else {
         return Ok(None);
     };
     let after = if event.seq == cursor.next_seq && !cursor.after_listener.is_empty() {

@@ -6,6 +6,7 @@
 //! - [`dispatch`] takes due deliveries in (due time, delivery id) order, applies the
 //!   per-listener limits (in-flight cap, strict order, whole-listener back-off, disabled),
 //!   leases what may go and hands it to a bounded pool of workers.
+//! - `retention` deletes what is older than the configured age.
 //! - [`worker`] makes one attempt ([`deliver`] does the HTTP), records it with the delivery's
 //!   next step ([`retry`] decides), and reports back to the dispatcher.
 //!
@@ -16,6 +17,7 @@
 pub mod deliver;
 mod dispatch;
 mod fanout;
+mod retention;
 pub mod retry;
 pub mod target;
 mod worker;
@@ -29,7 +31,7 @@ use tokio_util::task::TaskTracker;
 
 pub(crate) use crate::blocking;
 use crate::crypto::Keyring;
-use crate::store::{PipelineStore, Store};
+use crate::store::{HistoryStore, PipelineStore, Store};
 pub use retry::RetrySchedule;
 pub use target::{PolicyKind, TargetPolicy};
 
@@ -48,6 +50,8 @@ pub struct PipelineConfig {
     pub disable_after: Duration,
     /// Which addresses deliveries may connect to.
     pub target_policy: TargetPolicy,
+    /// How long events (with their deliveries and attempts) are kept.
+    pub retention: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -59,6 +63,7 @@ impl Default for PipelineConfig {
             listener_in_flight: 8,
             disable_after: Duration::from_secs(5 * 24 * 3600),
             target_policy: TargetPolicy::default(),
+            retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -88,6 +93,8 @@ pub(crate) enum Command {
     Finished(worker::Finished),
     /// A listener was enabled, disabled, changed or deleted.
     ListenerChanged(String),
+    /// Deliveries were queued outside fan-out (replay, retry, recovery).
+    Queued,
 }
 
 /// A running pipeline.
@@ -110,6 +117,11 @@ impl PipelineHandle {
         // A closed pipeline (shutting down) has nothing left to reconsider.
         let _ = self.commands.send(Command::ListenerChanged(listener_id.to_owned()));
     }
+
+    /// Deliveries were queued outside fan-out: look at the queue now.
+    pub fn queued(&self) {
+        let _ = self.commands.send(Command::Queued);
+    }
 }
 
 /// Why the pipeline could not start.
@@ -120,20 +132,24 @@ pub enum PipelineError {
 }
 
 impl Pipeline {
-    /// Starts fan-out and dispatch. `durable_seq` follows the event log's durable end.
-    pub fn start(
-        store: Arc<dyn Store>,
-        queue: Arc<dyn PipelineStore>,
+    /// Starts fan-out, dispatch and retention. `durable_seq` follows the event log's
+    /// durable end.
+    pub fn start<S: Store + PipelineStore + HistoryStore>(
+        store: Arc<S>,
         keyring: Keyring,
         config: PipelineConfig,
         durable_seq: tokio::sync::watch::Receiver<u64>,
     ) -> Result<Self, PipelineError> {
         let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
-        let context = Arc::new(Context { store, queue, keyring, sender, config, wake: Notify::new() });
+        let retention = config.retention;
+        let history: Arc<dyn HistoryStore> = store.clone();
+        let context =
+            Arc::new(Context { store: store.clone(), queue: store, keyring, sender, config, wake: Notify::new() });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
         tasks.spawn(fanout::run(context.clone(), durable_seq, shutdown.clone()));
+        tasks.spawn(retention::run(history, retention, shutdown.clone()));
         tasks.spawn(dispatch::Dispatcher::new(context, inbox, commands.clone()).run(shutdown.clone()));
         tasks.close();
         Ok(Self { commands, tasks, shutdown })

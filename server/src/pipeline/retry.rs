@@ -25,6 +25,11 @@ impl RetrySchedule {
         u32::try_from(self.0.len()).unwrap_or(u32::MAX).saturating_add(1)
     }
 
+    /// The longest delay of the schedule.
+    pub fn max_delay(&self) -> Duration {
+        self.0.iter().copied().max().unwrap_or(Duration::from_secs(1))
+    }
+
     /// The first delay (the shortest back-off unit of this schedule).
     pub fn first_delay(&self) -> Duration {
         self.0.first().copied().unwrap_or(Duration::from_secs(1))

@@ -68,19 +68,22 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
         tracing::warn!(delivery_id = %entry.delivery_id, "queued delivery or its event is missing; dropping the entry");
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || drop_entry(queue.as_ref(), &entry, leased_until_ms)).await?;
+        blocking(move || queue.drop_entry(&entry, leased_until_ms)).await?;
         return Ok(Outcome::NotSent);
     };
-    if delivery.state != DeliveryState::Pending as i32 {
+    // A scheduled entry of a delivery that has ended (e.g. a manual attempt succeeded) has
+    // nothing left to do; a manual one is made whatever the state.
+    if !entry.manual && delivery.state != DeliveryState::Pending as i32 {
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || drop_entry(queue.as_ref(), &entry, leased_until_ms)).await?;
+        blocking(move || queue.drop_entry(&entry, leased_until_ms)).await?;
         return Ok(Outcome::NotSent);
     }
     let Some(listener) = listener else {
         tracing::info!(delivery_id = %delivery.id, listener_id = %entry.listener_id, "listener deleted; delivery cancelled");
         let queue = context.queue.clone();
-        blocking(move || queue.cancel_delivery(&delivery, leased_until_ms)).await?;
+        let entry = entry.clone();
+        blocking(move || queue.cancel_delivery(&delivery, &entry, leased_until_ms)).await?;
         return Ok(Outcome::NotSent);
     };
 
@@ -93,7 +96,10 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
             Err(error) => {
                 // Never send unsigned what must be signed: record a failed attempt instead.
                 tracing::error!(listener_id = %listener.id, %error, "listener secret does not open");
-                return record(context, delivery, listener.id, number, leased_until_ms, failed_to_sign(&error)).await;
+                let error = format!("other: the listener's secret does not open: {error}");
+                let attempt =
+                    Attempt { number, started_at_ms: now_ms(), error, trigger: trigger(entry), ..Attempt::default() };
+                return finish(context, delivery, listener.id, attempt, entry, leased_until_ms, false, None).await;
             }
         }
     };
@@ -121,47 +127,26 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
         error: response.error.clone().unwrap_or_default(),
         response_headers: response.headers.clone(),
         response_body: response.body.clone(),
-        trigger: AttemptTrigger::Scheduled as i32,
+        trigger: trigger(entry),
     };
     let retry_after = response.retry_after.filter(|_| honours_retry_after(status));
     let succeeded = response.status.is_some_and(is_success);
     delivery.last_status_code = u32::from(status);
-    finish(context, delivery, listener.id, attempt, leased_until_ms, succeeded, retry_after).await
+    finish(context, delivery, listener.id, attempt, entry, leased_until_ms, succeeded, retry_after).await
 }
 
-fn failed_to_sign(error: &crate::crypto::CryptoError) -> AttemptResult {
-    AttemptResult { error: format!("other: the listener's secret does not open: {error}") }
-}
-
-struct AttemptResult {
-    error: String,
-}
-
-/// Records an attempt that never reached the network.
-async fn record(
-    context: &Arc<Context>,
-    delivery: crate::store::Delivery,
-    listener_id: String,
-    number: u32,
-    leased_until_ms: u64,
-    result: AttemptResult,
-) -> Result<Outcome, StoreError> {
-    let attempt = Attempt {
-        number,
-        started_at_ms: now_ms(),
-        error: result.error,
-        trigger: AttemptTrigger::Scheduled as i32,
-        ..Attempt::default()
-    };
-    finish(context, delivery, listener_id, attempt, leased_until_ms, false, None).await
+fn trigger(entry: &DueEntry) -> i32 {
+    if entry.manual { AttemptTrigger::Manual as i32 } else { AttemptTrigger::Scheduled as i32 }
 }
 
 /// Writes the attempt with the delivery's next step, and keeps the listener's health.
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     context: &Arc<Context>,
     mut delivery: crate::store::Delivery,
     listener_id: String,
     attempt: Attempt,
+    entry: &DueEntry,
     leased_until_ms: u64,
     succeeded: bool,
     retry_after: Option<Duration>,
@@ -172,6 +157,9 @@ async fn finish(
         delivery.state = DeliveryState::Succeeded as i32;
         delivery.next_attempt_at_ms = 0;
         (NextStep::Done, Outcome::Succeeded)
+    } else if entry.manual {
+        // A manual attempt is not retried: the delivery stays as it was.
+        (NextStep::Keep, Outcome::Retrying)
     } else {
         match context.config.retry_schedule.delay_after(attempt.number, retry_after, jitter()) {
             Some(delay) => {
@@ -201,8 +189,9 @@ async fn finish(
     let disable = {
         let context = context.clone();
         let listener_id = listener_id.clone();
+        let entry = entry.clone();
         blocking(move || -> Result<bool, StoreError> {
-            context.queue.complete_attempt(&delivery, &attempt, leased_until_ms, next)?;
+            context.queue.complete_attempt(&delivery, &attempt, &entry, leased_until_ms, next)?;
             track_health(&context, &listener_id, succeeded, now)
         })
         .await?
@@ -253,15 +242,6 @@ async fn disable_listener(context: &Arc<Context>, listener_id: &str) -> Result<(
         tracing::warn!(%listener_id, "listener disabled after a long run of failures");
     }
     Ok(())
-}
-
-/// Takes a queue entry that has nothing left to do out of the queue.
-fn drop_entry(
-    queue: &dyn crate::store::PipelineStore,
-    entry: &DueEntry,
-    leased_until_ms: u64,
-) -> Result<(), StoreError> {
-    queue.drop_entry(&entry.delivery_id, leased_until_ms)
 }
 
 /// A uniform value in [-1, 1] for retry jitter.

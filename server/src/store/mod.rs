@@ -8,6 +8,7 @@
 //! sealed.
 
 pub mod model;
+mod sled_history;
 mod sled_pipeline;
 mod sled_store;
 mod writer;
@@ -142,20 +143,20 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError>;
     /// When the earliest queue entry is due.
     fn next_due_ms(&self) -> Result<Option<u64>, StoreError>;
-    /// Leases entries until `until_ms`: they stay queued (a crash makes them due again) but
-    /// are not handed out twice meanwhile.
-    fn lease(&self, entries: &[DueEntry], until_ms: u64) -> Result<(), StoreError>;
-    /// Takes entries off the queue into their listener's parking lot, kept in delivery order.
-    fn park(&self, entries: &[DueEntry]) -> Result<(), StoreError>;
+    /// One pass's decisions in one atomic write: `lease` entries until `until_ms` (they stay
+    /// queued, so a crash makes them due again, but are not handed out twice meanwhile; an
+    /// entry leased again keeps its original due time), and take `park` entries off the
+    /// queue into their listener's parking lot, kept in delivery order.
+    fn dispatch(&self, lease: &[DueEntry], park: &[DueEntry], until_ms: u64) -> Result<(), StoreError>;
     /// Puts back up to `limit` of a listener's parked entries, oldest delivery first, at their
-    /// original due time. Returns the ids of the deliveries put back.
+    /// original due time. Returns the queue key ids put back (see [`DueEntry::key_id`]).
     fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<String>, StoreError>;
     /// The oldest unfinished delivery of a listener (the one a strictly ordered listener
     /// must finish first).
     fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError>;
-    /// At startup: every lease of a previous run ends now and every parked entry is queued
-    /// again. Returns how many entries were released.
-    fn recover(&self, now_ms: u64) -> Result<usize, StoreError>;
+    /// At startup: every lease and parking of a previous run ends, each entry queued again at
+    /// its original due time. Returns how many entries were released.
+    fn recover(&self) -> Result<usize, StoreError>;
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError>;
     /// Records an attempt and the delivery's new state in one atomic write: the attempt, the
@@ -164,16 +165,95 @@ pub trait PipelineStore: Send + Sync + 'static {
         &self,
         delivery: &Delivery,
         attempt: &Attempt,
+        entry: &DueEntry,
         leased_until_ms: u64,
         next: NextStep,
     ) -> Result<(), StoreError>;
     /// Takes a leased entry with nothing left to do out of the queue.
-    fn drop_entry(&self, delivery_id: &str, leased_until_ms: u64) -> Result<(), StoreError>;
+    fn drop_entry(&self, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError>;
     /// Ends a delivery without an attempt (e.g. its listener was deleted).
-    fn cancel_delivery(&self, delivery: &Delivery, leased_until_ms: u64) -> Result<(), StoreError>;
+    fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError>;
     /// Attempts of a delivery, in order.
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError>;
 
     fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError>;
     fn set_listener_health(&self, listener_id: &str, health: &ListenerHealth) -> Result<(), StoreError>;
+}
+
+/// Which events a listing wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only this producer's events (`None`: everyone's, for the admin).
+    pub producer_id: Option<String>,
+    pub event_type: Option<String>,
+    /// Created at or after.
+    pub since_ms: u64,
+    /// Created before.
+    pub until_ms: Option<u64>,
+}
+
+/// One page of a listing. `resume_after` is where the next page starts (the last position
+/// looked at): `None` when there is nothing more. A page may hold fewer items than asked
+/// when a filter skipped many records; only `resume_after` says whether more may follow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub resume_after: Option<String>,
+}
+
+/// What one retention step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    pub events: usize,
+    pub deliveries: usize,
+    /// Old events kept because a delivery of theirs is still pending.
+    pub kept: usize,
+    /// Where the next step starts; `None` when everything old enough was looked at.
+    pub next_seq: Option<u64>,
+}
+
+/// The history of events, deliveries and attempts: what inspection, replay, recovery and
+/// retention need. Same rules as [`PipelineStore`]: atomic batches, no flush of their own,
+/// blocking calls for the blocking pool.
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Events in log (trigger) order, after `after_seq`.
+    fn list_events(
+        &self,
+        filter: &EventFilter,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<Event>, StoreError>;
+    /// The deliveries of one event, in delivery id order, after `after`.
+    fn deliveries_of_event(
+        &self,
+        event_seq: u64,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Delivery>, StoreError>;
+    /// The deliveries of one listener, oldest event first, after `after`.
+    fn deliveries_of_listener(
+        &self,
+        listener_id: &str,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Delivery>, StoreError>;
+    /// Queues one manual attempt of a delivery, due at `now_ms`; the delivery, or `None`.
+    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError>;
+    /// Creates new deliveries (a replay), each due at its `next_attempt_at_ms`.
+    fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<(), StoreError>;
+    /// Ids of a listener's failed deliveries created in [since, until).
+    fn failed_deliveries(
+        &self,
+        listener_id: &str,
+        since_ms: u64,
+        until_ms: Option<u64>,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Makes failed deliveries pending again, due at `now_ms`. Returns how many were.
+    fn requeue_failed(&self, delivery_ids: &[String], now_ms: u64) -> Result<usize, StoreError>;
+    /// Deletes up to `max_events` events created before `before_ms` (from `start_seq` on),
+    /// with their deliveries, attempts and index entries, except events with a pending
+    /// delivery or not yet fanned out.
+    fn trim(&self, before_ms: u64, start_seq: u64, max_events: usize) -> Result<Trimmed, StoreError>;
 }

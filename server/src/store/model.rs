@@ -246,6 +246,27 @@ pub struct DueEntry {
     pub due_ms: u64,
     pub delivery_id: String,
     pub listener_id: String,
+    /// A manual attempt (RetryDelivery): made whatever the delivery's state, never retried.
+    pub manual: bool,
+}
+
+/// Suffix of the queue key of a manual attempt: it is queued, parked and leased apart from
+/// the delivery's scheduled entry, so neither overwrites the other.
+const MANUAL_SUFFIX: &str = "#m";
+
+impl DueEntry {
+    /// The id this entry is queued, parked and leased under.
+    pub fn key_id(&self) -> String {
+        if self.manual { format!("{}{MANUAL_SUFFIX}", self.delivery_id) } else { self.delivery_id.clone() }
+    }
+
+    /// Splits a queue key id into the delivery id and whether it is a manual attempt.
+    pub fn split_key_id(key_id: &str) -> (&str, bool) {
+        match key_id.strip_suffix(MANUAL_SUFFIX) {
+            Some(delivery_id) => (delivery_id, true),
+            None => (key_id, false),
+        }
+    }
 }
 
 /// What to do with a delivery after an attempt.
@@ -255,6 +276,8 @@ pub enum NextStep {
     Done,
     /// Another attempt at this time.
     RetryAt(u64),
+    /// A manual attempt that failed: whatever was scheduled before stays as it was.
+    Keep,
 }
 
 #[cfg(test)]

@@ -23,17 +23,51 @@ fn utf8(key: &[u8], bytes: &[u8]) -> Result<String, StoreError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| corrupt(key))
 }
 
-/// Parses a `q/` key and its value.
+/// Parses a `q/` key and its value (the listener id).
 fn due_entry(key: &[u8], value: &[u8]) -> Result<DueEntry, StoreError> {
     let rest = &key[keys::DUE.len()..];
     if rest.len() < 8 {
         return Err(corrupt(key));
     }
+    let key_id = std::str::from_utf8(&rest[8..]).map_err(|_| corrupt(key))?;
+    let (delivery_id, manual) = DueEntry::split_key_id(key_id);
     Ok(DueEntry {
         due_ms: be_u64(key, &rest[..8])?,
-        delivery_id: utf8(key, &rest[8..])?,
+        delivery_id: delivery_id.to_owned(),
         listener_id: utf8(key, value)?,
+        manual,
     })
+}
+
+/// A lease record: until when, and the entry's due time before it was leased (restored if
+/// the lease is abandoned by a crash, so order survives a restart).
+fn lease_value(until_ms: u64, original_due_ms: u64) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&until_ms.to_be_bytes());
+    value[8..].copy_from_slice(&original_due_ms.to_be_bytes());
+    value
+}
+
+fn parse_lease(key: &[u8], value: &[u8]) -> Result<(u64, u64), StoreError> {
+    if value.len() != 16 {
+        return Err(corrupt(key));
+    }
+    Ok((be_u64(key, &value[..8])?, be_u64(key, &value[8..])?))
+}
+
+impl SledStore {
+    /// Adds to `batch` the end of an entry's lease: its queue entry (wherever the lease put
+    /// it last, and where the worker was told) and its lease record.
+    fn end_lease(&self, batch: &mut Batch, key_id: &str, given_until_ms: u64) -> Result<(), StoreError> {
+        let lease_key = keys::lease(key_id);
+        if let Some(value) = self.tree.get(&lease_key)? {
+            let (until, _) = parse_lease(&lease_key, &value)?;
+            batch.remove(keys::due(until, key_id));
+        }
+        batch.remove(keys::due(given_until_ms, key_id));
+        batch.remove(lease_key);
+        Ok(())
+    }
 }
 
 impl PipelineStore for SledStore {
@@ -95,21 +129,24 @@ impl PipelineStore for SledStore {
         }
     }
 
-    fn lease(&self, entries: &[DueEntry], until_ms: u64) -> Result<(), StoreError> {
+    fn dispatch(&self, lease: &[DueEntry], park: &[DueEntry], until_ms: u64) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        for entry in entries {
-            batch.remove(keys::due(entry.due_ms, &entry.delivery_id));
-            batch.insert(keys::due(until_ms, &entry.delivery_id), entry.listener_id.as_bytes());
-            batch.insert(keys::lease(&entry.delivery_id), &until_ms.to_be_bytes());
+        for entry in lease {
+            let key_id = entry.key_id();
+            let lease_key = keys::lease(&key_id);
+            // A lease extended keeps the due time from before its first lease.
+            let original_due = match self.tree.get(&lease_key)? {
+                Some(value) => parse_lease(&lease_key, &value)?.1,
+                None => entry.due_ms,
+            };
+            batch.remove(keys::due(entry.due_ms, &key_id));
+            batch.insert(keys::due(until_ms, &key_id), entry.listener_id.as_bytes());
+            batch.insert(lease_key, &lease_value(until_ms, original_due));
         }
-        Ok(self.tree.apply_batch(batch)?)
-    }
-
-    fn park(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
-        let mut batch = Batch::default();
-        for entry in entries {
-            batch.remove(keys::due(entry.due_ms, &entry.delivery_id));
-            batch.insert(keys::parked(&entry.listener_id, &entry.delivery_id), &entry.due_ms.to_be_bytes());
+        for entry in park {
+            let key_id = entry.key_id();
+            batch.remove(keys::due(entry.due_ms, &key_id));
+            batch.insert(keys::parked(&entry.listener_id, &key_id), &entry.due_ms.to_be_bytes());
         }
         Ok(self.tree.apply_batch(batch)?)
     }
@@ -120,10 +157,10 @@ impl PipelineStore for SledStore {
         let mut moved = Vec::new();
         for entry in self.tree.scan_prefix(&prefix).take(limit) {
             let (key, value) = entry?;
-            let delivery_id = utf8(&key, &key[prefix.len()..])?;
+            let key_id = utf8(&key, &key[prefix.len()..])?;
             batch.remove(key.clone());
-            batch.insert(keys::due(be_u64(&key, &value)?, &delivery_id), listener_id.as_bytes());
-            moved.push(delivery_id);
+            batch.insert(keys::due(be_u64(&key, &value)?, &key_id), listener_id.as_bytes());
+            moved.push(key_id);
         }
         self.tree.apply_batch(batch)?;
         Ok(moved)
@@ -140,7 +177,7 @@ impl PipelineStore for SledStore {
         }
     }
 
-    fn recover(&self, now_ms: u64) -> Result<usize, StoreError> {
+    fn recover(&self) -> Result<usize, StoreError> {
         let mut released = 0;
         // Bounded batches keep memory flat however large the backlog.
         loop {
@@ -148,12 +185,12 @@ impl PipelineStore for SledStore {
             let mut count = 0;
             for entry in self.tree.scan_prefix(keys::LEASES).take(1024) {
                 let (key, value) = entry?;
-                let delivery_id = utf8(&key, &key[keys::LEASES.len()..])?;
-                let until = be_u64(&key, &value)?;
-                let queued = keys::due(until, &delivery_id);
+                let key_id = utf8(&key, &key[keys::LEASES.len()..])?;
+                let (until, original_due) = parse_lease(&key, &value)?;
+                let queued = keys::due(until, &key_id);
                 if let Some(listener_id) = self.tree.get(&queued)? {
                     batch.remove(queued);
-                    batch.insert(keys::due(now_ms, &delivery_id), listener_id);
+                    batch.insert(keys::due(original_due, &key_id), listener_id);
                 }
                 batch.remove(key);
                 count += 1;
@@ -161,9 +198,9 @@ impl PipelineStore for SledStore {
             for entry in self.tree.scan_prefix(keys::PARKED).take(1024usize.saturating_sub(count)) {
                 let (key, value) = entry?;
                 let rest = utf8(&key, &key[keys::PARKED.len()..])?;
-                let (listener_id, delivery_id) = rest.split_once('/').ok_or_else(|| corrupt(&key))?;
+                let (listener_id, key_id) = rest.split_once('/').ok_or_else(|| corrupt(&key))?;
                 batch.remove(key.clone());
-                batch.insert(keys::due(be_u64(&key, &value)?, delivery_id), listener_id.as_bytes());
+                batch.insert(keys::due(be_u64(&key, &value)?, key_id), listener_id.as_bytes());
                 count += 1;
             }
             if count == 0 {
@@ -182,38 +219,41 @@ impl PipelineStore for SledStore {
         &self,
         delivery: &Delivery,
         attempt: &Attempt,
+        entry: &DueEntry,
         leased_until_ms: u64,
         next: NextStep,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         batch.insert(keys::attempt(&delivery.id, attempt.number), encode(attempt));
         batch.insert(keys::delivery(&delivery.id), encode(delivery));
-        batch.remove(keys::due(leased_until_ms, &delivery.id));
-        batch.remove(keys::lease(&delivery.id));
+        self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
         match next {
             NextStep::RetryAt(due_ms) => {
                 batch.insert(keys::due(due_ms, &delivery.id), delivery.listener_id.as_bytes());
             }
             NextStep::Done => batch.remove(keys::pending(&delivery.listener_id, &delivery.id)),
+            NextStep::Keep => {}
         }
         Ok(self.tree.apply_batch(batch)?)
     }
 
-    fn drop_entry(&self, delivery_id: &str, leased_until_ms: u64) -> Result<(), StoreError> {
+    fn drop_entry(&self, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        batch.remove(keys::due(leased_until_ms, delivery_id));
-        batch.remove(keys::lease(delivery_id));
+        self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
+        // A delivery that no longer exists must not hold its listener's order.
+        if !self.tree.contains_key(keys::delivery(&entry.delivery_id))? {
+            batch.remove(keys::pending(&entry.listener_id, &entry.delivery_id));
+        }
         Ok(self.tree.apply_batch(batch)?)
     }
 
-    fn cancel_delivery(&self, delivery: &Delivery, leased_until_ms: u64) -> Result<(), StoreError> {
+    fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError> {
         let mut cancelled = delivery.clone();
         cancelled.state = DeliveryState::Cancelled as i32;
         cancelled.next_attempt_at_ms = 0;
         let mut batch = Batch::default();
         batch.insert(keys::delivery(&delivery.id), encode(&cancelled));
-        batch.remove(keys::due(leased_until_ms, &delivery.id));
-        batch.remove(keys::lease(&delivery.id));
+        self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
         batch.remove(keys::pending(&delivery.listener_id, &delivery.id));
         Ok(self.tree.apply_batch(batch)?)
     }

@@ -15,6 +15,7 @@
 //! | `lt/{producer id}/{event type}\0{listener id}` | empty: listeners of one event type |
 //! | `lp/{producer id}/{listener id}` | empty: all listeners of a producer |
 //! | `e/{seq: u64 big-endian}` | [`Event`]: the event log, in trigger order |
+//! | `ep/{producer id}/{seq: u64 big-endian}` | empty: a producer's events, in order |
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery) |
@@ -77,6 +78,19 @@ pub(crate) mod keys {
         key[2..].copy_from_slice(&seq.to_be_bytes());
         key
     }
+    pub fn events_of_producer(producer_id: &str) -> Vec<u8> {
+        join(&[b"ep/", producer_id.as_bytes(), b"/"])
+    }
+    pub fn event_of_producer(producer_id: &str, seq: u64) -> Vec<u8> {
+        join(&[&events_of_producer(producer_id), &seq.to_be_bytes()])
+    }
+    /// Prefix of the `d/` keys of one event's deliveries (ids start with the event's position).
+    pub fn deliveries_of_event(seq: u64) -> Vec<u8> {
+        join(&[b"d/dlv_", crate::crypto::hex(&seq.to_be_bytes()).as_bytes()])
+    }
+    pub fn by_listener_prefix(listener_id: &str) -> Vec<u8> {
+        join(&[b"dl/", listener_id.as_bytes(), b"/"])
+    }
     pub fn idempotency(producer_id: &str, key: &str) -> Vec<u8> {
         join(&[b"i/", producer_id.as_bytes(), b"\0", key.as_bytes()])
     }
@@ -129,6 +143,9 @@ pub struct SledStore {
     jobs: Mutex<Option<JobSender>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     durable_seq: watch::Receiver<u64>,
+    /// Serialises the history changes that read before they write (retention, recovery,
+    /// manual attempts, replays), so one never deletes what another just revived.
+    pub(super) history_lock: Mutex<()>,
     /// Payload bytes of appends waiting for the writer: bounds intake memory whatever the
     /// payload limit and the number of callers.
     pending_bytes: Arc<Semaphore>,
@@ -185,13 +202,13 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
         let tree = db.open_tree("hookd")?;
-        let after_last_event = match tree.scan_prefix(keys::EVENTS).next_back() {
+        let (after_last_event, last_created_ms) = match tree.scan_prefix(keys::EVENTS).next_back() {
             Some(entry) => {
-                let (key, _) = entry?;
-                let seq_bytes: [u8; 8] = key[keys::EVENTS.len()..].try_into().map_err(|_| corrupt(&key))?;
-                u64::from_be_bytes(seq_bytes) + 1
+                let (key, value) = entry?;
+                let last: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
+                (last.seq + 1, last.created_at_ms)
             }
-            None => 0,
+            None => (0, 0),
         };
         let high_water = match tree.get(keys::NEXT_SEQ)? {
             Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| corrupt(keys::NEXT_SEQ))?),
@@ -200,7 +217,7 @@ impl SledStore {
         let next_seq = after_last_event.max(high_water);
         let (durable_tx, durable_rx) = watch::channel(next_seq);
         let (jobs_tx, jobs_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
-        let writer = Writer::new(tree.clone(), jobs_rx, next_seq, durable_tx);
+        let writer = Writer::new(tree.clone(), jobs_rx, next_seq, last_created_ms, durable_tx);
         let handle = std::thread::Builder::new()
             .name("hookd-writer".into())
             .spawn(move || writer.run())
@@ -212,6 +229,7 @@ impl SledStore {
             writer: Mutex::new(Some(handle)),
             durable_seq: durable_rx,
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
+            history_lock: Mutex::new(()),
         }))
     }
 

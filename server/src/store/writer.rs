@@ -51,14 +51,22 @@ pub(crate) struct Writer {
     tree: Tree,
     jobs: mpsc::Receiver<Job>,
     next_seq: u64,
+    /// Creation time of the newest event.
+    last_created_ms: u64,
     /// How many sequence numbers are used and durable (the next event's number); fan-out
     /// follows it.
     durable_seq: watch::Sender<u64>,
 }
 
 impl Writer {
-    pub(crate) fn new(tree: Tree, jobs: mpsc::Receiver<Job>, next_seq: u64, durable_seq: watch::Sender<u64>) -> Self {
-        Self { tree, jobs, next_seq, durable_seq }
+    pub(crate) fn new(
+        tree: Tree,
+        jobs: mpsc::Receiver<Job>,
+        next_seq: u64,
+        last_created_ms: u64,
+        durable_seq: watch::Sender<u64>,
+    ) -> Self {
+        Self { tree, jobs, next_seq, last_created_ms, durable_seq }
     }
 
     /// Serves jobs until every sender is gone, then flushes one last time. A group that
@@ -188,9 +196,11 @@ impl Writer {
 
         let seq = self.next_seq;
         self.next_seq += 1;
+        // Creation times never go backwards along the log, so time windows map to log ranges.
+        self.last_created_ms = self.last_created_ms.max(event.created_at_ms);
         let event_id = ids::event_id(seq);
         if let Some(idem_key) = idempotency {
-            let entry = IdempotencyEntry { event_id: event_id.clone(), created_at_ms: event.created_at_ms };
+            let entry = IdempotencyEntry { event_id: event_id.clone(), created_at_ms: self.last_created_ms };
             batch.insert(idem_key.clone(), encode(&entry));
             claimed.insert(idem_key, event_id.clone());
         }
@@ -201,9 +211,10 @@ impl Writer {
             event_type: event.event_type,
             payload: event.payload,
             content_type: event.content_type,
-            created_at_ms: event.created_at_ms,
+            created_at_ms: self.last_created_ms,
             idempotency_key: event.idempotency_key.unwrap_or_default(),
         };
+        batch.insert(keys::event_of_producer(&record.producer_id, seq), &[] as &[u8]);
         batch.insert(keys::event(seq).to_vec(), encode(&record));
         Ok((Appended { event_id, duplicate: false }, true))
     }

@@ -1,0 +1,299 @@
+//! [`HistoryStore`] on sled: listings of events and deliveries, manual attempts, replays,
+//! recovery of failed deliveries, and retention.
+//!
+//! Listings walk an ordered keyspace from a position (the page token) and stop at the page
+//! size or at a scan budget, so a filter that matches rarely never turns one call into a
+//! full scan. Every change is one `apply_batch` that updates records and their indexes
+//! together, so they never disagree.
+
+use std::ops::Bound;
+
+use sled::Batch;
+
+use super::model::{Delivery, DeliveryState, DueEntry, Event, IdempotencyEntry, decode, encode};
+use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
+use super::{EventFilter, HistoryStore, Page, StoreError, Trimmed};
+
+/// Records looked at per page, at most, per item asked for.
+const SCAN_PER_ITEM: usize = 20;
+/// ...and never fewer than this.
+const MIN_SCAN: usize = 1000;
+
+fn scan_budget(limit: usize) -> usize {
+    limit.saturating_mul(SCAN_PER_ITEM).max(MIN_SCAN)
+}
+
+fn seq_of(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] =
+        key.get(prefix_len..prefix_len + 8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(key))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+impl SledStore {
+    /// The first position of the log whose event was created at or after `since_ms`
+    /// (creation times never decrease along the log).
+    fn first_seq_since(&self, since_ms: u64) -> Result<u64, StoreError> {
+        let Some(last) = self.tree.scan_prefix(keys::EVENTS).next_back() else {
+            return Ok(0);
+        };
+        let (mut low, mut high) = (0u64, seq_of(&last?.0, keys::EVENTS.len())? + 1);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let start = keys::event(middle).to_vec();
+            let found = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS))).next();
+            match found {
+                Some(entry) => {
+                    let (key, value) = entry?;
+                    let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
+                    if event.created_at_ms < since_ms { low = event.seq + 1 } else { high = middle }
+                }
+                None => high = middle,
+            }
+        }
+        Ok(low)
+    }
+
+    /// Deliveries under `prefix` whose `d/` key (or index key) ends in a delivery id.
+    fn deliveries_under(
+        &self,
+        prefix: &[u8],
+        index: bool,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Delivery>, StoreError> {
+        // Delivery-of-event keys are `d/{id}`; their prefix already holds the id's start.
+        let id_start = if index { prefix.len() } else { 2 };
+        let start = match after {
+            Some(after) => Bound::Excluded([&prefix[..id_start], after.as_bytes()].concat()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        let mut items = Vec::new();
+        let mut last = None;
+        for entry in self.tree.range::<Vec<u8>, _>((start, prefix_end(prefix))).take(scan_budget(limit)) {
+            let (key, value) = entry?;
+            let id = std::str::from_utf8(&key[id_start..]).map_err(|_| corrupt(&key))?.to_owned();
+            let delivery: Delivery = if index {
+                read(&self.tree, &keys::delivery(&id))?.ok_or_else(|| corrupt(&key))?
+            } else {
+                decode(&value).ok_or_else(|| corrupt(&key))?
+            };
+            last = Some(id);
+            if state.is_none_or(|state| delivery.state == state as i32) {
+                items.push(delivery);
+                if items.len() == limit {
+                    break;
+                }
+            }
+        }
+        // Whether anything follows the last key looked at.
+        let resume_after = match &last {
+            Some(id) => {
+                let next = Bound::Excluded([&prefix[..id_start], id.as_bytes()].concat());
+                self.tree.range::<Vec<u8>, _>((next, prefix_end(prefix))).next().is_some().then(|| id.clone())
+            }
+            None => None,
+        };
+        Ok(Page { items, resume_after })
+    }
+}
+
+impl HistoryStore for SledStore {
+    fn list_events(
+        &self,
+        filter: &EventFilter,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<Event>, StoreError> {
+        let start_seq = match after_seq {
+            Some(seq) => seq.saturating_add(1),
+            None if filter.since_ms > 0 => self.first_seq_since(filter.since_ms)?,
+            None => 0,
+        };
+        let prefix = match &filter.producer_id {
+            Some(producer_id) => keys::events_of_producer(producer_id),
+            None => keys::EVENTS.to_vec(),
+        };
+        let start = [prefix.as_slice(), &start_seq.to_be_bytes()].concat();
+        let mut items = Vec::new();
+        let mut last = None;
+        let mut reached_until = false;
+        for entry in
+            self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(&prefix))).take(scan_budget(limit))
+        {
+            let (key, value) = entry?;
+            let seq = seq_of(&key, prefix.len())?;
+            let event: Event = if filter.producer_id.is_some() {
+                read(&self.tree, &keys::event(seq))?.ok_or_else(|| corrupt(&key))?
+            } else {
+                decode(&value).ok_or_else(|| corrupt(&key))?
+            };
+            if filter.until_ms.is_some_and(|until| event.created_at_ms >= until) {
+                // Nothing later in the log is older.
+                reached_until = true;
+                break;
+            }
+            last = Some(seq);
+            if event.created_at_ms >= filter.since_ms
+                && filter.event_type.as_ref().is_none_or(|t| *t == event.event_type)
+            {
+                items.push(event);
+                if items.len() == limit {
+                    break;
+                }
+            }
+        }
+        let resume_after = match last {
+            Some(seq) if !reached_until => {
+                let next = [prefix.as_slice(), &(seq + 1).to_be_bytes()].concat();
+                let more = self.tree.range::<Vec<u8>, _>((Bound::Included(next), prefix_end(&prefix))).next().is_some();
+                more.then(|| seq.to_string())
+            }
+            _ => None,
+        };
+        Ok(Page { items, resume_after })
+    }
+
+    fn deliveries_of_event(
+        &self,
+        event_seq: u64,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Delivery>, StoreError> {
+        self.deliveries_under(&keys::deliveries_of_event(event_seq), false, state, after, limit)
+    }
+
+    fn deliveries_of_listener(
+        &self,
+        listener_id: &str,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Delivery>, StoreError> {
+        self.deliveries_under(&keys::by_listener_prefix(listener_id), true, state, after, limit)
+    }
+
+    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError> {
+        let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
+        let Some(delivery) = read::<Delivery>(&self.tree, &keys::delivery(delivery_id))? else {
+            return Ok(None);
+        };
+        let entry = DueEntry {
+            due_ms: now_ms,
+            delivery_id: delivery_id.to_owned(),
+            listener_id: delivery.listener_id.clone(),
+            manual: true,
+        };
+        self.tree.insert(keys::due(now_ms, &entry.key_id()), entry.listener_id.as_bytes())?;
+        Ok(Some(delivery))
+    }
+
+    fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
+        let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
+        let mut batch = Batch::default();
+        for delivery in deliveries {
+            batch.insert(keys::delivery(&delivery.id), encode(delivery));
+            batch.insert(keys::due(delivery.next_attempt_at_ms, &delivery.id), delivery.listener_id.as_bytes());
+            batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+            batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    fn failed_deliveries(
+        &self,
+        listener_id: &str,
+        since_ms: u64,
+        until_ms: Option<u64>,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = keys::by_listener_prefix(listener_id);
+        let mut ids = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| corrupt(&key))?;
+            let Some(delivery) = read::<Delivery>(&self.tree, &keys::delivery(id))? else { continue };
+            let in_window =
+                delivery.created_at_ms >= since_ms && until_ms.is_none_or(|until| delivery.created_at_ms < until);
+            if in_window && delivery.state == DeliveryState::Failed as i32 {
+                ids.push(delivery.id);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn requeue_failed(&self, delivery_ids: &[String], now_ms: u64) -> Result<usize, StoreError> {
+        let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
+        let mut batch = Batch::default();
+        let mut requeued = 0;
+        for id in delivery_ids {
+            let Some(mut delivery) = read::<Delivery>(&self.tree, &keys::delivery(id))? else { continue };
+            if delivery.state != DeliveryState::Failed as i32 {
+                continue;
+            }
+            delivery.state = DeliveryState::Pending as i32;
+            delivery.next_attempt_at_ms = now_ms;
+            batch.insert(keys::delivery(id), encode(&delivery));
+            batch.insert(keys::due(now_ms, id), delivery.listener_id.as_bytes());
+            batch.insert(keys::pending(&delivery.listener_id, id), &[] as &[u8]);
+            requeued += 1;
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(requeued)
+    }
+
+    fn trim(&self, before_ms: u64, start_seq: u64, max_events: usize) -> Result<Trimmed, StoreError> {
+        let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
+        let fanned_out = super::PipelineStore::fanout_cursor(self)?.next_seq;
+        let mut trimmed = Trimmed::default();
+        let mut batch = Batch::default();
+        let start = keys::event(start_seq).to_vec();
+        let mut looked_at = 0;
+        for entry in self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS))) {
+            let (key, value) = entry?;
+            let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
+            if event.created_at_ms >= before_ms || event.seq >= fanned_out {
+                trimmed.next_seq = None;
+                self.tree.apply_batch(batch)?;
+                return Ok(trimmed);
+            }
+            if looked_at == max_events {
+                trimmed.next_seq = Some(event.seq);
+                self.tree.apply_batch(batch)?;
+                return Ok(trimmed);
+            }
+            looked_at += 1;
+            let prefix = keys::deliveries_of_event(event.seq);
+            let mut deliveries = Vec::new();
+            for entry in self.tree.scan_prefix(&prefix) {
+                let (key, value) = entry?;
+                deliveries.push(decode::<Delivery>(&value).ok_or_else(|| corrupt(&key))?);
+            }
+            if deliveries.iter().any(|d| d.state == DeliveryState::Pending as i32) {
+                trimmed.kept += 1;
+                continue;
+            }
+            for delivery in &deliveries {
+                batch.remove(keys::delivery(&delivery.id));
+                batch.remove(keys::by_listener(&delivery.listener_id, &delivery.id));
+                for attempt in self.tree.scan_prefix(keys::attempts_prefix(&delivery.id)).keys() {
+                    batch.remove(attempt?);
+                }
+            }
+            if !event.idempotency_key.is_empty() {
+                let idempotency = keys::idempotency(&event.producer_id, &event.idempotency_key);
+                let points_here =
+                    read::<IdempotencyEntry>(&self.tree, &idempotency)?.is_some_and(|e| e.event_id == event.id);
+                if points_here {
+                    batch.remove(idempotency);
+                }
+            }
+            batch.remove(keys::event_of_producer(&event.producer_id, event.seq));
+            batch.remove(key);
+            trimmed.events += 1;
+            trimmed.deliveries += deliveries.len();
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(trimmed)
+    }
+}

@@ -288,11 +288,18 @@ async fn a_listener_failing_for_too_long_is_disabled_and_can_be_re_enabled() {
     .await;
     assert!(disabled.disabled_reason.contains("failed attempts"), "{}", disabled.disabled_reason);
 
-    // Re-enabled, it gets new events again.
-    receiver.script("/broken", |_, _| Reply::Status(200));
+    // While disabled it gets no new deliveries: fan-out skips it.
+    let while_disabled = trigger(&producer, "ping", "{\"while\": \"disabled\"}".into()).await;
+
+    // Re-enabled and still failing, it is not disabled again at once: its run of failures
+    // starts afresh.
     producer
         .register()
-        .update_listener(UpdateListenerRequest { listener_id, enabled: Some(true), ..Default::default() })
+        .update_listener(UpdateListenerRequest {
+            listener_id: listener_id.clone(),
+            enabled: Some(true),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let fresh = trigger(&producer, "ping", "{\"after\": true}".into()).await;
@@ -301,4 +308,120 @@ async fn a_listener_failing_for_too_long_is_disabled_and_can_be_re_enabled() {
             requests.iter().any(|r| r.webhook_id() == fresh)
         })
         .await;
+    let listener = producer
+        .register()
+        .get_listener(GetListenerRequest { listener_id: listener_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listener.enabled, "one failure after re-enabling does not disable it again");
+
+    receiver.script("/broken", |_, _| Reply::Status(200));
+    let healthy = trigger(&producer, "ping", "{\"healthy\": true}".into()).await;
+    receiver
+        .wait_until("delivered once the listener answers", DEADLINE, |requests| {
+            requests.iter().any(|r| r.webhook_id() == healthy)
+        })
+        .await;
+    assert!(
+        receiver.requests().iter().all(|r| r.webhook_id() != while_disabled),
+        "no delivery was made for the event triggered while the listener was disabled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_attempts_leave_in_trigger_order() {
+    const EVENTS: usize = 30;
+    let receiver = Receiver::start().await;
+    // One attempt at a time to the listener: the order they leave in is the order they arrive.
+    let server = server_with(|config| config.pipeline.listener_in_flight = 1).await;
+    let (producer, _, _) = server.producer("order").await;
+    let hash = derive(&producer, "seq").await;
+    listen(&producer, &hash, receiver.url("/in-order"), None, false).await;
+    let mut events = Vec::new();
+    for n in 0..EVENTS {
+        events.push(trigger(&producer, "seq", n.to_string()).await);
+    }
+    receiver.wait_until("every event", DEADLINE, |requests| requests.len() == EVENTS).await;
+    let arrived: Vec<String> = receiver.requests().iter().map(|r| r.webhook_id().to_owned()).collect();
+    assert_eq!(arrived, events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_larger_than_one_chunk_reaches_every_listener() {
+    const LISTENERS: usize = 1_200;
+    let receiver = Receiver::start().await;
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("wide").await;
+    let hash = derive(&producer, "broadcast").await;
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..16 {
+        let (producer, hash, base) = (producer.clone(), hash.clone(), receiver.url("/l"));
+        workers.spawn(async move {
+            for n in (worker..LISTENERS).step_by(16) {
+                listen(&producer, &hash, format!("{base}{n}"), None, false).await;
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.unwrap();
+    }
+    let event = trigger(&producer, "broadcast", "{}".into()).await;
+    receiver
+        .wait_until("the event at every listener", DEADLINE, |requests| {
+            requests.iter().filter(|r| r.webhook_id() == event).map(|r| r.path.as_str()).collect::<HashSet<_>>().len()
+                == LISTENERS
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_is_recorded_as_such_and_each_attempt_is_signed_afresh() {
+    let receiver = Receiver::start().await;
+    receiver.script("/slow", |_, nth| if nth == 1 { Reply::Hang } else { Reply::Status(200) });
+    let server = server_with(|config| config.pipeline.attempt_timeout = Duration::from_millis(300)).await;
+    let (producer, _, _) = server.producer("timeouts").await;
+    let hash = derive(&producer, "slowpoke").await;
+    let (listener, _) = listen(&producer, &hash, receiver.url("/slow"), Some("timeout-test-secret"), false).await;
+    let event = trigger(&producer, "slowpoke", "{\"slow\": true}".into()).await;
+    receiver.wait_until("the retry after the timeout", DEADLINE, |requests| requests.len() == 2).await;
+    receiver.release();
+
+    let key = standardwebhooks::Webhook::from_bytes(b"timeout-test-secret".to_vec()).unwrap();
+    for request in receiver.requests() {
+        key.verify(&request.body, &request.headers).expect("each attempt's signature verifies, timestamp included");
+    }
+    let found = recorded(server, &[(&event, &listener)]).await;
+    let (delivery, attempts) = &found[0];
+    assert_eq!(delivery.state, DeliveryState::Succeeded as i32);
+    assert!(attempts[0].error.starts_with("timeout:"), "{:?}", attempts[0].error);
+    assert_eq!(attempts[0].status_code, 0);
+    assert_eq!(attempts[1].status_code, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_listener_cancels_its_pending_deliveries() {
+    let receiver = Receiver::start().await;
+    receiver.script("/gone", |_, _| Reply::Status(500));
+    let server =
+        server_with(|config| config.pipeline.retry_schedule = "300ms,300ms,300ms,300ms,300ms".parse().unwrap()).await;
+    let (producer, _, _) = server.producer("deleter").await;
+    let hash = derive(&producer, "doomed").await;
+    let (listener, _) = listen(&producer, &hash, receiver.url("/gone"), None, false).await;
+    trigger(&producer, "doomed", "{}".into()).await;
+    receiver.wait_until("a first failed attempt", DEADLINE, |requests| !requests.is_empty()).await;
+    let request = hookd_client::v1::DeleteListenerRequest { listener_id: listener.clone() };
+    producer.register().delete_listener(request).await.unwrap();
+
+    let admin = server.admin().await;
+    eventually("the pending delivery cancelled", || {
+        let (admin, listener) = (admin.clone(), listener.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
+            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
+            (deliveries.len() == 1 && deliveries[0].state == cancelled).then_some(())
+        }
+    })
+    .await;
 }

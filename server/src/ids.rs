@@ -60,7 +60,7 @@ pub fn delivery_event_seq(delivery_id: &str) -> Option<u64> {
     if digits.len() != 32 {
         return None;
     }
-    let bytes = data_encoding::HEXLOWER.decode(digits[..16].as_bytes()).ok()?;
+    let bytes = data_encoding::HEXLOWER.decode(&digits.as_bytes()[..16]).ok()?;
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 

@@ -248,8 +248,8 @@ impl HistoryStore for SledStore {
         let mut trimmed = Trimmed::default();
         let mut batch = Batch::default();
         let start = keys::event(start_seq).to_vec();
-        let mut looked_at = 0;
-        for entry in self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS))) {
+        let events = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS)));
+        for (looked_at, entry) in events.enumerate() {
             let (key, value) = entry?;
             let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
             if event.created_at_ms >= before_ms || event.seq >= fanned_out {
@@ -262,7 +262,6 @@ impl HistoryStore for SledStore {
                 self.tree.apply_batch(batch)?;
                 return Ok(trimmed);
             }
-            looked_at += 1;
             let prefix = keys::deliveries_of_event(event.seq);
             let mut deliveries = Vec::new();
             for entry in self.tree.scan_prefix(&prefix) {

@@ -13,7 +13,6 @@ pub mod config;
 pub mod crypto;
 pub mod ids;
 pub mod pipeline;
-pub mod signing;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

@@ -49,7 +49,7 @@ async fn trigger_many(producer: &Client, count: usize) -> Vec<String> {
                 payload: format!("{n}").into_bytes(),
                 ..Default::default()
             };
-            producer.trigger().trigger(request).await.unwrap().into_inner().event_id
+            producer.trigger_service().trigger(request).await.unwrap().into_inner().event_id
         });
     }
     let mut ids = Vec::new();

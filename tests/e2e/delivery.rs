@@ -41,7 +41,7 @@ async fn listen(producer: &Client, hash: &str, url: String, secret: Option<&str>
 
 async fn trigger(producer: &Client, event_type: &str, payload: String) -> String {
     producer
-        .trigger()
+        .trigger_service()
         .trigger(TriggerRequest { event_type: event_type.into(), payload: payload.into_bytes(), ..Default::default() })
         .await
         .unwrap()

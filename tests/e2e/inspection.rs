@@ -33,7 +33,7 @@ async fn listen(producer: &Client, hash: &str, url: String) -> String {
 async fn trigger(producer: &Client, event_type: &str, payload: &str) -> String {
     let request =
         TriggerRequest { event_type: event_type.into(), payload: payload.as_bytes().to_vec(), ..Default::default() };
-    producer.trigger().trigger(request).await.unwrap().into_inner().event_id
+    producer.trigger_service().trigger(request).await.unwrap().into_inner().event_id
 }
 
 async fn deliveries_of_event(client: &Client, event_id: &str) -> Vec<Delivery> {

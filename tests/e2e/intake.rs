@@ -14,7 +14,7 @@ async fn triggers_are_validated_and_limited() {
     let (producer, _, _) = server.producer("intake").await;
     let trigger = |request: TriggerRequest| {
         let producer = producer.clone();
-        async move { producer.trigger().trigger(request).await }
+        async move { producer.trigger_service().trigger(request).await }
     };
 
     let ack = trigger(trigger_request("ok.type", &[b'x'; 1024])).await.unwrap().into_inner();
@@ -35,10 +35,11 @@ async fn triggers_are_validated_and_limited() {
     let bad_content_type = TriggerRequest { content_type: "a\nb".into(), ..trigger_request("ok.type", b"{}") };
     assert_eq!(trigger(bad_content_type).await.unwrap_err().code(), Code::InvalidArgument);
 
-    let anonymous = server.anonymous().await.trigger().trigger(trigger_request("ok.type", b"{}")).await.unwrap_err();
+    let anonymous =
+        server.anonymous().await.trigger_service().trigger(trigger_request("ok.type", b"{}")).await.unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated);
     let unknown_key = server.anonymous().await.with_api_key("hkp_unknown").unwrap();
-    let refused = unknown_key.trigger().trigger(trigger_request("ok.type", b"{}")).await.unwrap_err();
+    let refused = unknown_key.trigger_service().trigger(trigger_request("ok.type", b"{}")).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
 }
 
@@ -49,18 +50,20 @@ async fn an_idempotency_key_returns_the_first_event() {
     let (other, _, _) = server.producer("other").await;
     let keyed = |key: &str| TriggerRequest { idempotency_key: key.into(), ..trigger_request("order.placed", b"{}") };
 
-    let first = producer.trigger().trigger(keyed("order-1")).await.unwrap().into_inner();
+    let first = producer.trigger_service().trigger(keyed("order-1")).await.unwrap().into_inner();
     assert!(!first.duplicate);
-    let again = producer.trigger().trigger(keyed("order-1")).await.unwrap().into_inner();
+    let again = producer.trigger_service().trigger(keyed("order-1")).await.unwrap().into_inner();
     assert!(again.duplicate);
     assert_eq!(again.event_id, first.event_id);
 
-    let different = producer.trigger().trigger(keyed("order-2")).await.unwrap().into_inner();
+    let different = producer.trigger_service().trigger(keyed("order-2")).await.unwrap().into_inner();
     assert!(!different.duplicate);
     assert_ne!(different.event_id, first.event_id);
-    let other_producer = other.trigger().trigger(keyed("order-1")).await.unwrap().into_inner();
+    let other_producer = other.trigger_service().trigger(keyed("order-1")).await.unwrap().into_inner();
     assert!(!other_producer.duplicate, "idempotency keys are per producer");
-    let unkeyed_a = producer.trigger().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
-    let unkeyed_b = producer.trigger().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
+    let unkeyed_a =
+        producer.trigger_service().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
+    let unkeyed_b =
+        producer.trigger_service().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
     assert_ne!(unkeyed_a.event_id, unkeyed_b.event_id);
 }

@@ -59,7 +59,7 @@ async fn ten_thousand_listeners_on_one_event() {
     assert_eq!(listed, registered);
 
     // Triggering an event with 10,000 listeners is still just one durable append.
-    let ack = producer.trigger().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
+    let ack = producer.trigger_service().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
     assert!(ack.event_id.starts_with("evt_"));
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests: real servers on loopback, real gRPC clients, the real binary where a
 //! process boundary matters (crash, startup refusal, logs).
 
+mod client;
 mod crash;
 mod delivery;
 mod inspection;

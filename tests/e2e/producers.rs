@@ -13,7 +13,7 @@ async fn a_disabled_producer_is_refused_at_once_and_can_be_re_enabled() {
     let server = TestServer::start().await;
     let (producer, producer_id, _) = server.producer("billing").await;
     let hash = derive(&producer, "invoice.paid").await;
-    producer.trigger().trigger(trigger_request("invoice.paid", b"{}")).await.unwrap();
+    producer.trigger_service().trigger(trigger_request("invoice.paid", b"{}")).await.unwrap();
 
     let disabled = server
         .admin()
@@ -31,7 +31,7 @@ async fn a_disabled_producer_is_refused_at_once_and_can_be_re_enabled() {
     assert_eq!(disabled.disabled_reason, "key leaked in a CI log");
 
     // From the moment the call returned: triggers and every other producer call are refused.
-    let refused = producer.trigger().trigger(trigger_request("invoice.paid", b"{}")).await.unwrap_err();
+    let refused = producer.trigger_service().trigger(trigger_request("invoice.paid", b"{}")).await.unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
     assert!(refused.message().contains("key leaked"), "{}", refused.message());
     let refused = producer.register().register_listener(listener_request(&hash, "http://127.0.0.1:9/x")).await;
@@ -55,7 +55,7 @@ async fn a_disabled_producer_is_refused_at_once_and_can_be_re_enabled() {
         })
         .await
         .unwrap();
-    producer.trigger().trigger(trigger_request("invoice.paid", b"{}")).await.unwrap();
+    producer.trigger_service().trigger(trigger_request("invoice.paid", b"{}")).await.unwrap();
     let fetched =
         server.admin().await.admin().get_producer(GetProducerRequest { producer_id }).await.unwrap().into_inner();
     assert!(fetched.enabled);
@@ -85,7 +85,7 @@ async fn key_rotation_stops_the_old_key_and_keeps_hashes_and_listeners() {
         .api_key;
     assert_ne!(new_key, old_key);
 
-    let stale = producer.trigger().trigger(trigger_request("project.created", b"{}")).await.unwrap_err();
+    let stale = producer.trigger_service().trigger(trigger_request("project.created", b"{}")).await.unwrap_err();
     assert_eq!(stale.code(), Code::Unauthenticated);
 
     let rotated = server.anonymous().await.with_api_key(&new_key).unwrap();
@@ -101,7 +101,7 @@ async fn key_rotation_stops_the_old_key_and_keeps_hashes_and_listeners() {
     listener_ids.sort();
     assert_eq!(listed_ids, listener_ids);
     rotated.register().get_listener(GetListenerRequest { listener_id: listener_ids[0].clone() }).await.unwrap();
-    rotated.trigger().trigger(trigger_request("project.created", b"{}")).await.unwrap();
+    rotated.trigger_service().trigger(trigger_request("project.created", b"{}")).await.unwrap();
 }
 
 #[tokio::test]
@@ -117,9 +117,9 @@ async fn key_rotation_with_grace_keeps_both_keys_working() {
         .unwrap()
         .into_inner()
         .api_key;
-    producer.trigger().trigger(trigger_request("a.b", b"1")).await.expect("old key works during its grace");
+    producer.trigger_service().trigger(trigger_request("a.b", b"1")).await.expect("old key works during its grace");
     let rotated = server.anonymous().await.with_api_key(&new_key).unwrap();
-    rotated.trigger().trigger(trigger_request("a.b", b"2")).await.unwrap();
+    rotated.trigger_service().trigger(trigger_request("a.b", b"2")).await.unwrap();
 
     let too_long = server
         .admin()

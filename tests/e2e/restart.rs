@@ -38,7 +38,7 @@ async fn a_restart_on_the_same_data_directory_keeps_everything() {
         .into_inner()
         .listener
         .unwrap();
-    let first = producer.trigger().trigger(keyed("inv-1")).await.unwrap().into_inner();
+    let first = producer.trigger_service().trigger(keyed("inv-1")).await.unwrap().into_inner();
     server.stop().await.unwrap();
 
     let server = TestServer::start_with(dir, &key, |_| {}).await;
@@ -56,10 +56,10 @@ async fn a_restart_on_the_same_data_directory_keeps_everything() {
         .listeners;
     assert_eq!(listed, vec![listener]);
     // The event is still there: its idempotency key still points at it.
-    let again = producer.trigger().trigger(keyed("inv-1")).await.unwrap().into_inner();
+    let again = producer.trigger_service().trigger(keyed("inv-1")).await.unwrap().into_inner();
     assert!(again.duplicate);
     assert_eq!(again.event_id, first.event_id);
-    let next = producer.trigger().trigger(keyed("inv-2")).await.unwrap().into_inner();
+    let next = producer.trigger_service().trigger(keyed("inv-2")).await.unwrap().into_inner();
     assert!(next.event_id > first.event_id, "the event log continues in order");
 }
 
@@ -141,7 +141,7 @@ async fn kill_9_with_triggers_in_flight_loses_no_acknowledged_one() {
         writers.spawn(async move {
             for n in 0.. {
                 let key = format!("w{writer}-{n}");
-                match producer.trigger().trigger(keyed(&key)).await {
+                match producer.trigger_service().trigger(keyed(&key)).await {
                     Ok(ack) => {
                         let _ = acks_tx.send((key, ack.into_inner().event_id));
                     }
@@ -168,7 +168,7 @@ async fn kill_9_with_triggers_in_flight_loses_no_acknowledged_one() {
     let hookd = HookdProcess::start(dir.path(), &env).await.unwrap();
     let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
     for (key, event_id) in acked {
-        let again = producer.trigger().trigger(keyed(&key)).await.unwrap().into_inner();
+        let again = producer.trigger_service().trigger(keyed(&key)).await.unwrap().into_inner();
         assert!(again.duplicate, "acknowledged trigger {key} was lost by kill -9");
         assert_eq!(again.event_id, event_id);
     }

@@ -60,7 +60,7 @@ async fn no_secret_or_api_key_is_stored_or_logged_in_plaintext() {
         .into_inner();
     assert!(rotated.listener.unwrap().has_secret);
     producer
-        .trigger()
+        .trigger_service()
         .trigger(TriggerRequest {
             event_type: "payment.captured".into(),
             payload: b"{}".to_vec(),

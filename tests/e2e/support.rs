@@ -52,6 +52,7 @@ where
 /// An in-process server.
 pub struct TestServer {
     pub addr: SocketAddr,
+    config: Config,
     /// Held so the directory outlives the server.
     dir: Arc<tempfile::TempDir>,
     shutdown: CancellationToken,
@@ -67,11 +68,22 @@ impl TestServer {
     pub async fn start_with(dir: Arc<tempfile::TempDir>, master_key: &str, adjust: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::new(dir.path(), ADMIN_TOKEN, Keyring::from_base64(master_key).unwrap());
         adjust(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(dir, config, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn serve(dir: Arc<tempfile::TempDir>, config: Config, addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(hookd_server::run(listener, config, shutdown.clone()));
-        Self { addr, dir, shutdown, task: Some(task) }
+        let task = tokio::spawn(hookd_server::run(listener, config.clone(), shutdown.clone()));
+        Self { addr, config, dir, shutdown, task: Some(task) }
+    }
+
+    /// Stops the server gracefully and starts it again on the same address and data.
+    pub async fn restart(self) -> Self {
+        let (dir, config, addr) = (self.dir.clone(), self.config.clone(), self.addr);
+        self.stop().await.unwrap();
+        Self::serve(dir, config, addr).await
     }
 
     pub fn endpoint(&self) -> String {

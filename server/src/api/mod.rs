@@ -16,6 +16,7 @@ pub use oversize::OversizeLayer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::config::Config;
@@ -33,6 +34,8 @@ pub struct Shared {
     pub pipeline: PipelineHandle,
     /// False once shutdown has begun: intake answers UNAVAILABLE.
     accepting: Arc<AtomicBool>,
+    /// Cancelled once shutdown has begun: open streams end.
+    stopping: CancellationToken,
 }
 
 impl Shared {
@@ -48,12 +51,19 @@ impl Shared {
             config,
             pipeline,
             accepting: Arc::new(AtomicBool::new(true)),
+            stopping: CancellationToken::new(),
         }
     }
 
     /// Stops accepting new writes (shutdown has begun).
     pub fn stop_accepting(&self) {
         self.accepting.store(false, Ordering::SeqCst);
+        self.stopping.cancel();
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await;
     }
 
     /// Refuses writes once shutdown has begun.

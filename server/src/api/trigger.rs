@@ -1,23 +1,36 @@
-//! `hookd.v1.TriggerService`: the intake path.
+//! `hookd.v1.TriggerService`: the intake path, unary and streaming, and delivery watching.
 //!
 //! A trigger is authenticated, validated, appended to the event log and answered once the
 //! append is durable. Nothing on this path depends on how many listeners the event has:
-//! fan-out and delivery happen afterwards, off this path. `TriggerStream` and
-//! `WatchDeliveries` are declared but not built yet and answer UNIMPLEMENTED.
+//! fan-out and delivery happen afterwards. A stream keeps a bounded number of triggers in
+//! flight and stops reading while they are, so a fast client is slowed by HTTP/2 flow
+//! control, never buffered without limit. A client that goes away costs nothing: what was
+//! acknowledged stays acknowledged, the rest is dropped.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use hookd::v1::trigger_service_server::TriggerService;
+use hookd::v1::trigger_stream_ack::Result as AckResult;
 use hookd::v1::{
-    DeliveryUpdate, TriggerAck, TriggerRequest, TriggerStreamAck, TriggerStreamRequest, WatchDeliveriesRequest,
+    DeliveryUpdate, Error as ItemError, TriggerAck, TriggerRequest, TriggerStreamAck, TriggerStreamRequest,
+    WatchDeliveriesRequest,
 };
+use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, ApiResult, Shared};
-use crate::clock::now_ms;
+use crate::clock::{now_ms, timestamp};
+use crate::pipeline::AttemptOutcome;
 use crate::store::{NewEvent, Producer};
 use crate::{auth, validate};
+
+/// Triggers of one stream waiting to be durable at once.
+const STREAM_IN_FLIGHT: usize = 1024;
+/// Updates queued for one watcher before it counts as too slow.
+const WATCH_BUFFER: usize = 256;
 
 pub struct TriggerApi {
     shared: Shared,
@@ -27,26 +40,63 @@ impl TriggerApi {
     pub fn new(shared: Shared) -> Self {
         Self { shared }
     }
+}
 
-    /// Validates one trigger into the event to append.
-    fn new_event(&self, producer: &Producer, key_hash: [u8; 32], request: TriggerRequest) -> ApiResult<NewEvent> {
-        let event_type = validate::event_type(&request.event_type)?.to_owned();
-        let limit = self.shared.config.max_payload_bytes;
-        if request.payload.len() > limit {
-            return Err(ApiError::ResourceExhausted(format!(
-                "payload is {} bytes; the limit is {limit} (--max-payload-bytes)",
-                request.payload.len()
-            )));
+/// Validates one trigger into the event to append.
+fn new_event(shared: &Shared, producer: &Producer, key_hash: [u8; 32], request: TriggerRequest) -> ApiResult<NewEvent> {
+    shared.ensure_accepting()?;
+    let event_type = validate::event_type(&request.event_type)?.to_owned();
+    let limit = shared.config.max_payload_bytes;
+    if request.payload.len() > limit {
+        return Err(ApiError::ResourceExhausted(format!(
+            "payload is {} bytes; the limit is {limit} (--max-payload-bytes)",
+            request.payload.len()
+        )));
+    }
+    Ok(NewEvent {
+        producer_id: producer.id.clone(),
+        key_hash,
+        event_type,
+        payload: request.payload,
+        content_type: validate::content_type(&request.content_type)?,
+        idempotency_key: validate::idempotency_key(&request.idempotency_key)?,
+        created_at_ms: now_ms(),
+    })
+}
+
+/// Validates and appends one trigger; the answer once durable.
+async fn accept(
+    shared: &Shared,
+    producer: &Producer,
+    key_hash: [u8; 32],
+    request: TriggerRequest,
+) -> ApiResult<TriggerAck> {
+    let event = new_event(shared, producer, key_hash, request)?;
+    let appended = shared.store.append_event(event).await?;
+    Ok(TriggerAck { event_id: appended.event_id, duplicate: appended.duplicate })
+}
+
+fn stream_ack(reference: u64, result: ApiResult<TriggerAck>) -> TriggerStreamAck {
+    let result = match result {
+        Ok(ack) => AckResult::Ack(ack),
+        Err(error) => {
+            let status = Status::from(error);
+            AckResult::Error(ItemError { code: status.code() as i32, message: status.message().to_owned() })
         }
-        Ok(NewEvent {
-            producer_id: producer.id.clone(),
-            key_hash,
-            event_type,
-            payload: request.payload,
-            content_type: validate::content_type(&request.content_type)?,
-            idempotency_key: validate::idempotency_key(&request.idempotency_key)?,
-            created_at_ms: now_ms(),
-        })
+    };
+    TriggerStreamAck { r#ref: reference, result: Some(result) }
+}
+
+fn update_message(outcome: AttemptOutcome) -> DeliveryUpdate {
+    DeliveryUpdate {
+        event_id: outcome.event_id,
+        delivery_id: outcome.delivery_id,
+        listener_id: outcome.listener_id,
+        attempt: outcome.attempt,
+        state: outcome.state as i32,
+        status_code: outcome.status_code,
+        error: outcome.error,
+        at: Some(timestamp(outcome.at_ms)),
     }
 }
 
@@ -56,27 +106,97 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl TriggerService for TriggerApi {
     async fn trigger(&self, request: Request<TriggerRequest>) -> Result<Response<TriggerAck>, Status> {
         let (producer, key_hash) = auth::producer_with_key(request.metadata(), self.shared.store.as_ref())?;
-        self.shared.ensure_accepting()?;
-        let event = self.new_event(&producer, key_hash, request.into_inner())?;
-        let appended = self.shared.store.append_event(event).await?;
-        Ok(Response::new(TriggerAck { event_id: appended.event_id, duplicate: appended.duplicate }))
+        let ack = accept(&self.shared, &producer, key_hash, request.into_inner()).await?;
+        Ok(Response::new(ack))
     }
 
     type TriggerStreamStream = BoxStream<TriggerStreamAck>;
 
     async fn trigger_stream(
         &self,
-        _request: Request<Streaming<TriggerStreamRequest>>,
+        request: Request<Streaming<TriggerStreamRequest>>,
     ) -> Result<Response<Self::TriggerStreamStream>, Status> {
-        Err(Status::unimplemented("TriggerStream is not built yet; use Trigger"))
+        let (producer, key_hash) = auth::producer_with_key(request.metadata(), self.shared.store.as_ref())?;
+        let mut incoming = request.into_inner();
+        let (acks, outgoing) = mpsc::channel(STREAM_IN_FLIGHT);
+        let shared = self.shared.clone();
+        let producer = Arc::new(producer);
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            loop {
+                // Read the next trigger only when there is room for it.
+                let permit = tokio::select! {
+                    permit = in_flight.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = acks.closed() => return,
+                };
+                let item = tokio::select! {
+                    item = incoming.message() => match item {
+                        Ok(Some(item)) => item,
+                        // The client finished sending, or went away.
+                        Ok(None) | Err(_) => break,
+                    },
+                    // Shutting down: what was read is answered, the stream then ends.
+                    () = shared.stopping() => break,
+                };
+                let (shared, producer, acks) = (shared.clone(), producer.clone(), acks.clone());
+                tokio::spawn(async move {
+                    let result = match item.trigger {
+                        Some(trigger) => accept(&shared, &producer, key_hash, trigger).await,
+                        None => Err(ApiError::InvalidArgument("trigger is missing".into())),
+                    };
+                    // A client that went away gets no ack; what was appended stays appended.
+                    let _ = acks.send(Ok(stream_ack(item.r#ref, result))).await;
+                    drop(permit);
+                });
+            }
+            // Every trigger read gets its ack before the stream ends.
+            let _ = in_flight.acquire_many(STREAM_IN_FLIGHT as u32).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(outgoing))))
     }
 
     type WatchDeliveriesStream = BoxStream<DeliveryUpdate>;
 
     async fn watch_deliveries(
         &self,
-        _request: Request<WatchDeliveriesRequest>,
+        request: Request<WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
-        Err(Status::unimplemented("WatchDeliveries is not built yet"))
+        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let only_event = Some(request.into_inner().event_id).filter(|id| !id.is_empty());
+        let mut outcomes = self.shared.pipeline.subscribe();
+        let (updates, outgoing) = mpsc::channel(WATCH_BUFFER);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let outcome = tokio::select! {
+                    outcome = outcomes.recv() => outcome,
+                    () = updates.closed() => return,
+                    () = shared.stopping() => {
+                        let _ = updates.try_send(Err(Status::unavailable("hookd is shutting down; reconnect later")));
+                        return;
+                    }
+                };
+                match outcome {
+                    Ok(outcome) => {
+                        let wanted = outcome.producer_id == producer.id
+                            && only_event.as_ref().is_none_or(|id| *id == outcome.event_id);
+                        if wanted && updates.send(Ok(update_message(outcome))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        // Too slow: told and dropped, so the pipeline never waits for it.
+                        let status = Status::resource_exhausted(format!(
+                            "this watcher fell {missed} updates behind and was dropped; reconnect, and use \
+                             ListDeliveries to catch up"
+                        ));
+                        let _ = updates.try_send(Err(status));
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(outgoing))))
     }
 }

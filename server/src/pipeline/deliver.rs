@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::target::{GuardedResolver, TargetPolicy};
-use crate::signing;
+use hookd::webhook;
 
 /// How much of a response body is kept.
 pub const RESPONSE_BODY_LIMIT: usize = 4096;
@@ -44,7 +44,7 @@ pub fn webhook_headers(request: &WebhookRequest<'_>, signing_key: Option<&[u8]>)
         ("user-agent", concat!("hookd/", env!("CARGO_PKG_VERSION")).to_owned()),
     ];
     if let Some(key) = signing_key {
-        headers.push(("webhook-signature", signing::signature(key, request.event_id, request.timestamp, request.body)));
+        headers.push(("webhook-signature", webhook::sign(key, request.event_id, request.timestamp, request.body)));
     }
     headers
 }
@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(headers["hookd-attempt"], "3");
         assert_eq!(headers["content-type"], "application/json");
         assert_eq!(headers["user-agent"], format!("hookd/{}", env!("CARGO_PKG_VERSION")));
-        assert_eq!(headers["webhook-signature"], signing::signature(key, "evt_1", 1_700_000_000, b"{}"));
+        assert_eq!(headers["webhook-signature"], webhook::sign(key, "evt_1", 1_700_000_000, b"{}"));
     }
 
     #[test]

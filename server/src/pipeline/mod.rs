@@ -25,13 +25,13 @@ mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use crate::blocking;
 use crate::crypto::Keyring;
-use crate::store::{HistoryStore, PipelineStore, Store};
+use crate::store::{DeliveryState, HistoryStore, PipelineStore, Store};
 pub use retry::RetrySchedule;
 pub use target::{PolicyKind, TargetPolicy};
 
@@ -52,6 +52,9 @@ pub struct PipelineConfig {
     pub target_policy: TargetPolicy,
     /// How long events (with their deliveries and attempts) are kept.
     pub retention: Duration,
+    /// Attempt outcomes kept for delivery watchers that have not read them yet; a watcher
+    /// further behind is dropped.
+    pub watch_buffer: usize,
 }
 
 impl Default for PipelineConfig {
@@ -64,6 +67,7 @@ impl Default for PipelineConfig {
             disable_after: Duration::from_secs(5 * 24 * 3600),
             target_policy: TargetPolicy::default(),
             retention: Duration::from_secs(30 * 24 * 3600),
+            watch_buffer: 4096,
         }
     }
 }
@@ -77,6 +81,25 @@ pub(crate) struct Context {
     pub config: PipelineConfig,
     /// Rung when new deliveries are queued.
     pub wake: Notify,
+    /// Every attempt's outcome, for watchers. Sending never waits: a watcher that falls
+    /// behind misses updates (and is told), the pipeline never slows for it.
+    pub outcomes: broadcast::Sender<AttemptOutcome>,
+}
+
+/// What one attempt did, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptOutcome {
+    pub producer_id: String,
+    pub event_id: String,
+    pub delivery_id: String,
+    pub listener_id: String,
+    pub attempt: u32,
+    /// The delivery's state after the attempt.
+    pub state: DeliveryState,
+    /// 0 when there was no HTTP answer.
+    pub status_code: u32,
+    pub error: String,
+    pub at_ms: u64,
 }
 
 impl Context {
@@ -100,6 +123,7 @@ pub(crate) enum Command {
 /// A running pipeline.
 pub struct Pipeline {
     commands: mpsc::UnboundedSender<Command>,
+    outcomes: broadcast::Sender<AttemptOutcome>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -108,6 +132,7 @@ pub struct Pipeline {
 #[derive(Clone, Debug)]
 pub struct PipelineHandle {
     commands: mpsc::UnboundedSender<Command>,
+    outcomes: broadcast::Sender<AttemptOutcome>,
 }
 
 impl PipelineHandle {
@@ -121,6 +146,11 @@ impl PipelineHandle {
     /// Deliveries were queued outside fan-out: look at the queue now.
     pub fn queued(&self) {
         let _ = self.commands.send(Command::Queued);
+    }
+
+    /// Attempt outcomes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AttemptOutcome> {
+        self.outcomes.subscribe()
     }
 }
 
@@ -143,8 +173,16 @@ impl Pipeline {
         let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
         let retention = config.retention;
         let history: Arc<dyn HistoryStore> = store.clone();
-        let context =
-            Arc::new(Context { store: store.clone(), queue: store, keyring, sender, config, wake: Notify::new() });
+        let outcomes = broadcast::Sender::new(config.watch_buffer.max(1));
+        let context = Arc::new(Context {
+            store: store.clone(),
+            queue: store,
+            keyring,
+            sender,
+            config,
+            wake: Notify::new(),
+            outcomes: outcomes.clone(),
+        });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
@@ -152,11 +190,11 @@ impl Pipeline {
         tasks.spawn(retention::run(history, retention, shutdown.clone()));
         tasks.spawn(dispatch::Dispatcher::new(context, inbox, commands.clone()).run(shutdown.clone()));
         tasks.close();
-        Ok(Self { commands, tasks, shutdown })
+        Ok(Self { commands, outcomes, tasks, shutdown })
     }
 
     pub fn handle(&self) -> PipelineHandle {
-        PipelineHandle { commands: self.commands.clone() }
+        PipelineHandle { commands: self.commands.clone(), outcomes: self.outcomes.clone() }
     }
 
     /// Stops taking new work and waits up to `deadline` for in-flight attempts; what is

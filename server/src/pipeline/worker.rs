@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use super::deliver::{WebhookRequest, webhook_headers};
 use super::retry::{honours_retry_after, is_success};
-use super::{Context, blocking};
+use super::{AttemptOutcome, Context, blocking};
 use crate::clock::now_ms;
 use crate::crypto::random_bytes;
-use crate::signing;
 use crate::store::{Attempt, AttemptTrigger, DeliveryState, DueEntry, ListenerHealth, NextStep, StoreError};
+use hookd::webhook;
 
 /// How a worker's turn ended, as far as the dispatcher is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +92,7 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
         None
     } else {
         match context.keyring.open(&listener.id, &listener.sealed_secret) {
-            Ok(secret) => Some(signing::signing_key(&secret)),
+            Ok(secret) => Some(webhook::signing_key(&secret)),
             Err(error) => {
                 // Never send unsigned what must be signed: record a failed attempt instead.
                 tracing::error!(listener_id = %listener.id, %error, "listener secret does not open");
@@ -186,6 +186,17 @@ async fn finish(
             "delivery attempt failed"
         );
     }
+    let outcome_update = AttemptOutcome {
+        producer_id: delivery.producer_id.clone(),
+        event_id: delivery.event_id.clone(),
+        delivery_id: delivery.id.clone(),
+        listener_id: listener_id.clone(),
+        attempt: attempt.number,
+        state: DeliveryState::try_from(delivery.state).unwrap_or(DeliveryState::Unspecified),
+        status_code: attempt.status_code,
+        error: attempt.error.clone(),
+        at_ms: now,
+    };
     let disable = {
         let context = context.clone();
         let listener_id = listener_id.clone();
@@ -196,6 +207,8 @@ async fn finish(
         })
         .await?
     };
+    // Watchers hear of it once it is recorded; none listening is fine.
+    let _ = context.outcomes.send(outcome_update);
     if disable {
         disable_listener(context, &listener_id).await?;
     }

@@ -1,0 +1,208 @@
+//! The typed client against the real server: the streaming publisher (10,000 events, a
+//! restart mid-stream), a stream with a bad item, and watching deliveries.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use hookd_client::v1::trigger_stream_ack::Result as AckResult;
+use hookd_client::v1::{DeliveryState, ListEventsRequest, TriggerRequest, TriggerStreamRequest};
+use hookd_client::{Client, Error, Trigger};
+use tokio_stream::StreamExt;
+
+use crate::receiver::{Receiver, Reply};
+use crate::support::{DEADLINE, TestServer, bounded, master_key};
+
+/// Every event of the caller, counted through ListEvents.
+async fn count_events(client: &Client) -> usize {
+    let mut count = 0;
+    let mut page_token = String::new();
+    loop {
+        let request = ListEventsRequest { page_size: 1000, page_token, ..Default::default() };
+        let page = client.delivery().list_events(request).await.unwrap().into_inner();
+        count += page.events.len();
+        if page.next_page_token.is_empty() {
+            return count;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_through_one_publisher_are_each_acked_once() {
+    const EVENTS: usize = 10_000;
+    let server = TestServer::start().await;
+    let (producer, _, _) = server.producer("streamer").await;
+    let publisher = producer.publisher();
+    let acks: Vec<_> =
+        (0..EVENTS).map(|n| tokio::spawn(publisher.publish(Trigger::new("bulk.item", n.to_string())))).collect();
+    let mut ids = HashSet::new();
+    for ack in acks {
+        let ack = bounded("an ack", ack).await.unwrap().expect("acked");
+        assert!(!ack.duplicate);
+        assert!(ids.insert(ack.event_id), "an event id was acked twice");
+    }
+    assert_eq!(ids.len(), EVENTS);
+    assert_eq!(count_events(&producer).await, EVENTS, "each event recorded once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_recovers_from_a_server_restart_mid_stream() {
+    const EVENTS: usize = 3_000;
+    let receiver = Receiver::start().await;
+    let server = TestServer::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |_| {}).await;
+    let (producer, _, key) = server.producer("resilient").await;
+    let listener = producer.listen("steady.flow", &receiver.url("/flow")).await.unwrap();
+    assert!(listener.secret.is_some());
+    let publisher = producer.publisher();
+
+    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    let mut published = tokio::task::JoinSet::new();
+    for n in 0..EVENTS {
+        let (publish, acked_tx) = (publisher.publish(Trigger::new("steady.flow", n.to_string())), acked_tx.clone());
+        published.spawn(async move {
+            let ack = publish.await;
+            let _ = acked_tx.send(());
+            ack
+        });
+    }
+    // Restart while items are still in flight.
+    for _ in 0..EVENTS / 3 {
+        bounded("acks before the restart", acked.recv()).await;
+    }
+    let server = server.restart().await;
+
+    let mut ids = HashSet::new();
+    while let Some(ack) = bounded("every ack", published.join_next()).await {
+        let ack = ack.unwrap().expect("every publish succeeds across the restart");
+        ids.insert(ack.event_id);
+    }
+    assert_eq!(ids.len(), EVENTS, "one event per publish, none lost, none recorded twice");
+    let producer = server.anonymous().await.with_api_key(&key).unwrap();
+    assert_eq!(count_events(&producer).await, EVENTS);
+    receiver
+        .wait_until("every event delivered", DEADLINE, |requests| {
+            requests.iter().map(|r| r.webhook_id()).collect::<HashSet<_>>().len() == EVENTS
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_bad_item_in_a_stream_gets_its_own_error_and_the_stream_goes_on() {
+    let server = TestServer::start().await;
+    let (producer, _, _) = server.producer("mixed").await;
+    let item = |reference: u64, event_type: &str| TriggerStreamRequest {
+        r#ref: reference,
+        trigger: Some(TriggerRequest { event_type: event_type.into(), payload: b"{}".to_vec(), ..Default::default() }),
+    };
+    let requests = vec![
+        item(1, "good.one"),
+        item(2, "bad type"),
+        TriggerStreamRequest { r#ref: 3, trigger: None },
+        item(4, "good.two"),
+    ];
+    let mut acks = producer.trigger_service().trigger_stream(tokio_stream::iter(requests)).await.unwrap().into_inner();
+    let mut results = std::collections::BTreeMap::new();
+    while let Some(ack) = bounded("stream acks", acks.next()).await {
+        let ack = ack.unwrap();
+        results.insert(ack.r#ref, ack.result.unwrap());
+    }
+    assert_eq!(results.len(), 4, "one ack per item, and the stream ends after the last");
+    assert!(matches!(results[&1], AckResult::Ack(_)));
+    assert!(matches!(&results[&2], AckResult::Error(error) if error.code == tonic::Code::InvalidArgument as i32));
+    assert!(matches!(&results[&3], AckResult::Error(error) if error.code == tonic::Code::InvalidArgument as i32));
+    assert!(matches!(results[&4], AckResult::Ack(_)));
+
+    // Through the publisher, a refused item fails alone with a typed, non-retryable error.
+    let publisher = producer.publisher();
+    let refused = publisher.publish(Trigger::new("bad type", "{}")).await.unwrap_err();
+    assert!(matches!(refused, Error::InvalidArgument(_)) && !refused.is_retryable(), "{refused:?}");
+    publisher.publish(Trigger::new("fine.after", "{}")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_sees_each_delivery_succeed() {
+    let receiver = Receiver::start().await;
+    receiver.script("/watched", |_, nth| Reply::Status(if nth == 1 { 500 } else { 200 }));
+    let server = TestServer::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |config| {
+        config.pipeline.retry_schedule = "100ms".parse().unwrap();
+    })
+    .await;
+    let (producer, _, _) = server.producer("watcher").await;
+    let (other, _, _) = server.producer("someone.else").await;
+    producer.listen("thing.done", &receiver.url("/watched")).await.unwrap();
+    other.listen("thing.done", &receiver.url("/theirs")).await.unwrap();
+    let mut updates = producer.watch_deliveries(None).await.unwrap();
+
+    let mut events = HashSet::new();
+    for n in 0..5 {
+        events.insert(producer.trigger("thing.done", n.to_string()).await.unwrap().event_id);
+    }
+    other.trigger("thing.done", "not yours").await.unwrap();
+    let mut succeeded = HashSet::new();
+    let mut failed_first = 0;
+    while succeeded.len() < events.len() {
+        let update = bounded("a delivery update", updates.next()).await.unwrap().unwrap();
+        assert!(events.contains(&update.event_id), "only the caller's own events");
+        match DeliveryState::try_from(update.state).unwrap() {
+            DeliveryState::Succeeded => {
+                assert_eq!(update.status_code, 200);
+                assert_eq!(update.attempt, 2);
+                succeeded.insert(update.event_id);
+            }
+            DeliveryState::Pending => {
+                assert_eq!((update.attempt, update.status_code), (1, 500));
+                failed_first += 1;
+            }
+            other => panic!("unexpected state {other:?}"),
+        }
+    }
+    assert_eq!(failed_first, 5, "each failed first attempt was reported too");
+
+    // One event only.
+    let single = producer.trigger("thing.done", "single").await.unwrap().event_id;
+    let mut only = producer.watch_deliveries(Some(&single)).await.unwrap();
+    let update = bounded("the single event's update", only.next()).await.unwrap().unwrap();
+    assert_eq!(update.event_id, single);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_is_dropped_and_slows_nothing() {
+    const EVENTS: usize = 6_000;
+    let receiver = Receiver::start().await;
+    let server = TestServer::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |config| {
+        config.pipeline.watch_buffer = 64;
+    })
+    .await;
+    let (producer, _, producer_key) = server.producer("firehose").await;
+    producer.listen("flood", &receiver.url("/flood")).await.unwrap();
+    // A watcher on its own connection with small HTTP/2 windows, so the transport cannot
+    // absorb what it does not read.
+    let channel = tonic::transport::Endpoint::from_shared(server.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(4096))
+        .initial_connection_window_size(Some(4096))
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled =
+        Client::from_channel(channel).with_api_key(&producer_key).unwrap().watch_deliveries(None).await.unwrap();
+
+    let publisher = producer.publisher();
+    let acks: Vec<_> =
+        (0..EVENTS).map(|n| tokio::spawn(publisher.publish(Trigger::new("flood", n.to_string())))).collect();
+    for ack in acks {
+        bounded("an ack", ack).await.unwrap().unwrap();
+    }
+    // Deliveries flow although nobody reads the watcher.
+    receiver.wait_until("every event delivered", DEADLINE, |requests| requests.len() >= EVENTS).await;
+
+    let mut ended_with = None;
+    while let Some(update) = bounded("the stalled watcher's updates", stalled.next()).await {
+        if let Err(error) = update {
+            ended_with = Some(error);
+            break;
+        }
+    }
+    let error = ended_with.expect("the slow watcher was told it fell behind");
+    assert!(matches!(error, Error::ResourceExhausted(_)), "{error:?}");
+}

@@ -37,14 +37,17 @@ fn answer(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let secret: &'static str = Box::leak(std::env::var("HOOKD_SECRET").map_err(|_| "set HOOKD_SECRET")?.into_boxed_str());
+    let secret: &'static str =
+        Box::leak(std::env::var("HOOKD_SECRET").map_err(|_| "set HOOKD_SECRET")?.into_boxed_str());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
     println!("listening on http://127.0.0.1:8080/hooks");
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(async move {
             let service = service_fn(move |request| handle(secret, request));
-            if let Err(error) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(error) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
                 eprintln!("connection error: {error}");
             }
         });

@@ -55,7 +55,12 @@ use v1::{
 /// uses TLS with the web's root certificates).
 pub async fn connect(endpoint: impl Into<String>) -> Result<Channel, Error> {
     let endpoint = endpoint.into();
-    let mut target = Endpoint::from_shared(endpoint.clone())?.connect_timeout(Duration::from_secs(10));
+    let mut target = Endpoint::from_shared(endpoint.clone())?
+        .connect_timeout(Duration::from_secs(10))
+        // A connection that died without a word is noticed, and streams on it fail over.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     if endpoint.starts_with("https://") {
         target = target.tls_config(ClientTlsConfig::new().with_webpki_roots())?;
     }

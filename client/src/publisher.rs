@@ -62,19 +62,27 @@ impl Publisher {
         Self { items }
     }
 
-    /// Queues a trigger; the future resolves with its ack once the event is durable (or with
-    /// the error that refused it). Many may be in flight at once; dropping the future does not
-    /// withdraw the trigger.
+    /// Queues a trigger at once (when the queue has room; otherwise the returned future waits
+    /// for room) and returns a future resolved with its ack once the event is durable, or with
+    /// the error that refused it. Many may be in flight; dropping the future does not withdraw
+    /// a queued trigger.
     pub fn publish(&self, trigger: Trigger) -> impl Future<Output = Result<Ack, Error>> + Send + 'static {
-        let items = self.items.clone();
         let mut request = trigger.into_request();
         if request.idempotency_key.is_empty() {
             // Resending after a reconnect must not record the event twice.
             request.idempotency_key = generated_key();
         }
+        let (reply, answer) = oneshot::channel();
+        let waiting = match self.items.try_send(Item { request, reply }) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(item)) => Some((self.items.clone(), item)),
+            // The task is gone: the answer channel reports it below.
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
+        };
         async move {
-            let (reply, answer) = oneshot::channel();
-            items.send(Item { request, reply }).await.map_err(|_| Error::PublisherClosed)?;
+            if let Some((items, item)) = waiting {
+                items.send(item).await.map_err(|_| Error::PublisherClosed)?;
+            }
             answer.await.map_err(|_| Error::PublisherClosed)?
         }
     }
@@ -91,8 +99,8 @@ fn generated_key() -> String {
 enum Ended {
     /// Every publisher handle is gone and nothing is pending: done.
     Finished,
-    /// The connection broke or the server went away: reconnect.
-    Broken(Error),
+    /// The connection broke or the server went away. `progressed`: acks came back on it.
+    Broken { error: Error, progressed: bool },
 }
 
 async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: PublisherOptions) {
@@ -101,35 +109,57 @@ async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: Publisher
     let mut pause = FIRST_PAUSE;
     let mut outage_started: Option<Instant> = None;
     loop {
+        if pending.is_empty() {
+            // Connect only with work to do.
+            match queue.recv().await {
+                Some(item) => {
+                    pending.insert(next_ref, item);
+                    next_ref += 1;
+                }
+                None => return,
+            }
+        }
         match connection(&client, &mut queue, &mut pending, &mut next_ref).await {
             Ended::Finished => return,
-            Ended::Broken(error) => {
+            Ended::Broken { error, progressed } => {
+                if progressed {
+                    // The outage, if any, ended on that connection.
+                    outage_started = None;
+                    pause = FIRST_PAUSE;
+                }
                 let started = *outage_started.get_or_insert_with(Instant::now);
                 if !error.is_retryable() || started.elapsed() >= options.give_up_after {
+                    // Everything waiting fails now, queued items included; the next item
+                    // tries afresh.
                     for (_, item) in std::mem::take(&mut pending) {
+                        let _ = item.reply.send(Err(error.clone()));
+                    }
+                    while let Ok(item) = queue.try_recv() {
                         let _ = item.reply.send(Err(error.clone()));
                     }
                     outage_started = None;
                     pause = FIRST_PAUSE;
-                    // Wait for more work before trying again.
-                    match queue.recv().await {
-                        Some(item) => {
-                            pending.insert(next_ref, item);
-                            next_ref += 1;
-                        }
-                        None => return,
-                    }
                     continue;
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(LONGEST_PAUSE);
             }
         }
-        // A connection that delivered acks ends the outage.
-        if pending.is_empty() {
-            outage_started = None;
-            pause = FIRST_PAUSE;
-        }
+    }
+}
+
+/// An error that ends an open stream. Only answers about the caller's request itself are
+/// final; anything else (a reset connection, a server that went away) is worth a reconnect,
+/// and resending is safe because every item carries its idempotency key.
+fn stream_error(status: tonic::Status) -> Error {
+    match Error::from(status) {
+        error @ (Error::Unauthenticated(_)
+        | Error::PermissionDenied(_)
+        | Error::InvalidArgument(_)
+        | Error::Unimplemented(_)
+        | Error::NotFound(_)
+        | Error::ResourceExhausted(_)) => error,
+        other => Error::Unavailable(other.to_string()),
     }
 }
 
@@ -147,18 +177,26 @@ async fn connection(
     pending: &mut BTreeMap<u64, Item>,
     next_ref: &mut u64,
 ) -> Ended {
-    let (requests, outgoing) = mpsc::channel(IN_FLIGHT);
+    let (requests_tx, outgoing) = mpsc::channel(IN_FLIGHT);
+    // Dropped to half-close the stream once draining: the server then ends it after its acks.
+    let mut requests = Some(requests_tx);
     let mut acks = match client.trigger_service().trigger_stream(ReceiverStream::new(outgoing)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return Ended::Broken(status.into()),
+        Err(status) => return Ended::Broken { error: stream_error(status), progressed: false },
     };
     // Every pending item with a reference up to this one was sent on this connection.
     let mut sent_up_to: Option<u64> = None;
     let mut closed = false;
+    let mut progressed = false;
+    // Set when the server refused an item for now (e.g. it is shutting down): send nothing
+    // more, read the acks still coming, then reconnect.
+    let mut draining: Option<Error> = None;
     loop {
-        while let Some((reference, item)) = next_unsent(pending, sent_up_to) {
+        while let Some(sender) = &requests
+            && let Some((reference, item)) = next_unsent(pending, sent_up_to)
+        {
             let request = TriggerStreamRequest { r#ref: reference, trigger: Some(item.request.clone()) };
-            if requests.try_send(request).is_err() {
+            if sender.try_send(request).is_err() {
                 break;
             }
             sent_up_to = Some(reference);
@@ -166,7 +204,7 @@ async fn connection(
         if closed && pending.is_empty() {
             return Ended::Finished;
         }
-        let room = pending.len() < IN_FLIGHT && next_unsent(pending, sent_up_to).is_none();
+        let room = draining.is_none() && pending.len() < IN_FLIGHT && next_unsent(pending, sent_up_to).is_none();
         tokio::select! {
             item = queue.recv(), if room && !closed => match item {
                 Some(item) => {
@@ -178,6 +216,7 @@ async fn connection(
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {
                     let Some(item) = pending.remove(&ack.r#ref) else { continue };
+                    progressed = true;
                     match ack.result {
                         Some(AckResult::Ack(ack)) => {
                             let _ = item.reply.send(Ok(Ack { event_id: ack.event_id, duplicate: ack.duplicate }));
@@ -185,9 +224,10 @@ async fn connection(
                         Some(AckResult::Error(error)) => {
                             let error = Error::from_code(tonic::Code::from(error.code), error.message);
                             if error.is_retryable() {
-                                // Refused for now (e.g. the server is shutting down): again later.
                                 pending.insert(ack.r#ref, item);
-                                return Ended::Broken(error);
+                                draining.get_or_insert(error);
+                                requests = None;
+                                continue;
                             }
                             let _ = item.reply.send(Err(error));
                         }
@@ -197,8 +237,11 @@ async fn connection(
                         }
                     }
                 }
-                Ok(None) => return Ended::Broken(Error::Unavailable("the server ended the stream".into())),
-                Err(status) => return Ended::Broken(status.into()),
+                Ok(None) => {
+                    let error = draining.unwrap_or_else(|| Error::Unavailable("the server ended the stream".into()));
+                    return Ended::Broken { error, progressed };
+                }
+                Err(status) => return Ended::Broken { error: stream_error(status), progressed },
             },
         }
     }

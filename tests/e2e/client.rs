@@ -206,3 +206,51 @@ async fn a_watcher_that_stops_reading_is_dropped_and_slows_nothing() {
     let error = ended_with.expect("the slow watcher was told it fell behind");
     assert!(matches!(error, Error::ResourceExhausted(_)), "{error:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_survives_a_kill_9_mid_stream() {
+    const EVENTS: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let key = master_key();
+    // A fixed port, so the publisher's channel finds the restarted server where it was.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let listen_on = format!("127.0.0.1:{port}");
+    let env = [
+        ("HOOKD_MASTER_KEY", key.as_str()),
+        ("HOOKD_ADMIN_TOKEN", crate::support::ADMIN_TOKEN),
+        ("HOOKD_LISTEN", listen_on.as_str()),
+    ];
+    let hookd = crate::support::HookdProcess::start_listening(dir.path(), &env).await.unwrap();
+    let admin = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(crate::support::ADMIN_TOKEN).unwrap();
+    let (_, api_key) = admin.create_producer("crash-publisher").await.unwrap();
+    let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
+    let publisher = producer.publisher();
+
+    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
+    let mut published = tokio::task::JoinSet::new();
+    for n in 0..EVENTS {
+        let (publish, acked_tx) = (publisher.publish(Trigger::new("crash.flow", n.to_string())), acked_tx.clone());
+        published.spawn(async move {
+            let ack = publish.await;
+            let _ = acked_tx.send(());
+            ack
+        });
+    }
+    for _ in 0..EVENTS / 4 {
+        bounded("acks before the crash", acked.recv()).await;
+    }
+    hookd.kill9().await;
+    let hookd = crate::support::HookdProcess::start_listening(dir.path(), &env).await.unwrap();
+
+    let mut ids = HashSet::new();
+    while let Some(ack) = bounded("every ack", published.join_next()).await {
+        ids.insert(ack.unwrap().expect("every publish succeeds across the crash").event_id);
+    }
+    assert_eq!(ids.len(), EVENTS, "one event per publish: none lost, none recorded twice");
+    let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
+    assert_eq!(count_events(&producer).await, EVENTS);
+    hookd.kill9().await;
+}

@@ -126,6 +126,13 @@ async fn a_failed_delivery_is_retried_by_hand_once_its_listener_recovers() {
     let succeeded = settled(&producer, &event, 1, DeliveryState::Succeeded).await;
     assert_eq!(succeeded[0].attempts, 5);
     assert_eq!(receiver.requests_to("/down").len(), 5, "the failed manual attempt was not retried");
+
+    // A disabled listener takes no manual attempts: the caller is told, nothing is queued.
+    let listener_id = succeeded[0].listener_id.clone();
+    let disable = hookd_client::v1::UpdateListenerRequest { listener_id, enabled: Some(false), ..Default::default() };
+    producer.register().update_listener(disable).await.unwrap();
+    let refused = producer.delivery().retry_delivery(RetryDeliveryRequest { delivery_id: failed[0].id.clone() }).await;
+    assert_eq!(refused.unwrap_err().code(), Code::FailedPrecondition);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,6 +307,18 @@ async fn another_producer_cannot_see_or_touch_what_it_does_not_own() {
     }
     let theirs = stranger.delivery().list_events(ListEventsRequest::default()).await.unwrap().into_inner();
     assert!(theirs.events.is_empty());
+    // A forged page token cannot move a listing into another event's deliveries.
+    let stranger_hash = derive(&stranger, "own.thing").await;
+    listen(&stranger, &stranger_hash, receiver.url("/stranger")).await;
+    let own_event = trigger(&stranger, "own.thing", "{}").await;
+    let forged = ListDeliveriesRequest {
+        event_id: own_event,
+        page_token: base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, "dlv_0"),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let listed = stranger.delivery().list_deliveries(forged).await.unwrap().into_inner().deliveries;
+    assert!(listed.iter().all(|d| d.id != delivery.id), "another producer's delivery leaked through a forged token");
     // The admin token sees it.
     let admin = server.admin().await;
     admin.delivery().get_event(GetEventRequest { event_id: event }).await.unwrap();
@@ -400,13 +419,14 @@ async fn with_a_short_retention_the_data_directory_stops_growing_under_steady_lo
         }
         sizes.push(dir_size(server.data_dir()));
     }
-    // Over the last third of the run the directory grows by a small part of what was written
-    // meanwhile (sled reuses freed space lazily); without retention it grows by all of it.
+    // Over the last third of the run the directory grows by a part of what was written
+    // meanwhile (sled reuses freed space lazily, by segment, so the part varies: 8 to 45 %
+    // here); without retention it grows by all of it and more (about 175 % here).
     let window = ROUNDS / 3;
     let written = (window * PER_ROUND * payload.len()) as u64;
     let growth = sizes[ROUNDS - 1].saturating_sub(sizes[ROUNDS - 1 - window]);
     assert!(
-        growth < written * 35 / 100,
+        growth < written * 80 / 100,
         "the data directory kept growing: +{growth} bytes while {written} payload bytes were written; sizes {sizes:?}"
     );
 }

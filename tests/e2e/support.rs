@@ -177,9 +177,20 @@ pub struct StartFailure {
 impl HookdProcess {
     /// Starts `hookd serve` on `data_dir` with a random loopback port and waits until it serves.
     pub async fn start(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self, StartFailure> {
+        Self::launch(data_dir, &["--listen", "127.0.0.1:0"], env).await
+    }
+
+    /// Like [`HookdProcess::start`], listening where `HOOKD_LISTEN` in `env` says.
+    pub async fn start_listening(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self, StartFailure> {
+        Self::launch(data_dir, &[], env).await
+    }
+
+    async fn launch(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Self, StartFailure> {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookd"));
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg("serve")
+            .args(args)
+            .arg("--data-dir")
             .arg(data_dir)
             .env_remove("HOOKD_MASTER_KEY")
             .env_remove("HOOKD_ADMIN_TOKEN")

@@ -57,6 +57,18 @@ impl DeliveryApi {
             .ok_or(ApiError::NotFound("delivery"))
     }
 
+    /// A disabled listener gets no attempts, manual ones included: say so rather than queue
+    /// work that would wait.
+    fn ensure_listener_enabled(&self, listener_id: &str) -> ApiResult<()> {
+        match self.shared.store.listener(listener_id)? {
+            Some(listener) if !listener.enabled => Err(ApiError::FailedPrecondition(format!(
+                "listener {listener_id} is disabled ({}); enable it with UpdateListener first",
+                listener.disabled_reason
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn own_listener(&self, caller: &Caller, listener_id: &str) -> ApiResult<Listener> {
         self.shared
             .store
@@ -247,9 +259,12 @@ impl DeliveryService for DeliveryApi {
                         next_attempt_at_ms: now,
                         last_status_code: 0,
                         created_at_ms: now,
+                        manual_attempts: 0,
                     })
                     .collect();
-                history.create_deliveries(&batch)?;
+                if !history.create_deliveries(&batch)? {
+                    return Err(ApiError::NotFound("event"));
+                }
                 created.extend(batch);
                 match listeners.last() {
                     Some(last) if listeners.len() == REPLAY_PAGE => after = Some(last.id.clone()),
@@ -270,6 +285,7 @@ impl DeliveryService for DeliveryApi {
         let caller = self.caller(&request)?;
         self.shared.ensure_accepting()?;
         let delivery = self.own_delivery(&caller, &request.get_ref().delivery_id)?;
+        self.ensure_listener_enabled(&delivery.listener_id)?;
         let history = self.shared.history.clone();
         let id = delivery.id.clone();
         blocking(move || history.queue_manual_attempt(&id, now_ms())).await?.ok_or(ApiError::NotFound("delivery"))?;
@@ -285,6 +301,7 @@ impl DeliveryService for DeliveryApi {
         self.shared.ensure_accepting()?;
         let request = request.into_inner();
         let listener = self.own_listener(&caller, &request.listener_id)?;
+        self.ensure_listener_enabled(&listener.id)?;
         let since =
             millis("since", request.since)?.ok_or_else(|| ApiError::InvalidArgument("since is required".into()))?;
         let until = millis("until", request.until)?;

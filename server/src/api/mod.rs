@@ -90,6 +90,8 @@ pub enum ApiError {
     #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
     Unavailable(&'static str),
     #[error("storage failure")]
     Store(#[from] StoreError),
@@ -109,6 +111,7 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(message) => Status::permission_denied(message),
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ApiError::ResourceExhausted(message) => Status::resource_exhausted(message),
+            ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Store(StoreError::Closed) => Status::unavailable("hookd is shutting down"),
             ApiError::Store(StoreError::Refused(Refusal::KeyRevoked)) => {

@@ -68,6 +68,15 @@ fn rewrite(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The same rewrite for a status met inside a stream (a message too large mid-stream).
+pub fn too_large_as_exhausted(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::OutOfRange && status.message().starts_with(TOO_LARGE) {
+        tonic::Status::resource_exhausted("a message is larger than this server accepts (see --max-payload-bytes)")
+    } else {
+        status
+    }
+}
+
 /// Undoes the percent-encoding gRPC applies to `grpc-message`.
 fn percent_decoded(text: &str) -> String {
     let bytes = text.as_bytes();

@@ -17,8 +17,8 @@ use hookd::v1::{
     WatchDeliveriesRequest,
 };
 use tokio::sync::{Semaphore, broadcast, mpsc};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, ApiResult, Shared};
@@ -29,6 +29,8 @@ use crate::{auth, validate};
 
 /// Triggers of one stream waiting to be durable at once.
 const STREAM_IN_FLIGHT: usize = 1024;
+/// Payload bytes of one stream's triggers in flight at once.
+const STREAM_BYTES: usize = 64 * 1024 * 1024;
 /// Updates queued for one watcher before it counts as too slow.
 const WATCH_BUFFER: usize = 256;
 
@@ -123,6 +125,7 @@ impl TriggerService for TriggerApi {
         let producer = Arc::new(producer);
         tokio::spawn(async move {
             let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+            let bytes = Arc::new(Semaphore::new(STREAM_BYTES));
             loop {
                 // Read the next trigger only when there is room for it.
                 let permit = tokio::select! {
@@ -132,11 +135,23 @@ impl TriggerService for TriggerApi {
                 let item = tokio::select! {
                     item = incoming.message() => match item {
                         Ok(Some(item)) => item,
-                        // The client finished sending, or went away.
-                        Ok(None) | Err(_) => break,
+                        // The client finished sending.
+                        Ok(None) => break,
+                        // A message the transport refused (e.g. too large) ends the stream with
+                        // its status; a client that went away hears nothing.
+                        Err(status) => {
+                            let _ = acks.try_send(Err(super::oversize::too_large_as_exhausted(status)));
+                            break;
+                        }
                     },
                     // Shutting down: what was read is answered, the stream then ends.
                     () = shared.stopping() => break,
+                };
+                // Payload bytes held per stream are bounded too, not only the item count.
+                let weight = u32::try_from(item.trigger.as_ref().map_or(0, |t| t.payload.len())).unwrap_or(u32::MAX);
+                let held = match bytes.clone().acquire_many_owned(weight.clamp(1, STREAM_BYTES as u32)).await {
+                    Ok(held) => held,
+                    Err(_) => break,
                 };
                 let (shared, producer, acks) = (shared.clone(), producer.clone(), acks.clone());
                 tokio::spawn(async move {
@@ -144,8 +159,13 @@ impl TriggerService for TriggerApi {
                         Some(trigger) => accept(&shared, &producer, key_hash, trigger).await,
                         None => Err(ApiError::InvalidArgument("trigger is missing".into())),
                     };
-                    // A client that went away gets no ack; what was appended stays appended.
-                    let _ = acks.send(Ok(stream_ack(item.r#ref, result))).await;
+                    drop(held);
+                    // A client that went away, or stopped reading past shutdown, gets no ack;
+                    // what was appended stays appended.
+                    tokio::select! {
+                        _ = acks.send(Ok(stream_ack(item.r#ref, result))) => {}
+                        () = shared.stopping() => {}
+                    }
                     drop(permit);
                 });
             }
@@ -165,38 +185,42 @@ impl TriggerService for TriggerApi {
         let only_event = Some(request.into_inner().event_id).filter(|id| !id.is_empty());
         let mut outcomes = self.shared.pipeline.subscribe();
         let (updates, outgoing) = mpsc::channel(WATCH_BUFFER);
+        // The status that ends the stream, read after everything already queued.
+        let (last_word, ending) = mpsc::channel(1);
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            loop {
+            let end = loop {
                 let outcome = tokio::select! {
                     outcome = outcomes.recv() => outcome,
                     () = updates.closed() => return,
-                    () = shared.stopping() => {
-                        let _ = updates.try_send(Err(Status::unavailable("hookd is shutting down; reconnect later")));
-                        return;
-                    }
+                    () = shared.stopping() => break Status::unavailable("hookd is shutting down; reconnect later"),
                 };
                 match outcome {
                     Ok(outcome) => {
                         let wanted = outcome.producer_id == producer.id
                             && only_event.as_ref().is_none_or(|id| *id == outcome.event_id);
-                        if wanted && updates.send(Ok(update_message(outcome))).await.is_err() {
-                            return;
+                        if !wanted {
+                            continue;
+                        }
+                        match updates.try_send(Ok(update_message(outcome))) {
+                            Ok(()) => {}
+                            // Too slow: told and dropped, so the pipeline never waits for it.
+                            Err(mpsc::error::TrySendError::Full(_)) => break too_slow(WATCH_BUFFER),
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        // Too slow: told and dropped, so the pipeline never waits for it.
-                        let status = Status::resource_exhausted(format!(
-                            "this watcher fell {missed} updates behind and was dropped; reconnect, and use \
-                             ListDeliveries to catch up"
-                        ));
-                        let _ = updates.try_send(Err(status));
-                        return;
-                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => break too_slow(missed),
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
-            }
+            };
+            let _ = last_word.try_send(Err(end));
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(outgoing))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(outgoing).chain(ReceiverStream::new(ending)))))
     }
+}
+
+fn too_slow(missed: impl std::fmt::Display) -> Status {
+    Status::resource_exhausted(format!(
+        "this watcher fell {missed} updates behind and was dropped; reconnect, and use ListDeliveries to catch up"
+    ))
 }

@@ -304,7 +304,8 @@ impl Dispatcher {
         gate.ordered = listener.ordered;
         let released = gate.released.remove(&entry.key_id());
         let wait = !listener.enabled
-            || gate.blocked_until_ms > now
+            // A manual attempt is asked for now: a back-off does not hold it.
+            || (gate.blocked_until_ms > now && !entry.manual)
             || gate.in_flight >= cap
             // Older deliveries are parked: this one waits behind them (unordered listeners;
             // ordered ones follow their pending head below; manual attempts keep no order).

@@ -91,6 +91,7 @@ fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Resul
             next_attempt_at_ms: due_ms,
             last_status_code: 0,
             created_at_ms: due_ms,
+            manual_attempts: 0,
         })
         .collect();
     let next = match listeners.last() {

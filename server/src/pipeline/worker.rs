@@ -153,6 +153,11 @@ async fn finish(
 ) -> Result<Outcome, StoreError> {
     let now = now_ms();
     delivery.attempts = attempt.number;
+    if entry.manual {
+        delivery.manual_attempts += 1;
+    }
+    // Where the schedule stands: scheduled attempts only.
+    let scheduled_attempts = delivery.attempts - delivery.manual_attempts;
     let (next, outcome) = if succeeded {
         delivery.state = DeliveryState::Succeeded as i32;
         delivery.next_attempt_at_ms = 0;
@@ -161,7 +166,7 @@ async fn finish(
         // A manual attempt is not retried: the delivery stays as it was.
         (NextStep::Keep, Outcome::Retrying)
     } else {
-        match context.config.retry_schedule.delay_after(attempt.number, retry_after, jitter()) {
+        match context.config.retry_schedule.delay_after(scheduled_attempts, retry_after, jitter()) {
             Some(delay) => {
                 let due = now.saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
                 delivery.next_attempt_at_ms = due;

@@ -239,10 +239,12 @@ pub trait HistoryStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<Delivery>, StoreError>;
-    /// Queues one manual attempt of a delivery, due at `now_ms`; the delivery, or `None`.
+    /// Queues one manual attempt of a delivery, due at `now_ms`, durably; the delivery, or
+    /// `None`.
     fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError>;
-    /// Creates new deliveries (a replay), each due at its `next_attempt_at_ms`.
-    fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<(), StoreError>;
+    /// Creates new deliveries (a replay), each due at its `next_attempt_at_ms`, durably.
+    /// False (and nothing written) when their event no longer exists.
+    fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<bool, StoreError>;
     /// Ids of a listener's failed deliveries created in [since, until).
     fn failed_deliveries(
         &self,

@@ -196,6 +196,9 @@ pub struct Delivery {
     pub last_status_code: u32,
     #[prost(uint64, tag = "10")]
     pub created_at_ms: u64,
+    /// Of `attempts`, how many were manual: they do not move the retry schedule along.
+    #[prost(uint32, tag = "11")]
+    pub manual_attempts: u32,
 }
 
 /// What started an attempt. Numbers match `hookd.v1.AttemptTrigger`.

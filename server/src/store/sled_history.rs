@@ -64,9 +64,11 @@ impl SledStore {
     ) -> Result<Page<Delivery>, StoreError> {
         // Delivery-of-event keys are `d/{id}`; their prefix already holds the id's start.
         let id_start = if index { prefix.len() } else { 2 };
-        let start = match after {
-            Some(after) => Bound::Excluded([&prefix[..id_start], after.as_bytes()].concat()),
-            None => Bound::Included(prefix.to_vec()),
+        // A page token is the caller's to forge: a resume point outside the prefix starts the
+        // listing at the prefix, never in another event's (or producer's) deliveries.
+        let start = match after.map(|after| [&prefix[..id_start], after.as_bytes()].concat()) {
+            Some(resume) if resume.as_slice() >= prefix => Bound::Excluded(resume),
+            _ => Bound::Included(prefix.to_vec()),
         };
         let mut items = Vec::new();
         let mut last = None;
@@ -186,19 +188,27 @@ impl HistoryStore for SledStore {
             manual: true,
         };
         self.tree.insert(keys::due(now_ms, &entry.key_id()), entry.listener_id.as_bytes())?;
+        self.tree.flush()?;
         Ok(Some(delivery))
     }
 
-    fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
+    fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<bool, StoreError> {
         let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
         let mut batch = Batch::default();
         for delivery in deliveries {
+            // Retention may have removed the event since the caller read it.
+            if !self.tree.contains_key(keys::event(delivery.event_seq))? {
+                return Ok(false);
+            }
             batch.insert(keys::delivery(&delivery.id), encode(delivery));
             batch.insert(keys::due(delivery.next_attempt_at_ms, &delivery.id), delivery.listener_id.as_bytes());
             batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
             batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
         }
-        Ok(self.tree.apply_batch(batch)?)
+        self.tree.apply_batch(batch)?;
+        // A replay is answered to a caller: make it durable first.
+        self.tree.flush()?;
+        Ok(true)
     }
 
     fn failed_deliveries(
@@ -208,8 +218,12 @@ impl HistoryStore for SledStore {
         until_ms: Option<u64>,
     ) -> Result<Vec<String>, StoreError> {
         let prefix = keys::by_listener_prefix(listener_id);
+        // Delivery ids start with their event's position, and positions follow creation time:
+        // start at the first event of the window.
+        let first_id = format!("dlv_{}", crate::crypto::hex(&self.first_seq_since(since_ms)?.to_be_bytes()));
+        let start = [prefix.as_slice(), first_id.as_bytes()].concat();
         let mut ids = Vec::new();
-        for entry in self.tree.scan_prefix(&prefix) {
+        for entry in self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(&prefix))) {
             let (key, _) = entry?;
             let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| corrupt(&key))?;
             let Some(delivery) = read::<Delivery>(&self.tree, &keys::delivery(id))? else { continue };
@@ -239,6 +253,7 @@ impl HistoryStore for SledStore {
             requeued += 1;
         }
         self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
         Ok(requeued)
     }
 

@@ -1,0 +1,120 @@
+//! The real `hookd` binary under test: built in release mode, started on a temporary data
+//! directory with a random loopback port, measured (RSS, data size) and killed.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
+/// Builds `hookd` in release mode (a no-op when it is fresh) and returns its path.
+pub fn build() -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "hookd-server", "--bin", "hookd"])
+        .status()
+        .map_err(|error| format!("cannot run cargo: {error}"))?;
+    if !status.success() {
+        return Err("building hookd failed".into());
+    }
+    let exe = std::env::current_exe().map_err(|error| error.to_string())?;
+    let path = exe.with_file_name("hookd");
+    if path.exists() { Ok(path) } else { Err(format!("no hookd binary at {}", path.display())) }
+}
+
+pub struct Hookd {
+    child: Child,
+    pub endpoint: String,
+    pub pid: u32,
+}
+
+/// A data directory and master key that outlive one process (for restarts).
+pub struct Instance {
+    pub binary: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub master_key: String,
+}
+
+impl Instance {
+    pub fn new(binary: &Path) -> std::io::Result<Self> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).expect("random source");
+        let master_key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
+        Ok(Self { binary: binary.to_owned(), dir: tempfile::tempdir()?, master_key })
+    }
+
+    /// Starts hookd and waits until it serves.
+    pub async fn start(&self, extra_env: &[(&str, &str)]) -> Result<Hookd, String> {
+        let mut child = Command::new(&self.binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(self.dir.path())
+            .env("HOOKD_MASTER_KEY", &self.master_key)
+            .env("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN)
+            // Only what the bench needs to read: the serving line, warnings and errors.
+            .env("RUST_LOG", "warn,hookd_server=info,hookd_server::pipeline=warn")
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|error| format!("cannot start hookd: {error}"))?;
+        let pid = child.id().ok_or("hookd exited at once")?;
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+        let serving = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(start) = line.find("addr=") {
+                    let rest = &line[start + 5..];
+                    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+                    return Some(rest[..end].to_owned());
+                }
+            }
+            None
+        })
+        .await
+        .map_err(|_| "hookd did not start within 60 s".to_owned())?
+        .ok_or("hookd exited before serving")?;
+        // Keep draining its log so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Hookd { child, endpoint: format!("http://{serving}"), pid })
+    }
+
+    /// Size of the data directory, in MB.
+    pub fn data_dir_mb(&self) -> f64 {
+        fn size(path: &Path) -> u64 {
+            std::fs::read_dir(path)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|entry| {
+                            let path = entry.path();
+                            if path.is_dir() { size(&path) } else { entry.metadata().map_or(0, |m| m.len()) }
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        size(self.dir.path()) as f64 / 1e6
+    }
+}
+
+impl Hookd {
+    /// Resident memory, in MB (Linux).
+    pub fn rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1000.0)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}

@@ -1,0 +1,102 @@
+//! The bench's loopback webhook receiver: answers 200 (or 503 while refusing), counts what it
+//! gets, and measures trigger-to-receipt lag from the timestamp in each payload.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use crate::stats::Samples;
+
+#[derive(Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    refusing: AtomicBool,
+    /// Micros since the bench's epoch of the first request after `reset`.
+    first_at_us: AtomicU64,
+    lags: Mutex<Samples>,
+}
+
+pub struct Receiver {
+    pub addr: SocketAddr,
+    pub counters: Arc<Counters>,
+}
+
+impl Receiver {
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let counters = Arc::new(Counters::default());
+        let shared = counters.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counters = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| answer(counters.clone(), request));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, counters })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Starts a new measurement: counts, lags and first-receipt time from zero.
+    pub fn reset(&self, refusing: bool) {
+        self.counters.received.store(0, Ordering::SeqCst);
+        self.counters.first_at_us.store(0, Ordering::SeqCst);
+        self.counters.refusing.store(refusing, Ordering::SeqCst);
+        *self.counters.lags.lock().unwrap() = Samples::default();
+    }
+
+    pub fn received(&self) -> u64 {
+        self.counters.received.load(Ordering::SeqCst)
+    }
+
+    pub fn first_at_us(&self) -> u64 {
+        self.counters.first_at_us.load(Ordering::SeqCst)
+    }
+
+    pub fn lags(&self) -> Samples {
+        self.counters.lags.lock().unwrap().clone()
+    }
+
+    /// Waits until `count` requests arrived, or `limit` passed; returns whether they did.
+    pub async fn wait_for(&self, count: u64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.received() < count {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
+async fn answer(counters: Arc<Counters>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let now = crate::micros_since_epoch();
+    let _ = counters.first_at_us.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+    if let Some(sent) = std::str::from_utf8(&body).ok().and_then(|text| text.trim().parse::<u64>().ok()) {
+        counters.lags.lock().unwrap().push(Duration::from_micros(now.saturating_sub(sent)));
+    }
+    counters.received.fetch_add(1, Ordering::SeqCst);
+    let status =
+        if counters.refusing.load(Ordering::SeqCst) { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    Ok(response)
+}

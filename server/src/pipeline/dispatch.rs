@@ -1,14 +1,17 @@
 //! The dispatcher: hands due deliveries to workers, in queue order, within the limits.
 //!
-//! It is the only owner of the per-listener [`Gate`]s (in-flight count, parked count,
-//! back-off), so their decisions need no locks: workers report back through the inbox.
-//! A delivery that may not go now is *parked* in its listener's lot (kept in delivery
-//! order) instead of being rescanned, so one hanging listener with a large backlog costs
-//! nothing per pass; finishing work or the end of a back-off puts parked entries back. Each
-//! pass's decisions are one atomic write: what may go is leased (a crash makes it due again)
-//! and then handed to a worker, which always reports back, even if it panics.
+//! It is the only owner of the per-listener [`Gate`]s (in-flight count, held and parked
+//! entries, back-off), so their decisions need no locks: workers report back through the
+//! inbox. A delivery whose listener is at its in-flight cap is *held*: leased and kept in a
+//! short in-memory line that the listener's next free slot takes from, with no further write.
+//! Beyond that line, or while a listener is disabled, backed off or waiting on its order, a
+//! delivery is *parked* in its listener's lot (kept in delivery order) instead of being
+//! rescanned, so one hanging listener with a large backlog costs nothing per pass; finishing
+//! work or the end of a back-off puts parked entries back. Each pass's decisions are one
+//! atomic write: what may go or is held is leased (a crash makes it due again), and a worker
+//! always reports back, even if it panics.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +32,11 @@ const BACKOFF_AFTER_FAILURES: u32 = 5;
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Parked entries put back per write when a listener is deleted.
 const UNPARK_CHUNK: usize = 1000;
+/// Entries held in memory for one listener at its cap, and for all listeners together.
+const HELD_PER_LISTENER: usize = 256;
+const HELD_TOTAL: usize = 16_384;
+/// A parked count not known exactly (after a restart): "some", until a lot runs dry.
+const SOME_PARKED: usize = usize::MAX / 2;
 
 /// What the dispatcher knows about one listener.
 #[derive(Debug, Default)]
@@ -36,6 +44,8 @@ struct Gate {
     in_flight: usize,
     /// Entries in the listener's parking lot.
     parked: usize,
+    /// Leased entries waiting in memory for a free slot, oldest first, with their lease end.
+    held: VecDeque<(DueEntry, u64)>,
     /// Queue key ids taken out of the lot and not yet seen again: they may pass the parked ones.
     released: HashSet<String>,
     /// Consecutive failed attempts.
@@ -49,7 +59,11 @@ struct Gate {
 
 impl Gate {
     fn is_idle(&self) -> bool {
-        self.in_flight == 0 && self.parked == 0 && self.released.is_empty() && self.failures == 0
+        self.in_flight == 0
+            && self.parked == 0
+            && self.held.is_empty()
+            && self.released.is_empty()
+            && self.failures == 0
     }
 
     /// How many parked entries may be put back now.
@@ -58,13 +72,15 @@ impl Gate {
             return 0;
         }
         let cap = if self.ordered { 1 } else { cap };
-        cap.saturating_sub(self.in_flight + self.released.len()).min(self.parked)
+        cap.saturating_sub(self.in_flight + self.released.len() + self.held.len()).min(self.parked)
     }
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Go,
+    /// Lease it and keep it in memory until the listener has a free slot.
+    Hold,
     Park,
 }
 
@@ -86,8 +102,11 @@ pub(crate) struct Dispatcher {
     permits: Arc<Semaphore>,
     workers: TaskTracker,
     gates: HashMap<String, Gate>,
-    /// Deliveries a worker holds right now.
+    /// Deliveries a worker or the held line has right now.
     in_flight: HashSet<String>,
+    /// How many entries are held, and by which listeners.
+    held_total: usize,
+    holding: BTreeSet<String>,
     /// (back-off end, listener) of listeners backed off as a whole.
     backoffs: BTreeSet<(u64, String)>,
 }
@@ -122,6 +141,8 @@ impl Dispatcher {
             workers: TaskTracker::new(),
             gates: HashMap::new(),
             in_flight: HashSet::new(),
+            held_total: 0,
+            holding: BTreeSet::new(),
             backoffs: BTreeSet::new(),
         }
     }
@@ -134,8 +155,18 @@ impl Dispatcher {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let queue = self.context.queue.clone();
         match blocking(move || queue.recover()).await {
-            Ok(0) => {}
-            Ok(released) => tracing::info!(released, "queue entries of the previous run released"),
+            Ok((released, parked)) => {
+                if released > 0 {
+                    tracing::info!(released, "leases of the previous run released");
+                }
+                // Parked lots are taken back a few at a time, like any other, so the first
+                // delivery after a restart does not wait for a large backlog to move.
+                for listener_id in parked {
+                    self.gates.entry(listener_id.clone()).or_default().parked = SOME_PARKED;
+                    let room = self.gates[&listener_id].room(self.cap(), now_ms());
+                    self.unpark(&listener_id, room).await;
+                }
+            }
             Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "cannot release old leases"),
         }
         while !shutdown.is_cancelled() {
@@ -197,8 +228,9 @@ impl Dispatcher {
         [next_due, next_backoff].into_iter().flatten().min()
     }
 
-    /// Considers the due entries once: hands out, parks or re-leases each.
+    /// Considers the due entries once: hands out, holds, parks or re-leases each.
     async fn pass(&mut self) -> Result<Pass, StoreError> {
+        self.start_held_anywhere();
         let available = self.permits.available_permits();
         if available == 0 {
             return Ok(Pass::PoolFull);
@@ -217,15 +249,15 @@ impl Dispatcher {
         .await?;
 
         let mut go: Vec<DueEntry> = Vec::new();
+        let mut hold: Vec<DueEntry> = Vec::new();
         let mut park = Vec::new();
         let mut relet = Vec::new();
         // Releases used by this pass's decisions, to give back if its write fails.
         let mut used_releases = Vec::new();
+        let mut chosen: HashSet<String> = HashSet::new();
         for entry in entries {
-            let taken =
-                self.in_flight.contains(&entry.delivery_id) || go.iter().any(|g| g.delivery_id == entry.delivery_id);
-            if taken {
-                // Its delivery is held by a worker (a lease that ran out, or a manual and a
+            if self.in_flight.contains(&entry.delivery_id) || chosen.contains(&entry.delivery_id) {
+                // Its delivery is held or worked on (a lease that ran out, or a manual and a
                 // scheduled attempt at once): extend, never hand one delivery out twice.
                 relet.push(entry);
                 continue;
@@ -234,19 +266,26 @@ impl Dispatcher {
                 break;
             }
             let listener = listeners.get(&entry.listener_id).and_then(Option::as_ref);
-            let (verdict, used_release) = self.decide(&entry, listener, now).await?;
+            let (verdict, used_release) = self.decide(&entry, listener, now, hold.len()).await?;
             if used_release {
                 used_releases.push((entry.listener_id.clone(), entry.key_id()));
             }
             match verdict {
-                Verdict::Go => go.push(entry),
+                Verdict::Go => {
+                    chosen.insert(entry.delivery_id.clone());
+                    go.push(entry);
+                }
+                Verdict::Hold => {
+                    chosen.insert(entry.delivery_id.clone());
+                    hold.push(entry);
+                }
                 Verdict::Park => park.push(entry),
             }
         }
 
         let lease_until = now + u64::try_from(self.context.lease().as_millis()).unwrap_or(u64::MAX / 2);
         let queue = self.context.queue.clone();
-        let leased: Vec<DueEntry> = go.iter().chain(&relet).cloned().collect();
+        let leased: Vec<DueEntry> = go.iter().chain(&hold).chain(&relet).cloned().collect();
         let parked = park.clone();
         if let Err(error) = blocking(move || queue.dispatch(&leased, &parked, lease_until)).await {
             // Nothing changed in the store: undo what the decisions counted.
@@ -265,34 +304,85 @@ impl Dispatcher {
             }
             return Err(error);
         }
-        let progressed = !go.is_empty() || !park.is_empty() || !relet.is_empty();
-        for entry in go {
-            let permit = self.permits.clone().try_acquire_owned().expect("only the dispatcher takes permits");
+        let progressed = !go.is_empty() || !hold.is_empty() || !park.is_empty() || !relet.is_empty();
+        for entry in hold {
             self.in_flight.insert(entry.delivery_id.clone());
-            let context = self.context.clone();
-            let finished = Finished {
-                delivery_id: entry.delivery_id.clone(),
-                listener_id: entry.listener_id.clone(),
-                outcome: Outcome::NotSent,
-            };
-            let mut report = Report { outbox: self.outbox.clone(), finished: Some(finished) };
-            self.workers.spawn(async move {
-                let finished = worker::attempt(context, entry, lease_until).await;
-                drop(permit);
-                report.finished = Some(finished);
-                drop(report);
-            });
+            self.held_total += 1;
+            self.holding.insert(entry.listener_id.clone());
+            self.gates.entry(entry.listener_id.clone()).or_default().held.push_back((entry, lease_until));
+        }
+        for entry in go {
+            self.spawn_worker(entry, lease_until);
         }
         Ok(if progressed { Pass::Progress } else { Pass::Idle })
     }
 
-    /// May this entry go now? Counts what it decides in the listener's gate; also says
-    /// whether the entry was one released from the parking lot.
+    /// Hands a leased entry (its gate already counts it in flight) to a worker.
+    fn spawn_worker(&mut self, entry: DueEntry, lease_until: u64) {
+        let permit = self.permits.clone().try_acquire_owned().expect("a permit was checked to be free");
+        self.in_flight.insert(entry.delivery_id.clone());
+        let context = self.context.clone();
+        let finished = Finished {
+            delivery_id: entry.delivery_id.clone(),
+            listener_id: entry.listener_id.clone(),
+            outcome: Outcome::NotSent,
+        };
+        let mut report = Report { outbox: self.outbox.clone(), finished: Some(finished) };
+        self.workers.spawn(async move {
+            let finished = worker::attempt(context, entry, lease_until).await;
+            drop(permit);
+            report.finished = Some(finished);
+            drop(report);
+        });
+    }
+
+    /// Starts held entries of `listener_id` while it has free slots and the pool has workers.
+    fn start_held(&mut self, listener_id: &str) {
+        let cap = self.cap();
+        let now = now_ms();
+        loop {
+            if self.permits.available_permits() == 0 {
+                return;
+            }
+            let Some(gate) = self.gates.get_mut(listener_id) else { return };
+            let cap = if gate.ordered { 1 } else { cap };
+            if gate.in_flight >= cap || gate.blocked_until_ms > now {
+                return;
+            }
+            let Some((entry, lease_until)) = gate.held.pop_front() else {
+                self.holding.remove(listener_id);
+                return;
+            };
+            gate.in_flight += 1;
+            if gate.held.is_empty() {
+                self.holding.remove(listener_id);
+            }
+            self.held_total -= 1;
+            self.in_flight.remove(&entry.delivery_id);
+            self.spawn_worker(entry, lease_until);
+        }
+    }
+
+    /// Starts held entries of every listener that has room, while the pool has workers.
+    fn start_held_anywhere(&mut self) {
+        let holding: Vec<String> = self.holding.iter().cloned().collect();
+        for listener_id in holding {
+            if self.permits.available_permits() == 0 {
+                return;
+            }
+            self.start_held(&listener_id);
+        }
+    }
+
+    /// May this entry go now, wait in memory, or wait parked? Counts what it decides in the
+    /// listener's gate; also says whether the entry was one released from the parking lot.
+    /// `holding_now`: entries this pass already decided to hold.
     async fn decide(
         &mut self,
         entry: &DueEntry,
         listener: Option<&Listener>,
         now: u64,
+        holding_now: usize,
     ) -> Result<(Verdict, bool), StoreError> {
         let cap = self.cap();
         // A deleted listener: the worker cancels the delivery; nothing is left to limit.
@@ -300,17 +390,17 @@ impl Dispatcher {
             self.gates.remove(&entry.listener_id);
             return Ok((Verdict::Go, false));
         };
+        let held_room = self.held_total + holding_now < HELD_TOTAL;
         let gate = self.gates.entry(entry.listener_id.clone()).or_default();
         gate.ordered = listener.ordered;
         let released = gate.released.remove(&entry.key_id());
-        let wait = !listener.enabled
+        let must_park = !listener.enabled
             // A manual attempt is asked for now: a back-off does not hold it.
             || (gate.blocked_until_ms > now && !entry.manual)
-            || gate.in_flight >= cap
             // Older deliveries are parked: this one waits behind them (unordered listeners;
             // ordered ones follow their pending head below; manual attempts keep no order).
             || (!listener.ordered && !entry.manual && gate.parked > 0 && !released);
-        let mut verdict = if wait { Verdict::Park } else { Verdict::Go };
+        let mut verdict = if must_park { Verdict::Park } else { Verdict::Go };
         if verdict == Verdict::Go && listener.ordered && !entry.manual {
             let queue = self.context.queue.clone();
             let listener_id = entry.listener_id.clone();
@@ -320,8 +410,15 @@ impl Dispatcher {
             }
         }
         let gate = self.gates.entry(entry.listener_id.clone()).or_default();
+        let cap = if gate.ordered { 1 } else { cap };
+        // At its cap (or with others already waiting in line): wait in memory while the line
+        // is short, else in the lot.
+        if verdict == Verdict::Go && (gate.in_flight >= cap || !gate.held.is_empty()) {
+            verdict = if gate.held.len() < HELD_PER_LISTENER && held_room { Verdict::Hold } else { Verdict::Park };
+        }
         match verdict {
             Verdict::Go => gate.in_flight += 1,
+            Verdict::Hold => {}
             Verdict::Park => {
                 gate.parked += 1;
                 if released {
@@ -359,6 +456,16 @@ impl Dispatcher {
             Ok(Some(listener)) => {
                 let cap = self.cap();
                 let gate = self.gates.entry(listener_id.clone()).or_default();
+                if !listener.enabled {
+                    // Held entries of a disabled listener go back to waiting on their lease,
+                    // which parks them when it ends.
+                    for (entry, _) in gate.held.drain(..) {
+                        self.in_flight.remove(&entry.delivery_id);
+                        self.held_total -= 1;
+                    }
+                    self.holding.remove(&listener_id);
+                }
+                let gate = self.gates.entry(listener_id.clone()).or_default();
                 gate.ordered = listener.ordered;
                 gate.failures = 0;
                 gate.backoffs = 0;
@@ -369,7 +476,19 @@ impl Dispatcher {
                 }
             }
             Ok(None) => {
-                self.gates.remove(&listener_id);
+                // Held entries of a deleted listener go to workers, which cancel them.
+                if let Some(gate) = self.gates.get_mut(&listener_id) {
+                    gate.in_flight = 0;
+                    gate.ordered = false;
+                }
+                self.start_held(&listener_id);
+                if let Some(gate) = self.gates.remove(&listener_id) {
+                    for (entry, _) in gate.held {
+                        self.in_flight.remove(&entry.delivery_id);
+                        self.held_total -= 1;
+                    }
+                    self.holding.remove(&listener_id);
+                }
                 loop {
                     let queue = self.context.queue.clone();
                     let id = listener_id.clone();
@@ -419,6 +538,11 @@ impl Dispatcher {
             }
             Outcome::NotSent => {}
         }
+        // The freed slot goes to the next held entry first (no write needed) ...
+        self.start_held(&finished.listener_id);
+        // ... and the freed worker to another listener's line if this one has none.
+        self.start_held_anywhere();
+        let Some(gate) = self.gates.get_mut(&finished.listener_id) else { return };
         // An ordered listener moves on only when its head has ended.
         let room = if gate.ordered && finished.outcome == Outcome::Retrying { 0 } else { gate.room(cap, now) };
         if room > 0 {
@@ -442,6 +566,8 @@ impl Dispatcher {
                 continue;
             }
             gate.blocked_until_ms = 0;
+            self.start_held(&listener_id);
+            let Some(gate) = self.gates.get(&listener_id) else { continue };
             let room = gate.room(cap, now);
             if room > 0 {
                 self.unpark(&listener_id, room).await;
@@ -457,7 +583,8 @@ impl Dispatcher {
         match blocking(move || queue.unpark(&id, count)).await {
             Ok(moved) => {
                 let gate = self.gates.entry(listener_id.to_owned()).or_default();
-                gate.parked = gate.parked.saturating_sub(moved.len());
+                // Fewer than asked: the lot is empty now, whatever was counted.
+                gate.parked = if moved.len() < count { 0 } else { gate.parked.saturating_sub(moved.len()) };
                 gate.released.extend(moved);
                 self.context.wake.notify_one();
             }

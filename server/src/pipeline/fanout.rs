@@ -62,25 +62,29 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
     }
 }
 
-/// Fans out the next chunk past the cursor, among events before `durable_end`. Returns how
-/// many deliveries were queued and their due time, or `None` when there is nothing to do.
+/// Fans out the next chunk past the cursor, among events before `durable_end`: whole events
+/// until about [`CHUNK`] deliveries are gathered (a larger event is cut into chunks), written
+/// with the new cursor in one atomic write. Returns how many deliveries were queued and their
+/// due time, or `None` when there is nothing to do.
 fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Result<Option<(usize, u64)>, StoreError> {
-    let cursor = context.queue.fanout_cursor()?;
-    let Some(event) = context.queue.event_from(cursor.next_seq)?.filter(|event| event.seq < durable_end) else {
-        return Ok(None);
-    };
-    let after = if event.seq == cursor.next_seq && !cursor.after_listener.is_empty() {
-        Some(cursor.after_listener.as_str())
-    } else {
-        None
-    };
-    let listeners = context.store.list_listeners(&event.producer_id, Some(&event.event_type), after, CHUNK)?;
+    let mut cursor = context.queue.fanout_cursor()?;
     // Due times never go backwards, so first attempts leave in trigger order.
     let due_ms = now_ms().max(last_due_ms);
-    let deliveries: Vec<Delivery> = listeners
-        .iter()
-        .filter(|listener| listener.enabled)
-        .map(|listener| Delivery {
+    let mut deliveries: Vec<Delivery> = Vec::new();
+    let mut moved = false;
+    while deliveries.len() < CHUNK {
+        let Some(event) = context.queue.event_from(cursor.next_seq)?.filter(|event| event.seq < durable_end) else {
+            break;
+        };
+        let after = if event.seq == cursor.next_seq && !cursor.after_listener.is_empty() {
+            Some(cursor.after_listener.clone())
+        } else {
+            None
+        };
+        let room = CHUNK - deliveries.len();
+        let listeners =
+            context.store.list_listeners(&event.producer_id, Some(&event.event_type), after.as_deref(), room)?;
+        deliveries.extend(listeners.iter().filter(|listener| listener.enabled).map(|listener| Delivery {
             id: ids::delivery_id(event.seq, &listener.id),
             event_id: event.id.clone(),
             event_seq: event.seq,
@@ -92,15 +96,25 @@ fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Resul
             last_status_code: 0,
             created_at_ms: due_ms,
             manual_attempts: 0,
-        })
-        .collect();
-    let next = match listeners.last() {
-        Some(last) if listeners.len() == CHUNK => FanoutCursor { next_seq: event.seq, after_listener: last.id.clone() },
-        _ => FanoutCursor { next_seq: event.seq + 1, after_listener: String::new() },
-    };
-    context.queue.commit_fanout(&deliveries, &next)?;
+        }));
+        moved = true;
+        cursor = match listeners.last() {
+            // This event may have more listeners: continue it in the next chunk.
+            Some(last) if listeners.len() == room => {
+                FanoutCursor { next_seq: event.seq, after_listener: last.id.clone() }
+            }
+            _ => FanoutCursor { next_seq: event.seq + 1, after_listener: String::new() },
+        };
+        if cursor.next_seq == event.seq {
+            break;
+        }
+    }
+    if !moved {
+        return Ok(None);
+    }
+    context.queue.commit_fanout(&deliveries, &cursor)?;
     if !deliveries.is_empty() {
-        tracing::debug!(event_id = %event.id, deliveries = deliveries.len(), "fanned out");
+        tracing::debug!(deliveries = deliveries.len(), next_seq = cursor.next_seq, "fanned out");
     }
     Ok(Some((deliveries.len(), due_ms)))
 }

@@ -87,6 +87,11 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
         return Ok(Outcome::NotSent);
     };
 
+    if !listener.enabled && !entry.manual {
+        // Disabled since it was handed out: no attempt. The lease stays, and when it ends
+        // the dispatcher parks the entry until the listener is enabled again.
+        return Ok(Outcome::NotSent);
+    }
     let number = delivery.attempts + 1;
     let signing_key = if listener.sealed_secret.is_empty() {
         None

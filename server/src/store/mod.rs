@@ -154,9 +154,10 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// The oldest unfinished delivery of a listener (the one a strictly ordered listener
     /// must finish first).
     fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError>;
-    /// At startup: every lease and parking of a previous run ends, each entry queued again at
-    /// its original due time. Returns how many entries were released.
-    fn recover(&self) -> Result<usize, StoreError>;
+    /// At startup: every lease of a previous run ends, each entry queued again at its original
+    /// due time. Parked entries stay parked (there may be millions); returns how many leases
+    /// were released and which listeners have parked entries.
+    fn recover(&self) -> Result<(usize, Vec<String>), StoreError>;
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError>;
     /// Records an attempt and the delivery's new state in one atomic write: the attempt, the

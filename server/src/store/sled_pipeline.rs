@@ -177,9 +177,9 @@ impl PipelineStore for SledStore {
         }
     }
 
-    fn recover(&self) -> Result<usize, StoreError> {
+    fn recover(&self) -> Result<(usize, Vec<String>), StoreError> {
         let mut released = 0;
-        // Bounded batches keep memory flat however large the backlog.
+        // Bounded batches keep memory flat however many leases were out.
         loop {
             let mut batch = Batch::default();
             let mut count = 0;
@@ -195,20 +195,29 @@ impl PipelineStore for SledStore {
                 batch.remove(key);
                 count += 1;
             }
-            for entry in self.tree.scan_prefix(keys::PARKED).take(1024usize.saturating_sub(count)) {
-                let (key, value) = entry?;
-                let rest = utf8(&key, &key[keys::PARKED.len()..])?;
-                let (listener_id, key_id) = rest.split_once('/').ok_or_else(|| corrupt(&key))?;
-                batch.remove(key.clone());
-                batch.insert(keys::due(be_u64(&key, &value)?, key_id), listener_id.as_bytes());
-                count += 1;
-            }
             if count == 0 {
-                return Ok(released);
+                break;
             }
             self.tree.apply_batch(batch)?;
             released += count;
         }
+        // One seek per listener with parked entries, however many it has.
+        let mut listeners = Vec::new();
+        let mut from = keys::PARKED.to_vec();
+        while let Some(entry) =
+            self.tree.range::<Vec<u8>, _>((std::ops::Bound::Included(from), prefix_end(keys::PARKED))).next()
+        {
+            let (key, _) = entry?;
+            let rest = utf8(&key, &key[keys::PARKED.len()..])?;
+            let (listener_id, _) = rest.split_once('/').ok_or_else(|| corrupt(&key))?;
+            let lot = keys::parked_prefix(listener_id);
+            listeners.push(listener_id.to_owned());
+            from = match prefix_end(&lot) {
+                std::ops::Bound::Excluded(end) => end,
+                _ => break,
+            };
+        }
+        Ok((released, listeners))
     }
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError> {

@@ -151,6 +151,9 @@ pub struct SledStore {
     pending_bytes: Arc<Semaphore>,
 }
 
+/// sled's page cache.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Most payload bytes waiting for the writer at once.
 const PENDING_BYTES: u32 = 256 * 1024 * 1024;
 
@@ -200,7 +203,13 @@ fn scan_after(
 impl SledStore {
     /// Opens (or creates) the database under `dir` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
-        let db = sled::Config::new().path(dir.join("db")).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .mode(sled::Mode::HighThroughput)
+            // sled's page cache defaults to 1 GiB; the hot set (queue heads, recent events,
+            // listeners) is far smaller, and memory must stay flat under a large backlog.
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
         let tree = db.open_tree("hookd")?;
         let (after_last_event, last_created_ms) = match tree.scan_prefix(keys::EVENTS).next_back() {
             Some(entry) => {

@@ -72,11 +72,11 @@ impl SledStore {
         };
         let mut items = Vec::new();
         let mut last = None;
-        for entry in self.tree.range::<Vec<u8>, _>((start, prefix_end(prefix))).take(scan_budget(limit)) {
+        for entry in self.queue.range::<Vec<u8>, _>((start, prefix_end(prefix))).take(scan_budget(limit)) {
             let (key, value) = entry?;
             let id = std::str::from_utf8(&key[id_start..]).map_err(|_| corrupt(&key))?.to_owned();
             let delivery: Delivery = if index {
-                read(&self.tree, &keys::delivery(&id))?.ok_or_else(|| corrupt(&key))?
+                read(&self.queue, &keys::delivery(&id))?.ok_or_else(|| corrupt(&key))?
             } else {
                 decode(&value).ok_or_else(|| corrupt(&key))?
             };
@@ -92,7 +92,7 @@ impl SledStore {
         let resume_after = match &last {
             Some(id) => {
                 let next = Bound::Excluded([&prefix[..id_start], id.as_bytes()].concat());
-                self.tree.range::<Vec<u8>, _>((next, prefix_end(prefix))).next().is_some().then(|| id.clone())
+                self.queue.range::<Vec<u8>, _>((next, prefix_end(prefix))).next().is_some().then(|| id.clone())
             }
             None => None,
         };
@@ -178,7 +178,7 @@ impl HistoryStore for SledStore {
 
     fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError> {
         let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
-        let Some(delivery) = read::<Delivery>(&self.tree, &keys::delivery(delivery_id))? else {
+        let Some(delivery) = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))? else {
             return Ok(None);
         };
         let entry = DueEntry {
@@ -187,8 +187,8 @@ impl HistoryStore for SledStore {
             listener_id: delivery.listener_id.clone(),
             manual: true,
         };
-        self.tree.insert(keys::due(now_ms, &entry.key_id()), entry.listener_id.as_bytes())?;
-        self.tree.flush()?;
+        self.queue.insert(keys::due(now_ms, &entry.key_id()), entry.listener_id.as_bytes())?;
+        self.queue.flush()?;
         Ok(Some(delivery))
     }
 
@@ -205,9 +205,9 @@ impl HistoryStore for SledStore {
             batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
             batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
         }
-        self.tree.apply_batch(batch)?;
+        self.queue.apply_batch(batch)?;
         // A replay is answered to a caller: make it durable first.
-        self.tree.flush()?;
+        self.queue.flush()?;
         Ok(true)
     }
 
@@ -223,10 +223,10 @@ impl HistoryStore for SledStore {
         let first_id = format!("dlv_{}", crate::crypto::hex(&self.first_seq_since(since_ms)?.to_be_bytes()));
         let start = [prefix.as_slice(), first_id.as_bytes()].concat();
         let mut ids = Vec::new();
-        for entry in self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(&prefix))) {
+        for entry in self.queue.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(&prefix))) {
             let (key, _) = entry?;
             let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| corrupt(&key))?;
-            let Some(delivery) = read::<Delivery>(&self.tree, &keys::delivery(id))? else { continue };
+            let Some(delivery) = read::<Delivery>(&self.queue, &keys::delivery(id))? else { continue };
             let in_window =
                 delivery.created_at_ms >= since_ms && until_ms.is_none_or(|until| delivery.created_at_ms < until);
             if in_window && delivery.state == DeliveryState::Failed as i32 {
@@ -241,7 +241,7 @@ impl HistoryStore for SledStore {
         let mut batch = Batch::default();
         let mut requeued = 0;
         for id in delivery_ids {
-            let Some(mut delivery) = read::<Delivery>(&self.tree, &keys::delivery(id))? else { continue };
+            let Some(mut delivery) = read::<Delivery>(&self.queue, &keys::delivery(id))? else { continue };
             if delivery.state != DeliveryState::Failed as i32 {
                 continue;
             }
@@ -252,8 +252,8 @@ impl HistoryStore for SledStore {
             batch.insert(keys::pending(&delivery.listener_id, id), &[] as &[u8]);
             requeued += 1;
         }
-        self.tree.apply_batch(batch)?;
-        self.tree.flush()?;
+        self.queue.apply_batch(batch)?;
+        self.queue.flush()?;
         Ok(requeued)
     }
 
@@ -261,7 +261,10 @@ impl HistoryStore for SledStore {
         let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
         let fanned_out = super::PipelineStore::fanout_cursor(self)?.next_seq;
         let mut trimmed = Trimmed::default();
-        let mut batch = Batch::default();
+        // Deliveries go first (queue database), then their events (intake database): a crash
+        // in between leaves an event without deliveries, which the next sweep removes.
+        let mut deliveries_batch = Batch::default();
+        let mut events_batch = Batch::default();
         let start = keys::event(start_seq).to_vec();
         let events = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS)));
         for (looked_at, entry) in events.enumerate() {
@@ -269,17 +272,15 @@ impl HistoryStore for SledStore {
             let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
             if event.created_at_ms >= before_ms || event.seq >= fanned_out {
                 trimmed.next_seq = None;
-                self.tree.apply_batch(batch)?;
-                return Ok(trimmed);
+                break;
             }
             if looked_at == max_events {
                 trimmed.next_seq = Some(event.seq);
-                self.tree.apply_batch(batch)?;
-                return Ok(trimmed);
+                break;
             }
             let prefix = keys::deliveries_of_event(event.seq);
             let mut deliveries = Vec::new();
-            for entry in self.tree.scan_prefix(&prefix) {
+            for entry in self.queue.scan_prefix(&prefix) {
                 let (key, value) = entry?;
                 deliveries.push(decode::<Delivery>(&value).ok_or_else(|| corrupt(&key))?);
             }
@@ -288,10 +289,10 @@ impl HistoryStore for SledStore {
                 continue;
             }
             for delivery in &deliveries {
-                batch.remove(keys::delivery(&delivery.id));
-                batch.remove(keys::by_listener(&delivery.listener_id, &delivery.id));
-                for attempt in self.tree.scan_prefix(keys::attempts_prefix(&delivery.id)).keys() {
-                    batch.remove(attempt?);
+                deliveries_batch.remove(keys::delivery(&delivery.id));
+                deliveries_batch.remove(keys::by_listener(&delivery.listener_id, &delivery.id));
+                for attempt in self.queue.scan_prefix(keys::attempts_prefix(&delivery.id)).keys() {
+                    deliveries_batch.remove(attempt?);
                 }
             }
             if !event.idempotency_key.is_empty() {
@@ -299,15 +300,16 @@ impl HistoryStore for SledStore {
                 let points_here =
                     read::<IdempotencyEntry>(&self.tree, &idempotency)?.is_some_and(|e| e.event_id == event.id);
                 if points_here {
-                    batch.remove(idempotency);
+                    events_batch.remove(idempotency);
                 }
             }
-            batch.remove(keys::event_of_producer(&event.producer_id, event.seq));
-            batch.remove(key);
+            events_batch.remove(keys::event_of_producer(&event.producer_id, event.seq));
+            events_batch.remove(key);
             trimmed.events += 1;
             trimmed.deliveries += deliveries.len();
         }
-        self.tree.apply_batch(batch)?;
+        self.queue.apply_batch(deliveries_batch)?;
+        self.tree.apply_batch(events_batch)?;
         Ok(trimmed)
     }
 }

@@ -1,8 +1,11 @@
 //! [`PipelineStore`] on sled: the fan-out cursor, deliveries, the due queue with leases and
 //! parking, attempts and listener health.
 //!
-//! Every method is one `apply_batch` (atomic, crash-safe) on the same tree as the rest, and
-//! none flushes: these writes ride on the next group commit or sled's background flush.
+//! These keys live in the queue database, apart from the intake database that holds the event
+//! log, so a trigger's flush never waits on fan-out and delivery writes. Every method is one
+//! `apply_batch` there (atomic, crash-safe), and none flushes: sled's background flush makes
+//! them durable within half a second, and a crash before that only redoes work (fan-out is
+//! idempotent, delivery at least once). Events are only read, from the intake database.
 //! Only the pipeline calls these, and each queue entry has one owner at a time (dispatcher,
 //! then one worker), so plain batches need no transaction.
 
@@ -60,7 +63,7 @@ impl SledStore {
     /// it last, and where the worker was told) and its lease record.
     fn end_lease(&self, batch: &mut Batch, key_id: &str, given_until_ms: u64) -> Result<(), StoreError> {
         let lease_key = keys::lease(key_id);
-        if let Some(value) = self.tree.get(&lease_key)? {
+        if let Some(value) = self.queue.get(&lease_key)? {
             let (until, _) = parse_lease(&lease_key, &value)?;
             batch.remove(keys::due(until, key_id));
         }
@@ -72,7 +75,7 @@ impl SledStore {
 
 impl PipelineStore for SledStore {
     fn fanout_cursor(&self) -> Result<FanoutCursor, StoreError> {
-        Ok(read(&self.tree, keys::FANOUT_CURSOR)?.unwrap_or_default())
+        Ok(read(&self.queue, keys::FANOUT_CURSOR)?.unwrap_or_default())
     }
 
     fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError> {
@@ -95,7 +98,7 @@ impl PipelineStore for SledStore {
         for delivery in deliveries {
             let key = keys::delivery(&delivery.id);
             // A re-run after a crash must not reset a delivery that already made progress.
-            if self.tree.contains_key(&key)? {
+            if self.queue.contains_key(&key)? {
                 continue;
             }
             batch.insert(key, encode(delivery));
@@ -104,12 +107,12 @@ impl PipelineStore for SledStore {
             batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
         }
         batch.insert(keys::FANOUT_CURSOR, encode(cursor));
-        Ok(self.tree.apply_batch(batch)?)
+        Ok(self.queue.apply_batch(batch)?)
     }
 
     fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError> {
         let end = keys::due(now_ms.saturating_add(1), "");
-        self.tree
+        self.queue
             .range(keys::DUE.to_vec()..end)
             .take(limit)
             .map(|entry| {
@@ -120,7 +123,7 @@ impl PipelineStore for SledStore {
     }
 
     fn next_due_ms(&self) -> Result<Option<u64>, StoreError> {
-        match self.tree.scan_prefix(keys::DUE).next() {
+        match self.queue.scan_prefix(keys::DUE).next() {
             Some(entry) => {
                 let (key, value) = entry?;
                 Ok(Some(due_entry(&key, &value)?.due_ms))
@@ -135,7 +138,7 @@ impl PipelineStore for SledStore {
             let key_id = entry.key_id();
             let lease_key = keys::lease(&key_id);
             // A lease extended keeps the due time from before its first lease.
-            let original_due = match self.tree.get(&lease_key)? {
+            let original_due = match self.queue.get(&lease_key)? {
                 Some(value) => parse_lease(&lease_key, &value)?.1,
                 None => entry.due_ms,
             };
@@ -148,27 +151,27 @@ impl PipelineStore for SledStore {
             batch.remove(keys::due(entry.due_ms, &key_id));
             batch.insert(keys::parked(&entry.listener_id, &key_id), &entry.due_ms.to_be_bytes());
         }
-        Ok(self.tree.apply_batch(batch)?)
+        Ok(self.queue.apply_batch(batch)?)
     }
 
     fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let prefix = keys::parked_prefix(listener_id);
         let mut batch = Batch::default();
         let mut moved = Vec::new();
-        for entry in self.tree.scan_prefix(&prefix).take(limit) {
+        for entry in self.queue.scan_prefix(&prefix).take(limit) {
             let (key, value) = entry?;
             let key_id = utf8(&key, &key[prefix.len()..])?;
             batch.remove(key.clone());
             batch.insert(keys::due(be_u64(&key, &value)?, &key_id), listener_id.as_bytes());
             moved.push(key_id);
         }
-        self.tree.apply_batch(batch)?;
+        self.queue.apply_batch(batch)?;
         Ok(moved)
     }
 
     fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError> {
         let prefix = keys::pending_prefix(listener_id);
-        match self.tree.scan_prefix(&prefix).next() {
+        match self.queue.scan_prefix(&prefix).next() {
             Some(entry) => {
                 let (key, _) = entry?;
                 Ok(Some(utf8(&key, &key[prefix.len()..])?))
@@ -183,12 +186,12 @@ impl PipelineStore for SledStore {
         loop {
             let mut batch = Batch::default();
             let mut count = 0;
-            for entry in self.tree.scan_prefix(keys::LEASES).take(1024) {
+            for entry in self.queue.scan_prefix(keys::LEASES).take(1024) {
                 let (key, value) = entry?;
                 let key_id = utf8(&key, &key[keys::LEASES.len()..])?;
                 let (until, original_due) = parse_lease(&key, &value)?;
                 let queued = keys::due(until, &key_id);
-                if let Some(listener_id) = self.tree.get(&queued)? {
+                if let Some(listener_id) = self.queue.get(&queued)? {
                     batch.remove(queued);
                     batch.insert(keys::due(original_due, &key_id), listener_id);
                 }
@@ -198,14 +201,14 @@ impl PipelineStore for SledStore {
             if count == 0 {
                 break;
             }
-            self.tree.apply_batch(batch)?;
+            self.queue.apply_batch(batch)?;
             released += count;
         }
         // One seek per listener with parked entries, however many it has.
         let mut listeners = Vec::new();
         let mut from = keys::PARKED.to_vec();
         while let Some(entry) =
-            self.tree.range::<Vec<u8>, _>((std::ops::Bound::Included(from), prefix_end(keys::PARKED))).next()
+            self.queue.range::<Vec<u8>, _>((std::ops::Bound::Included(from), prefix_end(keys::PARKED))).next()
         {
             let (key, _) = entry?;
             let rest = utf8(&key, &key[keys::PARKED.len()..])?;
@@ -221,7 +224,7 @@ impl PipelineStore for SledStore {
     }
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError> {
-        read(&self.tree, &keys::delivery(delivery_id))
+        read(&self.queue, &keys::delivery(delivery_id))
     }
 
     fn complete_attempt(
@@ -243,17 +246,17 @@ impl PipelineStore for SledStore {
             NextStep::Done => batch.remove(keys::pending(&delivery.listener_id, &delivery.id)),
             NextStep::Keep => {}
         }
-        Ok(self.tree.apply_batch(batch)?)
+        Ok(self.queue.apply_batch(batch)?)
     }
 
     fn drop_entry(&self, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
         // A delivery that no longer exists must not hold its listener's order.
-        if !self.tree.contains_key(keys::delivery(&entry.delivery_id))? {
+        if !self.queue.contains_key(keys::delivery(&entry.delivery_id))? {
             batch.remove(keys::pending(&entry.listener_id, &entry.delivery_id));
         }
-        Ok(self.tree.apply_batch(batch)?)
+        Ok(self.queue.apply_batch(batch)?)
     }
 
     fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError> {
@@ -264,12 +267,12 @@ impl PipelineStore for SledStore {
         batch.insert(keys::delivery(&delivery.id), encode(&cancelled));
         self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
         batch.remove(keys::pending(&delivery.listener_id, &delivery.id));
-        Ok(self.tree.apply_batch(batch)?)
+        Ok(self.queue.apply_batch(batch)?)
     }
 
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError> {
         let prefix = keys::attempts_prefix(delivery_id);
-        self.tree
+        self.queue
             .range::<Vec<u8>, _>((std::ops::Bound::Included(prefix.clone()), prefix_end(&prefix)))
             .map(|entry| {
                 let (key, value) = entry?;
@@ -279,11 +282,11 @@ impl PipelineStore for SledStore {
     }
 
     fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError> {
-        Ok(read(&self.tree, &keys::listener_health(listener_id))?.unwrap_or_default())
+        Ok(read(&self.queue, &keys::listener_health(listener_id))?.unwrap_or_default())
     }
 
     fn set_listener_health(&self, listener_id: &str, health: &ListenerHealth) -> Result<(), StoreError> {
-        self.tree.insert(keys::listener_health(listener_id), encode(health))?;
+        self.queue.insert(keys::listener_health(listener_id), encode(health))?;
         Ok(())
     }
 }

@@ -1,8 +1,12 @@
-//! The embedded backend: one sled tree with one key prefix per keyspace.
+//! The embedded backend: two sled databases, each one tree with one key prefix per keyspace.
 //!
-//! One tree (rather than a tree per keyspace) lets a record and its indexes change in one
-//! `apply_batch` — atomic without cross-tree transactions. Reads go straight to sled; every
-//! write goes through the group-commit [`Writer`]. Key layout (`/` ends each prefix):
+//! One tree per database (rather than a tree per keyspace) lets a record and its indexes
+//! change in one `apply_batch` — atomic without cross-tree transactions. The intake database
+//! (`db/`: the rows from `m/` to `i/` below) is written only by the group-commit [`Writer`]
+//! and flushed before a trigger is answered; the queue database (`queue/`: `c/` and the rows
+//! after it) holds the pipeline's state and is never flushed on the trigger path, so fanning
+//! an event out to a thousand listeners adds nothing to a trigger's flush. Reads go straight
+//! to sled. Key layout (`/` ends each prefix):
 //!
 //! | key | value |
 //! | --- | --- |
@@ -139,7 +143,11 @@ pub(crate) mod keys {
 /// The sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
+    /// Intake: producers, keys, hashes, listeners, the event log, idempotency records.
     pub(super) tree: Tree,
+    /// The delivery pipeline's state, in its own database (see `sled_pipeline`).
+    queue_db: sled::Db,
+    pub(super) queue: Tree,
     jobs: Mutex<Option<JobSender>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     durable_seq: watch::Receiver<u64>,
@@ -211,6 +219,12 @@ impl SledStore {
             .cache_capacity(CACHE_BYTES)
             .open()?;
         let tree = db.open_tree("hookd")?;
+        let queue_db = sled::Config::new()
+            .path(dir.join("queue"))
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(CACHE_BYTES)
+            .open()?;
+        let queue = queue_db.open_tree("queue")?;
         let (after_last_event, last_created_ms) = match tree.scan_prefix(keys::EVENTS).next_back() {
             Some(entry) => {
                 let (key, value) = entry?;
@@ -234,6 +248,8 @@ impl SledStore {
         Ok(Arc::new(Self {
             db,
             tree,
+            queue_db,
+            queue,
             jobs: Mutex::new(Some(jobs_tx)),
             writer: Mutex::new(Some(handle)),
             durable_seq: durable_rx,
@@ -471,6 +487,7 @@ impl Store for SledStore {
             tracing::error!("the database writer thread panicked");
         }
         self.db.flush()?;
+        self.queue_db.flush()?;
         Ok(())
     }
 }

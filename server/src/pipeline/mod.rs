@@ -35,6 +35,31 @@ use crate::store::{DeliveryState, HistoryStore, PipelineStore, Store};
 pub use retry::RetrySchedule;
 pub use target::{PolicyKind, TargetPolicy};
 
+/// Niceness of the delivery threads: under contention the scheduler gives intake (nice 0)
+/// about nine tenths of the CPU.
+const PIPELINE_NICE: i32 = 10;
+
+/// The runtime the pipeline runs on: two worker threads and a blocking pool, all at a lower
+/// CPU priority than intake, so fan-out and delivery use what intake leaves.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hookd-pipeline")
+        .on_thread_start(lower_priority)
+        .enable_all()
+        .build()
+}
+
+/// Lowers the calling thread's CPU priority (Linux: niceness is per thread). Best effort.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
+    unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, PIPELINE_NICE);
+    }
+}
+
 /// How the pipeline behaves; part of the server's configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {

@@ -30,12 +30,26 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// Starts the receiver on a runtime of its own whose threads run at a low CPU priority:
+    /// it stands for listeners on other machines, so it should take as little as it can from
+    /// the hookd under test on this one.
     pub async fn start() -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("bench-receiver")
+            .on_thread_start(crate::lower_priority)
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _inside = runtime.enter();
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?
+        };
         let addr = listener.local_addr()?;
         let counters = Arc::new(Counters::default());
         let shared = counters.clone();
-        tokio::spawn(async move {
+        // The runtime lives as long as the bench.
+        let runtime = Box::leak(Box::new(runtime));
+        runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let counters = shared.clone();
                 tokio::spawn(async move {

@@ -44,6 +44,8 @@ const PIPELINE_NICE: i32 = 10;
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Blocking store calls are short; a few threads keep memory (and thread churn) small.
+        .max_blocking_threads(16)
         .thread_name("hookd-pipeline")
         .on_thread_start(lower_priority)
         .enable_all()

@@ -4,7 +4,9 @@
 //! Modules, each the single owner of its concern: [`config`] (flags and environment),
 //! [`store`] (all durable state; the only one that touches sled), [`crypto`] (keys, sealed
 //! secrets, event hashes), [`auth`] (who is calling), [`validate`] (input rules), `api` (the
-//! gRPC services; the only one that sees tonic types), [`telemetry`] (logging).
+//! gRPC services; the only one that sees tonic types), [`pipeline`] (fan-out, dispatch,
+//! delivery, retries, retention; never sees gRPC types), [`ids`], [`clock`], [`telemetry`]
+//! (logging).
 
 mod api;
 pub mod auth;

@@ -65,7 +65,9 @@ impl SledStore {
         let lease_key = keys::lease(key_id);
         if let Some(value) = self.queue.get(&lease_key)? {
             let (until, _) = parse_lease(&lease_key, &value)?;
-            batch.remove(keys::due(until, key_id));
+            if until != given_until_ms {
+                batch.remove(keys::due(until, key_id));
+            }
         }
         batch.remove(keys::due(given_until_ms, key_id));
         batch.remove(lease_key);

@@ -102,6 +102,8 @@ impl Writer {
         let mut completions: Vec<Completion> = Vec::with_capacity(group.len());
         // Idempotency keys claimed earlier in this same group, not yet in the tree.
         let mut claimed: HashMap<Vec<u8>, String> = HashMap::new();
+        // Callers already checked in this group (a stream sends many triggers with one key).
+        let mut checked: HashMap<(String, [u8; 32]), Result<(), StoreError>> = HashMap::new();
         let mut failure: Option<StoreError> = None;
         let seq_before = self.next_seq;
 
@@ -112,18 +114,22 @@ impl Writer {
                 continue;
             }
             match job {
-                Job::Append { event, reply } => match self.stage_append(event, &mut batch, &mut claimed) {
-                    Ok((appended, new)) => {
-                        staged += usize::from(new);
-                        completions.push(Box::new(move |flushed| {
-                            let _ = reply.send(flushed.map(|()| appended));
-                        }));
+                Job::Append { event, reply } => {
+                    match self.stage_append(event, &mut batch, &mut claimed, &mut checked) {
+                        Ok((appended, new)) => {
+                            staged += usize::from(new);
+                            completions.push(Box::new(move |flushed| {
+                                let _ = reply.send(flushed.map(|()| appended));
+                            }));
+                        }
+                        Err(error) => {
+                            let _ = reply.send(Err(error));
+                        }
                     }
-                    Err(error) => {
-                        let _ = reply.send(Err(error));
-                    }
-                },
+                }
                 Job::Write(write) => {
+                    // A write may disable a producer or revoke a key: check callers afresh.
+                    checked.clear();
                     // Earlier appends go first, so a write sees the state before it.
                     if staged > 0 {
                         if let Err(error) = self.apply(std::mem::take(&mut batch)) {
@@ -178,8 +184,17 @@ impl Writer {
         event: NewEvent,
         batch: &mut Batch,
         claimed: &mut HashMap<Vec<u8>, String>,
+        checked: &mut HashMap<(String, [u8; 32]), Result<(), StoreError>>,
     ) -> Result<(Appended, bool), StoreError> {
-        self.check_caller(&event)?;
+        let caller = (event.producer_id.clone(), event.key_hash);
+        match checked.get(&caller) {
+            Some(verdict) => verdict.clone()?,
+            None => {
+                let verdict = self.check_caller(&event);
+                checked.insert(caller, verdict.clone());
+                verdict?;
+            }
+        }
         let idempotency = event.idempotency_key.as_deref().map(|key| keys::idempotency(&event.producer_id, key));
         if let Some(idem_key) = &idempotency {
             if let Some(event_id) = claimed.get(idem_key) {

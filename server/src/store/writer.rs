@@ -46,6 +46,44 @@ impl Job {
 
 pub(crate) type JobSender = mpsc::Sender<Job>;
 
+/// Applied groups waiting for the flusher before the writer waits too.
+const FLUSHES_IN_FLIGHT: usize = 64;
+
+/// An applied group: answered once a flush that began after it is done.
+struct Flush {
+    completions: Vec<Completion>,
+    /// The next sequence number after the group: what is durable once it is flushed.
+    next_seq: u64,
+}
+
+/// Flushes whatever groups have been applied, then answers them; stops on a failed flush.
+fn flush_loop(tree: &Tree, durable_seq: &watch::Sender<u64>, groups: &std::sync::mpsc::Receiver<Flush>) {
+    while let Ok(first) = groups.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(groups.try_iter());
+        let outcome = tree.flush().map(|_| ()).map_err(StoreError::from);
+        if outcome.is_ok() {
+            let next_seq = waiting.iter().map(|group| group.next_seq).max().unwrap_or(0);
+            if next_seq > *durable_seq.borrow() {
+                durable_seq.send_replace(next_seq);
+            }
+        }
+        for group in waiting {
+            for completion in group.completions {
+                completion(outcome.clone());
+            }
+        }
+        if let Err(error) = outcome {
+            tracing::error!(error = &error as &dyn std::error::Error, "database flush failed; the writer stops");
+            return;
+        }
+    }
+    // Every sender is gone: one last flush for whatever was applied without an answer.
+    if let Err(error) = tree.flush() {
+        tracing::error!(%error, "final flush of the database failed");
+    }
+}
+
 /// State the writer keeps between groups.
 pub(crate) struct Writer {
     tree: Tree,
@@ -69,10 +107,23 @@ impl Writer {
         Self { tree, jobs, next_seq, last_created_ms, durable_seq }
     }
 
-    /// Serves jobs until every sender is gone, then flushes one last time. A group that
-    /// fails to apply or flush stops the writer: its callers get the error, later ones find
-    /// the store closed (UNAVAILABLE) rather than writes that may or may not be on disk.
+    /// Serves jobs until every sender is gone, then flushes one last time.
+    ///
+    /// Applying and flushing overlap: this thread applies a group and hands its answers to
+    /// the flusher thread, then applies the next group while the flusher's flush (which covers
+    /// every group applied before it began) is under way; the flusher answers the groups once
+    /// their flush is done. A group that fails to apply or flush stops the writer: its callers
+    /// get the error, later ones find the store closed (UNAVAILABLE) rather than writes that
+    /// may or may not be on disk.
     pub(crate) fn run(mut self) {
+        let (flushes, flusher_jobs) = std::sync::mpsc::sync_channel::<Flush>(FLUSHES_IN_FLIGHT);
+        let flusher = {
+            let (tree, durable_seq) = (self.tree.clone(), self.durable_seq.clone());
+            std::thread::Builder::new()
+                .name("hookd-flusher".into())
+                .spawn(move || flush_loop(&tree, &durable_seq, &flusher_jobs))
+                .expect("the flusher thread starts")
+        };
         let mut group = Vec::with_capacity(64);
         while let Some(first) = self.jobs.blocking_recv() {
             let mut bytes = first.bytes();
@@ -86,17 +137,23 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Err(error) = self.commit(&mut group) {
-                tracing::error!(error = &error as &dyn std::error::Error, "database write failed; the writer stops");
-                return;
+            let Some(flush) = self.commit(&mut group) else {
+                break;
+            };
+            if flushes.send(flush).is_err() {
+                // The flusher stopped on a failed flush.
+                break;
             }
         }
-        if let Err(error) = self.tree.flush() {
-            tracing::error!(%error, "final flush of the database failed");
+        drop(flushes);
+        if flusher.join().is_err() {
+            tracing::error!("the database flusher thread panicked");
         }
     }
 
-    fn commit(&mut self, group: &mut Vec<Job>) -> Result<(), StoreError> {
+    /// Applies a group; returns what its flush must answer, or `None` (after answering the
+    /// group with the error) when applying failed.
+    fn commit(&mut self, group: &mut Vec<Job>) -> Option<Flush> {
         let mut batch = Batch::default();
         let mut staged = 0usize;
         let mut completions: Vec<Completion> = Vec::with_capacity(group.len());
@@ -105,7 +162,6 @@ impl Writer {
         // Callers already checked in this group (a stream sends many triggers with one key).
         let mut checked: HashMap<(String, [u8; 32]), Result<(), StoreError>> = HashMap::new();
         let mut failure: Option<StoreError> = None;
-        let seq_before = self.next_seq;
 
         for job in group.drain(..) {
             if let Some(error) = &failure {
@@ -153,17 +209,14 @@ impl Writer {
         {
             failure = Some(error);
         }
-        let outcome = match failure {
-            Some(error) => Err(error),
-            None => self.tree.flush().map(|_| ()).map_err(StoreError::from),
-        };
-        if outcome.is_ok() && self.next_seq != seq_before {
-            self.durable_seq.send_replace(self.next_seq);
+        if let Some(error) = failure {
+            tracing::error!(error = &error as &dyn std::error::Error, "database write failed; the writer stops");
+            for completion in completions {
+                completion(Err(error.clone()));
+            }
+            return None;
         }
-        for completion in completions {
-            completion(outcome.clone());
-        }
-        outcome
+        Some(Flush { completions, next_seq: self.next_seq })
     }
 
     /// Applies the staged appends together with the sequence high-water mark, so numbers are

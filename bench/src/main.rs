@@ -245,7 +245,7 @@ async fn stream_scenario(
     let seconds = publish_all(&producer, "bench.stream", plan.stream_events).await?;
     hookd.kill().await;
     let events_per_s = plan.stream_events as f64 / seconds;
-    let raw = raw::bidi_echo(trivial, plan.stream_events, 1024).await?;
+    let raw = raw::bidi_echo(trivial, plan.stream_events, 4096).await?;
     eprintln!("stream: {events_per_s:.0} events/s durable (raw bidi echo {raw:.0}/s)");
     Ok(json!({ "events_per_s": round(events_per_s), "raw_grpc_bidi_per_s": round(raw), "events": plan.stream_events }))
 }

@@ -20,7 +20,7 @@ use crate::{Ack, Client, Error, Trigger};
 /// Items waiting to be handed to the stream task (callers wait beyond that).
 const QUEUE: usize = 4096;
 /// Items sent on the stream and not yet acknowledged, at most.
-const IN_FLIGHT: usize = 1024;
+const IN_FLIGHT: usize = 4096;
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const LONGEST_PAUSE: Duration = Duration::from_secs(2);
 

@@ -28,7 +28,7 @@ use crate::store::{NewEvent, Producer};
 use crate::{auth, validate};
 
 /// Triggers of one stream waiting to be durable at once.
-const STREAM_IN_FLIGHT: usize = 1024;
+const STREAM_IN_FLIGHT: usize = 4096;
 /// Payload bytes of one stream's triggers in flight at once.
 const STREAM_BYTES: usize = 64 * 1024 * 1024;
 /// Updates queued for one watcher before it counts as too slow.

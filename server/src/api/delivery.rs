@@ -248,19 +248,7 @@ impl DeliveryService for DeliveryApi {
                 let batch: Vec<Delivery> = listeners
                     .iter()
                     .filter(|listener| listener.enabled)
-                    .map(|listener| Delivery {
-                        id: ids::replay_delivery_id(event.seq),
-                        event_id: event.id.clone(),
-                        event_seq: event.seq,
-                        listener_id: listener.id.clone(),
-                        producer_id: event.producer_id.clone(),
-                        state: DeliveryState::Pending as i32,
-                        attempts: 0,
-                        next_attempt_at_ms: now,
-                        last_status_code: 0,
-                        created_at_ms: now,
-                        manual_attempts: 0,
-                    })
+                    .map(|listener| Delivery::pending(ids::replay_delivery_id(event.seq), &event, &listener.id, now))
                     .collect();
                 if !history.create_deliveries(&batch)? {
                     return Err(ApiError::NotFound("event"));

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Context, blocking};
 use crate::clock::now_ms;
 use crate::ids;
-use crate::store::{Delivery, DeliveryState, FanoutCursor, StoreError};
+use crate::store::{Delivery, FanoutCursor, StoreError};
 
 /// Listeners handled per atomic write.
 const CHUNK: usize = 500;
@@ -84,18 +84,8 @@ fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Resul
         let room = CHUNK - deliveries.len();
         let listeners =
             context.store.list_listeners(&event.producer_id, Some(&event.event_type), after.as_deref(), room)?;
-        deliveries.extend(listeners.iter().filter(|listener| listener.enabled).map(|listener| Delivery {
-            id: ids::delivery_id(event.seq, &listener.id),
-            event_id: event.id.clone(),
-            event_seq: event.seq,
-            listener_id: listener.id.clone(),
-            producer_id: event.producer_id.clone(),
-            state: DeliveryState::Pending as i32,
-            attempts: 0,
-            next_attempt_at_ms: due_ms,
-            last_status_code: 0,
-            created_at_ms: due_ms,
-            manual_attempts: 0,
+        deliveries.extend(listeners.iter().filter(|listener| listener.enabled).map(|listener| {
+            Delivery::pending(ids::delivery_id(event.seq, &listener.id), &event, &listener.id, due_ms)
         }));
         moved = true;
         cursor = match listeners.last() {

@@ -201,6 +201,25 @@ pub struct Delivery {
     pub manual_attempts: u32,
 }
 
+impl Delivery {
+    /// A new pending delivery of `event` to `listener_id`, due at `due_ms`.
+    pub fn pending(id: String, event: &Event, listener_id: &str, due_ms: u64) -> Self {
+        Self {
+            id,
+            event_id: event.id.clone(),
+            event_seq: event.seq,
+            listener_id: listener_id.to_owned(),
+            producer_id: event.producer_id.clone(),
+            state: DeliveryState::Pending as i32,
+            attempts: 0,
+            next_attempt_at_ms: due_ms,
+            last_status_code: 0,
+            created_at_ms: due_ms,
+            manual_attempts: 0,
+        }
+    }
+}
+
 /// What started an attempt. Numbers match `hookd.v1.AttemptTrigger`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
 #[repr(i32)]

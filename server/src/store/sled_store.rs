@@ -211,19 +211,18 @@ fn scan_after(
 impl SledStore {
     /// Opens (or creates) the database under `dir` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
-        let db = sled::Config::new()
-            .path(dir.join("db"))
-            .mode(sled::Mode::HighThroughput)
-            // sled's page cache defaults to 1 GiB; the hot set (queue heads, recent events,
-            // listeners) is far smaller, and memory must stay flat under a large backlog.
-            .cache_capacity(CACHE_BYTES)
-            .open()?;
+        let open = |name: &str| {
+            sled::Config::new()
+                .path(dir.join(name))
+                .mode(sled::Mode::HighThroughput)
+                // sled's page cache defaults to 1 GiB; the hot set (queue heads, recent
+                // events, listeners) is far smaller, and memory must stay flat under a backlog.
+                .cache_capacity(CACHE_BYTES)
+                .open()
+        };
+        let db = open("db")?;
         let tree = db.open_tree("hookd")?;
-        let queue_db = sled::Config::new()
-            .path(dir.join("queue"))
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(CACHE_BYTES)
-            .open()?;
+        let queue_db = open("queue")?;
         let queue = queue_db.open_tree("queue")?;
         let (after_last_event, last_created_ms) = match tree.scan_prefix(keys::EVENTS).next_back() {
             Some(entry) => {

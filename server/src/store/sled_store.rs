@@ -160,7 +160,7 @@ pub struct SledStore {
 }
 
 /// sled's page cache.
-const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Most payload bytes waiting for the writer at once.
 const PENDING_BYTES: u32 = 256 * 1024 * 1024;

@@ -27,6 +27,44 @@ async fn count_events(client: &Client) -> usize {
     }
 }
 
+/// Publishes many events at once and follows their acks as they come back.
+struct InFlight {
+    published: tokio::task::JoinSet<Result<hookd_client::Ack, Error>>,
+    acked: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl InFlight {
+    fn publish(publisher: &hookd_client::Publisher, event_type: &str, count: usize) -> Self {
+        let (acked_tx, acked) = tokio::sync::mpsc::unbounded_channel();
+        let mut published = tokio::task::JoinSet::new();
+        for n in 0..count {
+            let (publish, acked_tx) = (publisher.publish(Trigger::new(event_type, n.to_string())), acked_tx.clone());
+            published.spawn(async move {
+                let ack = publish.await;
+                let _ = acked_tx.send(());
+                ack
+            });
+        }
+        Self { published, acked }
+    }
+
+    /// Waits until `count` more acks (or errors) came back.
+    async fn acked(&mut self, count: usize) {
+        for _ in 0..count {
+            bounded("acks", self.acked.recv()).await;
+        }
+    }
+
+    /// Every publish's event id; fails the test if any publish failed.
+    async fn all_acked(mut self) -> HashSet<String> {
+        let mut ids = HashSet::new();
+        while let Some(ack) = bounded("every ack", self.published.join_next()).await {
+            ids.insert(ack.unwrap().expect("every publish succeeds across the outage").event_id);
+        }
+        ids
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_events_through_one_publisher_are_each_acked_once() {
     const EVENTS: usize = 10_000;
@@ -55,27 +93,11 @@ async fn the_publisher_recovers_from_a_server_restart_mid_stream() {
     assert!(listener.secret.is_some());
     let publisher = producer.publisher();
 
-    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
-    let mut published = tokio::task::JoinSet::new();
-    for n in 0..EVENTS {
-        let (publish, acked_tx) = (publisher.publish(Trigger::new("steady.flow", n.to_string())), acked_tx.clone());
-        published.spawn(async move {
-            let ack = publish.await;
-            let _ = acked_tx.send(());
-            ack
-        });
-    }
+    let mut in_flight = InFlight::publish(&publisher, "steady.flow", EVENTS);
     // Restart while items are still in flight.
-    for _ in 0..EVENTS / 3 {
-        bounded("acks before the restart", acked.recv()).await;
-    }
+    in_flight.acked(EVENTS / 3).await;
     let server = server.restart().await;
-
-    let mut ids = HashSet::new();
-    while let Some(ack) = bounded("every ack", published.join_next()).await {
-        let ack = ack.unwrap().expect("every publish succeeds across the restart");
-        ids.insert(ack.event_id);
-    }
+    let ids = in_flight.all_acked().await;
     assert_eq!(ids.len(), EVENTS, "one event per publish, none lost, none recorded twice");
     let producer = server.anonymous().await.with_api_key(&key).unwrap();
     assert_eq!(count_events(&producer).await, EVENTS);
@@ -229,26 +251,11 @@ async fn the_publisher_survives_a_kill_9_mid_stream() {
     let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
     let publisher = producer.publisher();
 
-    let (acked_tx, mut acked) = tokio::sync::mpsc::unbounded_channel();
-    let mut published = tokio::task::JoinSet::new();
-    for n in 0..EVENTS {
-        let (publish, acked_tx) = (publisher.publish(Trigger::new("crash.flow", n.to_string())), acked_tx.clone());
-        published.spawn(async move {
-            let ack = publish.await;
-            let _ = acked_tx.send(());
-            ack
-        });
-    }
-    for _ in 0..EVENTS / 4 {
-        bounded("acks before the crash", acked.recv()).await;
-    }
+    let mut in_flight = InFlight::publish(&publisher, "crash.flow", EVENTS);
+    in_flight.acked(EVENTS / 4).await;
     hookd.kill9().await;
     let hookd = crate::support::HookdProcess::start_listening(dir.path(), &env).await.unwrap();
-
-    let mut ids = HashSet::new();
-    while let Some(ack) = bounded("every ack", published.join_next()).await {
-        ids.insert(ack.unwrap().expect("every publish succeeds across the crash").event_id);
-    }
+    let ids = in_flight.all_acked().await;
     assert_eq!(ids.len(), EVENTS, "one event per publish: none lost, none recorded twice");
     let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
     assert_eq!(count_events(&producer).await, EVENTS);

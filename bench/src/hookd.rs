@@ -11,17 +11,24 @@ use tokio::process::{Child, Command};
 pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 
 /// Builds `hookd` in release mode (a no-op when it is fresh) and returns its path.
+///
+/// It builds into a target directory of its own: built beside the bench, `hookd-server`'s
+/// dependencies get other features unified in, and each run would rebuild both.
 pub fn build() -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let exe = std::env::current_exe().map_err(|error| error.to_string())?;
+    // The bench runs from <target>/release/hookd-bench.
+    let target = exe.parent().and_then(Path::parent).ok_or("the bench binary has no target directory")?;
+    let own_target = target.join("bench-hookd");
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "-p", "hookd-server", "--bin", "hookd"])
+        .args(["build", "--release", "-p", "hookd-server", "--bin", "hookd", "--target-dir"])
+        .arg(&own_target)
         .status()
         .map_err(|error| format!("cannot run cargo: {error}"))?;
     if !status.success() {
         return Err("building hookd failed".into());
     }
-    let exe = std::env::current_exe().map_err(|error| error.to_string())?;
-    let path = exe.with_file_name("hookd");
+    let path = own_target.join("release").join("hookd");
     if path.exists() { Ok(path) } else { Err(format!("no hookd binary at {}", path.display())) }
 }
 

@@ -183,7 +183,7 @@ async fn serve(
     shutdown.cancel();
     pipeline_stopped.await.expect("stopping the pipeline does not panic");
     // A runtime is dropped off the async threads; what is left of it (attempts past the
-    // deadline) is abandoned, their leases redone after a restart.
+    // deadline) is abandoned, to be redone after a restart.
     tokio::task::spawn_blocking(move || pipeline_runtime.shutdown_timeout(Duration::from_millis(100)))
         .await
         .expect("shutting the pipeline runtime down does not panic");

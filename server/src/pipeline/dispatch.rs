@@ -1,18 +1,24 @@
 //! The dispatcher: hands due deliveries to workers, in queue order, within the limits.
 //!
 //! It is the only owner of the per-listener [`Gate`]s (in-flight count, held and parked
-//! entries, back-off), so their decisions need no locks: workers report back through the
-//! inbox. A delivery whose listener is at its in-flight cap is *held*: leased and kept in a
-//! short in-memory line that the listener's next free slot takes from, with no further write.
-//! Beyond that line, or while a listener is disabled, backed off or waiting on its order, a
-//! delivery is *parked* in its listener's lot (kept in delivery order) instead of being
-//! rescanned, so one hanging listener with a large backlog costs nothing per pass; finishing
-//! work or the end of a back-off puts parked entries back. Each pass's decisions are one
-//! atomic write: what may go or is held is leased (a crash makes it due again), and a worker
-//! always reports back, even if it panics.
+//! entries, back-off) and of who has which queue entry, so their decisions need no locks and
+//! no writes: workers report back through the inbox. A queue entry stays in the store while
+//! it is worked on (a crash leaves it due, in order); the dispatcher remembers in memory
+//! which entries are claimed and reads the queue from a cursor, so a claimed entry is not
+//! read again on every pass. Whoever queues an entry behind the cursor (fan-out racing a
+//! retry, a worker handing an entry back, an unparked lot, the API) rewinds it.
+//!
+//! A delivery whose listener is at its in-flight cap is *held*: claimed and kept in an
+//! in-memory line that the listener's next free slot takes from. Beyond that line, or while
+//! a listener is disabled, backed off or waiting on its order, a delivery is *parked* in its
+//! listener's lot (kept in delivery order) instead of being rescanned, so one hanging
+//! listener with a large backlog costs nothing per pass; finishing work or the end of a
+//! back-off puts parked entries back, half a line at a time. A worker always reports back,
+//! even if it panics.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
@@ -22,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use super::worker::{self, Finished, Outcome};
 use super::{Command, Context, blocking};
 use crate::clock::now_ms;
-use crate::store::{DueEntry, Listener, ListenerHealth, StoreError};
+use crate::store::{DueEntry, Listener, ListenerHealth, QueuePosition, StoreError};
 
 /// Most queue entries considered in one pass.
 const PASS_LIMIT: usize = 512;
@@ -32,9 +38,10 @@ const BACKOFF_AFTER_FAILURES: u32 = 5;
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Parked entries put back per write when a listener is deleted.
 const UNPARK_CHUNK: usize = 1000;
-/// Entries held in memory for one listener at its cap, and for all listeners together.
-const HELD_PER_LISTENER: usize = 256;
-const HELD_TOTAL: usize = 16_384;
+/// Entries held in memory for one listener at its cap, and for all listeners together (an
+/// entry held costs about 200 bytes; a parked one two writes to park and two to put back).
+const HELD_PER_LISTENER: usize = 16_384;
+const HELD_TOTAL: usize = 65_536;
 /// A parked count not known exactly (after a restart): "some", until a lot runs dry.
 const SOME_PARKED: usize = usize::MAX / 2;
 
@@ -44,8 +51,8 @@ struct Gate {
     in_flight: usize,
     /// Entries in the listener's parking lot.
     parked: usize,
-    /// Leased entries waiting in memory for a free slot, oldest first, with their lease end.
-    held: VecDeque<(DueEntry, u64)>,
+    /// Claimed entries waiting in memory for a free slot, oldest first.
+    held: VecDeque<DueEntry>,
     /// Queue key ids taken out of the lot and not yet seen again: they may pass the parked ones.
     released: HashSet<String>,
     /// Consecutive failed attempts.
@@ -66,20 +73,28 @@ impl Gate {
             && self.failures == 0
     }
 
-    /// How many parked entries may be put back now.
+    /// How many parked entries may be put back now: for an ordered listener its head, else
+    /// enough to fill its slots and its line, once the line is down to half (so a listener
+    /// with a large backlog costs one write per half line, not one per delivery).
     fn room(&self, cap: usize, now: u64) -> usize {
         if self.blocked_until_ms > now {
             return 0;
         }
-        let cap = if self.ordered { 1 } else { cap };
-        cap.saturating_sub(self.in_flight + self.released.len() + self.held.len()).min(self.parked)
+        let waiting = self.held.len() + self.released.len();
+        if self.ordered {
+            return 1usize.saturating_sub(self.in_flight + waiting).min(self.parked);
+        }
+        if waiting > HELD_PER_LISTENER / 2 {
+            return 0;
+        }
+        (cap + HELD_PER_LISTENER).saturating_sub(self.in_flight + waiting).min(self.parked)
     }
 }
 
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Go,
-    /// Lease it and keep it in memory until the listener has a free slot.
+    /// Claim it and keep it in memory until the listener has a free slot.
     Hold,
     Park,
 }
@@ -87,7 +102,8 @@ enum Verdict {
 /// What a pass found.
 #[derive(Debug, PartialEq, Eq)]
 enum Pass {
-    /// Something was handed out, parked or re-leased: look again at once.
+    /// Something was handed out, held or parked, or there may be more to read: look again
+    /// at once.
     Progress,
     /// Nothing is due.
     Idle,
@@ -102,8 +118,15 @@ pub(crate) struct Dispatcher {
     permits: Arc<Semaphore>,
     workers: TaskTracker,
     gates: HashMap<String, Gate>,
-    /// Deliveries a worker or the held line has right now.
-    in_flight: HashSet<String>,
+    /// Deliveries a worker or the held line has right now, with the queue entry claimed.
+    in_flight: HashMap<String, QueuePosition>,
+    /// Deliveries with an entry skipped because another entry of theirs was claimed (a
+    /// manual attempt beside the scheduled one), with the skipped entry's due time: read
+    /// again when the claimed one is done.
+    deferred: HashMap<String, u64>,
+    /// The queue is read from just after here; everything before it is decided, claimed or
+    /// deferred. `None`: from the start.
+    cursor: Option<QueuePosition>,
     /// How many entries are held, and by which listeners.
     held_total: usize,
     holding: BTreeSet<String>,
@@ -140,7 +163,9 @@ impl Dispatcher {
             permits,
             workers: TaskTracker::new(),
             gates: HashMap::new(),
-            in_flight: HashSet::new(),
+            in_flight: HashMap::new(),
+            deferred: HashMap::new(),
+            cursor: None,
             held_total: 0,
             holding: BTreeSet::new(),
             backoffs: BTreeSet::new(),
@@ -154,12 +179,9 @@ impl Dispatcher {
     /// Dispatches until `shutdown`, then waits for the workers it started.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let queue = self.context.queue.clone();
-        match blocking(move || queue.recover()).await {
-            Ok((released, parked)) => {
-                if released > 0 {
-                    tracing::info!(released, "leases of the previous run released");
-                }
-                // Parked lots are taken back a few at a time, like any other, so the first
+        match blocking(move || queue.parked_listeners()).await {
+            Ok(parked) => {
+                // Parked lots are taken back a line at a time, like any other, so the first
                 // delivery after a restart does not wait for a large backlog to move.
                 for listener_id in parked {
                     self.gates.entry(listener_id.clone()).or_default().parked = SOME_PARKED;
@@ -167,7 +189,7 @@ impl Dispatcher {
                     self.unpark(&listener_id, room).await;
                 }
             }
-            Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "cannot release old leases"),
+            Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "cannot read the parking lots"),
         }
         while !shutdown.is_cancelled() {
             while let Ok(command) = self.inbox.try_recv() {
@@ -216,10 +238,12 @@ impl Dispatcher {
         self.workers.wait().await;
     }
 
-    /// When something next becomes due: the queue's first entry or the end of a back-off.
+    /// When something next becomes due: the queue's first entry past the cursor or the end
+    /// of a back-off.
     async fn next_wake(&self) -> Option<u64> {
         let queue = self.context.queue.clone();
-        let next_due = match blocking(move || queue.next_due_ms()).await {
+        let after = self.cursor.clone();
+        let next_due = match blocking(move || queue.next_due_ms(after.as_ref())).await {
             Ok(next_due) => next_due,
             // Look again soon; the error is logged by the pass that meets it.
             Err(_) => Some(now_ms() + 1000),
@@ -228,20 +252,38 @@ impl Dispatcher {
         [next_due, next_backoff].into_iter().flatten().min()
     }
 
-    /// Considers the due entries once: hands out, holds, parks or re-leases each.
+    /// Moves the cursor back so that entries due at `due_ms` or later are read again.
+    fn rewind(&mut self, due_ms: u64) {
+        let to = (due_ms, String::new());
+        if self.cursor.as_ref().is_some_and(|cursor| to < *cursor) {
+            self.cursor = Some(to);
+        }
+    }
+
+    /// Reads the due entries past the cursor once: hands out, holds, parks or skips each.
     async fn pass(&mut self) -> Result<Pass, StoreError> {
         self.start_held_anywhere();
+        let queued_from = self.context.queued_from.swap(u64::MAX, Ordering::AcqRel);
+        if queued_from != u64::MAX {
+            self.rewind(queued_from);
+        }
         let available = self.permits.available_permits();
         if available == 0 {
             return Ok(Pass::PoolFull);
         }
         let now = now_ms();
         let queue = self.context.queue.clone();
-        let entries = blocking(move || queue.due(now, PASS_LIMIT)).await?;
+        let after = self.cursor.clone();
+        let entries = blocking(move || queue.due(after.as_ref(), now, PASS_LIMIT)).await?;
         if entries.is_empty() {
             return Ok(Pass::Idle);
         }
-        let listener_ids: HashSet<String> = entries.iter().map(|entry| entry.listener_id.clone()).collect();
+        let full_page = entries.len() == PASS_LIMIT;
+        let listener_ids: HashSet<String> = entries
+            .iter()
+            .filter(|entry| !self.in_flight.contains_key(&entry.delivery_id))
+            .map(|entry| entry.listener_id.clone())
+            .collect();
         let store = self.context.store.clone();
         let listeners = blocking(move || -> Result<HashMap<String, Option<Listener>>, StoreError> {
             listener_ids.into_iter().map(|id| store.listener(&id).map(|listener| (id, listener))).collect()
@@ -251,15 +293,21 @@ impl Dispatcher {
         let mut go: Vec<DueEntry> = Vec::new();
         let mut hold: Vec<DueEntry> = Vec::new();
         let mut park = Vec::new();
-        let mut relet = Vec::new();
+        let mut deferred = Vec::new();
         // Releases used by this pass's decisions, to give back if its write fails.
         let mut used_releases = Vec::new();
-        let mut chosen: HashSet<String> = HashSet::new();
+        let mut chosen: HashMap<String, QueuePosition> = HashMap::new();
+        let mut last = None;
         for entry in entries {
-            if self.in_flight.contains(&entry.delivery_id) || chosen.contains(&entry.delivery_id) {
-                // Its delivery is held or worked on (a lease that ran out, or a manual and a
-                // scheduled attempt at once): extend, never hand one delivery out twice.
-                relet.push(entry);
+            let position = (entry.due_ms, entry.key_id());
+            let claimed = self.in_flight.get(&entry.delivery_id).or_else(|| chosen.get(&entry.delivery_id));
+            if let Some(claimed) = claimed {
+                // Never hand one delivery out twice: another entry of it (a manual attempt
+                // beside the scheduled one, or its next attempt already queued) waits for it.
+                if *claimed != position {
+                    deferred.push((entry.delivery_id.clone(), entry.due_ms));
+                }
+                last = Some(position);
                 continue;
             }
             if go.len() == available {
@@ -268,68 +316,78 @@ impl Dispatcher {
             let listener = listeners.get(&entry.listener_id).and_then(Option::as_ref);
             let (verdict, used_release) = self.decide(&entry, listener, now, hold.len()).await?;
             if used_release {
-                used_releases.push((entry.listener_id.clone(), entry.key_id()));
+                used_releases.push((entry.listener_id.clone(), position.1.clone()));
             }
             match verdict {
                 Verdict::Go => {
-                    chosen.insert(entry.delivery_id.clone());
+                    chosen.insert(entry.delivery_id.clone(), position.clone());
                     go.push(entry);
                 }
                 Verdict::Hold => {
-                    chosen.insert(entry.delivery_id.clone());
+                    chosen.insert(entry.delivery_id.clone(), position.clone());
                     hold.push(entry);
                 }
                 Verdict::Park => park.push(entry),
             }
+            last = Some(position);
         }
 
-        let lease_until = now + u64::try_from(self.context.lease().as_millis()).unwrap_or(u64::MAX / 2);
-        let queue = self.context.queue.clone();
-        let leased: Vec<DueEntry> = go.iter().chain(&hold).chain(&relet).cloned().collect();
-        let parked = park.clone();
-        if let Err(error) = blocking(move || queue.dispatch(&leased, &parked, lease_until)).await {
-            // Nothing changed in the store: undo what the decisions counted.
-            for entry in &go {
-                if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
-                    gate.in_flight = gate.in_flight.saturating_sub(1);
+        if !park.is_empty() {
+            let queue = self.context.queue.clone();
+            let parked = park.clone();
+            if let Err(error) = blocking(move || queue.park(&parked)).await {
+                // Nothing changed in the store: undo what the decisions counted.
+                for entry in &go {
+                    if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
+                        gate.in_flight = gate.in_flight.saturating_sub(1);
+                    }
                 }
-            }
-            for entry in &park {
-                if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
-                    gate.parked = gate.parked.saturating_sub(1);
+                for entry in &park {
+                    if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
+                        gate.parked = gate.parked.saturating_sub(1);
+                    }
                 }
+                for (listener_id, key_id) in used_releases {
+                    self.gates.entry(listener_id).or_default().released.insert(key_id);
+                }
+                return Err(error);
             }
-            for (listener_id, key_id) in used_releases {
-                self.gates.entry(listener_id).or_default().released.insert(key_id);
-            }
-            return Err(error);
         }
-        let progressed = !go.is_empty() || !hold.is_empty() || !park.is_empty() || !relet.is_empty();
+        if last.is_some() {
+            self.cursor = last;
+        }
+        for (delivery_id, due_ms) in deferred {
+            let due = self.deferred.entry(delivery_id).or_insert(due_ms);
+            *due = (*due).min(due_ms);
+        }
+        let progressed = !go.is_empty() || !hold.is_empty() || !park.is_empty();
         for entry in hold {
-            self.in_flight.insert(entry.delivery_id.clone());
+            self.in_flight.insert(entry.delivery_id.clone(), (entry.due_ms, entry.key_id()));
             self.held_total += 1;
             self.holding.insert(entry.listener_id.clone());
-            self.gates.entry(entry.listener_id.clone()).or_default().held.push_back((entry, lease_until));
+            self.gates.entry(entry.listener_id.clone()).or_default().held.push_back(entry);
         }
         for entry in go {
-            self.spawn_worker(entry, lease_until);
+            self.spawn_worker(entry);
         }
-        Ok(if progressed { Pass::Progress } else { Pass::Idle })
+        Ok(if progressed || full_page { Pass::Progress } else { Pass::Idle })
     }
 
-    /// Hands a leased entry (its gate already counts it in flight) to a worker.
-    fn spawn_worker(&mut self, entry: DueEntry, lease_until: u64) {
+    /// Hands a claimed entry (its gate already counts it in flight) to a worker.
+    fn spawn_worker(&mut self, entry: DueEntry) {
         let permit = self.permits.clone().try_acquire_owned().expect("a permit was checked to be free");
-        self.in_flight.insert(entry.delivery_id.clone());
+        self.in_flight.insert(entry.delivery_id.clone(), (entry.due_ms, entry.key_id()));
         let context = self.context.clone();
+        // If the worker unwinds, the entry is still queued: read it again.
         let finished = Finished {
             delivery_id: entry.delivery_id.clone(),
             listener_id: entry.listener_id.clone(),
             outcome: Outcome::NotSent,
+            look_again_ms: Some(entry.due_ms),
         };
         let mut report = Report { outbox: self.outbox.clone(), finished: Some(finished) };
         self.workers.spawn(async move {
-            let finished = worker::attempt(context, entry, lease_until).await;
+            let finished = worker::attempt(context, entry).await;
             drop(permit);
             report.finished = Some(finished);
             drop(report);
@@ -349,7 +407,7 @@ impl Dispatcher {
             if gate.in_flight >= cap || gate.blocked_until_ms > now {
                 return;
             }
-            let Some((entry, lease_until)) = gate.held.pop_front() else {
+            let Some(entry) = gate.held.pop_front() else {
                 self.holding.remove(listener_id);
                 return;
             };
@@ -358,8 +416,7 @@ impl Dispatcher {
                 self.holding.remove(listener_id);
             }
             self.held_total -= 1;
-            self.in_flight.remove(&entry.delivery_id);
-            self.spawn_worker(entry, lease_until);
+            self.spawn_worker(entry);
         }
     }
 
@@ -435,8 +492,9 @@ impl Dispatcher {
         match command {
             Command::Finished(finished) => self.finished(finished).await,
             Command::ListenerChanged(listener_id) => self.listener_changed(listener_id).await,
-            // The next pass looks at the queue; nothing else to do.
-            Command::Queued => {}
+            // Deliveries were queued outside fan-out (replay, retry, recovery), anywhere in
+            // the queue: read it again from the start.
+            Command::Queued => self.cursor = None,
         }
     }
 
@@ -457,13 +515,17 @@ impl Dispatcher {
                 let cap = self.cap();
                 let gate = self.gates.entry(listener_id.clone()).or_default();
                 if !listener.enabled {
-                    // Held entries of a disabled listener go back to waiting on their lease,
-                    // which parks them when it ends.
-                    for (entry, _) in gate.held.drain(..) {
+                    // Held entries of a disabled listener are read again, which parks them.
+                    let mut earliest = None;
+                    for entry in gate.held.drain(..) {
                         self.in_flight.remove(&entry.delivery_id);
                         self.held_total -= 1;
+                        earliest = Some(earliest.map_or(entry.due_ms, |due_ms: u64| due_ms.min(entry.due_ms)));
                     }
                     self.holding.remove(&listener_id);
+                    if let Some(due_ms) = earliest {
+                        self.rewind(due_ms);
+                    }
                 }
                 let gate = self.gates.entry(listener_id.clone()).or_default();
                 gate.ordered = listener.ordered;
@@ -483,9 +545,11 @@ impl Dispatcher {
                 }
                 self.start_held(&listener_id);
                 if let Some(gate) = self.gates.remove(&listener_id) {
-                    for (entry, _) in gate.held {
+                    // Those the pool had no worker for are read again (and cancelled).
+                    for entry in gate.held {
                         self.in_flight.remove(&entry.delivery_id);
                         self.held_total -= 1;
+                        self.rewind(entry.due_ms);
                     }
                     self.holding.remove(&listener_id);
                 }
@@ -493,7 +557,11 @@ impl Dispatcher {
                     let queue = self.context.queue.clone();
                     let id = listener_id.clone();
                     match blocking(move || queue.unpark(&id, UNPARK_CHUNK)).await {
-                        Ok(moved) if !moved.is_empty() => self.context.wake.notify_one(),
+                        Ok(moved) if !moved.is_empty() => {
+                            if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
+                                self.rewind(due_ms);
+                            }
+                        }
                         Ok(_) => break,
                         Err(error) => {
                             tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot release a deleted listener's deliveries");
@@ -510,6 +578,12 @@ impl Dispatcher {
 
     async fn finished(&mut self, finished: Finished) {
         self.in_flight.remove(&finished.delivery_id);
+        if let Some(due_ms) = self.deferred.remove(&finished.delivery_id) {
+            self.rewind(due_ms);
+        }
+        if let Some(due_ms) = finished.look_again_ms {
+            self.rewind(due_ms);
+        }
         let now = now_ms();
         let cap = self.cap();
         let schedule = &self.context.config.retry_schedule;
@@ -582,11 +656,13 @@ impl Dispatcher {
         let id = listener_id.to_owned();
         match blocking(move || queue.unpark(&id, count)).await {
             Ok(moved) => {
+                if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
+                    self.rewind(due_ms);
+                }
                 let gate = self.gates.entry(listener_id.to_owned()).or_default();
                 // Fewer than asked: the lot is empty now, whatever was counted.
                 gate.parked = if moved.len() < count { 0 } else { gate.parked.saturating_sub(moved.len()) };
-                gate.released.extend(moved);
-                self.context.wake.notify_one();
+                gate.released.extend(moved.into_iter().map(|(_, key_id)| key_id));
             }
             Err(error) => {
                 tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot put parked deliveries back");
@@ -616,14 +692,24 @@ mod tests {
     }
 
     #[test]
-    fn room_respects_cap_order_and_back_off() {
-        let gate = Gate { in_flight: 2, parked: 10, ..Gate::default() };
-        assert_eq!(gate.room(8, 0), 6);
+    fn room_fills_slots_and_line_from_half_empty_respecting_order_and_back_off() {
+        let line = 8 + HELD_PER_LISTENER;
+        let gate = Gate { in_flight: 2, parked: 1_000_000, ..Gate::default() };
+        assert_eq!(gate.room(8, 0), line - 2);
+        let few = Gate { in_flight: 8, parked: 10, ..Gate::default() };
+        assert_eq!(few.room(8, 0), 10);
+        let entry =
+            |n: usize| DueEntry { due_ms: 0, delivery_id: n.to_string(), listener_id: "l".into(), manual: false };
+        let half: VecDeque<DueEntry> = (0..=HELD_PER_LISTENER / 2).map(entry).collect();
+        let busy = Gate { in_flight: 8, parked: 1_000_000, held: half, ..Gate::default() };
+        assert_eq!(busy.room(8, 0), 0, "no refill while the line is more than half full");
         let ordered = Gate { parked: 10, ordered: true, ..Gate::default() };
         assert_eq!(ordered.room(8, 0), 1);
+        let ordered_busy = Gate { in_flight: 1, parked: 10, ordered: true, ..Gate::default() };
+        assert_eq!(ordered_busy.room(8, 0), 0);
         let blocked = Gate { parked: 10, blocked_until_ms: 100, ..Gate::default() };
         assert_eq!(blocked.room(8, 99), 0);
-        assert_eq!(blocked.room(8, 100), 8);
+        assert_eq!(blocked.room(8, 100), 10);
         let released = Gate { parked: 1, released: ["a".to_owned()].into(), ..Gate::default() };
         assert_eq!(released.room(8, 0), 1);
     }

@@ -36,7 +36,7 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
                 Ok(Some((queued, due_ms))) => {
                     last_due_ms = due_ms;
                     if queued > 0 {
-                        context.wake.notify_one();
+                        context.queued(due_ms);
                     }
                 }
                 Ok(None) => break,

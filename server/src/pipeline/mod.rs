@@ -5,14 +5,14 @@
 //!   enabled listener, queued as due now.
 //! - [`dispatch`] takes due deliveries in (due time, delivery id) order, applies the
 //!   per-listener limits (in-flight cap, strict order, whole-listener back-off, disabled),
-//!   leases what may go and hands it to a bounded pool of workers.
+//!   and hands what may go to a bounded pool of workers.
 //! - `retention` deletes what is older than the configured age.
 //! - [`worker`] makes one attempt ([`deliver`] does the HTTP), records it with the delivery's
 //!   next step ([`retry`] decides), and reports back to the dispatcher.
 //!
 //! The pipeline never sees gRPC types and never answers a caller; a failing request only
 //! ever produces an attempt record. Cancellation is a token; on shutdown in-flight attempts
-//! get a deadline and whatever is left stays leased, to be redone after a restart.
+//! get a deadline and whatever is left stays queued, to be redone after a restart.
 
 pub mod deliver;
 mod dispatch;
@@ -23,6 +23,7 @@ pub mod target;
 mod worker;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -108,6 +109,9 @@ pub(crate) struct Context {
     pub config: PipelineConfig,
     /// Rung when new deliveries are queued.
     pub wake: Notify,
+    /// The earliest due time queued since the dispatcher last looked (`u64::MAX`: none), so
+    /// it reads again what was queued behind its cursor.
+    pub queued_from: AtomicU64,
     /// Every attempt's outcome, for watchers. Sending never waits: a watcher that falls
     /// behind misses updates (and is told), the pipeline never slows for it.
     pub outcomes: broadcast::Sender<AttemptOutcome>,
@@ -130,9 +134,10 @@ pub struct AttemptOutcome {
 }
 
 impl Context {
-    /// How long a handed-out delivery stays leased: past any attempt's end.
-    pub fn lease(&self) -> Duration {
-        self.config.attempt_timeout * 2 + Duration::from_secs(30)
+    /// Tells the dispatcher that entries due at `due_ms` or later were queued (and written).
+    pub fn queued(&self, due_ms: u64) {
+        self.queued_from.fetch_min(due_ms, Ordering::AcqRel);
+        self.wake.notify_one();
     }
 }
 
@@ -208,6 +213,7 @@ impl Pipeline {
             sender,
             config,
             wake: Notify::new(),
+            queued_from: AtomicU64::new(u64::MAX),
             outcomes: outcomes.clone(),
         });
         let shutdown = CancellationToken::new();
@@ -225,7 +231,7 @@ impl Pipeline {
     }
 
     /// Stops taking new work and waits up to `deadline` for in-flight attempts; what is
-    /// still in flight then stays leased and is redone after a restart.
+    /// still in flight then stays queued and is redone after a restart.
     pub async fn stop(self, deadline: Duration) {
         self.shutdown.cancel();
         if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {

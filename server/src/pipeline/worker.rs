@@ -34,22 +34,30 @@ pub(crate) struct Finished {
     pub delivery_id: String,
     pub listener_id: String,
     pub outcome: Outcome,
+    /// The due time of a queue entry the dispatcher must look at (again): the entry itself
+    /// when it is still queued, or the delivery's next attempt.
+    pub look_again_ms: Option<u64>,
 }
 
-/// Makes the attempt for a leased queue entry.
-pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry, leased_until_ms: u64) -> Finished {
-    let outcome = match try_attempt(&context, &entry, leased_until_ms).await {
-        Ok(outcome) => outcome,
+/// How long a worker waits before handing back an entry it could not record (a store
+/// error), so a failing store is not retried in a tight loop.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Makes the attempt for a queue entry the dispatcher handed out.
+pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry) -> Finished {
+    let (outcome, look_again_ms) = match try_attempt(&context, &entry).await {
+        Ok(step) => step,
         Err(error) => {
-            // The lease stays: the delivery is due again when it ends.
+            // The entry is still queued: it is due again once handed back.
             tracing::error!(delivery_id = %entry.delivery_id, error = &error as &dyn std::error::Error, "delivery attempt could not be recorded");
-            Outcome::NotSent
+            tokio::time::sleep(ERROR_PAUSE).await;
+            (Outcome::NotSent, Some(entry.due_ms))
         }
     };
-    Finished { delivery_id: entry.delivery_id, listener_id: entry.listener_id, outcome }
+    Finished { delivery_id: entry.delivery_id, listener_id: entry.listener_id, outcome, look_again_ms }
 }
 
-async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: u64) -> Result<Outcome, StoreError> {
+async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcome, Option<u64>), StoreError> {
     let loaded = {
         let context = context.clone();
         let entry = entry.clone();
@@ -68,29 +76,29 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
         tracing::warn!(delivery_id = %entry.delivery_id, "queued delivery or its event is missing; dropping the entry");
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || queue.drop_entry(&entry, leased_until_ms)).await?;
-        return Ok(Outcome::NotSent);
+        blocking(move || queue.drop_entry(&entry)).await?;
+        return Ok((Outcome::NotSent, None));
     };
     // A scheduled entry of a delivery that has ended (e.g. a manual attempt succeeded) has
     // nothing left to do; a manual one is made whatever the state.
     if !entry.manual && delivery.state != DeliveryState::Pending as i32 {
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || queue.drop_entry(&entry, leased_until_ms)).await?;
-        return Ok(Outcome::NotSent);
+        blocking(move || queue.drop_entry(&entry)).await?;
+        return Ok((Outcome::NotSent, None));
     }
     let Some(listener) = listener else {
         tracing::info!(delivery_id = %delivery.id, listener_id = %entry.listener_id, "listener deleted; delivery cancelled");
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || queue.cancel_delivery(&delivery, &entry, leased_until_ms)).await?;
-        return Ok(Outcome::NotSent);
+        blocking(move || queue.cancel_delivery(&delivery, &entry)).await?;
+        return Ok((Outcome::NotSent, None));
     };
 
     if !listener.enabled && !entry.manual {
-        // Disabled since it was handed out: no attempt. The lease stays, and when it ends
-        // the dispatcher parks the entry until the listener is enabled again.
-        return Ok(Outcome::NotSent);
+        // Disabled since it was handed out: no attempt. The entry stays queued, and the
+        // dispatcher parks it until the listener is enabled again.
+        return Ok((Outcome::NotSent, Some(entry.due_ms)));
     }
     let number = delivery.attempts + 1;
     let signing_key = if listener.sealed_secret.is_empty() {
@@ -104,7 +112,7 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
                 let error = format!("other: the listener's secret does not open: {error}");
                 let attempt =
                     Attempt { number, started_at_ms: now_ms(), error, trigger: trigger(entry), ..Attempt::default() };
-                return finish(context, delivery, listener.id, attempt, entry, leased_until_ms, false, None).await;
+                return finish(context, delivery, listener.id, attempt, entry, false, None).await;
             }
         }
     };
@@ -137,7 +145,7 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry, leased_until_ms: 
     let retry_after = response.retry_after.filter(|_| honours_retry_after(status));
     let succeeded = response.status.is_some_and(is_success);
     delivery.last_status_code = u32::from(status);
-    finish(context, delivery, listener.id, attempt, entry, leased_until_ms, succeeded, retry_after).await
+    finish(context, delivery, listener.id, attempt, entry, succeeded, retry_after).await
 }
 
 fn trigger(entry: &DueEntry) -> i32 {
@@ -145,17 +153,16 @@ fn trigger(entry: &DueEntry) -> i32 {
 }
 
 /// Writes the attempt with the delivery's next step, and keeps the listener's health.
-#[allow(clippy::too_many_arguments)]
+/// Returns the outcome and when the next attempt is due, if there is one.
 async fn finish(
     context: &Arc<Context>,
     mut delivery: crate::store::Delivery,
     listener_id: String,
     attempt: Attempt,
     entry: &DueEntry,
-    leased_until_ms: u64,
     succeeded: bool,
     retry_after: Option<Duration>,
-) -> Result<Outcome, StoreError> {
+) -> Result<(Outcome, Option<u64>), StoreError> {
     let now = now_ms();
     delivery.attempts = attempt.number;
     if entry.manual {
@@ -212,7 +219,7 @@ async fn finish(
         let listener_id = listener_id.clone();
         let entry = entry.clone();
         blocking(move || -> Result<bool, StoreError> {
-            context.queue.complete_attempt(&delivery, &attempt, &entry, leased_until_ms, next)?;
+            context.queue.complete_attempt(&delivery, &attempt, &entry, next)?;
             track_health(&context, &listener_id, succeeded, now)
         })
         .await?
@@ -222,7 +229,11 @@ async fn finish(
     if disable {
         disable_listener(context, &listener_id).await?;
     }
-    Ok(outcome)
+    let next_due_ms = match next {
+        NextStep::RetryAt(due_ms) => Some(due_ms),
+        NextStep::Done | NextStep::Keep => None,
+    };
+    Ok((outcome, next_due_ms))
 }
 
 /// Keeps the start of a listener's run of failures; true when it has lasted long enough to

@@ -120,13 +120,19 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self) -> Result<(), StoreError>;
 }
 
-/// The delivery pipeline's state: the fan-out cursor, deliveries, the due queue (with leases
-/// and per-listener parking), attempts and listener health.
+/// A position in the due queue: (due time, queue key id). A scan from a position starts just
+/// after it; `(t, "")` is just before every entry due at `t`.
+pub type QueuePosition = (u64, String);
+
+/// The delivery pipeline's state: the fan-out cursor, deliveries, the due queue (with
+/// per-listener parking), attempts and listener health.
 ///
 /// These writes are atomic but not flushed on their own: delivery is at-least-once, so an
 /// attempt redone after a crash is allowed, while an event is never lost because the event
-/// log itself is flushed before a trigger is answered. Methods block briefly (sled calls);
-/// async callers run them on the blocking pool.
+/// log itself is flushed before a trigger is answered. A queue entry stays queued while it is
+/// worked on (who has it is the dispatcher's business, kept in memory), so a crash leaves it
+/// due, at its own time and in its own order. Methods block briefly (sled calls); async
+/// callers run them on the blocking pool.
 pub trait PipelineStore: Send + Sync + 'static {
     /// Where fan-out stands (the start of the log when it never ran).
     fn fanout_cursor(&self) -> Result<FanoutCursor, StoreError>;
@@ -139,41 +145,39 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// atomic write. A delivery that already exists is left as it is.
     fn commit_fanout(&self, deliveries: &[Delivery], cursor: &FanoutCursor) -> Result<(), StoreError>;
 
-    /// Up to `limit` queue entries due at or before `now_ms`, in (due time, delivery id) order.
-    fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError>;
-    /// When the earliest queue entry is due.
-    fn next_due_ms(&self) -> Result<Option<u64>, StoreError>;
-    /// One pass's decisions in one atomic write: `lease` entries until `until_ms` (they stay
-    /// queued, so a crash makes them due again, but are not handed out twice meanwhile; an
-    /// entry leased again keeps its original due time), and take `park` entries off the
-    /// queue into their listener's parking lot, kept in delivery order.
-    fn dispatch(&self, lease: &[DueEntry], park: &[DueEntry], until_ms: u64) -> Result<(), StoreError>;
+    /// Up to `limit` queue entries after `after` (from the start when `None`) due at or
+    /// before `now_ms`, in (due time, queue key id) order.
+    fn due(&self, after: Option<&QueuePosition>, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError>;
+    /// When the first queue entry after `after` is due.
+    fn next_due_ms(&self, after: Option<&QueuePosition>) -> Result<Option<u64>, StoreError>;
+    /// Takes `entries` off the queue into their listeners' parking lots (kept in delivery
+    /// order), in one atomic write.
+    fn park(&self, entries: &[DueEntry]) -> Result<(), StoreError>;
     /// Puts back up to `limit` of a listener's parked entries, oldest delivery first, at their
-    /// original due time. Returns the queue key ids put back (see [`DueEntry::key_id`]).
-    fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// original due time. Returns where they were put (see [`DueEntry::key_id`]).
+    fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<QueuePosition>, StoreError>;
     /// The oldest unfinished delivery of a listener (the one a strictly ordered listener
     /// must finish first).
     fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError>;
-    /// At startup: every lease of a previous run ends, each entry queued again at its original
-    /// due time. Parked entries stay parked (there may be millions); returns how many leases
-    /// were released and which listeners have parked entries.
-    fn recover(&self) -> Result<(usize, Vec<String>), StoreError>;
+    /// The listeners with parked entries (read at startup: the entries themselves stay
+    /// parked, there may be millions).
+    fn parked_listeners(&self) -> Result<Vec<String>, StoreError>;
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError>;
     /// Records an attempt and the delivery's new state in one atomic write: the attempt, the
-    /// delivery, the end of its lease, and its next queue entry or its leaving the queue.
+    /// delivery, the entry attempted leaving the queue, and the delivery's next entry or its
+    /// leaving the listener's unfinished ones.
     fn complete_attempt(
         &self,
         delivery: &Delivery,
         attempt: &Attempt,
         entry: &DueEntry,
-        leased_until_ms: u64,
         next: NextStep,
     ) -> Result<(), StoreError>;
-    /// Takes a leased entry with nothing left to do out of the queue.
-    fn drop_entry(&self, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError>;
+    /// Takes an entry with nothing left to do out of the queue.
+    fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError>;
     /// Ends a delivery without an attempt (e.g. its listener was deleted).
-    fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError>;
+    fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry) -> Result<(), StoreError>;
     /// Attempts of a delivery, in order.
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError>;
 

@@ -1,5 +1,5 @@
-//! [`PipelineStore`] on sled: the fan-out cursor, deliveries, the due queue with leases and
-//! parking, attempts and listener health.
+//! [`PipelineStore`] on sled: the fan-out cursor, deliveries, the due queue with parking,
+//! attempts and listener health.
 //!
 //! These keys live in the queue database, apart from the intake database that holds the event
 //! log, so a trigger's flush never waits on fan-out and delivery writes. Every method is one
@@ -7,7 +7,8 @@
 //! them durable within half a second, and a crash before that only redoes work (fan-out is
 //! idempotent, delivery at least once). Events are only read, from the intake database.
 //! Only the pipeline calls these, and each queue entry has one owner at a time (dispatcher,
-//! then one worker), so plain batches need no transaction.
+//! then one worker, tracked in the dispatcher's memory), so plain batches need no
+//! transaction.
 
 use sled::Batch;
 
@@ -15,7 +16,7 @@ use super::model::{
     Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, decode, encode,
 };
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
-use super::{PipelineStore, StoreError};
+use super::{PipelineStore, QueuePosition, StoreError};
 
 fn be_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| corrupt(key))?;
@@ -24,6 +25,14 @@ fn be_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
 
 fn utf8(key: &[u8], bytes: &[u8]) -> Result<String, StoreError> {
     String::from_utf8(bytes.to_vec()).map_err(|_| corrupt(key))
+}
+
+/// Where a scan of the due queue starts: just after `after`, or at the queue's start.
+fn start(after: Option<&QueuePosition>) -> std::ops::Bound<Vec<u8>> {
+    match after {
+        Some((due_ms, key_id)) => std::ops::Bound::Excluded(keys::due(*due_ms, key_id)),
+        None => std::ops::Bound::Included(keys::DUE.to_vec()),
+    }
 }
 
 /// Parses a `q/` key and its value (the listener id).
@@ -40,39 +49,6 @@ fn due_entry(key: &[u8], value: &[u8]) -> Result<DueEntry, StoreError> {
         listener_id: utf8(key, value)?,
         manual,
     })
-}
-
-/// A lease record: until when, and the entry's due time before it was leased (restored if
-/// the lease is abandoned by a crash, so order survives a restart).
-fn lease_value(until_ms: u64, original_due_ms: u64) -> [u8; 16] {
-    let mut value = [0u8; 16];
-    value[..8].copy_from_slice(&until_ms.to_be_bytes());
-    value[8..].copy_from_slice(&original_due_ms.to_be_bytes());
-    value
-}
-
-fn parse_lease(key: &[u8], value: &[u8]) -> Result<(u64, u64), StoreError> {
-    if value.len() != 16 {
-        return Err(corrupt(key));
-    }
-    Ok((be_u64(key, &value[..8])?, be_u64(key, &value[8..])?))
-}
-
-impl SledStore {
-    /// Adds to `batch` the end of an entry's lease: its queue entry (wherever the lease put
-    /// it last, and where the worker was told) and its lease record.
-    fn end_lease(&self, batch: &mut Batch, key_id: &str, given_until_ms: u64) -> Result<(), StoreError> {
-        let lease_key = keys::lease(key_id);
-        if let Some(value) = self.queue.get(&lease_key)? {
-            let (until, _) = parse_lease(&lease_key, &value)?;
-            if until != given_until_ms {
-                batch.remove(keys::due(until, key_id));
-            }
-        }
-        batch.remove(keys::due(given_until_ms, key_id));
-        batch.remove(lease_key);
-        Ok(())
-    }
 }
 
 impl PipelineStore for SledStore {
@@ -112,10 +88,10 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
-    fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError> {
+    fn due(&self, after: Option<&QueuePosition>, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError> {
         let end = keys::due(now_ms.saturating_add(1), "");
         self.queue
-            .range(keys::DUE.to_vec()..end)
+            .range::<Vec<u8>, _>((start(after), std::ops::Bound::Excluded(end)))
             .take(limit)
             .map(|entry| {
                 let (key, value) = entry?;
@@ -124,8 +100,8 @@ impl PipelineStore for SledStore {
             .collect()
     }
 
-    fn next_due_ms(&self) -> Result<Option<u64>, StoreError> {
-        match self.queue.scan_prefix(keys::DUE).next() {
+    fn next_due_ms(&self, after: Option<&QueuePosition>) -> Result<Option<u64>, StoreError> {
+        match self.queue.range::<Vec<u8>, _>((start(after), prefix_end(keys::DUE))).next() {
             Some(entry) => {
                 let (key, value) = entry?;
                 Ok(Some(due_entry(&key, &value)?.due_ms))
@@ -134,21 +110,9 @@ impl PipelineStore for SledStore {
         }
     }
 
-    fn dispatch(&self, lease: &[DueEntry], park: &[DueEntry], until_ms: u64) -> Result<(), StoreError> {
+    fn park(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        for entry in lease {
-            let key_id = entry.key_id();
-            let lease_key = keys::lease(&key_id);
-            // A lease extended keeps the due time from before its first lease.
-            let original_due = match self.queue.get(&lease_key)? {
-                Some(value) => parse_lease(&lease_key, &value)?.1,
-                None => entry.due_ms,
-            };
-            batch.remove(keys::due(entry.due_ms, &key_id));
-            batch.insert(keys::due(until_ms, &key_id), entry.listener_id.as_bytes());
-            batch.insert(lease_key, &lease_value(until_ms, original_due));
-        }
-        for entry in park {
+        for entry in entries {
             let key_id = entry.key_id();
             batch.remove(keys::due(entry.due_ms, &key_id));
             batch.insert(keys::parked(&entry.listener_id, &key_id), &entry.due_ms.to_be_bytes());
@@ -156,16 +120,17 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
-    fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+    fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<QueuePosition>, StoreError> {
         let prefix = keys::parked_prefix(listener_id);
         let mut batch = Batch::default();
         let mut moved = Vec::new();
         for entry in self.queue.scan_prefix(&prefix).take(limit) {
             let (key, value) = entry?;
             let key_id = utf8(&key, &key[prefix.len()..])?;
+            let due_ms = be_u64(&key, &value)?;
             batch.remove(key.clone());
-            batch.insert(keys::due(be_u64(&key, &value)?, &key_id), listener_id.as_bytes());
-            moved.push(key_id);
+            batch.insert(keys::due(due_ms, &key_id), listener_id.as_bytes());
+            moved.push((due_ms, key_id));
         }
         self.queue.apply_batch(batch)?;
         Ok(moved)
@@ -182,30 +147,7 @@ impl PipelineStore for SledStore {
         }
     }
 
-    fn recover(&self) -> Result<(usize, Vec<String>), StoreError> {
-        let mut released = 0;
-        // Bounded batches keep memory flat however many leases were out.
-        loop {
-            let mut batch = Batch::default();
-            let mut count = 0;
-            for entry in self.queue.scan_prefix(keys::LEASES).take(1024) {
-                let (key, value) = entry?;
-                let key_id = utf8(&key, &key[keys::LEASES.len()..])?;
-                let (until, original_due) = parse_lease(&key, &value)?;
-                let queued = keys::due(until, &key_id);
-                if let Some(listener_id) = self.queue.get(&queued)? {
-                    batch.remove(queued);
-                    batch.insert(keys::due(original_due, &key_id), listener_id);
-                }
-                batch.remove(key);
-                count += 1;
-            }
-            if count == 0 {
-                break;
-            }
-            self.queue.apply_batch(batch)?;
-            released += count;
-        }
+    fn parked_listeners(&self) -> Result<Vec<String>, StoreError> {
         // One seek per listener with parked entries, however many it has.
         let mut listeners = Vec::new();
         let mut from = keys::PARKED.to_vec();
@@ -222,7 +164,7 @@ impl PipelineStore for SledStore {
                 _ => break,
             };
         }
-        Ok((released, listeners))
+        Ok(listeners)
     }
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError> {
@@ -234,13 +176,12 @@ impl PipelineStore for SledStore {
         delivery: &Delivery,
         attempt: &Attempt,
         entry: &DueEntry,
-        leased_until_ms: u64,
         next: NextStep,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         batch.insert(keys::attempt(&delivery.id, attempt.number), encode(attempt));
         batch.insert(keys::delivery(&delivery.id), encode(delivery));
-        self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
+        batch.remove(keys::due(entry.due_ms, &entry.key_id()));
         match next {
             NextStep::RetryAt(due_ms) => {
                 batch.insert(keys::due(due_ms, &delivery.id), delivery.listener_id.as_bytes());
@@ -251,9 +192,9 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
-    fn drop_entry(&self, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError> {
+    fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
+        batch.remove(keys::due(entry.due_ms, &entry.key_id()));
         // A delivery that no longer exists must not hold its listener's order.
         if !self.queue.contains_key(keys::delivery(&entry.delivery_id))? {
             batch.remove(keys::pending(&entry.listener_id, &entry.delivery_id));
@@ -261,13 +202,13 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
-    fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry, leased_until_ms: u64) -> Result<(), StoreError> {
+    fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry) -> Result<(), StoreError> {
         let mut cancelled = delivery.clone();
         cancelled.state = DeliveryState::Cancelled as i32;
         cancelled.next_attempt_at_ms = 0;
         let mut batch = Batch::default();
         batch.insert(keys::delivery(&delivery.id), encode(&cancelled));
-        self.end_lease(&mut batch, &entry.key_id(), leased_until_ms)?;
+        batch.remove(keys::due(entry.due_ms, &entry.key_id()));
         batch.remove(keys::pending(&delivery.listener_id, &delivery.id));
         Ok(self.queue.apply_batch(batch)?)
     }

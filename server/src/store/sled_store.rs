@@ -24,7 +24,6 @@
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery) |
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
-//! | `ls/{delivery id}` | lease end (u64): entries handed to a worker |
 //! | `pk/{listener id}/{delivery id}` | original due time: parked while the listener is busy |
 //! | `pl/{listener id}/{delivery id}` | empty: unfinished deliveries of a listener, oldest first |
 //! | `dl/{listener id}/{delivery id}` | empty: every delivery of a listener |
@@ -101,7 +100,6 @@ pub(crate) mod keys {
 
     pub const FANOUT_CURSOR: &[u8] = b"c/fanout";
     pub const DUE: &[u8] = b"q/";
-    pub const LEASES: &[u8] = b"ls/";
     pub const PARKED: &[u8] = b"pk/";
 
     pub fn delivery(id: &str) -> Vec<u8> {
@@ -110,9 +108,6 @@ pub(crate) mod keys {
     /// Queue entry: due time (big-endian, so keys sort by time), then the delivery id.
     pub fn due(due_ms: u64, delivery_id: &str) -> Vec<u8> {
         join(&[DUE, &due_ms.to_be_bytes(), delivery_id.as_bytes()])
-    }
-    pub fn lease(delivery_id: &str) -> Vec<u8> {
-        join(&[LEASES, delivery_id.as_bytes()])
     }
     pub fn parked_prefix(listener_id: &str) -> Vec<u8> {
         join(&[PARKED, listener_id.as_bytes(), b"/"])

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::worker::{self, Finished, Outcome};
-use super::{Command, Context, blocking};
+use super::{Command, Context, store_call};
 use crate::clock::now_ms;
 use crate::store::{DueEntry, Listener, ListenerHealth, QueuePosition, StoreError};
 
@@ -179,7 +179,7 @@ impl Dispatcher {
     /// Dispatches until `shutdown`, then waits for the workers it started.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let queue = self.context.queue.clone();
-        match blocking(move || queue.parked_listeners()).await {
+        match store_call(move || queue.parked_listeners()).await {
             Ok(parked) => {
                 // Parked lots are taken back a line at a time, like any other, so the first
                 // delivery after a restart does not wait for a large backlog to move.
@@ -243,7 +243,7 @@ impl Dispatcher {
     async fn next_wake(&self) -> Option<u64> {
         let queue = self.context.queue.clone();
         let after = self.cursor.clone();
-        let next_due = match blocking(move || queue.next_due_ms(after.as_ref())).await {
+        let next_due = match store_call(move || queue.next_due_ms(after.as_ref())).await {
             Ok(next_due) => next_due,
             // Look again soon; the error is logged by the pass that meets it.
             Err(_) => Some(now_ms() + 1000),
@@ -274,7 +274,7 @@ impl Dispatcher {
         let now = now_ms();
         let queue = self.context.queue.clone();
         let after = self.cursor.clone();
-        let entries = blocking(move || queue.due(after.as_ref(), now, PASS_LIMIT)).await?;
+        let entries = store_call(move || queue.due(after.as_ref(), now, PASS_LIMIT)).await?;
         if entries.is_empty() {
             return Ok(Pass::Idle);
         }
@@ -285,7 +285,7 @@ impl Dispatcher {
             .map(|entry| entry.listener_id.clone())
             .collect();
         let store = self.context.store.clone();
-        let listeners = blocking(move || -> Result<HashMap<String, Option<Listener>>, StoreError> {
+        let listeners = store_call(move || -> Result<HashMap<String, Option<Listener>>, StoreError> {
             listener_ids.into_iter().map(|id| store.listener(&id).map(|listener| (id, listener))).collect()
         })
         .await?;
@@ -335,7 +335,7 @@ impl Dispatcher {
         if !park.is_empty() {
             let queue = self.context.queue.clone();
             let parked = park.clone();
-            if let Err(error) = blocking(move || queue.park(&parked)).await {
+            if let Err(error) = store_call(move || queue.park(&parked)).await {
                 // Nothing changed in the store: undo what the decisions counted.
                 for entry in &go {
                     if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
@@ -461,7 +461,7 @@ impl Dispatcher {
         if verdict == Verdict::Go && listener.ordered && !entry.manual {
             let queue = self.context.queue.clone();
             let listener_id = entry.listener_id.clone();
-            let head = blocking(move || queue.pending_head(&listener_id)).await?;
+            let head = store_call(move || queue.pending_head(&listener_id)).await?;
             if head.as_deref() != Some(entry.delivery_id.as_str()) {
                 verdict = Verdict::Park;
             }
@@ -502,7 +502,7 @@ impl Dispatcher {
     /// its parking lot again (a deleted listener's lot is emptied; its workers cancel).
     async fn listener_changed(&mut self, listener_id: String) {
         let (store, queue, id) = (self.context.store.clone(), self.context.queue.clone(), listener_id.clone());
-        let listener = blocking(move || -> Result<Option<Listener>, StoreError> {
+        let listener = store_call(move || -> Result<Option<Listener>, StoreError> {
             let listener = store.listener(&id)?;
             if listener.as_ref().is_some_and(|listener| listener.enabled) {
                 queue.set_listener_health(&id, &ListenerHealth::default())?;
@@ -556,7 +556,7 @@ impl Dispatcher {
                 loop {
                     let queue = self.context.queue.clone();
                     let id = listener_id.clone();
-                    match blocking(move || queue.unpark(&id, UNPARK_CHUNK)).await {
+                    match store_call(move || queue.unpark(&id, UNPARK_CHUNK)).await {
                         Ok(moved) if !moved.is_empty() => {
                             if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
                                 self.rewind(due_ms);
@@ -654,7 +654,7 @@ impl Dispatcher {
     async fn unpark(&mut self, listener_id: &str, count: usize) {
         let queue = self.context.queue.clone();
         let id = listener_id.to_owned();
-        match blocking(move || queue.unpark(&id, count)).await {
+        match store_call(move || queue.unpark(&id, count)).await {
             Ok(moved) => {
                 if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
                     self.rewind(due_ms);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, blocking};
+use super::{Context, store_call};
 use crate::clock::now_ms;
 use crate::ids;
 use crate::store::{Delivery, FanoutCursor, StoreError};
@@ -30,7 +30,7 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
         loop {
             let step = {
                 let context = context.clone();
-                blocking(move || fan_out_chunk(&context, last_due_ms, durable)).await
+                store_call(move || fan_out_chunk(&context, last_due_ms, durable)).await
             };
             match step {
                 Ok(Some((queued, due_ms))) => {

@@ -31,6 +31,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use crate::blocking;
+
+/// Runs a pipeline store call where it is, on the pipeline's own runtime. These calls are
+/// short (sled reads and unflushed batches: memory work but for an occasional page read),
+/// and the pipeline has its threads to itself, so a hop to the blocking pool and back (two
+/// thread wake-ups per call, several calls per delivery) would cost more than it protects.
+/// Long work (retention) still goes to the blocking pool.
+pub(crate) async fn store_call<T>(work: impl FnOnce() -> T) -> T {
+    work()
+}
 use crate::crypto::Keyring;
 use crate::store::{DeliveryState, HistoryStore, PipelineStore, Store};
 pub use retry::RetrySchedule;

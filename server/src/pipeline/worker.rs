@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::deliver::{WebhookRequest, webhook_headers};
 use super::retry::{honours_retry_after, is_success};
-use super::{AttemptOutcome, Context, blocking};
+use super::{AttemptOutcome, Context, store_call};
 use crate::clock::now_ms;
 use crate::crypto::random_bytes;
 use crate::store::{Attempt, AttemptTrigger, DeliveryState, DueEntry, ListenerHealth, NextStep, StoreError};
@@ -61,7 +61,7 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcom
     let loaded = {
         let context = context.clone();
         let entry = entry.clone();
-        blocking(move || -> Result<_, StoreError> {
+        store_call(move || -> Result<_, StoreError> {
             let delivery = context.queue.delivery(&entry.delivery_id)?;
             let listener = context.store.listener(&entry.listener_id)?;
             let event = match &delivery {
@@ -76,7 +76,7 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcom
         tracing::warn!(delivery_id = %entry.delivery_id, "queued delivery or its event is missing; dropping the entry");
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || queue.drop_entry(&entry)).await?;
+        store_call(move || queue.drop_entry(&entry)).await?;
         return Ok((Outcome::NotSent, None));
     };
     // A scheduled entry of a delivery that has ended (e.g. a manual attempt succeeded) has
@@ -84,14 +84,14 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcom
     if !entry.manual && delivery.state != DeliveryState::Pending as i32 {
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || queue.drop_entry(&entry)).await?;
+        store_call(move || queue.drop_entry(&entry)).await?;
         return Ok((Outcome::NotSent, None));
     }
     let Some(listener) = listener else {
         tracing::info!(delivery_id = %delivery.id, listener_id = %entry.listener_id, "listener deleted; delivery cancelled");
         let queue = context.queue.clone();
         let entry = entry.clone();
-        blocking(move || queue.cancel_delivery(&delivery, &entry)).await?;
+        store_call(move || queue.cancel_delivery(&delivery, &entry)).await?;
         return Ok((Outcome::NotSent, None));
     };
 
@@ -218,7 +218,7 @@ async fn finish(
         let context = context.clone();
         let listener_id = listener_id.clone();
         let entry = entry.clone();
-        blocking(move || -> Result<bool, StoreError> {
+        store_call(move || -> Result<bool, StoreError> {
             context.queue.complete_attempt(&delivery, &attempt, &entry, next)?;
             track_health(&context, &listener_id, succeeded, now)
         })

@@ -462,7 +462,9 @@ impl Dispatcher {
             let queue = self.context.queue.clone();
             let listener_id = entry.listener_id.clone();
             let head = store_call(move || queue.pending_head(&listener_id)).await?;
-            if head.as_deref() != Some(entry.delivery_id.as_str()) {
+            // Behind its head it waits. Deliveries created while the listener was unordered
+            // are not indexed: older than the head (or with none), they go, one at a time.
+            if head.is_some_and(|head| head < entry.delivery_id) {
                 verdict = Verdict::Park;
             }
         }

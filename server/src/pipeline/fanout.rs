@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Context, store_call};
 use crate::clock::now_ms;
 use crate::ids;
-use crate::store::{Delivery, FanoutCursor, StoreError};
+use crate::store::{Delivery, FanoutCursor, NewDelivery, StoreError};
 
 /// Listeners handled per atomic write.
 const CHUNK: usize = 500;
@@ -70,7 +70,7 @@ fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Resul
     let mut cursor = context.queue.fanout_cursor()?;
     // Due times never go backwards, so first attempts leave in trigger order.
     let due_ms = now_ms().max(last_due_ms);
-    let mut deliveries: Vec<Delivery> = Vec::new();
+    let mut deliveries: Vec<NewDelivery> = Vec::new();
     let mut moved = false;
     while deliveries.len() < CHUNK {
         let Some(event) = context.queue.event_from(cursor.next_seq)?.filter(|event| event.seq < durable_end) else {
@@ -84,8 +84,9 @@ fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Resul
         let room = CHUNK - deliveries.len();
         let listeners =
             context.store.list_listeners(&event.producer_id, Some(&event.event_type), after.as_deref(), room)?;
-        deliveries.extend(listeners.iter().filter(|listener| listener.enabled).map(|listener| {
-            Delivery::pending(ids::delivery_id(event.seq, &listener.id), &event, &listener.id, due_ms)
+        deliveries.extend(listeners.iter().filter(|listener| listener.enabled).map(|listener| NewDelivery {
+            delivery: Delivery::pending(ids::delivery_id(event.seq, &listener.id), &event, &listener.id, due_ms),
+            ordered: listener.ordered,
         }));
         moved = true;
         cursor = match listeners.last() {

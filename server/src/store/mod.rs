@@ -120,6 +120,14 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self) -> Result<(), StoreError>;
 }
 
+/// A delivery fan-out creates. A strictly ordered listener's deliveries are also indexed
+/// among its unfinished ones, in delivery order, which is the order it is held to.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub delivery: Delivery,
+    pub ordered: bool,
+}
+
 /// A position in the due queue: (due time, queue key id). A scan from a position starts just
 /// after it; `(t, "")` is just before every entry due at `t`.
 pub type QueuePosition = (u64, String);
@@ -142,8 +150,8 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// The event at exactly `seq`.
     fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError>;
     /// Creates `deliveries` (each due at its `next_attempt_at_ms`) and moves the cursor, in one
-    /// atomic write. A delivery that already exists is left as it is.
-    fn commit_fanout(&self, deliveries: &[Delivery], cursor: &FanoutCursor) -> Result<(), StoreError>;
+    /// atomic write (so a chunk is never created twice).
+    fn commit_fanout(&self, deliveries: &[NewDelivery], cursor: &FanoutCursor) -> Result<(), StoreError>;
 
     /// Up to `limit` queue entries after `after` (from the start when `None`) due at or
     /// before `now_ms`, in (due time, queue key id) order.
@@ -156,8 +164,8 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// Puts back up to `limit` of a listener's parked entries, oldest delivery first, at their
     /// original due time. Returns where they were put (see [`DueEntry::key_id`]).
     fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<QueuePosition>, StoreError>;
-    /// The oldest unfinished delivery of a listener (the one a strictly ordered listener
-    /// must finish first).
+    /// The oldest unfinished delivery of a listener among those created while it kept strict
+    /// order (the one it must finish first).
     fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError>;
     /// The listeners with parked entries (read at startup: the entries themselves stay
     /// parked, there may be millions).

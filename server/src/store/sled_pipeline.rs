@@ -16,7 +16,7 @@ use super::model::{
     Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, decode, encode,
 };
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
-use super::{PipelineStore, QueuePosition, StoreError};
+use super::{NewDelivery, PipelineStore, QueuePosition, StoreError};
 
 fn be_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| corrupt(key))?;
@@ -71,17 +71,14 @@ impl PipelineStore for SledStore {
         }
     }
 
-    fn commit_fanout(&self, deliveries: &[Delivery], cursor: &FanoutCursor) -> Result<(), StoreError> {
+    fn commit_fanout(&self, deliveries: &[NewDelivery], cursor: &FanoutCursor) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        for delivery in deliveries {
-            let key = keys::delivery(&delivery.id);
-            // A re-run after a crash must not reset a delivery that already made progress.
-            if self.queue.contains_key(&key)? {
-                continue;
-            }
-            batch.insert(key, encode(delivery));
+        for NewDelivery { delivery, ordered } in deliveries {
+            batch.insert(keys::delivery(&delivery.id), encode(delivery));
             batch.insert(keys::due(delivery.next_attempt_at_ms, &delivery.id), delivery.listener_id.as_bytes());
-            batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+            if *ordered {
+                batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+            }
             batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
         }
         batch.insert(keys::FANOUT_CURSOR, encode(cursor));

@@ -25,7 +25,7 @@
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery) |
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
 //! | `pk/{listener id}/{delivery id}` | original due time: parked while the listener is busy |
-//! | `pl/{listener id}/{delivery id}` | empty: unfinished deliveries of a listener, oldest first |
+//! | `pl/{listener id}/{delivery id}` | empty: unfinished deliveries of a strictly ordered listener, oldest first |
 //! | `dl/{listener id}/{delivery id}` | empty: every delivery of a listener |
 //! | `a/{delivery id}/{attempt: u32 big-endian}` | [`Attempt`](super::Attempt) |
 //! | `lh/{listener id}` | [`ListenerHealth`](super::ListenerHealth) |

@@ -10,11 +10,16 @@ use tokio::process::{Child, Command};
 
 pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
 
-/// Builds `hookd` in release mode (a no-op when it is fresh) and returns its path.
+/// Builds `hookd` in release mode (a no-op when it is fresh) and returns its path, or the
+/// path in `HOOKD_BENCH_BINARY` if that is set.
 ///
 /// It builds into a target directory of its own: built beside the bench, `hookd-server`'s
 /// dependencies get other features unified in, and each run would rebuild both.
 pub fn build() -> Result<PathBuf, String> {
+    // A binary built otherwise (say with frame pointers, for a profiler) may be given instead.
+    if let Some(path) = std::env::var_os("HOOKD_BENCH_BINARY") {
+        return Ok(PathBuf::from(path));
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let exe = std::env::current_exe().map_err(|error| error.to_string())?;
     // The bench runs from <target>/release/hookd-bench.
@@ -117,6 +122,18 @@ impl Hookd {
             .find_map(|line| line.strip_prefix("VmRSS:"))
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(0.0, |kb| kb / 1000.0)
+    }
+
+    /// CPU time the process has used so far, user and system, in seconds (Linux): steadier
+    /// than throughput on a shared machine, for comparing two builds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are the
+        // 12th and 13th, in clock ticks (100 per second on Linux).
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
     }
 
     /// SIGKILL: no shutdown code runs.

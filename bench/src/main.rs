@@ -257,10 +257,12 @@ async fn delivery_scenario(plan: &Plan, binary: &std::path::Path, receiver: &Rec
         listeners(&producer, "bench.delivery", &receiver.url("/delivery"), listener_count).await?;
         receiver.reset(false);
         let total = (events * listener_count) as u64;
+        let cpu_before = hookd.cpu_seconds();
         let started = Instant::now();
         publish_all(&producer, "bench.delivery", events).await?;
         let complete = receiver.wait_for(total, Duration::from_secs(600)).await;
         let seconds = started.elapsed().as_secs_f64();
+        let cpu_us = (hookd.cpu_seconds() - cpu_before) * 1e6 / total as f64;
         hookd.kill().await;
         let per_s = receiver.received() as f64 / seconds;
         let lags = receiver.lags();
@@ -269,7 +271,7 @@ async fn delivery_scenario(plan: &Plan, binary: &std::path::Path, receiver: &Rec
         receiver.reset(false);
         let raw = raw::http_posts(&receiver.url("/raw"), total as usize, concurrency).await?;
         eprintln!(
-            "delivery, {events} x {listener_count}: {per_s:.0}/s (raw {raw:.0}/s), lag p50 {:.1} ms p99 {:.1} ms{}",
+            "delivery, {events} x {listener_count}: {per_s:.0}/s (raw {raw:.0}/s), lag p50 {:.1} ms p99 {:.1} ms, hookd CPU {cpu_us:.0} µs per delivery{}",
             lags.p50(),
             lags.p99(),
             if complete { "" } else { " (INCOMPLETE within 10 min)" }
@@ -284,6 +286,7 @@ async fn delivery_scenario(plan: &Plan, binary: &std::path::Path, receiver: &Rec
             "lag_p99_ms": round(lags.p99()),
             "complete": complete,
             "raw_concurrency": concurrency,
+            "hookd_cpu_us_per_delivery": round(cpu_us),
         }));
     }
     let first = cases[0].clone();

@@ -18,7 +18,6 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
@@ -127,6 +126,11 @@ pub(crate) struct Dispatcher {
     /// The queue is read from just after here; everything before it is decided, claimed or
     /// deferred. `None`: from the start.
     cursor: Option<QueuePosition>,
+    /// Entries past the cursor may be due that no pass has read yet (the cursor moved back,
+    /// something was queued, or the last pass stopped early).
+    stale: bool,
+    /// When the first entry past the cursor is due, as the last pass to reach the end saw.
+    next_due_ms: Option<u64>,
     /// How many entries are held, and by which listeners.
     held_total: usize,
     holding: BTreeSet<String>,
@@ -166,6 +170,8 @@ impl Dispatcher {
             in_flight: HashMap::new(),
             deferred: HashMap::new(),
             cursor: None,
+            stale: true,
+            next_due_ms: None,
             held_total: 0,
             holding: BTreeSet::new(),
             backoffs: BTreeSet::new(),
@@ -241,44 +247,58 @@ impl Dispatcher {
     /// When something next becomes due: the queue's first entry past the cursor or the end
     /// of a back-off.
     async fn next_wake(&self) -> Option<u64> {
-        let queue = self.context.queue.clone();
-        let after = self.cursor.clone();
-        let next_due = match store_call(move || queue.next_due_ms(after.as_ref())).await {
-            Ok(next_due) => next_due,
-            // Look again soon; the error is logged by the pass that meets it.
-            Err(_) => Some(now_ms() + 1000),
-        };
         let next_backoff = self.backoffs.first().map(|(at_ms, _)| *at_ms);
-        [next_due, next_backoff].into_iter().flatten().min()
+        [self.next_due_ms, next_backoff].into_iter().flatten().min()
     }
 
-    /// Moves the cursor back so that entries due at `due_ms` or later are read again.
+    /// Entries due at `due_ms` or later may be new to the dispatcher: read them (again).
     fn rewind(&mut self, due_ms: u64) {
-        let to = (due_ms, String::new());
+        self.rewind_to((due_ms, String::new()));
+    }
+
+    /// Entries after `to` may be new to the dispatcher: moves the cursor back there if it is
+    /// past it, and makes the next pass read.
+    fn rewind_to(&mut self, to: QueuePosition) {
         if self.cursor.as_ref().is_some_and(|cursor| to < *cursor) {
             self.cursor = Some(to);
         }
+        self.stale = true;
+    }
+
+    /// After a pass that read every due entry past the cursor: nothing is left to read until
+    /// something is queued or the next entry falls due.
+    fn caught_up(&mut self) -> Result<(), StoreError> {
+        let after = self.cursor.clone();
+        self.next_due_ms = self.context.queue.next_due_ms(after.as_ref())?;
+        self.stale = false;
+        Ok(())
     }
 
     /// Reads the due entries past the cursor once: hands out, holds, parks or skips each.
     async fn pass(&mut self) -> Result<Pass, StoreError> {
         self.start_held_anywhere();
-        let queued_from = self.context.queued_from.swap(u64::MAX, Ordering::AcqRel);
-        if queued_from != u64::MAX {
-            self.rewind(queued_from);
+        let queued_from = self.context.queued_from.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(from) = queued_from {
+            self.rewind_to(from);
         }
         let available = self.permits.available_permits();
         if available == 0 {
             return Ok(Pass::PoolFull);
         }
         let now = now_ms();
-        let queue = self.context.queue.clone();
-        let after = self.cursor.clone();
-        let entries = store_call(move || queue.due(after.as_ref(), now, PASS_LIMIT)).await?;
-        if entries.is_empty() {
+        if !self.stale && self.next_due_ms.is_none_or(|due_ms| due_ms > now) {
             return Ok(Pass::Idle);
         }
-        let full_page = entries.len() == PASS_LIMIT;
+        // Read about what can be handed out; what is read but not decided is read again.
+        let limit = (available * 2).clamp(16, PASS_LIMIT);
+        let queue = self.context.queue.clone();
+        let after = self.cursor.clone();
+        let entries = store_call(move || queue.due(after.as_ref(), now, limit)).await?;
+        if entries.is_empty() {
+            self.caught_up()?;
+            return Ok(Pass::Idle);
+        }
+        let full_page = entries.len() == limit;
         let listener_ids: HashSet<String> = entries
             .iter()
             .filter(|entry| !self.in_flight.contains_key(&entry.delivery_id))
@@ -298,6 +318,7 @@ impl Dispatcher {
         let mut used_releases = Vec::new();
         let mut chosen: HashMap<String, QueuePosition> = HashMap::new();
         let mut last = None;
+        let mut stopped_early = false;
         for entry in entries {
             let position = (entry.due_ms, entry.key_id());
             let claimed = self.in_flight.get(&entry.delivery_id).or_else(|| chosen.get(&entry.delivery_id));
@@ -311,6 +332,7 @@ impl Dispatcher {
                 continue;
             }
             if go.len() == available {
+                stopped_early = true;
                 break;
             }
             let listener = listeners.get(&entry.listener_id).and_then(Option::as_ref);
@@ -370,7 +392,11 @@ impl Dispatcher {
         for entry in go {
             self.spawn_worker(entry);
         }
-        Ok(if progressed || full_page { Pass::Progress } else { Pass::Idle })
+        if full_page || stopped_early {
+            return Ok(Pass::Progress);
+        }
+        self.caught_up()?;
+        Ok(if progressed { Pass::Progress } else { Pass::Idle })
     }
 
     /// Hands a claimed entry (its gate already counts it in flight) to a worker.
@@ -496,7 +522,10 @@ impl Dispatcher {
             Command::ListenerChanged(listener_id) => self.listener_changed(listener_id).await,
             // Deliveries were queued outside fan-out (replay, retry, recovery), anywhere in
             // the queue: read it again from the start.
-            Command::Queued => self.cursor = None,
+            Command::Queued => {
+                self.cursor = None;
+                self.stale = true;
+            }
         }
     }
 

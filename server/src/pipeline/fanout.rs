@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Context, store_call};
 use crate::clock::now_ms;
 use crate::ids;
-use crate::store::{Delivery, FanoutCursor, NewDelivery, StoreError};
+use crate::store::{Delivery, FanoutCursor, NewDelivery, QueuePosition, StoreError};
 
 /// Listeners handled per atomic write.
 const CHUNK: usize = 500;
@@ -33,10 +33,10 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
                 store_call(move || fan_out_chunk(&context, last_due_ms, durable)).await
             };
             match step {
-                Ok(Some((queued, due_ms))) => {
+                Ok(Some((first, due_ms))) => {
                     last_due_ms = due_ms;
-                    if queued > 0 {
-                        context.queued(due_ms);
+                    if let Some(first) = first {
+                        context.queued(first);
                     }
                 }
                 Ok(None) => break,
@@ -64,9 +64,13 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
 
 /// Fans out the next chunk past the cursor, among events before `durable_end`: whole events
 /// until about [`CHUNK`] deliveries are gathered (a larger event is cut into chunks), written
-/// with the new cursor in one atomic write. Returns how many deliveries were queued and their
-/// due time, or `None` when there is nothing to do.
-fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Result<Option<(usize, u64)>, StoreError> {
+/// with the new cursor in one atomic write. Returns a queue position just before the first
+/// delivery queued (if any) and their due time, or `None` when there is nothing to do.
+fn fan_out_chunk(
+    context: &Context,
+    last_due_ms: u64,
+    durable_end: u64,
+) -> Result<Option<(Option<QueuePosition>, u64)>, StoreError> {
     let mut cursor = context.queue.fanout_cursor()?;
     // Due times never go backwards, so first attempts leave in trigger order.
     let due_ms = now_ms().max(last_due_ms);
@@ -107,5 +111,11 @@ fn fan_out_chunk(context: &Context, last_due_ms: u64, durable_end: u64) -> Resul
     if !deliveries.is_empty() {
         tracing::debug!(deliveries = deliveries.len(), next_seq = cursor.next_seq, "fanned out");
     }
-    Ok(Some((deliveries.len(), due_ms)))
+    // A prefix of the smallest id sorts just before it: the dispatcher reads from there.
+    let first = deliveries.iter().map(|new| new.delivery.id.as_str()).min().map(|id| {
+        let mut before = id.to_owned();
+        before.pop();
+        (due_ms, before)
+    });
+    Ok(Some((first, due_ms)))
 }

@@ -22,8 +22,7 @@ pub mod retry;
 pub mod target;
 mod worker;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, broadcast, mpsc};
@@ -41,7 +40,7 @@ pub(crate) async fn store_call<T>(work: impl FnOnce() -> T) -> T {
     work()
 }
 use crate::crypto::Keyring;
-use crate::store::{DeliveryState, HistoryStore, PipelineStore, Store};
+use crate::store::{DeliveryState, HistoryStore, PipelineStore, QueuePosition, Store};
 pub use retry::RetrySchedule;
 pub use target::{PolicyKind, TargetPolicy};
 
@@ -118,9 +117,9 @@ pub(crate) struct Context {
     pub config: PipelineConfig,
     /// Rung when new deliveries are queued.
     pub wake: Notify,
-    /// The earliest due time queued since the dispatcher last looked (`u64::MAX`: none), so
-    /// it reads again what was queued behind its cursor.
-    pub queued_from: AtomicU64,
+    /// The earliest queue position written since the dispatcher last looked, so it reads
+    /// again what was queued behind its cursor.
+    pub queued_from: Mutex<Option<QueuePosition>>,
     /// Every attempt's outcome, for watchers. Sending never waits: a watcher that falls
     /// behind misses updates (and is told), the pipeline never slows for it.
     pub outcomes: broadcast::Sender<AttemptOutcome>,
@@ -143,9 +142,14 @@ pub struct AttemptOutcome {
 }
 
 impl Context {
-    /// Tells the dispatcher that entries due at `due_ms` or later were queued (and written).
-    pub fn queued(&self, due_ms: u64) {
-        self.queued_from.fetch_min(due_ms, Ordering::AcqRel);
+    /// Tells the dispatcher that entries at `from` or later were queued (and written).
+    pub fn queued(&self, from: QueuePosition) {
+        {
+            let mut earliest = self.queued_from.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if earliest.as_ref().is_none_or(|earliest| from < *earliest) {
+                *earliest = Some(from);
+            }
+        }
         self.wake.notify_one();
     }
 }
@@ -222,7 +226,7 @@ impl Pipeline {
             sender,
             config,
             wake: Notify::new(),
-            queued_from: AtomicU64::new(u64::MAX),
+            queued_from: Mutex::new(None),
             outcomes: outcomes.clone(),
         });
         let shutdown = CancellationToken::new();

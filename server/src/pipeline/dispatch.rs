@@ -35,7 +35,7 @@ const PASS_LIMIT: usize = 512;
 const BACKOFF_AFTER_FAILURES: u32 = 5;
 /// Longest whole-listener back-off (shorter when the retry schedule's longest delay is).
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Parked entries put back per write when a listener is deleted.
+/// Most parked entries put back in one write.
 const UNPARK_CHUNK: usize = 1000;
 /// Entries held in memory for one listener at its cap, and for all listeners together (an
 /// entry held costs about 200 bytes; a parked one two writes to park and two to put back).
@@ -187,12 +187,12 @@ impl Dispatcher {
         let queue = self.context.queue.clone();
         match store_call(move || queue.parked_listeners()).await {
             Ok(parked) => {
-                // Parked lots are taken back a line at a time, like any other, so the first
-                // delivery after a restart does not wait for a large backlog to move.
+                // Parked lots are taken back a few at a time, so the first delivery after a
+                // restart does not wait for a large backlog to move; finished attempts take
+                // back more.
                 for listener_id in parked {
                     self.gates.entry(listener_id.clone()).or_default().parked = SOME_PARKED;
-                    let room = self.gates[&listener_id].room(self.cap(), now_ms());
-                    self.unpark(&listener_id, room).await;
+                    self.unpark(&listener_id, self.cap()).await;
                 }
             }
             Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "cannot read the parking lots"),
@@ -497,9 +497,11 @@ impl Dispatcher {
         let gate = self.gates.entry(entry.listener_id.clone()).or_default();
         let cap = if gate.ordered { 1 } else { cap };
         // At its cap (or with others already waiting in line): wait in memory while the line
-        // is short, else in the lot.
+        // is short, else in the lot. A failing listener gets no line: its backlog waits in
+        // the lot, so memory stays flat however long it fails.
         if verdict == Verdict::Go && (gate.in_flight >= cap || !gate.held.is_empty()) {
-            verdict = if gate.held.len() < HELD_PER_LISTENER && held_room { Verdict::Hold } else { Verdict::Park };
+            let line = gate.held.len() < HELD_PER_LISTENER && held_room && gate.failures == 0;
+            verdict = if line { Verdict::Hold } else { Verdict::Park };
         }
         match verdict {
             Verdict::Go => gate.in_flight += 1,
@@ -683,6 +685,7 @@ impl Dispatcher {
     /// Moves up to `count` of a listener's parked entries back to the queue, oldest delivery
     /// first, and lets them pass the ones still parked.
     async fn unpark(&mut self, listener_id: &str, count: usize) {
+        let count = count.min(UNPARK_CHUNK);
         let queue = self.context.queue.clone();
         let id = listener_id.to_owned();
         match store_call(move || queue.unpark(&id, count)).await {

@@ -41,6 +41,8 @@ const UNPARK_CHUNK: usize = 1000;
 /// entry held costs about 200 bytes; a parked one two writes to park and two to put back).
 const HELD_PER_LISTENER: usize = 16_384;
 const HELD_TOTAL: usize = 65_536;
+/// How long the entry of a worker that unwound waits before it is read again.
+const UNWOUND_PAUSE_MS: u64 = 1000;
 /// A parked count not known exactly (after a restart): "some", until a lot runs dry.
 const SOME_PARKED: usize = usize::MAX / 2;
 
@@ -131,6 +133,8 @@ pub(crate) struct Dispatcher {
     stale: bool,
     /// When the first entry past the cursor is due, as the last pass to reach the end saw.
     next_due_ms: Option<u64>,
+    /// (when, due time) of entries to read again later: those of workers that unwound.
+    later: BTreeSet<(u64, u64)>,
     /// How many entries are held, and by which listeners.
     held_total: usize,
     holding: BTreeSet<String>,
@@ -172,6 +176,7 @@ impl Dispatcher {
             cursor: None,
             stale: true,
             next_due_ms: None,
+            later: BTreeSet::new(),
             held_total: 0,
             holding: BTreeSet::new(),
             backoffs: BTreeSet::new(),
@@ -214,7 +219,9 @@ impl Dispatcher {
                 }
             };
             match pass {
-                Pass::Progress => continue,
+                // Store calls run in place and never yield: let the workers (and a shutdown)
+                // have the thread between passes.
+                Pass::Progress => tokio::task::yield_now().await,
                 Pass::PoolFull => {
                     tokio::select! {
                         command = self.inbox.recv() => if let Some(command) = command { self.handle(command).await },
@@ -248,7 +255,8 @@ impl Dispatcher {
     /// of a back-off.
     async fn next_wake(&self) -> Option<u64> {
         let next_backoff = self.backoffs.first().map(|(at_ms, _)| *at_ms);
-        [self.next_due_ms, next_backoff].into_iter().flatten().min()
+        let next_later = self.later.first().map(|(at_ms, _)| *at_ms);
+        [self.next_due_ms, next_backoff, next_later].into_iter().flatten().min()
     }
 
     /// Entries due at `due_ms` or later may be new to the dispatcher: read them (again).
@@ -277,6 +285,13 @@ impl Dispatcher {
     /// Reads the due entries past the cursor once: hands out, holds, parks or skips each.
     async fn pass(&mut self) -> Result<Pass, StoreError> {
         self.start_held_anywhere();
+        let now = now_ms();
+        while let Some(&(at_ms, due_ms)) = self.later.first()
+            && at_ms <= now
+        {
+            self.later.pop_first();
+            self.rewind(due_ms);
+        }
         let queued_from = self.context.queued_from.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if let Some(from) = queued_from {
             self.rewind_to(from);
@@ -285,7 +300,6 @@ impl Dispatcher {
         if available == 0 {
             return Ok(Pass::PoolFull);
         }
-        let now = now_ms();
         if !self.stale && self.next_due_ms.is_none_or(|due_ms| due_ms > now) {
             return Ok(Pass::Idle);
         }
@@ -404,12 +418,14 @@ impl Dispatcher {
         let permit = self.permits.clone().try_acquire_owned().expect("a permit was checked to be free");
         self.in_flight.insert(entry.delivery_id.clone(), (entry.due_ms, entry.key_id()));
         let context = self.context.clone();
-        // If the worker unwinds, the entry is still queued: read it again.
+        // If the worker unwinds (or is dropped), the entry is still queued: it is read again
+        // after a pause, never at once, so a failing worker cannot spin the dispatcher.
         let finished = Finished {
             delivery_id: entry.delivery_id.clone(),
             listener_id: entry.listener_id.clone(),
             outcome: Outcome::NotSent,
-            look_again_ms: Some(entry.due_ms),
+            look_again_ms: None,
+            unwound: Some(entry.due_ms),
         };
         let mut report = Report { outbox: self.outbox.clone(), finished: Some(finished) };
         self.workers.spawn(async move {
@@ -611,6 +627,9 @@ impl Dispatcher {
 
     async fn finished(&mut self, finished: Finished) {
         self.in_flight.remove(&finished.delivery_id);
+        if let Some(due_ms) = finished.unwound {
+            self.later.insert((now_ms() + UNWOUND_PAUSE_MS, due_ms));
+        }
         if let Some(due_ms) = self.deferred.remove(&finished.delivery_id) {
             self.rewind(due_ms);
         }

@@ -7,8 +7,8 @@
 //!   per-listener limits (in-flight cap, strict order, whole-listener back-off, disabled),
 //!   and hands what may go to a bounded pool of workers.
 //! - `retention` deletes what is older than the configured age.
-//! - [`worker`] makes one attempt ([`deliver`] does the HTTP), records it with the delivery's
-//!   next step ([`retry`] decides), and reports back to the dispatcher.
+//! - [`worker`] makes one attempt ([`deliver`] does the HTTP), has [`recorder`] write it
+//!   with the delivery's next step ([`retry`] decides), and reports back to the dispatcher.
 //!
 //! The pipeline never sees gRPC types and never answers a caller; a failing request only
 //! ever produces an attempt record. Cancellation is a token; on shutdown in-flight attempts
@@ -17,6 +17,7 @@
 pub mod deliver;
 mod dispatch;
 mod fanout;
+mod recorder;
 mod retention;
 pub mod retry;
 pub mod target;
@@ -62,7 +63,7 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Lowers the calling thread's CPU priority (Linux: niceness is per thread). Best effort.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
     unsafe {
@@ -112,6 +113,8 @@ impl Default for PipelineConfig {
 pub(crate) struct Context {
     pub store: Arc<dyn Store>,
     pub queue: Arc<dyn PipelineStore>,
+    /// Writes finished attempts, many to a batch.
+    pub recorder: recorder::Recorder,
     pub keyring: Keyring,
     pub sender: deliver::Sender,
     pub config: PipelineConfig,
@@ -204,6 +207,8 @@ impl PipelineHandle {
 pub enum PipelineError {
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("cannot start the recorder thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 impl Pipeline {
@@ -219,9 +224,11 @@ impl Pipeline {
         let retention = config.retention;
         let history: Arc<dyn HistoryStore> = store.clone();
         let outcomes = broadcast::Sender::new(config.watch_buffer.max(1));
+        let recorder = recorder::Recorder::start(store.clone())?;
         let context = Arc::new(Context {
             store: store.clone(),
             queue: store,
+            recorder,
             keyring,
             sender,
             config,

@@ -14,7 +14,9 @@ use super::retry::{honours_retry_after, is_success};
 use super::{AttemptOutcome, Context, store_call};
 use crate::clock::now_ms;
 use crate::crypto::random_bytes;
-use crate::store::{Attempt, AttemptTrigger, DeliveryState, DueEntry, ListenerHealth, NextStep, StoreError};
+use crate::store::{
+    Attempt, AttemptTrigger, Completion, DeliveryState, DueEntry, ListenerHealth, NextStep, StoreError,
+};
 use hookd::webhook;
 
 /// How a worker's turn ended, as far as the dispatcher is concerned.
@@ -37,6 +39,9 @@ pub(crate) struct Finished {
     /// The due time of a queue entry the dispatcher must look at (again): the entry itself
     /// when it is still queued, or the delivery's next attempt.
     pub look_again_ms: Option<u64>,
+    /// Set (to the entry's due time) when the worker did not finish: it unwound or was
+    /// dropped, and its entry is still queued.
+    pub unwound: Option<u64>,
 }
 
 /// How long a worker waits before handing back an entry it could not record (a store
@@ -54,7 +59,7 @@ pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry) -> Finished 
             (Outcome::NotSent, Some(entry.due_ms))
         }
     };
-    Finished { delivery_id: entry.delivery_id, listener_id: entry.listener_id, outcome, look_again_ms }
+    Finished { delivery_id: entry.delivery_id, listener_id: entry.listener_id, outcome, look_again_ms, unwound: None }
 }
 
 async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcome, Option<u64>), StoreError> {
@@ -214,15 +219,11 @@ async fn finish(
         error: attempt.error.clone(),
         at_ms: now,
     };
+    context.recorder.record(Completion { delivery, attempt, entry: entry.clone(), next }).await?;
     let disable = {
         let context = context.clone();
         let listener_id = listener_id.clone();
-        let entry = entry.clone();
-        store_call(move || -> Result<bool, StoreError> {
-            context.queue.complete_attempt(&delivery, &attempt, &entry, next)?;
-            track_health(&context, &listener_id, succeeded, now)
-        })
-        .await?
+        store_call(move || track_health(&context, &listener_id, succeeded, now)).await?
     };
     // Watchers hear of it once it is recorded; none listening is fine.
     let _ = context.outcomes.send(outcome_update);

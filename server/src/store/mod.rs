@@ -128,6 +128,16 @@ pub struct NewDelivery {
     pub ordered: bool,
 }
 
+/// A finished attempt to record: the attempt, the delivery as it now stands, the queue entry
+/// that was attempted and what comes next.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub delivery: Delivery,
+    pub attempt: Attempt,
+    pub entry: DueEntry,
+    pub next: NextStep,
+}
+
 /// A position in the due queue: (due time, queue key id). A scan from a position starts just
 /// after it; `(t, "")` is just before every entry due at `t`.
 pub type QueuePosition = (u64, String);
@@ -172,16 +182,10 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn parked_listeners(&self) -> Result<Vec<String>, StoreError>;
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError>;
-    /// Records an attempt and the delivery's new state in one atomic write: the attempt, the
-    /// delivery, the entry attempted leaving the queue, and the delivery's next entry or its
+    /// Records finished attempts in one atomic write: for each, the attempt, the delivery's
+    /// new state, the entry attempted leaving the queue, and the delivery's next entry or its
     /// leaving the listener's unfinished ones.
-    fn complete_attempt(
-        &self,
-        delivery: &Delivery,
-        attempt: &Attempt,
-        entry: &DueEntry,
-        next: NextStep,
-    ) -> Result<(), StoreError>;
+    fn complete_attempts(&self, completions: &[Completion]) -> Result<(), StoreError>;
     /// Takes an entry with nothing left to do out of the queue.
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError>;
     /// Ends a delivery without an attempt (e.g. its listener was deleted).

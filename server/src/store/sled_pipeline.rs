@@ -16,7 +16,7 @@ use super::model::{
     Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, decode, encode,
 };
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
-use super::{NewDelivery, PipelineStore, QueuePosition, StoreError};
+use super::{Completion, NewDelivery, PipelineStore, QueuePosition, StoreError};
 
 fn be_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| corrupt(key))?;
@@ -168,23 +168,19 @@ impl PipelineStore for SledStore {
         read(&self.queue, &keys::delivery(delivery_id))
     }
 
-    fn complete_attempt(
-        &self,
-        delivery: &Delivery,
-        attempt: &Attempt,
-        entry: &DueEntry,
-        next: NextStep,
-    ) -> Result<(), StoreError> {
+    fn complete_attempts(&self, completions: &[Completion]) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        batch.insert(keys::attempt(&delivery.id, attempt.number), encode(attempt));
-        batch.insert(keys::delivery(&delivery.id), encode(delivery));
-        batch.remove(keys::due(entry.due_ms, &entry.key_id()));
-        match next {
-            NextStep::RetryAt(due_ms) => {
-                batch.insert(keys::due(due_ms, &delivery.id), delivery.listener_id.as_bytes());
+        for Completion { delivery, attempt, entry, next } in completions {
+            batch.insert(keys::attempt(&delivery.id, attempt.number), encode(attempt));
+            batch.insert(keys::delivery(&delivery.id), encode(delivery));
+            batch.remove(keys::due(entry.due_ms, &entry.key_id()));
+            match next {
+                NextStep::RetryAt(due_ms) => {
+                    batch.insert(keys::due(*due_ms, &delivery.id), delivery.listener_id.as_bytes());
+                }
+                NextStep::Done => batch.remove(keys::pending(&delivery.listener_id, &delivery.id)),
+                NextStep::Keep => {}
             }
-            NextStep::Done => batch.remove(keys::pending(&delivery.listener_id, &delivery.id)),
-            NextStep::Keep => {}
         }
         Ok(self.queue.apply_batch(batch)?)
     }

@@ -228,6 +228,62 @@ async fn a_hanging_listener_costs_only_its_own_deliveries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_switched_to_strict_order_finishes_its_older_deliveries_then_keeps_order() {
+    const BEFORE: usize = 4;
+    const AFTER: usize = 6;
+    let receiver = Receiver::start().await;
+    let switched = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let delivered = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let (flag, done) = (switched.clone(), delivered.clone());
+    // Events from before the switch fail until it has happened, so they are still pending
+    // when the listener starts keeping order; after it, every third event fails once.
+    receiver.script("/switch", move |request, nth| {
+        let n: usize = std::str::from_utf8(&request.body).unwrap().parse().unwrap();
+        let fails = if n < BEFORE { !flag.load(std::sync::atomic::Ordering::SeqCst) } else { n % 3 == 0 && nth == 1 };
+        if !fails {
+            done.lock().unwrap().insert(n);
+        }
+        Reply::Status(if fails { 500 } else { 200 })
+    });
+    let server = server_with(|config| config.pipeline.retry_schedule = ["200ms"; 10].join(",").parse().unwrap()).await;
+    let (producer, _, _) = server.producer("switching").await;
+    let hash = derive(&producer, "step").await;
+    let (listener_id, _) = listen(&producer, &hash, receiver.url("/switch"), None, false).await;
+    for n in 0..BEFORE {
+        trigger(&producer, "step", n.to_string()).await;
+    }
+    receiver.wait_until("a first attempt of each early event", DEADLINE, |requests| requests.len() >= BEFORE).await;
+    let update = UpdateListenerRequest { listener_id, ordered: Some(true), ..Default::default() };
+    producer.register().update_listener(update).await.unwrap();
+    switched.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut events = Vec::new();
+    for n in BEFORE..BEFORE + AFTER {
+        events.push(trigger(&producer, "step", n.to_string()).await);
+    }
+    receiver
+        .wait_until("every event delivered, from before the switch and after", DEADLINE, |_| {
+            delivered.lock().unwrap().len() == BEFORE + AFTER
+        })
+        .await;
+    // Events after the switch arrive in trigger order, a failed attempt always followed by
+    // the same event's retry.
+    let arrivals: Vec<(String, u32)> = receiver
+        .requests()
+        .iter()
+        .filter(|r| events.iter().any(|event| event == r.webhook_id()))
+        .map(|r| (r.webhook_id().to_owned(), r.attempt()))
+        .collect();
+    let mut expected = Vec::new();
+    for (offset, event) in events.iter().enumerate() {
+        expected.push((event.clone(), 1));
+        if (BEFORE + offset) % 3 == 0 {
+            expected.push((event.clone(), 2));
+        }
+    }
+    assert_eq!(arrivals, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_listener_gets_each_event_only_after_the_previous_one_succeeded() {
     const EVENTS: usize = 12;
     let receiver = Receiver::start().await;

@@ -239,7 +239,8 @@ async fn a_listener_switched_to_strict_order_finishes_its_older_deliveries_then_
     // when the listener starts keeping order; after it, every third event fails once.
     receiver.script("/switch", move |request, nth| {
         let n: usize = std::str::from_utf8(&request.body).unwrap().parse().unwrap();
-        let fails = if n < BEFORE { !flag.load(std::sync::atomic::Ordering::SeqCst) } else { n % 3 == 0 && nth == 1 };
+        let fails =
+            if n < BEFORE { !flag.load(std::sync::atomic::Ordering::SeqCst) } else { n.is_multiple_of(3) && nth == 1 };
         if !fails {
             done.lock().unwrap().insert(n);
         }
@@ -276,7 +277,7 @@ async fn a_listener_switched_to_strict_order_finishes_its_older_deliveries_then_
     let mut expected = Vec::new();
     for (offset, event) in events.iter().enumerate() {
         expected.push((event.clone(), 1));
-        if (BEFORE + offset) % 3 == 0 {
+        if (BEFORE + offset).is_multiple_of(3) {
             expected.push((event.clone(), 2));
         }
     }

@@ -35,8 +35,9 @@ const PASS_LIMIT: usize = 512;
 const BACKOFF_AFTER_FAILURES: u32 = 5;
 /// Longest whole-listener back-off (shorter when the retry schedule's longest delay is).
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Most parked entries put back in one write.
-const UNPARK_CHUNK: usize = 1000;
+/// Most parked entries put back in one write (kept short, like every pipeline batch: it
+/// holds sled's process-wide lock while it applies).
+const UNPARK_CHUNK: usize = 256;
 /// Entries held in memory for one listener at its cap, and for all listeners together (an
 /// entry held costs about 200 bytes; a parked one two writes to park and two to put back).
 const HELD_PER_LISTENER: usize = 16_384;

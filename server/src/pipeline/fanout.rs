@@ -17,8 +17,11 @@ use crate::clock::now_ms;
 use crate::ids;
 use crate::store::{Delivery, FanoutCursor, NewDelivery, QueuePosition, StoreError};
 
-/// Listeners handled per atomic write.
-const CHUNK: usize = 500;
+/// Deliveries created per atomic write. Small on purpose: a sled batch holds a lock that
+/// stops every other sled call in the process, triggers included, while it applies; with
+/// chunks of 500 a trigger's 99th percentile beside a 1,000-listener fan-out was 8-14 ms,
+/// with 32 it is 3-4 ms (quick bench), at no measured cost to delivery.
+const CHUNK: usize = 32;
 
 /// Follows the event log until `shutdown`.
 pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<u64>, shutdown: CancellationToken) {

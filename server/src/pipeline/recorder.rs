@@ -15,8 +15,9 @@ use tokio::sync::oneshot;
 
 use crate::store::{Completion, PipelineStore, StoreError};
 
-/// Most attempts written in one batch.
-const MAX_GROUP: usize = 256;
+/// Most attempts written in one batch: enough to share the log write, few enough that the
+/// batch's process-wide lock (see `fanout::CHUNK`) stays short.
+const MAX_GROUP: usize = 32;
 
 struct Job {
     completion: Completion,

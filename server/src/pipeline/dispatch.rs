@@ -563,18 +563,15 @@ impl Dispatcher {
         match listener {
             Ok(Some(listener)) => {
                 let cap = self.cap();
-                let gate = self.gates.entry(listener_id.clone()).or_default();
                 if !listener.enabled {
                     // Held entries of a disabled listener are read again, which parks them.
-                    let mut earliest = None;
-                    for entry in gate.held.drain(..) {
-                        self.in_flight.remove(&entry.delivery_id);
-                        self.held_total -= 1;
-                        earliest = Some(earliest.map_or(entry.due_ms, |due_ms: u64| due_ms.min(entry.due_ms)));
-                    }
+                    let gate = self.gates.entry(listener_id.clone()).or_default();
+                    let held: Vec<DueEntry> = gate.held.drain(..).collect();
                     self.holding.remove(&listener_id);
-                    if let Some(due_ms) = earliest {
-                        self.rewind(due_ms);
+                    for entry in held {
+                        self.release(&entry.delivery_id);
+                        self.held_total -= 1;
+                        self.rewind(entry.due_ms);
                     }
                 }
                 let gate = self.gates.entry(listener_id.clone()).or_default();
@@ -597,7 +594,7 @@ impl Dispatcher {
                 if let Some(gate) = self.gates.remove(&listener_id) {
                     // Those the pool had no worker for are read again (and cancelled).
                     for entry in gate.held {
-                        self.in_flight.remove(&entry.delivery_id);
+                        self.release(&entry.delivery_id);
                         self.held_total -= 1;
                         self.rewind(entry.due_ms);
                     }
@@ -626,13 +623,18 @@ impl Dispatcher {
         }
     }
 
+    /// A delivery is no longer claimed: an entry of it that waited for that is read again.
+    fn release(&mut self, delivery_id: &str) {
+        self.in_flight.remove(delivery_id);
+        if let Some(due_ms) = self.deferred.remove(delivery_id) {
+            self.rewind(due_ms);
+        }
+    }
+
     async fn finished(&mut self, finished: Finished) {
-        self.in_flight.remove(&finished.delivery_id);
+        self.release(&finished.delivery_id);
         if let Some(due_ms) = finished.unwound {
             self.later.insert((now_ms() + UNWOUND_PAUSE_MS, due_ms));
-        }
-        if let Some(due_ms) = self.deferred.remove(&finished.delivery_id) {
-            self.rewind(due_ms);
         }
         if let Some(due_ms) = finished.look_again_ms {
             self.rewind(due_ms);

@@ -136,7 +136,7 @@ async fn sigterm_with_an_attempt_in_flight_exits_cleanly_and_the_attempt_is_redo
     receiver.wait_until("the first attempt hanging", DEADLINE, |requests| requests.len() == 1).await;
 
     // The hanging attempt cannot finish: shutdown waits its deadline, then exits 0 with the
-    // delivery still leased.
+    // delivery still queued.
     assert!(hookd.terminate().await.success(), "SIGTERM is a clean exit");
     receiver.release();
 

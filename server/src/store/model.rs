@@ -272,12 +272,12 @@ pub struct DueEntry {
     pub manual: bool,
 }
 
-/// Suffix of the queue key of a manual attempt: it is queued, parked and leased apart from
+/// Suffix of the queue key of a manual attempt: it is queued, parked and worked on apart from
 /// the delivery's scheduled entry, so neither overwrites the other.
 const MANUAL_SUFFIX: &str = "#m";
 
 impl DueEntry {
-    /// The id this entry is queued, parked and leased under.
+    /// The id this entry is queued and parked under.
     pub fn key_id(&self) -> String {
         if self.manual { format!("{}{MANUAL_SUFFIX}", self.delivery_id) } else { self.delivery_id.clone() }
     }

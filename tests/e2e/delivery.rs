@@ -228,6 +228,41 @@ async fn a_hanging_listener_costs_only_its_own_deliveries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_failing_five_times_in_a_row_is_backed_off_as_a_whole() {
+    const BACKOFF: Duration = Duration::from_secs(2);
+    let receiver = Receiver::start().await;
+    receiver.script("/down", |_, _| Reply::Status(500));
+    // One attempt at a time, so the five failures come strictly before the sixth event.
+    let server = server_with(|config| {
+        config.pipeline.listener_in_flight = 1;
+        config.pipeline.retry_schedule = "2s,2s".parse().unwrap();
+    })
+    .await;
+    let (producer, _, _) = server.producer("flaky").await;
+    let hash = derive(&producer, "tick").await;
+    listen(&producer, &hash, receiver.url("/down"), None, false).await;
+    for n in 0..6 {
+        trigger(&producer, "tick", n.to_string()).await;
+    }
+    let first_attempt = |requests: &[crate::receiver::Received], n: usize| {
+        requests.iter().find(|r| r.body == n.to_string().as_bytes() && r.attempt() == 1).map(|r| r.at)
+    };
+    receiver
+        .wait_until("the sixth event's first attempt", DEADLINE, |requests| first_attempt(requests, 5).is_some())
+        .await;
+    let requests = receiver.requests();
+    let fifth_failure = first_attempt(&requests, 4).expect("the fifth event was attempted");
+    let sixth = first_attempt(&requests, 5).expect("the sixth event was attempted");
+    // The back-off starts after the fifth failure is recorded, so the sixth cannot come sooner;
+    // without it, the sixth would follow the fifth at once.
+    assert!(
+        sixth.duration_since(fifth_failure) >= BACKOFF,
+        "the sixth event came {:?} after the fifth failure, inside the back-off",
+        sixth.duration_since(fifth_failure)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_switched_to_strict_order_finishes_its_older_deliveries_then_keeps_order() {
     const BEFORE: usize = 4;
     const AFTER: usize = 6;

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::worker::{self, Finished, Outcome};
-use super::{Command, Context, store_call};
+use super::{Command, Context};
 use crate::clock::now_ms;
 use crate::store::{DueEntry, Listener, ListenerHealth, QueuePosition, StoreError};
 
@@ -190,8 +190,7 @@ impl Dispatcher {
 
     /// Dispatches until `shutdown`, then waits for the workers it started.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let queue = self.context.queue.clone();
-        match store_call(move || queue.parked_listeners()).await {
+        match self.context.queue.parked_listeners() {
             Ok(parked) => {
                 // Parked lots are taken back a few at a time, so the first delivery after a
                 // restart does not wait for a large backlog to move; finished attempts take
@@ -306,9 +305,7 @@ impl Dispatcher {
         }
         // Read about what can be handed out; what is read but not decided is read again.
         let limit = (available * 2).clamp(16, PASS_LIMIT);
-        let queue = self.context.queue.clone();
-        let after = self.cursor.clone();
-        let entries = store_call(move || queue.due(after.as_ref(), now, limit)).await?;
+        let entries = self.context.queue.due(self.cursor.as_ref(), now, limit)?;
         if entries.is_empty() {
             self.caught_up()?;
             return Ok(Pass::Idle);
@@ -319,11 +316,10 @@ impl Dispatcher {
             .filter(|entry| !self.in_flight.contains_key(&entry.delivery_id))
             .map(|entry| entry.listener_id.clone())
             .collect();
-        let store = self.context.store.clone();
-        let listeners = store_call(move || -> Result<HashMap<String, Option<Listener>>, StoreError> {
-            listener_ids.into_iter().map(|id| store.listener(&id).map(|listener| (id, listener))).collect()
-        })
-        .await?;
+        let listeners = listener_ids
+            .into_iter()
+            .map(|id| self.context.store.listener(&id).map(|listener| (id, listener)))
+            .collect::<Result<HashMap<String, Option<Listener>>, StoreError>>()?;
 
         let mut go: Vec<DueEntry> = Vec::new();
         let mut hold: Vec<DueEntry> = Vec::new();
@@ -369,26 +365,24 @@ impl Dispatcher {
             last = Some(position);
         }
 
-        if !park.is_empty() {
-            let queue = self.context.queue.clone();
-            let parked = park.clone();
-            if let Err(error) = store_call(move || queue.park(&parked)).await {
-                // Nothing changed in the store: undo what the decisions counted.
-                for entry in &go {
-                    if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
-                        gate.in_flight = gate.in_flight.saturating_sub(1);
-                    }
+        if !park.is_empty()
+            && let Err(error) = self.context.queue.park(&park)
+        {
+            // Nothing changed in the store: undo what the decisions counted.
+            for entry in &go {
+                if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
+                    gate.in_flight = gate.in_flight.saturating_sub(1);
                 }
-                for entry in &park {
-                    if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
-                        gate.parked = gate.parked.saturating_sub(1);
-                    }
-                }
-                for (listener_id, key_id) in used_releases {
-                    self.gates.entry(listener_id).or_default().released.insert(key_id);
-                }
-                return Err(error);
             }
+            for entry in &park {
+                if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
+                    gate.parked = gate.parked.saturating_sub(1);
+                }
+            }
+            for (listener_id, key_id) in used_releases {
+                self.gates.entry(listener_id).or_default().released.insert(key_id);
+            }
+            return Err(error);
         }
         if last.is_some() {
             self.cursor = last;
@@ -502,9 +496,7 @@ impl Dispatcher {
             || (!listener.ordered && !entry.manual && gate.parked > 0 && !released);
         let mut verdict = if must_park { Verdict::Park } else { Verdict::Go };
         if verdict == Verdict::Go && listener.ordered && !entry.manual {
-            let queue = self.context.queue.clone();
-            let listener_id = entry.listener_id.clone();
-            let head = store_call(move || queue.pending_head(&listener_id)).await?;
+            let head = self.context.queue.pending_head(&entry.listener_id)?;
             // Behind its head it waits. Deliveries created while the listener was unordered
             // are not indexed: older than the head (or with none), they go, one at a time.
             if head.is_some_and(|head| head < entry.delivery_id) {
@@ -551,15 +543,12 @@ impl Dispatcher {
     /// A listener was changed through the API: start its run of failures afresh and look at
     /// its parking lot again (a deleted listener's lot is emptied; its workers cancel).
     async fn listener_changed(&mut self, listener_id: String) {
-        let (store, queue, id) = (self.context.store.clone(), self.context.queue.clone(), listener_id.clone());
-        let listener = store_call(move || -> Result<Option<Listener>, StoreError> {
-            let listener = store.listener(&id)?;
+        let listener = self.context.store.listener(&listener_id).and_then(|listener| {
             if listener.as_ref().is_some_and(|listener| listener.enabled) {
-                queue.set_listener_health(&id, &ListenerHealth::default())?;
+                self.context.queue.set_listener_health(&listener_id, &ListenerHealth::default())?;
             }
             Ok(listener)
-        })
-        .await;
+        });
         match listener {
             Ok(Some(listener)) => {
                 let cap = self.cap();
@@ -601,9 +590,7 @@ impl Dispatcher {
                     self.holding.remove(&listener_id);
                 }
                 loop {
-                    let queue = self.context.queue.clone();
-                    let id = listener_id.clone();
-                    match store_call(move || queue.unpark(&id, UNPARK_CHUNK)).await {
+                    match self.context.queue.unpark(&listener_id, UNPARK_CHUNK) {
                         Ok(moved) if !moved.is_empty() => {
                             if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
                                 self.rewind(due_ms);
@@ -708,9 +695,7 @@ impl Dispatcher {
     /// first, and lets them pass the ones still parked.
     async fn unpark(&mut self, listener_id: &str, count: usize) {
         let count = count.min(UNPARK_CHUNK);
-        let queue = self.context.queue.clone();
-        let id = listener_id.to_owned();
-        match store_call(move || queue.unpark(&id, count)).await {
+        match self.context.queue.unpark(listener_id, count) {
             Ok(moved) => {
                 if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
                     self.rewind(due_ms);

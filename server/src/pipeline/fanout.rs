@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, store_call};
+use super::Context;
 use crate::clock::now_ms;
 use crate::ids;
 use crate::store::{Delivery, FanoutCursor, NewDelivery, QueuePosition, StoreError};
@@ -35,10 +35,8 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
         let durable = *durable_seq.borrow_and_update();
         // Catch up with everything appended so far; a change during this is seen below.
         loop {
-            let step = {
-                let context = context.clone();
-                store_call(move || fan_out_chunk(&context, last_due_ms, durable)).await
-            };
+            // Store calls run in place (see the module docs of `pipeline`).
+            let step = fan_out_chunk(&context, last_due_ms, durable);
             match step {
                 Ok(Some((first, due_ms))) => {
                     last_due_ms = due_ms;

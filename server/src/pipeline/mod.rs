@@ -13,6 +13,14 @@
 //! The pipeline never sees gRPC types and never answers a caller; a failing request only
 //! ever produces an attempt record. Cancellation is a token; on shutdown in-flight attempts
 //! get a deadline and whatever is left stays queued, to be redone after a restart.
+//!
+//! Store calls run in place, on the pipeline's own runtime, not on the blocking pool: they
+//! are short (sled reads and unflushed batches, memory work but for an occasional page
+//! read), the pipeline has its threads to itself, and a hop to the blocking pool and back
+//! costs two thread wake-ups per call, several calls per delivery. As these calls never
+//! yield, the long-running tasks (dispatcher, fan-out) yield between steps. Long work
+//! (retention) still goes to the blocking pool, and finished attempts go to the recorder's
+//! thread.
 
 pub mod deliver;
 mod dispatch;
@@ -32,14 +40,6 @@ use tokio_util::task::TaskTracker;
 
 pub(crate) use crate::blocking;
 
-/// Runs a pipeline store call where it is, on the pipeline's own runtime. These calls are
-/// short (sled reads and unflushed batches: memory work but for an occasional page read),
-/// and the pipeline has its threads to itself, so a hop to the blocking pool and back (two
-/// thread wake-ups per call, several calls per delivery) would cost more than it protects.
-/// Long work (retention) still goes to the blocking pool.
-pub(crate) async fn store_call<T>(work: impl FnOnce() -> T) -> T {
-    work()
-}
 use crate::crypto::Keyring;
 use crate::store::{DeliveryState, HistoryStore, PipelineStore, QueuePosition, Store};
 pub use retry::RetrySchedule;

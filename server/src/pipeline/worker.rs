@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::deliver::{WebhookRequest, webhook_headers};
 use super::retry::{honours_retry_after, is_success};
-use super::{AttemptOutcome, Context, store_call};
+use super::{AttemptOutcome, Context};
 use crate::clock::now_ms;
 use crate::crypto::random_bytes;
 use crate::store::{
@@ -63,40 +63,27 @@ pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry) -> Finished 
 }
 
 async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcome, Option<u64>), StoreError> {
-    let loaded = {
-        let context = context.clone();
-        let entry = entry.clone();
-        store_call(move || -> Result<_, StoreError> {
-            let delivery = context.queue.delivery(&entry.delivery_id)?;
-            let listener = context.store.listener(&entry.listener_id)?;
-            let event = match &delivery {
-                Some(delivery) => context.queue.event_at(delivery.event_seq)?,
-                None => None,
-            };
-            Ok((delivery, listener, event))
-        })
-        .await?
+    // Store calls run in place (see the module docs of `pipeline`).
+    let delivery = context.queue.delivery(&entry.delivery_id)?;
+    let listener = context.store.listener(&entry.listener_id)?;
+    let event = match &delivery {
+        Some(delivery) => context.queue.event_at(delivery.event_seq)?,
+        None => None,
     };
-    let (Some(mut delivery), listener, Some(event)) = loaded else {
+    let (Some(mut delivery), Some(event)) = (delivery, event) else {
         tracing::warn!(delivery_id = %entry.delivery_id, "queued delivery or its event is missing; dropping the entry");
-        let queue = context.queue.clone();
-        let entry = entry.clone();
-        store_call(move || queue.drop_entry(&entry)).await?;
+        context.queue.drop_entry(entry)?;
         return Ok((Outcome::NotSent, None));
     };
     // A scheduled entry of a delivery that has ended (e.g. a manual attempt succeeded) has
     // nothing left to do; a manual one is made whatever the state.
     if !entry.manual && delivery.state != DeliveryState::Pending as i32 {
-        let queue = context.queue.clone();
-        let entry = entry.clone();
-        store_call(move || queue.drop_entry(&entry)).await?;
+        context.queue.drop_entry(entry)?;
         return Ok((Outcome::NotSent, None));
     }
     let Some(listener) = listener else {
         tracing::info!(delivery_id = %delivery.id, listener_id = %entry.listener_id, "listener deleted; delivery cancelled");
-        let queue = context.queue.clone();
-        let entry = entry.clone();
-        store_call(move || queue.cancel_delivery(&delivery, &entry)).await?;
+        context.queue.cancel_delivery(&delivery, entry)?;
         return Ok((Outcome::NotSent, None));
     };
 
@@ -220,11 +207,7 @@ async fn finish(
         at_ms: now,
     };
     context.recorder.record(Completion { delivery, attempt, entry: entry.clone(), next }).await?;
-    let disable = {
-        let context = context.clone();
-        let listener_id = listener_id.clone();
-        store_call(move || track_health(&context, &listener_id, succeeded, now)).await?
-    };
+    let disable = track_health(context, &listener_id, succeeded, now)?;
     // Watchers hear of it once it is recorded; none listening is fine.
     let _ = context.outcomes.send(outcome_update);
     if disable {

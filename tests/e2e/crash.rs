@@ -1,12 +1,13 @@
-//! Crash safety of delivery with the real binary: SIGKILL in the middle of delivery, and
-//! SIGKILL right after triggers are acknowledged while a 50-listener fan-out is under way.
-//! After a restart on the same data directory every (event, listener) pair arrives at least
-//! once.
+//! Crash safety with the real binary: SIGKILL right after triggers are acknowledged (while
+//! their events are still on their way from the journal into the database), in the middle of
+//! delivery, and while a 50-listener fan-out is under way. After a restart on the same data
+//! directory every acknowledged event is there and every (event, listener) pair arrives at
+//! least once.
 
 use std::collections::HashSet;
 
 use hookd_client::Client;
-use hookd_client::v1::{CreateProducerRequest, TriggerRequest};
+use hookd_client::v1::{CreateProducerRequest, GetEventRequest, TriggerRequest};
 
 use crate::receiver::{Receiver, Reply};
 use crate::support::{ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listener_request, master_key};
@@ -70,6 +71,30 @@ async fn wait_for_all(receiver: &Receiver, events: &[String], paths: &[String]) 
             expected.is_subset(&got)
         })
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_right_after_the_acks_keeps_every_acknowledged_event() {
+    const EVENTS: usize = 2_000;
+    let crashable = Crashable::new();
+    let hookd = crashable.start().await;
+    let (producer, key) = producer(&hookd).await;
+    let events = trigger_many(&producer, EVENTS).await;
+    // The database is flushed once a second: most of these are only in the journal now.
+    hookd.kill9().await;
+
+    let hookd = crashable.start().await;
+    let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&key).unwrap();
+    let mut missing = Vec::new();
+    for event_id in &events {
+        let answer = producer.delivery().get_event(GetEventRequest { event_id: event_id.clone() }).await;
+        if answer.is_err() {
+            missing.push(event_id.clone());
+        }
+    }
+    assert!(missing.is_empty(), "{} of {EVENTS} acknowledged events lost, e.g. {:?}", missing.len(), missing.first());
+    let next = trigger_many(&producer, 1).await;
+    assert!(!events.contains(&next[0]), "event ids are not reused after the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

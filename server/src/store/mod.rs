@@ -7,6 +7,7 @@
 //! (validation, authorisation) and never holds a plaintext secret: listener secrets arrive
 //! sealed.
 
+mod journal;
 pub mod model;
 mod sled_history;
 mod sled_pipeline;

@@ -2,11 +2,15 @@
 //!
 //! One tree per database (rather than a tree per keyspace) lets a record and its indexes
 //! change in one `apply_batch` — atomic without cross-tree transactions. The intake database
-//! (`db/`: the rows from `m/` to `i/` below) is written only by the group-commit [`Writer`]
-//! and flushed before a trigger is answered; the queue database (`queue/`: `c/` and the rows
-//! after it) holds the pipeline's state and is never flushed on the trigger path, so fanning
-//! an event out to a thousand listeners adds nothing to a trigger's flush. Reads go straight
-//! to sled. Key layout (`/` ends each prefix):
+//! (`db/`: the rows from `m/` to `i/` below) is written only through the intake's write line
+//! (`writer`): events reach it from the `journal/` files, after the trigger was answered, and
+//! a restart first writes in whatever the journal has that sled lacks. The queue database
+//! (`queue/`: `c/` and the rows after it) holds the pipeline's state. Neither is on the
+//! trigger path: a trigger waits for the journal's sync only, so fanning an event out to a
+//! thousand listeners adds nothing to it. Reads go straight to sled, except that a read of an
+//! event acknowledged but not yet applied waits for it, and that API keys and their producers
+//! are served from memory once read (forgotten at every write). Key layout (`/` ends each
+//! prefix):
 //!
 //! | key | value |
 //! | --- | --- |
@@ -38,8 +42,9 @@ use std::thread::JoinHandle;
 use sled::{Batch, Tree};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use super::journal::{self, Journal};
 use super::model::{ApiKeyEntry, Appended, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode};
-use super::writer::{self, Job, JobSender, Writer};
+use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
 use super::{ListenerEdit, Store, StoreError, StoreFuture};
 use crate::ids;
 
@@ -145,7 +150,9 @@ pub struct SledStore {
     pub(super) queue: Tree,
     jobs: Mutex<Option<JobSender>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    durable_seq: watch::Receiver<u64>,
+    /// How far the intake's write line has got (see `writer`).
+    pub(super) progress: Arc<Progress>,
+    callers: Arc<Callers>,
     /// Serialises the history changes that read before they write (retention, recovery,
     /// manual attempts, replays), so one never deletes what another just revived.
     pub(super) history_lock: Mutex<()>,
@@ -187,6 +194,42 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
         }
     }
     Bound::Unbounded
+}
+
+fn io_error(error: std::io::Error) -> StoreError {
+    StoreError::Backend(Arc::new(sled::Error::Io(error)))
+}
+
+/// Writes into sled every journal record it lacks (events acknowledged before a crash, not
+/// yet applied) and flushes; returns the next sequence number and the newest creation time.
+/// sled recovers its batches in order, and each applied batch carries `m/next_seq`, so the
+/// records it lacks are exactly those from `next_seq` on.
+fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) -> Result<(u64, u64), StoreError> {
+    let (mut next, mut last_created) = (next_seq, last_created_ms);
+    let mut batch = Batch::default();
+    let mut replayed = 0usize;
+    journal::read_all(dir, |record| {
+        let event: Event = decode(record)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "a journal record is not an event"))?;
+        if event.seq >= next {
+            if event.seq > next {
+                tracing::warn!(expected = next, found = event.seq, "the journal skips events");
+            }
+            writer::stage_in_sled(&mut batch, &event);
+            next = event.seq + 1;
+            last_created = last_created.max(event.created_at_ms);
+            replayed += 1;
+        }
+        Ok(())
+    })
+    .map_err(io_error)?;
+    if replayed > 0 {
+        batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
+        tree.apply_batch(batch)?;
+        tree.flush()?;
+        tracing::info!(events = replayed, "applied events acknowledged before the last stop");
+    }
+    Ok((next, last_created))
 }
 
 /// Keys under `prefix`, after `prefix ++ after` when given, at most `limit`.
@@ -231,14 +274,17 @@ impl SledStore {
             Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| corrupt(keys::NEXT_SEQ))?),
             None => 0,
         };
-        let next_seq = after_last_event.max(high_water);
-        let (durable_tx, durable_rx) = watch::channel(next_seq);
+        let sled_next_seq = after_last_event.max(high_water);
+        let journal_dir = dir.join("journal");
+        let (next_seq, last_created_ms) = replay_journal(&tree, &journal_dir, sled_next_seq, last_created_ms)?;
+        let journal = Journal::start(&journal_dir, next_seq, journal::SEGMENT_BYTES).map_err(io_error)?;
+        let progress = Progress::new(next_seq);
+        let callers = Arc::new(Callers::default());
         let (jobs_tx, jobs_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
-        let writer = Writer::new(tree.clone(), jobs_rx, next_seq, last_created_ms, durable_tx);
-        let handle = std::thread::Builder::new()
-            .name("hookd-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|error| StoreError::Backend(Arc::new(sled::Error::Io(error))))?;
+        let writer =
+            Writer::new(tree.clone(), jobs_rx, journal, (next_seq, last_created_ms), progress.clone(), callers.clone());
+        let handle =
+            std::thread::Builder::new().name("hookd-writer".into()).spawn(move || writer.run()).map_err(io_error)?;
         Ok(Arc::new(Self {
             db,
             tree,
@@ -246,16 +292,17 @@ impl SledStore {
             queue,
             jobs: Mutex::new(Some(jobs_tx)),
             writer: Mutex::new(Some(handle)),
-            durable_seq: durable_rx,
+            progress,
+            callers,
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             history_lock: Mutex::new(()),
         }))
     }
 
-    /// The next event's sequence number once everything appended so far is durable: it
-    /// changes (grows) as events are appended.
+    /// The next event's sequence number once everything appended so far is durable and
+    /// readable: it changes (grows) as events are appended. Fan-out follows it.
     pub fn durable_seq(&self) -> watch::Receiver<u64> {
-        self.durable_seq.clone()
+        self.progress.applied_watch()
     }
 
     fn sender(&self) -> Result<JobSender, StoreError> {
@@ -319,13 +366,11 @@ impl Store for SledStore {
     }
 
     fn producer_by_key(&self, key_hash: &[u8; 32], now_ms: u64) -> Result<Option<Producer>, StoreError> {
-        let Some(entry) = read::<ApiKeyEntry>(&self.tree, &keys::api_key(key_hash))? else {
+        // From memory after the first call: authentication reads no sled per trigger.
+        let Some(caller) = self.callers.get(&self.tree, key_hash)? else {
             return Ok(None);
         };
-        if !entry.valid_at(now_ms) {
-            return Ok(None);
-        }
-        self.producer(&entry.producer_id)
+        Ok(caller.producer.filter(|_| caller.key.valid_at(now_ms)))
     }
 
     fn rotate_producer_key(
@@ -456,9 +501,9 @@ impl Store for SledStore {
         let pending_bytes = self.pending_bytes.clone();
         let weight = u32::try_from(event.payload.len()).unwrap_or(u32::MAX).clamp(1, PENDING_BYTES);
         Box::pin(async move {
-            let _held = pending_bytes.acquire_many_owned(weight).await.map_err(|_| StoreError::Closed)?;
+            let permit = pending_bytes.acquire_many_owned(weight).await.map_err(|_| StoreError::Closed)?;
             let (reply, answer) = oneshot::channel();
-            sender?.send(Job::Append { event, reply }).await.map_err(|_| StoreError::Closed)?;
+            sender?.send(Job::Append { event, permit, reply }).await.map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?
         })
     }
@@ -467,6 +512,10 @@ impl Store for SledStore {
         let Some(seq) = ids::event_seq(event_id) else {
             return Ok(None);
         };
+        if self.progress.in_flight(seq) {
+            // Acknowledged, on its way into sled.
+            self.progress.settle();
+        }
         let event: Option<Event> = read(&self.tree, &keys::event(seq))?;
         // The random half of the id must match too: ids cannot be enumerated.
         Ok(event.filter(|event| event.id == event_id))

@@ -1,16 +1,32 @@
-//! The group-commit writer: one OS thread that owns every durable write to the sled tree.
+//! The intake's write path: three OS threads in a line, none of them on the async runtime.
 //!
-//! It takes whatever jobs are waiting, applies them in arrival order (event appends merged
-//! into one `Batch`), flushes once, and only then answers every caller of the group. Being
-//! the only writer makes read-modify-write jobs and sequence numbers race-free without sled
-//! transactions (which cost 4–5× plain writes here), and one flush per group instead of one per
-//! caller is what keeps the trigger path fast. It never awaits `flush_async` (it hung under
-//! concurrent callers here) and never runs on the async threads.
+//! - The **writer** (`hookd-writer`) takes whatever jobs are waiting, checks each append's
+//!   caller and idempotency key, numbers the events, and writes the group to the [`Journal`]
+//!   in one write. Being the only thread that numbers events makes sequence numbers and
+//!   idempotency claims race-free without locks or sled transactions.
+//! - The **flusher** (`hookd-flusher`) syncs the journal once for every group written since
+//!   its last sync and only then answers their callers, so a trigger is answered once its
+//!   event is on disk, having touched no sled lock. It hands the events on.
+//! - The **applier** (`hookd-applier`) writes acknowledged events into sled (`e/`, `ep/`, `i/`
+//!   and `m/next_seq`, one batch per handful of groups) and publishes how far it got: fan-out
+//!   and reads of events follow that ([`Progress`]). It flushes sled every second; the journal
+//!   segments a flush covers can then go.
+//!
+//! Every other write (producers, keys, listeners) is a [`Job::Write`] run by the applier, in
+//! line after every event appended before it; the writer waits until it is applied and
+//! flushed before taking another job and forgets the callers it had cached, so a producer
+//! disabled (or a key revoked) is refused from the next trigger on. None of these threads
+//! awaits sled's `flush_async` (it hung under concurrent callers here).
 
 use sled::{Batch, Tree};
-use std::collections::HashMap;
-use tokio::sync::{mpsc, oneshot, watch};
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc as std_mpsc};
+use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 
+use super::journal::{self, Journal};
 use super::model::{ApiKeyEntry, Appended, Event, IdempotencyEntry, NewEvent, Producer, decode, encode};
 use super::sled_store::{keys, read};
 use super::{Refusal, StoreError};
@@ -18,20 +34,36 @@ use crate::ids;
 
 /// How long an idempotency key maps to its first event.
 pub(crate) const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
-/// Most jobs committed under one flush; bounds the latency a group adds to its first job.
+/// Most jobs written under one journal write; bounds the latency a group adds to its first job.
 const MAX_GROUP: usize = 4096;
-/// Most payload bytes committed under one flush, so one group's batch stays small.
+/// Most payload bytes written under one journal write, so one group's buffer stays small.
 const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
 /// Jobs waiting for the writer before senders wait (backpressure).
 pub(crate) const QUEUE_CAPACITY: usize = 8192;
+/// Written groups waiting for the flusher before the writer waits too.
+const FLUSHES_IN_FLIGHT: usize = 64;
+/// Steps waiting for the applier before the flusher waits too. Their payloads stay bounded by
+/// the permits they carry (the store's pending-bytes semaphore).
+const APPLIES_IN_FLIGHT: usize = 64;
+/// Most events in one sled batch: a batch holds sled's process-wide lock while it applies.
+const APPLY_CHUNK: usize = 512;
+/// How often the applier flushes sled, making older journal segments unnecessary.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Callers cached at most; the cache starts afresh when full.
+const CALLERS_CACHED: usize = 10_000;
 
-/// Runs after the group's flush with its outcome.
+/// Runs after the write's flush with its outcome.
 pub(crate) type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-/// A read-modify-write applied by the writer; returns what to do once the flush is known.
+/// A read-modify-write applied by the applier; returns what to do once the flush is known.
 pub(crate) type WriteFn = Box<dyn FnOnce(&Tree) -> Completion + Send>;
 
 pub(crate) enum Job {
-    Append { event: NewEvent, reply: oneshot::Sender<Result<Appended, StoreError>> },
+    Append {
+        event: NewEvent,
+        /// Held until the event is in sled: bounds the payload bytes anywhere on this path.
+        permit: OwnedSemaphorePermit,
+        reply: oneshot::Sender<Result<Appended, StoreError>>,
+    },
     Write(WriteFn),
 }
 
@@ -46,86 +78,209 @@ impl Job {
 
 pub(crate) type JobSender = mpsc::Sender<Job>;
 
-/// Applied groups waiting for the flusher before the writer waits too.
-const FLUSHES_IN_FLIGHT: usize = 64;
-
-/// An applied group: answered once a flush that began after it is done.
-struct Flush {
-    completions: Vec<Completion>,
-    /// The next sequence number after the group: what is durable once it is flushed.
-    next_seq: u64,
+/// How far the line has got, for readers: what is acknowledged, what is in sled, what sled
+/// has flushed. Each is the next sequence number not yet there.
+pub(crate) struct Progress {
+    acknowledged: AtomicU64,
+    applied: Mutex<u64>,
+    applied_changed: Condvar,
+    /// Fan-out follows this.
+    applied_watch: watch::Sender<u64>,
+    checkpoint: AtomicU64,
 }
 
-/// Flushes whatever groups have been applied, then answers them; stops on a failed flush.
-fn flush_loop(tree: &Tree, durable_seq: &watch::Sender<u64>, groups: &std::sync::mpsc::Receiver<Flush>) {
-    while let Ok(first) = groups.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(groups.try_iter());
-        let outcome = tree.flush().map(|_| ()).map_err(StoreError::from);
-        if outcome.is_ok() {
-            let next_seq = waiting.iter().map(|group| group.next_seq).max().unwrap_or(0);
-            if next_seq > *durable_seq.borrow() {
-                durable_seq.send_replace(next_seq);
-            }
-        }
-        for group in waiting {
-            for completion in group.completions {
-                completion(outcome.clone());
-            }
-        }
-        if let Err(error) = outcome {
-            tracing::error!(error = &error as &dyn std::error::Error, "database flush failed; the writer stops");
-            return;
-        }
+/// The longest a read waits for the applier before reading what sled has.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+impl Progress {
+    pub(crate) fn new(next_seq: u64) -> Arc<Self> {
+        Arc::new(Self {
+            acknowledged: AtomicU64::new(next_seq),
+            applied: Mutex::new(next_seq),
+            applied_changed: Condvar::new(),
+            applied_watch: watch::channel(next_seq).0,
+            checkpoint: AtomicU64::new(next_seq),
+        })
     }
-    // Every sender is gone: one last flush for whatever was applied without an answer.
-    if let Err(error) = tree.flush() {
-        tracing::error!(%error, "final flush of the database failed");
+
+    /// The next event not yet in sled, as a watch.
+    pub(crate) fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied_watch.subscribe()
+    }
+
+    fn applied(&self) -> u64 {
+        *self.applied.lock().expect("progress lock is never poisoned")
+    }
+
+    fn set_applied(&self, next_seq: u64) {
+        *self.applied.lock().expect("progress lock is never poisoned") = next_seq;
+        self.applied_changed.notify_all();
+        self.applied_watch.send_replace(next_seq);
+    }
+
+    /// Whether event `seq` is acknowledged but not yet in sled.
+    pub(crate) fn in_flight(&self, seq: u64) -> bool {
+        seq < self.acknowledged.load(Ordering::Acquire) && seq >= self.applied()
+    }
+
+    /// Blocks (briefly: the applier trails by a group or two) until every event acknowledged
+    /// before this call is in sled, so a caller that was answered can read its event back.
+    pub(crate) fn settle(&self) {
+        let target = self.acknowledged.load(Ordering::Acquire);
+        let applied = self.applied.lock().expect("progress lock is never poisoned");
+        let (applied, waited) = self
+            .applied_changed
+            .wait_timeout_while(applied, SETTLE_LIMIT, |applied| *applied < target)
+            .expect("progress lock is never poisoned");
+        drop(applied);
+        if waited.timed_out() {
+            tracing::warn!(target, "the event applier is behind; a read may miss recent events");
+        }
     }
 }
 
-/// State the writer keeps between groups.
+/// What the store knows of one API key: read once, then served from memory until a write.
+#[derive(Clone)]
+pub(crate) struct Caller {
+    pub key: ApiKeyEntry,
+    pub producer: Option<Producer>,
+}
+
+/// Known API keys and their producers, so neither authentication nor the writer's check
+/// reads sled per trigger. Every write through the line forgets them all (writes are rare);
+/// a generation number keeps a read that raced a write from caching what it read before it.
+#[derive(Default)]
+pub(crate) struct Callers {
+    generation: AtomicU64,
+    cached: RwLock<HashMap<[u8; 32], Caller>>,
+}
+
+impl Callers {
+    /// The key and its producer, `None` for an unknown key (never cached).
+    pub(crate) fn get(&self, tree: &Tree, key_hash: &[u8; 32]) -> Result<Option<Caller>, StoreError> {
+        if let Some(caller) = self.cached.read().expect("callers lock is never poisoned").get(key_hash) {
+            return Ok(Some(caller.clone()));
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let Some(key) = read::<ApiKeyEntry>(tree, &keys::api_key(key_hash))? else {
+            return Ok(None);
+        };
+        let producer = read::<Producer>(tree, &keys::producer(&key.producer_id))?;
+        let caller = Caller { key, producer };
+        let mut cached = self.cached.write().expect("callers lock is never poisoned");
+        if self.generation.load(Ordering::Acquire) == generation {
+            if cached.len() >= CALLERS_CACHED {
+                cached.clear();
+            }
+            cached.insert(*key_hash, caller.clone());
+        }
+        Ok(Some(caller))
+    }
+
+    fn forget_all(&self) {
+        let mut cached = self.cached.write().expect("callers lock is never poisoned");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        cached.clear();
+    }
+}
+
+/// One event on its way to sled.
+struct Staged {
+    record: Event,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What the writer hands the flusher.
+enum Written {
+    /// A group in the journal: to sync, answer, and hand to the applier.
+    Group {
+        file: Arc<File>,
+        answers: Vec<(oneshot::Sender<Result<Appended, StoreError>>, Appended)>,
+        events: Vec<Staged>,
+        next_seq: u64,
+    },
+    /// A write to apply after everything before it.
+    Write(Write),
+}
+
+/// A write and how to tell the writer it is done.
+struct Write {
+    write: WriteFn,
+    done: std_mpsc::SyncSender<()>,
+}
+
+/// What the flusher hands the applier.
+enum Apply {
+    Events { events: Vec<Staged>, next_seq: u64 },
+    Write(Write),
+}
+
+/// Adds an event's records (with its idempotency record) to a sled batch.
+pub(crate) fn stage_in_sled(batch: &mut Batch, event: &Event) {
+    if !event.idempotency_key.is_empty() {
+        let entry = IdempotencyEntry { event_id: event.id.clone(), created_at_ms: event.created_at_ms };
+        batch.insert(keys::idempotency(&event.producer_id, &event.idempotency_key), encode(&entry));
+    }
+    batch.insert(keys::event_of_producer(&event.producer_id, event.seq), &[] as &[u8]);
+    batch.insert(keys::event(event.seq).to_vec(), encode(event));
+}
+
+/// The writer's state between groups.
 pub(crate) struct Writer {
     tree: Tree,
     jobs: mpsc::Receiver<Job>,
+    journal: Journal,
     next_seq: u64,
     /// Creation time of the newest event.
     last_created_ms: u64,
-    /// How many sequence numbers are used and durable (the next event's number); fan-out
-    /// follows it.
-    durable_seq: watch::Sender<u64>,
+    progress: Arc<Progress>,
+    callers: Arc<Callers>,
+    /// Idempotency keys of events not yet in sled, and the events' numbers, oldest first.
+    claims: HashMap<Vec<u8>, (String, u64)>,
+    claim_order: VecDeque<(u64, Vec<u8>)>,
 }
 
 impl Writer {
     pub(crate) fn new(
         tree: Tree,
         jobs: mpsc::Receiver<Job>,
-        next_seq: u64,
-        last_created_ms: u64,
-        durable_seq: watch::Sender<u64>,
+        journal: Journal,
+        (next_seq, last_created_ms): (u64, u64),
+        progress: Arc<Progress>,
+        callers: Arc<Callers>,
     ) -> Self {
-        Self { tree, jobs, next_seq, last_created_ms, durable_seq }
+        Self {
+            tree,
+            jobs,
+            journal,
+            next_seq,
+            last_created_ms,
+            progress,
+            callers,
+            claims: HashMap::new(),
+            claim_order: VecDeque::new(),
+        }
     }
 
-    /// Serves jobs until every sender is gone, then flushes one last time.
+    /// Serves jobs until every sender is gone; the flusher and the applier then finish what
+    /// was handed to them and sled is flushed one last time.
     ///
-    /// Applying and flushing overlap: this thread applies a group and hands its answers to
-    /// the flusher thread, then applies the next group while the flusher's flush (which covers
-    /// every group applied before it began) is under way; the flusher answers the groups once
-    /// their flush is done. A group that fails to apply or flush stops the writer: its callers
-    /// get the error, later ones find the store closed (UNAVAILABLE) rather than writes that
-    /// may or may not be on disk.
+    /// A group that fails to reach the journal stops the writer: its callers get the error,
+    /// later ones find the store closed (UNAVAILABLE) rather than writes that may or may not
+    /// be on disk. The same goes for a failed sync (the flusher stops) and a failed sled write
+    /// (the applier stops; what was acknowledged is still in the journal and is applied at
+    /// the next start).
     pub(crate) fn run(mut self) {
-        let (flushes, flusher_jobs) = std::sync::mpsc::sync_channel::<Flush>(FLUSHES_IN_FLIGHT);
+        let (to_flusher, flusher_jobs) = std_mpsc::sync_channel::<Written>(FLUSHES_IN_FLIGHT);
         let flusher = {
-            let (tree, durable_seq) = (self.tree.clone(), self.durable_seq.clone());
+            let (tree, progress) = (self.tree.clone(), self.progress.clone());
             std::thread::Builder::new()
                 .name("hookd-flusher".into())
-                .spawn(move || flush_loop(&tree, &durable_seq, &flusher_jobs))
+                .spawn(move || flush_loop(&tree, &progress, &flusher_jobs))
                 .expect("the flusher thread starts")
         };
         let mut group = Vec::with_capacity(64);
-        while let Some(first) = self.jobs.blocking_recv() {
+        'serve: while let Some(first) = self.jobs.blocking_recv() {
             let mut bytes = first.bytes();
             group.push(first);
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
@@ -137,141 +292,113 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let Some(flush) = self.commit(&mut group) else {
-                break;
-            };
-            if flushes.send(flush).is_err() {
-                // The flusher stopped on a failed flush.
-                break;
-            }
-        }
-        drop(flushes);
-        if flusher.join().is_err() {
-            tracing::error!("the database flusher thread panicked");
-        }
-    }
-
-    /// Applies a group; returns what its flush must answer, or `None` (after answering the
-    /// group with the error) when applying failed.
-    fn commit(&mut self, group: &mut Vec<Job>) -> Option<Flush> {
-        let mut batch = Batch::default();
-        let mut staged = 0usize;
-        let mut completions: Vec<Completion> = Vec::with_capacity(group.len());
-        // Idempotency keys claimed earlier in this same group, not yet in the tree.
-        let mut claimed: HashMap<Vec<u8>, String> = HashMap::new();
-        // Callers already checked in this group (a stream sends many triggers with one key).
-        let mut checked: HashMap<(String, [u8; 32]), Result<(), StoreError>> = HashMap::new();
-        let mut failure: Option<StoreError> = None;
-
-        for job in group.drain(..) {
-            if let Some(error) = &failure {
-                // Nothing more is applied after a failure.
-                answer_unapplied(job, error.clone());
-                continue;
-            }
-            match job {
-                Job::Append { event, reply } => {
-                    match self.stage_append(event, &mut batch, &mut claimed, &mut checked) {
-                        Ok((appended, new)) => {
-                            staged += usize::from(new);
-                            completions.push(Box::new(move |flushed| {
-                                let _ = reply.send(flushed.map(|()| appended));
-                            }));
+            self.forget_applied_claims();
+            let mut pending = Pending::default();
+            for job in group.drain(..) {
+                match job {
+                    Job::Append { event, permit, reply } => match self.stage(event, &mut pending.buf) {
+                        Ok((appended, record)) => {
+                            pending.answers.push((reply, appended));
+                            if let Some(record) = record {
+                                pending.events.push(Staged { record, _permit: permit });
+                            }
                         }
                         Err(error) => {
                             let _ = reply.send(Err(error));
                         }
-                    }
-                }
-                Job::Write(write) => {
-                    // A write may disable a producer or revoke a key: check callers afresh.
-                    checked.clear();
-                    // Earlier appends go first, so a write sees the state before it.
-                    if staged > 0 {
-                        if let Err(error) = self.apply(std::mem::take(&mut batch)) {
-                            failure = Some(error);
-                            drop(write);
-                            continue;
+                    },
+                    Job::Write(write) => {
+                        // Earlier appends go first, so the write sees the state before it.
+                        if !self.hand_over(std::mem::take(&mut pending), &to_flusher) {
+                            break 'serve;
                         }
-                        staged = 0;
-                    }
-                    // A panicking edit fails its own caller, not the writer.
-                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(&self.tree))) {
-                        Ok(completion) => completions.push(completion),
-                        Err(_) => tracing::error!("a database write job panicked; its caller gets an error"),
+                        let (done, applied) = std_mpsc::sync_channel(1);
+                        if to_flusher.send(Written::Write(Write { write, done })).is_err() {
+                            break 'serve;
+                        }
+                        // Nothing more is taken until the write is applied: later triggers
+                        // must see it (a producer disabled, a key revoked).
+                        let _ = applied.recv();
+                        self.callers.forget_all();
                     }
                 }
             }
-        }
-        if staged > 0
-            && failure.is_none()
-            && let Err(error) = self.apply(batch)
-        {
-            failure = Some(error);
-        }
-        if let Some(error) = failure {
-            tracing::error!(error = &error as &dyn std::error::Error, "database write failed; the writer stops");
-            for completion in completions {
-                completion(Err(error.clone()));
+            if !self.hand_over(pending, &to_flusher) {
+                break;
             }
-            return None;
         }
-        Some(Flush { completions, next_seq: self.next_seq })
+        // Jobs left unserved are dropped: their callers see the store closed.
+        drop(to_flusher);
+        if flusher.join().is_err() {
+            tracing::error!("the journal flusher thread panicked");
+        }
     }
 
-    /// Applies the staged appends together with the sequence high-water mark, so numbers are
-    /// never reused even after old events are trimmed.
-    fn apply(&self, mut batch: Batch) -> Result<(), StoreError> {
-        batch.insert(keys::NEXT_SEQ, &self.next_seq.to_be_bytes());
-        Ok(self.tree.apply_batch(batch)?)
+    /// Writes a group to the journal and hands it to the flusher; false once the line stops.
+    fn hand_over(&mut self, pending: Pending, flusher: &std_mpsc::SyncSender<Written>) -> bool {
+        if pending.answers.is_empty() {
+            return true;
+        }
+        // A group of duplicates only writes nothing; it is answered after what is before it.
+        let written = self.journal.append(&pending.buf).and_then(|file| {
+            self.journal.roll_if_full(self.next_seq, self.progress.checkpoint.load(Ordering::Acquire))?;
+            Ok(file)
+        });
+        let file = match written {
+            Ok(file) => file,
+            Err(error) => {
+                tracing::error!(%error, "writing the journal failed; the writer stops");
+                let error = StoreError::Backend(Arc::new(sled::Error::Io(error)));
+                for (reply, _) in pending.answers {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return false;
+            }
+        };
+        let group = Written::Group { file, answers: pending.answers, events: pending.events, next_seq: self.next_seq };
+        flusher.send(group).is_ok()
     }
 
-    /// Adds one event (and its idempotency record) to the batch, or finds its duplicate.
-    /// Returns the answer and whether a new event was staged.
+    /// Drops idempotency claims whose events sled now has (and answers for).
+    fn forget_applied_claims(&mut self) {
+        let applied = self.progress.applied();
+        while let Some((seq, _)) = self.claim_order.front() {
+            if *seq >= applied {
+                break;
+            }
+            let (seq, key) = self.claim_order.pop_front().expect("front exists");
+            if self.claims.get(&key).is_some_and(|(_, claimed)| *claimed == seq) {
+                self.claims.remove(&key);
+            }
+        }
+    }
+
+    /// Numbers one event and frames it into `buf`, or finds its duplicate. Returns the answer
+    /// and the new event, if any.
     ///
-    /// The caller's key and its producer are checked again here, where writes are serial:
-    /// a trigger authorised just before its producer was disabled (or its key rotated away)
-    /// is refused rather than acknowledged after the admin call returned.
-    fn stage_append(
-        &mut self,
-        event: NewEvent,
-        batch: &mut Batch,
-        claimed: &mut HashMap<Vec<u8>, String>,
-        checked: &mut HashMap<(String, [u8; 32]), Result<(), StoreError>>,
-    ) -> Result<(Appended, bool), StoreError> {
-        let caller = (event.producer_id.clone(), event.key_hash);
-        match checked.get(&caller) {
-            Some(verdict) => verdict.clone()?,
-            None => {
-                let verdict = self.check_caller(&event);
-                checked.insert(caller, verdict.clone());
-                verdict?;
-            }
-        }
+    /// The caller's key and its producer are checked again here, where jobs are serial: a
+    /// trigger authorised just before its producer was disabled (or its key rotated away) is
+    /// refused rather than acknowledged after the admin call returned.
+    fn stage(&mut self, event: NewEvent, buf: &mut Vec<u8>) -> Result<(Appended, Option<Event>), StoreError> {
+        self.check_caller(&event)?;
         let idempotency = event.idempotency_key.as_deref().map(|key| keys::idempotency(&event.producer_id, key));
         if let Some(idem_key) = &idempotency {
-            if let Some(event_id) = claimed.get(idem_key) {
-                return Ok((Appended { event_id: event_id.clone(), duplicate: true }, false));
+            if let Some((event_id, _)) = self.claims.get(idem_key) {
+                return Ok((Appended { event_id: event_id.clone(), duplicate: true }, None));
             }
             if let Some(bytes) = self.tree.get(idem_key)? {
                 let entry: IdempotencyEntry = decode(&bytes)
                     .ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(idem_key).into() })?;
                 if event.created_at_ms < entry.created_at_ms.saturating_add(IDEMPOTENCY_WINDOW_MS) {
-                    return Ok((Appended { event_id: entry.event_id, duplicate: true }, false));
+                    return Ok((Appended { event_id: entry.event_id, duplicate: true }, None));
                 }
             }
         }
 
         let seq = self.next_seq;
-        self.next_seq += 1;
         // Creation times never go backwards along the log, so time windows map to log ranges.
-        self.last_created_ms = self.last_created_ms.max(event.created_at_ms);
+        let created_at_ms = self.last_created_ms.max(event.created_at_ms);
         let event_id = ids::event_id(seq);
-        if let Some(idem_key) = idempotency {
-            let entry = IdempotencyEntry { event_id: event_id.clone(), created_at_ms: self.last_created_ms };
-            batch.insert(idem_key.clone(), encode(&entry));
-            claimed.insert(idem_key, event_id.clone());
-        }
         let record = Event {
             id: event_id.clone(),
             seq,
@@ -279,21 +406,27 @@ impl Writer {
             event_type: event.event_type,
             payload: event.payload,
             content_type: event.content_type,
-            created_at_ms: self.last_created_ms,
+            created_at_ms,
             idempotency_key: event.idempotency_key.unwrap_or_default(),
         };
-        batch.insert(keys::event_of_producer(&record.producer_id, seq), &[] as &[u8]);
-        batch.insert(keys::event(seq).to_vec(), encode(&record));
-        Ok((Appended { event_id, duplicate: false }, true))
+        journal::frame(buf, &encode(&record));
+        self.next_seq += 1;
+        self.last_created_ms = created_at_ms;
+        if let Some(idem_key) = idempotency {
+            self.claims.insert(idem_key.clone(), (event_id.clone(), seq));
+            self.claim_order.push_back((seq, idem_key));
+        }
+        Ok((Appended { event_id, duplicate: false }, Some(record)))
     }
 
     fn check_caller(&self, event: &NewEvent) -> Result<(), StoreError> {
-        let key = keys::api_key(&event.key_hash);
-        let entry: Option<ApiKeyEntry> = read(&self.tree, &key)?;
-        if !entry.is_some_and(|entry| entry.producer_id == event.producer_id && entry.valid_at(event.created_at_ms)) {
+        let caller = self.callers.get(&self.tree, &event.key_hash)?;
+        let Some(Caller { key, producer }) = caller else {
+            return Err(StoreError::Refused(Refusal::KeyRevoked));
+        };
+        if key.producer_id != event.producer_id || !key.valid_at(event.created_at_ms) {
             return Err(StoreError::Refused(Refusal::KeyRevoked));
         }
-        let producer: Option<Producer> = read(&self.tree, &keys::producer(&event.producer_id))?;
         match producer {
             Some(producer) if producer.enabled => Ok(()),
             Some(producer) => Err(StoreError::Refused(Refusal::ProducerDisabled(producer.disabled_reason))),
@@ -302,18 +435,167 @@ impl Writer {
     }
 }
 
-/// Answers a job of a group that failed before the job was applied.
-fn answer_unapplied(job: Job, error: StoreError) {
-    match job {
-        Job::Append { reply, .. } => {
-            let _ = reply.send(Err(error));
+/// A group being put together.
+#[derive(Default)]
+struct Pending {
+    buf: Vec<u8>,
+    answers: Vec<(oneshot::Sender<Result<Appended, StoreError>>, Appended)>,
+    events: Vec<Staged>,
+}
+
+/// Syncs the journal for whatever groups were written, answers them, and hands them to the
+/// applier; stops on a failed sync.
+fn flush_loop(tree: &Tree, progress: &Arc<Progress>, written: &std_mpsc::Receiver<Written>) {
+    let (to_applier, applier_jobs) = std_mpsc::sync_channel::<Apply>(APPLIES_IN_FLIGHT);
+    let applier = {
+        let (tree, progress) = (tree.clone(), progress.clone());
+        std::thread::Builder::new()
+            .name("hookd-applier".into())
+            .spawn(move || apply_loop(&tree, &progress, &applier_jobs))
+            .expect("the applier thread starts")
+    };
+    'flush: while let Ok(first) = written.recv() {
+        let mut waiting = vec![first];
+        waiting.extend(written.try_iter());
+        let mut synced: Vec<Arc<File>> = Vec::new();
+        let mut outcome = Ok(());
+        for step in &waiting {
+            if let Written::Group { file, .. } = step
+                && !synced.iter().any(|done| Arc::ptr_eq(done, file))
+            {
+                outcome = outcome.and_then(|()| file.sync_data());
+                synced.push(file.clone());
+            }
         }
-        // Dropping a write unapplied drops its reply sender: the caller sees the store closed.
-        Job::Write(write) => drop(write),
+        if let Err(error) = outcome {
+            tracing::error!(%error, "syncing the journal failed; the writer stops");
+            let error = StoreError::Backend(Arc::new(sled::Error::Io(error)));
+            for step in waiting {
+                if let Written::Group { answers, .. } = step {
+                    for (reply, _) in answers {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            break;
+        }
+        let mut events = Vec::new();
+        let mut next_seq = None;
+        for step in waiting {
+            match step {
+                Written::Group { answers, events: group, next_seq: group_next, .. } => {
+                    progress.acknowledged.fetch_max(group_next, Ordering::AcqRel);
+                    for (reply, appended) in answers {
+                        let _ = reply.send(Ok(appended));
+                    }
+                    if !group.is_empty() {
+                        events.extend(group);
+                        next_seq = Some(group_next);
+                    }
+                }
+                Written::Write(write) => {
+                    if let Some(next_seq) = next_seq.take()
+                        && to_applier.send(Apply::Events { events: std::mem::take(&mut events), next_seq }).is_err()
+                    {
+                        break 'flush;
+                    }
+                    if to_applier.send(Apply::Write(write)).is_err() {
+                        break 'flush;
+                    }
+                }
+            }
+        }
+        if let Some(next_seq) = next_seq
+            && to_applier.send(Apply::Events { events, next_seq }).is_err()
+        {
+            break;
+        }
+    }
+    drop(to_applier);
+    if applier.join().is_err() {
+        tracing::error!("the event applier thread panicked");
     }
 }
 
-/// Sends a read-modify-write to the writer and waits until its group is durable.
+/// Writes acknowledged events into sled and runs other writes in line; flushes sled every
+/// [`CHECKPOINT_EVERY`] and once more at the end.
+fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply>) {
+    let mut last_flush = Instant::now();
+    let mut unflushed: Option<u64> = None;
+    let checkpoint = |unflushed: &mut Option<u64>, last_flush: &mut Instant| -> Result<(), sled::Error> {
+        *last_flush = Instant::now();
+        if let Some(next_seq) = unflushed.take() {
+            tree.flush()?;
+            progress.checkpoint.fetch_max(next_seq, Ordering::AcqRel);
+        }
+        Ok(())
+    };
+    loop {
+        let step = match steps.recv_timeout(CHECKPOINT_EVERY.saturating_sub(last_flush.elapsed())) {
+            Ok(step) => Some(step),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let outcome = match step {
+            Some(Apply::Events { events, next_seq }) => apply_events(tree, events, next_seq).map(|()| {
+                progress.set_applied(next_seq);
+                unflushed = Some(next_seq);
+            }),
+            Some(Apply::Write(Write { write, done })) => {
+                // A panicking edit fails its own caller, not the line.
+                let completion = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(tree)));
+                let flushed = tree.flush().map(|_| ());
+                if flushed.is_ok()
+                    && let Some(next_seq) = unflushed.take()
+                {
+                    progress.checkpoint.fetch_max(next_seq, Ordering::AcqRel);
+                }
+                match completion {
+                    Ok(completion) => completion(flushed.clone().map_err(StoreError::from)),
+                    Err(_) => tracing::error!("a database write job panicked; its caller gets an error"),
+                }
+                let _ = done.send(());
+                flushed
+            }
+            None => Ok(()),
+        };
+        let outcome = outcome.and_then(|()| {
+            if last_flush.elapsed() >= CHECKPOINT_EVERY { checkpoint(&mut unflushed, &mut last_flush) } else { Ok(()) }
+        });
+        if let Err(error) = outcome {
+            tracing::error!(%error, "writing events into the database failed; the writer stops");
+            return;
+        }
+    }
+    if let Err(error) = checkpoint(&mut unflushed, &mut last_flush) {
+        tracing::error!(%error, "final flush of the database failed");
+    }
+}
+
+/// Applies events in chunks, each with the sequence high-water mark, so numbers are never
+/// reused even after old events are trimmed.
+fn apply_events(tree: &Tree, events: Vec<Staged>, next_seq: u64) -> Result<(), sled::Error> {
+    let mut events = events.into_iter().peekable();
+    loop {
+        let mut batch = Batch::default();
+        let mut next = next_seq;
+        for staged in events.by_ref().take(APPLY_CHUNK) {
+            stage_in_sled(&mut batch, &staged.record);
+            next = staged.record.seq + 1;
+        }
+        let last = events.peek().is_none();
+        if last {
+            next = next_seq;
+        }
+        batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
+        tree.apply_batch(batch)?;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends a read-modify-write to the writer and waits until it is applied and flushed.
 pub(crate) async fn write<T, F>(jobs: &JobSender, apply: F) -> Result<T, StoreError>
 where
     T: Send + 'static,

@@ -1,0 +1,232 @@
+//! The intake journal: the event log's write-ahead files, kept outside sled.
+//!
+//! A trigger is answered once its event is written here and the file is synced
+//! (`fdatasync`); the event reaches sled afterwards (see `writer`). That keeps sled off the
+//! trigger path: in sled 0.34.7 every `apply_batch` takes a process-wide lock that also waits
+//! for every flush in progress, so while the intake shared sled with the pipeline, a trigger
+//! waited behind fan-out and delivery bookkeeping.
+//!
+//! The journal owns the segment files under `journal/`, named `{first seq:020}.journal`. A
+//! record is `len: u32 LE`, `crc32: u32 LE`, then `len` bytes. Only one thread appends, and a
+//! segment is synced before the next one is started, so only the newest segment can end with a
+//! torn record: reading stops at its first incomplete or corrupt record, which was never
+//! acknowledged. A torn record in an older segment is corruption. Segments are deleted once
+//! sled has flushed every event in them. This module never interprets a record and never
+//! touches sled.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A segment is closed and a new one started once it is this large. Segments go once sled
+/// has flushed them (every second), so the journal stays near this size plus a second of
+/// intake; starting one costs a file creation and a directory sync.
+pub(crate) const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// Bytes before a record's contents: its length and its checksum.
+const HEADER: usize = 8;
+const SUFFIX: &str = ".journal";
+
+/// Appends `record` to `buf`, framed.
+pub(crate) fn frame(buf: &mut Vec<u8>, record: &[u8]) {
+    let len = u32::try_from(record.len()).expect("a record is smaller than 4 GiB");
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(&crc32fast::hash(record).to_le_bytes());
+    buf.extend_from_slice(record);
+}
+
+/// The segments under `dir`, oldest first, by first sequence number.
+fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let first = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(SUFFIX))
+            .and_then(|stem| stem.parse::<u64>().ok());
+        if let Some(first) = first {
+            found.push((first, path));
+        }
+    }
+    found.sort_unstable_by_key(|(first, _)| *first);
+    Ok(found)
+}
+
+fn corrupt(path: &Path, offset: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("journal segment {} is corrupt at byte {offset}", path.display()),
+    )
+}
+
+/// Calls `each` with every intact record under `dir`, oldest first. Stops quietly at a torn
+/// tail of the newest segment; fails on damage anywhere else.
+pub(crate) fn read_all(dir: &Path, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let segments = segments(dir)?;
+    for (index, (_, path)) in segments.iter().enumerate() {
+        let newest = index + 1 == segments.len();
+        let bytes = std::fs::read(path)?;
+        let mut at = 0;
+        while at < bytes.len() {
+            let intact = bytes.get(at..at + HEADER).and_then(|header| {
+                let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+                let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+                let record = bytes.get(at + HEADER..at + HEADER + len)?;
+                (len > 0 && crc32fast::hash(record) == crc).then_some(record)
+            });
+            match intact {
+                Some(record) => {
+                    each(record)?;
+                    at += HEADER + record.len();
+                }
+                None if newest => break,
+                None => return Err(corrupt(path, at)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The open journal: the segment being appended to and the older ones still needed.
+pub(crate) struct Journal {
+    dir: PathBuf,
+    current: Arc<File>,
+    current_bytes: u64,
+    /// First sequence numbers of every segment, the current one last.
+    firsts: Vec<u64>,
+    segment_bytes: u64,
+}
+
+impl Journal {
+    /// Starts a fresh journal whose first record will be event `next_seq`, deleting every
+    /// older segment: the caller has already made their events durable elsewhere.
+    pub(crate) fn start(dir: &Path, next_seq: u64, segment_bytes: u64) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let stale = segments(dir)?;
+        let current = Arc::new(create_segment(dir, next_seq)?);
+        for (first, path) in stale {
+            if first != next_seq {
+                std::fs::remove_file(path)?;
+            }
+        }
+        Ok(Self { dir: dir.to_owned(), current, current_bytes: 0, firsts: vec![next_seq], segment_bytes })
+    }
+
+    /// Writes `bytes` (framed records) to the current segment and returns it, to be synced.
+    pub(crate) fn append(&mut self, bytes: &[u8]) -> io::Result<Arc<File>> {
+        (&*self.current).write_all(bytes)?;
+        self.current_bytes += bytes.len() as u64;
+        Ok(self.current.clone())
+    }
+
+    /// Once the current segment is full: syncs it, starts one whose first record will be
+    /// `next_seq`, and deletes the segments whose events are all below `checkpoint` (durable
+    /// elsewhere).
+    pub(crate) fn roll_if_full(&mut self, next_seq: u64, checkpoint: u64) -> io::Result<()> {
+        if self.current_bytes < self.segment_bytes {
+            return Ok(());
+        }
+        self.current.sync_data()?;
+        self.current = Arc::new(create_segment(&self.dir, next_seq)?);
+        self.current_bytes = 0;
+        self.firsts.push(next_seq);
+        // A segment ends where the next one starts.
+        while self.firsts.len() > 1 && self.firsts[1] <= checkpoint {
+            let first = self.firsts.remove(0);
+            std::fs::remove_file(segment_path(&self.dir, first))?;
+        }
+        Ok(())
+    }
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}{SUFFIX}"))
+}
+
+/// Creates a segment (emptying a leftover of the same name, which can hold only a torn
+/// record) and makes its directory entry durable.
+fn create_segment(dir: &Path, first: u64) -> io::Result<File> {
+    let file = OpenOptions::new().create(true).write(true).truncate(true).open(segment_path(dir, first))?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(dir: &Path) -> Vec<Vec<u8>> {
+        let mut found = Vec::new();
+        read_all(dir, |record| {
+            found.push(record.to_vec());
+            Ok(())
+        })
+        .unwrap();
+        found
+    }
+
+    fn append(journal: &mut Journal, record: &[u8]) {
+        let mut buf = Vec::new();
+        frame(&mut buf, record);
+        journal.append(&buf).unwrap().sync_data().unwrap();
+    }
+
+    #[test]
+    fn records_are_read_back_in_order_and_a_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path(), 0, SEGMENT_BYTES).unwrap();
+        append(&mut journal, b"first");
+        append(&mut journal, b"second");
+        // A crash in the middle of a write: a header whose record never made it.
+        let mut torn = Vec::new();
+        frame(&mut torn, b"third, never acknowledged");
+        journal.append(&torn[..torn.len() - 3]).unwrap();
+        assert_eq!(records(dir.path()), vec![b"first".to_vec(), b"second".to_vec()]);
+    }
+
+    #[test]
+    fn a_flipped_bit_ends_the_newest_segment_but_fails_an_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path(), 0, 1).unwrap();
+        append(&mut journal, b"in the first segment");
+        journal.roll_if_full(1, 0).unwrap();
+        append(&mut journal, b"in the second segment");
+        let flip = |first: u64| {
+            let path = segment_path(dir.path(), first);
+            let mut bytes = std::fs::read(&path).unwrap();
+            *bytes.last_mut().unwrap() ^= 1;
+            std::fs::write(&path, bytes).unwrap();
+        };
+        flip(1);
+        assert_eq!(records(dir.path()), vec![b"in the first segment".to_vec()]);
+        flip(0);
+        let error = read_all(dir.path(), |_| Ok(())).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn full_segments_roll_over_and_go_once_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path(), 10, 1).unwrap();
+        append(&mut journal, b"10");
+        journal.roll_if_full(11, 0).unwrap();
+        append(&mut journal, b"11");
+        // Nothing is durable elsewhere yet: both segments stay.
+        journal.roll_if_full(12, 10).unwrap();
+        assert_eq!(segments(dir.path()).unwrap().len(), 3);
+        assert_eq!(records(dir.path()), vec![b"10".to_vec(), b"11".to_vec()]);
+        // Events below 12 are durable elsewhere: the two full segments go.
+        append(&mut journal, b"12");
+        journal.roll_if_full(13, 12).unwrap();
+        let left: Vec<u64> = segments(dir.path()).unwrap().into_iter().map(|(first, _)| first).collect();
+        assert_eq!(left, vec![12, 13]);
+        assert_eq!(records(dir.path()), vec![b"12".to_vec()]);
+        // A restart starts afresh once the caller has the events elsewhere.
+        Journal::start(dir.path(), 13, SEGMENT_BYTES).unwrap();
+        assert!(records(dir.path()).is_empty());
+    }
+}

@@ -16,6 +16,7 @@
 //! | --- | --- |
 //! | `m/keycheck` | key id + check value of the master key |
 //! | `m/next_seq` | the next event sequence number (u64), kept even when old events are trimmed |
+//! | `m/journal_from` | the last checkpoint (u64): events from it on are written in again from `journal/` at start |
 //! | `p/{producer id}` | [`Producer`] |
 //! | `k/{sha256 of api key}` | [`ApiKeyEntry`] |
 //! | `h/{event hash}` | [`EventHashEntry`] |
@@ -52,6 +53,8 @@ pub(crate) mod keys {
     pub const KEY_CHECK: &[u8] = b"m/keycheck";
     /// The next event sequence number (a high-water mark that survives trimming the log).
     pub const NEXT_SEQ: &[u8] = b"m/next_seq";
+    /// Events from this number on may be only in the journal (the last checkpoint).
+    pub const JOURNAL_FROM: &[u8] = b"m/journal_from";
     pub const PRODUCERS: &[u8] = b"p/";
     pub const LISTENERS: &[u8] = b"l/";
     pub const EVENTS: &[u8] = b"e/";
@@ -200,36 +203,43 @@ fn io_error(error: std::io::Error) -> StoreError {
     StoreError::Backend(Arc::new(sled::Error::Io(error)))
 }
 
-/// Writes into sled every journal record it lacks (events acknowledged before a crash, not
-/// yet applied) and flushes; returns the next sequence number and the newest creation time.
-/// sled recovers its batches in order, and each applied batch carries `m/next_seq`, so the
-/// records it lacks are exactly those from `next_seq` on.
+/// Writes into sled again every journal record from the last checkpoint on (events
+/// acknowledged before a stop, perhaps not yet in sled; writing one twice changes nothing),
+/// and flushes. Returns the next sequence number and the newest creation time.
 fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) -> Result<(u64, u64), StoreError> {
+    let from = read_u64(tree, keys::JOURNAL_FROM)?.unwrap_or(0);
     let (mut next, mut last_created) = (next_seq, last_created_ms);
     let mut batch = Batch::default();
     let mut replayed = 0usize;
     journal::read_all(dir, |record| {
         let event: Event = decode(record)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "a journal record is not an event"))?;
-        if event.seq >= next {
-            if event.seq > next {
-                tracing::warn!(expected = next, found = event.seq, "the journal skips events");
+        if event.seq >= from {
+            for (key, value) in writer::sled_records(&event) {
+                batch.insert(key, value);
             }
-            writer::stage_in_sled(&mut batch, &event);
-            next = event.seq + 1;
+            next = next.max(event.seq + 1);
             last_created = last_created.max(event.created_at_ms);
             replayed += 1;
         }
         Ok(())
     })
     .map_err(io_error)?;
+    batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
+    batch.insert(keys::JOURNAL_FROM, &next.to_be_bytes());
+    tree.apply_batch(batch)?;
+    tree.flush()?;
     if replayed > 0 {
-        batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
-        tree.apply_batch(batch)?;
-        tree.flush()?;
-        tracing::info!(events = replayed, "applied events acknowledged before the last stop");
+        tracing::info!(events = replayed, "wrote in the events of the journal's last checkpoint");
     }
     Ok((next, last_created))
+}
+
+fn read_u64(tree: &Tree, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    match tree.get(key)? {
+        Some(bytes) => Ok(Some(u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| corrupt(key))?))),
+        None => Ok(None),
+    }
 }
 
 /// Keys under `prefix`, after `prefix ++ after` when given, at most `limit`.
@@ -270,10 +280,7 @@ impl SledStore {
             }
             None => (0, 0),
         };
-        let high_water = match tree.get(keys::NEXT_SEQ)? {
-            Some(bytes) => u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| corrupt(keys::NEXT_SEQ))?),
-            None => 0,
-        };
+        let high_water = read_u64(&tree, keys::NEXT_SEQ)?.unwrap_or(0);
         let sled_next_seq = after_last_event.max(high_water);
         let journal_dir = dir.join("journal");
         let (next_seq, last_created_ms) = replay_journal(&tree, &journal_dir, sled_next_seq, last_created_ms)?;

@@ -8,9 +8,10 @@
 //!   its last sync and only then answers their callers, so a trigger is answered once its
 //!   event is on disk, having touched no sled lock. It hands the events on.
 //! - The **applier** (`hookd-applier`) writes acknowledged events into sled (`e/`, `ep/`, `i/`
-//!   and `m/next_seq`, one batch per handful of groups) and publishes how far it got: fan-out
-//!   and reads of events follow that ([`Progress`]). It flushes sled every second; the journal
-//!   segments a flush covers can then go.
+//!   and `m/next_seq`) and publishes how far it got: fan-out and reads of events follow that
+//!   ([`Progress`]). Every second it flushes sled and records the checkpoint
+//!   (`m/journal_from`): a restart writes in again every journal record from there on, and
+//!   the journal segments before it can go.
 //!
 //! Every other write (producers, keys, listeners) is a [`Job::Write`] run by the applier, in
 //! line after every event appended before it; the writer waits until it is applied and
@@ -18,7 +19,7 @@
 //! disabled (or a key revoked) is refused from the next trigger on. None of these threads
 //! awaits sled's `flush_async` (it hung under concurrent callers here).
 
-use sled::{Batch, Tree};
+use sled::Tree;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +46,6 @@ const FLUSHES_IN_FLIGHT: usize = 64;
 /// Steps waiting for the applier before the flusher waits too. Their payloads stay bounded by
 /// the permits they carry (the store's pending-bytes semaphore).
 const APPLIES_IN_FLIGHT: usize = 64;
-/// Most events in one sled batch: a batch holds sled's process-wide lock while it applies.
-const APPLY_CHUNK: usize = 512;
 /// How often the applier flushes sled, making older journal segments unnecessary.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Callers cached at most; the cache starts afresh when full.
@@ -215,14 +214,17 @@ enum Apply {
     Write(Write),
 }
 
-/// Adds an event's records (with its idempotency record) to a sled batch.
-pub(crate) fn stage_in_sled(batch: &mut Batch, event: &Event) {
+/// An event's records in sled: the event, its place in its producer's index, and its
+/// idempotency record if it has a key.
+pub(crate) fn sled_records(event: &Event) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut records = Vec::with_capacity(3);
     if !event.idempotency_key.is_empty() {
         let entry = IdempotencyEntry { event_id: event.id.clone(), created_at_ms: event.created_at_ms };
-        batch.insert(keys::idempotency(&event.producer_id, &event.idempotency_key), encode(&entry));
+        records.push((keys::idempotency(&event.producer_id, &event.idempotency_key), encode(&entry)));
     }
-    batch.insert(keys::event_of_producer(&event.producer_id, event.seq), &[] as &[u8]);
-    batch.insert(keys::event(event.seq).to_vec(), encode(event));
+    records.push((keys::event_of_producer(&event.producer_id, event.seq), Vec::new()));
+    records.push((keys::event(event.seq).to_vec(), encode(event)));
+    records
 }
 
 /// The writer's state between groups.
@@ -517,21 +519,23 @@ fn flush_loop(tree: &Tree, progress: &Arc<Progress>, written: &std_mpsc::Receive
     }
 }
 
-/// Writes acknowledged events into sled and runs other writes in line; flushes sled every
+/// Makes everything applied so far durable in sled and records from where the journal is
+/// still needed (`m/journal_from`, read by the next start): events from `next_seq` on.
+fn checkpoint(tree: &Tree, progress: &Progress, next_seq: u64) -> Result<(), sled::Error> {
+    tree.insert(keys::JOURNAL_FROM, &next_seq.to_be_bytes())?;
+    tree.flush()?;
+    progress.checkpoint.fetch_max(next_seq, Ordering::AcqRel);
+    Ok(())
+}
+
+/// Writes acknowledged events into sled and runs other writes in line; checkpoints every
 /// [`CHECKPOINT_EVERY`] and once more at the end.
 fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply>) {
-    let mut last_flush = Instant::now();
+    let mut last_checkpoint = Instant::now();
+    // The next event not yet in sled, once something was applied since the last checkpoint.
     let mut unflushed: Option<u64> = None;
-    let checkpoint = |unflushed: &mut Option<u64>, last_flush: &mut Instant| -> Result<(), sled::Error> {
-        *last_flush = Instant::now();
-        if let Some(next_seq) = unflushed.take() {
-            tree.flush()?;
-            progress.checkpoint.fetch_max(next_seq, Ordering::AcqRel);
-        }
-        Ok(())
-    };
     loop {
-        let step = match steps.recv_timeout(CHECKPOINT_EVERY.saturating_sub(last_flush.elapsed())) {
+        let step = match steps.recv_timeout(CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed())) {
             Ok(step) => Some(step),
             Err(std_mpsc::RecvTimeoutError::Timeout) => None,
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
@@ -544,12 +548,10 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
             Some(Apply::Write(Write { write, done })) => {
                 // A panicking edit fails its own caller, not the line.
                 let completion = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(tree)));
-                let flushed = tree.flush().map(|_| ());
-                if flushed.is_ok()
-                    && let Some(next_seq) = unflushed.take()
-                {
-                    progress.checkpoint.fetch_max(next_seq, Ordering::AcqRel);
-                }
+                let flushed = match unflushed.take() {
+                    Some(next_seq) => checkpoint(tree, progress, next_seq),
+                    None => tree.flush().map(|_| ()),
+                };
                 match completion {
                     Ok(completion) => completion(flushed.clone().map_err(StoreError::from)),
                     Err(_) => tracing::error!("a database write job panicked; its caller gets an error"),
@@ -560,39 +562,37 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
             None => Ok(()),
         };
         let outcome = outcome.and_then(|()| {
-            if last_flush.elapsed() >= CHECKPOINT_EVERY { checkpoint(&mut unflushed, &mut last_flush) } else { Ok(()) }
+            if last_checkpoint.elapsed() < CHECKPOINT_EVERY {
+                return Ok(());
+            }
+            last_checkpoint = Instant::now();
+            unflushed.take().map_or(Ok(()), |next_seq| checkpoint(tree, progress, next_seq))
         });
         if let Err(error) = outcome {
             tracing::error!(%error, "writing events into the database failed; the writer stops");
             return;
         }
     }
-    if let Err(error) = checkpoint(&mut unflushed, &mut last_flush) {
+    if let Some(next_seq) = unflushed
+        && let Err(error) = checkpoint(tree, progress, next_seq)
+    {
         tracing::error!(%error, "final flush of the database failed");
     }
 }
 
-/// Applies events in chunks, each with the sequence high-water mark, so numbers are never
-/// reused even after old events are trimmed.
+/// Writes events into sled one record at a time, then the sequence high-water mark (so
+/// numbers are never reused, even after old events are trimmed). Not a batch, on purpose: a
+/// sled batch takes a process-wide write lock, and the writer's reads (idempotency keys) would
+/// wait behind it. Atomicity is not needed: the journal holds every event until a checkpoint
+/// covers it, and a restart writes in again every event from the last checkpoint on.
 fn apply_events(tree: &Tree, events: Vec<Staged>, next_seq: u64) -> Result<(), sled::Error> {
-    let mut events = events.into_iter().peekable();
-    loop {
-        let mut batch = Batch::default();
-        let mut next = next_seq;
-        for staged in events.by_ref().take(APPLY_CHUNK) {
-            stage_in_sled(&mut batch, &staged.record);
-            next = staged.record.seq + 1;
-        }
-        let last = events.peek().is_none();
-        if last {
-            next = next_seq;
-        }
-        batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
-        tree.apply_batch(batch)?;
-        if last {
-            return Ok(());
+    for staged in events {
+        for (key, value) in sled_records(&staged.record) {
+            tree.insert(key, value)?;
         }
     }
+    tree.insert(keys::NEXT_SEQ, &next_seq.to_be_bytes())?;
+    Ok(())
 }
 
 /// Sends a read-modify-write to the writer and waits until it is applied and flushed.

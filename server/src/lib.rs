@@ -15,6 +15,7 @@ pub mod config;
 pub mod crypto;
 pub mod ids;
 pub mod pipeline;
+pub mod priority;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

@@ -273,6 +273,7 @@ impl Writer {
     /// (the applier stops; what was acknowledged is still in the journal and is applied at
     /// the next start).
     pub(crate) fn run(mut self) {
+        crate::priority::short_slice();
         let (to_flusher, flusher_jobs) = std_mpsc::sync_channel::<Written>(FLUSHES_IN_FLIGHT);
         let flusher = {
             let (tree, progress) = (self.tree.clone(), self.progress.clone());
@@ -448,6 +449,7 @@ struct Pending {
 /// Syncs the journal for whatever groups were written, answers them, and hands them to the
 /// applier; stops on a failed sync.
 fn flush_loop(tree: &Tree, progress: &Arc<Progress>, written: &std_mpsc::Receiver<Written>) {
+    crate::priority::short_slice();
     let (to_applier, applier_jobs) = std_mpsc::sync_channel::<Apply>(APPLIES_IN_FLIGHT);
     let applier = {
         let (tree, progress) = (tree.clone(), progress.clone());

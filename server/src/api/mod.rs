@@ -114,6 +114,9 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Store(StoreError::Closed) => Status::unavailable("hookd is shutting down"),
+            ApiError::Store(StoreError::Behind) => {
+                Status::unavailable("recent events are still being written into the database; retry shortly")
+            }
             ApiError::Store(StoreError::Refused(Refusal::KeyRevoked)) => {
                 Status::unauthenticated("unknown or expired API key")
             }

@@ -38,6 +38,8 @@ pub enum StoreError {
     Corrupt { key: String },
     #[error("the store is closed")]
     Closed,
+    #[error("recent events are still on their way into the database")]
+    Behind,
     #[error("{0}")]
     Refused(Refusal),
     #[error(

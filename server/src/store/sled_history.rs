@@ -108,7 +108,7 @@ impl HistoryStore for SledStore {
         limit: usize,
     ) -> Result<Page<Event>, StoreError> {
         // A caller that was just answered for a trigger finds its event.
-        self.progress.settle();
+        self.progress.settle()?;
         let start_seq = match after_seq {
             Some(seq) => seq.saturating_add(1),
             None if filter.since_ms > 0 => self.first_seq_since(filter.since_ms)?,

@@ -159,16 +159,23 @@ pub struct SledStore {
     /// Serialises the history changes that read before they write (retention, recovery,
     /// manual attempts, replays), so one never deletes what another just revived.
     pub(super) history_lock: Mutex<()>,
-    /// Payload bytes of appends waiting for the writer: bounds intake memory whatever the
-    /// payload limit and the number of callers.
+    /// Appends not yet in sled, weighed by [`append_weight`]: bounds intake memory whatever
+    /// the payload limit and the number of callers, and how far sled may trail the journal.
     pending_bytes: Arc<Semaphore>,
 }
 
 /// sled's page cache.
 const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
-/// Most payload bytes waiting for the writer at once.
+/// Most weight (see [`append_weight`]) of appends not yet in sled.
 const PENDING_BYTES: u32 = 256 * 1024 * 1024;
+/// What an event weighs besides its payload: at most 65,536 events trail in all, about a
+/// second of intake, so fan-out and reads of recent events never wait long.
+const EVENT_WEIGHT: u32 = 4096;
+
+fn append_weight(payload_len: usize) -> u32 {
+    u32::try_from(payload_len).unwrap_or(u32::MAX).saturating_add(EVENT_WEIGHT).min(PENDING_BYTES)
+}
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -506,7 +513,7 @@ impl Store for SledStore {
     fn append_event(&self, event: NewEvent) -> StoreFuture<Appended> {
         let sender = self.sender();
         let pending_bytes = self.pending_bytes.clone();
-        let weight = u32::try_from(event.payload.len()).unwrap_or(u32::MAX).clamp(1, PENDING_BYTES);
+        let weight = append_weight(event.payload.len());
         Box::pin(async move {
             let permit = pending_bytes.acquire_many_owned(weight).await.map_err(|_| StoreError::Closed)?;
             let (reply, answer) = oneshot::channel();
@@ -521,7 +528,7 @@ impl Store for SledStore {
         };
         if self.progress.in_flight(seq) {
             // Acknowledged, on its way into sled.
-            self.progress.settle();
+            self.progress.settle()?;
         }
         let event: Option<Event> = read(&self.tree, &keys::event(seq))?;
         // The random half of the id must match too: ids cannot be enumerated.

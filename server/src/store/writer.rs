@@ -11,12 +11,16 @@
 //!   and `m/next_seq`) and publishes how far it got: fan-out and reads of events follow that
 //!   ([`Progress`]). Every second it flushes sled and records the checkpoint
 //!   (`m/journal_from`): a restart writes in again every journal record from there on, and
-//!   the journal segments before it can go.
+//!   the journal segments before it can go. It may trail the journal by at most 65,536
+//!   events (the store's pending-bytes semaphore, which every event holds until it is in
+//!   sled); beyond that, new triggers wait. Its batches and the writer's reads of sled take
+//!   turns ([`Progress::reading_turn`]): both need sled's process-wide lock.
 //!
 //! Every other write (producers, keys, listeners) is a [`Job::Write`] run by the applier, in
-//! line after every event appended before it; the writer waits until it is applied and
-//! flushed before taking another job and forgets the callers it had cached, so a producer
-//! disabled (or a key revoked) is refused from the next trigger on. None of these threads
+//! line after every event appended before it. The applier forgets every cached caller
+//! ([`Callers`]) before the write's caller hears back, and the writer waits until the write
+//! is applied and flushed before taking another job, so a producer disabled (or a key
+//! revoked) is refused from the next trigger on. None of these threads
 //! awaits sled's `flush_async` (it hung under concurrent callers here).
 
 use sled::Tree;
@@ -43,9 +47,11 @@ const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
 pub(crate) const QUEUE_CAPACITY: usize = 8192;
 /// Written groups waiting for the flusher before the writer waits too.
 const FLUSHES_IN_FLIGHT: usize = 64;
-/// Steps waiting for the applier before the flusher waits too. Their payloads stay bounded by
+/// Steps waiting for the applier before the flusher waits too. Their events stay bounded by
 /// the permits they carry (the store's pending-bytes semaphore).
 const APPLIES_IN_FLIGHT: usize = 64;
+/// Most events in one sled batch of the applier.
+const APPLY_CHUNK: usize = 128;
 /// How often the applier flushes sled, making older journal segments unnecessary.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Callers cached at most; the cache starts afresh when full.
@@ -59,7 +65,7 @@ pub(crate) type WriteFn = Box<dyn FnOnce(&Tree) -> Completion + Send>;
 pub(crate) enum Job {
     Append {
         event: NewEvent,
-        /// Held until the event is in sled: bounds the payload bytes anywhere on this path.
+        /// Held until the event is in sled: bounds the events and bytes anywhere on this path.
         permit: OwnedSemaphorePermit,
         reply: oneshot::Sender<Result<Appended, StoreError>>,
     },
@@ -86,6 +92,10 @@ pub(crate) struct Progress {
     /// Fan-out follows this.
     applied_watch: watch::Sender<u64>,
     checkpoint: AtomicU64,
+    /// Held by the writer while it reads sled for a group, and by the applier around each
+    /// batch: a sled batch takes sled's process-wide write lock, and every read waits behind
+    /// it, so the writer's reads would otherwise queue behind the applier's batches one by one.
+    sled_turn: Mutex<()>,
 }
 
 /// The longest a read waits for the applier before reading what sled has.
@@ -99,7 +109,12 @@ impl Progress {
             applied_changed: Condvar::new(),
             applied_watch: watch::channel(next_seq).0,
             checkpoint: AtomicU64::new(next_seq),
+            sled_turn: Mutex::new(()),
         })
+    }
+
+    fn reading_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.sled_turn.lock().expect("the turn lock is never poisoned")
     }
 
     /// The next event not yet in sled, as a watch.
@@ -124,17 +139,25 @@ impl Progress {
 
     /// Blocks (briefly: the applier trails by a group or two) until every event acknowledged
     /// before this call is in sled, so a caller that was answered can read its event back.
-    pub(crate) fn settle(&self) {
+    /// After [`SETTLE_LIMIT`] it gives up with [`StoreError::Behind`] rather than answer
+    /// "not found" for an event that exists.
+    pub(crate) fn settle(&self) -> Result<(), StoreError> {
+        self.settle_within(SETTLE_LIMIT)
+    }
+
+    fn settle_within(&self, limit: Duration) -> Result<(), StoreError> {
         let target = self.acknowledged.load(Ordering::Acquire);
         let applied = self.applied.lock().expect("progress lock is never poisoned");
         let (applied, waited) = self
             .applied_changed
-            .wait_timeout_while(applied, SETTLE_LIMIT, |applied| *applied < target)
+            .wait_timeout_while(applied, limit, |applied| *applied < target)
             .expect("progress lock is never poisoned");
         drop(applied);
         if waited.timed_out() {
-            tracing::warn!(target, "the event applier is behind; a read may miss recent events");
+            tracing::warn!(target, "the event applier is more than {limit:?} behind");
+            return Err(StoreError::Behind);
         }
+        Ok(())
     }
 }
 
@@ -276,10 +299,10 @@ impl Writer {
         crate::priority::short_slice();
         let (to_flusher, flusher_jobs) = std_mpsc::sync_channel::<Written>(FLUSHES_IN_FLIGHT);
         let flusher = {
-            let (tree, progress) = (self.tree.clone(), self.progress.clone());
+            let (tree, progress, callers) = (self.tree.clone(), self.progress.clone(), self.callers.clone());
             std::thread::Builder::new()
                 .name("hookd-flusher".into())
-                .spawn(move || flush_loop(&tree, &progress, &flusher_jobs))
+                .spawn(move || flush_loop(&tree, &progress, callers, &flusher_jobs))
                 .expect("the flusher thread starts")
         };
         let mut group = Vec::with_capacity(64);
@@ -297,6 +320,9 @@ impl Writer {
             }
             self.forget_applied_claims();
             let mut pending = Pending::default();
+            // The applier's batches wait while this group's reads (idempotency keys) run.
+            let progress = self.progress.clone();
+            let mut turn = Some(progress.reading_turn());
             for job in group.drain(..) {
                 match job {
                     Job::Append { event, permit, reply } => match self.stage(event, &mut pending.buf) {
@@ -311,6 +337,7 @@ impl Writer {
                         }
                     },
                     Job::Write(write) => {
+                        drop(turn.take());
                         // Earlier appends go first, so the write sees the state before it.
                         if !self.hand_over(std::mem::take(&mut pending), &to_flusher) {
                             break 'serve;
@@ -322,10 +349,11 @@ impl Writer {
                         // Nothing more is taken until the write is applied: later triggers
                         // must see it (a producer disabled, a key revoked).
                         let _ = applied.recv();
-                        self.callers.forget_all();
+                        turn = Some(progress.reading_turn());
                     }
                 }
             }
+            drop(turn);
             if !self.hand_over(pending, &to_flusher) {
                 break;
             }
@@ -448,14 +476,14 @@ struct Pending {
 
 /// Syncs the journal for whatever groups were written, answers them, and hands them to the
 /// applier; stops on a failed sync.
-fn flush_loop(tree: &Tree, progress: &Arc<Progress>, written: &std_mpsc::Receiver<Written>) {
+fn flush_loop(tree: &Tree, progress: &Arc<Progress>, callers: Arc<Callers>, written: &std_mpsc::Receiver<Written>) {
     crate::priority::short_slice();
     let (to_applier, applier_jobs) = std_mpsc::sync_channel::<Apply>(APPLIES_IN_FLIGHT);
     let applier = {
         let (tree, progress) = (tree.clone(), progress.clone());
         std::thread::Builder::new()
             .name("hookd-applier".into())
-            .spawn(move || apply_loop(&tree, &progress, &applier_jobs))
+            .spawn(move || apply_loop(&tree, &progress, &callers, &applier_jobs))
             .expect("the applier thread starts")
     };
     'flush: while let Ok(first) = written.recv() {
@@ -532,7 +560,7 @@ fn checkpoint(tree: &Tree, progress: &Progress, next_seq: u64) -> Result<(), sle
 
 /// Writes acknowledged events into sled and runs other writes in line; checkpoints every
 /// [`CHECKPOINT_EVERY`] and once more at the end.
-fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply>) {
+fn apply_loop(tree: &Tree, progress: &Progress, callers: &Callers, steps: &std_mpsc::Receiver<Apply>) {
     let mut last_checkpoint = Instant::now();
     // The next event not yet in sled, once something was applied since the last checkpoint.
     let mut unflushed: Option<u64> = None;
@@ -543,7 +571,7 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let outcome = match step {
-            Some(Apply::Events { events, next_seq }) => apply_events(tree, events, next_seq).map(|()| {
+            Some(Apply::Events { events, next_seq }) => apply_events(tree, progress, events).map(|()| {
                 progress.set_applied(next_seq);
                 unflushed = Some(next_seq);
             }),
@@ -554,6 +582,8 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
                     Some(next_seq) => checkpoint(tree, progress, next_seq),
                     None => tree.flush().map(|_| ()),
                 };
+                // Before the caller hears back: its next trigger must not meet a stale key.
+                callers.forget_all();
                 match completion {
                     Ok(completion) => completion(flushed.clone().map_err(StoreError::from)),
                     Err(_) => tracing::error!("a database write job panicked; its caller gets an error"),
@@ -582,18 +612,27 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
     }
 }
 
-/// Writes events into sled one record at a time, then the sequence high-water mark (so
-/// numbers are never reused, even after old events are trimmed). Not a batch, on purpose: a
-/// sled batch takes a process-wide write lock, and the writer's reads (idempotency keys) would
-/// wait behind it. Atomicity is not needed: the journal holds every event until a checkpoint
-/// covers it, and a restart writes in again every event from the last checkpoint on.
-fn apply_events(tree: &Tree, events: Vec<Staged>, next_seq: u64) -> Result<(), sled::Error> {
-    for staged in events {
-        for (key, value) in sled_records(&staged.record) {
-            tree.insert(key, value)?;
+/// Writes events into sled in batches of [`APPLY_CHUNK`], each with the sequence high-water
+/// mark (so numbers are never reused, even after old events are trimmed), taking turns with
+/// the writer's reads. Batches, not single inserts: each sled call pays for its own lock and
+/// log reservation, and single inserts measured 36 µs of the applier's time per event against
+/// 17 µs in batches. Atomicity is not what they are for: a restart writes in again every
+/// event from the last checkpoint.
+fn apply_events(tree: &Tree, progress: &Progress, events: Vec<Staged>) -> Result<(), sled::Error> {
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let mut batch = sled::Batch::default();
+        let mut next = 0;
+        for staged in events.by_ref().take(APPLY_CHUNK) {
+            for (key, value) in sled_records(&staged.record) {
+                batch.insert(key, value);
+            }
+            next = staged.record.seq + 1;
         }
+        batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
+        let _turn = progress.reading_turn();
+        tree.apply_batch(batch)?;
     }
-    tree.insert(keys::NEXT_SEQ, &next_seq.to_be_bytes())?;
     Ok(())
 }
 
@@ -612,4 +651,25 @@ where
     });
     jobs.send(Job::Write(job)).await.map_err(|_| StoreError::Closed)?;
     answer.await.map_err(|_| StoreError::Closed)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_waits_for_acknowledged_events_and_gives_up_clearly() {
+        let progress = Progress::new(10);
+        assert!(progress.settle_within(Duration::ZERO).is_ok(), "nothing acknowledged is missing");
+        progress.acknowledged.store(12, Ordering::Release);
+        assert!(progress.in_flight(11) && !progress.in_flight(9) && !progress.in_flight(12));
+        assert!(matches!(progress.settle_within(Duration::from_millis(20)), Err(StoreError::Behind)));
+        let applier = {
+            let progress = progress.clone();
+            std::thread::spawn(move || progress.set_applied(12))
+        };
+        assert!(progress.settle_within(SETTLE_LIMIT).is_ok());
+        applier.join().unwrap();
+        assert_eq!(*progress.applied_watch().borrow(), 12, "fan-out sees it too");
+    }
 }

@@ -41,6 +41,18 @@ async fn deliveries_of_event(client: &Client, event_id: &str) -> Vec<Delivery> {
     client.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries
 }
 
+/// Waits until retention has removed the event (GetEvent answers NOT_FOUND).
+async fn trimmed(client: &Client, event_id: &str, what: &str) {
+    eventually(what, || {
+        let (client, event_id) = (client.clone(), event_id.to_owned());
+        async move {
+            let answer = client.delivery().get_event(GetEventRequest { event_id }).await;
+            (answer.err()?.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await;
+}
+
 /// Waits until the event's deliveries are all in `state`; returns them.
 async fn settled(client: &Client, event_id: &str, count: usize, state: DeliveryState) -> Vec<Delivery> {
     eventually(&format!("{count} deliveries of {event_id} {state:?}"), || {
@@ -370,16 +382,42 @@ async fn retention_removes_old_events_but_keeps_pending_deliveries() {
     let stuck = trigger(&producer, "stuck.kind", "{}").await;
     receiver.wait_until("the stuck delivery's first attempt", DEADLINE, |r| r.iter().any(|r| r.path == "/stuck")).await;
 
-    eventually("the old event trimmed", || {
-        let (producer, old) = (producer.clone(), old.clone());
-        async move {
-            let answer = producer.delivery().get_event(GetEventRequest { event_id: old }).await;
-            (answer.err()?.code() == Code::NotFound).then_some(())
-        }
-    })
-    .await;
+    trimmed(&producer, &old, "the old event trimmed").await;
     assert!(deliveries_of_event(&server.admin().await, &stuck).await.len() == 1, "a pending delivery is kept");
     producer.delivery().get_event(GetEventRequest { event_id: stuck }).await.expect("its event is kept too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_a_failed_delivery_while_a_manual_attempt_of_it_is_pending() {
+    let receiver = Receiver::start().await;
+    // The three scheduled attempts fail; the manual one hangs until released, then succeeds.
+    receiver.script("/down", |_, nth| match nth {
+        1..=3 => Reply::Status(500),
+        4 => Reply::Hang,
+        _ => Reply::Status(200),
+    });
+    let server = server_with(|config| config.pipeline.retention = Duration::from_secs(1)).await;
+    let (producer, _, _) = server.producer("manual").await;
+    let hash = derive(&producer, "kept.kind").await;
+    listen(&producer, &hash, receiver.url("/down")).await;
+    let kept = trigger(&producer, "kept.kind", "{}").await;
+    let failed = settled(&producer, &kept, 1, DeliveryState::Failed).await;
+    producer.delivery().retry_delivery(RetryDeliveryRequest { delivery_id: failed[0].id.clone() }).await.unwrap();
+    receiver.wait_until("the manual attempt under way", DEADLINE, |requests| requests.len() == 4).await;
+
+    // An event after it that nobody listens to: once that is trimmed, a sweep went past.
+    let later = trigger(&producer, "nobody.listens", "{}").await;
+    trimmed(&producer, &later, "a sweep past the failed delivery").await;
+    producer.delivery().get_event(GetEventRequest { event_id: kept.clone() }).await.expect("its event is kept");
+    let deliveries = deliveries_of_event(&producer, &kept).await;
+    assert_eq!(deliveries.len(), 1, "and its delivery");
+    let request = ListAttemptsRequest { delivery_id: deliveries[0].id.clone() };
+    let attempts = producer.delivery().list_attempts(request).await.unwrap().into_inner().attempts;
+    assert_eq!(attempts.len(), 3, "and the attempts made so far: {attempts:?}");
+    // Once the manual attempt is done, nothing holds the event any longer.
+    receiver.release();
+    trimmed(&producer, &kept, "the event trimmed once the manual attempt is done").await;
+    assert_eq!(receiver.requests().iter().filter(|r| r.path == "/down").count(), 4, "the manual attempt was made once");
 }
 
 /// Total size of the files under `dir`.
@@ -408,14 +446,7 @@ async fn with_a_short_retention_the_data_directory_stops_growing_under_steady_lo
         // Steady state: the round before last has been trimmed by now.
         if round >= 2 {
             let old = first_of_round[round - 2].clone();
-            eventually("an older round trimmed", || {
-                let (producer, old) = (producer.clone(), old.clone());
-                async move {
-                    let answer = producer.delivery().get_event(GetEventRequest { event_id: old }).await;
-                    (answer.err()?.code() == Code::NotFound).then_some(())
-                }
-            })
-            .await;
+            trimmed(&producer, &old, "an older round trimmed").await;
         }
         sizes.push(dir_size(server.data_dir()));
     }

@@ -189,7 +189,10 @@ impl HistoryStore for SledStore {
             listener_id: delivery.listener_id.clone(),
             manual: true,
         };
-        self.queue.insert(keys::due(now_ms, &entry.key_id()), entry.listener_id.as_bytes())?;
+        let mut batch = Batch::default();
+        batch.insert(keys::due(now_ms, &entry.key_id()), entry.listener_id.as_bytes());
+        batch.insert(keys::manual(delivery_id, now_ms), &[] as &[u8]);
+        self.queue.apply_batch(batch)?;
         self.queue.flush()?;
         Ok(Some(delivery))
     }
@@ -286,7 +289,12 @@ impl HistoryStore for SledStore {
                 let (key, value) = entry?;
                 deliveries.push(decode::<Delivery>(&value).ok_or_else(|| corrupt(&key))?);
             }
-            if deliveries.iter().any(|d| d.state == DeliveryState::Pending as i32) {
+            let mut unfinished = deliveries.iter().any(|d| d.state == DeliveryState::Pending as i32);
+            for delivery in &deliveries {
+                // A manual attempt asked for and not yet made keeps its delivery too.
+                unfinished = unfinished || self.queue.scan_prefix(keys::manual_prefix(&delivery.id)).next().is_some();
+            }
+            if unfinished {
                 trimmed.kept += 1;
                 continue;
             }

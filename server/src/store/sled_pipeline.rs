@@ -174,6 +174,9 @@ impl PipelineStore for SledStore {
             batch.insert(keys::attempt(&delivery.id, attempt.number), encode(attempt));
             batch.insert(keys::delivery(&delivery.id), encode(delivery));
             batch.remove(keys::due(entry.due_ms, &entry.key_id()));
+            if entry.manual {
+                batch.remove(keys::manual(&delivery.id, entry.due_ms));
+            }
             match next {
                 NextStep::RetryAt(due_ms) => {
                     batch.insert(keys::due(*due_ms, &delivery.id), delivery.listener_id.as_bytes());
@@ -188,6 +191,9 @@ impl PipelineStore for SledStore {
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         batch.remove(keys::due(entry.due_ms, &entry.key_id()));
+        if entry.manual {
+            batch.remove(keys::manual(&entry.delivery_id, entry.due_ms));
+        }
         // A delivery that no longer exists must not hold its listener's order.
         if !self.queue.contains_key(keys::delivery(&entry.delivery_id))? {
             batch.remove(keys::pending(&entry.listener_id, &entry.delivery_id));
@@ -202,6 +208,9 @@ impl PipelineStore for SledStore {
         let mut batch = Batch::default();
         batch.insert(keys::delivery(&delivery.id), encode(&cancelled));
         batch.remove(keys::due(entry.due_ms, &entry.key_id()));
+        if entry.manual {
+            batch.remove(keys::manual(&delivery.id, entry.due_ms));
+        }
         batch.remove(keys::pending(&delivery.listener_id, &delivery.id));
         Ok(self.queue.apply_batch(batch)?)
     }

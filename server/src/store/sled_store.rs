@@ -31,6 +31,7 @@
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
 //! | `pk/{listener id}/{delivery id}` | original due time: parked while the listener is busy |
 //! | `pl/{listener id}/{delivery id}` | empty: unfinished deliveries of a strictly ordered listener, oldest first |
+//! | `mq/{delivery id}/{due ms: u64 big-endian}` | empty: a manual attempt queued or under way (retention keeps its delivery) |
 //! | `dl/{listener id}/{delivery id}` | empty: every delivery of a listener |
 //! | `a/{delivery id}/{attempt: u32 big-endian}` | [`Attempt`](super::Attempt) |
 //! | `lh/{listener id}` | [`ListenerHealth`](super::ListenerHealth) |
@@ -122,6 +123,14 @@ pub(crate) mod keys {
     }
     pub fn parked(listener_id: &str, delivery_id: &str) -> Vec<u8> {
         join(&[&parked_prefix(listener_id), delivery_id.as_bytes()])
+    }
+    /// Prefix of the manual attempts queued for one delivery.
+    pub fn manual_prefix(delivery_id: &str) -> Vec<u8> {
+        join(&[b"mq/", delivery_id.as_bytes(), b"/"])
+    }
+    /// A manual attempt queued (or under way): retention keeps its delivery until it is done.
+    pub fn manual(delivery_id: &str, due_ms: u64) -> Vec<u8> {
+        join(&[&manual_prefix(delivery_id), &due_ms.to_be_bytes()])
     }
     pub fn pending_prefix(listener_id: &str) -> Vec<u8> {
         join(&[b"pl/", listener_id.as_bytes(), b"/"])

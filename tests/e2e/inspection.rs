@@ -176,6 +176,11 @@ async fn recover_listener_resends_its_failures_since_a_time() {
         .into_inner()
         .requeued;
     assert_eq!(requeued, 5);
+    // Answered once all are queued again: none is still failed.
+    for event in &events {
+        let state = deliveries_of_event(&producer, event).await[0].state;
+        assert_ne!(state, DeliveryState::Failed as i32, "{event} is still failed after the answer");
+    }
     for event in &events {
         settled(&producer, event, 1, DeliveryState::Succeeded).await;
     }

@@ -295,21 +295,21 @@ impl DeliveryService for DeliveryApi {
         let until = millis("until", request.until)?;
         let history = self.shared.history.clone();
         let listener_id = listener.id.clone();
-        let failed = blocking(move || history.failed_deliveries(&listener_id, since, until)).await?;
-        let count = failed.len();
-        // Re-queue in bounded batches in the background; the answer says how many.
-        let (history, pipeline) = (self.shared.history.clone(), self.shared.pipeline.clone());
-        tokio::spawn(async move {
-            for chunk in failed.chunks(RECOVER_BATCH).map(<[String]>::to_vec) {
-                let history = history.clone();
-                if let Err(error) = blocking(move || history.requeue_failed(&chunk, now_ms())).await {
-                    tracing::error!(error = &error as &dyn std::error::Error, "recovering a listener stopped");
-                    return;
-                }
+        let pipeline = self.shared.pipeline.clone();
+        // Answered once every one is queued again (durably, a batch at a time): the count in
+        // the answer is what was requeued, and a stop half-way loses none of it. Delivery
+        // starts with the first batch.
+        let count = blocking(move || {
+            let failed = history.failed_deliveries(&listener_id, since, until)?;
+            let mut requeued = 0;
+            for chunk in failed.chunks(RECOVER_BATCH) {
+                requeued += history.requeue_failed(chunk, now_ms())?;
                 pipeline.queued();
             }
-        });
-        tracing::info!(listener_id = %listener.id, count, "listener recovery queued");
+            Ok::<_, crate::store::StoreError>(requeued)
+        })
+        .await?;
+        tracing::info!(listener_id = %listener.id, count, "listener recovered");
         Ok(Response::new(RecoverListenerResponse { requeued: u64::try_from(count).unwrap_or(u64::MAX) }))
     }
 }

@@ -2,12 +2,32 @@
 //!
 //! A trigger's answer passes through four threads (an async worker, the writer, the
 //! flusher, an async worker again), and on a machine busy delivering each wake-up can wait
-//! for a core held by fan-out or delivery. Delivery threads run at a lower priority
-//! (`pipeline::lower_priority`); the intake threads also ask for a short time slice, which
-//! on Linux 6.12 and later (EEVDF custom slices) lets a waking intake thread take a core at
-//! once instead of at the end of the running thread's slice. This module only sets
-//! scheduling attributes of the calling thread; it never needs, or asks for, privileges:
-//! where the kernel refuses, the thread keeps the defaults.
+//! for a core held by fan-out or delivery. So:
+//! - fan-out and delivery threads are [`background`]: nice 10 (under contention the
+//!   scheduler gives intake about nine tenths of the CPU) and `SCHED_BATCH` (their wake-ups
+//!   never preempt a running thread);
+//! - intake threads ask for a [`short_slice`], which on Linux 6.12 and later (EEVDF custom
+//!   slices) lets a waking intake thread take a core at once instead of at the end of the
+//!   running thread's slice.
+//!
+//! This module only sets scheduling attributes of the calling thread; it never needs, or asks
+//! for, privileges: where the kernel refuses, the thread keeps the defaults.
+
+/// Niceness of background (fan-out and delivery) threads.
+const BACKGROUND_NICE: i32 = 10;
+
+/// Makes the calling thread a background one (see the module docs). Best effort.
+pub fn background() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: the pointer is to a live `sched_param`; gettid and setpriority take no pointers.
+    // Pid 0 and the thread id both name this thread; failure leaves its scheduling as is.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param);
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, thread, BACKGROUND_NICE);
+    }
+}
 
 /// The slice intake threads ask for: the shortest the kernel accepts (0.1 ms).
 const INTAKE_SLICE_NS: u64 = 100_000;
@@ -81,6 +101,24 @@ mod tests {
             }
             assert_eq!(got(&mut read), 0);
             assert_eq!((read.policy, read.nice, read.runtime), (0, 0, INTAKE_SLICE_NS));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn background_threads_are_batch_at_nice_10() {
+        std::thread::spawn(|| {
+            background();
+            // SAFETY: no pointers; pid 0 is this thread.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            assert_eq!(policy, libc::SCHED_BATCH);
+            // SAFETY: no pointers; the thread id names this thread.
+            let nice = unsafe {
+                let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::getpriority(libc::PRIO_PROCESS, thread)
+            };
+            assert_eq!(nice, BACKGROUND_NICE);
         })
         .join()
         .unwrap();

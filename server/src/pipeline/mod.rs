@@ -45,10 +45,6 @@ use crate::store::{DeliveryState, HistoryStore, PipelineStore, QueuePosition, St
 pub use retry::RetrySchedule;
 pub use target::{PolicyKind, TargetPolicy};
 
-/// Niceness of the delivery threads: under contention the scheduler gives intake (nice 0)
-/// about nine tenths of the CPU.
-const PIPELINE_NICE: i32 = 10;
-
 /// The runtime the pipeline runs on: two worker threads and a blocking pool, all at a lower
 /// CPU priority than intake, so fan-out and delivery use what intake leaves.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -57,19 +53,9 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         // Blocking store calls are short; a few threads keep memory (and thread churn) small.
         .max_blocking_threads(16)
         .thread_name("hookd-pipeline")
-        .on_thread_start(lower_priority)
+        .on_thread_start(crate::priority::background)
         .enable_all()
         .build()
-}
-
-/// Lowers the calling thread's CPU priority (Linux: niceness is per thread). Best effort.
-pub(crate) fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority take no pointers; failure only leaves the priority as is.
-    unsafe {
-        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, thread, PIPELINE_NICE);
-    }
 }
 
 /// How the pipeline behaves; part of the server's configuration.

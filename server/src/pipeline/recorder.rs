@@ -34,7 +34,7 @@ impl Recorder {
     pub fn start(queue: Arc<dyn PipelineStore>) -> std::io::Result<Self> {
         let (jobs, inbox) = mpsc::channel::<Job>();
         std::thread::Builder::new().name("hookd-recorder".into()).spawn(move || {
-            super::lower_priority();
+            crate::priority::background();
             while let Ok(first) = inbox.recv() {
                 let mut group = vec![first];
                 while group.len() < MAX_GROUP

@@ -100,7 +100,7 @@ pub(crate) struct Progress {
     sled_turn: Mutex<()>,
 }
 
-/// The longest a read waits for the applier before reading what sled has.
+/// The longest a read waits for the applier before it gives up with [`StoreError::Behind`].
 const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 impl Progress {

@@ -1,8 +1,8 @@
 //! How the scheduler is asked to treat hookd's threads (Linux; best effort elsewhere).
 //!
-//! A trigger's answer passes through four threads (an async worker, the writer, the
-//! flusher, an async worker again), and on a machine busy delivering each wake-up can wait
-//! for a core held by fan-out or delivery. So:
+//! A trigger's answer passes through three threads (an async worker, the journal writer, an
+//! async worker again), and on a machine busy delivering each wake-up can wait for a core
+//! held by fan-out or delivery. So:
 //! - fan-out and delivery threads are [`background`]: nice 10 (under contention the
 //!   scheduler gives intake about nine tenths of the CPU) and `SCHED_BATCH` (their wake-ups
 //!   never preempt a running thread);

@@ -17,7 +17,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// A segment is closed and a new one started once it is this large. Segments go once sled
 /// has flushed them (every second), so the journal stays near this size plus a second of
@@ -94,7 +93,7 @@ pub(crate) fn read_all(dir: &Path, mut each: impl FnMut(&[u8]) -> io::Result<()>
 /// The open journal: the segment being appended to and the older ones still needed.
 pub(crate) struct Journal {
     dir: PathBuf,
-    current: Arc<File>,
+    current: File,
     current_bytes: u64,
     /// First sequence numbers of every segment, the current one last.
     firsts: Vec<u64>,
@@ -107,7 +106,7 @@ impl Journal {
     pub(crate) fn start(dir: &Path, next_seq: u64, segment_bytes: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let stale = segments(dir)?;
-        let current = Arc::new(create_segment(dir, next_seq)?);
+        let current = create_segment(dir, next_seq)?;
         for (first, path) in stale {
             if first != next_seq {
                 std::fs::remove_file(path)?;
@@ -116,11 +115,16 @@ impl Journal {
         Ok(Self { dir: dir.to_owned(), current, current_bytes: 0, firsts: vec![next_seq], segment_bytes })
     }
 
-    /// Writes `bytes` (framed records) to the current segment and returns it, to be synced.
-    pub(crate) fn append(&mut self, bytes: &[u8]) -> io::Result<Arc<File>> {
-        (&*self.current).write_all(bytes)?;
+    /// Writes `bytes` (framed records) to the current segment.
+    pub(crate) fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.current.write_all(bytes)?;
         self.current_bytes += bytes.len() as u64;
-        Ok(self.current.clone())
+        Ok(())
+    }
+
+    /// Makes everything appended so far durable (`fdatasync`).
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.current.sync_data()
     }
 
     /// Once the current segment is full: syncs it, starts one whose first record will be
@@ -131,7 +135,7 @@ impl Journal {
             return Ok(());
         }
         self.current.sync_data()?;
-        self.current = Arc::new(create_segment(&self.dir, next_seq)?);
+        self.current = create_segment(&self.dir, next_seq)?;
         self.current_bytes = 0;
         self.firsts.push(next_seq);
         // A segment ends where the next one starts.
@@ -172,7 +176,8 @@ mod tests {
     fn append(journal: &mut Journal, record: &[u8]) {
         let mut buf = Vec::new();
         frame(&mut buf, record);
-        journal.append(&buf).unwrap().sync_data().unwrap();
+        journal.append(&buf).unwrap();
+        journal.sync().unwrap();
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! The intake's write path: three OS threads in a line, none of them on the async runtime.
+//! The intake's write path: two OS threads in a line, neither on the async runtime.
 //!
 //! - The **writer** (`hookd-writer`) takes whatever jobs are waiting, checks each append's
-//!   caller and idempotency key, numbers the events, and writes the group to the [`Journal`]
-//!   in one write. Being the only thread that numbers events makes sequence numbers and
-//!   idempotency claims race-free without locks or sled transactions.
-//! - The **flusher** (`hookd-flusher`) syncs the journal once for every group written since
-//!   its last sync and only then answers their callers, so a trigger is answered once its
-//!   event is on disk, having touched no sled lock. It hands the events on.
+//!   caller and idempotency key, numbers the events, writes the group to the [`Journal`] in
+//!   one write, syncs it, and only then answers the group's callers: a trigger is answered
+//!   once its event is on disk, having taken no sled lock (its reads of idempotency records
+//!   aside). Triggers arriving during a sync make the next group (group commit). Being the
+//!   only thread that numbers events makes sequence numbers and idempotency claims race-free
+//!   without locks or sled transactions.
 //! - The **applier** (`hookd-applier`) writes acknowledged events into sled (`e/`, `ep/`, `i/`
 //!   and `m/next_seq`) and publishes how far it got: fan-out and reads of events follow that
 //!   ([`Progress`]). Every second it flushes sled and records the checkpoint
@@ -25,7 +25,6 @@
 
 use sled::Tree;
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
@@ -45,9 +44,7 @@ const MAX_GROUP: usize = 4096;
 const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
 /// Jobs waiting for the writer before senders wait (backpressure).
 pub(crate) const QUEUE_CAPACITY: usize = 8192;
-/// Written groups waiting for the flusher before the writer waits too.
-const FLUSHES_IN_FLIGHT: usize = 64;
-/// Steps waiting for the applier before the flusher waits too. Their events stay bounded by
+/// Steps waiting for the applier before the writer waits too. Their events stay bounded by
 /// the permits they carry (the store's pending-bytes semaphore).
 const APPLIES_IN_FLIGHT: usize = 64;
 /// Most events in one sled batch of the applier. Measured on the stream bench: 32 or 64
@@ -214,26 +211,13 @@ struct Staged {
     _permit: OwnedSemaphorePermit,
 }
 
-/// What the writer hands the flusher.
-enum Written {
-    /// A group in the journal: to sync, answer, and hand to the applier.
-    Group {
-        file: Arc<File>,
-        answers: Vec<(oneshot::Sender<Result<Appended, StoreError>>, Appended)>,
-        events: Vec<Staged>,
-        next_seq: u64,
-    },
-    /// A write to apply after everything before it.
-    Write(Write),
-}
-
 /// A write and how to tell the writer it is done.
 struct Write {
     write: WriteFn,
     done: std_mpsc::SyncSender<()>,
 }
 
-/// What the flusher hands the applier.
+/// What the writer hands the applier.
 enum Apply {
     Events { events: Vec<Staged>, next_seq: u64 },
     Write(Write),
@@ -289,23 +273,22 @@ impl Writer {
         }
     }
 
-    /// Serves jobs until every sender is gone; the flusher and the applier then finish what
-    /// was handed to them and sled is flushed one last time.
+    /// Serves jobs until every sender is gone; the applier then finishes what was handed to
+    /// it and sled is flushed one last time.
     ///
-    /// A group that fails to reach the journal stops the writer: its callers get the error,
-    /// later ones find the store closed (UNAVAILABLE) rather than writes that may or may not
-    /// be on disk. The same goes for a failed sync (the flusher stops) and a failed sled write
-    /// (the applier stops; what was acknowledged is still in the journal and is applied at
-    /// the next start).
+    /// A group that fails to reach the journal (or to sync) stops the writer: its callers get
+    /// the error, later ones find the store closed (UNAVAILABLE) rather than writes that may
+    /// or may not be on disk. A failed sled write stops the applier, and the writer with it;
+    /// what was acknowledged is still in the journal and is applied at the next start.
     pub(crate) fn run(mut self) {
         crate::priority::short_slice();
-        let (to_flusher, flusher_jobs) = std_mpsc::sync_channel::<Written>(FLUSHES_IN_FLIGHT);
-        let flusher = {
+        let (to_applier, applier_jobs) = std_mpsc::sync_channel::<Apply>(APPLIES_IN_FLIGHT);
+        let applier = {
             let (tree, progress, callers) = (self.tree.clone(), self.progress.clone(), self.callers.clone());
             std::thread::Builder::new()
-                .name("hookd-flusher".into())
-                .spawn(move || flush_loop(&tree, &progress, callers, &flusher_jobs))
-                .expect("the flusher thread starts")
+                .name("hookd-applier".into())
+                .spawn(move || apply_loop(&tree, &progress, &callers, &applier_jobs))
+                .expect("the applier thread starts")
         };
         let mut group = Vec::with_capacity(64);
         'serve: while let Some(first) = self.jobs.blocking_recv() {
@@ -342,11 +325,11 @@ impl Writer {
                     },
                     Job::Write(write) => {
                         // Earlier appends go first, so the write sees the state before it.
-                        if !self.hand_over(std::mem::take(&mut pending), &to_flusher) {
+                        if !self.commit(std::mem::take(&mut pending), &to_applier) {
                             break 'serve;
                         }
                         let (done, applied) = std_mpsc::sync_channel(1);
-                        if to_flusher.send(Written::Write(Write { write, done })).is_err() {
+                        if to_applier.send(Apply::Write(Write { write, done })).is_err() {
                             break 'serve;
                         }
                         // Nothing more is taken until the write is applied: later triggers
@@ -355,40 +338,46 @@ impl Writer {
                     }
                 }
             }
-            if !self.hand_over(pending, &to_flusher) {
+            if !self.commit(pending, &to_applier) {
                 break;
             }
         }
         // Jobs left unserved are dropped: their callers see the store closed.
-        drop(to_flusher);
-        if flusher.join().is_err() {
-            tracing::error!("the journal flusher thread panicked");
+        drop(to_applier);
+        if applier.join().is_err() {
+            tracing::error!("the event applier thread panicked");
         }
     }
 
-    /// Writes a group to the journal and hands it to the flusher; false once the line stops.
-    fn hand_over(&mut self, pending: Pending, flusher: &std_mpsc::SyncSender<Written>) -> bool {
+    /// Writes a group to the journal, syncs it, answers its callers, and hands its events to
+    /// the applier; false once the line stops. While it syncs, the next group gathers.
+    fn commit(&mut self, pending: Pending, applier: &std_mpsc::SyncSender<Apply>) -> bool {
         if pending.answers.is_empty() {
             return true;
         }
-        // A group of duplicates only writes nothing; it is answered after what is before it.
-        let written = self.journal.append(&pending.buf).and_then(|file| {
-            self.journal.roll_if_full(self.next_seq, self.progress.checkpoint.load(Ordering::Acquire))?;
-            Ok(file)
-        });
-        let file = match written {
-            Ok(file) => file,
-            Err(error) => {
-                tracing::error!(%error, "writing the journal failed; the writer stops");
-                let error = StoreError::Backend(Arc::new(sled::Error::Io(error)));
-                for (reply, _) in pending.answers {
-                    let _ = reply.send(Err(error.clone()));
-                }
-                return false;
-            }
+        // A group of duplicates only writes nothing: what it points to is synced already.
+        let written = if pending.buf.is_empty() {
+            Ok(())
+        } else {
+            self.journal.append(&pending.buf).and_then(|()| {
+                self.journal.sync()?;
+                self.journal.roll_if_full(self.next_seq, self.progress.checkpoint.load(Ordering::Acquire))
+            })
         };
-        let group = Written::Group { file, answers: pending.answers, events: pending.events, next_seq: self.next_seq };
-        flusher.send(group).is_ok()
+        if let Err(error) = written {
+            tracing::error!(%error, "writing the journal failed; the writer stops");
+            let error = StoreError::Backend(Arc::new(sled::Error::Io(error)));
+            for (reply, _) in pending.answers {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return false;
+        }
+        self.progress.acknowledged.fetch_max(self.next_seq, Ordering::AcqRel);
+        for (reply, appended) in pending.answers {
+            let _ = reply.send(Ok(appended));
+        }
+        pending.events.is_empty()
+            || applier.send(Apply::Events { events: pending.events, next_seq: self.next_seq }).is_ok()
     }
 
     /// Reads from sled, in one go, the idempotency records of the group's keys that no event
@@ -511,81 +500,6 @@ struct Pending {
     buf: Vec<u8>,
     answers: Vec<(oneshot::Sender<Result<Appended, StoreError>>, Appended)>,
     events: Vec<Staged>,
-}
-
-/// Syncs the journal for whatever groups were written, answers them, and hands them to the
-/// applier; stops on a failed sync.
-fn flush_loop(tree: &Tree, progress: &Arc<Progress>, callers: Arc<Callers>, written: &std_mpsc::Receiver<Written>) {
-    crate::priority::short_slice();
-    let (to_applier, applier_jobs) = std_mpsc::sync_channel::<Apply>(APPLIES_IN_FLIGHT);
-    let applier = {
-        let (tree, progress) = (tree.clone(), progress.clone());
-        std::thread::Builder::new()
-            .name("hookd-applier".into())
-            .spawn(move || apply_loop(&tree, &progress, &callers, &applier_jobs))
-            .expect("the applier thread starts")
-    };
-    'flush: while let Ok(first) = written.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(written.try_iter());
-        let mut synced: Vec<Arc<File>> = Vec::new();
-        let mut outcome = Ok(());
-        for step in &waiting {
-            if let Written::Group { file, .. } = step
-                && !synced.iter().any(|done| Arc::ptr_eq(done, file))
-            {
-                outcome = outcome.and_then(|()| file.sync_data());
-                synced.push(file.clone());
-            }
-        }
-        if let Err(error) = outcome {
-            tracing::error!(%error, "syncing the journal failed; the writer stops");
-            let error = StoreError::Backend(Arc::new(sled::Error::Io(error)));
-            for step in waiting {
-                if let Written::Group { answers, .. } = step {
-                    for (reply, _) in answers {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
-            }
-            break;
-        }
-        let mut events = Vec::new();
-        let mut next_seq = None;
-        for step in waiting {
-            match step {
-                Written::Group { answers, events: group, next_seq: group_next, .. } => {
-                    progress.acknowledged.fetch_max(group_next, Ordering::AcqRel);
-                    for (reply, appended) in answers {
-                        let _ = reply.send(Ok(appended));
-                    }
-                    if !group.is_empty() {
-                        events.extend(group);
-                        next_seq = Some(group_next);
-                    }
-                }
-                Written::Write(write) => {
-                    if let Some(next_seq) = next_seq.take()
-                        && to_applier.send(Apply::Events { events: std::mem::take(&mut events), next_seq }).is_err()
-                    {
-                        break 'flush;
-                    }
-                    if to_applier.send(Apply::Write(write)).is_err() {
-                        break 'flush;
-                    }
-                }
-            }
-        }
-        if let Some(next_seq) = next_seq
-            && to_applier.send(Apply::Events { events, next_seq }).is_err()
-        {
-            break;
-        }
-    }
-    drop(to_applier);
-    if applier.join().is_err() {
-        tracing::error!("the event applier thread panicked");
-    }
 }
 
 /// Makes everything applied so far durable in sled and records from where the journal is

@@ -227,7 +227,7 @@ fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) 
     let (mut next, mut last_created) = (next_seq, last_created_ms);
     let mut batch = Batch::default();
     let mut replayed = 0usize;
-    journal::read_all(dir, |record| {
+    journal::read_from(dir, from, |record| {
         let event: Event = decode(record)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "a journal record is not an event"))?;
         if event.seq >= from {

@@ -55,6 +55,13 @@ impl From<sled::Error> for StoreError {
     }
 }
 
+/// The journal's files fail like the database's.
+impl From<std::io::Error> for StoreError {
+    fn from(error: std::io::Error) -> Self {
+        StoreError::from(sled::Error::Io(error))
+    }
+}
+
 /// Why the store refused an append on the caller's behalf (checked where writes are serial).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

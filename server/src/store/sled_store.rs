@@ -178,8 +178,8 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Most weight (see [`append_weight`]) of appends not yet in sled.
 const PENDING_BYTES: u32 = 256 * 1024 * 1024;
-/// What an event weighs besides its payload: at most 65,536 events trail in all, about a
-/// second of intake, so fan-out and reads of recent events never wait long.
+/// What an event weighs besides its payload: at most 65,536 events trail in all, a second or
+/// two of sustained intake, so fan-out and reads of recent events never wait long.
 const EVENT_WEIGHT: u32 = 4096;
 
 fn append_weight(payload_len: usize) -> u32 {
@@ -215,10 +215,6 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
     Bound::Unbounded
 }
 
-fn io_error(error: std::io::Error) -> StoreError {
-    StoreError::Backend(Arc::new(sled::Error::Io(error)))
-}
-
 /// Writes into sled again every journal record from the last checkpoint on (events
 /// acknowledged before a stop, perhaps not yet in sled; writing one twice changes nothing),
 /// and flushes. Returns the next sequence number and the newest creation time.
@@ -239,8 +235,7 @@ fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) 
             replayed += 1;
         }
         Ok(())
-    })
-    .map_err(io_error)?;
+    })?;
     batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
     batch.insert(keys::JOURNAL_FROM, &next.to_be_bytes());
     tree.apply_batch(batch)?;
@@ -300,14 +295,13 @@ impl SledStore {
         let sled_next_seq = after_last_event.max(high_water);
         let journal_dir = dir.join("journal");
         let (next_seq, last_created_ms) = replay_journal(&tree, &journal_dir, sled_next_seq, last_created_ms)?;
-        let journal = Journal::start(&journal_dir, next_seq, journal::SEGMENT_BYTES).map_err(io_error)?;
+        let journal = Journal::start(&journal_dir, next_seq, journal::SEGMENT_BYTES)?;
         let progress = Progress::new(next_seq);
         let callers = Arc::new(Callers::default());
         let (jobs_tx, jobs_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
         let writer =
             Writer::new(tree.clone(), jobs_rx, journal, (next_seq, last_created_ms), progress.clone(), callers.clone());
-        let handle =
-            std::thread::Builder::new().name("hookd-writer".into()).spawn(move || writer.run()).map_err(io_error)?;
+        let handle = std::thread::Builder::new().name("hookd-writer".into()).spawn(move || writer.run())?;
         Ok(Arc::new(Self {
             db,
             tree,

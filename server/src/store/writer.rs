@@ -366,7 +366,7 @@ impl Writer {
         };
         if let Err(error) = written {
             tracing::error!(%error, "writing the journal failed; the writer stops");
-            let error = StoreError::Backend(Arc::new(sled::Error::Io(error)));
+            let error = StoreError::from(error);
             for (reply, _) in pending.answers {
                 let _ = reply.send(Err(error.clone()));
             }

@@ -13,14 +13,16 @@
 //! a listener is disabled, backed off or waiting on its order, a delivery is *parked* in its
 //! listener's lot (kept in delivery order) instead of being rescanned, so one hanging
 //! listener with a large backlog costs nothing per pass; finishing work or the end of a
-//! back-off puts parked entries back, half a line at a time. A worker always reports back,
-//! even if it panics.
+//! back-off puts parked entries back, half a line at a time. A worker reports back twice: when
+//! the listener has answered, which frees the listener's slot and the pool's worker (the
+//! limits count requests, not disk writes), and when the attempt is recorded, which ends the
+//! claim; the second always comes, even if the worker panics.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -143,16 +145,46 @@ pub(crate) struct Dispatcher {
     backoffs: BTreeSet<(u64, String)>,
 }
 
-/// Tells the dispatcher a worker is done, whether the worker returns or unwinds.
-struct Report {
+/// One attempt's hold on the dispatcher's limits, carried by the worker that makes it.
+///
+/// The pool's permit and the listener's slot are given back as soon as the listener has
+/// answered ([`Turn::answered`]), while the attempt is still being recorded: the limits
+/// count requests to listeners, and the listener's next request need not wait for a disk
+/// write. The delivery stays claimed until the turn ends, so its entry is not handed out
+/// again before the record lands. The end is always reported, even if the worker unwinds.
+pub(crate) struct Turn {
     outbox: mpsc::UnboundedSender<Command>,
-    finished: Option<Finished>,
+    listener_id: String,
+    permit: Option<OwnedSemaphorePermit>,
+    answered: bool,
+    /// What is reported when the turn ends: how the worker finished or, until it returns,
+    /// that it unwound (if it is dropped or panics first).
+    report: Option<Finished>,
 }
 
-impl Drop for Report {
+impl Turn {
+    /// The listener has answered (or the attempt failed without a request): frees its slot
+    /// and the pool's permit, and counts `outcome` toward the listener's run of failures.
+    pub fn answered(&mut self, outcome: Outcome) {
+        if self.answered {
+            return;
+        }
+        self.answered = true;
+        self.permit = None;
+        // The dispatcher is gone only at shutdown, when nothing is left to tell.
+        let _ = self.outbox.send(Command::Answered { listener_id: self.listener_id.clone(), outcome });
+    }
+
+    /// Reports how the turn ended.
+    fn end(mut self, finished: Finished) {
+        self.report = Some(finished);
+    }
+}
+
+impl Drop for Turn {
     fn drop(&mut self) {
-        if let Some(finished) = self.finished.take() {
-            // The dispatcher is gone only at shutdown, when nothing is left to tell.
+        if let Some(mut finished) = self.report.take() {
+            finished.answered = self.answered;
             let _ = self.outbox.send(Command::Finished(finished));
         }
     }
@@ -421,13 +453,18 @@ impl Dispatcher {
             outcome: Outcome::NotSent,
             look_again_ms: None,
             unwound: Some(entry.due_ms),
+            answered: false,
         };
-        let mut report = Report { outbox: self.outbox.clone(), finished: Some(finished) };
+        let mut turn = Turn {
+            outbox: self.outbox.clone(),
+            listener_id: entry.listener_id.clone(),
+            permit: Some(permit),
+            answered: false,
+            report: Some(finished),
+        };
         self.workers.spawn(async move {
-            let finished = worker::attempt(context, entry).await;
-            drop(permit);
-            report.finished = Some(finished);
-            drop(report);
+            let finished = worker::attempt(context, entry, &mut turn).await;
+            turn.end(finished);
         });
     }
 
@@ -529,6 +566,7 @@ impl Dispatcher {
 
     async fn handle(&mut self, command: Command) {
         match command {
+            Command::Answered { listener_id, outcome } => self.answered(&listener_id, outcome),
             Command::Finished(finished) => self.finished(finished).await,
             Command::ListenerChanged(listener_id) => self.listener_changed(listener_id).await,
             // Deliveries were queued outside fan-out (replay, retry, recovery), anywhere in
@@ -618,24 +656,28 @@ impl Dispatcher {
         }
     }
 
-    async fn finished(&mut self, finished: Finished) {
-        self.release(&finished.delivery_id);
-        if let Some(due_ms) = finished.unwound {
-            self.later.insert((now_ms() + UNWOUND_PAUSE_MS, due_ms));
-        }
-        if let Some(due_ms) = finished.look_again_ms {
-            self.rewind(due_ms);
-        }
+    /// A listener answered an attempt: its slot is free, and the outcome counts toward its
+    /// run of failures.
+    fn answered(&mut self, listener_id: &str, outcome: Outcome) {
+        self.count_outcome(listener_id, outcome);
+        // The freed slot goes to the next held entry first (no write needed) ...
+        self.start_held(listener_id);
+        // ... and the freed worker to another listener's line if this one has none.
+        self.start_held_anywhere();
+    }
+
+    /// Frees a listener's slot and counts the attempt's outcome: a success ends a run of
+    /// failures, enough failures in a row back the listener off.
+    fn count_outcome(&mut self, listener_id: &str, outcome: Outcome) {
         let now = now_ms();
-        let cap = self.cap();
         let schedule = &self.context.config.retry_schedule;
         let max_backoff = MAX_BACKOFF.min(schedule.max_delay());
         let first_delay = schedule.first_delay();
-        let Some(gate) = self.gates.get_mut(&finished.listener_id) else {
+        let Some(gate) = self.gates.get_mut(listener_id) else {
             return;
         };
         gate.in_flight = gate.in_flight.saturating_sub(1);
-        match finished.outcome {
+        match outcome {
             Outcome::Succeeded => {
                 gate.failures = 0;
                 gate.backoffs = 0;
@@ -648,19 +690,33 @@ impl Dispatcher {
                     let backoff = backoff(first_delay, gate.backoffs, max_backoff);
                     gate.backoffs += 1;
                     gate.blocked_until_ms = now + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX / 2);
-                    self.backoffs.insert((gate.blocked_until_ms, finished.listener_id.clone()));
-                    tracing::debug!(listener_id = %finished.listener_id, ?backoff, failures = gate.failures, "listener backed off");
+                    self.backoffs.insert((gate.blocked_until_ms, listener_id.to_owned()));
+                    tracing::debug!(%listener_id, ?backoff, failures = gate.failures, "listener backed off");
                 }
             }
             Outcome::NotSent => {}
         }
-        // The freed slot goes to the next held entry first (no write needed) ...
+    }
+
+    /// A worker's turn ended: its delivery is no longer claimed, and its listener may take
+    /// more from its line or its lot.
+    async fn finished(&mut self, finished: Finished) {
+        self.release(&finished.delivery_id);
+        if let Some(due_ms) = finished.unwound {
+            self.later.insert((now_ms() + UNWOUND_PAUSE_MS, due_ms));
+        }
+        if let Some(due_ms) = finished.look_again_ms {
+            self.rewind(due_ms);
+        }
+        if !finished.answered {
+            self.count_outcome(&finished.listener_id, finished.outcome);
+        }
         self.start_held(&finished.listener_id);
-        // ... and the freed worker to another listener's line if this one has none.
         self.start_held_anywhere();
+        let cap = self.cap();
         let Some(gate) = self.gates.get_mut(&finished.listener_id) else { return };
         // An ordered listener moves on only when its head has ended.
-        let room = if gate.ordered && finished.outcome == Outcome::Retrying { 0 } else { gate.room(cap, now) };
+        let room = if gate.ordered && finished.outcome == Outcome::Retrying { 0 } else { gate.room(cap, now_ms()) };
         if room > 0 {
             self.unpark(&finished.listener_id, room).await;
         } else if gate.is_idle() {

@@ -146,7 +146,9 @@ impl Context {
 /// Messages to the dispatcher.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// A worker finished with a delivery.
+    /// A listener answered an attempt (before it is recorded): its slot is free.
+    Answered { listener_id: String, outcome: worker::Outcome },
+    /// A worker finished with a delivery: its attempt is recorded (or was never made).
     Finished(worker::Finished),
     /// A listener was enabled, disabled, changed or deleted.
     ListenerChanged(String),
@@ -210,7 +212,9 @@ impl Pipeline {
         let retention = config.retention;
         let history: Arc<dyn HistoryStore> = store.clone();
         let outcomes = broadcast::Sender::new(config.watch_buffer.max(1));
-        let recorder = recorder::Recorder::start(store.clone())?;
+        // Room for two pools' worth of attempts waiting to be recorded, so listeners get their
+        // next requests while a batch is written.
+        let recorder = recorder::Recorder::start(store.clone(), config.workers.saturating_mul(2))?;
         let context = Arc::new(Context {
             store: store.clone(),
             queue: store,

@@ -4,12 +4,15 @@
 //!
 //! A worker never panics the pipeline and never retries on its own: every failure becomes
 //! an attempt record and a scheduled next attempt (or the end). It reports what happened to
-//! the dispatcher, which owns the per-listener limits.
+//! the dispatcher, which owns the per-listener limits: once the listener has answered (its
+//! slot is free; not for ordered listeners, whose next delivery waits for the record), and
+//! once the attempt is recorded.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::deliver::{WebhookRequest, webhook_headers};
+use super::dispatch::Turn;
 use super::retry::{honours_retry_after, is_success};
 use super::{AttemptOutcome, Context};
 use crate::clock::now_ms;
@@ -42,6 +45,8 @@ pub(crate) struct Finished {
     /// Set (to the entry's due time) when the worker did not finish: it unwound or was
     /// dropped, and its entry is still queued.
     pub unwound: Option<u64>,
+    /// The outcome was already reported when the listener answered.
+    pub answered: bool,
 }
 
 /// How long a worker waits before handing back an entry it could not record (a store
@@ -49,8 +54,8 @@ pub(crate) struct Finished {
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Makes the attempt for a queue entry the dispatcher handed out.
-pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry) -> Finished {
-    let (outcome, look_again_ms) = match try_attempt(&context, &entry).await {
+pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry, turn: &mut Turn) -> Finished {
+    let (outcome, look_again_ms) = match try_attempt(&context, &entry, turn).await {
         Ok(step) => step,
         Err(error) => {
             // The entry is still queued: it is due again once handed back.
@@ -59,10 +64,21 @@ pub(crate) async fn attempt(context: Arc<Context>, entry: DueEntry) -> Finished 
             (Outcome::NotSent, Some(entry.due_ms))
         }
     };
-    Finished { delivery_id: entry.delivery_id, listener_id: entry.listener_id, outcome, look_again_ms, unwound: None }
+    Finished {
+        delivery_id: entry.delivery_id,
+        listener_id: entry.listener_id,
+        outcome,
+        look_again_ms,
+        unwound: None,
+        answered: false,
+    }
 }
 
-async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcome, Option<u64>), StoreError> {
+async fn try_attempt(
+    context: &Arc<Context>,
+    entry: &DueEntry,
+    turn: &mut Turn,
+) -> Result<(Outcome, Option<u64>), StoreError> {
     // Store calls run in place (see the module docs of `pipeline`).
     let delivery = context.queue.delivery(&entry.delivery_id)?;
     let listener = context.store.listener(&entry.listener_id)?;
@@ -104,7 +120,8 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcom
                 let error = format!("other: the listener's secret does not open: {error}");
                 let attempt =
                     Attempt { number, started_at_ms: now_ms(), error, trigger: trigger(entry), ..Attempt::default() };
-                return finish(context, delivery, listener.id, attempt, entry, false, None).await;
+                let answered = Answered { succeeded: false, retry_after: None, ordered: listener.ordered };
+                return finish(context, delivery, listener.id, attempt, entry, answered, turn).await;
             }
         }
     };
@@ -134,10 +151,22 @@ async fn try_attempt(context: &Arc<Context>, entry: &DueEntry) -> Result<(Outcom
         response_body: response.body.clone(),
         trigger: trigger(entry),
     };
-    let retry_after = response.retry_after.filter(|_| honours_retry_after(status));
-    let succeeded = response.status.is_some_and(is_success);
+    let answered = Answered {
+        succeeded: response.status.is_some_and(is_success),
+        retry_after: response.retry_after.filter(|_| honours_retry_after(status)),
+        ordered: listener.ordered,
+    };
     delivery.last_status_code = u32::from(status);
-    finish(context, delivery, listener.id, attempt, entry, succeeded, retry_after).await
+    finish(context, delivery, listener.id, attempt, entry, answered, turn).await
+}
+
+/// How the listener answered, as far as the next step is concerned.
+struct Answered {
+    succeeded: bool,
+    /// A Retry-After that the status allows to be honoured.
+    retry_after: Option<Duration>,
+    /// The listener keeps strict order.
+    ordered: bool,
 }
 
 fn trigger(entry: &DueEntry) -> i32 {
@@ -152,9 +181,10 @@ async fn finish(
     listener_id: String,
     attempt: Attempt,
     entry: &DueEntry,
-    succeeded: bool,
-    retry_after: Option<Duration>,
+    answered: Answered,
+    turn: &mut Turn,
 ) -> Result<(Outcome, Option<u64>), StoreError> {
+    let Answered { succeeded, retry_after, ordered } = answered;
     let now = now_ms();
     delivery.attempts = attempt.number;
     if entry.manual {
@@ -206,7 +236,13 @@ async fn finish(
         error: attempt.error.clone(),
         at_ms: now,
     };
-    context.recorder.record(Completion { delivery, attempt, entry: entry.clone(), next }).await?;
+    let reserved = context.recorder.reserve().await?;
+    // The next delivery of an ordered listener goes once this one's end is written, and is
+    // decided on what was written; for any other, the listener's slot is free now.
+    if !ordered {
+        turn.answered(outcome);
+    }
+    reserved.record(Completion { delivery, attempt, entry: entry.clone(), next }, ordered).await?;
     let disable = track_health(context, &listener_id, succeeded, now)?;
     // Watchers hear of it once it is recorded; none listening is fine.
     let _ = context.outcomes.send(outcome_update);

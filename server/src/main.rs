@@ -7,6 +7,12 @@ use clap::Parser;
 use hookd_server::config::{self, Cli, Command};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc, not glibc's malloc: hookd allocates briskly on many threads (sled nodes, HTTP
+/// requests), and glibc's arenas cost it about a third of its CPU per delivery (bench:
+/// 123-164 µs per delivery with glibc, 90-102 µs with mimalloc, to one listener).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let Command::Serve(args) = Cli::parse().command;
     hookd_server::telemetry::init(args.log_format);
@@ -20,8 +26,6 @@ fn main() -> ExitCode {
     for notice in &resolved.notices {
         tracing::warn!("{notice}");
     }
-    limit_malloc_arenas();
-    return_freed_memory();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(64)
         // Intake: a waking thread takes a core sooner (see `priority`).
@@ -60,46 +64,6 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// glibc gives busy threads arenas of their own and returns little of them: with many
-/// short blocking threads that shows as resident memory nothing uses. Two arenas suffice.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt is called before any other thread exists and takes no pointers.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-/// How often freed heap memory is handed back to the system.
-const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// glibc keeps what is freed after a burst (a large fan-out, a backlog built) in its arenas,
-/// so resident memory would stay at the burst's peak: a low-priority thread hands it back
-/// every [`TRIM_EVERY`]. Measured with a million pending deliveries: 327 MB resident without,
-/// 286 MB with.
-fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let trimmer = std::thread::Builder::new().name("hookd-trim".into()).spawn(|| {
-            // SAFETY: setpriority (0: this thread, on Linux) takes no pointers; failing
-            // leaves the priority as it is.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-            }
-            loop {
-                std::thread::sleep(TRIM_EVERY);
-                // SAFETY: malloc_trim takes no pointers and only releases free memory.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-            }
-        });
-        if let Err(error) = trimmer {
-            tracing::warn!("cannot start the memory trimmer: {error}");
-        }
-    }
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -468,6 +468,40 @@ async fn a_fan_out_larger_than_one_chunk_reaches_every_listener() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_two_types_fanned_out_in_shared_chunks_reach_each_of_their_listeners_once() {
+    // 20 and 7 listeners do not divide a chunk of 32 deliveries: events are cut across
+    // chunks, and a chunk's events of one type share the listeners it read once.
+    const EVENTS: usize = 12;
+    let receiver = Receiver::start().await;
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("mixed").await;
+    let mut expected = HashSet::new();
+    let mut listeners_of = Vec::new();
+    for (event_type, count) in [("wide", 20), ("narrow", 7)] {
+        let hash = derive(&producer, event_type).await;
+        let paths: Vec<String> = (0..count).map(|n| format!("/{event_type}/{n}")).collect();
+        for path in &paths {
+            listen(&producer, &hash, receiver.url(path), None, false).await;
+        }
+        listeners_of.push((event_type, paths));
+    }
+    for n in 0..EVENTS {
+        let (event_type, paths) = &listeners_of[n % 2];
+        let event = trigger(&producer, event_type, n.to_string()).await;
+        expected.extend(paths.iter().map(|path| (event.clone(), path.clone())));
+    }
+    receiver
+        .wait_until("every event at each of its listeners", DEADLINE, |requests| requests.len() >= expected.len())
+        .await;
+    let requests = receiver.requests();
+    let received: Vec<(String, String)> =
+        requests.iter().map(|r| (r.webhook_id().to_owned(), r.path.clone())).collect();
+    let distinct: HashSet<(String, String)> = received.iter().cloned().collect();
+    assert_eq!(distinct, expected, "each event at exactly its own type's listeners");
+    assert_eq!(received.len(), expected.len(), "no delivery made twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_is_recorded_as_such_and_each_attempt_is_signed_afresh() {
     let receiver = Receiver::start().await;
     receiver.script("/slow", |_, nth| if nth == 1 { Reply::Hang } else { Reply::Status(200) });

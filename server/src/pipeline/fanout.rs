@@ -7,6 +7,7 @@
 //! memory stays flat. It wakes when the event log grows, never on a polling sleep, and it
 //! never touches the intake path: intake only appends.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::Context;
 use crate::clock::now_ms;
 use crate::ids;
-use crate::store::{Delivery, FanoutCursor, NewDelivery, QueuePosition, StoreError};
+use crate::store::{Delivery, FanoutCursor, Listener, NewDelivery, QueuePosition, StoreError};
 
 /// Deliveries created per atomic write. Small on purpose: a sled batch holds a lock that
 /// stops every other sled call in the process while it applies, and writes its log out
@@ -85,20 +86,34 @@ fn fan_out_chunk(
     let due_ms = now_ms().max(last_due_ms);
     let mut deliveries: Vec<NewDelivery> = Vec::new();
     let mut moved = false;
-    let mut events = 0;
-    while deliveries.len() < CHUNK && events < CHUNK_EVENTS {
-        let Some(event) = context.queue.event_from(cursor.next_seq)?.filter(|event| event.seq < durable_end) else {
+    // Every listener of an event type, as read for an earlier event of this chunk: a chunk
+    // of events of one type reads its listeners once, not once per event.
+    let mut known: HashMap<(String, String), Vec<Listener>> = HashMap::new();
+    let mut log = context.queue.events_from(cursor.next_seq).take(CHUNK_EVENTS);
+    while deliveries.len() < CHUNK {
+        let Some(event) = log.next().transpose()?.filter(|event| event.seq < durable_end) else {
             break;
         };
-        events += 1;
         let after = if event.seq == cursor.next_seq && !cursor.after_listener.is_empty() {
             Some(cursor.after_listener.clone())
         } else {
             None
         };
         let room = CHUNK - deliveries.len();
-        let listeners =
-            context.store.list_listeners(&event.producer_id, Some(&event.event_type), after.as_deref(), room)?;
+        let kind = (event.producer_id.clone(), event.event_type.clone());
+        let fetched;
+        let listeners: &[Listener] = match known.get(&kind) {
+            Some(all) if after.is_none() => &all[..all.len().min(room)],
+            _ => {
+                fetched = context.store.list_listeners(&kind.0, Some(&kind.1), after.as_deref(), room)?;
+                if after.is_none() && fetched.len() < room {
+                    // Fewer than asked for: that is all of them.
+                    known.entry(kind).or_insert(fetched).as_slice()
+                } else {
+                    &fetched
+                }
+            }
+        };
         deliveries.extend(listeners.iter().filter(|listener| listener.enabled).map(|listener| NewDelivery {
             delivery: Delivery::pending(ids::delivery_id(event.seq, &listener.id), &event, &listener.id, due_ms),
             ordered: listener.ordered,

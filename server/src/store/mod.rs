@@ -164,9 +164,9 @@ pub type QueuePosition = (u64, String);
 pub trait PipelineStore: Send + Sync + 'static {
     /// Where fan-out stands (the start of the log when it never ran).
     fn fanout_cursor(&self) -> Result<FanoutCursor, StoreError>;
-    /// The first event at or after `seq` in the event log (sequence numbers may have gaps
-    /// where a group commit failed).
-    fn event_from(&self, seq: u64) -> Result<Option<Event>, StoreError>;
+    /// The event log from `seq` on, in order, read as it is consumed (sequence numbers may
+    /// have gaps where a group commit failed).
+    fn events_from(&self, seq: u64) -> Box<dyn Iterator<Item = Result<Event, StoreError>> + '_>;
     /// The event at exactly `seq`.
     fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError>;
     /// Creates `deliveries` (each due at its `next_attempt_at_ms`) and moves the cursor, in one

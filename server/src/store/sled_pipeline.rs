@@ -60,15 +60,14 @@ impl PipelineStore for SledStore {
         read(&self.tree, &keys::event(seq))
     }
 
-    fn event_from(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+    fn events_from(&self, seq: u64) -> Box<dyn Iterator<Item = Result<Event, StoreError>> + '_> {
         let start = keys::event(seq).to_vec();
-        match self.tree.range::<Vec<u8>, _>((std::ops::Bound::Included(start), prefix_end(keys::EVENTS))).next() {
-            Some(entry) => {
+        Box::new(self.tree.range::<Vec<u8>, _>((std::ops::Bound::Included(start), prefix_end(keys::EVENTS))).map(
+            |entry| {
                 let (key, value) = entry?;
-                decode(&value).map(Some).ok_or_else(|| corrupt(&key))
-            }
-            None => Ok(None),
-        }
+                decode(&value).ok_or_else(|| corrupt(&key))
+            },
+        ))
     }
 
     fn commit_fanout(&self, deliveries: &[NewDelivery], cursor: &FanoutCursor) -> Result<(), StoreError> {

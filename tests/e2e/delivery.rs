@@ -526,6 +526,42 @@ async fn a_timeout_is_recorded_as_such_and_each_attempt_is_signed_afresh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_listener_cancels_the_deliveries_waiting_in_its_line() {
+    const EVENTS: usize = 6;
+    let receiver = Receiver::start().await;
+    receiver.script("/busy", |_, _| Reply::Hang);
+    let server = server_with(|config| {
+        config.pipeline.listener_in_flight = 1;
+        config.pipeline.retry_schedule = "300ms,300ms".parse().unwrap();
+    })
+    .await;
+    let (producer, _, _) = server.producer("liner").await;
+    let hash = derive(&producer, "queued").await;
+    let (listener, _) = listen(&producer, &hash, receiver.url("/busy"), None, false).await;
+    for n in 0..EVENTS {
+        trigger(&producer, "queued", n.to_string()).await;
+    }
+    // One attempt hangs in the listener's only slot; the other events wait in its line.
+    receiver.wait_until("the first attempt hanging", DEADLINE, |requests| !requests.is_empty()).await;
+    let request = hookd_client::v1::DeleteListenerRequest { listener_id: listener.clone() };
+    producer.register().delete_listener(request).await.unwrap();
+    receiver.release();
+
+    let admin = server.admin().await;
+    eventually("every delivery cancelled", || {
+        let (admin, listener) = (admin.clone(), listener.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
+            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
+            (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.state == cancelled)).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(receiver.requests_to("/busy").len(), 1, "nothing more went to the deleted listener");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_listener_cancels_its_pending_deliveries() {
     let receiver = Receiver::start().await;
     receiver.script("/gone", |_, _| Reply::Status(500));

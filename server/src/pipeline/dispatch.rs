@@ -69,6 +69,8 @@ struct Gate {
     blocked_until_ms: u64,
     /// Strict order, as last seen.
     ordered: bool,
+    /// The listener was found deleted and its gate's clearing is asked for.
+    deleted: bool,
 }
 
 impl Gate {
@@ -527,9 +529,18 @@ impl Dispatcher {
         holding_now: usize,
     ) -> Result<(Verdict, bool), StoreError> {
         let cap = self.cap();
-        // A deleted listener: the worker cancels the delivery; nothing is left to limit.
+        // A deleted listener: the worker cancels the delivery; nothing is left to limit. Its
+        // gate (and the entries in its line) is cleared by a change notice, never in the
+        // middle of a pass: the pass moves its cursor past what it reads, so entries put back
+        // now would be skipped. The notice is asked for here too, in case the API's never
+        // comes (a caller gone between the delete and the notice).
         let Some(listener) = listener else {
-            self.gates.remove(&entry.listener_id);
+            if let Some(gate) = self.gates.get_mut(&entry.listener_id)
+                && !gate.deleted
+            {
+                gate.deleted = true;
+                let _ = self.outbox.send(Command::ListenerChanged(entry.listener_id.clone()));
+            }
             return Ok((Verdict::Go, false));
         };
         let held_room = self.held_total + holding_now < HELD_TOTAL;
@@ -637,8 +648,8 @@ impl Dispatcher {
                         self.held_total -= 1;
                         self.rewind(entry.due_ms);
                     }
-                    self.holding.remove(&listener_id);
                 }
+                self.holding.remove(&listener_id);
                 loop {
                     match self.context.queue.unpark(&listener_id, UNPARK_CHUNK) {
                         Ok(moved) if !moved.is_empty() => {

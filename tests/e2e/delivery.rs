@@ -422,6 +422,29 @@ async fn a_listener_failing_for_too_long_is_disabled_and_can_be_re_enabled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_gets_only_the_events_triggered_after_it_was_registered() {
+    const BEFORE: usize = 200;
+    let receiver = Receiver::start().await;
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("latecomer").await;
+    let hash = derive(&producer, "news").await;
+    // A burst fan-out may still be working through when the listener arrives.
+    let mut triggering = tokio::task::JoinSet::new();
+    for n in 0..BEFORE {
+        let producer = producer.clone();
+        triggering.spawn(async move { trigger(&producer, "news", format!("{{\"before\": {n}}}")).await });
+    }
+    while let Some(done) = triggering.join_next().await {
+        done.unwrap();
+    }
+    listen(&producer, &hash, receiver.url("/late"), None, false).await;
+    let after = trigger(&producer, "news", "{\"after\": true}".into()).await;
+    receiver.wait_until("the event after registering", DEADLINE, |requests| !requests.is_empty()).await;
+    let ids: Vec<String> = receiver.requests().iter().map(|r| r.webhook_id().to_owned()).collect();
+    assert_eq!(ids, [after], "none of the events triggered before it registered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_attempts_leave_in_trigger_order() {
     const EVENTS: usize = 30;
     let receiver = Receiver::start().await;

@@ -114,7 +114,10 @@ fn fan_out_chunk(
                 }
             }
         };
-        deliveries.extend(listeners.iter().filter(|listener| listener.enabled).map(|listener| NewDelivery {
+        // A listener gets the events triggered while it is registered and enabled, however
+        // far behind this runs; one disabled since then gets none.
+        let wanted = |listener: &&Listener| listener.enabled && event.seq >= listener.enabled_from_seq;
+        deliveries.extend(listeners.iter().filter(wanted).map(|listener| NewDelivery {
             delivery: Delivery::pending(ids::delivery_id(event.seq, &listener.id), &event, &listener.id, due_ms),
             ordered: listener.ordered,
         }));

@@ -95,6 +95,10 @@ pub struct Listener {
     pub created_at_ms: u64,
     #[prost(string, tag = "11")]
     pub disabled_reason: String,
+    /// Events numbered below this are not fanned out to it: it gets the events triggered
+    /// after it was registered or last enabled, however far fan-out runs behind.
+    #[prost(uint64, tag = "12")]
+    pub enabled_from_seq: u64,
 }
 
 /// An event as the trigger path hands it to the store.

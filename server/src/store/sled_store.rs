@@ -248,6 +248,13 @@ fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) 
     Ok((next, last_created))
 }
 
+/// The number the next event will get, as a write job sees it: the writer hands a write to
+/// the applier after every event triggered before it, so each of those is numbered below
+/// this, and each event triggered after the write is answered at or above it.
+fn first_unwritten_seq(tree: &Tree) -> Result<u64, StoreError> {
+    Ok(read_u64(tree, keys::NEXT_SEQ)?.unwrap_or(0))
+}
+
 fn read_u64(tree: &Tree, key: &[u8]) -> Result<Option<u64>, StoreError> {
     match tree.get(key)? {
         Some(bytes) => Ok(Some(u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| corrupt(key))?))),
@@ -455,8 +462,9 @@ impl Store for SledStore {
         read(&self.tree, &keys::event_hash(event_hash))
     }
 
-    fn insert_listener(&self, listener: Listener) -> StoreFuture<()> {
+    fn insert_listener(&self, mut listener: Listener) -> StoreFuture<()> {
         self.write(move |tree| {
+            listener.enabled_from_seq = first_unwritten_seq(tree)?;
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, true);
             batch.insert(keys::listener(&listener.id), encode(&listener));
@@ -495,7 +503,11 @@ impl Store for SledStore {
             let Some(mut listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
             };
+            let was_enabled = listener.enabled;
             edit(&mut listener);
+            if listener.enabled && !was_enabled {
+                listener.enabled_from_seq = first_unwritten_seq(tree)?;
+            }
             tree.insert(key, encode(&listener))?;
             Ok(Some(listener))
         })

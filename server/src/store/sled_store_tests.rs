@@ -194,3 +194,29 @@ async fn appends_are_refused_once_the_producer_is_disabled_or_the_key_revoked() 
     store.append_event(with_new_key).await.unwrap();
     store.close().unwrap();
 }
+
+#[tokio::test]
+async fn a_listener_starts_from_the_events_triggered_after_it_is_registered_or_re_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    for at in 0..3 {
+        store.append_event(new_event("prd_a", None, at)).await.unwrap();
+    }
+    // Fan-out may not have reached those three yet; the listener must not get them.
+    store.insert_listener(listener("lst_1", "prd_a", "thing.happened")).await.unwrap();
+    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 3);
+
+    store.update_listener("lst_1", Box::new(|listener| listener.enabled = false)).await.unwrap();
+    let after = store.append_event(new_event("prd_a", None, 3)).await.unwrap();
+    assert_eq!(ids::event_seq(&after.event_id), Some(3));
+    let disabled = store.listener("lst_1").unwrap().unwrap();
+    assert_eq!(disabled.enabled_from_seq, 3, "disabling leaves it");
+    // The event triggered while it was disabled is below where it starts again.
+    store.update_listener("lst_1", Box::new(|listener| listener.enabled = true)).await.unwrap();
+    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 4);
+    // An edit that leaves it enabled moves nothing.
+    store.append_event(new_event("prd_a", None, 4)).await.unwrap();
+    store.update_listener("lst_1", Box::new(|listener| listener.ordered = true)).await.unwrap();
+    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 4);
+    store.close().unwrap();
+}

@@ -124,6 +124,7 @@ impl RegisterService for RegisterApi {
             disabled_reason: String::new(),
             // Set by the store, as the listener is written.
             enabled_from_seq: 0,
+            disabled_from_seq: 0,
         };
         self.shared.store.insert_listener(listener.clone()).await?;
         tracing::info!(listener_id = %listener.id, producer_id = %listener.producer_id, "listener registered");

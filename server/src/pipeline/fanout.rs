@@ -114,10 +114,9 @@ fn fan_out_chunk(
                 }
             }
         };
-        // A listener gets the events triggered while it is registered and enabled, however
-        // far behind this runs; one disabled since then gets none.
-        let wanted = |listener: &&Listener| listener.enabled && event.seq >= listener.enabled_from_seq;
-        deliveries.extend(listeners.iter().filter(wanted).map(|listener| NewDelivery {
+        // A listener gets the events triggered while it was registered and enabled, however
+        // far behind this runs (a disabled one's deliveries wait until it is enabled).
+        deliveries.extend(listeners.iter().filter(|listener| listener.wants(event.seq)).map(|listener| NewDelivery {
             delivery: Delivery::pending(ids::delivery_id(event.seq, &listener.id), &event, &listener.id, due_ms),
             ordered: listener.ordered,
         }));

@@ -95,10 +95,22 @@ pub struct Listener {
     pub created_at_ms: u64,
     #[prost(string, tag = "11")]
     pub disabled_reason: String,
-    /// Events numbered below this are not fanned out to it: it gets the events triggered
-    /// after it was registered or last enabled, however far fan-out runs behind.
+    /// The number of the first event triggered since it was registered or last enabled:
+    /// fan-out gives it no event numbered below, however far behind fan-out runs.
     #[prost(uint64, tag = "12")]
     pub enabled_from_seq: u64,
+    /// While disabled: the number of the first event triggered since. Events from here on
+    /// are not fanned out to it; earlier ones are (their deliveries wait until it is enabled).
+    #[prost(uint64, tag = "13")]
+    pub disabled_from_seq: u64,
+}
+
+impl Listener {
+    /// Whether fan-out gives it the event numbered `seq`: one triggered while it was
+    /// registered and enabled.
+    pub fn wants(&self, seq: u64) -> bool {
+        seq >= self.enabled_from_seq && (self.enabled || seq < self.disabled_from_seq)
+    }
 }
 
 /// An event as the trigger path hands it to the store.

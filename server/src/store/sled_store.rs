@@ -505,8 +505,10 @@ impl Store for SledStore {
             };
             let was_enabled = listener.enabled;
             edit(&mut listener);
-            if listener.enabled && !was_enabled {
-                listener.enabled_from_seq = first_unwritten_seq(tree)?;
+            match (was_enabled, listener.enabled) {
+                (false, true) => listener.enabled_from_seq = first_unwritten_seq(tree)?,
+                (true, false) => listener.disabled_from_seq = first_unwritten_seq(tree)?,
+                _ => {}
             }
             tree.insert(key, encode(&listener))?;
             Ok(Some(listener))

@@ -196,27 +196,34 @@ async fn appends_are_refused_once_the_producer_is_disabled_or_the_key_revoked() 
 }
 
 #[tokio::test]
-async fn a_listener_starts_from_the_events_triggered_after_it_is_registered_or_re_enabled() {
+async fn a_listener_is_fanned_out_the_events_triggered_while_it_was_registered_and_enabled() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with_producers(dir.path()).await;
     for at in 0..3 {
         store.append_event(new_event("prd_a", None, at)).await.unwrap();
     }
-    // Fan-out may not have reached those three yet; the listener must not get them.
+    // Fan-out may not have reached events 0-2 yet; the listener must not get them.
     store.insert_listener(listener("lst_1", "prd_a", "thing.happened")).await.unwrap();
-    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 3);
+    let registered = store.listener("lst_1").unwrap().unwrap();
+    assert_eq!(registered.enabled_from_seq, 3);
+    assert!(!registered.wants(2) && registered.wants(3) && registered.wants(1_000));
 
+    store.append_event(new_event("prd_a", None, 3)).await.unwrap();
     store.update_listener("lst_1", Box::new(|listener| listener.enabled = false)).await.unwrap();
-    let after = store.append_event(new_event("prd_a", None, 3)).await.unwrap();
-    assert_eq!(ids::event_seq(&after.event_id), Some(3));
+    let after = store.append_event(new_event("prd_a", None, 4)).await.unwrap();
+    assert_eq!(ids::event_seq(&after.event_id), Some(4));
     let disabled = store.listener("lst_1").unwrap().unwrap();
-    assert_eq!(disabled.enabled_from_seq, 3, "disabling leaves it");
-    // The event triggered while it was disabled is below where it starts again.
+    assert_eq!((disabled.enabled_from_seq, disabled.disabled_from_seq), (3, 4));
+    // Event 3 came while it was enabled: its delivery waits. Event 4 came while it was not.
+    assert!(disabled.wants(3) && !disabled.wants(4));
+
     store.update_listener("lst_1", Box::new(|listener| listener.enabled = true)).await.unwrap();
-    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 4);
+    let enabled = store.listener("lst_1").unwrap().unwrap();
+    assert_eq!(enabled.enabled_from_seq, 5);
+    assert!(!enabled.wants(4) && enabled.wants(5));
     // An edit that leaves it enabled moves nothing.
-    store.append_event(new_event("prd_a", None, 4)).await.unwrap();
+    store.append_event(new_event("prd_a", None, 5)).await.unwrap();
     store.update_listener("lst_1", Box::new(|listener| listener.ordered = true)).await.unwrap();
-    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 4);
+    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 5);
     store.close().unwrap();
 }

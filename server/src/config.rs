@@ -71,7 +71,7 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "HOOKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Delivery attempts in flight at once, across all listeners.
+    /// Delivery requests awaiting an answer at once, across all listeners.
     #[arg(long, env = "HOOKD_WORKERS", default_value_t = 64)]
     pub workers: usize,
     /// Time limit of one delivery attempt, connecting included (e.g. 15s, 500ms).
@@ -80,7 +80,7 @@ pub struct ServeArgs {
     /// Delays after each failed attempt, comma-separated: `1s,1s,2s` means at most 4 attempts.
     #[arg(long, env = "HOOKD_RETRY_SCHEDULE", default_value = "5s,5m,30m,2h,5h,10h,10h")]
     pub retry_schedule: RetrySchedule,
-    /// Delivery attempts in flight at once to one listener.
+    /// Delivery requests awaiting an answer at once from one listener.
     #[arg(long, env = "HOOKD_LISTENER_IN_FLIGHT", default_value_t = 8)]
     pub listener_in_flight: usize,
     /// Disable a listener after this long with nothing but failed attempts (e.g. 5d, 12h).

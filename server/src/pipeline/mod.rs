@@ -61,13 +61,14 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// How the pipeline behaves; part of the server's configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// Attempts in flight at once, across all listeners.
+    /// Requests awaiting a listener's answer at once, across all listeners (an answered
+    /// attempt is recorded after its slot is free).
     pub workers: usize,
     /// Time limit of one HTTP attempt, connection included.
     pub attempt_timeout: Duration,
     /// Delays between attempts.
     pub retry_schedule: RetrySchedule,
-    /// Attempts in flight at once to one listener.
+    /// Requests awaiting an answer at once from one listener.
     pub listener_in_flight: usize,
     /// A listener that has had nothing but failures for this long is disabled.
     pub disable_after: Duration,

@@ -564,20 +564,29 @@ async fn deleting_a_listener_cancels_the_deliveries_waiting_in_its_line() {
     for n in 0..EVENTS {
         trigger(&producer, "queued", n.to_string()).await;
     }
-    // One attempt hangs in the listener's only slot; the other events wait in its line.
+    // One attempt hangs in the listener's only slot; the other events wait in its line, once
+    // fan-out has made their deliveries (an event it has not reached gets none once the
+    // listener is gone).
     receiver.wait_until("the first attempt hanging", DEADLINE, |requests| !requests.is_empty()).await;
+    let admin = server.admin().await;
+    let deliveries = |admin: hookd_client::Client, listener_id: String| async move {
+        let request = hookd_client::v1::ListDeliveriesRequest { listener_id, ..Default::default() };
+        admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries
+    };
+    eventually("a delivery of every event", || {
+        let (admin, listener) = (admin.clone(), listener.clone());
+        async move { (deliveries(admin, listener).await.len() == EVENTS).then_some(()) }
+    })
+    .await;
     let request = hookd_client::v1::DeleteListenerRequest { listener_id: listener.clone() };
     producer.register().delete_listener(request).await.unwrap();
     receiver.release();
 
-    let admin = server.admin().await;
     eventually("every delivery cancelled", || {
         let (admin, listener) = (admin.clone(), listener.clone());
         async move {
-            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
-            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
             let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
-            (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.state == cancelled)).then_some(())
+            deliveries(admin, listener).await.iter().all(|d| d.state == cancelled).then_some(())
         }
     })
     .await;

@@ -10,7 +10,9 @@ use hookd_client::Client;
 use hookd_client::v1::{CreateProducerRequest, GetEventRequest, TriggerRequest};
 
 use crate::receiver::{Receiver, Reply};
-use crate::support::{ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listener_request, master_key};
+use crate::support::{
+    ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listed_event_ids, listener_request, master_key,
+};
 
 struct Crashable {
     dir: tempfile::TempDir,
@@ -93,6 +95,10 @@ async fn kill_9_right_after_the_acks_keeps_every_acknowledged_event() {
         }
     }
     assert!(missing.is_empty(), "{} of {EVENTS} acknowledged events lost, e.g. {:?}", missing.len(), missing.first());
+    // The producer's own listing (its index was written in again from the journal too).
+    let listed = listed_event_ids(&producer).await;
+    assert_eq!(listed.len(), EVENTS, "each acknowledged event listed once");
+    assert_eq!(listed.iter().collect::<HashSet<_>>(), events.iter().collect::<HashSet<_>>());
     let next = trigger_many(&producer, 1).await;
     assert!(!events.contains(&next[0]), "event ids are not reused after the restart");
 }

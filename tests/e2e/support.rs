@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hookd_client::Client;
-use hookd_client::v1::{CreateProducerRequest, DeriveEventHashRequest, RegisterListenerRequest, TriggerRequest};
+use hookd_client::v1::{
+    CreateProducerRequest, DeriveEventHashRequest, ListEventsRequest, RegisterListenerRequest, TriggerRequest,
+};
 use hookd_server::config::Config;
 use hookd_server::crypto::Keyring;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -149,6 +151,21 @@ pub async fn derive(client: &Client, event_type: &str) -> String {
         .unwrap()
         .into_inner()
         .event_hash
+}
+
+/// The ids of every event the caller may see, page by page through ListEvents, in order.
+pub async fn listed_event_ids(client: &Client) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListEventsRequest { page_size: 1000, page_token, ..Default::default() };
+        let page = client.delivery().list_events(request).await.unwrap().into_inner();
+        ids.extend(page.events.into_iter().map(|event| event.id));
+        if page.next_page_token.is_empty() {
+            return ids;
+        }
+        page_token = page.next_page_token;
+    }
 }
 
 pub fn listener_request(event_hash: &str, url: &str) -> RegisterListenerRequest {

@@ -9,6 +9,7 @@
 
 mod journal;
 pub mod model;
+mod producer_index;
 mod sled_history;
 mod sled_pipeline;
 mod sled_store;

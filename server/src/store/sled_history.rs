@@ -11,8 +11,9 @@ use std::ops::Bound;
 use sled::Batch;
 
 use super::model::{Delivery, DeliveryState, DueEntry, Event, IdempotencyEntry, decode, encode};
+use super::producer_index;
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
-use super::{EventFilter, HistoryStore, Page, StoreError, Trimmed};
+use super::{EventFilter, HistoryStore, Page, PipelineStore, StoreError, Trimmed};
 
 /// Records looked at per page, at most, per item asked for.
 const SCAN_PER_ITEM: usize = 20;
@@ -114,30 +115,27 @@ impl HistoryStore for SledStore {
             None if filter.since_ms > 0 => self.first_seq_since(filter.since_ms)?,
             None => 0,
         };
-        let prefix = match &filter.producer_id {
-            Some(producer_id) => keys::events_of_producer(producer_id),
-            None => keys::EVENTS.to_vec(),
+        // A producer's own events come through its bitmaps, the rest straight from the log.
+        let mut events: Box<dyn Iterator<Item = Result<Event, StoreError>> + '_> = match &filter.producer_id {
+            Some(producer_id) => Box::new(
+                producer_index::seqs(&self.tree, producer_id, start_seq)
+                    .map(|seq| seq.and_then(|seq| read::<Event>(&self.tree, &keys::event(seq))))
+                    // Trimmed since the index was read.
+                    .filter_map(Result::transpose),
+            ),
+            None => PipelineStore::events_from(self, start_seq),
         };
-        let start = [prefix.as_slice(), &start_seq.to_be_bytes()].concat();
         let mut items = Vec::new();
         let mut last = None;
         let mut reached_until = false;
-        for entry in
-            self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(&prefix))).take(scan_budget(limit))
-        {
-            let (key, value) = entry?;
-            let seq = seq_of(&key, prefix.len())?;
-            let event: Event = if filter.producer_id.is_some() {
-                read(&self.tree, &keys::event(seq))?.ok_or_else(|| corrupt(&key))?
-            } else {
-                decode(&value).ok_or_else(|| corrupt(&key))?
-            };
+        for event in events.by_ref().take(scan_budget(limit)) {
+            let event = event?;
             if filter.until_ms.is_some_and(|until| event.created_at_ms >= until) {
                 // Nothing later in the log is older.
                 reached_until = true;
                 break;
             }
-            last = Some(seq);
+            last = Some(event.seq);
             if event.created_at_ms >= filter.since_ms
                 && filter.event_type.as_ref().is_none_or(|t| *t == event.event_type)
             {
@@ -148,11 +146,7 @@ impl HistoryStore for SledStore {
             }
         }
         let resume_after = match last {
-            Some(seq) if !reached_until => {
-                let next = [prefix.as_slice(), &(seq + 1).to_be_bytes()].concat();
-                let more = self.tree.range::<Vec<u8>, _>((Bound::Included(next), prefix_end(&prefix))).next().is_some();
-                more.then(|| seq.to_string())
-            }
+            Some(seq) if !reached_until => events.next().transpose()?.is_some().then(|| seq.to_string()),
             _ => None,
         };
         Ok(Page { items, resume_after })
@@ -270,6 +264,7 @@ impl HistoryStore for SledStore {
         // in between leaves an event without deliveries, which the next sweep removes.
         let mut deliveries_batch = Batch::default();
         let mut events_batch = Batch::default();
+        let mut index = producer_index::Changes::default();
         let start = keys::event(start_seq).to_vec();
         let events = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS)));
         for (looked_at, entry) in events.enumerate() {
@@ -313,12 +308,15 @@ impl HistoryStore for SledStore {
                     events_batch.remove(idempotency);
                 }
             }
-            events_batch.remove(keys::event_of_producer(&event.producer_id, event.seq));
+            index.clear(&event.producer_id, event.seq);
             events_batch.remove(key);
             trimmed.events += 1;
             trimmed.deliveries += deliveries.len();
         }
         self.queue.apply_batch(deliveries_batch)?;
+        // The applier may be writing a bitmap trimmed here (retention reached its block).
+        let _index = self.progress.index_turn();
+        index.write(&self.tree, &mut events_batch)?;
         self.tree.apply_batch(events_batch)?;
         Ok(trimmed)
     }

@@ -24,7 +24,7 @@
 //! | `lt/{producer id}/{event type}\0{listener id}` | empty: listeners of one event type |
 //! | `lp/{producer id}/{listener id}` | empty: all listeners of a producer |
 //! | `e/{seq: u64 big-endian}` | [`Event`]: the event log, in trigger order |
-//! | `ep/{producer id}/{seq: u64 big-endian}` | empty: a producer's events, in order |
+//! | `eb/{producer id}/{block: u64 big-endian}` | bitmap of 256 bits: which events of `e/` from `block × 256` on are the producer's (see `producer_index`) |
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery) |
@@ -46,6 +46,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::model::{ApiKeyEntry, Appended, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode};
+use super::producer_index;
 use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
 use super::{ListenerEdit, Store, StoreError, StoreFuture};
 use crate::ids;
@@ -89,12 +90,6 @@ pub(crate) mod keys {
         key[..2].copy_from_slice(EVENTS);
         key[2..].copy_from_slice(&seq.to_be_bytes());
         key
-    }
-    pub fn events_of_producer(producer_id: &str) -> Vec<u8> {
-        join(&[b"ep/", producer_id.as_bytes(), b"/"])
-    }
-    pub fn event_of_producer(producer_id: &str, seq: u64) -> Vec<u8> {
-        join(&[&events_of_producer(producer_id), &seq.to_be_bytes()])
     }
     /// Prefix of the `d/` keys of one event's deliveries (ids start with the event's position).
     pub fn deliveries_of_event(seq: u64) -> Vec<u8> {
@@ -224,14 +219,13 @@ fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) 
     let from = read_u64(tree, keys::JOURNAL_FROM)?.unwrap_or(0);
     let (mut next, mut last_created) = (next_seq, last_created_ms);
     let mut batch = Batch::default();
+    let mut index = producer_index::Changes::default();
     let mut replayed = 0usize;
     journal::read_from(dir, from, |record| {
         let event: Event = decode(record)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "a journal record is not an event"))?;
         if event.seq >= from {
-            for (key, value) in writer::sled_records(&event) {
-                batch.insert(key, value);
-            }
+            writer::stage_records(&event, &mut batch, &mut index);
             next = next.max(event.seq + 1);
             last_created = last_created.max(event.created_at_ms);
             replayed += 1;
@@ -240,6 +234,7 @@ fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) 
     })?;
     batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
     batch.insert(keys::JOURNAL_FROM, &next.to_be_bytes());
+    index.write(tree, &mut batch)?;
     tree.apply_batch(batch)?;
     tree.flush()?;
     if replayed > 0 {
@@ -302,6 +297,10 @@ impl SledStore {
         };
         let high_water = read_u64(&tree, keys::NEXT_SEQ)?.unwrap_or(0);
         let sled_next_seq = after_last_event.max(high_water);
+        let migrated = producer_index::migrate_legacy(&tree)?;
+        if migrated > 0 {
+            tracing::info!(records = migrated, "converted the per-event producer index into bitmaps");
+        }
         let journal_dir = dir.join("journal");
         let (next_seq, last_created_ms) = replay_journal(&tree, &journal_dir, sled_next_seq, last_created_ms)?;
         let journal = Journal::start(&journal_dir, next_seq, journal::SEGMENT_BYTES)?;

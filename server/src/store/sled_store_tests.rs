@@ -1,6 +1,6 @@
 use super::*;
-use crate::store::Refusal;
 use crate::store::writer::IDEMPOTENCY_WINDOW_MS;
+use crate::store::{EventFilter, FanoutCursor, HistoryStore, PipelineStore, Refusal};
 
 /// The key hash the test producers are created with.
 fn key_of(producer: &str) -> [u8; 32] {
@@ -225,5 +225,82 @@ async fn a_listener_is_fanned_out_the_events_triggered_while_it_was_registered_a
     store.append_event(new_event("prd_a", None, 5)).await.unwrap();
     store.update_listener("lst_1", Box::new(|listener| listener.ordered = true)).await.unwrap();
     assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 5);
+    store.close().unwrap();
+}
+
+/// Every page of `producer`'s events (or everyone's), as sequence numbers.
+fn listed_seqs(store: &SledStore, producer: Option<&str>, page: usize) -> Vec<u64> {
+    let filter = EventFilter { producer_id: producer.map(str::to_owned), ..EventFilter::default() };
+    let (mut seqs, mut after) = (Vec::new(), None);
+    loop {
+        let listed = HistoryStore::list_events(store, &filter, after, page).unwrap();
+        seqs.extend(listed.items.iter().map(|event| event.seq));
+        match listed.resume_after {
+            Some(token) => after = Some(token.parse().unwrap()),
+            None => return seqs,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_producer_lists_its_own_events_after_a_restart_and_none_once_retention_trimmed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    // Runs of each producer, long and short, across several bitmaps of 256 numbers.
+    let owner = |seq: u64| if seq.is_multiple_of(7) || (300..700).contains(&seq) { "prd_a" } else { "prd_b" };
+    for seq in 0..1000 {
+        store.append_event(new_event(owner(seq), None, 1)).await.unwrap();
+    }
+    let mine = |producer: &str| (0..1000).filter(|&seq| owner(seq) == producer).collect::<Vec<u64>>();
+    assert_eq!(listed_seqs(&store, Some("prd_a"), 33), mine("prd_a"));
+    store.close().unwrap();
+    drop(store);
+
+    // The same after a restart.
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(listed_seqs(&store, Some("prd_a"), 33), mine("prd_a"));
+    assert_eq!(listed_seqs(&store, Some("prd_b"), 1000), mine("prd_b"));
+    assert_eq!(listed_seqs(&store, None, 400), (0..1000).collect::<Vec<u64>>());
+
+    // Retention trims what fan-out has passed: here the first 500 events.
+    PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 500, ..FanoutCursor::default() }).unwrap();
+    let trimmed = HistoryStore::trim(&*store, 2, 0, 10_000).unwrap();
+    assert_eq!(trimmed.events, 500);
+    let rest = |producer: &str| mine(producer).into_iter().filter(|&seq| seq >= 500).collect::<Vec<u64>>();
+    assert_eq!(listed_seqs(&store, Some("prd_a"), 33), rest("prd_a"));
+    assert_eq!(listed_seqs(&store, Some("prd_b"), 33), rest("prd_b"));
+    // Bitmaps of blocks whose events are all gone are gone too.
+    assert_eq!(store.tree.scan_prefix(b"eb/prd_a/").count(), 3, "block 0 is gone; 1 keeps 500-511");
+    PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 1000, ..FanoutCursor::default() }).unwrap();
+    HistoryStore::trim(&*store, 2, 0, 10_000).unwrap();
+    assert!(listed_seqs(&store, Some("prd_a"), 33).is_empty());
+    assert_eq!(store.tree.scan_prefix(b"eb/").count(), 0);
+    store.close().unwrap();
+}
+
+#[tokio::test]
+async fn a_data_directory_with_the_per_event_producer_index_is_converted_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    for seq in 0..300u64 {
+        store.append_event(new_event(if seq.is_multiple_of(2) { "prd_a" } else { "prd_b" }, None, 1)).await.unwrap();
+    }
+    store.close().unwrap();
+    drop(store);
+    // Rewrite the index as older versions kept it: `ep/{producer}/{seq}`, one record each.
+    {
+        let tree = sled::open(dir.path().join("db")).unwrap().open_tree("hookd").unwrap();
+        for key in tree.scan_prefix(b"eb/").keys() {
+            tree.remove(key.unwrap()).unwrap();
+        }
+        for seq in 0..300u64 {
+            let producer = if seq.is_multiple_of(2) { "prd_a" } else { "prd_b" };
+            tree.insert([b"ep/", producer.as_bytes(), b"/", &seq.to_be_bytes()].concat(), &[] as &[u8]).unwrap();
+        }
+        tree.flush().unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(listed_seqs(&store, Some("prd_a"), 100), (0..300).step_by(2).collect::<Vec<u64>>());
+    assert_eq!(store.tree.scan_prefix(b"ep/").count(), 0);
     store.close().unwrap();
 }

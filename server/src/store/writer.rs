@@ -7,7 +7,7 @@
 //!   aside). Triggers arriving during a sync make the next group (group commit). Being the
 //!   only thread that numbers events makes sequence numbers and idempotency claims race-free
 //!   without locks or sled transactions.
-//! - The **applier** (`hookd-applier`) writes acknowledged events into sled (`e/`, `ep/`, `i/`
+//! - The **applier** (`hookd-applier`) writes acknowledged events into sled (`e/`, `eb/`, `i/`
 //!   and `m/next_seq`) and publishes how far it got: fan-out and reads of events follow that
 //!   ([`Progress`]). Every second it flushes sled and records the checkpoint
 //!   (`m/journal_from`): a restart writes in again every journal record from there on, and
@@ -32,6 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::model::{ApiKeyEntry, Appended, Event, IdempotencyEntry, NewEvent, Producer, decode, encode};
+use super::producer_index;
 use super::sled_store::{keys, read};
 use super::{Refusal, StoreError};
 use crate::ids;
@@ -95,6 +96,9 @@ pub(crate) struct Progress {
     /// waits behind it, so the writer's reads would otherwise queue behind the applier's
     /// batches one by one.
     sled_turn: Mutex<()>,
+    /// Held from reading the producers' event bitmaps to writing them back, by the applier
+    /// and by retention (see `producer_index`).
+    index_lock: Mutex<()>,
 }
 
 /// The longest a read waits for the applier before it gives up with [`StoreError::Behind`].
@@ -109,11 +113,16 @@ impl Progress {
             applied_watch: watch::channel(next_seq).0,
             checkpoint: AtomicU64::new(next_seq),
             sled_turn: Mutex::new(()),
+            index_lock: Mutex::new(()),
         })
     }
 
     fn reading_turn(&self) -> std::sync::MutexGuard<'_, ()> {
         self.sled_turn.lock().expect("the turn lock is never poisoned")
+    }
+
+    pub(crate) fn index_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.index_lock.lock().expect("the index lock is never poisoned")
     }
 
     /// The next event not yet in sled, as a watch.
@@ -223,17 +232,15 @@ enum Apply {
     Write(Write),
 }
 
-/// An event's records in sled: the event, its place in its producer's index, and its
-/// idempotency record if it has a key.
-pub(crate) fn sled_records(event: &Event) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut records = Vec::with_capacity(3);
+/// Puts an event's records in `batch`: the event and its idempotency record if it has a
+/// key; notes its place in its producer's index in `index`.
+pub(crate) fn stage_records(event: &Event, batch: &mut sled::Batch, index: &mut producer_index::Changes) {
     if !event.idempotency_key.is_empty() {
         let entry = IdempotencyEntry { event_id: event.id.clone(), created_at_ms: event.created_at_ms };
-        records.push((keys::idempotency(&event.producer_id, &event.idempotency_key), encode(&entry)));
+        batch.insert(keys::idempotency(&event.producer_id, &event.idempotency_key), encode(&entry));
     }
-    records.push((keys::event_of_producer(&event.producer_id, event.seq), Vec::new()));
-    records.push((keys::event(event.seq).to_vec(), encode(event)));
-    records
+    batch.insert(&keys::event(event.seq)[..], encode(event));
+    index.set(&event.producer_id, event.seq);
 }
 
 /// The writer's state between groups.
@@ -542,7 +549,7 @@ fn apply_loop(tree: &Tree, progress: &Progress, callers: &Callers, steps: &std_m
                     Err(_) => tracing::error!("a database write job panicked; its caller gets an error"),
                 }
                 let _ = done.send(());
-                flushed
+                flushed.map_err(StoreError::from)
             }
             None => Ok(()),
         };
@@ -551,7 +558,7 @@ fn apply_loop(tree: &Tree, progress: &Progress, callers: &Callers, steps: &std_m
                 return Ok(());
             }
             last_checkpoint = Instant::now();
-            unflushed.take().map_or(Ok(()), |next_seq| checkpoint(tree, progress, next_seq))
+            unflushed.take().map_or(Ok(()), |next_seq| checkpoint(tree, progress, next_seq).map_err(StoreError::from))
         });
         if let Err(error) = outcome {
             tracing::error!(%error, "writing events into the database failed; the writer stops");
@@ -571,19 +578,20 @@ fn apply_loop(tree: &Tree, progress: &Progress, callers: &Callers, steps: &std_m
 /// log reservation, and single inserts measured 36 µs of the applier's time per event against
 /// 17 µs in batches. Atomicity is not what they are for: a restart writes in again every
 /// event from the last checkpoint.
-fn apply_events(tree: &Tree, progress: &Progress, events: Vec<Staged>) -> Result<(), sled::Error> {
+fn apply_events(tree: &Tree, progress: &Progress, events: Vec<Staged>) -> Result<(), StoreError> {
     let mut events = events.into_iter().peekable();
     while events.peek().is_some() {
         let mut batch = sled::Batch::default();
+        let mut index = producer_index::Changes::default();
         let mut next = 0;
         for staged in events.by_ref().take(APPLY_CHUNK) {
-            for (key, value) in sled_records(&staged.record) {
-                batch.insert(key, value);
-            }
+            stage_records(&staged.record, &mut batch, &mut index);
             next = staged.record.seq + 1;
         }
         batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
         let _turn = progress.reading_turn();
+        let _index = progress.index_turn();
+        index.write(tree, &mut batch)?;
         tree.apply_batch(batch)?;
     }
     Ok(())

@@ -10,13 +10,16 @@
 //! record is `len: u32 LE`, `crc32: u32 LE`, then `len` bytes. Only one thread appends, and a
 //! segment is synced before the next one is started, so only the newest segment can end with a
 //! torn record: reading stops at its first incomplete or corrupt record, which was never
-//! acknowledged. A torn record in an older segment is corruption. Segments are deleted once
-//! sled has flushed every event in them. This module never interprets a record and never
+//! acknowledged (or at the zeros it was created with). A torn record in an older segment is
+//! corruption: a segment is only left for the next once records fill all of it. Segments are
+//! created zero-filled, the next one ahead of time (`next.spare`), and deleted once sled has
+//! flushed every event in them. This module never interprets a record and never
 //! touches sled.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 /// A segment is closed and a new one started once it is this large. Segments go once sled
 /// has flushed them (every second), so the journal stays near this size plus a second of
@@ -25,6 +28,8 @@ pub(crate) const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// Bytes before a record's contents: its length and its checksum.
 const HEADER: usize = 8;
 const SUFFIX: &str = ".journal";
+/// The next segment, zero-filled ahead of time; not a segment until renamed to one.
+const SPARE: &str = "next.spare";
 
 /// Appends `record` to `buf`, framed.
 pub(crate) fn frame(buf: &mut Vec<u8>, record: &[u8]) {
@@ -104,6 +109,7 @@ pub(crate) struct Journal {
     /// First sequence numbers of every segment, the current one last.
     firsts: Vec<u64>,
     segment_bytes: u64,
+    spare: Option<JoinHandle<io::Result<File>>>,
 }
 
 impl Journal {
@@ -112,13 +118,14 @@ impl Journal {
     pub(crate) fn start(dir: &Path, next_seq: u64, segment_bytes: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let stale = segments(dir)?;
-        let current = create_segment(dir, next_seq)?;
+        let current = create_segment(dir, next_seq, segment_bytes)?;
         for (first, path) in stale {
             if first != next_seq {
                 std::fs::remove_file(path)?;
             }
         }
-        Ok(Self { dir: dir.to_owned(), current, current_bytes: 0, firsts: vec![next_seq], segment_bytes })
+        let spare = prepare_spare(dir, segment_bytes);
+        Ok(Self { dir: dir.to_owned(), current, current_bytes: 0, firsts: vec![next_seq], segment_bytes, spare })
     }
 
     /// Writes `bytes` (framed records) to the current segment.
@@ -141,7 +148,20 @@ impl Journal {
             return Ok(());
         }
         self.current.sync_data()?;
-        self.current = create_segment(&self.dir, next_seq)?;
+        let spare = self.spare.take().and_then(|preparing| preparing.join().ok());
+        self.current = match spare {
+            Some(Ok(file)) => {
+                std::fs::rename(self.dir.join(SPARE), segment_path(&self.dir, next_seq))?;
+                File::open(&self.dir)?.sync_all()?;
+                file
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "the journal's next segment could not be prepared; creating it now");
+                create_segment(&self.dir, next_seq, self.segment_bytes)?
+            }
+            None => create_segment(&self.dir, next_seq, self.segment_bytes)?,
+        };
+        self.spare = prepare_spare(&self.dir, self.segment_bytes);
         self.current_bytes = 0;
         self.firsts.push(next_seq);
         // A segment ends where the next one starts.
@@ -157,12 +177,40 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}{SUFFIX}"))
 }
 
-/// Creates a segment (emptying a leftover of the same name, which can hold only a torn
+/// Creates the file at `path` (emptying a leftover), filled with `bytes` zeros and synced.
+///
+/// Appends then write over blocks the file already has, so each sync flushes data only:
+/// appending past the end of a file changes its size, and every `fdatasync` must then wait
+/// for a commit of the filesystem's journal, which carries every other file's metadata too
+/// (sled's among them). Unary triggers at 64 callers, quick bench, six runs each: 19.3k-26.0k/s
+/// appending to empty segments, 23.2k-30.7k/s writing over zeros.
+fn zeroed(path: &Path, bytes: u64) -> io::Result<File> {
+    let mut file = OpenOptions::new().create(true).write(true).truncate(true).open(path)?;
+    let zeros = vec![0u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let chunk = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..chunk])?;
+        left -= chunk as u64;
+    }
+    file.sync_all()?;
+    file.seek(io::SeekFrom::Start(0))?;
+    Ok(file)
+}
+
+/// Creates a segment (see [`zeroed`]; a leftover of the same name can hold only a torn
 /// record) and makes its directory entry durable.
-fn create_segment(dir: &Path, first: u64) -> io::Result<File> {
-    let file = OpenOptions::new().create(true).write(true).truncate(true).open(segment_path(dir, first))?;
+fn create_segment(dir: &Path, first: u64, bytes: u64) -> io::Result<File> {
+    let file = zeroed(&segment_path(dir, first), bytes)?;
     File::open(dir)?.sync_all()?;
     Ok(file)
+}
+
+/// Zero-fills the next segment on a thread of its own, so a roll only renames it; `None`
+/// where no thread could be started (the roll then creates the segment itself).
+fn prepare_spare(dir: &Path, bytes: u64) -> Option<JoinHandle<io::Result<File>>> {
+    let path = dir.join(SPARE);
+    std::thread::Builder::new().name("hookd-journal".into()).spawn(move || zeroed(&path, bytes)).ok()
 }
 
 #[cfg(test)]
@@ -225,6 +273,24 @@ mod tests {
         // ...unless its events are all durable elsewhere: then it is not read at all (and the
         // second segment's only record is torn).
         assert!(records_from(dir.path(), 1).is_empty());
+    }
+
+    #[test]
+    fn a_roll_takes_the_zero_filled_spare_and_records_read_back_across_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path(), 0, 4096).unwrap();
+        let record = [7u8; 1000];
+        for _ in 0..5 {
+            append(&mut journal, &record);
+        }
+        journal.roll_if_full(5, 0).unwrap();
+        let second = segment_path(dir.path(), 5);
+        assert_eq!(std::fs::metadata(&second).unwrap().len(), 4096, "created zero-filled");
+        append(&mut journal, b"after the roll");
+        assert_eq!(std::fs::metadata(&second).unwrap().len(), 4096, "written over, not appended");
+        let mut expected = vec![record.to_vec(); 5];
+        expected.push(b"after the roll".to_vec());
+        assert_eq!(records(dir.path()), expected);
     }
 
     #[test]

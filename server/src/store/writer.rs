@@ -312,10 +312,17 @@ impl Writer {
             }
             self.forget_applied_claims();
             let mut pending = Pending::default();
-            // The applier's batches wait while this group's reads run.
-            let stored = {
+            // The applier's batches wait while this group's reads run. A group with no
+            // idempotency key reads nothing, and must not wait for the turn: the applier may
+            // hold it while its batch waits for sled's process-wide lock, which fan-out and
+            // delivery bookkeeping take too.
+            let keyed =
+                group.iter().any(|job| matches!(job, Job::Append { event, .. } if event.idempotency_key.is_some()));
+            let stored = if keyed {
                 let _turn = self.progress.reading_turn();
                 self.look_up_keys(&group)
+            } else {
+                StoredKeys::new()
             };
             for job in group.drain(..) {
                 match job {

@@ -23,7 +23,8 @@ use std::thread::JoinHandle;
 
 /// A segment is closed and a new one started once it is this large. Segments go once sled
 /// has flushed them (every second), so the journal stays near this size plus a second of
-/// intake; starting one costs a file creation and a directory sync.
+/// intake; starting one costs a rename and a directory sync (the next segment is zero-filled
+/// ahead of time, see [`zeroed`]), or the zero-filling too if that failed.
 pub(crate) const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// Bytes before a record's contents: its length and its checksum.
 const HEADER: usize = 8;
@@ -173,6 +174,16 @@ impl Journal {
     }
 }
 
+/// Waits for the spare being prepared, so no thread of a closed journal writes to a file
+/// that a journal opened later on the same directory may have made its segment.
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if let Some(preparing) = self.spare.take() {
+            let _ = preparing.join();
+        }
+    }
+}
+
 fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}{SUFFIX}"))
 }
@@ -311,6 +322,7 @@ mod tests {
         assert_eq!(left, vec![12, 13]);
         assert_eq!(records(dir.path()), vec![b"12".to_vec()]);
         // A restart starts afresh once the caller has the events elsewhere.
+        drop(journal);
         Journal::start(dir.path(), 13, SEGMENT_BYTES).unwrap();
         assert!(records(dir.path()).is_empty());
     }

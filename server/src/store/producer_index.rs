@@ -9,17 +9,20 @@
 //!
 //! Bits are set by the applier and by the journal's replay at start, and cleared by
 //! retention. Each reads the stored bitmaps and writes them back in the same batch as the
-//! events they index, holding the index lock (`Progress::index_turn`) from
-//! the read to the write, so neither undoes the other's change. Setting a bit twice changes
-//! nothing (a replay writes events again). This module never decides that an event exists:
-//! readers skip a set bit whose event is gone.
+//! events they index. The applier and retention run at once, so they hold the index lock
+//! (`Progress::index_turn`) from the read to the write and neither undoes the other's
+//! change; the replay and [`migrate_legacy`] run at open, before either. Setting a bit twice
+//! changes nothing (a replay writes events again). A damaged bitmap is rebuilt from the
+//! event log. This module never decides that an event exists or whose it is: readers skip a
+//! set bit whose event is gone, or is another producer's.
 
 use std::collections::{BTreeMap, HashMap};
 
 use sled::{Batch, Tree};
 
 use super::StoreError;
-use super::sled_store::{corrupt, prefix_end};
+use super::model::{Event, decode};
+use super::sled_store::{corrupt, keys, prefix_end};
 
 /// Sequence numbers per bitmap.
 pub(crate) const BLOCK: u64 = 256;
@@ -80,7 +83,10 @@ impl Changes {
             for (block, (set, cleared)) in blocks {
                 let key = key(&producer_id, block);
                 let mut bits: Bits = match tree.get(&key)? {
-                    Some(stored) => stored.as_ref().try_into().map_err(|_| corrupt(&key))?,
+                    Some(stored) => match stored.as_ref().try_into() {
+                        Ok(bits) => bits,
+                        Err(_) => rebuilt(tree, &producer_id, block)?,
+                    },
                     None => Bits::default(),
                 };
                 for (byte, (set, cleared)) in bits.iter_mut().zip(set.iter().zip(&cleared)) {
@@ -97,16 +103,39 @@ impl Changes {
     }
 }
 
+/// A bitmap read again from the events of its block, for one found damaged.
+fn rebuilt(tree: &Tree, producer_id: &str, block: u64) -> Result<Bits, StoreError> {
+    tracing::warn!(producer_id, block, "a producer's event bitmap is damaged; rebuilding it from the event log");
+    let mut bits = Bits::default();
+    let first = block.saturating_mul(BLOCK);
+    let range = keys::event(first)..keys::event(first.saturating_add(BLOCK));
+    for entry in tree.range(range) {
+        let (key, value) = entry?;
+        let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
+        if event.producer_id == producer_id {
+            let (byte, mask) = bit(event.seq);
+            bits[byte] |= mask;
+        }
+    }
+    Ok(bits)
+}
+
 /// The numbers of `producer_id`'s events from `start_seq` on, in order. Some may have been
 /// trimmed since the caller's last look; reading them tells.
 pub(crate) fn seqs(tree: &Tree, producer_id: &str, start_seq: u64) -> impl Iterator<Item = Result<u64, StoreError>> {
     let prefix = producer_prefix(producer_id);
     let from = key(producer_id, start_seq / BLOCK);
+    let producer_id = producer_id.to_owned();
+    let events = tree.clone();
     tree.range::<Vec<u8>, _>((std::ops::Bound::Included(from), prefix_end(&prefix))).flat_map(move |entry| {
         let in_block = entry.map_err(StoreError::from).and_then(|(key, bits)| {
             let block: [u8; 8] = key[prefix.len()..].try_into().map_err(|_| corrupt(&key))?;
-            let first = u64::from_be_bytes(block).checked_mul(BLOCK).ok_or_else(|| corrupt(&key))?;
-            let bits: Bits = bits.as_ref().try_into().map_err(|_| corrupt(&key))?;
+            let block = u64::from_be_bytes(block);
+            let first = block.checked_mul(BLOCK).ok_or_else(|| corrupt(&key))?;
+            let bits: Bits = match bits.as_ref().try_into() {
+                Ok(bits) => bits,
+                Err(_) => rebuilt(&events, &producer_id, block)?,
+            };
             Ok((0..BLOCK)
                 .filter(|offset| bits[(offset / 8) as usize] & (1 << (offset % 8)) != 0)
                 .map(|offset| first + offset)
@@ -209,6 +238,25 @@ mod tests {
         changes.clear("prd_a", 700);
         apply(&tree, changes);
         assert_eq!(tree.scan_prefix(PREFIX).count(), 0);
+    }
+
+    #[test]
+    fn a_damaged_bitmap_is_rebuilt_from_the_event_log() {
+        let (_dir, tree) = tree();
+        for seq in 250..260u64 {
+            let producer_id = if seq.is_multiple_of(2) { "prd_a" } else { "prd_b" };
+            let event = Event { seq, producer_id: producer_id.into(), ..Event::default() };
+            tree.insert(keys::event(seq), super::super::model::encode(&event)).expect("insert");
+        }
+        for block in [0, 1] {
+            tree.insert(key("prd_a", block), &b"not a bitmap"[..]).expect("insert");
+        }
+        // Rebuilt when written (block 0) and when read (block 1).
+        let mut changes = Changes::default();
+        changes.set("prd_a", 240);
+        apply(&tree, changes);
+        assert_eq!(listed(&tree, "prd_a", 0), [240, 250, 252, 254, 256, 258]);
+        assert_eq!(tree.get(key("prd_a", 1)).expect("read").expect("kept").as_ref(), b"not a bitmap");
     }
 
     #[test]

@@ -120,8 +120,9 @@ impl HistoryStore for SledStore {
             Some(producer_id) => Box::new(
                 producer_index::seqs(&self.tree, producer_id, start_seq)
                     .map(|seq| seq.and_then(|seq| read::<Event>(&self.tree, &keys::event(seq))))
-                    // Trimmed since the index was read.
-                    .filter_map(Result::transpose),
+                    // Trimmed since the index was read (or, were the index wrong, not theirs).
+                    .filter_map(Result::transpose)
+                    .filter(move |event| event.as_ref().map_or(true, |event| event.producer_id == *producer_id)),
             ),
             None => PipelineStore::events_from(self, start_seq),
         };

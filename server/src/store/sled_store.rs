@@ -24,7 +24,7 @@
 //! | `lt/{producer id}/{event type}\0{listener id}` | empty: listeners of one event type |
 //! | `lp/{producer id}/{listener id}` | empty: all listeners of a producer |
 //! | `e/{seq: u64 big-endian}` | [`Event`]: the event log, in trigger order |
-//! | `eb/{producer id}/{block: u64 big-endian}` | bitmap of 256 bits: which events of `e/` from `block × 256` on are the producer's (see `producer_index`) |
+//! | `eb/{producer id}/{block: u64 big-endian}` | bitmap of 256 bits, least significant first in each byte: which of events `block × 256` to `block × 256 + 255` are the producer's (see `producer_index`) |
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery) |

@@ -313,8 +313,9 @@ impl Writer {
             self.forget_applied_claims();
             let mut pending = Pending::default();
             // The applier's batches wait while this group's reads run. A group with no
-            // idempotency key reads nothing, and must not wait for the turn: the applier may
-            // hold it while its batch waits for sled's process-wide lock, which fan-out and
+            // idempotency key has no such reads (its callers are checked from memory, or
+            // read outside the turn), and must not wait for the turn: the applier may hold
+            // it while its batch waits for sled's process-wide lock, which fan-out and
             // delivery bookkeeping take too.
             let keyed =
                 group.iter().any(|job| matches!(job, Job::Append { event, .. } if event.idempotency_key.is_some()));
@@ -373,10 +374,7 @@ impl Writer {
         let written = if pending.buf.is_empty() {
             Ok(())
         } else {
-            self.journal.append(&pending.buf).and_then(|()| {
-                self.journal.sync()?;
-                self.journal.roll_if_full(self.next_seq, self.progress.checkpoint.load(Ordering::Acquire))
-            })
+            self.journal.append(&pending.buf).and_then(|()| self.journal.sync())
         };
         if let Err(error) = written {
             tracing::error!(%error, "writing the journal failed; the writer stops");
@@ -390,8 +388,14 @@ impl Writer {
         for (reply, appended) in pending.answers {
             let _ = reply.send(Ok(appended));
         }
-        pending.events.is_empty()
-            || applier.send(Apply::Events { events: pending.events, next_seq: self.next_seq }).is_ok()
+        let handed = pending.events.is_empty()
+            || applier.send(Apply::Events { events: pending.events, next_seq: self.next_seq }).is_ok();
+        // After the answers: the group is durable whatever becomes of the next segment.
+        let rolled = self.journal.roll_if_full(self.next_seq, self.progress.checkpoint.load(Ordering::Acquire));
+        if let Err(error) = &rolled {
+            tracing::error!(%error, "starting the journal's next segment failed; the writer stops");
+        }
+        handed && rolled.is_ok()
     }
 
     /// Reads from sled, in one go, the idempotency records of the group's keys that no event
@@ -596,8 +600,10 @@ fn apply_events(tree: &Tree, progress: &Progress, events: Vec<Staged>) -> Result
             next = staged.record.seq + 1;
         }
         batch.insert(keys::NEXT_SEQ, &next.to_be_bytes());
-        let _turn = progress.reading_turn();
+        // The index lock first: retention may hold it while its batch waits for sled, and the
+        // writer must not wait for the turn meanwhile.
         let _index = progress.index_turn();
+        let _turn = progress.reading_turn();
         index.write(tree, &mut batch)?;
         tree.apply_batch(batch)?;
     }

@@ -13,3 +13,4 @@ mod restart;
 mod secrets;
 mod service;
 mod support;
+mod tls;

@@ -66,10 +66,34 @@ pub struct Receiver {
     pub addr: SocketAddr,
     state: Arc<State>,
     stop: CancellationToken,
+    scheme: &'static str,
 }
 
 impl Receiver {
     pub async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// A receiver that speaks HTTPS only, with the certificate in `tests/e2e/tls/receiver.pem`
+    /// (for 127.0.0.1, issued by the test CA in `ca.pem`).
+    pub async fn start_tls() -> Self {
+        use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/tls");
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("receiver.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("receiver.key")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -82,6 +106,7 @@ impl Receiver {
             release: CancellationToken::new(),
         });
         let stop = CancellationToken::new();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let (serving_state, serving_stop) = (state.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
@@ -91,22 +116,35 @@ impl Receiver {
                 };
                 let state = serving_state.clone();
                 let stop = serving_stop.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| answer(state.clone(), request));
-                    let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                    let served = async {
+                        match tls {
+                            Some(tls) => {
+                                // A failed handshake (a client that does not trust us) ends here.
+                                if let Ok(stream) = tls.accept(stream).await {
+                                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                                }
+                            }
+                            None => {
+                                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = connection => {}
+                        () = served => {}
                         () = stop.cancelled() => {}
                     }
                 });
             }
         });
-        Self { addr, state, stop }
+        Self { addr, state, stop, scheme }
     }
 
     /// The URL of a path on this receiver.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// Makes requests to paths starting with `prefix` answer by `script(request, n)`, where n

@@ -13,8 +13,20 @@ use hookd_client::v1::{
 use crate::receiver::Receiver;
 use crate::support::{ADMIN_TOKEN, DEADLINE, HookdProcess, derive, eventually, master_key, trigger_request};
 
-/// hookd trusting only the roots in `tests/e2e/tls/{roots}`, and a producer's client.
-async fn hookd_trusting(dir: &std::path::Path, roots: &str) -> (HookdProcess, Client) {
+/// A TLS receiver, and hookd trusting only the roots in `tests/e2e/tls/{roots}` with a signed
+/// listener there and one event triggered for it.
+struct Sent {
+    receiver: Receiver,
+    producer: Client,
+    secret: String,
+    event_id: String,
+    _hookd: HookdProcess,
+    _dir: tempfile::TempDir,
+}
+
+async fn sent_over_tls(roots: &str) -> Sent {
+    let receiver = Receiver::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
     let roots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/e2e/tls").join(roots);
     let key = master_key();
     let env = [
@@ -22,44 +34,36 @@ async fn hookd_trusting(dir: &std::path::Path, roots: &str) -> (HookdProcess, Cl
         ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN),
         ("SSL_CERT_FILE", roots.to_str().expect("a UTF-8 path")),
     ];
-    let hookd = HookdProcess::start(dir, &env).await.unwrap();
+    let hookd = HookdProcess::start(dir.path(), &env).await.unwrap();
     let admin = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(ADMIN_TOKEN).unwrap();
     let request = CreateProducerRequest { name: "tls".into() };
     let api_key = admin.admin().create_producer(request).await.unwrap().into_inner().api_key;
     let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
-    (hookd, producer)
-}
-
-/// Registers a signed listener at `url` for `event_type` and triggers one event; returns the
-/// listener's secret and the event's id.
-async fn listen_and_trigger(producer: &Client, event_type: &str, url: String) -> (String, String) {
-    let hash = derive(producer, event_type).await;
+    let hash = derive(&producer, "order.paid").await;
+    let url = receiver.url("/secure");
     let request = RegisterListenerRequest { event_hash: hash, url, generate_secret: true, ..Default::default() };
     let secret = producer.register().register_listener(request).await.unwrap().into_inner().secret;
-    let ack = producer.trigger_service().trigger(trigger_request(event_type, b"{\"secure\": true}")).await.unwrap();
-    (secret, ack.into_inner().event_id)
+    let ack = producer.trigger_service().trigger(trigger_request("order.paid", b"{\"secure\": true}")).await.unwrap();
+    Sent { receiver, producer, secret, event_id: ack.into_inner().event_id, _hookd: hookd, _dir: dir }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_listener_with_a_certificate_from_a_trusted_ca_gets_signed_deliveries() {
-    let receiver = Receiver::start_tls().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_hookd, producer) = hookd_trusting(dir.path(), "ca.pem").await;
-    let (secret, event_id) = listen_and_trigger(&producer, "order.paid", receiver.url("/secure")).await;
+    // Bound whole: hookd and its directory live as long as `sent`.
+    let sent = sent_over_tls("ca.pem").await;
+    let (receiver, secret, event_id) = (&sent.receiver, &sent.secret, &sent.event_id);
 
     receiver.wait_until("the delivery over TLS", DEADLINE, |requests| !requests.is_empty()).await;
     let request = &receiver.requests()[0];
     assert_eq!(request.body.as_ref(), b"{\"secure\": true}");
     assert_eq!(request.webhook_id(), event_id);
-    hookd_client::verify(&secret, &request.headers, &request.body).expect("signed with the listener's secret");
+    hookd_client::verify(secret, &request.headers, &request.body).expect("signed with the listener's secret");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_listener_whose_certificate_is_not_trusted_gets_nothing_and_the_attempt_says_why() {
-    let receiver = Receiver::start_tls().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_hookd, producer) = hookd_trusting(dir.path(), "other-ca.pem").await;
-    let (_, event_id) = listen_and_trigger(&producer, "order.paid", receiver.url("/secure")).await;
+    let sent = sent_over_tls("other-ca.pem").await;
+    let (receiver, producer, event_id) = (&sent.receiver, &sent.producer, &sent.event_id);
 
     let attempted: Delivery = eventually("a first attempt recorded", || {
         let producer = producer.clone();

@@ -213,9 +213,10 @@ impl Pipeline {
         let retention = config.retention;
         let history: Arc<dyn HistoryStore> = store.clone();
         let outcomes = broadcast::Sender::new(config.watch_buffer.max(1));
-        // Room for two pools' worth of attempts waiting to be recorded, so listeners get their
-        // next requests while a batch is written.
-        let recorder = recorder::Recorder::start(store.clone(), config.workers.saturating_mul(2))?;
+        // Room for several pools' worth of attempts waiting to be recorded, so listeners get
+        // their next requests while a batch lingers and is written.
+        let room = config.workers.saturating_mul(recorder::ROOM_PER_WORKER);
+        let recorder = recorder::Recorder::start(store.clone(), room)?;
         let context = Arc::new(Context {
             store: store.clone(),
             queue: store,

@@ -23,8 +23,8 @@ use crate::store::{Completion, PipelineStore, StoreError};
 const MAX_GROUP: usize = 256;
 /// How long a group waits to fill while nobody waits on it. Listeners' slots are freed
 /// before their attempts are recorded, so this delays only when the record lands, and every
-/// batch it saves is two log writes saved, each of which wakes all of sled's I/O threads
-/// (batches of 3 became batches of 40 at 10,000 deliveries/s to one listener with 2 ms).
+/// batch it saves is two log writes and a process-wide sled lock saved (batches of 3
+/// became batches of 40 at 10,000 deliveries/s to one listener with 2 ms).
 /// Going from 2 ms and groups of 64 to 4 ms and 256 (with room for [`ROOM_PER_WORKER`]
 /// attempts per worker) took hookd's CPU per delivery to one listener from 71-112 µs to
 /// 69-82 µs, and to ten from 56-74 µs to 52-82 µs (quick bench, four alternating pairs),

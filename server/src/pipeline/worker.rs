@@ -138,23 +138,25 @@ async fn try_attempt(
     };
     let headers = webhook_headers(&request, signing_key.as_deref());
     drop(signing_key);
-    let response = context.sender.post(&listener.url, headers, event.payload.clone()).await;
+    // The payload goes with the request, so no copy of it waits with the attempt's record
+    // (attempts waiting to be written are bounded in number, not in bytes).
+    let response = context.sender.post(&listener.url, headers, event.payload).await;
 
     let status = response.status.unwrap_or(0);
+    let answered = Answered {
+        succeeded: response.status.is_some_and(is_success),
+        retry_after: response.retry_after.filter(|_| honours_retry_after(status)),
+        ordered: listener.ordered,
+    };
     let attempt = Attempt {
         number,
         started_at_ms,
         duration_ms: u64::try_from(response.duration.as_millis()).unwrap_or(u64::MAX),
         status_code: u32::from(status),
-        error: response.error.clone().unwrap_or_default(),
-        response_headers: response.headers.clone(),
-        response_body: response.body.clone(),
+        error: response.error.unwrap_or_default(),
+        response_headers: response.headers,
+        response_body: response.body,
         trigger: trigger(entry),
-    };
-    let answered = Answered {
-        succeeded: response.status.is_some_and(is_success),
-        retry_after: response.retry_after.filter(|_| honours_retry_after(status)),
-        ordered: listener.ordered,
     };
     delivery.last_status_code = u32::from(status);
     finish(context, delivery, listener.id, attempt, entry, answered, turn).await

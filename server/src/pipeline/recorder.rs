@@ -1,8 +1,8 @@
 //! The recorder: writes finished attempts to the store in groups, on a thread of its own.
 //!
-//! sled writes its log buffer out (a disk write and a range sync) at every batch, so a batch
-//! per attempt costs a disk write per attempt, and every batch also stops all other sled
-//! calls while it applies. The recorder gathers the attempts that finish while it writes the
+//! sled writes its log buffer out twice at every batch (a disk write and a range sync each),
+//! so a batch per attempt costs disk writes per attempt, and every batch also stops all
+//! other sled calls while it applies. The recorder gathers the attempts that finish while it writes the
 //! previous group, and those that finish within a short linger, and writes them as one
 //! batch: each attempt's own writes still land together, atomically. A worker waits until
 //! its attempt is written before it reports back, so the dispatcher never takes a finished
@@ -22,18 +22,24 @@ use crate::store::{Completion, PipelineStore, StoreError};
 /// Most attempts written in one batch.
 const MAX_GROUP: usize = 256;
 /// How long a group waits to fill while nobody waits on it. Listeners' slots are freed
-/// before their attempts are recorded, so this delays only when the record lands, and every
-/// batch it saves is two log writes and a process-wide sled lock saved (batches of 3
+/// before their attempts are recorded, so the linger never holds up a listener's next
+/// request; it delays what follows the record: watchers hearing of the attempt, the
+/// dispatcher learning of a retry or of the delivery's end, and the listener's health.
+/// Every batch it saves is two log writes and a process-wide sled lock saved (batches of 3
 /// became batches of 40 at 10,000 deliveries/s to one listener with 2 ms).
-/// Going from 2 ms and groups of 64 to 4 ms and 256 (with room for [`ROOM_PER_WORKER`]
-/// attempts per worker) took hookd's CPU per delivery to one listener from 71-112 µs to
-/// 69-82 µs, and to ten from 56-74 µs to 52-82 µs (quick bench, four alternating pairs),
-/// with no change in the trigger's p99 beside 1,000 listeners or in memory under a backlog.
+///
+/// Groups of up to 256 gathered for 4 ms, with room for [`ROOM_PER_WORKER`] attempts per
+/// worker, against 64, 2 ms and 2 per worker before: hookd's CPU per delivery to one
+/// listener 69-82 µs against 71-112 µs, to ten 52-82 µs against 56-74 µs (quick bench with
+/// its payloads of a few bytes, four alternating pairs), and no change in the trigger's p99
+/// beside 1,000 listeners or in memory under a backlog.
 const LINGER: Duration = Duration::from_millis(4);
 /// Attempts waiting to be written, per worker of the pool: enough for a lingering group to
-/// fill while workers go on. With 2 per worker (128 with the default pool), a 5 ms linger
-/// delivered a quarter slower to ten listeners (quick bench, three alternating pairs): at
-/// 25,000 deliveries/s, 128 attempts finish within 5 ms, so workers waited for room.
+/// fill while workers go on. Groups of up to 256 gathered for 5 ms with room for only 2 per
+/// worker (128 with the default pool) delivered a quarter slower to ten listeners (quick
+/// bench, three alternating pairs): at 25,000 deliveries/s, 128 attempts finish within
+/// 5 ms, so workers waited for room. A waiting attempt holds its response (headers and at
+/// most 4 KiB of body), not the event's payload.
 pub(crate) const ROOM_PER_WORKER: usize = 8;
 
 struct Job {
@@ -58,12 +64,13 @@ pub(crate) struct Reserved<'a> {
 }
 
 /// The group `first` starts: what is queued behind it and, unless one of them is urgent,
-/// what arrives within `linger`, up to [`MAX_GROUP`].
-fn gather(first: Job, inbox: &mpsc::Receiver<Job>, linger: Duration) -> Vec<Job> {
+/// what arrives within `linger`, up to `most` attempts. With `most` no more than the room,
+/// a group that holds all the room stops waiting: nothing more can arrive.
+fn gather(first: Job, inbox: &mpsc::Receiver<Job>, linger: Duration, most: usize) -> Vec<Job> {
     let until = Instant::now() + linger;
     let mut urgent = first.urgent;
     let mut group = vec![first];
-    while group.len() < MAX_GROUP {
+    while group.len() < most {
         let next = if urgent {
             inbox.try_recv().ok()
         } else {
@@ -80,11 +87,13 @@ impl Recorder {
     /// Starts the recorder thread, which runs with the pipeline's (lower) CPU priority.
     /// At most `room` attempts wait to be written at once.
     pub fn start(queue: Arc<dyn PipelineStore>, room: usize) -> std::io::Result<Self> {
+        let room = room.max(1);
+        let most = MAX_GROUP.min(room);
         let (jobs, inbox) = mpsc::channel::<Job>();
         std::thread::Builder::new().name("hookd-recorder".into()).spawn(move || {
             crate::priority::background();
             while let Ok(first) = inbox.recv() {
-                let group = gather(first, &inbox, LINGER);
+                let group = gather(first, &inbox, LINGER, most);
                 let (completions, waiting): (Vec<Completion>, Vec<_>) =
                     group.into_iter().map(|job| (job.completion, job.written)).unzip();
                 let result = queue.complete_attempts(&completions);
@@ -94,7 +103,7 @@ impl Recorder {
                 }
             }
         })?;
-        Ok(Self { jobs, room: Semaphore::new(room.max(1)) })
+        Ok(Self { jobs, room: Semaphore::new(room) })
     }
 
     /// Waits until there is room for one more attempt to be written.
@@ -134,8 +143,19 @@ mod tests {
         }
         let first = inbox.recv().unwrap();
         // Full before the linger could matter.
-        assert_eq!(gather(first, &inbox, Duration::from_secs(3600)).len(), MAX_GROUP);
+        assert_eq!(gather(first, &inbox, Duration::from_secs(3600), MAX_GROUP).len(), MAX_GROUP);
         assert_eq!(inbox.try_iter().count(), 5);
+    }
+
+    #[test]
+    fn a_group_that_holds_all_the_room_does_not_wait_for_more() {
+        // The sender stays open: a lingering group would wait the whole hour for more.
+        let (jobs, inbox) = mpsc::channel();
+        for _ in 0..3 {
+            jobs.send(job(false)).unwrap();
+        }
+        let first = inbox.recv().unwrap();
+        assert_eq!(gather(first, &inbox, Duration::from_secs(3600), 3).len(), 3);
     }
 
     #[test]
@@ -146,9 +166,9 @@ mod tests {
         jobs.send(job(true)).unwrap();
         jobs.send(job(false)).unwrap();
         let first = inbox.recv().unwrap();
-        assert_eq!(gather(first, &inbox, Duration::from_secs(3600)).len(), 3);
+        assert_eq!(gather(first, &inbox, Duration::from_secs(3600), MAX_GROUP).len(), 3);
         jobs.send(job(true)).unwrap();
         let first = inbox.recv().unwrap();
-        assert_eq!(gather(first, &inbox, Duration::from_secs(3600)).len(), 1);
+        assert_eq!(gather(first, &inbox, Duration::from_secs(3600), MAX_GROUP).len(), 1);
     }
 }

@@ -27,7 +27,7 @@ use crate::store::{Delivery, FanoutCursor, Listener, NewDelivery, QueuePosition,
 /// 50 ms left the trigger alone and built a 1,000,000-delivery backlog a third faster, but
 /// raised hookd's RSS under that backlog from about 240 MB to 275-296 MB, so they were
 /// dropped. The extra memory follows the queue database's page cache: with it at 12 MiB
-/// instead of 24 the RSS was back at 227-253 MB, but with 100,000 deliveries pending
+/// instead of 24 the RSS was back at 227-255 MB, but with 100,000 deliveries pending
 /// delivery was no cheaper than with chunks of 32 (90-104 µs of CPU each to one listener,
 /// against 96-97 µs; 77-86 µs with 24 MiB), and 16 MiB landed in between on both counts.
 const CHUNK: usize = 32;

@@ -147,6 +147,21 @@ mod tests {
         assert_eq!(inbox.try_iter().count(), 5);
     }
 
+    #[tokio::test]
+    async fn attempts_waiting_to_be_written_are_bounded_by_the_room() {
+        use std::future::Future as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn PipelineStore> = crate::store::SledStore::open(dir.path()).unwrap();
+        let recorder = Recorder::start(store, 2).unwrap();
+        let first = recorder.reserve().await.unwrap();
+        let _second = recorder.reserve().await.unwrap();
+        let mut third = std::pin::pin!(recorder.reserve());
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(third.as_mut().poll(&mut context).is_pending(), "the room is full");
+        drop(first);
+        assert!(third.as_mut().poll(&mut context).is_ready(), "a reservation given back makes room");
+    }
+
     #[test]
     fn a_group_that_holds_all_the_room_does_not_wait_for_more() {
         // The sender stays open: a lingering group would wait the whole hour for more.

@@ -1,15 +1,14 @@
 //! The recorder: writes finished attempts to the store in groups, on a thread of its own.
 //!
-//! sled writes its log buffer out twice at every batch (a disk write and a range sync each),
-//! so a batch per attempt costs disk writes per attempt, and every batch also stops all
-//! other sled calls while it applies. The recorder gathers the attempts that finish while it writes the
-//! previous group, and those that finish within a short linger, and writes them as one
-//! batch: each attempt's own writes still land together, atomically. A worker waits until
-//! its attempt is written before it reports back, so the dispatcher never takes a finished
-//! entry for one still to do. Attempts waiting to be written are bounded: a worker reserves
-//! room before its listener's slot is freed, so a slow store slows dispatch instead of piling
-//! up attempts in memory. The recorder never decides anything: it writes what it is given,
-//! in order.
+//! sled writes its log buffer out twice at every batch (a disk write and a range sync each), so
+//! a batch per attempt costs disk writes per attempt, and every batch also stops all other sled
+//! calls while it applies. The recorder gathers the attempts that finish while it writes the
+//! previous group, and those that finish within a short linger, and writes them as one batch:
+//! each attempt's own writes still land together, atomically. A worker waits until its attempt
+//! is written before it reports back, so the dispatcher never takes a finished entry for one
+//! still to do. Attempts waiting to be written are bounded: a worker reserves room before its
+//! listener's slot is freed, so a slow store slows dispatch instead of piling up attempts in
+//! memory. The recorder never decides anything: it writes what it is given, in order.
 
 use std::sync::Arc;
 use std::sync::mpsc;

@@ -127,13 +127,7 @@ impl Hookd {
     /// CPU time the process has used so far, user and system, in seconds (Linux): steadier
     /// than throughput on a shared machine, for comparing two builds.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        // Fields after the command name (which may hold spaces): utime and stime are the
-        // 12th and 13th, in clock ticks (100 per second on Linux).
-        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(11) + ticks(12)) / 100.0
+        cpu_seconds(self.pid)
     }
 
     /// SIGKILL: no shutdown code runs.
@@ -141,4 +135,15 @@ impl Hookd {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
     }
+}
+
+/// CPU time (user and system, all threads) process `pid` has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the
+    // 12th and 13th, in clock ticks (100 per second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }

@@ -2,12 +2,13 @@
 //! through `hookd-client`, each scenario beside its raw bound taken in the same run, and
 //! reports. It asserts nothing: the goals are read off the report.
 //!
-//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--only trigger|stream|delivery|backlog]`
+//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--only trigger|stream|delivery|backlog|store]`
 
 mod hookd;
 mod raw;
 mod receiver;
 mod stats;
+mod store;
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -48,6 +49,8 @@ struct Plan {
     stream_events: usize,
     deliveries: [(usize, usize); 2],
     backlog_pending: usize,
+    /// Deliveries through the store alone (the store floor).
+    store_deliveries: usize,
 }
 
 const QUICK: Plan = Plan {
@@ -57,6 +60,7 @@ const QUICK: Plan = Plan {
     stream_events: 50_000,
     deliveries: [(20_000, 1), (2_000, 10)],
     backlog_pending: 200_000,
+    store_deliveries: 20_000,
 };
 
 const FULL: Plan = Plan {
@@ -66,6 +70,7 @@ const FULL: Plan = Plan {
     stream_events: 300_000,
     deliveries: [(100_000, 1), (10_000, 10)],
     backlog_pending: 1_000_000,
+    store_deliveries: 100_000,
 };
 
 const LISTENER_COUNTS: [usize; 4] = [0, 1, 100, 1000];
@@ -100,12 +105,14 @@ async fn main() -> Result<(), BoxError> {
     let stream = if wanted("stream") { stream_scenario(plan, &binary, trivial).await? } else { Value::Null };
     let delivery = if wanted("delivery") { delivery_scenario(plan, &binary, &receiver).await? } else { Value::Null };
     let backlog = if wanted("backlog") { backlog_scenario(plan, &binary, &receiver).await? } else { Value::Null };
+    let store = if wanted("store") { store::floor(plan.store_deliveries)? } else { Value::Null };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = json!({
         "trigger": trigger,
         "stream": stream,
         "delivery": delivery,
         "backlog": backlog,
+        "store": store,
         "machine": { "cores": cores, "hookd_version": env!("CARGO_PKG_VERSION") },
         "run": { "plan": plan.name, "seconds": round(started.elapsed().as_secs_f64()) },
     });
@@ -385,6 +392,16 @@ fn print_table(report: &Value) {
             case["deliveries_per_s"],
             case["raw_per_s"],
             case["ratio"]
+        );
+    }
+    println!(
+        "| queue store alone: CPU per delivery, {} deliveries (the store floor) | {} µs | | |",
+        report["store"]["deliveries"], report["store"]["cpu_us_per_delivery"]
+    );
+    for case in report["delivery"]["cases"].as_array().into_iter().flatten() {
+        println!(
+            "| hookd CPU per delivery, {} events x {} listeners | {} µs | | |",
+            case["events"], case["listeners"], case["hookd_cpu_us_per_delivery"]
         );
     }
     let b = &report["backlog"];

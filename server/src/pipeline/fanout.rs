@@ -30,7 +30,7 @@ use crate::store::{Delivery, FanoutCursor, Listener, NewDelivery, QueuePosition,
 /// instead of 24 the RSS was back at 227-255 MB, but with 100,000 deliveries pending
 /// delivery was no cheaper than with chunks of 32 (90-104 µs of CPU each to one listener,
 /// against 96-97 µs; 77-86 µs with 24 MiB), and 16 MiB landed in between on both counts.
-const CHUNK: usize = 32;
+pub const CHUNK: usize = 32;
 /// Events looked at per chunk, however few deliveries they make: events nobody listens to
 /// move the cursor in bounded steps, so one call never holds a pipeline thread for long
 /// (store calls run in place there).

@@ -42,6 +42,9 @@ pub(crate) use crate::blocking;
 
 use crate::crypto::Keyring;
 use crate::store::{DeliveryState, HistoryStore, PipelineStore, QueuePosition, Store};
+/// Batch sizes of fan-out and of the recorder, for the benchmark's store floor.
+pub use fanout::CHUNK as FANOUT_CHUNK;
+pub use recorder::MAX_GROUP as RECORD_GROUP;
 pub use retry::RetrySchedule;
 pub use target::{PolicyKind, TargetPolicy};
 

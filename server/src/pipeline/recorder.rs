@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 use crate::store::{Completion, PipelineStore, StoreError};
 
 /// Most attempts written in one batch.
-const MAX_GROUP: usize = 256;
+pub const MAX_GROUP: usize = 256;
 /// How long a group waits to fill while nobody waits on it. Listeners' slots are freed
 /// before their attempts are recorded, so the linger never holds up a listener's next
 /// request; it delays what follows the record: watchers hearing of the attempt, the

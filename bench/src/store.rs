@@ -73,7 +73,7 @@ pub fn floor(deliveries: usize) -> Result<Value, BoxError> {
             let entry = DueEntry { due_ms, delivery_id: id, listener_id: listener_id.clone(), manual: false };
             completions.push(Completion { delivery, attempt, entry, next: NextStep::Done });
         }
-        store.complete_attempts(&completions)?;
+        store.complete_attempts(completions)?;
     }
 
     let seconds = started.elapsed().as_secs_f64();

@@ -95,7 +95,7 @@ impl Recorder {
                 let group = gather(first, &inbox, LINGER, most);
                 let (completions, waiting): (Vec<Completion>, Vec<_>) =
                     group.into_iter().map(|job| (job.completion, job.written)).unzip();
-                let result = queue.complete_attempts(&completions);
+                let result = queue.complete_attempts(completions);
                 for written in waiting {
                     // A worker that is gone (shutdown) needs no answer.
                     let _ = written.send(result.clone());

@@ -195,13 +195,14 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError>;
     /// Records finished attempts in one atomic write: for each, the attempt, the delivery's
     /// new state, the entry attempted leaving the queue, and the delivery's next entry or its
-    /// leaving the listener's unfinished ones.
-    fn complete_attempts(&self, completions: &[Completion]) -> Result<(), StoreError>;
+    /// leaving the listener's unfinished ones. A delivery's first attempt is kept in the
+    /// delivery's own record.
+    fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError>;
     /// Takes an entry with nothing left to do out of the queue.
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError>;
     /// Ends a delivery without an attempt (e.g. its listener was deleted).
     fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry) -> Result<(), StoreError>;
-    /// Attempts of a delivery, in order.
+    /// Attempts of a delivery, in order (the first is read from the delivery's record).
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError>;
 
     fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError>;

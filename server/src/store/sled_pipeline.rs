@@ -167,18 +167,22 @@ impl PipelineStore for SledStore {
         read(&self.queue, &keys::delivery(delivery_id))
     }
 
-    fn complete_attempts(&self, completions: &[Completion]) -> Result<(), StoreError> {
+    fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        for Completion { delivery, attempt, entry, next } in completions {
-            batch.insert(keys::attempt(&delivery.id, attempt.number), encode(attempt));
-            batch.insert(keys::delivery(&delivery.id), encode(delivery));
+        for Completion { mut delivery, attempt, entry, next } in completions {
+            if attempt.number == 1 && delivery.first_attempt.is_none() {
+                delivery.first_attempt = Some(attempt);
+            } else {
+                batch.insert(keys::attempt(&delivery.id, attempt.number), encode(&attempt));
+            }
+            batch.insert(keys::delivery(&delivery.id), encode(&delivery));
             batch.remove(keys::due(entry.due_ms, &entry.key_id()));
             if entry.manual {
                 batch.remove(keys::manual(&delivery.id, entry.due_ms));
             }
             match next {
                 NextStep::RetryAt(due_ms) => {
-                    batch.insert(keys::due(*due_ms, &delivery.id), delivery.listener_id.as_bytes());
+                    batch.insert(keys::due(due_ms, &delivery.id), delivery.listener_id.as_bytes());
                 }
                 NextStep::Done => batch.remove(keys::pending(&delivery.listener_id, &delivery.id)),
                 NextStep::Keep => {}
@@ -215,14 +219,19 @@ impl PipelineStore for SledStore {
     }
 
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError> {
+        let first = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))?.and_then(|d| d.first_attempt);
+        let first_number = first.as_ref().map(|attempt| attempt.number);
         let prefix = keys::attempts_prefix(delivery_id);
-        self.queue
+        let rest = self
+            .queue
             .range::<Vec<u8>, _>((std::ops::Bound::Included(prefix.clone()), prefix_end(&prefix)))
             .map(|entry| {
                 let (key, value) = entry?;
-                decode(&value).ok_or_else(|| corrupt(&key))
-            })
-            .collect()
+                decode::<Attempt>(&value).ok_or_else(|| corrupt(&key))
+            });
+        // A record of the inline attempt's own (none is written) would be the same attempt.
+        let rest = rest.filter(|attempt| !matches!(attempt, Ok(attempt) if Some(attempt.number) == first_number));
+        first.map(Ok).into_iter().chain(rest).collect()
     }
 
     fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError> {

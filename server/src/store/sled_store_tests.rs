@@ -1,6 +1,9 @@
 use super::*;
 use crate::store::writer::IDEMPOTENCY_WINDOW_MS;
-use crate::store::{EventFilter, FanoutCursor, HistoryStore, PipelineStore, Refusal};
+use crate::store::{
+    Attempt, Completion, Delivery, DueEntry, EventFilter, FanoutCursor, HistoryStore, NewDelivery, NextStep,
+    PipelineStore, Refusal,
+};
 
 /// The key hash the test producers are created with.
 fn key_of(producer: &str) -> [u8; 32] {
@@ -303,4 +306,66 @@ async fn a_data_directory_with_the_per_event_producer_index_is_converted_at_open
     assert_eq!(listed_seqs(&store, Some("prd_a"), 100), (0..300).step_by(2).collect::<Vec<u64>>());
     assert_eq!(store.tree.scan_prefix(b"ep/").count(), 0);
     store.close().unwrap();
+}
+
+/// A recorded attempt `number` of `delivery`, which then waits for its next attempt at 50.
+fn failed_attempt(delivery: &Delivery, number: u32) -> Completion {
+    let mut delivery = delivery.clone();
+    delivery.attempts = number;
+    let attempt = Attempt { number, status_code: 503, ..Attempt::default() };
+    let entry = DueEntry {
+        due_ms: delivery.next_attempt_at_ms,
+        delivery_id: delivery.id.clone(),
+        listener_id: delivery.listener_id.clone(),
+        manual: false,
+    };
+    delivery.next_attempt_at_ms = 50;
+    Completion { delivery, attempt, entry, next: NextStep::RetryAt(50) }
+}
+
+#[test]
+fn the_first_attempt_lives_in_the_delivery_record_and_later_ones_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let event = Event { id: ids::event_id(7), seq: 7, ..Event::default() };
+    let pending = Delivery::pending(ids::delivery_id(7, "lst_a"), &event, "lst_a", 10);
+    store
+        .commit_fanout(&[NewDelivery { delivery: pending.clone(), ordered: false }], &FanoutCursor::default())
+        .unwrap();
+
+    store.complete_attempts(vec![failed_attempt(&pending, 1)]).unwrap();
+    let delivery = store.delivery(&pending.id).unwrap().unwrap();
+    assert_eq!(delivery.first_attempt.as_ref().map(|attempt| attempt.number), Some(1));
+    assert!(store.queue.scan_prefix(keys::attempts_prefix(&pending.id)).next().is_none(), "one write less");
+
+    store.complete_attempts(vec![failed_attempt(&delivery, 2)]).unwrap();
+    let numbers = |store: &SledStore| -> Vec<u32> {
+        store.attempts(&pending.id).unwrap().iter().map(|attempt| attempt.number).collect()
+    };
+    assert_eq!(numbers(&store), [1, 2]);
+    // The record rewritten for the second attempt keeps the first.
+    assert!(store.delivery(&pending.id).unwrap().unwrap().first_attempt.is_some());
+}
+
+#[test]
+fn a_first_attempt_recorded_on_its_own_before_is_still_listed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let event = Event { id: ids::event_id(3), seq: 3, ..Event::default() };
+    let mut delivery = Delivery::pending(ids::delivery_id(3, "lst_a"), &event, "lst_a", 10);
+    delivery.attempts = 2;
+    // As hookd wrote attempts before the first one moved into the delivery's record.
+    let old = |number: u32| Attempt { number, status_code: 500, ..Attempt::default() };
+    store.queue.insert(keys::delivery(&delivery.id), encode(&delivery)).unwrap();
+    for number in [1, 2] {
+        store.queue.insert(keys::attempt(&delivery.id, number), encode(&old(number))).unwrap();
+    }
+    let listed: Vec<u32> = store.attempts(&delivery.id).unwrap().iter().map(|attempt| attempt.number).collect();
+    assert_eq!(listed, [1, 2]);
+
+    // Both places at once (never written so, but never listed twice).
+    delivery.first_attempt = Some(old(1));
+    store.queue.insert(keys::delivery(&delivery.id), encode(&delivery)).unwrap();
+    let listed: Vec<u32> = store.attempts(&delivery.id).unwrap().iter().map(|attempt| attempt.number).collect();
+    assert_eq!(listed, [1, 2]);
 }

@@ -38,7 +38,8 @@ const LINGER: Duration = Duration::from_millis(4);
 /// worker (128 with the default pool) delivered a quarter slower to ten listeners (quick
 /// bench, three alternating pairs): at 25,000 deliveries/s, 128 attempts finish within
 /// 5 ms, so workers waited for room. A waiting attempt holds its response (headers and at
-/// most 4 KiB of body), not the event's payload.
+/// most 4 KiB of body), and a later attempt the delivery's first response too (it is kept
+/// in the delivery's record), but not the event's payload.
 pub(crate) const ROOM_PER_WORKER: usize = 8;
 
 struct Job {

@@ -218,9 +218,22 @@ pub struct Delivery {
     /// The first attempt, kept in the delivery's own record: a delivery that succeeds at
     /// once costs one write less (each sled write is several µs of CPU). Later attempts
     /// have records of their own. Data from before this field has the first attempt in a
-    /// record of its own too.
+    /// record of its own too; a hookd from before it would drop this one the next time it
+    /// rewrote the record, so data written now is not for older versions.
     #[prost(message, optional, tag = "12")]
     pub first_attempt: Option<Attempt>,
+}
+
+/// The part of a [`Delivery`] record that retention needs, decoded without the rest (the
+/// first attempt's response above all) when many are read at once.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct DeliveryHead {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(string, tag = "4")]
+    pub listener_id: String,
+    #[prost(enumeration = "DeliveryState", tag = "6")]
+    pub state: i32,
 }
 
 impl Delivery {

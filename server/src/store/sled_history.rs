@@ -10,7 +10,7 @@ use std::ops::Bound;
 
 use sled::Batch;
 
-use super::model::{Delivery, DeliveryState, DueEntry, Event, IdempotencyEntry, decode, encode};
+use super::model::{Delivery, DeliveryHead, DeliveryState, DueEntry, Event, IdempotencyEntry, decode, encode};
 use super::producer_index;
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
 use super::{EventFilter, HistoryStore, Page, PipelineStore, StoreError, Trimmed};
@@ -76,13 +76,15 @@ impl SledStore {
         for entry in self.queue.range::<Vec<u8>, _>((start, prefix_end(prefix))).take(scan_budget(limit)) {
             let (key, value) = entry?;
             let id = std::str::from_utf8(&key[id_start..]).map_err(|_| corrupt(&key))?.to_owned();
-            let delivery: Delivery = if index {
+            let mut delivery: Delivery = if index {
                 read(&self.queue, &keys::delivery(&id))?.ok_or_else(|| corrupt(&key))?
             } else {
                 decode(&value).ok_or_else(|| corrupt(&key))?
             };
             last = Some(id);
             if state.is_none_or(|state| delivery.state == state as i32) {
+                // A listing shows no attempts: a page does not hold a response per delivery.
+                delivery.first_attempt = None;
                 items.push(delivery);
                 if items.len() == limit {
                     break;
@@ -283,7 +285,7 @@ impl HistoryStore for SledStore {
             let mut deliveries = Vec::new();
             for entry in self.queue.scan_prefix(&prefix) {
                 let (key, value) = entry?;
-                deliveries.push(decode::<Delivery>(&value).ok_or_else(|| corrupt(&key))?);
+                deliveries.push(decode::<DeliveryHead>(&value).ok_or_else(|| corrupt(&key))?);
             }
             let mut unfinished = deliveries.iter().any(|d| d.state == DeliveryState::Pending as i32);
             for delivery in &deliveries {

@@ -170,7 +170,7 @@ impl PipelineStore for SledStore {
     fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         for Completion { mut delivery, attempt, entry, next } in completions {
-            if attempt.number == 1 && delivery.first_attempt.is_none() {
+            if attempt.number == 1 {
                 delivery.first_attempt = Some(attempt);
             } else {
                 batch.insert(keys::attempt(&delivery.id, attempt.number), encode(&attempt));

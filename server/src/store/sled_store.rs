@@ -27,13 +27,13 @@
 //! | `eb/{producer id}/{block: u64 big-endian}` | bitmap of 256 bits, least significant first in each byte: which of events `block × 256` to `block × 256 + 255` are the producer's (see `producer_index`) |
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
-//! | `d/{delivery id}` | [`Delivery`](super::Delivery) |
+//! | `d/{delivery id}` | [`Delivery`](super::Delivery), with its first attempt |
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
 //! | `pk/{listener id}/{delivery id}` | original due time: parked while the listener is busy |
 //! | `pl/{listener id}/{delivery id}` | empty: unfinished deliveries of a strictly ordered listener, oldest first |
 //! | `mq/{delivery id}/{due ms: u64 big-endian}` | empty: a manual attempt queued or under way (retention keeps its delivery) |
 //! | `dl/{listener id}/{delivery id}` | empty: every delivery of a listener |
-//! | `a/{delivery id}/{attempt: u32 big-endian}` | [`Attempt`](super::Attempt) |
+//! | `a/{delivery id}/{attempt: u32 big-endian}` | [`Attempt`](super::Attempt): attempts after the first (in data from before `Delivery::first_attempt`, the first as well) |
 //! | `lh/{listener id}` | [`ListenerHealth`](super::ListenerHealth) |
 
 use std::ops::Bound;

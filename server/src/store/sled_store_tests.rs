@@ -345,6 +345,10 @@ fn the_first_attempt_lives_in_the_delivery_record_and_later_ones_beside_it() {
     assert_eq!(numbers(&store), [1, 2]);
     // The record rewritten for the second attempt keeps the first.
     assert!(store.delivery(&pending.id).unwrap().unwrap().first_attempt.is_some());
+    // A listing page carries no responses.
+    let page = store.deliveries_of_event(7, None, None, 10).unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert!(page.items[0].first_attempt.is_none());
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! through `hookd-client`, each scenario beside its raw bound taken in the same run, and
 //! reports. It asserts nothing: the goals are read off the report.
 //!
-//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--only trigger|stream|delivery|backlog|store]`
+//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--only trigger|stream|delivery|backlog|store|ordered]`
 
 mod hookd;
+mod ordered;
 mod raw;
 mod receiver;
 mod stats;
@@ -51,6 +52,8 @@ struct Plan {
     backlog_pending: usize,
     /// Deliveries through the store alone (the store floor).
     store_deliveries: usize,
+    /// Events to the ordered listener, alone and beside load.
+    ordered_events: usize,
 }
 
 const QUICK: Plan = Plan {
@@ -61,6 +64,7 @@ const QUICK: Plan = Plan {
     deliveries: [(20_000, 1), (2_000, 10)],
     backlog_pending: 200_000,
     store_deliveries: 20_000,
+    ordered_events: 500,
 };
 
 const FULL: Plan = Plan {
@@ -71,6 +75,7 @@ const FULL: Plan = Plan {
     deliveries: [(100_000, 1), (10_000, 10)],
     backlog_pending: 1_000_000,
     store_deliveries: 100_000,
+    ordered_events: 2_000,
 };
 
 const LISTENER_COUNTS: [usize; 4] = [0, 1, 100, 1000];
@@ -106,6 +111,7 @@ async fn main() -> Result<(), BoxError> {
     let delivery = if wanted("delivery") { delivery_scenario(plan, &binary, &receiver).await? } else { Value::Null };
     let backlog = if wanted("backlog") { backlog_scenario(plan, &binary, &receiver).await? } else { Value::Null };
     let store = if wanted("store") { store::floor(plan.store_deliveries)? } else { Value::Null };
+    let ordered = if wanted("ordered") { ordered::scenario(plan, &binary, &receiver).await? } else { Value::Null };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = json!({
         "trigger": trigger,
@@ -113,6 +119,7 @@ async fn main() -> Result<(), BoxError> {
         "delivery": delivery,
         "backlog": backlog,
         "store": store,
+        "ordered": ordered,
         "machine": { "cores": cores, "hookd_version": env!("CARGO_PKG_VERSION") },
         "run": { "plan": plan.name, "seconds": round(started.elapsed().as_secs_f64()) },
     });
@@ -404,6 +411,11 @@ fn print_table(report: &Value) {
             case["events"], case["listeners"], case["hookd_cpu_us_per_delivery"]
         );
     }
+    let o = &report["ordered"];
+    println!(
+        "| one ordered listener, {} events: deliveries/s alone / beside {} deliveries/s to {} others | {} / {} | | |",
+        o["events"], o["load_deliveries_per_s"], o["load_listeners"], o["alone_per_s"], o["beside_load_per_s"]
+    );
     let b = &report["backlog"];
     println!("| RSS with {} pending deliveries | {} MB | | ≤ 300 MB |", b["pending"], b["rss_mb"]);
     println!("| data directory with {} pending deliveries | {} MB | | |", b["pending"], b["data_dir_mb"]);

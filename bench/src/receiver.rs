@@ -1,6 +1,7 @@
 //! The bench's loopback webhook receiver: answers 200 (or 503 while refusing), counts what it
 //! gets, and measures trigger-to-receipt lag from the timestamp in each payload.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +23,8 @@ pub struct Counters {
     /// Micros since the bench's epoch of the first request after `reset`.
     first_at_us: AtomicU64,
     lags: Mutex<Samples>,
+    /// Requests by path.
+    by_path: Mutex<HashMap<String, u64>>,
 }
 
 pub struct Receiver {
@@ -73,6 +76,12 @@ impl Receiver {
         self.counters.first_at_us.store(0, Ordering::SeqCst);
         self.counters.refusing.store(refusing, Ordering::SeqCst);
         *self.counters.lags.lock().unwrap() = Samples::default();
+        self.counters.by_path.lock().unwrap().clear();
+    }
+
+    /// Requests received at `path` since the last reset.
+    pub fn received_at(&self, path: &str) -> u64 {
+        self.counters.by_path.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 
     pub fn received(&self) -> u64 {
@@ -101,6 +110,7 @@ impl Receiver {
 }
 
 async fn answer(counters: Arc<Counters>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    *counters.by_path.lock().unwrap().entry(request.uri().path().to_owned()).or_default() += 1;
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let now = crate::micros_since_epoch();
     let _ = counters.first_at_us.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);

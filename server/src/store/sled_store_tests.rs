@@ -93,6 +93,24 @@ async fn idempotency_keys_dedupe_within_the_window_and_per_producer() {
     store.close().unwrap();
 }
 
+#[tokio::test]
+async fn the_idempotency_window_holds_for_events_still_on_their_way_into_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    // The applier waits for the index turn, so every event below stays in flight: its key is
+    // known from the writer's claims, not from sled.
+    let hold = store.progress.index_turn();
+    let first = store.append_event(new_event("prd_a", Some("k1"), 1_000)).await.unwrap();
+    let again = store.append_event(new_event("prd_a", Some("k1"), 2_000)).await.unwrap();
+    assert_eq!(again, Appended { event_id: first.event_id.clone(), duplicate: true });
+    let after_window = store.append_event(new_event("prd_a", Some("k1"), 1_000 + IDEMPOTENCY_WINDOW_MS)).await.unwrap();
+    assert!(!after_window.duplicate);
+    let first_seq = ids::event_seq(&first.event_id).unwrap();
+    assert!(store.progress.in_flight(first_seq), "the first event was still on its way");
+    drop(hold);
+    store.close().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_with_one_key_record_one_event() {
     let dir = tempfile::tempdir().unwrap();

@@ -243,6 +243,13 @@ pub(crate) fn stage_records(event: &Event, batch: &mut sled::Batch, index: &mut 
     index.set(&event.producer_id, event.seq);
 }
 
+/// An idempotency key taken by an event not yet in sled: what its stored record will say.
+struct Claim {
+    event_id: String,
+    seq: u64,
+    created_at_ms: u64,
+}
+
 /// The writer's state between groups.
 pub(crate) struct Writer {
     tree: Tree,
@@ -253,8 +260,9 @@ pub(crate) struct Writer {
     last_created_ms: u64,
     progress: Arc<Progress>,
     callers: Arc<Callers>,
-    /// Idempotency keys of events not yet in sled, and the events' numbers, oldest first.
-    claims: HashMap<Vec<u8>, (String, u64)>,
+    /// Idempotency keys of events not yet in sled.
+    claims: HashMap<Vec<u8>, Claim>,
+    /// The claims' keys with their events' numbers, oldest first.
     claim_order: VecDeque<(u64, Vec<u8>)>,
 }
 
@@ -424,7 +432,7 @@ impl Writer {
                 break;
             }
             let (seq, key) = self.claim_order.pop_front().expect("front exists");
-            if self.claims.get(&key).is_some_and(|(_, claimed)| *claimed == seq) {
+            if self.claims.get(&key).is_some_and(|claim| claim.seq == seq) {
                 self.claims.remove(&key);
             }
         }
@@ -445,13 +453,14 @@ impl Writer {
         self.check_caller(&event)?;
         let idempotency = event.idempotency_key.as_deref().map(|key| keys::idempotency(&event.producer_id, key));
         if let Some(idem_key) = &idempotency {
-            if let Some((event_id, _)) = self.claims.get(idem_key) {
-                return Ok((Appended { event_id: event_id.clone(), duplicate: true }, None));
-            }
-            let found = match stored.get(idem_key) {
-                Some(found) => found.clone(),
+            let found = match (self.claims.get(idem_key), stored.get(idem_key)) {
+                // An event in flight holds the key: it is newer than any stored one.
+                (Some(claim), _) => {
+                    Ok(Some(IdempotencyEntry { event_id: claim.event_id.clone(), created_at_ms: claim.created_at_ms }))
+                }
+                (None, Some(found)) => found.clone(),
                 // Not read with the group (an event in flight had it then): read it now.
-                None => read_idempotency(&self.tree, idem_key),
+                (None, None) => read_idempotency(&self.tree, idem_key),
             };
             if let Some(entry) = found?
                 && event.created_at_ms < entry.created_at_ms.saturating_add(IDEMPOTENCY_WINDOW_MS)
@@ -478,7 +487,7 @@ impl Writer {
         self.next_seq += 1;
         self.last_created_ms = created_at_ms;
         if let Some(idem_key) = idempotency {
-            self.claims.insert(idem_key.clone(), (event_id.clone(), seq));
+            self.claims.insert(idem_key.clone(), Claim { event_id: event_id.clone(), seq, created_at_ms });
             self.claim_order.push_back((seq, idem_key));
         }
         Ok((Appended { event_id, duplicate: false }, Some(record)))

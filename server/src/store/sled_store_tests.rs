@@ -94,6 +94,7 @@ async fn idempotency_keys_dedupe_within_the_window_and_per_producer() {
 }
 
 #[tokio::test]
+#[expect(clippy::await_holding_lock, reason = "the applier must wait while the appends are made")]
 async fn the_idempotency_window_holds_for_events_still_on_their_way_into_sled() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with_producers(dir.path()).await;

@@ -5,6 +5,8 @@
 //! least once.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hookd_client::Client;
 use hookd_client::v1::{CreateProducerRequest, GetEventRequest, TriggerRequest};
@@ -62,17 +64,49 @@ async fn trigger_many(producer: &Client, count: usize) -> Vec<String> {
     ids
 }
 
-/// Waits until every (event, path) pair has reached the receiver.
-async fn wait_for_all(receiver: &Receiver, events: &[String], paths: &[String]) {
-    let expected: HashSet<(String, String)> =
-        events.iter().flat_map(|e| paths.iter().map(move |p| (e.clone(), p.clone()))).collect();
-    receiver
-        .wait_until("every (event, listener) pair delivered", DEADLINE * 2, |requests| {
-            let got: HashSet<(String, String)> =
-                requests.iter().map(|r| (r.webhook_id().to_owned(), r.path.clone())).collect();
-            expected.is_subset(&got)
-        })
-        .await;
+/// What the receiver answered: the (event, path) pairs it answered with 200, and a switch
+/// to throw once hookd is killed.
+struct Answers {
+    answered: Arc<Mutex<HashSet<(String, String)>>>,
+    killed: Arc<AtomicBool>,
+}
+
+impl Answers {
+    /// Makes `receiver` answer the first `before_kill` (event, path) pairs with 200 and hang on
+    /// every later request until the kill is reported, then answer everything with 200. So
+    /// the kill always finds the deliveries it should, however fast hookd delivers.
+    fn script(receiver: &Receiver, before_kill: usize) -> Self {
+        let answers = Self { answered: Arc::default(), killed: Arc::default() };
+        let (answered, killed) = (answers.answered.clone(), answers.killed.clone());
+        receiver.script("/", move |request, _| {
+            let mut answered = answered.lock().unwrap();
+            if answered.len() < before_kill || killed.load(Ordering::SeqCst) {
+                answered.insert((request.webhook_id().to_owned(), request.path.clone()));
+                Reply::Status(200)
+            } else {
+                Reply::Hang
+            }
+        });
+        answers
+    }
+
+    /// hookd is dead: answer from now on. Returns how many pairs were answered before.
+    fn killed(&self) -> usize {
+        self.killed.store(true, Ordering::SeqCst);
+        self.answered.lock().unwrap().len()
+    }
+
+    /// Waits until every (event, path) pair was answered with 200 (a request that hung at the
+    /// kill does not count: it must be made again).
+    async fn wait_for_all(&self, receiver: &Receiver, events: &[String], paths: &[String]) {
+        let expected: HashSet<(String, String)> =
+            events.iter().flat_map(|e| paths.iter().map(move |p| (e.clone(), p.clone()))).collect();
+        receiver
+            .wait_until("every (event, listener) pair answered", DEADLINE * 2, |_| {
+                expected.is_subset(&self.answered.lock().unwrap())
+            })
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +140,9 @@ async fn kill_9_right_after_the_acks_keeps_every_acknowledged_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_in_the_middle_of_delivery_loses_nothing() {
     const EVENTS: usize = 300;
+    const ANSWERED_BEFORE: usize = 50;
     let receiver = Receiver::start().await;
+    let answers = Answers::script(&receiver, ANSWERED_BEFORE);
     let crashable = Crashable::new();
     let hookd = crashable.start().await;
     let (producer, _) = producer(&hookd).await;
@@ -116,13 +152,12 @@ async fn kill_9_in_the_middle_of_delivery_loses_nothing() {
         producer.register().register_listener(listener_request(&hash, &receiver.url(path))).await.unwrap();
     }
     let events = trigger_many(&producer, EVENTS).await;
-    receiver.wait_until("delivery under way", DEADLINE, |requests| requests.len() >= 50).await;
+    receiver.wait_until("a delivery hanging", DEADLINE, |requests| requests.len() > ANSWERED_BEFORE).await;
     hookd.kill9().await;
-    let delivered_before = receiver.requests().len();
+    assert_eq!(answers.killed(), ANSWERED_BEFORE, "the kill came in the middle of delivery");
 
     let _hookd = crashable.start().await;
-    wait_for_all(&receiver, &events, &paths).await;
-    assert!(delivered_before < EVENTS * paths.len(), "the kill came in the middle of delivery");
+    answers.wait_for_all(&receiver, &events, &paths).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +165,8 @@ async fn kill_9_during_a_50_listener_fan_out_loses_nothing() {
     const LISTENERS: usize = 50;
     const EVENTS: usize = 40;
     let receiver = Receiver::start().await;
+    // Nothing is answered before the kill, so no delivery can be finished by then.
+    let answers = Answers::script(&receiver, 0);
     let crashable = Crashable::new();
     let hookd = crashable.start().await;
     let (producer, _) = producer(&hookd).await;
@@ -141,11 +178,10 @@ async fn kill_9_during_a_50_listener_fan_out_loses_nothing() {
     let events = trigger_many(&producer, EVENTS).await;
     // Right after the acks: fan-out of 2,000 deliveries has barely begun.
     hookd.kill9().await;
-    let delivered_before = receiver.requests().len();
+    assert_eq!(answers.killed(), 0);
 
     let _hookd = crashable.start().await;
-    wait_for_all(&receiver, &events, &paths).await;
-    assert!(delivered_before < EVENTS * LISTENERS, "the kill came before the fan-out was delivered");
+    answers.wait_for_all(&receiver, &events, &paths).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -229,7 +229,8 @@ impl PipelineStore for SledStore {
                 let (key, value) = entry?;
                 decode::<Attempt>(&value).ok_or_else(|| corrupt(&key))
             });
-        // A record of the inline attempt's own (none is written) would be the same attempt.
+        // hookd writes attempt 1 only into the delivery's record; should a record of its own
+        // exist too (older data), it is the same attempt: list it once.
         let rest = rest.filter(|attempt| !matches!(attempt, Ok(attempt) if Some(attempt.number) == first_number));
         first.map(Ok).into_iter().chain(rest).collect()
     }

@@ -20,7 +20,7 @@ const LOAD_LISTENERS: usize = 10;
 /// Load events published every tick of [`LOAD_TICK`]: 1,000 events, 10,000 deliveries a
 /// second, about two thirds of what hookd delivers to ten listeners here, so it keeps up
 /// while the recorder's groups are busy. (At 15,000 a second, about all it delivers, the
-/// ordered listener got 140-920 deliveries a second, from run to run.)
+/// ordered listener got 140-1,030 deliveries a second, from run to run.)
 const LOAD_PER_TICK: usize = 10;
 const LOAD_TICK: Duration = Duration::from_millis(10);
 

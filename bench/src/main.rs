@@ -2,7 +2,10 @@
 //! through `hookd-client`, each scenario beside its raw bound taken in the same run, and
 //! reports. It asserts nothing: the goals are read off the report.
 //!
-//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--only trigger|stream|delivery|backlog|store|ordered]`
+//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--rounds N] [--only SCENARIO]`
+//!
+//! SCENARIO is one of [`SCENARIOS`]. With `--rounds N` every scenario runs N times and each
+//! figure reported is the median of its N values (the rounds themselves are in the JSON).
 
 mod hookd;
 mod ordered;
@@ -78,6 +81,9 @@ const FULL: Plan = Plan {
     ordered_events: 2_000,
 };
 
+const SCENARIOS: [&str; 6] = ["trigger", "stream", "delivery", "backlog", "store", "ordered"];
+const USAGE: &str =
+    "usage: hookd-bench [--quick] [--json FILE] [--rounds N] [--only trigger|stream|delivery|backlog|store|ordered]";
 const LISTENER_COUNTS: [usize; 4] = [0, 1, 100, 1000];
 const CONCURRENCY: usize = 64;
 
@@ -88,12 +94,21 @@ async fn main() -> Result<(), BoxError> {
     let plan = if args.iter().any(|a| a == "--quick") { &QUICK } else { &FULL };
     let json_path = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
     if let Some(unknown) =
-        args.iter().find(|a| a.starts_with("--") && !["--quick", "--json", "--only"].contains(&a.as_str()))
+        args.iter().find(|a| a.starts_with("--") && !["--quick", "--json", "--only", "--rounds"].contains(&a.as_str()))
     {
-        return Err(
-            format!("unknown option {unknown}; usage: hookd-bench [--quick] [--json FILE] [--only SCENARIO]").into()
-        );
+        return Err(format!("unknown option {unknown}; {USAGE}").into());
     }
+    // `--only NAME` runs one scenario (for profiling); the report then holds only that one.
+    let only = option_value(&args, "--only")?;
+    if let Some(only) = &only
+        && !SCENARIOS.contains(&only.as_str())
+    {
+        return Err(format!("unknown scenario {only}; {USAGE}").into());
+    }
+    let rounds = match option_value(&args, "--rounds")? {
+        Some(n) => n.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| format!("--rounds {n}: {USAGE}"))?,
+        None => 1,
+    };
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let binary = hookd::build()?;
@@ -102,27 +117,36 @@ async fn main() -> Result<(), BoxError> {
     let started = Instant::now();
     eprintln!("hookd-bench ({} run) against {}", plan.name, binary.display());
 
-    // `--only NAME` runs one scenario (for profiling); the report then holds only that one.
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wanted = |name: &str| only.as_deref().is_none_or(|only| only == name);
-    let trigger =
-        if wanted("trigger") { trigger_scenario(plan, &binary, &receiver, trivial).await? } else { Value::Null };
-    let stream = if wanted("stream") { stream_scenario(plan, &binary, trivial).await? } else { Value::Null };
-    let delivery = if wanted("delivery") { delivery_scenario(plan, &binary, &receiver).await? } else { Value::Null };
-    let backlog = if wanted("backlog") { backlog_scenario(plan, &binary, &receiver).await? } else { Value::Null };
-    let store = if wanted("store") { store::floor(plan.store_deliveries)? } else { Value::Null };
-    let ordered = if wanted("ordered") { ordered::scenario(plan, &binary, &receiver).await? } else { Value::Null };
+    let mut results = Vec::with_capacity(rounds);
+    for number in 1..=rounds {
+        if rounds > 1 {
+            eprintln!("round {number} of {rounds}");
+        }
+        let trigger =
+            if wanted("trigger") { trigger_scenario(plan, &binary, &receiver, trivial).await? } else { Value::Null };
+        let stream = if wanted("stream") { stream_scenario(plan, &binary, trivial).await? } else { Value::Null };
+        let delivery =
+            if wanted("delivery") { delivery_scenario(plan, &binary, &receiver).await? } else { Value::Null };
+        let backlog = if wanted("backlog") { backlog_scenario(plan, &binary, &receiver).await? } else { Value::Null };
+        let store = if wanted("store") { store::floor(plan.store_deliveries)? } else { Value::Null };
+        let ordered = if wanted("ordered") { ordered::scenario(plan, &binary, &receiver).await? } else { Value::Null };
+        results.push(json!({
+            "trigger": trigger,
+            "stream": stream,
+            "delivery": delivery,
+            "backlog": backlog,
+            "store": store,
+            "ordered": ordered,
+        }));
+    }
+    let mut report = stats::median_of(&results);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let report = json!({
-        "trigger": trigger,
-        "stream": stream,
-        "delivery": delivery,
-        "backlog": backlog,
-        "store": store,
-        "ordered": ordered,
-        "machine": { "cores": cores, "hookd_version": env!("CARGO_PKG_VERSION") },
-        "run": { "plan": plan.name, "seconds": round(started.elapsed().as_secs_f64()) },
-    });
+    report["machine"] = json!({ "cores": cores, "hookd_version": env!("CARGO_PKG_VERSION") });
+    report["run"] = json!({ "plan": plan.name, "rounds": rounds, "seconds": round(started.elapsed().as_secs_f64()) });
+    if rounds > 1 {
+        report["rounds"] = Value::Array(results);
+    }
     if only.is_none() {
         print_table(&report);
     }
@@ -131,6 +155,14 @@ async fn main() -> Result<(), BoxError> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// The word after `name` on the command line, if `name` is there.
+fn option_value(args: &[String], name: &str) -> Result<Option<String>, BoxError> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(Some(args.get(i + 1).cloned().ok_or_else(|| format!("{name} needs a value; {USAGE}"))?)),
+        None => Ok(None),
+    }
 }
 
 /// A fresh hookd with a producer; returns the process, the instance and a producer client.

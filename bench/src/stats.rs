@@ -1,6 +1,8 @@
-//! Latency samples and their percentiles.
+//! Latency samples and their percentiles, and the median of repeated reports.
 
 use std::time::Duration;
+
+use serde_json::Value;
 
 /// Collected durations.
 #[derive(Debug, Default, Clone)]
@@ -36,9 +38,63 @@ pub fn round(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
 }
 
+/// The report whose every number is the median of that number across `reports` (the mean
+/// of the middle two for an even count); anything else is taken from the first report.
+/// Arrays are taken element by element, objects key by key.
+pub fn median_of(reports: &[Value]) -> Value {
+    let Some(first) = reports.first() else { return Value::Null };
+    match first {
+        Value::Number(_) => {
+            let mut numbers: Vec<f64> = reports.iter().filter_map(Value::as_f64).collect();
+            numbers.sort_by(f64::total_cmp);
+            let middle = numbers.len() / 2;
+            let median =
+                if numbers.len() % 2 == 1 { numbers[middle] } else { (numbers[middle - 1] + numbers[middle]) / 2.0 };
+            if reports.iter().all(Value::is_u64) {
+                // Counts stay whole numbers.
+                serde_json::json!(median.round() as u64)
+            } else {
+                serde_json::json!(round(median))
+            }
+        }
+        Value::Object(fields) => Value::Object(
+            fields
+                .keys()
+                .map(|key| {
+                    let at: Vec<Value> = reports.iter().filter_map(|report| report.get(key).cloned()).collect();
+                    (key.clone(), median_of(&at))
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(
+            (0..items.len())
+                .map(|index| {
+                    let at: Vec<Value> = reports.iter().filter_map(|report| report.get(index).cloned()).collect();
+                    median_of(&at)
+                })
+                .collect(),
+        ),
+        _ => first.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_report_takes_each_number_across_rounds() {
+        let rounds = [
+            serde_json::json!({ "a": 1.0, "cases": [{ "x": 10 }], "plan": "full", "b": { "c": 5 } }),
+            serde_json::json!({ "a": 3.0, "cases": [{ "x": 30 }], "plan": "full", "b": { "c": 1 } }),
+            serde_json::json!({ "a": 2.0, "cases": [{ "x": 20 }], "plan": "full", "b": { "c": 9 } }),
+        ];
+        let median = median_of(&rounds);
+        // Counts stay whole numbers.
+        assert_eq!(median, serde_json::json!({ "a": 2.0, "cases": [{ "x": 20 }], "plan": "full", "b": { "c": 5 } }));
+        assert_eq!(median_of(&rounds[..2])["a"], serde_json::json!(2.0), "the mean of the middle two");
+        assert_eq!(median_of(&rounds[..1]), rounds[0], "one round is reported as it is");
+    }
 
     #[test]
     fn quantiles() {

@@ -92,12 +92,12 @@ async fn main() -> Result<(), BoxError> {
     EPOCH.get_or_init(Instant::now);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let plan = if args.iter().any(|a| a == "--quick") { &QUICK } else { &FULL };
-    let json_path = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
     if let Some(unknown) =
         args.iter().find(|a| a.starts_with("--") && !["--quick", "--json", "--only", "--rounds"].contains(&a.as_str()))
     {
         return Err(format!("unknown option {unknown}; {USAGE}").into());
     }
+    let json_path = option_value(&args, "--json")?;
     // `--only NAME` runs one scenario (for profiling); the report then holds only that one.
     let only = option_value(&args, "--only")?;
     if let Some(only) = &only

@@ -43,7 +43,11 @@ pub async fn scenario(plan: &Plan, binary: &std::path::Path, receiver: &Receiver
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(steady_load(producer.clone(), stop.clone()));
     // Let the load reach the receiver before the ordered events start.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while receiver.received_at("/load") < 1_000 {
+        if Instant::now() >= deadline || load.is_finished() {
+            return Err("the steady load did not reach the receiver within a minute".into());
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let load_before = receiver.received_at("/load");

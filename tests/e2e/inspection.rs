@@ -145,6 +145,15 @@ async fn a_failed_delivery_is_retried_by_hand_once_its_listener_recovers() {
     producer.register().update_listener(disable).await.unwrap();
     let refused = producer.delivery().retry_delivery(RetryDeliveryRequest { delivery_id: failed[0].id.clone() }).await;
     assert_eq!(refused.unwrap_err().code(), Code::FailedPrecondition);
+
+    // Nor does a deleted one, and its delivery keeps the outcome it had.
+    let delete = hookd_client::v1::DeleteListenerRequest { listener_id: succeeded[0].listener_id.clone() };
+    producer.register().delete_listener(delete).await.unwrap();
+    let refused = producer.delivery().retry_delivery(RetryDeliveryRequest { delivery_id: failed[0].id.clone() }).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("deleted"), "{}", refused.message());
+    assert_eq!(deliveries_of_event(&producer, &event).await[0].state, DeliveryState::Succeeded as i32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,14 +58,16 @@ impl DeliveryApi {
     }
 
     /// A disabled listener gets no attempts, manual ones included: say so rather than queue
-    /// work that would wait.
+    /// work that would wait. A deleted one gets none either (its deliveries keep their
+    /// recorded outcome).
     fn ensure_listener_enabled(&self, listener_id: &str) -> ApiResult<()> {
         match self.shared.store.listener(listener_id)? {
             Some(listener) if !listener.enabled => Err(ApiError::FailedPrecondition(format!(
                 "listener {listener_id} is disabled ({}); enable it with UpdateListener first",
                 listener.disabled_reason
             ))),
-            _ => Ok(()),
+            Some(_) => Ok(()),
+            None => Err(ApiError::FailedPrecondition(format!("listener {listener_id} was deleted"))),
         }
     }
 

@@ -125,6 +125,7 @@ impl RegisterService for RegisterApi {
             // Set by the store, as the listener is written.
             enabled_from_seq: 0,
             disabled_from_seq: 0,
+            skipped: Vec::new(),
         };
         self.shared.store.insert_listener(listener.clone()).await?;
         tracing::info!(listener_id = %listener.id, producer_id = %listener.producer_id, "listener registered");

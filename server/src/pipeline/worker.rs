@@ -98,6 +98,11 @@ async fn try_attempt(
         return Ok((Outcome::NotSent, None));
     }
     let Some(listener) = listener else {
+        // A delivery that has ended keeps its outcome: only a pending one is cancelled.
+        if delivery.state != DeliveryState::Pending as i32 {
+            context.queue.drop_entry(entry)?;
+            return Ok((Outcome::NotSent, None));
+        }
         tracing::info!(delivery_id = %delivery.id, listener_id = %entry.listener_id, "listener deleted; delivery cancelled");
         context.queue.cancel_delivery(&delivery, entry)?;
         return Ok((Outcome::NotSent, None));

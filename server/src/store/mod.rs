@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub use model::{
     ApiKeyEntry, Appended, Attempt, AttemptTrigger, Delivery, DeliveryState, DueEntry, Event, EventHashEntry,
-    FanoutCursor, Listener, ListenerHealth, NewEvent, NextStep, Producer,
+    FanoutCursor, Listener, ListenerHealth, MAX_SKIPPED, NewEvent, NextStep, Producer, SeqRange,
 };
 pub use sled_store::SledStore;
 
@@ -281,7 +281,9 @@ pub trait HistoryStore: Send + Sync + 'static {
         since_ms: u64,
         until_ms: Option<u64>,
     ) -> Result<Vec<String>, StoreError>;
-    /// Makes failed deliveries pending again, due at `now_ms`. Returns how many were.
+    /// Makes failed deliveries pending again, due at `now_ms`, except those with a manual
+    /// attempt queued or under way (it would write its delivery back as failed). Returns how
+    /// many were.
     fn requeue_failed(&self, delivery_ids: &[String], now_ms: u64) -> Result<usize, StoreError>;
     /// Deletes up to `max_events` events created before `before_ms` (from `start_seq` on),
     /// with their deliveries, attempts and index entries, except events with a pending

@@ -95,21 +95,55 @@ pub struct Listener {
     pub created_at_ms: u64,
     #[prost(string, tag = "11")]
     pub disabled_reason: String,
-    /// The number of the first event triggered since it was registered or last enabled:
-    /// fan-out gives it no event numbered below, however far behind fan-out runs.
+    /// The number of the first event triggered since it was registered: fan-out gives it no
+    /// event numbered below, however far behind fan-out runs. (Listeners re-enabled by
+    /// hookd 0.1 before `skipped` existed had it moved to their re-enabling instead.)
     #[prost(uint64, tag = "12")]
     pub enabled_from_seq: u64,
     /// While disabled: the number of the first event triggered since. Events from here on
     /// are not fanned out to it; earlier ones are (their deliveries wait until it is enabled).
     #[prost(uint64, tag = "13")]
     pub disabled_from_seq: u64,
+    /// The events triggered while it was disabled, one range per time it was disabled and
+    /// enabled again, oldest first; ranges fan-out has passed are dropped at the next
+    /// re-enabling, and at most [`MAX_SKIPPED`] are kept.
+    #[prost(message, repeated, tag = "14")]
+    pub skipped: Vec<SeqRange>,
+}
+
+/// Most ranges of skipped events a listener keeps. Beyond that the oldest is dropped, so
+/// the events of that one disabled spell are delivered after all if fan-out has not passed
+/// them yet: a delivery too many rather than one lost.
+pub const MAX_SKIPPED: usize = 32;
+
+/// Event numbers from `from` up to, not including, `until`.
+#[derive(Clone, Copy, PartialEq, Eq, Message)]
+pub struct SeqRange {
+    #[prost(uint64, tag = "1")]
+    pub from: u64,
+    #[prost(uint64, tag = "2")]
+    pub until: u64,
 }
 
 impl Listener {
     /// Whether fan-out gives it the event numbered `seq`: one triggered while it was
     /// registered and enabled.
     pub fn wants(&self, seq: u64) -> bool {
-        seq >= self.enabled_from_seq && (self.enabled || seq < self.disabled_from_seq)
+        seq >= self.enabled_from_seq
+            && (self.enabled || seq < self.disabled_from_seq)
+            && !self.skipped.iter().any(|range| range.from <= seq && seq < range.until)
+    }
+
+    /// Records that it is enabled again now that `next_seq` is the next event's number,
+    /// forgetting the skipped ranges that fan-out (next at `fanout_next_seq`) has passed.
+    pub fn reenabled(&mut self, next_seq: u64, fanout_next_seq: u64) {
+        self.skipped.retain(|range| range.until > fanout_next_seq);
+        if self.disabled_from_seq < next_seq {
+            self.skipped.push(SeqRange { from: self.disabled_from_seq, until: next_seq });
+        }
+        if self.skipped.len() > MAX_SKIPPED {
+            self.skipped.drain(..self.skipped.len() - MAX_SKIPPED);
+        }
     }
 }
 

@@ -247,6 +247,11 @@ impl HistoryStore for SledStore {
             if delivery.state != DeliveryState::Failed as i32 {
                 continue;
             }
+            // A manual attempt queued or under way writes the delivery back as it read it
+            // when it ends, which would undo this: such a delivery is left to that attempt.
+            if self.queue.scan_prefix(keys::manual_prefix(id)).next().transpose()?.is_some() {
+                continue;
+            }
             delivery.state = DeliveryState::Pending as i32;
             delivery.next_attempt_at_ms = now_ms;
             batch.insert(keys::delivery(id), encode(&delivery));

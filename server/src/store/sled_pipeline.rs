@@ -197,8 +197,10 @@ impl PipelineStore for SledStore {
         if entry.manual {
             batch.remove(keys::manual(&entry.delivery_id, entry.due_ms));
         }
-        // A delivery that no longer exists must not hold its listener's order.
-        if !self.queue.contains_key(keys::delivery(&entry.delivery_id))? {
+        // A delivery that no longer exists, or has ended, must not hold its listener's order.
+        let pending = read::<Delivery>(&self.queue, &keys::delivery(&entry.delivery_id))?
+            .is_some_and(|delivery| delivery.state == DeliveryState::Pending as i32);
+        if !pending {
             batch.remove(keys::pending(&entry.listener_id, &entry.delivery_id));
         }
         Ok(self.queue.apply_batch(batch)?)

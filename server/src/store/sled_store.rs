@@ -45,7 +45,9 @@ use sled::{Batch, Tree};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::journal::{self, Journal};
-use super::model::{ApiKeyEntry, Appended, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode};
+use super::model::{
+    ApiKeyEntry, Appended, Event, EventHashEntry, FanoutCursor, Listener, NewEvent, Producer, decode, encode,
+};
 use super::producer_index;
 use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
 use super::{ListenerEdit, Store, StoreError, StoreFuture};
@@ -498,6 +500,7 @@ impl Store for SledStore {
 
     fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>> {
         let key = keys::listener(listener_id);
+        let queue = self.queue.clone();
         self.write(move |tree| {
             let Some(mut listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
@@ -505,7 +508,12 @@ impl Store for SledStore {
             let was_enabled = listener.enabled;
             edit(&mut listener);
             match (was_enabled, listener.enabled) {
-                (false, true) => listener.enabled_from_seq = first_unwritten_seq(tree)?,
+                // Events from before it was disabled that fan-out has not reached are still
+                // owed to it: only those triggered while it was disabled are skipped.
+                (false, true) => {
+                    let fanout = read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default();
+                    listener.reenabled(first_unwritten_seq(tree)?, fanout.next_seq);
+                }
                 (true, false) => listener.disabled_from_seq = first_unwritten_seq(tree)?,
                 _ => {}
             }

@@ -1,8 +1,8 @@
 use super::*;
 use crate::store::writer::IDEMPOTENCY_WINDOW_MS;
 use crate::store::{
-    Attempt, Completion, Delivery, DueEntry, EventFilter, FanoutCursor, HistoryStore, NewDelivery, NextStep,
-    PipelineStore, Refusal,
+    Attempt, Completion, Delivery, DeliveryState, DueEntry, EventFilter, FanoutCursor, HistoryStore, MAX_SKIPPED,
+    NewDelivery, NextStep, PipelineStore, Refusal, SeqRange,
 };
 
 /// The key hash the test producers are created with.
@@ -241,13 +241,49 @@ async fn a_listener_is_fanned_out_the_events_triggered_while_it_was_registered_a
 
     store.update_listener("lst_1", Box::new(|listener| listener.enabled = true)).await.unwrap();
     let enabled = store.listener("lst_1").unwrap().unwrap();
-    assert_eq!(enabled.enabled_from_seq, 5);
-    assert!(!enabled.wants(4) && enabled.wants(5));
+    // Enabled again: event 3, which fan-out may not have reached, is still owed to it;
+    // event 4 is skipped for good, and everything from now on is wanted.
+    assert_eq!(enabled.enabled_from_seq, 3);
+    assert_eq!(enabled.skipped, vec![SeqRange { from: 4, until: 5 }]);
+    assert!(enabled.wants(3) && !enabled.wants(4) && enabled.wants(5));
     // An edit that leaves it enabled moves nothing.
     store.append_event(new_event("prd_a", None, 5)).await.unwrap();
     store.update_listener("lst_1", Box::new(|listener| listener.ordered = true)).await.unwrap();
-    assert_eq!(store.listener("lst_1").unwrap().unwrap().enabled_from_seq, 5);
+    assert_eq!(store.listener("lst_1").unwrap().unwrap(), Listener { ordered: true, ..enabled });
+
+    // A second spell while fan-out is still behind both: each keeps its own range, and the
+    // events between them stay owed.
+    store.update_listener("lst_1", Box::new(|listener| listener.enabled = false)).await.unwrap();
+    store.append_event(new_event("prd_a", None, 6)).await.unwrap();
+    store.update_listener("lst_1", Box::new(|listener| listener.enabled = true)).await.unwrap();
+    let twice = store.listener("lst_1").unwrap().unwrap();
+    assert_eq!(twice.skipped, vec![SeqRange { from: 4, until: 5 }, SeqRange { from: 6, until: 7 }]);
+    let wanted: Vec<u64> = (0..8).filter(|&seq| twice.wants(seq)).collect();
+    assert_eq!(wanted, vec![3, 5, 7]);
+
+    // Once fan-out has passed a range, the next re-enabling forgets it.
+    store.commit_fanout(&[], &FanoutCursor { next_seq: 6, after_listener: String::new() }).unwrap();
+    store.update_listener("lst_1", Box::new(|listener| listener.enabled = false)).await.unwrap();
+    store.update_listener("lst_1", Box::new(|listener| listener.enabled = true)).await.unwrap();
+    assert_eq!(store.listener("lst_1").unwrap().unwrap().skipped, vec![SeqRange { from: 6, until: 7 }]);
     store.close().unwrap();
+}
+
+#[test]
+fn a_listener_keeps_a_bounded_number_of_skipped_ranges_and_drops_the_oldest() {
+    let mut listener = Listener { enabled: true, ..Listener::default() };
+    // Disabled at 10, 20, ... and enabled again five events later each time.
+    for spell in 0..(MAX_SKIPPED as u64 + 3) {
+        listener.disabled_from_seq = 10 * spell;
+        listener.reenabled(10 * spell + 5, 0);
+    }
+    assert_eq!(listener.skipped.len(), MAX_SKIPPED);
+    // The three oldest spells are forgotten: their events are delivered after all.
+    assert!(listener.wants(0) && listener.wants(21) && !listener.wants(31) && listener.wants(35));
+    // A spell that saw no event leaves no range.
+    listener.disabled_from_seq = 1_000;
+    listener.reenabled(1_000, 0);
+    assert_eq!(listener.skipped.len(), MAX_SKIPPED);
 }
 
 /// Every page of `producer`'s events (or everyone's), as sequence numbers.
@@ -391,4 +427,45 @@ fn a_first_attempt_recorded_on_its_own_before_is_still_listed_once() {
     store.queue.insert(keys::delivery(&delivery.id), encode(&delivery)).unwrap();
     let listed: Vec<u32> = store.attempts(&delivery.id).unwrap().iter().map(|attempt| attempt.number).collect();
     assert_eq!(listed, [1, 2]);
+}
+
+#[test]
+fn recovery_leaves_a_delivery_to_its_manual_attempt_and_an_ended_delivery_holds_no_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let event = Event { id: ids::event_id(4), seq: 4, ..Event::default() };
+    let mut failed = Delivery::pending(ids::delivery_id(4, "lst_o"), &event, "lst_o", 10);
+    store.commit_fanout(&[NewDelivery { delivery: failed.clone(), ordered: true }], &FanoutCursor::default()).unwrap();
+    failed.state = DeliveryState::Failed as i32;
+    let entry = DueEntry { due_ms: 10, delivery_id: failed.id.clone(), listener_id: "lst_o".into(), manual: false };
+    let attempt = Attempt { number: 1, status_code: 500, ..Attempt::default() };
+    store
+        .complete_attempts(vec![Completion { delivery: failed.clone(), attempt, entry, next: NextStep::Done }])
+        .unwrap();
+    assert_eq!(store.pending_head("lst_o").unwrap(), None);
+
+    // A manual attempt is queued: recovery leaves the delivery to it, since that attempt
+    // writes the delivery back as it read it (failed) when it ends.
+    store.queue_manual_attempt(&failed.id, 20).unwrap().unwrap();
+    assert_eq!(store.requeue_failed(std::slice::from_ref(&failed.id), 30).unwrap(), 0);
+    assert_eq!(store.delivery(&failed.id).unwrap().unwrap().state, DeliveryState::Failed as i32);
+    assert_eq!(store.pending_head("lst_o").unwrap(), None, "nothing holds the ordered listener");
+
+    // Should an ended delivery still head an ordered listener's line (as recovery racing a
+    // manual attempt left it before), dropping its stale entry frees the line.
+    let mut requeued = failed.clone();
+    requeued.state = DeliveryState::Pending as i32;
+    store.queue.insert(keys::pending("lst_o", &failed.id), &[] as &[u8]).unwrap();
+    store.queue.insert(keys::due(30, &failed.id), b"lst_o".as_slice()).unwrap();
+    let stale = DueEntry { due_ms: 30, delivery_id: failed.id.clone(), listener_id: "lst_o".into(), manual: false };
+    store.drop_entry(&stale).unwrap();
+    assert_eq!(store.pending_head("lst_o").unwrap(), None);
+    assert!(store.due(None, 100, 10).unwrap().iter().all(|due| due.manual), "only the manual entry is left");
+
+    // A pending delivery's entry dropped (say, a manual one) keeps its place in the order.
+    store.queue.insert(keys::delivery(&failed.id), encode(&requeued)).unwrap();
+    store.queue.insert(keys::pending("lst_o", &failed.id), &[] as &[u8]).unwrap();
+    let manual = store.due(None, 100, 10).unwrap().pop().unwrap();
+    store.drop_entry(&manual).unwrap();
+    assert_eq!(store.pending_head("lst_o").unwrap(), Some(failed.id.clone()));
 }

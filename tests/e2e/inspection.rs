@@ -214,14 +214,10 @@ async fn replay_delivers_an_event_again_to_its_current_listeners() {
     settled(&producer, &event, 1, DeliveryState::Succeeded).await;
     listen(&producer, &hash, receiver.url("/second")).await;
 
-    let replayed = producer
-        .delivery()
-        .replay_event(ReplayEventRequest { event_id: event.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .deliveries;
-    assert_eq!(replayed.len(), 2, "one new delivery per current listener");
+    let replayed =
+        producer.delivery().replay_event(ReplayEventRequest { event_id: event.clone() }).await.unwrap().into_inner();
+    assert_eq!(replayed.created, 2, "one new delivery per current listener");
+    assert_eq!(replayed.deliveries.len(), 2);
     receiver
         .wait_until("the replay at both listeners", DEADLINE, |requests| {
             requests.iter().filter(|r| r.path == "/first").count() == 2 && requests.iter().any(|r| r.path == "/second")

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use hookd_client::v1::{
-    DeleteListenerRequest, GetListenerRequest, ListListenersRequest, RegisterListenerRequest,
+    DeleteListenerRequest, GetListenerRequest, ListListenersRequest, RegisterListenerRequest, ReplayEventRequest,
     RotateListenerSecretRequest, UpdateListenerRequest,
 };
 use tonic::Code;
@@ -61,6 +61,20 @@ async fn ten_thousand_listeners_on_one_event() {
     // Triggering an event with 10,000 listeners is still just one durable append.
     let ack = producer.trigger_service().trigger(trigger_request("order.placed", b"{}")).await.unwrap().into_inner();
     assert!(ack.event_id.starts_with("evt_"));
+
+    // Replaying it makes 10,000 deliveries; the answer counts them and carries the first
+    // 1,000, so it stays far below the client's message limit.
+    let replayed = producer
+        .delivery()
+        .replay_event(ReplayEventRequest { event_id: ack.event_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.created, LISTENERS as u64);
+    assert_eq!(replayed.deliveries.len(), 1_000);
+    let answered: HashSet<&str> = replayed.deliveries.iter().map(|d| d.listener_id.as_str()).collect();
+    assert_eq!(answered.len(), 1_000, "one per listener");
+    assert!(answered.iter().all(|id| registered.contains(*id)));
 }
 
 #[tokio::test]

@@ -619,3 +619,39 @@ async fn deleting_a_listener_cancels_its_pending_deliveries() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_disabled_listener_cancels_the_deliveries_waiting_in_its_lot() {
+    const EVENTS: usize = 5;
+    let receiver = Receiver::start().await;
+    receiver.script("/paused", |_, _| Reply::Status(500));
+    let server = server_with(|config| config.pipeline.retry_schedule = "200ms,200ms,200ms".parse().unwrap()).await;
+    let (producer, _, _) = server.producer("pauser").await;
+    let hash = derive(&producer, "parked").await;
+    let (listener, _) = listen(&producer, &hash, receiver.url("/paused"), None, false).await;
+    for n in 0..EVENTS {
+        trigger(&producer, "parked", n.to_string()).await;
+    }
+    receiver.wait_until("a first attempt of every event", DEADLINE, |requests| requests.len() >= EVENTS).await;
+    // Disabled: the retries, due soon, wait in the listener's lot.
+    let disable = hookd_client::v1::UpdateListenerRequest {
+        listener_id: listener.clone(),
+        enabled: Some(false),
+        ..Default::default()
+    };
+    producer.register().update_listener(disable).await.unwrap();
+    let request = hookd_client::v1::DeleteListenerRequest { listener_id: listener.clone() };
+    producer.register().delete_listener(request).await.unwrap();
+
+    let admin = server.admin().await;
+    eventually("every delivery cancelled", || {
+        let (admin, listener) = (admin.clone(), listener.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
+            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
+            (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.state == cancelled)).then_some(())
+        }
+    })
+    .await;
+}

@@ -365,6 +365,13 @@ impl Dispatcher {
             .into_iter()
             .map(|id| self.context.store.listener(&id).map(|listener| (id, listener)))
             .collect::<Result<HashMap<String, Option<Listener>>, StoreError>>()?;
+        // The heads of ordered listeners, read before any decision: a pass either fails
+        // before it has decided anything or not at all, so no count is left half changed.
+        let heads = listeners
+            .iter()
+            .filter(|(_, listener)| listener.as_ref().is_some_and(|listener| listener.ordered))
+            .map(|(id, _)| self.context.queue.pending_head(id).map(|head| (id.clone(), head)))
+            .collect::<Result<HashMap<String, Option<String>>, StoreError>>()?;
 
         let mut go: Vec<DueEntry> = Vec::new();
         let mut hold: Vec<DueEntry> = Vec::new();
@@ -392,7 +399,8 @@ impl Dispatcher {
                 break;
             }
             let listener = listeners.get(&entry.listener_id).and_then(Option::as_ref);
-            let (verdict, used_release) = self.decide(&entry, listener, now, hold.len()).await?;
+            let head = heads.get(&entry.listener_id).and_then(Option::as_deref);
+            let (verdict, used_release) = self.decide(&entry, listener, head, now, hold.len());
             if used_release {
                 used_releases.push((entry.listener_id.clone(), position.1.clone()));
             }
@@ -521,13 +529,14 @@ impl Dispatcher {
     /// May this entry go now, wait in memory, or wait parked? Counts what it decides in the
     /// listener's gate; also says whether the entry was one released from the parking lot.
     /// `holding_now`: entries this pass already decided to hold.
-    async fn decide(
+    fn decide(
         &mut self,
         entry: &DueEntry,
         listener: Option<&Listener>,
+        head: Option<&str>,
         now: u64,
         holding_now: usize,
-    ) -> Result<(Verdict, bool), StoreError> {
+    ) -> (Verdict, bool) {
         let cap = self.cap();
         // A deleted listener: the worker cancels the delivery; nothing is left to limit. Its
         // gate (and the entries in its line) is cleared by a change notice, never in the
@@ -541,7 +550,7 @@ impl Dispatcher {
                 gate.deleted = true;
                 let _ = self.outbox.send(Command::ListenerChanged(entry.listener_id.clone()));
             }
-            return Ok((Verdict::Go, false));
+            return (Verdict::Go, false);
         };
         let held_room = self.held_total + holding_now < HELD_TOTAL;
         let gate = self.gates.entry(entry.listener_id.clone()).or_default();
@@ -555,10 +564,9 @@ impl Dispatcher {
             || (!listener.ordered && !entry.manual && gate.parked > 0 && !released);
         let mut verdict = if must_park { Verdict::Park } else { Verdict::Go };
         if verdict == Verdict::Go && listener.ordered && !entry.manual {
-            let head = self.context.queue.pending_head(&entry.listener_id)?;
             // Behind its head it waits. Deliveries created while the listener was unordered
             // are not indexed: older than the head (or with none), they go, one at a time.
-            if head.is_some_and(|head| head < entry.delivery_id) {
+            if head.is_some_and(|head| head < entry.delivery_id.as_str()) {
                 verdict = Verdict::Park;
             }
         }
@@ -583,7 +591,7 @@ impl Dispatcher {
                 }
             }
         }
-        Ok((verdict, released))
+        (verdict, released)
     }
 
     async fn handle(&mut self, command: Command) {
@@ -601,14 +609,16 @@ impl Dispatcher {
     }
 
     /// A listener was changed through the API: start its run of failures afresh and look at
-    /// its parking lot again (a deleted listener's lot is emptied; its workers cancel).
+    /// its parking lot again (a deleted listener's lot is cancelled where it lies).
     async fn listener_changed(&mut self, listener_id: String) {
-        let listener = self.context.store.listener(&listener_id).and_then(|listener| {
-            if listener.as_ref().is_some_and(|listener| listener.enabled) {
-                self.context.queue.set_listener_health(&listener_id, &ListenerHealth::default())?;
-            }
-            Ok(listener)
-        });
+        let listener = self.context.store.listener(&listener_id);
+        if let Ok(Some(listener)) = &listener
+            && listener.enabled
+            && let Err(error) = self.context.queue.set_listener_health(&listener_id, &ListenerHealth::default())
+        {
+            // The notice is still acted on: its lot must not wait for a write that failed.
+            tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot reset a listener's run of failures");
+        }
         match listener {
             Ok(Some(listener)) => {
                 let cap = self.cap();
@@ -650,20 +660,24 @@ impl Dispatcher {
                     }
                 }
                 self.holding.remove(&listener_id);
-                loop {
-                    match self.context.queue.unpark(&listener_id, UNPARK_CHUNK) {
-                        Ok(moved) if !moved.is_empty() => {
-                            if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
-                                self.rewind(due_ms);
+                // Its lot (millions, perhaps) is cancelled where it lies, in short writes on a
+                // task of its own: put back in the queue, its old entries would come before
+                // everyone else's and keep the workers busy cancelling. Shutdown does not wait
+                // for it (each write is whole; a restart finishes the job).
+                let context = self.context.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match context.queue.cancel_parked(&listener_id, UNPARK_CHUNK) {
+                            Ok(0) => break,
+                            Ok(_) => tokio::task::yield_now().await,
+                            Err(error) => {
+                                // A restart finds the lot and hands it to workers, which cancel.
+                                tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's parked deliveries");
+                                break;
                             }
                         }
-                        Ok(_) => break,
-                        Err(error) => {
-                            tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot release a deleted listener's deliveries");
-                            break;
-                        }
                     }
-                }
+                });
             }
             Err(error) => {
                 tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read a changed listener");

@@ -202,6 +202,9 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError>;
     /// Ends a delivery without an attempt (e.g. its listener was deleted).
     fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry) -> Result<(), StoreError>;
+    /// Takes up to `limit` entries out of a deleted listener's parking lot, cancelling their
+    /// deliveries that are still pending, in one atomic write. Returns how many it took.
+    fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<usize, StoreError>;
     /// Attempts of a delivery, in order (the first is read from the delivery's record).
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError>;
 

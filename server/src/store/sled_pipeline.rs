@@ -220,6 +220,37 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
+    fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<usize, StoreError> {
+        let prefix = keys::parked_prefix(listener_id);
+        let mut batch = Batch::default();
+        let mut cancelled = std::collections::HashMap::new();
+        let mut taken = 0;
+        for entry in self.queue.scan_prefix(&prefix).take(limit) {
+            let (key, value) = entry?;
+            let key_id = utf8(&key, &key[prefix.len()..])?;
+            let (delivery_id, manual) = DueEntry::split_key_id(&key_id);
+            if manual {
+                batch.remove(keys::manual(delivery_id, be_u64(&key, &value)?));
+            }
+            batch.remove(key);
+            batch.remove(keys::pending(listener_id, delivery_id));
+            if !cancelled.contains_key(delivery_id)
+                && let Some(mut delivery) = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))?
+                && delivery.state == DeliveryState::Pending as i32
+            {
+                delivery.state = DeliveryState::Cancelled as i32;
+                delivery.next_attempt_at_ms = 0;
+                cancelled.insert(delivery_id.to_owned(), delivery);
+            }
+            taken += 1;
+        }
+        for (id, delivery) in cancelled {
+            batch.insert(keys::delivery(&id), encode(&delivery));
+        }
+        self.queue.apply_batch(batch)?;
+        Ok(taken)
+    }
+
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError> {
         let first = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))?.and_then(|d| d.first_attempt);
         let first_number = first.as_ref().map(|attempt| attempt.number);

@@ -469,3 +469,44 @@ fn recovery_leaves_a_delivery_to_its_manual_attempt_and_an_ended_delivery_holds_
     store.drop_entry(&manual).unwrap();
     assert_eq!(store.pending_head("lst_o").unwrap(), Some(failed.id.clone()));
 }
+
+#[test]
+fn a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let new = |seq: u64, listener: &str| {
+        let event = Event { id: ids::event_id(seq), seq, ..Event::default() };
+        NewDelivery {
+            delivery: Delivery::pending(ids::delivery_id(seq, listener), &event, listener, 10),
+            ordered: true,
+        }
+    };
+    let gone: Vec<NewDelivery> = (0..5).map(|seq| new(seq, "lst_gone")).collect();
+    let kept = new(9, "lst_kept");
+    let all: Vec<NewDelivery> = gone.iter().cloned().chain([kept.clone()]).collect();
+    store.commit_fanout(&all, &FanoutCursor::default()).unwrap();
+    // One of them already ended; another also has a manual attempt waiting.
+    let mut ended = gone[4].delivery.clone();
+    ended.state = DeliveryState::Succeeded as i32;
+    store.queue.insert(keys::delivery(&ended.id), encode(&ended)).unwrap();
+    store.queue_manual_attempt(&gone[0].delivery.id, 20).unwrap().unwrap();
+    let entries = store.due(None, 100, 100).unwrap();
+    assert_eq!(entries.len(), 7);
+    store.park(&entries).unwrap();
+
+    assert_eq!(store.cancel_parked("lst_gone", 4).unwrap(), 4);
+    assert_eq!(store.cancel_parked("lst_gone", 4).unwrap(), 2);
+    assert_eq!(store.cancel_parked("lst_gone", 4).unwrap(), 0);
+    let state = |id: &str| DeliveryState::try_from(store.delivery(id).unwrap().unwrap().state).unwrap();
+    for new in &gone[..4] {
+        assert_eq!(state(&new.delivery.id), DeliveryState::Cancelled);
+    }
+    assert_eq!(state(&ended.id), DeliveryState::Succeeded, "an ended delivery keeps its outcome");
+    assert_eq!(store.pending_head("lst_gone").unwrap(), None);
+    assert!(store.queue.scan_prefix(keys::manual_prefix(&gone[0].delivery.id)).next().is_none());
+    assert!(store.due(None, u64::MAX - 1, 100).unwrap().is_empty());
+    // Another listener's lot is left alone.
+    assert_eq!(store.parked_listeners().unwrap(), ["lst_kept"]);
+    assert_eq!(state(&kept.delivery.id), DeliveryState::Pending);
+    assert_eq!(store.pending_head("lst_kept").unwrap(), Some(kept.delivery.id.clone()));
+}

@@ -228,6 +228,51 @@ async fn a_hanging_listener_costs_only_its_own_deliveries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_that_hang_hold_one_worker_each_once_they_fail() {
+    const SLOW_EVENTS: usize = 6;
+    const FAST_EVENTS: usize = 5;
+    let receiver = Receiver::start().await;
+    receiver.script("/hang-a", |_, _| Reply::Hang);
+    receiver.script("/hang-b", |_, _| Reply::Hang);
+    // Two hanging listeners take the whole pool at first (2 workers each).
+    let server = server_with(|config| {
+        config.pipeline.workers = 4;
+        config.pipeline.listener_in_flight = 2;
+        config.pipeline.attempt_timeout = Duration::from_secs(2);
+        config.pipeline.retry_schedule = "100ms,100ms,100ms,100ms,100ms,100ms".parse().unwrap();
+    })
+    .await;
+    let (producer, _, _) = server.producer("many-down").await;
+    let slow = derive(&producer, "slow").await;
+    let fast = derive(&producer, "fast").await;
+    listen(&producer, &slow, receiver.url("/hang-a"), None, false).await;
+    listen(&producer, &slow, receiver.url("/hang-b"), None, false).await;
+    listen(&producer, &fast, receiver.url("/ok"), None, false).await;
+    for n in 0..SLOW_EVENTS {
+        trigger(&producer, "slow", n.to_string()).await;
+    }
+    for n in 0..FAST_EVENTS {
+        trigger(&producer, "fast", n.to_string()).await;
+    }
+    receiver
+        .wait_until("every event at the healthy listener", DEADLINE, |requests| {
+            requests.iter().filter(|r| r.path == "/ok").count() == FAST_EVENTS
+        })
+        .await;
+    // Once their first requests timed out, each hanging listener was down to one request
+    // at a time, which left the pool to the healthy one: it was reached after at most one
+    // more request to each (without that, each would have taken its two slots again until
+    // five failures backed it off: six requests each first).
+    let requests = receiver.requests();
+    let first_ok = requests.iter().position(|r| r.path == "/ok").expect("the healthy listener was reached");
+    for path in ["/hang-a", "/hang-b"] {
+        let before = requests[..first_ok].iter().filter(|r| r.path == path).count();
+        assert!(before <= 3, "{path} got {before} requests before the healthy listener got one");
+    }
+    receiver.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_failing_five_times_in_a_row_is_backed_off_as_a_whole() {
     const BACKOFF: Duration = Duration::from_secs(2);
     let receiver = Receiver::start().await;

@@ -1,15 +1,16 @@
 //! Crash safety with the real binary: SIGKILL right after triggers are acknowledged (while
 //! their events are still on their way from the journal into the database), in the middle of
-//! delivery, and while a 50-listener fan-out is under way. After a restart on the same data
-//! directory every acknowledged event is there and every (event, listener) pair arrives at
-//! least once.
+//! delivery (to unordered listeners and to an ordered one), and while a 50-listener fan-out is
+//! under way. After a restart on the same data directory every acknowledged event is there,
+//! every (event, listener) pair arrives at least once, and an ordered listener's events first
+//! arrive in trigger order.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hookd_client::Client;
-use hookd_client::v1::{CreateProducerRequest, GetEventRequest, TriggerRequest};
+use hookd_client::v1::{CreateProducerRequest, GetEventRequest, RegisterListenerRequest, TriggerRequest};
 
 use crate::receiver::{Receiver, Reply};
 use crate::support::{
@@ -68,6 +69,8 @@ async fn trigger_many(producer: &Client, count: usize) -> Vec<String> {
 /// to throw once hookd is killed.
 struct Answers {
     answered: Arc<Mutex<HashSet<(String, String)>>>,
+    /// Every (event, path) answered with 200, in the order of the answers.
+    log: Arc<Mutex<Vec<(String, String)>>>,
     killed: Arc<AtomicBool>,
 }
 
@@ -76,12 +79,14 @@ impl Answers {
     /// every later request until the kill is reported, then answer everything with 200. So
     /// the kill always finds the deliveries it should, however fast hookd delivers.
     fn script(receiver: &Receiver, before_kill: usize) -> Self {
-        let answers = Self { answered: Arc::default(), killed: Arc::default() };
-        let (answered, killed) = (answers.answered.clone(), answers.killed.clone());
+        let answers = Self { answered: Arc::default(), log: Arc::default(), killed: Arc::default() };
+        let (answered, log, killed) = (answers.answered.clone(), answers.log.clone(), answers.killed.clone());
         receiver.script("/", move |request, _| {
             let mut answered = answered.lock().unwrap();
             if answered.len() < before_kill || killed.load(Ordering::SeqCst) {
-                answered.insert((request.webhook_id().to_owned(), request.path.clone()));
+                let pair = (request.webhook_id().to_owned(), request.path.clone());
+                answered.insert(pair.clone());
+                log.lock().unwrap().push(pair);
                 Reply::Status(200)
             } else {
                 Reply::Hang
@@ -182,6 +187,41 @@ async fn kill_9_during_a_50_listener_fan_out_loses_nothing() {
 
     let _hookd = crashable.start().await;
     answers.wait_for_all(&receiver, &events, &paths).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_an_ordered_listener_resumes_in_order() {
+    const EVENTS: usize = 40;
+    const ANSWERED_BEFORE: usize = 10;
+    let receiver = Receiver::start().await;
+    let answers = Answers::script(&receiver, ANSWERED_BEFORE);
+    let crashable = Crashable::new();
+    let hookd = crashable.start().await;
+    let (producer, _) = producer(&hookd).await;
+    let hash = derive(&producer, "crash.test").await;
+    let ordered = RegisterListenerRequest { ordered: true, ..listener_request(&hash, &receiver.url("/ordered")) };
+    producer.register().register_listener(ordered).await.unwrap();
+    let events = trigger_many(&producer, EVENTS).await;
+    // The eleventh hangs, and the ordered listener's later deliveries wait behind it.
+    receiver.wait_until("a delivery hanging", DEADLINE, |requests| requests.len() > ANSWERED_BEFORE).await;
+    hookd.kill9().await;
+    assert_eq!(answers.killed(), ANSWERED_BEFORE, "the kill came in the middle of delivery");
+
+    let _hookd = crashable.start().await;
+    answers.wait_for_all(&receiver, &events, &["/ordered".to_owned()]).await;
+    // At least once, and in order across the restart: each event was first answered after
+    // every event triggered before it (one answered just before the kill may come again).
+    let mut seen = HashSet::new();
+    let firsts: Vec<u64> = answers
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(event, _)| seen.insert(event.clone()))
+        .map(|(event, _)| hookd_server::ids::event_seq(event).expect("an event id"))
+        .collect();
+    assert_eq!(firsts.len(), EVENTS);
+    assert!(firsts.is_sorted(), "first answers out of trigger order: {firsts:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -467,6 +467,44 @@ async fn a_listener_failing_for_too_long_is_disabled_and_can_be_re_enabled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_waiting_while_a_listener_is_disabled_go_once_it_is_enabled_again() {
+    const EVENTS: usize = 3;
+    let receiver = Receiver::start().await;
+    receiver.script("/later", |_, _| Reply::Status(500));
+    // Enough attempts that the schedule never runs out during the test.
+    let server =
+        server_with(|config| config.pipeline.retry_schedule = vec!["300ms"; 30].join(",").parse().unwrap()).await;
+    let (producer, _, _) = server.producer("paused").await;
+    let hash = derive(&producer, "job").await;
+    let (listener_id, _) = listen(&producer, &hash, receiver.url("/later"), None, false).await;
+    for n in 0..EVENTS {
+        trigger(&producer, "job", n.to_string()).await;
+    }
+    receiver.wait_until("a first attempt of every event", DEADLINE, |requests| requests.len() >= EVENTS).await;
+    let set_enabled = |enabled: bool| {
+        let (producer, listener_id) = (producer.clone(), listener_id.clone());
+        async move {
+            let request = UpdateListenerRequest { listener_id, enabled: Some(enabled), ..Default::default() };
+            producer.register().update_listener(request).await.unwrap();
+        }
+    };
+    set_enabled(false).await;
+    receiver.script("/later", |_, _| Reply::Status(200));
+    set_enabled(true).await;
+    eventually("every waiting delivery made once enabled again", || {
+        let (producer, listener_id) = (producer.clone(), listener_id.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { listener_id, ..Default::default() };
+            let deliveries = producer.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            let succeeded = hookd_client::v1::DeliveryState::Succeeded as i32;
+            (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.state == succeeded)).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(receiver.requests().iter().map(|r| r.webhook_id()).collect::<HashSet<_>>().len(), EVENTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_gets_only_the_events_triggered_after_it_was_registered() {
     const BEFORE: usize = 200;
     let receiver = Receiver::start().await;

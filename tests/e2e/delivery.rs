@@ -23,6 +23,19 @@ async fn server_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
     .await
 }
 
+/// Waits until the listener has `count` deliveries, all in `state`.
+async fn listener_settled(client: &Client, listener_id: &str, count: usize, state: hookd_client::v1::DeliveryState) {
+    eventually(&format!("{count} deliveries of {listener_id} {state:?}"), || {
+        let (client, listener_id) = (client.clone(), listener_id.to_owned());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { listener_id, ..Default::default() };
+            let deliveries = client.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            (deliveries.len() == count && deliveries.iter().all(|d| d.state == state as i32)).then_some(())
+        }
+    })
+    .await;
+}
+
 async fn listen(producer: &Client, hash: &str, url: String, secret: Option<&str>, ordered: bool) -> (String, String) {
     let created = producer
         .register()
@@ -491,16 +504,7 @@ async fn deliveries_waiting_while_a_listener_is_disabled_go_once_it_is_enabled_a
     set_enabled(false).await;
     receiver.script("/later", |_, _| Reply::Status(200));
     set_enabled(true).await;
-    eventually("every waiting delivery made once enabled again", || {
-        let (producer, listener_id) = (producer.clone(), listener_id.clone());
-        async move {
-            let request = hookd_client::v1::ListDeliveriesRequest { listener_id, ..Default::default() };
-            let deliveries = producer.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
-            let succeeded = hookd_client::v1::DeliveryState::Succeeded as i32;
-            (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.state == succeeded)).then_some(())
-        }
-    })
-    .await;
+    listener_settled(&producer, &listener_id, EVENTS, hookd_client::v1::DeliveryState::Succeeded).await;
     assert_eq!(receiver.requests().iter().map(|r| r.webhook_id()).collect::<HashSet<_>>().len(), EVENTS);
 }
 
@@ -665,14 +669,7 @@ async fn deleting_a_listener_cancels_the_deliveries_waiting_in_its_line() {
     producer.register().delete_listener(request).await.unwrap();
     receiver.release();
 
-    eventually("every delivery cancelled", || {
-        let (admin, listener) = (admin.clone(), listener.clone());
-        async move {
-            let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
-            deliveries(admin, listener).await.iter().all(|d| d.state == cancelled).then_some(())
-        }
-    })
-    .await;
+    listener_settled(&admin, &listener, EVENTS, hookd_client::v1::DeliveryState::Cancelled).await;
     assert_eq!(receiver.requests_to("/busy").len(), 1, "nothing more went to the deleted listener");
 }
 
@@ -691,16 +688,7 @@ async fn deleting_a_listener_cancels_its_pending_deliveries() {
     producer.register().delete_listener(request).await.unwrap();
 
     let admin = server.admin().await;
-    eventually("the pending delivery cancelled", || {
-        let (admin, listener) = (admin.clone(), listener.clone());
-        async move {
-            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
-            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
-            let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
-            (deliveries.len() == 1 && deliveries[0].state == cancelled).then_some(())
-        }
-    })
-    .await;
+    listener_settled(&admin, &listener, 1, hookd_client::v1::DeliveryState::Cancelled).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -727,14 +715,5 @@ async fn deleting_a_disabled_listener_cancels_the_deliveries_waiting_in_its_lot(
     producer.register().delete_listener(request).await.unwrap();
 
     let admin = server.admin().await;
-    eventually("every delivery cancelled", || {
-        let (admin, listener) = (admin.clone(), listener.clone());
-        async move {
-            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
-            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
-            let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
-            (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.state == cancelled)).then_some(())
-        }
-    })
-    .await;
+    listener_settled(&admin, &listener, EVENTS, hookd_client::v1::DeliveryState::Cancelled).await;
 }

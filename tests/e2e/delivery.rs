@@ -286,6 +286,42 @@ async fn listeners_that_hang_hold_one_worker_each_once_they_fail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_attempt_does_not_wait_for_a_failing_listeners_one_slot() {
+    let receiver = Receiver::start().await;
+    // The first event fails once, then its retry hangs in the listener's one slot.
+    receiver.script("/x", |request, _| match (&request.body[..], request.attempt()) {
+        (b"first", 1) => Reply::Status(500),
+        (b"first", _) => Reply::Hang,
+        _ => Reply::Status(200),
+    });
+    let server = server_with(|config| config.pipeline.attempt_timeout = DEADLINE * 2).await;
+    let (producer, _, _) = server.producer("insistent").await;
+    let hash = derive(&producer, "job").await;
+    listen(&producer, &hash, receiver.url("/x"), None, false).await;
+    trigger(&producer, "job", "first".into()).await;
+    receiver.wait_until("the retry hanging", DEADLINE, |requests| requests.len() == 2).await;
+    // A second event's delivery waits behind the hanging one; a manual attempt of it does not.
+    let second = trigger(&producer, "job", "second".into()).await;
+    let delivery = eventually("the second event's delivery", || {
+        let (producer, second) = (producer.clone(), second.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { event_id: second, ..Default::default() };
+            producer.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries.pop()
+        }
+    })
+    .await;
+    let retry = hookd_client::v1::RetryDeliveryRequest { delivery_id: delivery.id.clone() };
+    producer.delivery().retry_delivery(retry).await.unwrap();
+    receiver
+        .wait_until("the manual attempt made while the retry still hangs", DEADLINE, |requests| {
+            requests.iter().any(|r| r.webhook_id() == second)
+        })
+        .await;
+    assert_eq!(receiver.requests_to("/x").len(), 3, "the hanging retry is still the only other request");
+    receiver.release();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_failing_five_times_in_a_row_is_backed_off_as_a_whole() {
     const BACKOFF: Duration = Duration::from_secs(2);
     let receiver = Receiver::start().await;
@@ -711,9 +747,24 @@ async fn deleting_a_disabled_listener_cancels_the_deliveries_waiting_in_its_lot(
         ..Default::default()
     };
     producer.register().update_listener(disable).await.unwrap();
+    // Let the retries fall due while it is disabled, so the dispatcher parks them (a second
+    // on top, for it to get to them; should it not have, its workers cancel them instead,
+    // and the outcome checked below is the same).
+    let admin = server.admin().await;
+    eventually("the retries due while the listener is disabled", || {
+        let (admin, listener) = (admin.clone(), listener.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
+            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let due =
+                |d: &hookd_client::v1::Delivery| d.next_attempt_at.as_ref().is_some_and(|at| at.seconds + 1 < now);
+            (deliveries.len() == EVENTS && deliveries.iter().all(due)).then_some(())
+        }
+    })
+    .await;
     let request = hookd_client::v1::DeleteListenerRequest { listener_id: listener.clone() };
     producer.register().delete_listener(request).await.unwrap();
 
-    let admin = server.admin().await;
     listener_settled(&admin, &listener, EVENTS, hookd_client::v1::DeliveryState::Cancelled).await;
 }

@@ -582,7 +582,8 @@ impl Dispatcher {
             }
         }
         let gate = self.gates.entry(entry.listener_id.clone()).or_default();
-        let cap = gate.slots(cap);
+        // A manual attempt is asked for now: a run of failures does not hold it either.
+        let cap = if entry.manual && !gate.ordered { cap } else { gate.slots(cap) };
         // At its cap (or with others already waiting in line): wait in memory while the line
         // is short, else in the lot. A failing listener gets no line: its backlog waits in
         // the lot, so memory stays flat however long it fails.
@@ -679,8 +680,13 @@ impl Dispatcher {
                 tokio::spawn(async move {
                     loop {
                         match context.queue.cancel_parked(&listener_id, UNPARK_CHUNK) {
-                            Ok(0) => break,
-                            Ok(_) => tokio::task::yield_now().await,
+                            Ok(lot) if lot.taken == 0 => break,
+                            Ok(lot) => {
+                                if let Some(due_ms) = lot.requeued_from_ms {
+                                    context.queued((due_ms, String::new()));
+                                }
+                                tokio::task::yield_now().await;
+                            }
                             Err(error) => {
                                 // A restart finds the lot and hands it to workers, which cancel.
                                 tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's parked deliveries");

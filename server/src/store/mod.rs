@@ -25,6 +25,15 @@ pub use model::{
 };
 pub use sled_store::SledStore;
 
+/// What one step of [`PipelineStore::cancel_parked`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CancelledLot {
+    /// Entries taken out of the lot (cancelled or put back in the queue).
+    pub taken: usize,
+    /// The earliest due time of the entries put back in the queue, if any.
+    pub requeued_from_ms: Option<u64>,
+}
+
 /// A write that resolves once it is durable (or failed).
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
@@ -203,8 +212,10 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// Ends a delivery without an attempt (e.g. its listener was deleted).
     fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry) -> Result<(), StoreError>;
     /// Takes up to `limit` entries out of a deleted listener's parking lot, cancelling their
-    /// deliveries that are still pending, in one atomic write. Returns how many it took.
-    fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<usize, StoreError>;
+    /// deliveries that are still pending, in one atomic write. An entry of a delivery with a
+    /// manual attempt queued or under way goes back to the queue instead (that attempt
+    /// writes the delivery back when it ends; the entry's worker cancels it after).
+    fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<CancelledLot, StoreError>;
     /// Attempts of a delivery, in order (the first is read from the delivery's record).
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError>;
 

@@ -105,15 +105,15 @@ pub struct Listener {
     #[prost(uint64, tag = "13")]
     pub disabled_from_seq: u64,
     /// The events triggered while it was disabled, one range per time it was disabled and
-    /// enabled again, oldest first; ranges fan-out has passed are dropped at the next
-    /// re-enabling, and at most [`MAX_SKIPPED`] are kept.
+    /// enabled again, oldest first; at most [`MAX_SKIPPED`] are kept.
     #[prost(message, repeated, tag = "14")]
     pub skipped: Vec<SeqRange>,
 }
 
-/// Most ranges of skipped events a listener keeps. Beyond that the oldest is dropped, so
-/// the events of that one disabled spell are delivered after all if fan-out has not passed
-/// them yet: a delivery too many rather than one lost.
+/// Most ranges of skipped events a listener keeps. When a re-enabling finds the list full,
+/// ranges fan-out has durably passed are dropped; if none has been passed, the oldest is,
+/// and the events of that one disabled spell are delivered after all: a delivery too many
+/// rather than one lost.
 pub const MAX_SKIPPED: usize = 32;
 
 /// Event numbers from `from` up to, not including, `until`.
@@ -135,7 +135,8 @@ impl Listener {
     }
 
     /// Records that it is enabled again now that `next_seq` is the next event's number,
-    /// forgetting the skipped ranges that fan-out (next at `fanout_next_seq`) has passed.
+    /// forgetting the skipped ranges that fan-out (durably next at `fanout_next_seq`) has
+    /// passed.
     pub fn reenabled(&mut self, next_seq: u64, fanout_next_seq: u64) {
         self.skipped.retain(|range| range.until > fanout_next_seq);
         if self.disabled_from_seq < next_seq {

@@ -16,7 +16,7 @@ use super::model::{
     Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, decode, encode,
 };
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
-use super::{Completion, NewDelivery, PipelineStore, QueuePosition, StoreError};
+use super::{CancelledLot, Completion, NewDelivery, PipelineStore, QueuePosition, StoreError};
 
 fn be_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
     let array: [u8; 8] = bytes.try_into().map_err(|_| corrupt(key))?;
@@ -49,6 +49,25 @@ fn due_entry(key: &[u8], value: &[u8]) -> Result<DueEntry, StoreError> {
         listener_id: utf8(key, value)?,
         manual,
     })
+}
+
+impl SledStore {
+    /// Whether a manual attempt of the delivery is in the due queue (waiting or under way),
+    /// as opposed to parked.
+    fn manual_attempt_queued(&self, delivery_id: &str) -> Result<bool, StoreError> {
+        let prefix = keys::manual_prefix(delivery_id);
+        let manual =
+            DueEntry { due_ms: 0, delivery_id: delivery_id.to_owned(), listener_id: String::new(), manual: true };
+        let key_id = manual.key_id();
+        for entry in self.queue.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let due_ms = be_u64(&key, &key[prefix.len()..])?;
+            if self.queue.contains_key(keys::due(due_ms, &key_id))? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 impl PipelineStore for SledStore {
@@ -192,6 +211,9 @@ impl PipelineStore for SledStore {
     }
 
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError> {
+        // The state read below decides a write: a recovery (which makes failed deliveries
+        // pending again) must not come in between. Dropping an entry is rare.
+        let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
         let mut batch = Batch::default();
         batch.remove(keys::due(entry.due_ms, &entry.key_id()));
         if entry.manual {
@@ -220,19 +242,30 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
-    fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<usize, StoreError> {
+    fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<CancelledLot, StoreError> {
         let prefix = keys::parked_prefix(listener_id);
         let mut batch = Batch::default();
         let mut cancelled = std::collections::HashMap::new();
-        let mut taken = 0;
+        let mut lot = CancelledLot::default();
         for entry in self.queue.scan_prefix(&prefix).take(limit) {
             let (key, value) = entry?;
             let key_id = utf8(&key, &key[prefix.len()..])?;
             let (delivery_id, manual) = DueEntry::split_key_id(&key_id);
-            if manual {
-                batch.remove(keys::manual(delivery_id, be_u64(&key, &value)?));
+            let due_ms = be_u64(&key, &value)?;
+            lot.taken += 1;
+            batch.remove(key.clone());
+            // A manual attempt of it may be under way (its entry is in the queue, not in the
+            // lot): it writes the delivery back when it ends, so the delivery is left to the
+            // queue, where the dispatcher hands it out after that attempt and its worker
+            // cancels it.
+            if !manual && self.manual_attempt_queued(delivery_id)? {
+                batch.insert(keys::due(due_ms, &key_id), listener_id.as_bytes());
+                lot.requeued_from_ms = Some(lot.requeued_from_ms.map_or(due_ms, |from: u64| from.min(due_ms)));
+                continue;
             }
-            batch.remove(key);
+            if manual {
+                batch.remove(keys::manual(delivery_id, due_ms));
+            }
             batch.remove(keys::pending(listener_id, delivery_id));
             if !cancelled.contains_key(delivery_id)
                 && let Some(mut delivery) = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))?
@@ -242,13 +275,12 @@ impl PipelineStore for SledStore {
                 delivery.next_attempt_at_ms = 0;
                 cancelled.insert(delivery_id.to_owned(), delivery);
             }
-            taken += 1;
         }
         for (id, delivery) in cancelled {
             batch.insert(keys::delivery(&id), encode(&delivery));
         }
         self.queue.apply_batch(batch)?;
-        Ok(taken)
+        Ok(lot)
     }
 
     fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError> {

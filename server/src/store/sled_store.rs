@@ -46,7 +46,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::model::{
-    ApiKeyEntry, Appended, Event, EventHashEntry, FanoutCursor, Listener, NewEvent, Producer, decode, encode,
+    ApiKeyEntry, Appended, Event, EventHashEntry, FanoutCursor, Listener, MAX_SKIPPED, NewEvent, Producer, decode,
+    encode,
 };
 use super::producer_index;
 use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
@@ -511,8 +512,17 @@ impl Store for SledStore {
                 // Events from before it was disabled that fan-out has not reached are still
                 // owed to it: only those triggered while it was disabled are skipped.
                 (false, true) => {
-                    let fanout = read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default();
-                    listener.reenabled(first_unwritten_seq(tree)?, fanout.next_seq);
+                    // Ranges are pruned only once the list is full, and only those behind
+                    // the fan-out cursor on disk (after a crash fan-out redoes from there):
+                    // so this writer thread, which intake shares, flushes the queue database
+                    // only then.
+                    let fanout_next_seq = if listener.skipped.len() >= MAX_SKIPPED {
+                        queue.flush()?;
+                        read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default().next_seq
+                    } else {
+                        0
+                    };
+                    listener.reenabled(first_unwritten_seq(tree)?, fanout_next_seq);
                 }
                 (true, false) => listener.disabled_from_seq = first_unwritten_seq(tree)?,
                 _ => {}

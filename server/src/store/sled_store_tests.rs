@@ -1,8 +1,8 @@
 use super::*;
 use crate::store::writer::IDEMPOTENCY_WINDOW_MS;
 use crate::store::{
-    Attempt, Completion, Delivery, DeliveryState, DueEntry, EventFilter, FanoutCursor, HistoryStore, MAX_SKIPPED,
-    NewDelivery, NextStep, PipelineStore, Refusal, SeqRange,
+    Attempt, CancelledLot, Completion, Delivery, DeliveryState, DueEntry, EventFilter, FanoutCursor, HistoryStore,
+    MAX_SKIPPED, NewDelivery, NextStep, PipelineStore, Refusal, SeqRange,
 };
 
 /// The key hash the test producers are created with.
@@ -261,11 +261,24 @@ async fn a_listener_is_fanned_out_the_events_triggered_while_it_was_registered_a
     let wanted: Vec<u64> = (0..8).filter(|&seq| twice.wants(seq)).collect();
     assert_eq!(wanted, vec![3, 5, 7]);
 
-    // Once fan-out has passed a range, the next re-enabling forgets it.
+    // Once the list is full, a re-enabling forgets the ranges fan-out has passed.
     store.commit_fanout(&[], &FanoutCursor { next_seq: 6, after_listener: String::new() }).unwrap();
+    for at in 7..(7 + MAX_SKIPPED as u64 - 2) {
+        store.update_listener("lst_1", Box::new(|listener| listener.enabled = false)).await.unwrap();
+        store.append_event(new_event("prd_a", None, at)).await.unwrap();
+        store.update_listener("lst_1", Box::new(|listener| listener.enabled = true)).await.unwrap();
+    }
+    let full = store.listener("lst_1").unwrap().unwrap();
+    assert_eq!(full.skipped.len(), MAX_SKIPPED);
+    assert_eq!(full.skipped[..2], [SeqRange { from: 4, until: 5 }, SeqRange { from: 6, until: 7 }]);
     store.update_listener("lst_1", Box::new(|listener| listener.enabled = false)).await.unwrap();
+    let last = store.append_event(new_event("prd_a", None, 100)).await.unwrap();
+    let last = ids::event_seq(&last.event_id).unwrap();
     store.update_listener("lst_1", Box::new(|listener| listener.enabled = true)).await.unwrap();
-    assert_eq!(store.listener("lst_1").unwrap().unwrap().skipped, vec![SeqRange { from: 6, until: 7 }]);
+    let pruned = store.listener("lst_1").unwrap().unwrap();
+    assert_eq!(pruned.skipped.len(), MAX_SKIPPED, "one range passed and dropped, one added");
+    assert_eq!(pruned.skipped[0], SeqRange { from: 6, until: 7 });
+    assert_eq!(pruned.skipped.last(), Some(&SeqRange { from: last, until: last + 1 }));
     store.close().unwrap();
 }
 
@@ -493,18 +506,26 @@ fn a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps() {
     let entries = store.due(None, 100, 100).unwrap();
     assert_eq!(entries.len(), 7);
     store.park(&entries).unwrap();
+    // A manual attempt of another one is queued (or under way) after that: not in the lot.
+    store.queue_manual_attempt(&gone[1].delivery.id, 30).unwrap().unwrap();
 
-    assert_eq!(store.cancel_parked("lst_gone", 4).unwrap(), 4);
-    assert_eq!(store.cancel_parked("lst_gone", 4).unwrap(), 2);
-    assert_eq!(store.cancel_parked("lst_gone", 4).unwrap(), 0);
+    let step = |limit| store.cancel_parked("lst_gone", limit).unwrap();
+    // The first step reaches gone[1]'s parked entry: it goes back to the queue, for its
+    // worker to cancel once the manual attempt has ended.
+    assert_eq!(step(4), CancelledLot { taken: 4, requeued_from_ms: Some(10) });
+    assert_eq!(step(4), CancelledLot { taken: 2, requeued_from_ms: None });
+    assert_eq!(step(4), CancelledLot::default());
     let state = |id: &str| DeliveryState::try_from(store.delivery(id).unwrap().unwrap().state).unwrap();
-    for new in &gone[..4] {
+    for new in [&gone[0], &gone[2], &gone[3]] {
         assert_eq!(state(&new.delivery.id), DeliveryState::Cancelled);
     }
+    assert_eq!(state(&gone[1].delivery.id), DeliveryState::Pending);
     assert_eq!(state(&ended.id), DeliveryState::Succeeded, "an ended delivery keeps its outcome");
-    assert_eq!(store.pending_head("lst_gone").unwrap(), None);
+    assert_eq!(store.pending_head("lst_gone").unwrap(), Some(gone[1].delivery.id.clone()));
     assert!(store.queue.scan_prefix(keys::manual_prefix(&gone[0].delivery.id)).next().is_none());
-    assert!(store.due(None, u64::MAX - 1, 100).unwrap().is_empty());
+    let queued: Vec<(u64, bool)> =
+        store.due(None, u64::MAX - 1, 100).unwrap().iter().map(|due| (due.due_ms, due.manual)).collect();
+    assert_eq!(queued, [(10, false), (30, true)], "only gone[1]'s entries are left, both in the queue");
     // Another listener's lot is left alone.
     assert_eq!(store.parked_listeners().unwrap(), ["lst_kept"]);
     assert_eq!(state(&kept.delivery.id), DeliveryState::Pending);

@@ -40,6 +40,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use sled::{Batch, Tree};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -274,17 +275,35 @@ fn scan_after(
     tree.range::<Vec<u8>, _>((start, prefix_end(prefix))).take(limit)
 }
 
+/// How long opening waits for a data directory locked by a database still closing.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+const LOCK_POLL: Duration = Duration::from_millis(20);
+
 impl SledStore {
     /// Opens (or creates) the database under `dir` and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         let open = |name: &str| {
-            sled::Config::new()
+            let config = sled::Config::new()
                 .path(dir.join(name))
                 .mode(sled::Mode::HighThroughput)
                 // sled's page cache defaults to 1 GiB; the hot set (queue heads, recent
                 // events, listeners) is far smaller, and memory must stay flat under a backlog.
-                .cache_capacity(CACHE_BYTES)
-                .open()
+                .cache_capacity(CACHE_BYTES);
+            // The directory's lock outlives a closed database for a moment (sled's I/O
+            // threads finish their last writes), and a hookd restarted at once, or a second
+            // one, finds it held: wait a little for it before giving up.
+            let deadline = std::time::Instant::now() + LOCK_WAIT;
+            loop {
+                match config.open() {
+                    Err(sled::Error::Io(error))
+                        if error.to_string().contains("could not acquire lock")
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(LOCK_POLL);
+                    }
+                    opened => break opened,
+                }
+            }
         };
         let db = open("db")?;
         let tree = db.open_tree("hookd")?;

@@ -531,3 +531,16 @@ fn a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps() {
     assert_eq!(state(&kept.delivery.id), DeliveryState::Pending);
     assert_eq!(store.pending_head("lst_kept").unwrap(), Some(kept.delivery.id.clone()));
 }
+
+#[test]
+fn opening_waits_for_a_data_directory_still_held_by_a_closing_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SledStore::open(dir.path()).unwrap();
+    let path = dir.path().to_owned();
+    let second = std::thread::spawn(move || SledStore::open(&path).map(|store| store.close()));
+    // The second open finds the directory locked until the first database is gone.
+    std::thread::sleep(Duration::from_millis(200));
+    first.close().unwrap();
+    drop(first);
+    second.join().unwrap().expect("opened once the first let go").unwrap();
+}

@@ -1,20 +1,23 @@
 //! Crash safety with the real binary: SIGKILL right after triggers are acknowledged (while
 //! their events are still on their way from the journal into the database), in the middle of
 //! delivery (to unordered listeners and to an ordered one), and while a 50-listener fan-out is
-//! under way. After a restart on the same data directory every acknowledged event is there,
-//! every (event, listener) pair arrives at least once, and an ordered listener's events first
-//! arrive in trigger order.
+//! under way, and with retries parked behind a disabled listener. After a restart on the same
+//! data directory every acknowledged event is there, every (event, listener) pair arrives at
+//! least once, and an ordered listener's events first arrive in trigger order.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hookd_client::Client;
-use hookd_client::v1::{CreateProducerRequest, GetEventRequest, RegisterListenerRequest, TriggerRequest};
+use hookd_client::v1::{
+    CreateProducerRequest, GetEventRequest, ListDeliveriesRequest, RegisterListenerRequest, TriggerRequest,
+    UpdateListenerRequest,
+};
 
 use crate::receiver::{Receiver, Reply};
 use crate::support::{
-    ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listed_event_ids, listener_request, master_key,
+    ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, eventually, listed_event_ids, listener_request, master_key,
 };
 
 struct Crashable {
@@ -222,6 +225,66 @@ async fn kill_9_with_an_ordered_listener_resumes_in_order() {
         .collect();
     assert_eq!(firsts.len(), EVENTS);
     assert!(firsts.is_sorted(), "first answers out of trigger order: {firsts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_retries_parked_while_their_listener_is_disabled_loses_none() {
+    const EVENTS: usize = 20;
+    let receiver = Receiver::start().await;
+    receiver.script("/paused", |_, _| Reply::Status(500));
+    let crashable = Crashable::new();
+    // Retries a second apart: none is due before the listener is disabled, and none runs out.
+    let env = [
+        ("HOOKD_MASTER_KEY", crashable.key.as_str()),
+        ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("HOOKD_RETRY_SCHEDULE", "1s,1s,1s,1s,1s,1s,1s,1s"),
+    ];
+    let hookd = HookdProcess::start(crashable.dir.path(), &env).await.unwrap();
+    let (producer, key) = producer(&hookd).await;
+    let hash = derive(&producer, "crash.test").await;
+    let registered =
+        producer.register().register_listener(listener_request(&hash, &receiver.url("/paused"))).await.unwrap();
+    let listener_id = registered.into_inner().listener.unwrap().id;
+    let events = trigger_many(&producer, EVENTS).await;
+    receiver.wait_until("a first attempt of every event", DEADLINE, |requests| requests.len() >= EVENTS).await;
+    let set_enabled = |client: Client, enabled: bool| {
+        let listener_id = listener_id.clone();
+        async move {
+            let request = UpdateListenerRequest { listener_id, enabled: Some(enabled), ..Default::default() };
+            client.register().update_listener(request).await.unwrap();
+        }
+    };
+    set_enabled(producer.clone(), false).await;
+    // Their retries fall due while the listener is disabled: they wait in its lot.
+    eventually("the retries due while the listener is disabled", || {
+        let (producer, listener_id) = (producer.clone(), listener_id.clone());
+        async move {
+            let request = ListDeliveriesRequest { listener_id, ..Default::default() };
+            let deliveries = producer.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let due =
+                |d: &hookd_client::v1::Delivery| d.next_attempt_at.as_ref().is_some_and(|at| at.seconds + 1 < now);
+            (deliveries.len() == EVENTS && deliveries.iter().all(due)).then_some(())
+        }
+    })
+    .await;
+    hookd.kill9().await;
+
+    let answered: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let seen = answered.clone();
+    receiver.script("/paused", move |request, _| {
+        seen.lock().unwrap().insert(request.webhook_id().to_owned());
+        Reply::Status(200)
+    });
+    let hookd = HookdProcess::start(crashable.dir.path(), &env).await.unwrap();
+    let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&key).unwrap();
+    set_enabled(producer, true).await;
+    let expected: HashSet<String> = events.into_iter().collect();
+    receiver
+        .wait_until("every event delivered once the listener is enabled again", DEADLINE, |_| {
+            expected.is_subset(&answered.lock().unwrap())
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

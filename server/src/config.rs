@@ -80,7 +80,7 @@ pub struct ServeArgs {
     /// Delays after each failed attempt, comma-separated: `1s,1s,2s` means at most 4 attempts.
     #[arg(long, env = "HOOKD_RETRY_SCHEDULE", default_value = "5s,5m,30m,2h,5h,10h,10h")]
     pub retry_schedule: RetrySchedule,
-    /// Delivery requests awaiting an answer at once from one listener (one while it is failing).
+    /// Delivery requests awaiting an answer at once from one listener.
     #[arg(long, env = "HOOKD_LISTENER_IN_FLIGHT", default_value_t = 8)]
     pub listener_in_flight: usize,
     /// Disable a listener after this long with nothing but failed attempts (e.g. 5d, 12h).

@@ -11,13 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use hookd_client::Client;
 use hookd_client::v1::{
-    CreateProducerRequest, GetEventRequest, ListDeliveriesRequest, RegisterListenerRequest, TriggerRequest,
-    UpdateListenerRequest,
+    CreateProducerRequest, GetEventRequest, RegisterListenerRequest, TriggerRequest, UpdateListenerRequest,
 };
 
 use crate::receiver::{Receiver, Reply};
 use crate::support::{
-    ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, eventually, listed_event_ids, listener_request, master_key,
+    ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listed_event_ids, listener_request, master_key, retries_due,
 };
 
 struct Crashable {
@@ -256,18 +255,7 @@ async fn kill_9_with_retries_parked_while_their_listener_is_disabled_loses_none(
     };
     set_enabled(producer.clone(), false).await;
     // Their retries fall due while the listener is disabled: they wait in its lot.
-    eventually("the retries due while the listener is disabled", || {
-        let (producer, listener_id) = (producer.clone(), listener_id.clone());
-        async move {
-            let request = ListDeliveriesRequest { listener_id, ..Default::default() };
-            let deliveries = producer.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-            let due =
-                |d: &hookd_client::v1::Delivery| d.next_attempt_at.as_ref().is_some_and(|at| at.seconds + 1 < now);
-            (deliveries.len() == EVENTS && deliveries.iter().all(due)).then_some(())
-        }
-    })
-    .await;
+    retries_due(&producer, &listener_id, EVENTS).await;
     hookd.kill9().await;
 
     let answered: Arc<Mutex<HashSet<String>>> = Arc::default();

@@ -12,7 +12,7 @@ use hookd_server::ids;
 use hookd_server::store::{Attempt, Delivery, DeliveryState, PipelineStore, SledStore, Store};
 
 use crate::receiver::{Receiver, Reply};
-use crate::support::{DEADLINE, TestServer, derive, eventually, master_key};
+use crate::support::{DEADLINE, TestServer, derive, eventually, master_key, retries_due};
 
 /// Starts a server whose retries come fast, with `adjust` for the rest.
 async fn server_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
@@ -237,87 +237,6 @@ async fn a_hanging_listener_costs_only_its_own_deliveries() {
         .await;
     assert_eq!(receiver.requests_to("/hang").len(), 4, "the hanging listener holds exactly its in-flight cap");
     assert_eq!(receiver.max_hanging(), 4);
-    receiver.release();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listeners_that_hang_hold_one_worker_each_once_they_fail() {
-    const SLOW_EVENTS: usize = 6;
-    const FAST_EVENTS: usize = 5;
-    let receiver = Receiver::start().await;
-    receiver.script("/hang-a", |_, _| Reply::Hang);
-    receiver.script("/hang-b", |_, _| Reply::Hang);
-    // Two hanging listeners take the whole pool at first (2 workers each).
-    let server = server_with(|config| {
-        config.pipeline.workers = 4;
-        config.pipeline.listener_in_flight = 2;
-        config.pipeline.attempt_timeout = Duration::from_secs(2);
-        config.pipeline.retry_schedule = "100ms,100ms,100ms,100ms,100ms,100ms".parse().unwrap();
-    })
-    .await;
-    let (producer, _, _) = server.producer("many-down").await;
-    let slow = derive(&producer, "slow").await;
-    let fast = derive(&producer, "fast").await;
-    listen(&producer, &slow, receiver.url("/hang-a"), None, false).await;
-    listen(&producer, &slow, receiver.url("/hang-b"), None, false).await;
-    listen(&producer, &fast, receiver.url("/ok"), None, false).await;
-    for n in 0..SLOW_EVENTS {
-        trigger(&producer, "slow", n.to_string()).await;
-    }
-    for n in 0..FAST_EVENTS {
-        trigger(&producer, "fast", n.to_string()).await;
-    }
-    receiver
-        .wait_until("every event at the healthy listener", DEADLINE, |requests| {
-            requests.iter().filter(|r| r.path == "/ok").count() == FAST_EVENTS
-        })
-        .await;
-    // Once their first requests timed out, each hanging listener was down to one request
-    // at a time, which left the pool to the healthy one: it was reached after at most one
-    // more request to each (without that, each would have taken its two slots again until
-    // five failures backed it off: six requests each first).
-    let requests = receiver.requests();
-    let first_ok = requests.iter().position(|r| r.path == "/ok").expect("the healthy listener was reached");
-    for path in ["/hang-a", "/hang-b"] {
-        let before = requests[..first_ok].iter().filter(|r| r.path == path).count();
-        assert!(before <= 3, "{path} got {before} requests before the healthy listener got one");
-    }
-    receiver.release();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_manual_attempt_does_not_wait_for_a_failing_listeners_one_slot() {
-    let receiver = Receiver::start().await;
-    // The first event fails once, then its retry hangs in the listener's one slot.
-    receiver.script("/x", |request, _| match (&request.body[..], request.attempt()) {
-        (b"first", 1) => Reply::Status(500),
-        (b"first", _) => Reply::Hang,
-        _ => Reply::Status(200),
-    });
-    let server = server_with(|config| config.pipeline.attempt_timeout = DEADLINE * 2).await;
-    let (producer, _, _) = server.producer("insistent").await;
-    let hash = derive(&producer, "job").await;
-    listen(&producer, &hash, receiver.url("/x"), None, false).await;
-    trigger(&producer, "job", "first".into()).await;
-    receiver.wait_until("the retry hanging", DEADLINE, |requests| requests.len() == 2).await;
-    // A second event's delivery waits behind the hanging one; a manual attempt of it does not.
-    let second = trigger(&producer, "job", "second".into()).await;
-    let delivery = eventually("the second event's delivery", || {
-        let (producer, second) = (producer.clone(), second.clone());
-        async move {
-            let request = hookd_client::v1::ListDeliveriesRequest { event_id: second, ..Default::default() };
-            producer.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries.pop()
-        }
-    })
-    .await;
-    let retry = hookd_client::v1::RetryDeliveryRequest { delivery_id: delivery.id.clone() };
-    producer.delivery().retry_delivery(retry).await.unwrap();
-    receiver
-        .wait_until("the manual attempt made while the retry still hangs", DEADLINE, |requests| {
-            requests.iter().any(|r| r.webhook_id() == second)
-        })
-        .await;
-    assert_eq!(receiver.requests_to("/x").len(), 3, "the hanging retry is still the only other request");
     receiver.release();
 }
 
@@ -747,22 +666,10 @@ async fn deleting_a_disabled_listener_cancels_the_deliveries_waiting_in_its_lot(
         ..Default::default()
     };
     producer.register().update_listener(disable).await.unwrap();
-    // Let the retries fall due while it is disabled, so the dispatcher parks them (a second
-    // on top, for it to get to them; should it not have, its workers cancel them instead,
-    // and the outcome checked below is the same).
+    // Let the retries fall due while it is disabled, so the dispatcher parks them (should it
+    // not have got to them, its workers cancel them instead: the outcome checked is the same).
     let admin = server.admin().await;
-    eventually("the retries due while the listener is disabled", || {
-        let (admin, listener) = (admin.clone(), listener.clone());
-        async move {
-            let request = hookd_client::v1::ListDeliveriesRequest { listener_id: listener, ..Default::default() };
-            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-            let due =
-                |d: &hookd_client::v1::Delivery| d.next_attempt_at.as_ref().is_some_and(|at| at.seconds + 1 < now);
-            (deliveries.len() == EVENTS && deliveries.iter().all(due)).then_some(())
-        }
-    })
-    .await;
+    retries_due(&admin, &listener, EVENTS).await;
     let request = hookd_client::v1::DeleteListenerRequest { listener_id: listener.clone() };
     producer.register().delete_listener(request).await.unwrap();
 

@@ -32,6 +32,30 @@ pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output
     tokio::time::timeout(DEADLINE, future).await.unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
 }
 
+/// Waits until the listener's `count` deliveries all have their next attempt more than a
+/// second in the past: due, and (a second on top) read by the dispatcher, which parks them
+/// while the listener is disabled. Should it not have got to them yet, what the caller
+/// checks next must hold either way.
+pub async fn retries_due(client: &Client, listener_id: &str, count: usize) {
+    let started = std::time::Instant::now();
+    loop {
+        let request =
+            hookd_client::v1::ListDeliveriesRequest { listener_id: listener_id.to_owned(), ..Default::default() };
+        let deliveries = client.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let due = |d: &hookd_client::v1::Delivery| {
+            d.next_attempt_at.as_ref().is_some_and(|at| u64::try_from(at.seconds).is_ok_and(|at| at + 1 < now))
+        };
+        if deliveries.len() == count && deliveries.iter().all(due) {
+            return;
+        }
+        let states: Vec<(i32, u32, Option<i64>)> =
+            deliveries.iter().map(|d| (d.state, d.attempts, d.next_attempt_at.as_ref().map(|at| at.seconds))).collect();
+        assert!(started.elapsed() < DEADLINE, "{count} retries of {listener_id} not due by now ({now}): {states:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `check` until it yields a value, failing the test after [`DEADLINE`]: for state
 /// that only the API can observe (no event to wait on).
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T

@@ -74,15 +74,6 @@ struct Gate {
 }
 
 impl Gate {
-    /// How many requests it may have in flight, `configured` at most: one for an ordered
-    /// listener (its next delivery waits for the last), and one for a listener in a run of
-    /// failures, until an attempt succeeds. A failing listener so holds one worker of the
-    /// pool, not its whole share, however long its requests hang: many failing listeners
-    /// at once leave the pool to the rest.
-    fn slots(&self, configured: usize) -> usize {
-        if self.ordered || self.failures > 0 { 1 } else { configured }
-    }
-
     fn is_idle(&self) -> bool {
         self.in_flight == 0
             && self.parked == 0
@@ -101,9 +92,7 @@ impl Gate {
             return 0;
         }
         let waiting = self.held.len() + self.released.len();
-        if self.ordered || self.failures > 0 {
-            // One at a time (see `slots`), and no line: what waits beyond that would only be
-            // parked again.
+        if self.ordered {
             return 1usize.saturating_sub(self.in_flight + waiting).min(self.parked);
         }
         if waiting > HELD_PER_LISTENER / 2 {
@@ -509,7 +498,7 @@ impl Dispatcher {
                 return;
             }
             let Some(gate) = self.gates.get_mut(listener_id) else { return };
-            let cap = gate.slots(cap);
+            let cap = if gate.ordered { 1 } else { cap };
             if gate.in_flight >= cap || gate.blocked_until_ms > now {
                 return;
             }
@@ -582,8 +571,7 @@ impl Dispatcher {
             }
         }
         let gate = self.gates.entry(entry.listener_id.clone()).or_default();
-        // A manual attempt is asked for now: a run of failures does not hold it either.
-        let cap = if entry.manual && !gate.ordered { cap } else { gate.slots(cap) };
+        let cap = if gate.ordered { 1 } else { cap };
         // At its cap (or with others already waiting in line): wait in memory while the line
         // is short, else in the lot. A failing listener gets no line: its backlog waits in
         // the lot, so memory stays flat however long it fails.
@@ -868,21 +856,5 @@ mod tests {
         assert_eq!(blocked.room(8, 100, all), 10);
         let released = Gate { parked: 1, released: ["a".to_owned()].into(), ..Gate::default() };
         assert_eq!(released.room(8, 0, all), 1);
-        // A failing listener takes back one entry at a time, for its one slot, and no line.
-        let failing = Gate { failures: 1, parked: 1_000_000, ..Gate::default() };
-        assert_eq!(failing.room(8, 0, all), 1);
-        let failing_busy = Gate { failures: 3, in_flight: 1, parked: 10, ..Gate::default() };
-        assert_eq!(failing_busy.room(8, 0, all), 0);
-    }
-
-    #[test]
-    fn a_failing_listener_gets_one_slot_until_an_attempt_succeeds() {
-        let healthy = Gate::default();
-        assert_eq!(healthy.slots(8), 8);
-        assert_eq!(Gate { ordered: true, ..Gate::default() }.slots(8), 1);
-        let mut gate = Gate { failures: 1, ..Gate::default() };
-        assert_eq!(gate.slots(8), 1);
-        gate.failures = 0;
-        assert_eq!(gate.slots(8), 8);
     }
 }

@@ -71,7 +71,7 @@ pub struct PipelineConfig {
     pub attempt_timeout: Duration,
     /// Delays between attempts.
     pub retry_schedule: RetrySchedule,
-    /// Requests awaiting an answer at once from one listener (one while it is failing).
+    /// Requests awaiting an answer at once from one listener.
     pub listener_in_flight: usize,
     /// A listener that has had nothing but failures for this long is disabled.
     pub disable_after: Duration,

@@ -349,26 +349,50 @@ async fn another_producer_cannot_see_or_touch_what_it_does_not_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn targets_the_policy_refuses_are_recorded_and_never_contacted() {
+async fn targets_the_policy_refuses_are_refused_at_registration_or_failed_for_good_unsent() {
     let receiver = Receiver::start().await;
     let server = server_with(|config| {
-        config.pipeline.retry_schedule = "50ms".parse().unwrap();
+        config.pipeline.retry_schedule = "50ms,50ms".parse().unwrap();
         config.pipeline.target_policy.kind = hookd_server::pipeline::PolicyKind::Strict;
     })
     .await;
     let (producer, _, _) = server.producer("ssrf").await;
     let hash = derive(&producer, "probe").await;
-    // Under the strict policy loopback is refused, named or literal.
-    listen(&producer, &hash, format!("http://localhost:{}/named", receiver.addr.port())).await;
-    listen(&producer, &hash, receiver.url("/literal")).await;
-    listen(&producer, &hash, "http://169.254.169.254/latest/meta-data".into()).await;
-    let event = trigger(&producer, "probe", "{}").await;
-    for delivery in settled(&producer, &event, 3, DeliveryState::Failed).await {
-        let request = ListAttemptsRequest { delivery_id: delivery.id };
-        let attempts = producer.delivery().list_attempts(request).await.unwrap().into_inner().attempts;
-        assert_eq!(attempts.len(), 2);
-        assert!(attempts.iter().all(|a| a.status_code == 0 && a.error.starts_with("refused:")), "{attempts:?}");
+    // A literal address the policy refuses is refused at once, in every form, naming the rule.
+    let port = receiver.addr.port();
+    for (url, rule) in [
+        (receiver.url("/literal"), "loopback"),
+        (format!("http://[::ffff:127.0.0.1]:{port}/mapped"), "loopback"),
+        ("http://169.254.169.254/latest/meta-data".to_owned(), "link-local"),
+        ("http://[64:ff9b::a9fe:a9fe]/".to_owned(), "NAT64"),
+        ("http://10.0.0.1/".to_owned(), "private"),
+    ] {
+        let request = RegisterListenerRequest { event_hash: hash.clone(), url: url.clone(), ..Default::default() };
+        let refused = producer.register().register_listener(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{url}");
+        assert!(
+            refused.message().contains(rule) && refused.message().contains("--target-policy strict"),
+            "{url}: {refused:?}"
+        );
     }
+    // UpdateListener checks a new URL the same way.
+    let named = listen(&producer, &hash, format!("http://localhost:{port}/named")).await;
+    let update = hookd_client::v1::UpdateListenerRequest {
+        listener_id: named.clone(),
+        url: Some("http://[fe80::1]/".into()),
+        ..Default::default()
+    };
+    assert_eq!(producer.register().update_listener(update).await.unwrap_err().code(), Code::InvalidArgument);
+    // A name is checked where it resolves, at the attempt: refused there, the delivery fails
+    // for good at once instead of being retried.
+    let event = trigger(&producer, "probe", "{}").await;
+    let [delivery] = settled(&producer, &event, 1, DeliveryState::Failed).await.try_into().unwrap();
+    assert_eq!(delivery.listener_id, named);
+    let request = ListAttemptsRequest { delivery_id: delivery.id };
+    let attempts = producer.delivery().list_attempts(request).await.unwrap().into_inner().attempts;
+    assert_eq!(attempts.len(), 1, "a refused target is not retried: {attempts:?}");
+    assert!(attempts[0].status_code == 0 && attempts[0].error.starts_with("refused:"), "{attempts:?}");
+    assert!(attempts[0].error.contains("loopback"), "{attempts:?}");
     assert!(receiver.requests().is_empty(), "nothing reached the receiver");
 }
 

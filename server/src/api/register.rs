@@ -46,6 +46,19 @@ impl RegisterApi {
             .ok_or(ApiError::NotFound("event hash"))
     }
 
+    /// A listener URL, checked like any other and, when its host is a literal address,
+    /// against the target policy too (a name is checked when it is resolved, at each attempt).
+    fn target(&self, url: &str) -> ApiResult<String> {
+        let url = validate::listener_url(url)?;
+        self.shared
+            .config
+            .pipeline
+            .target_policy
+            .check_literal(&url)
+            .map_err(|refusal| ApiError::InvalidArgument(format!("url is {refusal}")))?;
+        Ok(url)
+    }
+
     /// Seals the chosen secret for `listener_id`; returns the envelope and, when generated,
     /// the plaintext to show once.
     fn seal(&self, listener_id: &str, choice: Option<SecretChoice<'_>>) -> (Vec<u8>, String) {
@@ -83,7 +96,7 @@ impl RegisterService for RegisterApi {
         &self,
         request: Request<DeriveEventHashRequest>,
     ) -> Result<Response<DeriveEventHashResponse>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let event_type = validate::event_type(&request.get_ref().event_type)?;
         let event_hash = self.shared.config.keyring.event_hash(&producer.id, event_type);
         // Remember what the hash stands for, so it stays valid even if the derivation changes.
@@ -99,10 +112,10 @@ impl RegisterService for RegisterApi {
         &self,
         request: Request<RegisterListenerRequest>,
     ) -> Result<Response<RegisterListenerResponse>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         self.shared.ensure_accepting()?;
         let request = request.into_inner();
-        let url = validate::listener_url(&request.url)?;
+        let url = self.target(&request.url)?;
         let description = validate::free_text("description", &request.description)?.to_owned();
         let choice = validate::secret_choice(request.secret.as_deref(), request.generate_secret)?;
         let entry = self.own_event_hash(&producer, &request.event_hash)?;
@@ -133,7 +146,7 @@ impl RegisterService for RegisterApi {
     }
 
     async fn get_listener(&self, request: Request<GetListenerRequest>) -> Result<Response<ListenerMessage>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let listener = self.own_listener(&producer, &request.get_ref().listener_id)?;
         Ok(Response::new(listener_message(listener)))
     }
@@ -142,7 +155,7 @@ impl RegisterService for RegisterApi {
         &self,
         request: Request<ListListenersRequest>,
     ) -> Result<Response<ListListenersResponse>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let request = request.into_inner();
         let limit = validate::page_size(request.page_size)?;
         let after = validate::page_token(&request.page_token)?;
@@ -166,10 +179,10 @@ impl RegisterService for RegisterApi {
         &self,
         request: Request<UpdateListenerRequest>,
     ) -> Result<Response<ListenerMessage>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         self.shared.ensure_accepting()?;
         let request = request.into_inner();
-        let url = request.url.as_deref().map(validate::listener_url).transpose()?;
+        let url = request.url.as_deref().map(|url| self.target(url)).transpose()?;
         let description = match request.description.as_deref() {
             Some(text) => Some(validate::free_text("description", text)?.to_owned()),
             None => None,
@@ -214,7 +227,7 @@ impl RegisterService for RegisterApi {
         &self,
         request: Request<DeleteListenerRequest>,
     ) -> Result<Response<DeleteListenerResponse>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         self.shared.ensure_accepting()?;
         let listener_id = &request.get_ref().listener_id;
         self.own_listener(&producer, listener_id)?;
@@ -228,7 +241,7 @@ impl RegisterService for RegisterApi {
         &self,
         request: Request<RotateListenerSecretRequest>,
     ) -> Result<Response<RotateListenerSecretResponse>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         self.shared.ensure_accepting()?;
         let request = request.into_inner();
         let choice = validate::secret_choice(request.secret.as_deref(), request.generate_secret)?

@@ -79,8 +79,12 @@ impl TransportError {
 pub struct Response {
     /// The HTTP status, when there was an answer.
     pub status: Option<u16>,
-    /// `kind: message` when there was none (or the answer broke off).
+    /// `kind: message` when there was none (or the answer broke off). Never holds the URL's
+    /// query or credentials (they may carry tokens, and this text is logged).
     pub error: Option<String>,
+    /// The target policy refused the address: nothing was sent, and trying again changes
+    /// nothing.
+    pub refused: bool,
     pub headers: BTreeMap<String, String>,
     pub body: Vec<u8>,
     /// The listener's `Retry-After`, in seconds form only.
@@ -121,7 +125,12 @@ impl Sender {
         let started = Instant::now();
         // Literal IPs skip the resolver: check them here.
         if let Err(refusal) = self.policy.check_literal(url) {
-            return Response { error: Some(refusal), duration: started.elapsed(), ..Response::default() };
+            return Response {
+                error: Some(refusal),
+                refused: true,
+                duration: started.elapsed(),
+                ..Response::default()
+            };
         }
         let mut header_map = HeaderMap::with_capacity(headers.len());
         for (name, value) in headers {
@@ -141,7 +150,13 @@ impl Sender {
         let mut answer = match self.client.post(url).headers(header_map).body(body).send().await {
             Ok(answer) => answer,
             Err(error) => {
-                return Response { error: Some(describe(&error)), duration: started.elapsed(), ..Response::default() };
+                let (kind, message) = describe(error);
+                return Response {
+                    error: Some(message),
+                    refused: kind == TransportError::Refused,
+                    duration: started.elapsed(),
+                    ..Response::default()
+                };
             }
         };
         let status = answer.status().as_u16();
@@ -164,19 +179,31 @@ impl Sender {
                 Ok(None) => break,
                 Err(read_error) => {
                     // The status counts; a body that breaks off is only noted.
-                    error = Some(describe(&read_error));
+                    error = Some(describe(read_error).1);
                     break;
                 }
             }
         }
-        Response { status: Some(status), error, headers, body, retry_after, duration: started.elapsed() }
+        Response {
+            status: Some(status),
+            error,
+            refused: false,
+            headers,
+            body,
+            retry_after,
+            duration: started.elapsed(),
+        }
     }
 }
 
-/// `kind: message` of a reqwest error, with its cause chain.
-fn describe(error: &reqwest::Error) -> String {
+/// The kind and `kind: message` of a reqwest error, with its cause chain. The URL in it keeps
+/// its scheme, host, port and path only: a query or user info may hold a token.
+fn describe(mut error: reqwest::Error) -> (TransportError, String) {
+    if let Some(url) = error.url_mut() {
+        redact(url);
+    }
     let mut chain = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         chain.push_str(": ");
         chain.push_str(&cause.to_string());
@@ -197,7 +224,26 @@ fn describe(error: &reqwest::Error) -> String {
         TransportError::Other
     };
     let message: String = chain.chars().take(512).collect();
-    format!("{}: {message}", kind.as_str())
+    (kind, format!("{}: {message}", kind.as_str()))
+}
+
+/// Drops what a URL may carry besides where it points: its query, fragment and user info.
+pub fn redact(url: &mut url::Url) {
+    url.set_query(None);
+    url.set_fragment(None);
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+}
+
+/// A listener URL as it may be logged (see [`redact`]); the text as given if it does not parse.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            redact(&mut parsed);
+            parsed.to_string()
+        }
+        Err(_) => "(unparsable url)".to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -248,15 +294,36 @@ mod tests {
         assert!(response.error.as_deref().unwrap().starts_with("connect:"), "{:?}", response.error);
     }
 
+    // Regression: reqwest's error text carried the whole URL, query tokens included, into
+    // attempt records and log lines.
+    #[tokio::test]
+    async fn error_text_never_carries_the_query_or_credentials() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let sender = Sender::new(Duration::from_secs(5), TargetPolicy::default()).unwrap();
+        let url = format!("http://user:hunter2@{addr}/hooks?token=sekrit#frag");
+        let response = sender.post(&url, vec![], b"{}".to_vec()).await;
+        let error = response.error.unwrap();
+        assert!(error.starts_with("connect:"), "{error}");
+        assert!(error.contains(&format!("{addr}/hooks")), "the URL stays recognisable: {error}");
+        for secret in ["sekrit", "token", "hunter2", "user", "frag"] {
+            assert!(!error.contains(secret), "{secret} in {error}");
+        }
+        assert_eq!(redacted(&url), format!("http://{addr}/hooks"));
+    }
+
     #[tokio::test]
     async fn refused_targets_are_never_contacted() {
         let sender = Sender::new(Duration::from_secs(5), TargetPolicy::default()).unwrap();
         let response = sender.post("http://169.254.169.254/latest/meta-data", vec![], Vec::new()).await;
         assert!(response.error.as_deref().unwrap().starts_with("refused:"), "{:?}", response.error);
+        assert!(response.refused);
 
         let strict = TargetPolicy { kind: super::super::target::PolicyKind::Strict, allow: Vec::new() };
         let sender = Sender::new(Duration::from_secs(5), strict).unwrap();
         let response = sender.post("http://localhost:9/", vec![], Vec::new()).await;
         assert!(response.error.as_deref().unwrap().starts_with("refused:"), "{:?}", response.error);
+        assert!(response.refused, "a name resolved to refused addresses is refused too");
     }
 }

@@ -125,7 +125,8 @@ async fn try_attempt(
                 let error = format!("other: the listener's secret does not open: {error}");
                 let attempt =
                     Attempt { number, started_at_ms: now_ms(), error, trigger: trigger(entry), ..Attempt::default() };
-                let answered = Answered { succeeded: false, retry_after: None, ordered: listener.ordered };
+                let answered =
+                    Answered { succeeded: false, retry_after: None, ordered: listener.ordered, refused: false };
                 return finish(context, delivery, listener.id, attempt, entry, answered, turn).await;
             }
         }
@@ -152,6 +153,7 @@ async fn try_attempt(
         succeeded: response.status.is_some_and(is_success),
         retry_after: response.retry_after.filter(|_| honours_retry_after(status)),
         ordered: listener.ordered,
+        refused: response.refused,
     };
     let attempt = Attempt {
         number,
@@ -174,6 +176,8 @@ struct Answered {
     retry_after: Option<Duration>,
     /// The listener keeps strict order.
     ordered: bool,
+    /// The target policy refused the address: no later attempt would fare better.
+    refused: bool,
 }
 
 fn trigger(entry: &DueEntry) -> i32 {
@@ -191,7 +195,7 @@ async fn finish(
     answered: Answered,
     turn: &mut Turn,
 ) -> Result<(Outcome, Option<u64>), StoreError> {
-    let Answered { succeeded, retry_after, ordered } = answered;
+    let Answered { succeeded, retry_after, ordered, refused } = answered;
     let now = now_ms();
     delivery.attempts = attempt.number;
     if entry.manual {
@@ -206,6 +210,11 @@ async fn finish(
     } else if entry.manual {
         // A manual attempt is not retried: the delivery stays as it was.
         (NextStep::Keep, Outcome::Retrying)
+    } else if refused {
+        // The policy refuses where the listener's URL leads: retrying cannot help.
+        delivery.state = DeliveryState::Failed as i32;
+        delivery.next_attempt_at_ms = 0;
+        (NextStep::Done, Outcome::FailedForGood)
     } else {
         match context.config.retry_schedule.delay_after(scheduled_attempts, retry_after, jitter()) {
             Some(delay) => {

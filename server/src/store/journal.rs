@@ -9,9 +9,12 @@
 //! The journal owns the segment files under `journal/`, named `{first seq:020}.journal`. A
 //! record is `len: u32 LE`, `crc32: u32 LE`, then `len` bytes. Only one thread appends, and a
 //! segment is synced before the next one is started, so only the newest segment can end with a
-//! torn record: reading stops at its first incomplete or corrupt record, which was never
-//! acknowledged (or at the zeros it was created with). A torn record in an older segment is
-//! corruption: a segment is only left for the next once records fill all of it. Segments are
+//! torn record: reading stops at its first incomplete or corrupt record when nothing intact
+//! follows it (a write cut short by a crash, never acknowledged, or the zeros the segment was
+//! created with). A bad record with intact ones after it is damage, not a torn tail: those
+//! after it may have been acknowledged, so reading fails, naming the file, and the file is
+//! kept. A torn record in an older segment is damage too: a segment is only left for the
+//! next once records fill all of it. Segments are
 //! created zero-filled, the next one ahead of time (`next.spare`), and deleted once sled has
 //! flushed every event in them. This module never interprets a record and never
 //! touches sled.
@@ -61,14 +64,37 @@ fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 fn corrupt(path: &Path, offset: usize) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("journal segment {} is corrupt at byte {offset}", path.display()),
+        format!(
+            "journal segment {} is damaged at byte {offset}, and intact records follow: acknowledged events may be \
+             among them, so hookd will not start and cut them. Keep a copy of the file; to start anyway, losing \
+             every record from that byte on, truncate it there (truncate -s {offset} <file>)",
+            path.display()
+        ),
     )
+}
+
+/// The record framed at `at`, if it is whole and its checksum holds.
+fn intact_at(bytes: &[u8], at: usize) -> Option<&[u8]> {
+    let header = bytes.get(at..at.checked_add(HEADER)?)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    if len == 0 {
+        return None;
+    }
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    let record = bytes.get(at + HEADER..(at + HEADER).checked_add(len)?)?;
+    (crc32fast::hash(record) == crc).then_some(record)
+}
+
+/// Whether an intact record starts anywhere after `at`. Zeros and torn bytes are ruled out
+/// by their length field (zero, or past the end) before any checksum is computed.
+fn intact_after(bytes: &[u8], at: usize) -> bool {
+    (at + 1..bytes.len().saturating_sub(HEADER)).any(|candidate| intact_at(bytes, candidate).is_some())
 }
 
 /// Calls `each` with every intact record under `dir`, oldest first, from the segment that
 /// holds event `from` on (older segments are not read: their events are durable elsewhere,
-/// and damage there does not matter). Stops quietly at a torn tail of the newest segment;
-/// fails on damage anywhere else.
+/// and damage there does not matter). Stops quietly at a torn tail of the newest segment (a
+/// bad record with nothing intact after it); fails on damage anywhere else.
 pub(crate) fn read_from(dir: &Path, from: u64, mut each: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
     if !dir.exists() {
         return Ok(());
@@ -83,18 +109,12 @@ pub(crate) fn read_from(dir: &Path, from: u64, mut each: impl FnMut(&[u8]) -> io
         let bytes = std::fs::read(path)?;
         let mut at = 0;
         while at < bytes.len() {
-            let intact = bytes.get(at..at + HEADER).and_then(|header| {
-                let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-                let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-                let record = bytes.get(at + HEADER..at + HEADER + len)?;
-                (len > 0 && crc32fast::hash(record) == crc).then_some(record)
-            });
-            match intact {
+            match intact_at(&bytes, at) {
                 Some(record) => {
                     each(record)?;
                     at += HEADER + record.len();
                 }
-                None if newest => break,
+                None if newest && !intact_after(&bytes, at) => break,
                 None => return Err(corrupt(path, at)),
             }
         }
@@ -117,7 +137,13 @@ impl Journal {
     /// Starts a fresh journal whose first record will be event `next_seq`, deleting every
     /// older segment: the caller has already made their events durable elsewhere.
     pub(crate) fn start(dir: &Path, next_seq: u64, segment_bytes: u64) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            // The new directory's entry must survive a power loss along with what is in it.
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let stale = segments(dir)?;
         let current = create_segment(dir, next_seq, segment_bytes)?;
         for (first, path) in stale {
@@ -263,8 +289,32 @@ mod tests {
         assert_eq!(records(dir.path()), vec![b"first".to_vec(), b"second".to_vec()]);
     }
 
+    // Regression: damage in the middle of the newest segment was read as its torn end, and
+    // the acknowledged records after it were dropped (and their numbers reused).
     #[test]
-    fn a_flipped_bit_ends_the_newest_segment_but_fails_an_older_one() {
+    fn damage_followed_by_intact_records_in_the_newest_segment_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::start(dir.path(), 0, SEGMENT_BYTES).unwrap();
+        for record in [&b"first"[..], b"second", b"third"] {
+            append(&mut journal, record);
+        }
+        drop(journal);
+        let path = segment_path(dir.path(), 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Inside "second": the record after it stays intact.
+        let second_at = HEADER + b"first".len();
+        bytes[second_at + HEADER + 2] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let error = read_from(dir.path(), 0, |_| Ok(())).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let message = error.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains(&format!("byte {second_at}")), "{message}");
+        assert!(path.exists(), "the damaged file is kept");
+    }
+
+    #[test]
+    fn a_flipped_bit_in_the_last_record_ends_the_newest_segment_but_fails_an_older_one() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::start(dir.path(), 0, 1).unwrap();
         append(&mut journal, b"in the first segment");

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::crypto::{self, Keyring};
+use crate::listen::TlsFiles;
 use crate::pipeline::retry::parse_duration;
 use crate::pipeline::target::Cidr;
 use crate::pipeline::{PipelineConfig, PolicyKind, RetrySchedule, TargetPolicy};
@@ -96,7 +97,29 @@ pub struct ServeArgs {
     /// Address ranges always allowed as targets, comma-separated (e.g. 10.1.0.0/16,fd00::/8).
     #[arg(long, env = "HOOKD_ALLOW_TARGETS", value_delimiter = ',')]
     pub allow_targets: Vec<Cidr>,
+    /// PEM file with the server's TLS certificate chain (with --tls-key). Read again on SIGHUP
+    /// and when the file changes.
+    #[arg(long, env = "HOOKD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of --tls-cert.
+    #[arg(long, env = "HOOKD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Client connections open at once; more wait to be accepted.
+    #[arg(long, env = "HOOKD_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Calls (HTTP/2 streams) open at once on one connection.
+    #[arg(long, env = "HOOKD_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS)]
+    pub max_streams_per_connection: u32,
+    /// Payload bytes read from TriggerStream calls and not yet acknowledged, across all streams
+    /// and connections; streams stop reading while it is used up.
+    #[arg(long, env = "HOOKD_STREAM_BYTES_IN_FLIGHT", default_value_t = DEFAULT_STREAM_BYTES)]
+    pub stream_bytes_in_flight: u64,
 }
+
+/// Defaults of the intake limits.
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+const DEFAULT_MAX_STREAMS: u32 = 128;
+const DEFAULT_STREAM_BYTES: u64 = 256 * 1024 * 1024;
 
 /// A configured secret: printed as `Redacted(..)`, so a debug log of the arguments shows no
 /// token.
@@ -130,6 +153,14 @@ pub struct Config {
     pub max_payload_bytes: usize,
     /// How deliveries are made.
     pub pipeline: PipelineConfig,
+    /// The server's certificate and key; plaintext when `None`.
+    pub tls: Option<TlsFiles>,
+    /// Client connections open at once.
+    pub max_connections: usize,
+    /// Calls open at once on one connection.
+    pub max_streams_per_connection: u32,
+    /// Payload bytes of TriggerStream items read and not yet acknowledged, in all.
+    pub stream_bytes_in_flight: usize,
 }
 
 impl Config {
@@ -141,6 +172,10 @@ impl Config {
             keyring,
             max_payload_bytes: 1024 * 1024,
             pipeline: PipelineConfig::default(),
+            tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS,
+            stream_bytes_in_flight: DEFAULT_STREAM_BYTES as usize,
         }
     }
 }
@@ -201,6 +236,18 @@ pub enum ConfigError {
     Retention,
     #[error("HOOKD_MASTER_KEY is set but empty")]
     BlankMasterKey,
+    #[error(transparent)]
+    Tls(#[from] crate::listen::TlsError),
+    #[error(
+        "--max-connections / HOOKD_MAX_CONNECTIONS and --max-streams-per-connection / \
+         HOOKD_MAX_STREAMS_PER_CONNECTION must be 1 to 1000000"
+    )]
+    Connections,
+    #[error(
+        "--stream-bytes-in-flight / HOOKD_STREAM_BYTES_IN_FLIGHT must be at least --max-payload-bytes ({0}) and at \
+         most 4 GiB"
+    )]
+    StreamBytes(u64),
     #[error("{source_name}: {error}")]
     MasterKey {
         source_name: String,
@@ -250,6 +297,22 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     if args.retention < std::time::Duration::from_secs(1) {
         return Err(ConfigError::Retention);
     }
+    if !(1..=1_000_000).contains(&args.max_connections) || !(1..=1_000_000).contains(&args.max_streams_per_connection) {
+        return Err(ConfigError::Connections);
+    }
+    // One item of the largest size must fit, or a stream could never read it.
+    if args.stream_bytes_in_flight < args.max_payload_bytes || args.stream_bytes_in_flight > 4 << 30 {
+        return Err(ConfigError::StreamBytes(args.max_payload_bytes));
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles { cert: cert.clone(), key: key.clone() };
+            // Checked now, so a bad certificate is a configuration error (exit 2).
+            crate::listen::server_config(&files)?;
+            Some(files)
+        }
+        _ => None,
+    };
     // Set but blank (e.g. a secret that failed to mount) must not fall back to a dev key.
     if master_key_env.as_ref().is_some_and(|key| key.trim().is_empty()) {
         return Err(ConfigError::BlankMasterKey);
@@ -328,6 +391,10 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
         retention: args.retention,
         ..PipelineConfig::default()
     };
+    config.tls = tls;
+    config.max_connections = args.max_connections;
+    config.max_streams_per_connection = args.max_streams_per_connection;
+    config.stream_bytes_in_flight = usize::try_from(args.stream_bytes_in_flight).expect("checked to be at most 4 GiB");
     Ok(Resolved { config, listen, notices })
 }
 

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod ids;
+pub mod listen;
 pub mod pipeline;
 pub mod priority;
 pub mod store;
@@ -28,7 +29,6 @@ use hookd::v1::delivery_service_server::DeliveryServiceServer;
 use hookd::v1::register_service_server::RegisterServiceServer;
 use hookd::v1::trigger_service_server::TriggerServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
@@ -57,6 +57,8 @@ pub enum RunError {
     Pipeline(#[from] pipeline::PipelineError),
     #[error("cannot start the delivery runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] listen::TlsError),
 }
 
 /// Serves hookd on `listener` until `shutdown` is cancelled, then stops intake, lets
@@ -96,8 +98,19 @@ async fn serve(
     let shutdown = shutdown.child_token();
     let max_message = config.max_payload_bytes + REQUEST_OVERHEAD_BYTES;
     let local_addr = listener.local_addr().ok();
+    let tls = config.tls.clone().map(listen::Tls::load).transpose()?;
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch(shutdown.clone()));
+    } else if local_addr.is_some_and(|addr| !addr.ip().is_loopback()) {
+        tracing::warn!(
+            "listening without TLS on a non-loopback address: API keys and payloads cross the network in the \
+             clear; give --tls-cert and --tls-key"
+        );
+    }
+    let (max_connections, max_streams) = (config.max_connections, config.max_streams_per_connection);
     tracing::info!(
         addr = %local_addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+        tls = tls.is_some(),
         data_dir = %config.data_dir.display(),
         master_key_id = %config.keyring.key_id(),
         "hookd serving"
@@ -119,7 +132,7 @@ async fn serve(
             pipeline.stop(drain_deadline).await;
         })
     };
-    let shared = api::Shared::new(store, Arc::new(config), pipeline_handle);
+    let shared = api::Shared::new(store.clone(), Arc::new(config), pipeline_handle);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let services = [
@@ -132,6 +145,20 @@ async fn serve(
     for name in services {
         health.set_service_status(name, ServingStatus::Serving).await;
     }
+    // A write to disk that failed stops intake for good (the store says why, at error level,
+    // and every write call answers UNAVAILABLE with the cause): health says so too, so a
+    // load balancer or an orchestrator can act.
+    let failure_watch = {
+        let health = health.clone();
+        let mut failure = Store::failure(store.as_ref());
+        tokio::spawn(async move {
+            if failure.wait_for(Option::is_some).await.is_ok() {
+                for name in services {
+                    health.set_service_status(name, ServingStatus::NotServing).await;
+                }
+            }
+        })
+    };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hookd::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -154,6 +181,7 @@ async fn serve(
         }
     };
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(max_streams)
         .layer(api::OversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -170,7 +198,7 @@ async fn serve(
                 .max_decoding_message_size(max_message),
         )
         .add_service(DeliveryServiceServer::new(api::delivery::DeliveryApi::new(shared.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping);
+        .serve_with_incoming_shutdown(listen::incoming(listener, max_connections, tls), stopping);
     let mut server = tokio::spawn(server);
     let served = tokio::select! {
         joined = &mut server => joined.expect("the server task does not panic"),
@@ -181,6 +209,7 @@ async fn serve(
         }
     };
     // Whatever ended the server, the pipeline stops before the store closes.
+    failure_watch.abort();
     shutdown.cancel();
     pipeline_stopped.await.expect("stopping the pipeline does not panic");
     // A runtime is dropped off the async threads; what is left of it (attempts past the

@@ -4,6 +4,7 @@
 mod client;
 mod crash;
 mod delivery;
+mod disk_full;
 mod inspection;
 mod intake;
 mod listeners;

@@ -154,6 +154,22 @@ async fn admin_calls_need_the_admin_token() {
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
+// Regression: the admin token on a producer call answered "unknown or expired API key".
+#[tokio::test]
+async fn the_admin_token_on_a_producer_call_is_told_it_needs_a_producer_key() {
+    let server = TestServer::start().await;
+    let admin = server.admin().await;
+    let derive = admin.register().derive_event_hash(DeriveEventHashRequest { event_type: "a.b".into() }).await;
+    let refused = derive.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(refused.message().contains("needs a producer API key"), "{refused:?}");
+    let trigger = admin.trigger_service().trigger(trigger_request("a.b", b"{}")).await;
+    assert!(trigger.unwrap_err().message().contains("needs a producer API key"));
+    let wrong = server.anonymous().await.with_api_key("not-a-key-at-all").unwrap();
+    let unknown = wrong.register().derive_event_hash(DeriveEventHashRequest { event_type: "a.b".into() }).await;
+    assert_eq!(unknown.unwrap_err().message(), "unknown or expired API key");
+}
+
 #[tokio::test]
 async fn producers_are_listed_in_pages_without_loss_or_repeat() {
     let server = TestServer::start().await;

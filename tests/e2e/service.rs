@@ -74,3 +74,27 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
         "v1alpha describes TriggerService: {answer:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let server = TestServer::start_with(dir, &crate::support::master_key(), |config| config.max_connections = 2).await;
+    let health = |channel| HealthClient::new(channel);
+    let check = || HealthCheckRequest { service: String::new() };
+    let first = hookd_client::connect(server.endpoint()).await.unwrap();
+    let second = hookd_client::connect(server.endpoint()).await.unwrap();
+    health(first.clone()).check(check()).await.unwrap();
+    health(second.clone()).check(check()).await.unwrap();
+    let endpoint = server.endpoint();
+    let mut third = tokio::spawn(async move {
+        let channel = hookd_client::connect(endpoint).await.unwrap();
+        health(channel).check(check()).await.unwrap()
+    });
+    // Two connections are open: the third is not served (this wait can only pass wrongly,
+    // never fail wrongly, on a slow machine).
+    assert!(tokio::time::timeout(std::time::Duration::from_millis(300), &mut third).await.is_err());
+    drop(first);
+    let answer = bounded("the third connection, once the first closed", third).await.unwrap();
+    assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32);
+    drop(second);
+}

@@ -44,7 +44,10 @@ impl DeliveryApi {
         auth::admin_or_producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())
     }
 
-    fn own_event(&self, caller: &Caller, event_id: &str) -> ApiResult<Event> {
+    async fn own_event(&self, caller: &Caller, event_id: &str) -> ApiResult<Event> {
+        // A caller just answered for a trigger finds its event (it is readable a moment after
+        // the answer); waiting for that blocks no thread.
+        self.shared.store.settled().await?;
         self.shared
             .store
             .event(event_id)?
@@ -190,7 +193,7 @@ impl DeliveryService for DeliveryApi {
 
     async fn get_event(&self, request: Request<GetEventRequest>) -> Result<Response<EventMessage>, Status> {
         let caller = self.caller(&request)?;
-        let event = self.own_event(&caller, &request.get_ref().event_id)?;
+        let event = self.own_event(&caller, &request.get_ref().event_id).await?;
         Ok(Response::new(event_message(event)))
     }
 
@@ -206,7 +209,7 @@ impl DeliveryService for DeliveryApi {
         let history = self.shared.history.clone();
         let page = match (request.event_id.is_empty(), request.listener_id.is_empty()) {
             (false, true) => {
-                let event = self.own_event(&caller, &request.event_id)?;
+                let event = self.own_event(&caller, &request.event_id).await?;
                 blocking(move || history.deliveries_of_event(event.seq, state, after.as_deref(), limit)).await?
             }
             (true, false) => {
@@ -241,7 +244,7 @@ impl DeliveryService for DeliveryApi {
     ) -> Result<Response<ReplayEventResponse>, Status> {
         let caller = self.caller(&request)?;
         self.shared.ensure_accepting()?;
-        let event = self.own_event(&caller, &request.get_ref().event_id)?;
+        let event = self.own_event(&caller, &request.get_ref().event_id).await?;
         let (store, history) = (self.shared.store.clone(), self.shared.history.clone());
         let (created, answered) = blocking(move || -> ApiResult<(usize, Vec<Delivery>)> {
             let now = now_ms();

@@ -36,6 +36,9 @@ pub struct Shared {
     accepting: Arc<AtomicBool>,
     /// Cancelled once shutdown has begun: open streams end.
     stopping: CancellationToken,
+    /// Payload bytes of TriggerStream items read and not yet acknowledged, across every
+    /// stream and connection (see `trigger::serve_stream`).
+    pub stream_bytes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -48,6 +51,7 @@ impl Shared {
             store: store.clone(),
             queue: store.clone(),
             history: store,
+            stream_bytes: Arc::new(tokio::sync::Semaphore::new(config.stream_bytes_in_flight)),
             config,
             pipeline,
             accepting: Arc::new(AtomicBool::new(true)),
@@ -114,6 +118,9 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Store(StoreError::Closed) => Status::unavailable("hookd is shutting down"),
+            ApiError::Store(StoreError::Failed(cause)) => Status::unavailable(format!(
+                "hookd cannot write ({cause}); nothing was recorded. Reads still work; writes need the operator"
+            )),
             ApiError::Store(StoreError::Behind) => {
                 Status::unavailable("recent events are still being written into the database; retry shortly")
             }

@@ -7,6 +7,7 @@
 //! control, never buffered without limit. A client that goes away costs nothing: what was
 //! acknowledged stays acknowledged, the rest is dropped.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use hookd::v1::{
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, ApiResult, Shared};
@@ -29,8 +31,6 @@ use crate::{auth, validate};
 
 /// Triggers of one stream waiting to be durable at once.
 const STREAM_IN_FLIGHT: usize = 4096;
-/// Payload bytes of one stream's triggers in flight at once.
-const STREAM_BYTES: usize = 64 * 1024 * 1024;
 /// Updates queued for one watcher before it counts as too slow.
 const WATCH_BUFFER: usize = 256;
 
@@ -104,10 +104,83 @@ fn update_message(outcome: AttemptOutcome) -> DeliveryUpdate {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The payload bytes all streams may hold at once (read and not yet acknowledged), and the
+/// room one item is given before it is read: the most an item may weigh.
+struct StreamBudget {
+    bytes: Arc<Semaphore>,
+    item_room: u32,
+}
+
+/// Reads one TriggerStream's items and answers each as `answer` says, as soon as it is ready.
+///
+/// An item is read only when the stream has fewer than [`STREAM_IN_FLIGHT`] items in flight
+/// and the budget shared by every stream has room for an item of the largest size; once read,
+/// the item keeps what it weighs and gives back the rest. So payloads held by all streams
+/// together stay within the budget, and a client that sends faster than hookd acknowledges is
+/// slowed by HTTP/2 flow control, never buffered.
+async fn serve_stream<S, A, F>(
+    mut incoming: S,
+    budget: StreamBudget,
+    acks: mpsc::Sender<Result<TriggerStreamAck, Status>>,
+    stopping: CancellationToken,
+    answer: A,
+) where
+    S: Stream<Item = Result<TriggerStreamRequest, Status>> + Unpin,
+    A: Fn(TriggerStreamRequest) -> F,
+    F: Future<Output = TriggerStreamAck> + Send + 'static,
+{
+    let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+    loop {
+        let slot = tokio::select! {
+            slot = in_flight.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = acks.closed() => return,
+        };
+        let mut room = tokio::select! {
+            room = budget.bytes.clone().acquire_many_owned(budget.item_room) => room.expect("the budget is never closed"),
+            () = acks.closed() => return,
+            () = stopping.cancelled() => break,
+        };
+        let item = tokio::select! {
+            item = incoming.next() => match item {
+                Some(Ok(item)) => item,
+                // The client finished sending.
+                None => break,
+                // A message the transport refused (e.g. too large) ends the stream with its
+                // status; a client that went away hears nothing.
+                Some(Err(status)) => {
+                    let _ = acks.try_send(Err(super::oversize::too_large_as_exhausted(status)));
+                    break;
+                }
+            },
+            // Shutting down: what was read is answered, the stream then ends.
+            () = stopping.cancelled() => break,
+        };
+        let weight = item.trigger.as_ref().map_or(0, |trigger| trigger.payload.len());
+        let weight = u32::try_from(weight).unwrap_or(u32::MAX).clamp(1, budget.item_room);
+        let held = room.split(weight as usize).expect("an item weighs no more than the room it was given");
+        drop(room);
+        let (acks, stopping, answering) = (acks.clone(), stopping.clone(), answer(item));
+        tokio::spawn(async move {
+            let ack = answering.await;
+            drop(held);
+            // A client that went away, or stopped reading past shutdown, gets no ack; what was
+            // appended stays appended.
+            tokio::select! {
+                _ = acks.send(Ok(ack)) => {}
+                () = stopping.cancelled() => {}
+            }
+            drop(slot);
+        });
+    }
+    // Every item read gets its ack before the stream ends.
+    let _ = in_flight.acquire_many(STREAM_IN_FLIGHT as u32).await;
+}
+
 #[tonic::async_trait]
 impl TriggerService for TriggerApi {
     async fn trigger(&self, request: Request<TriggerRequest>) -> Result<Response<TriggerAck>, Status> {
-        let (producer, key_hash) = auth::producer_with_key(request.metadata(), self.shared.store.as_ref())?;
+        let (producer, key_hash) =
+            auth::producer_with_key(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let ack = accept(&self.shared, &producer, key_hash, request.into_inner()).await?;
         Ok(Response::new(ack))
     }
@@ -118,60 +191,28 @@ impl TriggerService for TriggerApi {
         &self,
         request: Request<Streaming<TriggerStreamRequest>>,
     ) -> Result<Response<Self::TriggerStreamStream>, Status> {
-        let (producer, key_hash) = auth::producer_with_key(request.metadata(), self.shared.store.as_ref())?;
-        let mut incoming = request.into_inner();
+        let (producer, key_hash) =
+            auth::producer_with_key(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
+        let incoming = request.into_inner();
         let (acks, outgoing) = mpsc::channel(STREAM_IN_FLIGHT);
         let shared = self.shared.clone();
         let producer = Arc::new(producer);
-        tokio::spawn(async move {
-            let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
-            let bytes = Arc::new(Semaphore::new(STREAM_BYTES));
-            loop {
-                // Read the next trigger only when there is room for it.
-                let permit = tokio::select! {
-                    permit = in_flight.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                    () = acks.closed() => return,
+        let budget = StreamBudget {
+            bytes: shared.stream_bytes.clone(),
+            item_room: u32::try_from(shared.config.max_payload_bytes).unwrap_or(u32::MAX).max(1),
+        };
+        let stopping = shared.stopping.clone();
+        let answer = move |item: TriggerStreamRequest| {
+            let (shared, producer) = (shared.clone(), producer.clone());
+            async move {
+                let result = match item.trigger {
+                    Some(trigger) => accept(&shared, &producer, key_hash, trigger).await,
+                    None => Err(ApiError::InvalidArgument("trigger is missing".into())),
                 };
-                let item = tokio::select! {
-                    item = incoming.message() => match item {
-                        Ok(Some(item)) => item,
-                        // The client finished sending.
-                        Ok(None) => break,
-                        // A message the transport refused (e.g. too large) ends the stream with
-                        // its status; a client that went away hears nothing.
-                        Err(status) => {
-                            let _ = acks.try_send(Err(super::oversize::too_large_as_exhausted(status)));
-                            break;
-                        }
-                    },
-                    // Shutting down: what was read is answered, the stream then ends.
-                    () = shared.stopping() => break,
-                };
-                // Payload bytes held per stream are bounded too, not only the item count.
-                let weight = u32::try_from(item.trigger.as_ref().map_or(0, |t| t.payload.len())).unwrap_or(u32::MAX);
-                let held = match bytes.clone().acquire_many_owned(weight.clamp(1, STREAM_BYTES as u32)).await {
-                    Ok(held) => held,
-                    Err(_) => break,
-                };
-                let (shared, producer, acks) = (shared.clone(), producer.clone(), acks.clone());
-                tokio::spawn(async move {
-                    let result = match item.trigger {
-                        Some(trigger) => accept(&shared, &producer, key_hash, trigger).await,
-                        None => Err(ApiError::InvalidArgument("trigger is missing".into())),
-                    };
-                    drop(held);
-                    // A client that went away, or stopped reading past shutdown, gets no ack;
-                    // what was appended stays appended.
-                    tokio::select! {
-                        _ = acks.send(Ok(stream_ack(item.r#ref, result))) => {}
-                        () = shared.stopping() => {}
-                    }
-                    drop(permit);
-                });
+                stream_ack(item.r#ref, result)
             }
-            // Every trigger read gets its ack before the stream ends.
-            let _ = in_flight.acquire_many(STREAM_IN_FLIGHT as u32).await;
-        });
+        };
+        tokio::spawn(serve_stream(incoming, budget, acks, stopping, answer));
         Ok(Response::new(Box::pin(ReceiverStream::new(outgoing))))
     }
 
@@ -181,7 +222,7 @@ impl TriggerService for TriggerApi {
         &self,
         request: Request<WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
-        let producer = auth::producer(request.metadata(), self.shared.store.as_ref())?;
+        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let only_event = Some(request.into_inner().event_id).filter(|id| !id.is_empty());
         let mut outcomes = self.shared.pipeline.subscribe();
         let (updates, outgoing) = mpsc::channel(WATCH_BUFFER);
@@ -223,4 +264,67 @@ fn too_slow(missed: impl std::fmt::Display) -> Status {
     Status::resource_exhausted(format!(
         "this watcher fell {missed} updates behind and was dropped; reconnect, and use ListDeliveries to catch up"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use hookd::v1::TriggerRequest;
+
+    use super::*;
+
+    // Regression: every stream could hold 64 MiB of payloads, and streams were unlimited.
+    #[tokio::test]
+    async fn streams_together_hold_no_more_payload_than_their_shared_budget() {
+        const ITEM: usize = 1024;
+        let shared_bytes = Arc::new(Semaphore::new(3 * ITEM));
+        // Answers wait here until the test opens the gate.
+        let gate = Arc::new(Semaphore::new(0));
+        let (answering, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let mut receivers = Vec::new();
+        for stream in 0..3u64 {
+            let items: Vec<Result<TriggerStreamRequest, Status>> = (0..10u64)
+                .map(|n| {
+                    let trigger = TriggerRequest { payload: vec![0; ITEM], ..Default::default() };
+                    Ok(TriggerStreamRequest { r#ref: stream * 100 + n, trigger: Some(trigger) })
+                })
+                .collect();
+            let (acks, received) = mpsc::channel(STREAM_IN_FLIGHT);
+            receivers.push(received);
+            let budget = StreamBudget { bytes: shared_bytes.clone(), item_room: ITEM as u32 };
+            let (gate, answering, peak, started_tx) =
+                (gate.clone(), answering.clone(), peak.clone(), started_tx.clone());
+            let answer = move |item: TriggerStreamRequest| {
+                let (gate, answering, peak, started_tx) =
+                    (gate.clone(), answering.clone(), peak.clone(), started_tx.clone());
+                async move {
+                    let now = answering.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let _ = started_tx.send(());
+                    gate.acquire().await.unwrap().forget();
+                    answering.fetch_sub(1, Ordering::SeqCst);
+                    stream_ack(item.r#ref, Ok(TriggerAck::default()))
+                }
+            };
+            let incoming = tokio_stream::iter(items);
+            tokio::spawn(serve_stream(incoming, budget, acks, CancellationToken::new(), answer));
+        }
+        for _ in 0..3 {
+            started.recv().await.unwrap();
+        }
+        assert_eq!(shared_bytes.available_permits(), 0, "three items hold the whole budget");
+        gate.add_permits(30);
+        let mut acked = 0;
+        for mut received in receivers {
+            while let Some(ack) = received.recv().await {
+                ack.unwrap();
+                acked += 1;
+            }
+        }
+        assert_eq!(acked, 30, "every item is answered once the budget frees up");
+        assert!(peak.load(Ordering::SeqCst) <= 3, "never more items read than the budget holds");
+        assert_eq!(shared_bytes.available_permits(), 3 * ITEM, "every byte is given back");
+    }
 }

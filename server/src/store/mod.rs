@@ -48,6 +48,9 @@ pub enum StoreError {
     Corrupt { key: String },
     #[error("the store is closed")]
     Closed,
+    /// A write to disk failed and the intake line stopped; reads go on.
+    #[error("{0}")]
+    Failed(Arc<str>),
     #[error("recent events are still on their way into the database")]
     Behind,
     #[error("{0}")]
@@ -132,8 +135,15 @@ pub trait Store: Send + Sync + 'static {
     /// appends share one flush. A key already used by the producer within the idempotency
     /// window resolves to the first event's id with `duplicate = true`, recording nothing.
     fn append_event(&self, event: NewEvent) -> StoreFuture<Appended>;
-    /// One event by id.
+    /// One event by id. An event acknowledged but not yet readable answers
+    /// [`StoreError::Behind`]: wait for [`Store::settled`] first.
     fn event(&self, event_id: &str) -> Result<Option<Event>, StoreError>;
+    /// Resolves once every event acknowledged before the call is readable (at once, mostly:
+    /// events are readable a moment after their acknowledgement), without blocking a thread.
+    fn settled(&self) -> StoreFuture<()>;
+    /// Why the store can no longer write, once a write to disk has failed (`None` until
+    /// then). Health follows it.
+    fn failure(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>>;
 
     /// Makes everything written so far durable and stops the writer. Later writes fail with
     /// [`StoreError::Closed`].

@@ -353,7 +353,7 @@ impl SledStore {
     }
 
     fn sender(&self) -> Result<JobSender, StoreError> {
-        self.jobs.lock().expect("writer sender lock is never poisoned").clone().ok_or(StoreError::Closed)
+        self.jobs.lock().expect("writer sender lock is never poisoned").clone().ok_or_else(|| self.progress.stopped())
     }
 
     /// Runs `apply` on the writer thread and resolves once its group is flushed.
@@ -363,7 +363,8 @@ impl SledStore {
         F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
     {
         let sender = self.sender();
-        Box::pin(async move { writer::write(&sender?, apply).await })
+        let progress = self.progress.clone();
+        Box::pin(async move { writer::write(&sender?, &progress, apply).await })
     }
 }
 
@@ -568,13 +569,33 @@ impl Store for SledStore {
     fn append_event(&self, event: NewEvent) -> StoreFuture<Appended> {
         let sender = self.sender();
         let pending_bytes = self.pending_bytes.clone();
+        let progress = self.progress.clone();
         let weight = append_weight(event.payload.len());
         Box::pin(async move {
-            let permit = pending_bytes.acquire_many_owned(weight).await.map_err(|_| StoreError::Closed)?;
+            if let Some(cause) = progress.failure() {
+                return Err(StoreError::Failed(cause));
+            }
+            let sender = sender?;
+            // Room is waited for with the writer's failure in view: a line that stopped frees
+            // no more room, and its callers must hear why rather than wait.
+            let mut failure = progress.failure_watch();
+            let permit = tokio::select! {
+                permit = pending_bytes.acquire_many_owned(weight) => permit.map_err(|_| progress.stopped())?,
+                _ = failure.wait_for(Option::is_some) => return Err(progress.stopped()),
+            };
             let (reply, answer) = oneshot::channel();
-            sender?.send(Job::Append { event, permit, reply }).await.map_err(|_| StoreError::Closed)?;
-            answer.await.map_err(|_| StoreError::Closed)?
+            sender.send(Job::Append { event, permit, reply }).await.map_err(|_| progress.stopped())?;
+            answer.await.map_err(|_| progress.stopped())?
         })
+    }
+
+    fn settled(&self) -> StoreFuture<()> {
+        let progress = self.progress.clone();
+        Box::pin(async move { progress.settled().await })
+    }
+
+    fn failure(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.progress.failure_watch()
     }
 
     fn event(&self, event_id: &str) -> Result<Option<Event>, StoreError> {
@@ -582,8 +603,8 @@ impl Store for SledStore {
             return Ok(None);
         };
         if self.progress.in_flight(seq) {
-            // Acknowledged, on its way into sled.
-            self.progress.settle()?;
+            // Acknowledged, on its way into sled: the caller waits with `settled` first.
+            return Err(self.progress.failure().map_or(StoreError::Behind, StoreError::Failed));
         }
         let event: Option<Event> = read(&self.tree, &keys::event(seq))?;
         // The random half of the id must match too: ids cannot be enumerated.

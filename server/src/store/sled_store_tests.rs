@@ -71,6 +71,7 @@ async fn event_lookup_needs_the_whole_id() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with_producers(dir.path()).await;
     let appended = store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    store.settled().await.unwrap();
     let forged = format!("{}{}", &appended.event_id[..20], "0".repeat(16));
     assert!(store.event(&forged).unwrap().is_none());
     assert!(store.event("evt_nope").unwrap().is_none());

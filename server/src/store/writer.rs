@@ -99,6 +99,10 @@ pub(crate) struct Progress {
     /// Held from reading the producers' event bitmaps to writing them back, by the applier
     /// and by retention (see `producer_index`).
     index_lock: Mutex<()>,
+    /// Why the line stopped, once a journal or database write has failed: set once, by the
+    /// thread that failed first. Callers are told this instead of "closed", and health
+    /// follows it.
+    failure: watch::Sender<Option<Arc<str>>>,
 }
 
 /// The longest a read waits for the applier before it gives up with [`StoreError::Behind`].
@@ -114,7 +118,56 @@ impl Progress {
             checkpoint: AtomicU64::new(next_seq),
             sled_turn: Mutex::new(()),
             index_lock: Mutex::new(()),
+            failure: watch::channel(None).0,
         })
+    }
+
+    /// Records why the line stopped (the first cause only) and says it at error level.
+    pub(crate) fn fail(&self, cause: String) {
+        self.failure.send_if_modified(|failure| {
+            if failure.is_some() {
+                return false;
+            }
+            tracing::error!(%cause, "hookd can no longer write: intake is stopped, reads go on");
+            *failure = Some(cause.into());
+            true
+        });
+    }
+
+    /// Why the line stopped, if it has.
+    pub(crate) fn failure(&self) -> Option<Arc<str>> {
+        self.failure.borrow().clone()
+    }
+
+    /// The failure, as a watch.
+    pub(crate) fn failure_watch(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.failure.subscribe()
+    }
+
+    /// The error for a caller whose write found the line gone: its failure, or closed.
+    pub(crate) fn stopped(&self) -> StoreError {
+        match self.failure() {
+            Some(cause) => StoreError::Failed(cause),
+            None => StoreError::Closed,
+        }
+    }
+
+    /// Resolves once every event acknowledged before the call is in sled and readable,
+    /// without blocking a thread; [`StoreError::Behind`] after [`SETTLE_LIMIT`].
+    pub(crate) async fn settled(&self) -> Result<(), StoreError> {
+        let target = self.acknowledged.load(Ordering::Acquire);
+        let mut applied = self.applied_watch.subscribe();
+        match tokio::time::timeout(SETTLE_LIMIT, applied.wait_for(|applied| *applied >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(self.stopped()),
+            Err(_) => match self.failure() {
+                Some(cause) => Err(StoreError::Failed(cause)),
+                None => {
+                    tracing::warn!(target, "the event applier is more than {SETTLE_LIMIT:?} behind");
+                    Err(StoreError::Behind)
+                }
+            },
+        }
     }
 
     fn reading_turn(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -162,6 +215,9 @@ impl Progress {
             .expect("progress lock is never poisoned");
         drop(applied);
         if waited.timed_out() {
+            if let Some(cause) = self.failure() {
+                return Err(StoreError::Failed(cause));
+            }
             tracing::warn!(target, "the event applier is more than {limit:?} behind");
             return Err(StoreError::Behind);
         }
@@ -378,6 +434,13 @@ impl Writer {
         if pending.answers.is_empty() {
             return true;
         }
+        // Nothing is acknowledged once the applier has failed: the line stops here too.
+        if let Some(cause) = self.progress.failure() {
+            for (reply, _) in pending.answers {
+                let _ = reply.send(Err(StoreError::Failed(cause.clone())));
+            }
+            return false;
+        }
         // A group of duplicates only writes nothing: what it points to is synced already.
         let written = if pending.buf.is_empty() {
             Ok(())
@@ -385,8 +448,8 @@ impl Writer {
             self.journal.append(&pending.buf).and_then(|()| self.journal.sync())
         };
         if let Err(error) = written {
-            tracing::error!(%error, "writing the journal failed; the writer stops");
-            let error = StoreError::from(error);
+            self.progress.fail(format!("writing the intake journal failed: {error}"));
+            let error = self.progress.stopped();
             for (reply, _) in pending.answers {
                 let _ = reply.send(Err(error.clone()));
             }
@@ -401,7 +464,7 @@ impl Writer {
         // After the answers: the group is durable whatever becomes of the next segment.
         let rolled = self.journal.roll_if_full(self.next_seq, self.progress.checkpoint.load(Ordering::Acquire));
         if let Err(error) = &rolled {
-            tracing::error!(%error, "starting the journal's next segment failed; the writer stops");
+            self.progress.fail(format!("starting the intake journal's next segment failed: {error}"));
         }
         handed && rolled.is_ok()
     }
@@ -581,14 +644,14 @@ fn apply_loop(tree: &Tree, progress: &Progress, callers: &Callers, steps: &std_m
             unflushed.take().map_or(Ok(()), |next_seq| checkpoint(tree, progress, next_seq).map_err(StoreError::from))
         });
         if let Err(error) = outcome {
-            tracing::error!(%error, "writing events into the database failed; the writer stops");
+            progress.fail(format!("writing events into the database failed: {error}"));
             return;
         }
     }
     if let Some(next_seq) = unflushed
         && let Err(error) = checkpoint(tree, progress, next_seq)
     {
-        tracing::error!(%error, "final flush of the database failed");
+        progress.fail(format!("the final flush of the database failed: {error}"));
     }
 }
 
@@ -620,7 +683,7 @@ fn apply_events(tree: &Tree, progress: &Progress, events: Vec<Staged>) -> Result
 }
 
 /// Sends a read-modify-write to the writer and waits until it is applied and flushed.
-pub(crate) async fn write<T, F>(jobs: &JobSender, apply: F) -> Result<T, StoreError>
+pub(crate) async fn write<T, F>(jobs: &JobSender, progress: &Progress, apply: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
@@ -632,8 +695,8 @@ where
             let _ = reply.send(flushed.and(result));
         })
     });
-    jobs.send(Job::Write(job)).await.map_err(|_| StoreError::Closed)?;
-    answer.await.map_err(|_| StoreError::Closed)?
+    jobs.send(Job::Write(job)).await.map_err(|_| progress.stopped())?;
+    answer.await.map_err(|_| progress.stopped())?
 }
 
 #[cfg(test)]

@@ -176,10 +176,7 @@ async fn a_watcher_sees_each_delivery_succeed() {
 async fn a_watcher_that_stops_reading_is_dropped_and_slows_nothing() {
     const EVENTS: usize = 6_000;
     let receiver = Receiver::start().await;
-    let server = TestServer::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |config| {
-        config.pipeline.watch_buffer = 64;
-    })
-    .await;
+    let server = TestServer::start().await;
     let (producer, _, producer_key) = server.producer("firehose").await;
     producer.listen("flood", &receiver.url("/flood")).await.unwrap();
     // A watcher on its own connection with small HTTP/2 windows, so the transport cannot
@@ -245,4 +242,30 @@ async fn the_publisher_survives_a_kill_9_mid_stream() {
     let producer = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(&api_key).unwrap();
     assert_eq!(listed_event_ids(&producer).await.len(), EVENTS);
     hookd.kill9().await;
+}
+
+// Regression: watchers were unlimited, and each looked at every producer's outcomes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_may_open_only_so_many_watchers() {
+    let server = TestServer::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |config| {
+        config.pipeline.max_watchers_per_producer = 2;
+    })
+    .await;
+    let (producer, _, _) = server.producer("watchful").await;
+    let (other, _, _) = server.producer("neighbour").await;
+    let first = producer.watch_deliveries(None).await.unwrap();
+    let _second = producer.watch_deliveries(None).await.unwrap();
+    let third = producer.watch_deliveries(None).await.err().expect("a third watcher is refused");
+    assert!(
+        matches!(&third, Error::ResourceExhausted(message) if message.contains("--max-watchers-per-producer")),
+        "{third:?}"
+    );
+    let _others = other.watch_deliveries(None).await.expect("the cap is per producer");
+    drop(first);
+    // The server lets go of a watcher once its stream is gone.
+    crate::support::eventually("a dropped watcher's place freed", || {
+        let producer = producer.clone();
+        async move { producer.watch_deliveries(None).await.ok().map(drop) }
+    })
+    .await;
 }

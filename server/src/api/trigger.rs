@@ -17,7 +17,7 @@ use hookd::v1::{
     DeliveryUpdate, Error as ItemError, TriggerAck, TriggerRequest, TriggerStreamAck, TriggerStreamRequest,
     WatchDeliveriesRequest,
 };
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -26,13 +26,12 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{ApiError, ApiResult, Shared};
 use crate::clock::{now_ms, timestamp};
 use crate::pipeline::AttemptOutcome;
+use crate::pipeline::watchers::WATCH_QUEUE;
 use crate::store::{NewEvent, Producer};
 use crate::{auth, validate};
 
 /// Triggers of one stream waiting to be durable at once.
 const STREAM_IN_FLIGHT: usize = 4096;
-/// Updates queued for one watcher before it counts as too slow.
-const WATCH_BUFFER: usize = 256;
 
 pub struct TriggerApi {
     shared: Shared,
@@ -224,34 +223,34 @@ impl TriggerService for TriggerApi {
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
         let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let only_event = Some(request.into_inner().event_id).filter(|id| !id.is_empty());
-        let mut outcomes = self.shared.pipeline.subscribe();
-        let (updates, outgoing) = mpsc::channel(WATCH_BUFFER);
+        let mut watch = self
+            .shared
+            .pipeline
+            .watch(&producer.id, only_event)
+            .map_err(|too_many| ApiError::ResourceExhausted(too_many.to_string()))?;
+        let (updates, outgoing) = mpsc::channel(WATCH_QUEUE);
         // The status that ends the stream, read after everything already queued.
         let (last_word, ending) = mpsc::channel(1);
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let end = loop {
                 let outcome = tokio::select! {
-                    outcome = outcomes.recv() => outcome,
+                    outcome = watch.outcomes.recv() => outcome,
                     () = updates.closed() => return,
                     () = shared.stopping() => break Status::unavailable("hookd is shutting down; reconnect later"),
                 };
-                match outcome {
-                    Ok(outcome) => {
-                        let wanted = outcome.producer_id == producer.id
-                            && only_event.as_ref().is_none_or(|id| *id == outcome.event_id);
-                        if !wanted {
-                            continue;
-                        }
-                        match updates.try_send(Ok(update_message(outcome))) {
-                            Ok(()) => {}
-                            // Too slow: told and dropped, so the pipeline never waits for it.
-                            Err(mpsc::error::TrySendError::Full(_)) => break too_slow(WATCH_BUFFER),
-                            Err(mpsc::error::TrySendError::Closed(_)) => return,
-                        }
+                let Some(outcome) = outcome else {
+                    // The pipeline let go of this watcher: it fell behind (or hookd stopped).
+                    if watch.fell_behind() {
+                        break too_slow(WATCH_QUEUE);
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => break too_slow(missed),
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    break Status::unavailable("hookd is shutting down; reconnect later");
+                };
+                match updates.try_send(Ok(update_message(outcome))) {
+                    Ok(()) => {}
+                    // The client does not read: told and dropped, never waited for.
+                    Err(mpsc::error::TrySendError::Full(_)) => break too_slow(WATCH_QUEUE),
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             };
             let _ = last_word.try_send(Err(end));
@@ -262,7 +261,8 @@ impl TriggerService for TriggerApi {
 
 fn too_slow(missed: impl std::fmt::Display) -> Status {
     Status::resource_exhausted(format!(
-        "this watcher fell {missed} updates behind and was dropped; reconnect, and use ListDeliveries to catch up"
+        "this watcher fell more than {missed} updates behind and was dropped; reconnect, and use ListDeliveries to \
+         catch up"
     ))
 }
 

@@ -29,12 +29,13 @@ mod recorder;
 mod retention;
 pub mod retry;
 pub mod target;
+pub mod watchers;
 mod worker;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,6 +48,7 @@ pub use fanout::CHUNK as FANOUT_CHUNK;
 pub use recorder::MAX_GROUP as RECORD_GROUP;
 pub use retry::RetrySchedule;
 pub use target::{PolicyKind, TargetPolicy};
+pub use watchers::{TooManyWatchers, Watch, Watchers};
 
 /// The runtime the pipeline runs on: two worker threads and a blocking pool, all at a lower
 /// CPU priority than intake, so fan-out and delivery use what intake leaves.
@@ -79,9 +81,8 @@ pub struct PipelineConfig {
     pub target_policy: TargetPolicy,
     /// How long events (with their deliveries and attempts) are kept.
     pub retention: Duration,
-    /// Attempt outcomes kept for delivery watchers that have not read them yet; a watcher
-    /// further behind is dropped.
-    pub watch_buffer: usize,
+    /// Delivery watchers (WatchDeliveries) one producer may have open at once.
+    pub max_watchers_per_producer: usize,
 }
 
 impl Default for PipelineConfig {
@@ -94,7 +95,7 @@ impl Default for PipelineConfig {
             disable_after: Duration::from_secs(5 * 24 * 3600),
             target_policy: TargetPolicy::default(),
             retention: Duration::from_secs(30 * 24 * 3600),
-            watch_buffer: 4096,
+            max_watchers_per_producer: 16,
         }
     }
 }
@@ -113,9 +114,9 @@ pub(crate) struct Context {
     /// The earliest queue position written since the dispatcher last looked, so it reads
     /// again what was queued behind its cursor.
     pub queued_from: Mutex<Option<QueuePosition>>,
-    /// Every attempt's outcome, for watchers. Sending never waits: a watcher that falls
-    /// behind misses updates (and is told), the pipeline never slows for it.
-    pub outcomes: broadcast::Sender<AttemptOutcome>,
+    /// Every attempt's outcome goes to its producer's watchers. Handing it over never waits:
+    /// a watcher that falls behind is dropped (and told), the pipeline never slows for it.
+    pub watchers: Arc<Watchers>,
 }
 
 /// What one attempt did, as watchers see it.
@@ -163,7 +164,7 @@ pub(crate) enum Command {
 /// A running pipeline.
 pub struct Pipeline {
     commands: mpsc::UnboundedSender<Command>,
-    outcomes: broadcast::Sender<AttemptOutcome>,
+    watchers: Arc<Watchers>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -172,7 +173,7 @@ pub struct Pipeline {
 #[derive(Clone, Debug)]
 pub struct PipelineHandle {
     commands: mpsc::UnboundedSender<Command>,
-    outcomes: broadcast::Sender<AttemptOutcome>,
+    watchers: Arc<Watchers>,
 }
 
 impl PipelineHandle {
@@ -188,9 +189,9 @@ impl PipelineHandle {
         let _ = self.commands.send(Command::Queued);
     }
 
-    /// Attempt outcomes from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<AttemptOutcome> {
-        self.outcomes.subscribe()
+    /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on.
+    pub fn watch(&self, producer_id: &str, only_event: Option<String>) -> Result<Watch, TooManyWatchers> {
+        self.watchers.watch(producer_id, only_event)
     }
 }
 
@@ -215,7 +216,7 @@ impl Pipeline {
         let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
         let retention = config.retention;
         let history: Arc<dyn HistoryStore> = store.clone();
-        let outcomes = broadcast::Sender::new(config.watch_buffer.max(1));
+        let watchers = Watchers::new(config.max_watchers_per_producer);
         // Room for several pools' worth of attempts waiting to be recorded, so listeners get
         // their next requests while a batch lingers and is written.
         let room = config.workers.saturating_mul(recorder::ROOM_PER_WORKER);
@@ -229,7 +230,7 @@ impl Pipeline {
             config,
             wake: Notify::new(),
             queued_from: Mutex::new(None),
-            outcomes: outcomes.clone(),
+            watchers: watchers.clone(),
         });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -238,11 +239,11 @@ impl Pipeline {
         tasks.spawn(retention::run(history, retention, shutdown.clone()));
         tasks.spawn(dispatch::Dispatcher::new(context, inbox, commands.clone()).run(shutdown.clone()));
         tasks.close();
-        Ok(Self { commands, outcomes, tasks, shutdown })
+        Ok(Self { commands, watchers, tasks, shutdown })
     }
 
     pub fn handle(&self) -> PipelineHandle {
-        PipelineHandle { commands: self.commands.clone(), outcomes: self.outcomes.clone() }
+        PipelineHandle { commands: self.commands.clone(), watchers: self.watchers.clone() }
     }
 
     /// Stops taking new work and waits up to `deadline` for in-flight attempts; what is

@@ -261,7 +261,7 @@ async fn finish(
     reserved.record(Completion { delivery, attempt, entry: entry.clone(), next }, ordered).await?;
     let disable = track_health(context, &listener_id, succeeded, now)?;
     // Watchers hear of it once it is recorded; none listening is fine.
-    let _ = context.outcomes.send(outcome_update);
+    context.watchers.publish(&outcome_update);
     if disable {
         disable_listener(context, &listener_id).await?;
     }

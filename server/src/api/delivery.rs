@@ -313,14 +313,21 @@ impl DeliveryService for DeliveryApi {
         // Answered once every one is queued again (durably, a batch at a time): the count in
         // the answer is what was requeued, and a stop half-way loses none of it. Delivery
         // starts with the first batch.
+        // A page at a time, so memory stays flat however many failed.
         let count = blocking(move || {
-            let failed = history.failed_deliveries(&listener_id, since, until)?;
             let mut requeued = 0;
-            for chunk in failed.chunks(RECOVER_BATCH) {
-                requeued += history.requeue_failed(chunk, now_ms())?;
-                pipeline.queued();
+            let mut after = None;
+            loop {
+                let page = history.failed_deliveries(&listener_id, since, until, after.as_deref(), RECOVER_BATCH)?;
+                if !page.items.is_empty() {
+                    requeued += history.requeue_failed(&page.items, now_ms())?;
+                    pipeline.queued();
+                }
+                match page.resume_after {
+                    Some(resume) => after = Some(resume),
+                    None => return Ok::<_, crate::store::StoreError>(requeued),
+                }
             }
-            Ok::<_, crate::store::StoreError>(requeued)
         })
         .await?;
         tracing::info!(listener_id = %listener.id, count, "listener recovered");

@@ -3,7 +3,9 @@
 //!
 //! Events with a pending delivery are kept (and looked at again on the next sweep), and so
 //! are events fan-out has not reached. Each step is one atomic write of at most
-//! [`STEP_EVENTS`] events; sled reuses the space freed.
+//! [`STEP_EVENTS`] events; sled reuses the space freed. Idempotency records stay for their
+//! 24 hours even when the retention is shorter: those of events removed sooner are swept
+//! once their time is up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::blocking;
 use crate::clock::now_ms;
-use crate::store::HistoryStore;
+use crate::store::{HistoryStore, IDEMPOTENCY_WINDOW_MS};
 
 /// Events looked at per atomic step.
 const STEP_EVENTS: usize = 500;
@@ -27,12 +29,15 @@ pub(crate) async fn run(history: Arc<dyn HistoryStore>, retention: Duration, shu
     let interval = sweep_interval(retention);
     let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let before_ms = now_ms().saturating_sub(retention_ms);
+        let now = now_ms();
+        let before_ms = now.saturating_sub(retention_ms);
+        // Idempotency records live 24 hours whatever the retention.
+        let keys_before_ms = now.saturating_sub(IDEMPOTENCY_WINDOW_MS);
         let (mut events, mut deliveries, mut kept) = (0, 0, 0);
         let mut start_seq = 0;
         loop {
             let history = history.clone();
-            match blocking(move || history.trim(before_ms, start_seq, STEP_EVENTS)).await {
+            match blocking(move || history.trim(before_ms, keys_before_ms, start_seq, STEP_EVENTS)).await {
                 Ok(step) => {
                     events += step.events;
                     deliveries += step.deliveries;
@@ -49,6 +54,20 @@ pub(crate) async fn run(history: Arc<dyn HistoryStore>, retention: Duration, shu
             }
             if shutdown.is_cancelled() {
                 return;
+            }
+        }
+        loop {
+            let history = history.clone();
+            match blocking(move || history.trim_keys(keys_before_ms, STEP_EVENTS)).await {
+                Ok(looked_at) if looked_at == STEP_EVENTS && !shutdown.is_cancelled() => {}
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::error!(
+                        error = &error as &dyn std::error::Error,
+                        "idempotency sweep failed; retrying later"
+                    );
+                    break;
+                }
             }
         }
         if events > 0 {

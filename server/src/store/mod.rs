@@ -24,6 +24,7 @@ pub use model::{
     FanoutCursor, Listener, ListenerHealth, MAX_SKIPPED, NewEvent, NextStep, Producer, SeqRange,
 };
 pub use sled_store::SledStore;
+pub use writer::IDEMPOTENCY_WINDOW_MS;
 
 /// What one step of [`PipelineStore::cancel_parked`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -298,19 +299,36 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// Creates new deliveries (a replay), each due at its `next_attempt_at_ms`, durably.
     /// False (and nothing written) when their event no longer exists.
     fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<bool, StoreError>;
-    /// Ids of a listener's failed deliveries created in [since, until).
+    /// Ids of a listener's failed deliveries created in [since, until), oldest first, after
+    /// `after`: a page of at most `limit`, which may hold fewer when many were not failed
+    /// (only `resume_after` says whether more may follow).
     fn failed_deliveries(
         &self,
         listener_id: &str,
         since_ms: u64,
         until_ms: Option<u64>,
-    ) -> Result<Vec<String>, StoreError>;
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<String>, StoreError>;
     /// Makes failed deliveries pending again, due at `now_ms`, except those with a manual
     /// attempt queued or under way (it would write its delivery back as failed). Returns how
     /// many were.
     fn requeue_failed(&self, delivery_ids: &[String], now_ms: u64) -> Result<usize, StoreError>;
     /// Deletes up to `max_events` events created before `before_ms` (from `start_seq` on),
     /// with their deliveries, attempts and index entries, except events with a pending
-    /// delivery or not yet fanned out.
-    fn trim(&self, before_ms: u64, start_seq: u64, max_events: usize) -> Result<Trimmed, StoreError>;
+    /// delivery or not yet fanned out. An event's idempotency record goes with it only if the
+    /// event was created before `keys_before_ms`; otherwise it stays, to be removed by
+    /// [`HistoryStore::trim_keys`] once it is that old (a retention shorter than the
+    /// idempotency window does not shorten the window).
+    fn trim(
+        &self,
+        before_ms: u64,
+        keys_before_ms: u64,
+        start_seq: u64,
+        max_events: usize,
+    ) -> Result<Trimmed, StoreError>;
+    /// Removes up to `max` idempotency records left behind by [`HistoryStore::trim`] whose
+    /// events were created before `keys_before_ms`; returns how many it looked at (fewer than
+    /// `max`: none is left that old).
+    fn trim_keys(&self, keys_before_ms: u64, max: usize) -> Result<usize, StoreError>;
 }

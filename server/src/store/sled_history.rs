@@ -218,24 +218,47 @@ impl HistoryStore for SledStore {
         listener_id: &str,
         since_ms: u64,
         until_ms: Option<u64>,
-    ) -> Result<Vec<String>, StoreError> {
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<String>, StoreError> {
         let prefix = keys::by_listener_prefix(listener_id);
-        // Delivery ids start with their event's position, and positions follow creation time:
-        // start at the first event of the window.
-        let first_id = format!("dlv_{}", crate::crypto::hex(&self.first_seq_since(since_ms)?.to_be_bytes()));
-        let start = [prefix.as_slice(), first_id.as_bytes()].concat();
-        let mut ids = Vec::new();
-        for entry in self.queue.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(&prefix))) {
+        let start = match after {
+            Some(after) => Bound::Excluded([prefix.as_slice(), after.as_bytes()].concat()),
+            // Delivery ids start with their event's position, and positions follow creation
+            // time: start at the first event of the window.
+            None => {
+                let first_id = format!("dlv_{}", crate::crypto::hex(&self.first_seq_since(since_ms)?.to_be_bytes()));
+                Bound::Included([prefix.as_slice(), first_id.as_bytes()].concat())
+            }
+        };
+        let mut items = Vec::new();
+        let mut last = None;
+        for entry in self.queue.range::<Vec<u8>, _>((start, prefix_end(&prefix))).take(scan_budget(limit)) {
             let (key, _) = entry?;
-            let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| corrupt(&key))?;
-            let Some(delivery) = read::<Delivery>(&self.queue, &keys::delivery(id))? else { continue };
-            let in_window =
-                delivery.created_at_ms >= since_ms && until_ms.is_none_or(|until| delivery.created_at_ms < until);
-            if in_window && delivery.state == DeliveryState::Failed as i32 {
-                ids.push(delivery.id);
+            let id = std::str::from_utf8(&key[prefix.len()..]).map_err(|_| corrupt(&key))?.to_owned();
+            let delivery = read::<Delivery>(&self.queue, &keys::delivery(&id))?;
+            if let Some(delivery) = delivery {
+                if until_ms.is_some_and(|until| delivery.created_at_ms >= until) {
+                    // Later deliveries of this listener were created later still.
+                    return Ok(Page { items, resume_after: None });
+                }
+                if delivery.created_at_ms >= since_ms && delivery.state == DeliveryState::Failed as i32 {
+                    items.push(delivery.id);
+                }
+            }
+            last = Some(id);
+            if items.len() == limit {
+                break;
             }
         }
-        Ok(ids)
+        let resume_after = match last {
+            Some(id) => {
+                let next = Bound::Excluded([prefix.as_slice(), id.as_bytes()].concat());
+                self.queue.range::<Vec<u8>, _>((next, prefix_end(&prefix))).next().is_some().then_some(id)
+            }
+            None => None,
+        };
+        Ok(Page { items, resume_after })
     }
 
     fn requeue_failed(&self, delivery_ids: &[String], now_ms: u64) -> Result<usize, StoreError> {
@@ -264,7 +287,13 @@ impl HistoryStore for SledStore {
         Ok(requeued)
     }
 
-    fn trim(&self, before_ms: u64, start_seq: u64, max_events: usize) -> Result<Trimmed, StoreError> {
+    fn trim(
+        &self,
+        before_ms: u64,
+        keys_before_ms: u64,
+        start_seq: u64,
+        max_events: usize,
+    ) -> Result<Trimmed, StoreError> {
         let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
         let fanned_out = super::PipelineStore::fanout_cursor(self)?.next_seq;
         let mut trimmed = Trimmed::default();
@@ -273,6 +302,8 @@ impl HistoryStore for SledStore {
         let mut deliveries_batch = Batch::default();
         let mut events_batch = Batch::default();
         let mut index = producer_index::Changes::default();
+        // Idempotency records of the trimmed events: (event, whether its 24 hours are up).
+        let mut keyed: Vec<(Event, bool)> = Vec::new();
         let start = keys::event(start_seq).to_vec();
         let events = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS)));
         for (looked_at, entry) in events.enumerate() {
@@ -308,24 +339,57 @@ impl HistoryStore for SledStore {
                     deliveries_batch.remove(attempt?);
                 }
             }
-            if !event.idempotency_key.is_empty() {
-                let idempotency = keys::idempotency(&event.producer_id, &event.idempotency_key);
-                let points_here =
-                    read::<IdempotencyEntry>(&self.tree, &idempotency)?.is_some_and(|e| e.event_id == event.id);
-                if points_here {
-                    events_batch.remove(idempotency);
-                }
-            }
             index.clear(&event.producer_id, event.seq);
             events_batch.remove(key);
             trimmed.events += 1;
             trimmed.deliveries += deliveries.len();
+            if !event.idempotency_key.is_empty() {
+                let expired = event.created_at_ms < keys_before_ms;
+                keyed.push((event, expired));
+            }
         }
         self.queue.apply_batch(deliveries_batch)?;
-        // The applier may be writing a bitmap trimmed here (retention reached its block).
+        // The applier may be writing a bitmap trimmed here (retention reached its block), or
+        // a newer record for one of these idempotency keys: both are read under its lock.
         let _index = self.progress.index_turn();
+        for (event, expired) in keyed {
+            let idempotency = keys::idempotency(&event.producer_id, &event.idempotency_key);
+            let points_here =
+                read::<IdempotencyEntry>(&self.tree, &idempotency)?.is_some_and(|e| e.event_id == event.id);
+            match (points_here, expired) {
+                (true, true) => events_batch.remove(idempotency),
+                // Its 24 hours are not up: kept, and removed once they are.
+                (true, false) => events_batch.insert(
+                    keys::kept_key(event.created_at_ms, &event.producer_id, &event.idempotency_key),
+                    &[] as &[u8],
+                ),
+                (false, _) => {}
+            }
+        }
         index.write(&self.tree, &mut events_batch)?;
         self.tree.apply_batch(events_batch)?;
         Ok(trimmed)
+    }
+
+    fn trim_keys(&self, keys_before_ms: u64, max: usize) -> Result<usize, StoreError> {
+        let end = Bound::Excluded([keys::KEPT_KEYS, &keys_before_ms.to_be_bytes()[..]].concat());
+        let _index = self.progress.index_turn();
+        let mut batch = Batch::default();
+        let mut looked_at = 0;
+        for entry in self.tree.range::<Vec<u8>, _>((Bound::Included(keys::KEPT_KEYS.to_vec()), end)).take(max) {
+            let (key, _) = entry?;
+            looked_at += 1;
+            let rest = &key[keys::KEPT_KEYS.len()..];
+            let created_ms =
+                u64::from_be_bytes(rest.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(&key))?);
+            let idempotency = [b"i/".as_slice(), &rest[8..]].concat();
+            // A later event may have taken the key since (after the window): its record stays.
+            if read::<IdempotencyEntry>(&self.tree, &idempotency)?.is_some_and(|e| e.created_at_ms == created_ms) {
+                batch.remove(idempotency);
+            }
+            batch.remove(key);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(looked_at)
     }
 }

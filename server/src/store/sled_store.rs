@@ -26,6 +26,7 @@
 //! | `e/{seq: u64 big-endian}` | [`Event`]: the event log, in trigger order |
 //! | `eb/{producer id}/{block: u64 big-endian}` | bitmap of 256 bits, least significant first in each byte: which of events `block × 256` to `block × 256 + 255` are the producer's (see `producer_index`) |
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
+//! | `ik/{created ms: u64 big-endian}{producer id}\0{idempotency key}` | empty: the idempotency record of an event retention removed before the record's 24 hours were up, to remove then |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery), with its first attempt |
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
@@ -104,6 +105,11 @@ pub(crate) mod keys {
     }
     pub fn idempotency(producer_id: &str, key: &str) -> Vec<u8> {
         join(&[b"i/", producer_id.as_bytes(), b"\0", key.as_bytes()])
+    }
+    pub const KEPT_KEYS: &[u8] = b"ik/";
+    /// An idempotency record kept past its event, by the event's creation time.
+    pub fn kept_key(created_ms: u64, producer_id: &str, key: &str) -> Vec<u8> {
+        join(&[KEPT_KEYS, &created_ms.to_be_bytes(), producer_id.as_bytes(), b"\0", key.as_bytes()])
     }
 
     pub const FANOUT_CURSOR: &[u8] = b"c/fanout";

@@ -336,7 +336,7 @@ async fn a_producer_lists_its_own_events_after_a_restart_and_none_once_retention
 
     // Retention trims what fan-out has passed: here the first 500 events.
     PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 500, ..FanoutCursor::default() }).unwrap();
-    let trimmed = HistoryStore::trim(&*store, 2, 0, 10_000).unwrap();
+    let trimmed = HistoryStore::trim(&*store, 2, 2, 0, 10_000).unwrap();
     assert_eq!(trimmed.events, 500);
     let rest = |producer: &str| mine(producer).into_iter().filter(|&seq| seq >= 500).collect::<Vec<u64>>();
     assert_eq!(listed_seqs(&store, Some("prd_a"), 33), rest("prd_a"));
@@ -344,7 +344,7 @@ async fn a_producer_lists_its_own_events_after_a_restart_and_none_once_retention
     // Bitmaps of blocks whose events are all gone are gone too.
     assert_eq!(store.tree.scan_prefix(b"eb/prd_a/").count(), 3, "block 0 is gone; 1 keeps 500-511");
     PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 1000, ..FanoutCursor::default() }).unwrap();
-    HistoryStore::trim(&*store, 2, 0, 10_000).unwrap();
+    HistoryStore::trim(&*store, 2, 2, 0, 10_000).unwrap();
     assert!(listed_seqs(&store, Some("prd_a"), 33).is_empty());
     assert_eq!(store.tree.scan_prefix(b"eb/").count(), 0);
     store.close().unwrap();
@@ -544,4 +544,66 @@ fn opening_waits_for_a_data_directory_still_held_by_a_closing_database() {
     first.close().unwrap();
     drop(first);
     second.join().unwrap().expect("opened once the first let go").unwrap();
+}
+
+// Regression: RecoverListener gathered every failed id of a listener in one list.
+#[test]
+fn a_listeners_failed_deliveries_are_read_a_page_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let mut expected = Vec::new();
+    for seq in 0..1_500u64 {
+        let event = Event { id: ids::event_id(seq), seq, created_at_ms: 100 + seq, ..Event::default() };
+        let mut delivery = Delivery::pending(ids::delivery_id(seq, "lst_r"), &event, "lst_r", 100 + seq);
+        // Every fifth succeeded; the rest failed.
+        delivery.state = if seq % 5 == 0 { DeliveryState::Succeeded } else { DeliveryState::Failed } as i32;
+        if seq % 5 != 0 && seq >= 10 {
+            expected.push(delivery.id.clone());
+        }
+        store.queue.insert(keys::delivery(&delivery.id), encode(&delivery)).unwrap();
+        store.queue.insert(keys::by_listener("lst_r", &delivery.id), &[] as &[u8]).unwrap();
+    }
+    let mut found = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store.failed_deliveries("lst_r", 110, None, after.as_deref(), 500).unwrap();
+        assert!(page.items.len() <= 500);
+        found.extend(page.items);
+        pages += 1;
+        match page.resume_after {
+            Some(resume) => after = Some(resume),
+            None => break,
+        }
+    }
+    assert_eq!(found, expected, "every failed delivery since the time, once, oldest first");
+    assert!(pages >= 3, "{pages} pages");
+    let until = store.failed_deliveries("lst_r", 110, Some(120), None, 500).unwrap();
+    assert_eq!(until.items.len(), 8, "[110, 120) holds 10 deliveries, 2 of them succeeded");
+    assert_eq!(until.resume_after, None);
+}
+
+// Regression: a retention shorter than 24 hours took idempotency records with their events,
+// so a retried trigger within the window recorded a second event.
+#[tokio::test]
+async fn an_idempotency_key_outlives_an_event_trimmed_within_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    let first = store.append_event(new_event("prd_a", Some("order-1"), 1_000)).await.unwrap();
+    store.append_event(new_event("prd_a", None, 1_000)).await.unwrap();
+    store.settled().await.unwrap();
+    PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 2, ..FanoutCursor::default() }).unwrap();
+    // Retention of one second, at 5,000: both events go, the key's 24 hours are not up.
+    let trimmed = HistoryStore::trim(&*store, 2_000, 5_000u64.saturating_sub(IDEMPOTENCY_WINDOW_MS), 0, 100).unwrap();
+    assert_eq!(trimmed.events, 2);
+    assert!(store.event(&first.event_id).unwrap().is_none());
+    let retried = store.append_event(new_event("prd_a", Some("order-1"), 5_000)).await.unwrap();
+    assert_eq!(retried, Appended { event_id: first.event_id.clone(), duplicate: true });
+    // Nothing to sweep before the 24 hours are up; then the record goes.
+    assert_eq!(HistoryStore::trim_keys(&*store, 1_000, 100).unwrap(), 0);
+    assert_eq!(HistoryStore::trim_keys(&*store, 1_001, 100).unwrap(), 1);
+    assert_eq!(store.tree.scan_prefix(keys::KEPT_KEYS).count(), 0);
+    let later = store.append_event(new_event("prd_a", Some("order-1"), 2_000 + IDEMPOTENCY_WINDOW_MS)).await.unwrap();
+    assert!(!later.duplicate);
+    store.close().unwrap();
 }

@@ -38,7 +38,7 @@ use super::{Refusal, StoreError};
 use crate::ids;
 
 /// How long an idempotency key maps to its first event.
-pub(crate) const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
+pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
 /// Most jobs written under one journal write; bounds the latency a group adds to its first job.
 const MAX_GROUP: usize = 4096;
 /// Most payload bytes written under one journal write, so one group's buffer stays small.

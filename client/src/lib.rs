@@ -51,18 +51,31 @@ use v1::{
     SetProducerEnabledRequest, TriggerRequest, WatchDeliveriesRequest,
 };
 
-/// Opens a channel to a hookd server, e.g. `http://127.0.0.1:50051` (an `https://` endpoint
-/// uses TLS with the web's root certificates).
+/// Opens a channel to a hookd server, e.g. `http://127.0.0.1:50051`. An `https://` endpoint
+/// uses TLS, trusting the system's root certificates (those in the PEM file `SSL_CERT_FILE`
+/// names, where set) and the web's (Mozilla's list).
 pub async fn connect(endpoint: impl Into<String>) -> Result<Channel, Error> {
     let endpoint = endpoint.into();
-    let mut target = Endpoint::from_shared(endpoint.clone())?
+    let tls = endpoint.starts_with("https://").then(|| ClientTlsConfig::new().with_enabled_roots());
+    connect_endpoint(endpoint, tls).await
+}
+
+/// Opens a TLS channel to `endpoint` (`https://...`) trusting only the certificate
+/// authorities in `ca_pem` (PEM), say a private CA of your own.
+pub async fn connect_with_ca(endpoint: impl Into<String>, ca_pem: impl AsRef<[u8]>) -> Result<Channel, Error> {
+    let tls = ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+    connect_endpoint(endpoint.into(), Some(tls)).await
+}
+
+async fn connect_endpoint(endpoint: String, tls: Option<ClientTlsConfig>) -> Result<Channel, Error> {
+    let mut target = Endpoint::from_shared(endpoint)?
         .connect_timeout(Duration::from_secs(10))
         // A connection that died without a word is noticed, and streams on it fail over.
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    if endpoint.starts_with("https://") {
-        target = target.tls_config(ClientTlsConfig::new().with_webpki_roots())?;
+    if let Some(tls) = tls {
+        target = target.tls_config(tls)?;
     }
     Ok(target.connect().await?)
 }
@@ -170,6 +183,12 @@ impl Client {
     /// Connects to `endpoint` (see [`connect`]) without credentials yet.
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
         Ok(Self::from_channel(connect(endpoint).await?))
+    }
+
+    /// Connects over TLS trusting only the certificate authorities in `ca_pem` (see
+    /// [`connect_with_ca`]).
+    pub async fn connect_with_ca(endpoint: impl Into<String>, ca_pem: impl AsRef<[u8]>) -> Result<Self, Error> {
+        Ok(Self::from_channel(connect_with_ca(endpoint, ca_pem).await?))
     }
 
     /// Connects over TLS with your own configuration (custom roots, client certificates).

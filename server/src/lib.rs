@@ -101,11 +101,9 @@ async fn serve(
     let tls = config.tls.clone().map(listen::Tls::load).transpose()?;
     if let Some(tls) = &tls {
         tokio::spawn(tls.clone().watch(shutdown.clone()));
-    } else if local_addr.is_some_and(|addr| !addr.ip().is_loopback()) {
-        tracing::warn!(
-            "listening without TLS on a non-loopback address: API keys and payloads cross the network in the \
-             clear; give --tls-cert and --tls-key"
-        );
+    }
+    if let Some(warning) = plaintext_warning(local_addr, tls.is_some()) {
+        tracing::warn!("{warning}");
     }
     let (max_connections, max_streams) = (config.max_connections, config.max_streams_per_connection);
     tracing::info!(
@@ -220,6 +218,14 @@ async fn serve(
     Ok(served?)
 }
 
+/// What to say when hookd listens without TLS where others can reach it.
+fn plaintext_warning(addr: Option<std::net::SocketAddr>, tls: bool) -> Option<&'static str> {
+    (!tls && addr.is_some_and(|addr| !addr.ip().is_loopback())).then_some(
+        "listening without TLS on a non-loopback address: API keys and payloads cross the network in the clear; \
+         give --tls-cert and --tls-key (plaintext is for development on loopback only)",
+    )
+}
+
 /// Runs blocking work (store calls that scan or write) off the async threads, keeping the
 /// tracing span.
 pub(crate) async fn blocking<T, F>(work: F) -> T
@@ -229,4 +235,20 @@ where
 {
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || span.in_scope(work)).await.expect("blocking store work does not panic")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_is_warned_about_beyond_loopback_only() {
+        let at = |text: &str| Some(text.parse().unwrap());
+        assert!(plaintext_warning(at("0.0.0.0:50051"), false).is_some());
+        assert!(plaintext_warning(at("[::]:50051"), false).is_some());
+        assert!(plaintext_warning(at("10.1.2.3:50051"), false).is_some());
+        assert!(plaintext_warning(at("0.0.0.0:50051"), true).is_none());
+        assert!(plaintext_warning(at("127.0.0.1:50051"), false).is_none());
+        assert!(plaintext_warning(at("[::1]:50051"), false).is_none());
+    }
 }

@@ -12,6 +12,7 @@ mod producers;
 mod receiver;
 mod restart;
 mod secrets;
+mod server_tls;
 mod service;
 mod support;
 mod tls;

@@ -129,7 +129,7 @@ async fn main() -> Result<(), BoxError> {
         let delivery =
             if wanted("delivery") { delivery_scenario(plan, &binary, &receiver).await? } else { Value::Null };
         let backlog = if wanted("backlog") { backlog_scenario(plan, &binary, &receiver).await? } else { Value::Null };
-        let store = if wanted("store") { store::floor(plan.store_deliveries)? } else { Value::Null };
+        let store = if wanted("store") { store::floor(plan.store_deliveries).await? } else { Value::Null };
         let ordered = if wanted("ordered") { ordered::scenario(plan, &binary, &receiver).await? } else { Value::Null };
         results.push(json!({
             "trigger": trigger,

@@ -1,10 +1,11 @@
-//! The store floor: what the queue database's own work costs per delivery, with no HTTP,
-//! no dispatch, no event log and no other thread of hookd. It makes, on hookd's own store,
-//! the calls a delivery that succeeds at its first attempt makes: fan-out's commit in
-//! chunks of hookd's size, the worker's read of the delivery, and the recorder's commit in
-//! groups of hookd's size. The two phases run one after the other, not side by side, so
-//! this is a lower bound: what any delivery costs hookd as long as its queue is built
-//! this way. Measured as this process's CPU time (sled's own threads included).
+//! The store floor: what the store's own work costs per delivery, with no HTTP, no dispatch
+//! and no other thread of hookd. It makes, on hookd's own store, the calls a delivery that
+//! succeeds at its first attempt makes now that the event log is the queue of first attempts:
+//! fan-out's read of the log in chunks of hookd's size (it writes nothing), the worker's read
+//! of the event, and the recorder's one write of the delivery in groups of hookd's size. The
+//! events are appended first and not counted. The two phases run one after the other, not
+//! side by side, so this is a lower bound. Measured as this process's CPU time (sled's own
+//! threads included).
 
 use std::time::Instant;
 
@@ -12,8 +13,8 @@ use hookd_server::clock::now_ms;
 use hookd_server::ids;
 use hookd_server::pipeline::{FANOUT_CHUNK, RECORD_GROUP};
 use hookd_server::store::{
-    Attempt, AttemptTrigger, Completion, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, NewDelivery, NextStep,
-    PipelineStore, SledStore,
+    Attempt, AttemptTrigger, Completion, Delivery, DeliveryState, NewEvent, NextStep, PipelineStore, Producer,
+    SledStore, Store,
 };
 use serde_json::{Value, json};
 
@@ -21,42 +22,50 @@ use crate::BoxError;
 use crate::stats::round;
 
 /// Runs `deliveries` deliveries to one listener through the store; reports CPU per delivery.
-pub fn floor(deliveries: usize) -> Result<Value, BoxError> {
+pub async fn floor(deliveries: usize) -> Result<Value, BoxError> {
     let dir = tempfile::tempdir()?;
     let store = SledStore::open(dir.path())?;
     let due_ms = now_ms();
     let listener_id = ids::listener_id(due_ms);
     let producer_id = ids::producer_id(due_ms);
-    let event = |seq: u64| Event {
-        id: ids::event_id(seq),
-        seq,
-        producer_id: producer_id.clone(),
-        event_type: "bench.store".into(),
-        content_type: "application/json".into(),
-        created_at_ms: due_ms,
-        ..Event::default()
-    };
+    let key_hash = [7u8; 32];
+    let producer = Producer { id: producer_id.clone(), name: "bench".into(), enabled: true, ..Producer::default() };
+    store.create_producer(producer, key_hash).await?;
+    let appends: Vec<_> = (0..deliveries)
+        .map(|_| {
+            store.append_event(NewEvent {
+                producer_id: producer_id.clone(),
+                key_hash,
+                event_type: "bench.store".into(),
+                payload: b"{}".to_vec(),
+                content_type: "application/json".into(),
+                idempotency_key: None,
+                created_at_ms: due_ms,
+            })
+        })
+        .collect();
+    for append in appends {
+        append.await?;
+    }
+    store.settled().await?;
     let cpu_before = crate::hookd::cpu_seconds(std::process::id());
     let started = Instant::now();
 
-    let seqs: Vec<u64> = (1..=deliveries as u64).collect();
-    for chunk in seqs.chunks(FANOUT_CHUNK) {
-        let new: Vec<NewDelivery> = chunk
-            .iter()
-            .map(|&seq| NewDelivery {
-                delivery: Delivery::pending(ids::delivery_id(seq, &listener_id), &event(seq), &listener_id, due_ms),
-                ordered: false,
-            })
-            .collect();
-        let cursor = FanoutCursor { next_seq: chunk[chunk.len() - 1] + 1, after_listener: String::new() };
-        store.commit_fanout(&new, &cursor)?;
+    // Fan-out reads the log and the listener; it writes nothing.
+    let mut seqs = Vec::with_capacity(deliveries);
+    let mut next = 0;
+    loop {
+        let chunk: Vec<_> = store.events_from(next).take(FANOUT_CHUNK).collect::<Result<_, _>>()?;
+        let Some(last) = chunk.last() else { break };
+        next = last.seq + 1;
+        seqs.extend(chunk.iter().map(|event| event.seq));
     }
     let cpu_fanned_out = crate::hookd::cpu_seconds(std::process::id());
     for group in seqs.chunks(RECORD_GROUP) {
         let mut completions = Vec::with_capacity(group.len());
         for &seq in group {
-            let id = ids::delivery_id(seq, &listener_id);
-            let mut delivery = store.delivery(&id)?.ok_or("a delivery fan-out wrote is missing")?;
+            let event = store.event_at(seq)?.ok_or("an appended event is missing")?;
+            let mut delivery = Delivery::pending(ids::delivery_id(seq, &listener_id), &event, &listener_id, due_ms);
             delivery.attempts = 1;
             delivery.state = DeliveryState::Succeeded as i32;
             delivery.next_attempt_at_ms = 0;
@@ -70,21 +79,20 @@ pub fn floor(deliveries: usize) -> Result<Value, BoxError> {
                 trigger: AttemptTrigger::Scheduled as i32,
                 ..Attempt::default()
             };
-            let entry = DueEntry { due_ms, delivery_id: id, listener_id: listener_id.clone(), manual: false };
-            completions.push(Completion { delivery, attempt, entry, next: NextStep::Done });
+            completions.push(Completion { delivery, attempt, entry: None, next: NextStep::Done, ordered: false });
         }
         store.complete_attempts(completions)?;
     }
-
     let seconds = started.elapsed().as_secs_f64();
     let per_delivery = |cpu_seconds: f64| cpu_seconds * 1e6 / deliveries as f64;
     let cpu_us = per_delivery(crate::hookd::cpu_seconds(std::process::id()) - cpu_before);
     let fanout_us = per_delivery(cpu_fanned_out - cpu_before);
     let per_s = deliveries as f64 / seconds;
     eprintln!(
-        "store floor, {deliveries} deliveries: {per_s:.0}/s, {cpu_us:.1} µs of CPU per delivery ({fanout_us:.1} µs fan-out, {:.1} µs reading and recording)",
+        "store floor, {deliveries} deliveries: {per_s:.0}/s, {cpu_us:.1} µs of CPU per delivery ({fanout_us:.1} µs reading the log, {:.1} µs reading the event and recording)",
         cpu_us - fanout_us
     );
+    store.close()?;
     Ok(json!({
         "deliveries": deliveries,
         "deliveries_per_s": round(per_s),

@@ -55,11 +55,14 @@ impl DeliveryApi {
             .ok_or(ApiError::NotFound("event"))
     }
 
-    fn own_delivery(&self, caller: &Caller, delivery_id: &str) -> ApiResult<Delivery> {
-        self.shared
-            .queue
-            .delivery(delivery_id)?
-            .filter(|delivery| owns(caller, &delivery.producer_id))
+    /// The caller's delivery, recorded or still waiting in the event log for its first attempt
+    /// (then `false`).
+    async fn own_delivery(&self, caller: &Caller, delivery_id: &str) -> ApiResult<(Delivery, bool)> {
+        let history = self.shared.history.clone();
+        let id = delivery_id.to_owned();
+        blocking(move || history.delivery_view(&id))
+            .await?
+            .filter(|(delivery, _)| owns(caller, &delivery.producer_id))
             .ok_or(ApiError::NotFound("delivery"))
     }
 
@@ -232,7 +235,11 @@ impl DeliveryService for DeliveryApi {
         request: Request<ListAttemptsRequest>,
     ) -> Result<Response<ListAttemptsResponse>, Status> {
         let caller = self.caller(&request)?;
-        let delivery = self.own_delivery(&caller, &request.get_ref().delivery_id)?;
+        let (delivery, recorded) = self.own_delivery(&caller, &request.get_ref().delivery_id).await?;
+        if !recorded {
+            // Its first attempt is still to come.
+            return Ok(Response::new(ListAttemptsResponse { attempts: Vec::new() }));
+        }
         let queue = self.shared.queue.clone();
         let attempts = blocking(move || queue.attempts(&delivery.id)).await?;
         Ok(Response::new(ListAttemptsResponse { attempts: attempts.into_iter().map(attempt_message).collect() }))
@@ -286,7 +293,15 @@ impl DeliveryService for DeliveryApi {
     ) -> Result<Response<DeliveryMessage>, Status> {
         let caller = self.caller(&request)?;
         self.shared.ensure_accepting()?;
-        let delivery = self.own_delivery(&caller, &request.get_ref().delivery_id)?;
+        let (delivery, recorded) = self.own_delivery(&caller, &request.get_ref().delivery_id).await?;
+        if !recorded {
+            return Err(ApiError::FailedPrecondition(format!(
+                "delivery {} has not had its first attempt yet: it is on its way, in trigger order; retry it once it \
+                 has been attempted",
+                delivery.id
+            ))
+            .into());
+        }
         self.ensure_listener_enabled(&delivery.listener_id)?;
         let history = self.shared.history.clone();
         let id = delivery.id.clone();

@@ -118,6 +118,9 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Store(StoreError::Closed) => Status::unavailable("hookd is shutting down"),
+            ApiError::Store(StoreError::DamagedEvent { seq }) => Status::data_loss(format!(
+                "the record of event {seq} is damaged: it was put aside and is not delivered (see the server log)"
+            )),
             ApiError::Store(StoreError::Failed(cause)) => Status::unavailable(format!(
                 "hookd cannot write ({cause}); nothing was recorded. Reads still work; writes need the operator"
             )),

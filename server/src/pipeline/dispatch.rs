@@ -1,201 +1,116 @@
-//! The dispatcher: hands due deliveries to workers, in queue order, within the limits.
+//! The dispatcher: the one owner of every listener's [`Gate`] and [`Line`], of the two
+//! request budgets, and of who has which piece of work; so none of it needs a lock, and
+//! workers and fan-out tell it what happened through channels.
 //!
-//! It is the only owner of the per-listener [`Gate`]s (in-flight count, held and parked
-//! entries, back-off) and of who has which queue entry, so their decisions need no locks and
-//! no writes: workers report back through the inbox. A queue entry stays in the store while
-//! it is worked on (a crash leaves it due, in order); the dispatcher remembers in memory
-//! which entries are claimed and reads the queue from a cursor, so a claimed entry is not
-//! read again on every pass. Whoever queues an entry behind the cursor (fan-out racing a
-//! retry, a worker handing an entry back, an unparked lot, the API) rewinds it.
+//! Work reaches a listener's line from fan-out (first attempts straight from the event log,
+//! written nowhere yet) and from the durable due queue (retries, manual attempts, replayed,
+//! recovered and unparked deliveries), read from a cursor in due order. The gate decides
+//! whether it waits in memory or is parked in the listener's lot (disabled, backed off, older
+//! work parked, line full); work that waits in memory longer than [`HOLD_LIMIT_MS`] is parked
+//! too, so fan-out's durable position (see [`Progress`]) never stays behind for long.
 //!
-//! A delivery whose listener is at its in-flight cap is *held*: claimed and kept in an
-//! in-memory line that the listener's next free slot takes from. Beyond that line, or while
-//! a listener is disabled, backed off or waiting on its order, a delivery is *parked* in its
-//! listener's lot (kept in delivery order) instead of being rescanned, so one hanging
-//! listener with a large backlog costs nothing per pass; finishing work or the end of a
-//! back-off puts parked entries back, half a line at a time. A worker reports back twice: when
-//! the listener has answered, which frees the listener's slot and the pool's worker (the
-//! limits count requests, not disk writes), and when the attempt is recorded, which ends the
-//! claim; the second always comes, even if the worker panics.
+//! Requests draw from two budgets: listeners in good standing from one, slow and failing ones
+//! from the other, so listeners that hang cost healthy ones nothing. Lines ready to start are
+//! taken round robin within each budget. Store calls run in place (see `pipeline`).
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::worker::{self, Finished, Outcome};
-use super::{Command, Context};
+use super::gate::{Gate, MAX_BACKOFF, Offer, Outcome, Pool, SOME_PARKED, Verdict};
+use super::line::{Line, Pair, Work};
+use super::progress::Progress;
+use super::turn::{Finished, Turn};
+use super::{Command, Context, worker};
 use crate::clock::now_ms;
-use crate::store::{DueEntry, Listener, ListenerHealth, QueuePosition, StoreError};
+use crate::store::{
+    Delivery, DeliveryState, FanoutCursor, Listener, ListenerHealth, NewDelivery, QueuePosition, StoreError,
+};
 
-/// Most queue entries considered in one pass.
-const PASS_LIMIT: usize = 512;
-/// Consecutive failures after which a listener is backed off as a whole.
-const BACKOFF_AFTER_FAILURES: u32 = 5;
-/// Longest whole-listener back-off (shorter when the retry schedule's longest delay is).
-const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Work waits in memory at most this long before it is parked: a pair not recorded holds
+/// fan-out's durable position, which bounds what a crash makes hookd redo.
+pub const HOLD_LIMIT_MS: u64 = 10_000;
+/// Work waiting in memory, all listeners together (about 250 bytes each: 33 MB at most).
+pub const MEMORY_ITEMS: usize = 131_072;
+/// Queue entries read per pass.
+const SCAN_LIMIT: usize = 512;
 /// Most parked entries put back in one write (kept short, like every pipeline batch: it
 /// holds sled's process-wide lock while it applies).
 const UNPARK_CHUNK: usize = 256;
-/// Entries held in memory for one listener at its cap, and for all listeners together (an
-/// entry held costs about 200 bytes, so at most 26 MB; a parked one two writes to park and
-/// two to put back). Full bench, 100,000 deliveries to one listener, three runs each: with
-/// lines of 16,384, 9,949-10,871/s at 125-138 µs of CPU each; with 65,536, 10,770-13,166/s
-/// at 105-126 µs.
-const HELD_PER_LISTENER: usize = 65_536;
-const HELD_TOTAL: usize = 131_072;
-/// How long the entry of a worker that unwound waits before it is read again.
-const UNWOUND_PAUSE_MS: u64 = 1000;
-/// A parked count not known exactly (after a restart): "some", until a lot runs dry.
-const SOME_PARKED: usize = usize::MAX / 2;
+/// How often the cursor is written, held work looked at and back-offs ended.
+const TICK: Duration = Duration::from_millis(250);
 
-/// What the dispatcher knows about one listener.
+/// What fan-out hands the dispatcher: pairs in log order, each holding a place in memory,
+/// and how far the log is handed out.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub pairs: Vec<Pair>,
+    /// Every pair of the events before this one is in this or an earlier hand-over.
+    pub next_seq: u64,
+}
+
+/// One listener's gate and line, and the listener as last read.
 #[derive(Debug, Default)]
-struct Gate {
-    in_flight: usize,
-    /// Entries in the listener's parking lot.
-    parked: usize,
-    /// Claimed entries waiting in memory for a free slot, oldest first.
-    held: VecDeque<DueEntry>,
-    /// Queue key ids taken out of the lot and not yet seen again: they may pass the parked ones.
-    released: HashSet<String>,
-    /// Consecutive failed attempts.
-    failures: u32,
-    /// Back-offs in the current run of failures.
-    backoffs: u32,
-    blocked_until_ms: u64,
-    /// Strict order, as last seen.
-    ordered: bool,
-    /// The listener was found deleted and its gate's clearing is asked for.
-    deleted: bool,
+struct Lane {
+    gate: Gate,
+    line: Line,
+    listener: Option<Arc<Listener>>,
+    /// The store's listener generation when `listener` was read.
+    generation: u64,
+    /// The budget whose ready list it is on, if any.
+    ready_in: Option<Pool>,
+    /// A disabling for too long a run of failures is under way.
+    disabling: bool,
 }
 
-impl Gate {
-    fn is_idle(&self) -> bool {
-        self.in_flight == 0
-            && self.parked == 0
-            && self.held.is_empty()
-            && self.released.is_empty()
-            && self.failures == 0
-    }
-
-    /// How many parked entries may be put back now: for an ordered listener its head, else
-    /// enough to fill its slots and its line, once the line is down to half (so a listener
-    /// with a large backlog costs one write per half line, not one per delivery). The line
-    /// takes no more than `line_free`, what the line of all listeners has left: entries put
-    /// back beyond that would only be parked again.
-    fn room(&self, cap: usize, now: u64, line_free: usize) -> usize {
-        if self.blocked_until_ms > now {
-            return 0;
-        }
-        let waiting = self.held.len() + self.released.len();
-        if self.ordered {
-            return 1usize.saturating_sub(self.in_flight + waiting).min(self.parked);
-        }
-        if waiting > HELD_PER_LISTENER / 2 {
-            return 0;
-        }
-        let line = HELD_PER_LISTENER.saturating_sub(waiting).min(line_free);
-        (cap.saturating_sub(self.in_flight) + line).min(self.parked)
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    Go,
-    /// Claim it and keep it in memory until the listener has a free slot.
-    Hold,
-    Park,
-}
-
-/// What a pass found.
-#[derive(Debug, PartialEq, Eq)]
-enum Pass {
-    /// Something was handed out, held or parked, or there may be more to read: look again
-    /// at once.
-    Progress,
-    /// Nothing is due.
-    Idle,
-    /// Every worker is busy.
-    PoolFull,
+/// A request under way: whose, and which budget it draws from now.
+struct Request {
+    listener_id: String,
+    pool: Pool,
 }
 
 pub(crate) struct Dispatcher {
     context: Arc<Context>,
     inbox: mpsc::UnboundedReceiver<Command>,
     outbox: mpsc::UnboundedSender<Command>,
-    permits: Arc<Semaphore>,
+    handed: mpsc::Receiver<Handed>,
+    /// Places for work waiting in memory (see [`MEMORY_ITEMS`]): each item in a line holds
+    /// one; fan-out takes them before it hands pairs over.
+    memory: Arc<Semaphore>,
     workers: TaskTracker,
-    gates: HashMap<String, Gate>,
-    /// Deliveries a worker or the held line has right now, with the queue entry claimed.
-    in_flight: HashMap<String, QueuePosition>,
-    /// Deliveries with an entry skipped because another entry of theirs was claimed (a
-    /// manual attempt beside the scheduled one), with the skipped entry's due time: read
-    /// again when the claimed one is done.
+    lanes: HashMap<String, Lane>,
+    /// Lanes that may start work, per budget, taken round robin.
+    ready: [VecDeque<String>; 2],
+    /// Requests under way per budget (one may exceed its limit: a request that turned slow
+    /// moves to the suspect budget whatever it holds), and their limits.
+    in_use: [usize; 2],
+    limits: [usize; 2],
+    requests: HashMap<u64, Request>,
+    next_request: u64,
+    /// Queue entries in a line or under way, and pairs that may have a record, by delivery:
+    /// another entry of the same delivery waits for it (see `deferred`).
+    claimed: HashMap<String, QueuePosition>,
+    /// Deliveries with an entry skipped because another of theirs was claimed, with the
+    /// skipped entry's due time: read again once the claim ends.
     deferred: HashMap<String, u64>,
-    /// The queue is read from just after here; everything before it is decided, claimed or
-    /// deferred. `None`: from the start.
+    /// The queue is read from just after here; `None`: from the start.
     cursor: Option<QueuePosition>,
-    /// Entries past the cursor may be due that no pass has read yet (the cursor moved back,
-    /// something was queued, or the last pass stopped early).
+    /// Entries past the cursor may be due that no pass has read.
     stale: bool,
     /// When the first entry past the cursor is due, as the last pass to reach the end saw.
     next_due_ms: Option<u64>,
-    /// (when, due time) of entries to read again later: those of workers that unwound.
+    /// (when, due time) of queue entries to read again later.
     later: BTreeSet<(u64, u64)>,
-    /// How many entries are held, and by which listeners.
-    held_total: usize,
-    holding: BTreeSet<String>,
+    /// Pairs to offer again later (their turn could not record them), by when.
+    again: BTreeMap<(u64, u64), Work>,
     /// (back-off end, listener) of listeners backed off as a whole.
     backoffs: BTreeSet<(u64, String)>,
-}
-
-/// One attempt's hold on the dispatcher's limits, carried by the worker that makes it.
-///
-/// The pool's permit and the listener's slot are given back as soon as the listener has
-/// answered ([`Turn::answered`]), while the attempt is still being recorded: the limits
-/// count requests to listeners, and the listener's next request need not wait for a disk
-/// write. The delivery stays claimed until the turn ends, so its entry is not handed out
-/// again before the record lands. The end is always reported, even if the worker unwinds.
-pub(crate) struct Turn {
-    outbox: mpsc::UnboundedSender<Command>,
-    listener_id: String,
-    permit: Option<OwnedSemaphorePermit>,
-    answered: bool,
-    /// What is reported when the turn ends: how the worker finished or, until it returns,
-    /// that it unwound (if it is dropped or panics first).
-    report: Option<Finished>,
-}
-
-impl Turn {
-    /// The listener has answered (or the attempt failed without a request): frees its slot
-    /// and the pool's permit, and counts `outcome` toward the listener's run of failures.
-    pub fn answered(&mut self, outcome: Outcome) {
-        if self.answered {
-            return;
-        }
-        self.answered = true;
-        self.permit = None;
-        // The dispatcher is gone only at shutdown, when nothing is left to tell.
-        let _ = self.outbox.send(Command::Answered { listener_id: self.listener_id.clone(), outcome });
-    }
-
-    /// Reports how the turn ended.
-    fn end(mut self, finished: Finished) {
-        self.report = Some(finished);
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        if let Some(mut finished) = self.report.take() {
-            finished.answered = self.answered;
-            let _ = self.outbox.send(Command::Finished(finished));
-        }
-    }
+    progress: Progress,
+    next_tick_ms: u64,
 }
 
 impl Dispatcher {
@@ -203,402 +118,101 @@ impl Dispatcher {
         context: Arc<Context>,
         inbox: mpsc::UnboundedReceiver<Command>,
         outbox: mpsc::UnboundedSender<Command>,
+        handed: mpsc::Receiver<Handed>,
+        memory: Arc<Semaphore>,
+        start: FanoutCursor,
     ) -> Self {
-        let permits = Arc::new(Semaphore::new(context.config.workers.max(1)));
+        let limits = [context.config.workers.max(1), context.config.suspect_workers.max(1)];
         Self {
             context,
             inbox,
             outbox,
-            permits,
+            handed,
+            memory,
             workers: TaskTracker::new(),
-            gates: HashMap::new(),
-            in_flight: HashMap::new(),
+            lanes: HashMap::new(),
+            ready: [VecDeque::new(), VecDeque::new()],
+            in_use: [0, 0],
+            limits,
+            requests: HashMap::new(),
+            next_request: 0,
+            claimed: HashMap::new(),
             deferred: HashMap::new(),
             cursor: None,
             stale: true,
             next_due_ms: None,
             later: BTreeSet::new(),
-            held_total: 0,
-            holding: BTreeSet::new(),
+            again: BTreeMap::new(),
             backoffs: BTreeSet::new(),
+            progress: Progress::new(start),
+            next_tick_ms: 0,
         }
     }
 
     fn cap(&self) -> usize {
-        self.context.config.listener_in_flight.max(1)
+        self.context.config.listener_in_flight
     }
 
-    /// What the line of all listeners has left.
-    fn line_free(&self) -> usize {
-        HELD_TOTAL.saturating_sub(self.held_total)
-    }
-
-    /// Dispatches until `shutdown`, then waits for the workers it started.
+    /// Dispatches until `shutdown`, then writes where fan-out stands and waits for the workers
+    /// it started.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        match self.context.queue.parked_listeners() {
-            Ok(parked) => {
-                // Parked lots are taken back a few at a time, so the first delivery after a
-                // restart does not wait for a large backlog to move; finished attempts take
-                // back more.
-                for listener_id in parked {
-                    self.gates.entry(listener_id.clone()).or_default().parked = SOME_PARKED;
-                    self.unpark(&listener_id, self.cap()).await;
-                }
-            }
-            Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "cannot read the parking lots"),
-        }
+        self.restore_parked_lots();
         while !shutdown.is_cancelled() {
             while let Ok(command) = self.inbox.try_recv() {
-                self.handle(command).await;
+                self.handle(command);
             }
-            self.end_backoffs().await;
-            let pass = match self.pass().await {
-                Ok(pass) => pass,
+            while let Ok(handed) = self.handed.try_recv() {
+                self.take_handed(handed);
+            }
+            let now = now_ms();
+            if now >= self.next_tick_ms {
+                self.tick(now);
+                self.next_tick_ms = now + TICK.as_millis() as u64;
+            }
+            let more = match self.scan_queue(now) {
+                Ok(more) => more,
                 Err(error) => {
-                    tracing::error!(error = &error as &dyn std::error::Error, "dispatch pass failed; retrying");
-                    let pause = tokio::time::sleep(Duration::from_secs(1));
-                    if shutdown.run_until_cancelled(pause).await.is_none() {
-                        break;
-                    }
-                    continue;
+                    tracing::error!(error = &error as &dyn std::error::Error, "reading the due queue failed; retrying");
+                    self.later.insert((now + 1000, 0));
+                    false
                 }
             };
-            match pass {
-                // Store calls run in place and never yield: let the workers (and a shutdown)
-                // have the thread between passes.
-                Pass::Progress => tokio::task::yield_now().await,
-                Pass::PoolFull => {
-                    tokio::select! {
-                        command = self.inbox.recv() => if let Some(command) = command { self.handle(command).await },
-                        () = shutdown.cancelled() => break,
-                    }
-                }
-                Pass::Idle => {
-                    let wake_at = self.next_wake().await;
-                    let sleep = async {
-                        match wake_at {
-                            Some(at_ms) => {
-                                tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now_ms()))).await
-                            }
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        command = self.inbox.recv() => if let Some(command) = command { self.handle(command).await },
-                        () = self.context.wake.notified() => {}
-                        () = sleep => {}
-                        () = shutdown.cancelled() => break,
-                    }
-                }
+            self.pump();
+            if more {
+                // Store calls run in place and never yield: let the workers have the thread.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let wake_at = self.next_wake();
+            tokio::select! {
+                command = self.inbox.recv() => if let Some(command) = command { self.handle(command) },
+                handed = self.handed.recv() => if let Some(handed) = handed { self.take_handed(handed) },
+                () = self.context.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(wake_at.saturating_sub(now_ms()))) => {}
+                () = shutdown.cancelled() => {}
             }
         }
+        self.write_cursor(now_ms(), true);
         self.workers.close();
         self.workers.wait().await;
     }
 
-    /// When something next becomes due: the queue's first entry past the cursor or the end
-    /// of a back-off.
-    async fn next_wake(&self) -> Option<u64> {
-        let next_backoff = self.backoffs.first().map(|(at_ms, _)| *at_ms);
-        let next_later = self.later.first().map(|(at_ms, _)| *at_ms);
-        [self.next_due_ms, next_backoff, next_later].into_iter().flatten().min()
+    /// When something next needs doing without being told: the next tick while anything is
+    /// held or outstanding, the queue's next entry, a back-off's end.
+    fn next_wake(&self) -> u64 {
+        let busy = !self.lanes.is_empty() || self.progress.outstanding() > 0 || !self.again.is_empty();
+        let tick = busy.then_some(self.next_tick_ms);
+        let due = self.next_due_ms.filter(|_| !self.stale);
+        let soon = [tick, due, self.backoffs.first().map(|(at, _)| *at), self.later.first().map(|(at, _)| *at)];
+        soon.into_iter().flatten().min().unwrap_or(u64::MAX / 2).min(now_ms() + 60_000)
     }
 
-    /// Entries due at `due_ms` or later may be new to the dispatcher: read them (again).
-    fn rewind(&mut self, due_ms: u64) {
-        self.rewind_to((due_ms, String::new()));
-    }
-
-    /// Entries after `to` may be new to the dispatcher: moves the cursor back there if it is
-    /// past it, and makes the next pass read.
-    fn rewind_to(&mut self, to: QueuePosition) {
-        if self.cursor.as_ref().is_some_and(|cursor| to < *cursor) {
-            self.cursor = Some(to);
-        }
-        self.stale = true;
-    }
-
-    /// After a pass that read every due entry past the cursor: nothing is left to read until
-    /// something is queued or the next entry falls due.
-    fn caught_up(&mut self) -> Result<(), StoreError> {
-        let after = self.cursor.clone();
-        self.next_due_ms = self.context.queue.next_due_ms(after.as_ref())?;
-        self.stale = false;
-        Ok(())
-    }
-
-    /// Reads the due entries past the cursor once: hands out, holds, parks or skips each.
-    async fn pass(&mut self) -> Result<Pass, StoreError> {
-        self.start_held_anywhere();
-        let now = now_ms();
-        while let Some(&(at_ms, due_ms)) = self.later.first()
-            && at_ms <= now
-        {
-            self.later.pop_first();
-            self.rewind(due_ms);
-        }
-        let queued_from = self.context.queued_from.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(from) = queued_from {
-            self.rewind_to(from);
-        }
-        let available = self.permits.available_permits();
-        if available == 0 {
-            return Ok(Pass::PoolFull);
-        }
-        if !self.stale && self.next_due_ms.is_none_or(|due_ms| due_ms > now) {
-            return Ok(Pass::Idle);
-        }
-        // Read about what can be handed out; what is read but not decided is read again.
-        let limit = (available * 2).clamp(16, PASS_LIMIT);
-        let entries = self.context.queue.due(self.cursor.as_ref(), now, limit)?;
-        if entries.is_empty() {
-            self.caught_up()?;
-            return Ok(Pass::Idle);
-        }
-        let full_page = entries.len() == limit;
-        let listener_ids: HashSet<String> = entries
-            .iter()
-            .filter(|entry| !self.in_flight.contains_key(&entry.delivery_id))
-            .map(|entry| entry.listener_id.clone())
-            .collect();
-        let listeners = listener_ids
-            .into_iter()
-            .map(|id| self.context.store.listener(&id).map(|listener| (id, listener)))
-            .collect::<Result<HashMap<String, Option<Listener>>, StoreError>>()?;
-        // The heads of ordered listeners, read before any decision: a pass either fails
-        // before it has decided anything or not at all, so no count is left half changed.
-        let heads = listeners
-            .iter()
-            .filter(|(_, listener)| listener.as_ref().is_some_and(|listener| listener.ordered))
-            .map(|(id, _)| self.context.queue.pending_head(id).map(|head| (id.clone(), head)))
-            .collect::<Result<HashMap<String, Option<String>>, StoreError>>()?;
-
-        let mut go: Vec<DueEntry> = Vec::new();
-        let mut hold: Vec<DueEntry> = Vec::new();
-        let mut park = Vec::new();
-        let mut deferred = Vec::new();
-        // Releases used by this pass's decisions, to give back if its write fails.
-        let mut used_releases = Vec::new();
-        let mut chosen: HashMap<String, QueuePosition> = HashMap::new();
-        let mut last = None;
-        let mut stopped_early = false;
-        for entry in entries {
-            let position = (entry.due_ms, entry.key_id());
-            let claimed = self.in_flight.get(&entry.delivery_id).or_else(|| chosen.get(&entry.delivery_id));
-            if let Some(claimed) = claimed {
-                // Never hand one delivery out twice: another entry of it (a manual attempt
-                // beside the scheduled one, or its next attempt already queued) waits for it.
-                if *claimed != position {
-                    deferred.push((entry.delivery_id.clone(), entry.due_ms));
-                }
-                last = Some(position);
-                continue;
-            }
-            if go.len() == available {
-                stopped_early = true;
-                break;
-            }
-            let listener = listeners.get(&entry.listener_id).and_then(Option::as_ref);
-            let head = heads.get(&entry.listener_id).and_then(Option::as_deref);
-            let (verdict, used_release) = self.decide(&entry, listener, head, now, hold.len());
-            if used_release {
-                used_releases.push((entry.listener_id.clone(), position.1.clone()));
-            }
-            match verdict {
-                Verdict::Go => {
-                    chosen.insert(entry.delivery_id.clone(), position.clone());
-                    go.push(entry);
-                }
-                Verdict::Hold => {
-                    chosen.insert(entry.delivery_id.clone(), position.clone());
-                    hold.push(entry);
-                }
-                Verdict::Park => park.push(entry),
-            }
-            last = Some(position);
-        }
-
-        if !park.is_empty()
-            && let Err(error) = self.context.queue.park(&park)
-        {
-            // Nothing changed in the store: undo what the decisions counted.
-            for entry in &go {
-                if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
-                    gate.in_flight = gate.in_flight.saturating_sub(1);
-                }
-            }
-            for entry in &park {
-                if let Some(gate) = self.gates.get_mut(&entry.listener_id) {
-                    gate.parked = gate.parked.saturating_sub(1);
-                }
-            }
-            for (listener_id, key_id) in used_releases {
-                self.gates.entry(listener_id).or_default().released.insert(key_id);
-            }
-            return Err(error);
-        }
-        if last.is_some() {
-            self.cursor = last;
-        }
-        for (delivery_id, due_ms) in deferred {
-            let due = self.deferred.entry(delivery_id).or_insert(due_ms);
-            *due = (*due).min(due_ms);
-        }
-        let progressed = !go.is_empty() || !hold.is_empty() || !park.is_empty();
-        for entry in hold {
-            self.in_flight.insert(entry.delivery_id.clone(), (entry.due_ms, entry.key_id()));
-            self.held_total += 1;
-            self.holding.insert(entry.listener_id.clone());
-            self.gates.entry(entry.listener_id.clone()).or_default().held.push_back(entry);
-        }
-        for entry in go {
-            self.spawn_worker(entry);
-        }
-        if full_page || stopped_early {
-            return Ok(Pass::Progress);
-        }
-        self.caught_up()?;
-        Ok(if progressed { Pass::Progress } else { Pass::Idle })
-    }
-
-    /// Hands a claimed entry (its gate already counts it in flight) to a worker.
-    fn spawn_worker(&mut self, entry: DueEntry) {
-        let permit = self.permits.clone().try_acquire_owned().expect("a permit was checked to be free");
-        self.in_flight.insert(entry.delivery_id.clone(), (entry.due_ms, entry.key_id()));
-        let context = self.context.clone();
-        // If the worker unwinds (or is dropped), the entry is still queued: it is read again
-        // after a pause, never at once, so a failing worker cannot spin the dispatcher.
-        let finished = Finished {
-            delivery_id: entry.delivery_id.clone(),
-            listener_id: entry.listener_id.clone(),
-            outcome: Outcome::NotSent,
-            look_again_ms: None,
-            unwound: Some(entry.due_ms),
-            answered: false,
-        };
-        let mut turn = Turn {
-            outbox: self.outbox.clone(),
-            listener_id: entry.listener_id.clone(),
-            permit: Some(permit),
-            answered: false,
-            report: Some(finished),
-        };
-        self.workers.spawn(async move {
-            let finished = worker::attempt(context, entry, &mut turn).await;
-            turn.end(finished);
-        });
-    }
-
-    /// Starts held entries of `listener_id` while it has free slots and the pool has workers.
-    fn start_held(&mut self, listener_id: &str) {
-        let cap = self.cap();
-        let now = now_ms();
-        loop {
-            if self.permits.available_permits() == 0 {
-                return;
-            }
-            let Some(gate) = self.gates.get_mut(listener_id) else { return };
-            let cap = if gate.ordered { 1 } else { cap };
-            if gate.in_flight >= cap || gate.blocked_until_ms > now {
-                return;
-            }
-            let Some(entry) = gate.held.pop_front() else {
-                self.holding.remove(listener_id);
-                return;
-            };
-            gate.in_flight += 1;
-            if gate.held.is_empty() {
-                self.holding.remove(listener_id);
-            }
-            self.held_total -= 1;
-            self.spawn_worker(entry);
-        }
-    }
-
-    /// Starts held entries of every listener that has room, while the pool has workers.
-    fn start_held_anywhere(&mut self) {
-        let holding: Vec<String> = self.holding.iter().cloned().collect();
-        for listener_id in holding {
-            if self.permits.available_permits() == 0 {
-                return;
-            }
-            self.start_held(&listener_id);
-        }
-    }
-
-    /// May this entry go now, wait in memory, or wait parked? Counts what it decides in the
-    /// listener's gate; also says whether the entry was one released from the parking lot.
-    /// `holding_now`: entries this pass already decided to hold.
-    fn decide(
-        &mut self,
-        entry: &DueEntry,
-        listener: Option<&Listener>,
-        head: Option<&str>,
-        now: u64,
-        holding_now: usize,
-    ) -> (Verdict, bool) {
-        let cap = self.cap();
-        // A deleted listener: the worker cancels the delivery; nothing is left to limit. Its
-        // gate (and the entries in its line) is cleared by a change notice, never in the
-        // middle of a pass: the pass moves its cursor past what it reads, so entries put back
-        // now would be skipped. The notice is asked for here too, in case the API's never
-        // comes (a caller gone between the delete and the notice).
-        let Some(listener) = listener else {
-            if let Some(gate) = self.gates.get_mut(&entry.listener_id)
-                && !gate.deleted
-            {
-                gate.deleted = true;
-                let _ = self.outbox.send(Command::ListenerChanged(entry.listener_id.clone()));
-            }
-            return (Verdict::Go, false);
-        };
-        let held_room = self.held_total + holding_now < HELD_TOTAL;
-        let gate = self.gates.entry(entry.listener_id.clone()).or_default();
-        gate.ordered = listener.ordered;
-        let released = gate.released.remove(&entry.key_id());
-        let must_park = !listener.enabled
-            // A manual attempt is asked for now: a back-off does not hold it.
-            || (gate.blocked_until_ms > now && !entry.manual)
-            // Older deliveries are parked: this one waits behind them (unordered listeners;
-            // ordered ones follow their pending head below; manual attempts keep no order).
-            || (!listener.ordered && !entry.manual && gate.parked > 0 && !released);
-        let mut verdict = if must_park { Verdict::Park } else { Verdict::Go };
-        if verdict == Verdict::Go && listener.ordered && !entry.manual {
-            // Behind its head it waits. Deliveries created while the listener was unordered
-            // are not indexed: older than the head (or with none), they go, one at a time.
-            if head.is_some_and(|head| head < entry.delivery_id.as_str()) {
-                verdict = Verdict::Park;
-            }
-        }
-        let gate = self.gates.entry(entry.listener_id.clone()).or_default();
-        let cap = if gate.ordered { 1 } else { cap };
-        // At its cap (or with others already waiting in line): wait in memory while the line
-        // is short, else in the lot. A failing listener gets no line: its backlog waits in
-        // the lot, so memory stays flat however long it fails.
-        if verdict == Verdict::Go && (gate.in_flight >= cap || !gate.held.is_empty()) {
-            let line = gate.held.len() < HELD_PER_LISTENER && held_room && gate.failures == 0;
-            verdict = if line { Verdict::Hold } else { Verdict::Park };
-        }
-        match verdict {
-            Verdict::Go => gate.in_flight += 1,
-            Verdict::Hold => {}
-            Verdict::Park => {
-                gate.parked += 1;
-                if released {
-                    // A released entry went back to the lot: the others released with it must
-                    // not overtake it, so they wait their turn in the lot again too.
-                    gate.released.clear();
-                }
-            }
-        }
-        (verdict, released)
-    }
-
-    async fn handle(&mut self, command: Command) {
+    fn handle(&mut self, command: Command) {
         match command {
-            Command::Answered { listener_id, outcome } => self.answered(&listener_id, outcome),
-            Command::Finished(finished) => self.finished(finished).await,
-            Command::ListenerChanged(listener_id) => self.listener_changed(listener_id).await,
+            Command::Answered { request, outcome, fast } => self.answered(request, outcome, fast),
+            Command::Slow { request } => self.slow(request),
+            Command::Finished(finished) => self.finished(finished),
+            Command::ListenerChanged(listener_id) => self.listener_changed(&listener_id),
             // Deliveries were queued outside fan-out (replay, retry, recovery), anywhere in
             // the queue: read it again from the start.
             Command::Queued => {
@@ -608,253 +222,673 @@ impl Dispatcher {
         }
     }
 
-    /// A listener was changed through the API: start its run of failures afresh and look at
-    /// its parking lot again (a deleted listener's lot is cancelled where it lies).
-    async fn listener_changed(&mut self, listener_id: String) {
-        let listener = self.context.store.listener(&listener_id);
-        if let Ok(Some(listener)) = &listener
-            && listener.enabled
-            && let Err(error) = self.context.queue.set_listener_health(&listener_id, &ListenerHealth::default())
-        {
-            // The notice is still acted on: its lot must not wait for a write that failed.
-            tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot reset a listener's run of failures");
+    // ---- lanes ------------------------------------------------------------------------
+
+    /// The lane of `listener_id`, read from the store when new or when listeners changed.
+    fn lane(&mut self, listener_id: &str) -> &mut Lane {
+        let generation = self.context.store.listeners_generation();
+        let stale = self.lanes.get(listener_id).is_none_or(|lane| lane.generation != generation);
+        if stale {
+            let listener = match self.context.store.listener(listener_id) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read a listener");
+                    // Kept as it was; read again at the next change.
+                    self.lanes.get(listener_id).and_then(|lane| lane.listener.as_deref().cloned())
+                }
+            };
+            let new = !self.lanes.contains_key(listener_id);
+            let health = if new {
+                self.context.queue.listener_health(listener_id).unwrap_or_default()
+            } else {
+                ListenerHealth::default()
+            };
+            let lane = self.lanes.entry(listener_id.to_owned()).or_default();
+            if new {
+                lane.gate.failing_since_ms = health.failing_since_ms;
+            }
+            lane.gate.enabled = listener.as_ref().is_some_and(|listener| listener.enabled);
+            lane.gate.ordered = listener.as_ref().is_some_and(|listener| listener.ordered);
+            lane.gate.deleted = listener.is_none();
+            lane.listener = listener.map(Arc::new);
+            lane.generation = generation;
         }
-        match listener {
-            Ok(Some(listener)) => {
-                let cap = self.cap();
-                if !listener.enabled {
-                    // Held entries of a disabled listener are read again, which parks them.
-                    let gate = self.gates.entry(listener_id.clone()).or_default();
-                    let held: Vec<DueEntry> = gate.held.drain(..).collect();
-                    self.holding.remove(&listener_id);
-                    for entry in held {
-                        self.release(&entry.delivery_id);
-                        self.held_total -= 1;
-                        self.rewind(entry.due_ms);
-                    }
-                }
-                let line_free = self.line_free();
-                let gate = self.gates.entry(listener_id.clone()).or_default();
-                gate.ordered = listener.ordered;
-                gate.failures = 0;
-                gate.backoffs = 0;
-                gate.blocked_until_ms = 0;
-                let room = gate.room(cap, now_ms(), line_free);
-                if room > 0 {
-                    self.unpark(&listener_id, room).await;
-                }
+        self.lanes.get_mut(listener_id).expect("made above")
+    }
+
+    /// Puts the lane on its budget's ready list if its next work may start.
+    fn mark(&mut self, listener_id: &str) {
+        let (cap, now) = (self.cap(), now_ms());
+        let Some(lane) = self.lanes.get_mut(listener_id) else { return };
+        if lane.ready_in.is_some() {
+            return;
+        }
+        let startable = lane.line.front().is_some_and(|work| lane.gate.may_start(cap, now, work.manual()));
+        if startable {
+            let pool = lane.gate.pool();
+            lane.ready_in = Some(pool);
+            self.ready[pool.index()].push_back(listener_id.to_owned());
+        }
+    }
+
+    /// Forgets a lane with nothing left to remember.
+    fn forget_if_idle(&mut self, listener_id: &str) {
+        let idle =
+            |lane: &Lane| lane.gate.is_idle() && lane.line.is_empty() && lane.ready_in.is_none() && !lane.disabling;
+        if self.lanes.get(listener_id).is_some_and(idle) {
+            self.lanes.remove(listener_id);
+        }
+    }
+
+    /// Offers work to its listener: into the line, or back to the caller to park or cancel.
+    /// Work offered holds a place in memory, given back when it is not kept.
+    fn offer(&mut self, work: Work, released: bool, now: u64) -> Option<(Verdict, Work)> {
+        let listener_id = work.listener_id().to_owned();
+        let offer = Offer { manual: work.manual(), released };
+        let lane = self.lane(&listener_id);
+        match lane.gate.admit(offer, lane.line.len(), now) {
+            Verdict::Wait => {
+                lane.line.push(work, now);
+                self.mark(&listener_id);
+                None
             }
-            Ok(None) => {
-                // Held entries of a deleted listener go to workers, which cancel them.
-                if let Some(gate) = self.gates.get_mut(&listener_id) {
-                    gate.in_flight = 0;
-                    gate.ordered = false;
-                }
-                self.start_held(&listener_id);
-                if let Some(gate) = self.gates.remove(&listener_id) {
-                    // Those the pool had no worker for are read again (and cancelled).
-                    for entry in gate.held {
-                        self.release(&entry.delivery_id);
-                        self.held_total -= 1;
-                        self.rewind(entry.due_ms);
-                    }
-                }
-                self.holding.remove(&listener_id);
-                // Its lot (millions, perhaps) is cancelled where it lies, in short writes on a
-                // task of its own: put back in the queue, its old entries would come before
-                // everyone else's and keep the workers busy cancelling. Shutdown does not wait
-                // for it (each write is whole; a restart finishes the job).
-                let context = self.context.clone();
-                tokio::spawn(async move {
-                    loop {
-                        match context.queue.cancel_parked(&listener_id, UNPARK_CHUNK) {
-                            Ok(lot) if lot.taken == 0 => break,
-                            Ok(lot) => {
-                                if let Some(due_ms) = lot.requeued_from_ms {
-                                    context.queued((due_ms, String::new()));
-                                }
-                                tokio::task::yield_now().await;
-                            }
-                            Err(error) => {
-                                // A restart finds the lot and hands it to workers, which cancel.
-                                tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's parked deliveries");
-                                break;
-                            }
-                        }
-                    }
-                });
-            }
-            Err(error) => {
-                tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read a changed listener");
+            verdict => {
+                self.memory.add_permits(1);
+                Some((verdict, work))
             }
         }
+    }
+
+    // ---- starting work ----------------------------------------------------------------
+
+    /// Starts work while the budgets last, one piece per ready lane at a time.
+    fn pump(&mut self) {
+        for pool in Pool::ALL {
+            while self.in_use[pool.index()] < self.limits[pool.index()] {
+                let Some(listener_id) = self.ready[pool.index()].pop_front() else { break };
+                let same_pool = match self.lanes.get_mut(&listener_id) {
+                    Some(lane) => {
+                        lane.ready_in = None;
+                        lane.gate.pool() == pool
+                    }
+                    None => false,
+                };
+                if same_pool {
+                    self.start_next(&listener_id);
+                }
+                // Round robin: back on a list, at its end, if it may start more.
+                self.mark(&listener_id);
+            }
+        }
+    }
+
+    /// Starts the next work of a lane if it may start; true when something started.
+    fn start_next(&mut self, listener_id: &str) -> bool {
+        let (cap, now) = (self.cap(), now_ms());
+        loop {
+            let lane = self.lane(listener_id);
+            let Some(work) = lane.line.front() else { return false };
+            if !lane.gate.may_start(cap, now, work.manual()) {
+                return false;
+            }
+            // Strict order: nothing starts while an older delivery of it is unfinished; such
+            // work waits in the lot, which keeps delivery order.
+            let check_order = (lane.gate.ordered && !work.manual()).then(|| work.delivery_id().to_owned());
+            if let Some(delivery_id) = check_order {
+                let older = match self.context.queue.pending_head(listener_id) {
+                    Ok(head) => head.is_some_and(|head| head < delivery_id),
+                    Err(error) => {
+                        tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read an ordered listener's head");
+                        return false;
+                    }
+                };
+                if older {
+                    let lane = self.lanes.get_mut(listener_id).expect("read above");
+                    let work = lane.line.pop_front().expect("a front exists");
+                    self.memory.add_permits(1);
+                    self.park(vec![work]);
+                    continue;
+                }
+            }
+            let lane = self.lanes.get_mut(listener_id).expect("read above");
+            let work = lane.line.pop_front().expect("a front exists");
+            lane.gate.in_flight += 1;
+            let pool = lane.gate.pool();
+            let listener = lane.listener.clone();
+            self.memory.add_permits(1);
+            let request = self.next_request;
+            self.next_request += 1;
+            self.in_use[pool.index()] += 1;
+            self.requests.insert(request, Request { listener_id: listener_id.to_owned(), pool });
+            let mut turn = Turn::new(self.outbox.clone(), request, work.clone());
+            let context = self.context.clone();
+            self.workers.spawn(async move {
+                let finished = worker::attempt(context, request, work, listener, &mut turn).await;
+                turn.end(finished);
+            });
+            return true;
+        }
+    }
+
+    // ---- what workers report ----------------------------------------------------------
+
+    /// A listener answered (or a turn ended unanswered): its slot and budget are free, and
+    /// the outcome counts toward its standing, back-off and health.
+    fn answered(&mut self, request: u64, outcome: Outcome, fast: bool) {
+        let Some(Request { listener_id, pool }) = self.requests.remove(&request) else { return };
+        self.in_use[pool.index()] -= 1;
+        let now = now_ms();
+        let schedule = &self.context.config.retry_schedule;
+        let (first_delay, max_backoff) = (schedule.first_delay(), MAX_BACKOFF.min(schedule.max_delay()));
+        let lane = self.lane(&listener_id);
+        lane.gate.in_flight -= 1;
+        let backoff = lane.gate.count(outcome, fast, now, first_delay, max_backoff);
+        let waiting = match backoff {
+            Some(until) => {
+                tracing::debug!(%listener_id, until, failures = lane.gate.failures, "listener backed off");
+                // What waits for it waits in its lot meanwhile (manual attempts stay).
+                lane.line.take_waiting_since(u64::MAX)
+            }
+            None => Vec::new(),
+        };
+        if let Some(until) = backoff {
+            self.backoffs.insert((until, listener_id.clone()));
+            self.memory.add_permits(waiting.len());
+            self.park(waiting);
+        }
+        self.track_health(&listener_id, outcome, now);
+        self.mark(&listener_id);
+    }
+
+    /// A request ran past the slow threshold: it and its listener move to the suspect budget.
+    fn slow(&mut self, request: u64) {
+        let Some(entry) = self.requests.get_mut(&request) else { return };
+        if entry.pool == Pool::Healthy {
+            entry.pool = Pool::Suspect;
+            self.in_use[Pool::Healthy.index()] -= 1;
+            self.in_use[Pool::Suspect.index()] += 1;
+        }
+        let listener_id = entry.listener_id.clone();
+        if let Some(lane) = self.lanes.get_mut(&listener_id) {
+            lane.gate.went_slow();
+        }
+    }
+
+    /// A turn ended: its work is recorded (or to be done again), its claim ends, and its
+    /// listener may take more from its line or its lot.
+    fn finished(&mut self, finished: Finished) {
+        if !finished.answered {
+            self.answered(finished.request, finished.outcome, finished.fast);
+        }
+        let now = now_ms();
+        let listener_id = finished.work.listener_id().to_owned();
+        if let Some(due_ms) = finished.look_again_ms {
+            self.rewind((due_ms, String::new()));
+        }
+        match finished.work {
+            Work::First(pair) => {
+                if pair.recheck {
+                    self.release(&pair.delivery_id);
+                }
+                match finished.again_after_ms {
+                    // Still outstanding: offered again (a disabled listener's is parked).
+                    Some(after) => {
+                        let order = self.next_request;
+                        self.next_request += 1;
+                        self.again.insert((now + after, order), Work::First(pair));
+                    }
+                    None => self.progress.done(pair.seq),
+                }
+            }
+            Work::Queued(entry) => {
+                self.release(&entry.delivery_id);
+                // The entry is still queued: read again, at once or after a pause.
+                if let Some(after) = finished.again_after_ms {
+                    self.later.insert((now + after, entry.due_ms));
+                }
+            }
+        }
+        self.refill(&listener_id);
+        self.mark(&listener_id);
+        self.forget_if_idle(&listener_id);
     }
 
     /// A delivery is no longer claimed: an entry of it that waited for that is read again.
     fn release(&mut self, delivery_id: &str) {
-        self.in_flight.remove(delivery_id);
+        self.claimed.remove(delivery_id);
         if let Some(due_ms) = self.deferred.remove(delivery_id) {
-            self.rewind(due_ms);
+            self.rewind((due_ms, String::new()));
         }
     }
 
-    /// A listener answered an attempt: its slot is free, and the outcome counts toward its
-    /// run of failures.
-    fn answered(&mut self, listener_id: &str, outcome: Outcome) {
-        self.count_outcome(listener_id, outcome);
-        // The freed slot goes to the next held entry first (no write needed) ...
-        self.start_held(listener_id);
-        // ... and the freed worker to another listener's line if this one has none.
-        self.start_held_anywhere();
+    /// Keeps the start of a listener's run of failures, durably, writing only when a run
+    /// starts or ends; disables the listener once the run has lasted `--disable-after`.
+    fn track_health(&mut self, listener_id: &str, outcome: Outcome, now: u64) {
+        let limit = u64::try_from(self.context.config.disable_after.as_millis()).unwrap_or(u64::MAX);
+        let Some(lane) = self.lanes.get_mut(listener_id) else { return };
+        let since = match outcome {
+            Outcome::Succeeded if lane.gate.failing_since_ms != 0 => 0,
+            Outcome::Retrying | Outcome::FailedForGood if lane.gate.failing_since_ms == 0 => now,
+            Outcome::Retrying | Outcome::FailedForGood => {
+                let due =
+                    now.saturating_sub(lane.gate.failing_since_ms) >= limit && !lane.disabling && lane.gate.enabled;
+                if due {
+                    lane.disabling = true;
+                    self.disable(listener_id);
+                }
+                return;
+            }
+            _ => return,
+        };
+        lane.gate.failing_since_ms = since;
+        if let Err(error) =
+            self.context.queue.set_listener_health(listener_id, &ListenerHealth { failing_since_ms: since })
+        {
+            tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot record a listener's health");
+        }
     }
 
-    /// Frees a listener's slot and counts the attempt's outcome: a success ends a run of
-    /// failures, enough failures in a row back the listener off.
-    fn count_outcome(&mut self, listener_id: &str, outcome: Outcome) {
-        let now = now_ms();
-        let schedule = &self.context.config.retry_schedule;
-        let max_backoff = MAX_BACKOFF.min(schedule.max_delay());
-        let first_delay = schedule.first_delay();
-        let Some(gate) = self.gates.get_mut(listener_id) else {
-            return;
-        };
-        gate.in_flight = gate.in_flight.saturating_sub(1);
-        match outcome {
-            Outcome::Succeeded => {
-                gate.failures = 0;
-                gate.backoffs = 0;
-                gate.blocked_until_ms = 0;
-            }
-            Outcome::Retrying | Outcome::FailedForGood => {
-                gate.failures += 1;
-                // Attempts still in flight when a back-off began do not lengthen it.
-                if gate.failures >= BACKOFF_AFTER_FAILURES && gate.blocked_until_ms <= now {
-                    let backoff = backoff(first_delay, gate.backoffs, max_backoff);
-                    gate.backoffs += 1;
-                    gate.blocked_until_ms = now + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX / 2);
-                    self.backoffs.insert((gate.blocked_until_ms, listener_id.to_owned()));
-                    tracing::debug!(%listener_id, ?backoff, failures = gate.failures, "listener backed off");
+    /// Disables a listener durably, with the reason, on a task of its own; the change comes
+    /// back as a notice.
+    fn disable(&self, listener_id: &str) {
+        let reason = format!(
+            "disabled by hookd after {} of nothing but failed attempts",
+            super::retry::format_duration(self.context.config.disable_after)
+        );
+        let (context, outbox, listener_id) = (self.context.clone(), self.outbox.clone(), listener_id.to_owned());
+        tokio::spawn(async move {
+            let edit = Box::new(move |listener: &mut Listener| {
+                if listener.enabled {
+                    listener.enabled = false;
+                    listener.disabled_reason = reason;
+                }
+            });
+            match context.store.update_listener(&listener_id, edit).await {
+                Ok(_) => tracing::warn!(%listener_id, "listener disabled after a long run of failures"),
+                Err(error) => {
+                    tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot disable a failing listener")
                 }
             }
-            Outcome::NotSent => {}
+            let _ = outbox.send(Command::ListenerChanged(listener_id));
+        });
+    }
+
+    /// A listener was changed through the API (or disabled by hookd): its line follows what
+    /// it is now.
+    fn listener_changed(&mut self, listener_id: &str) {
+        let was_enabled = self.lanes.get(listener_id).is_some_and(|lane| lane.gate.enabled);
+        // Read afresh whatever the generation says.
+        if let Some(lane) = self.lanes.get_mut(listener_id) {
+            lane.generation = u64::MAX;
+            lane.disabling = false;
+        }
+        let lane = self.lane(listener_id);
+        let (deleted, enabled) = (lane.gate.deleted, lane.gate.enabled);
+        if deleted || !enabled {
+            let works = lane.line.take_all();
+            self.memory.add_permits(works.len());
+            if deleted {
+                self.cancel(works);
+                self.cancel_lot(listener_id);
+            } else {
+                self.park(works);
+            }
+        } else {
+            if !was_enabled || lane.gate.failures > 0 {
+                // Enabled again, or changed: its run of failures starts afresh.
+                lane.gate.reset();
+                if let Err(error) = self.context.queue.set_listener_health(listener_id, &ListenerHealth::default()) {
+                    tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot reset a listener's run of failures");
+                }
+            }
+            self.refill(listener_id);
+        }
+        self.mark(listener_id);
+        self.forget_if_idle(listener_id);
+    }
+
+    /// Cancels a deleted listener's lot where it lies, in short writes on a task of its own:
+    /// put back in the queue, its old entries would come before everyone else's. Shutdown does
+    /// not wait for it (each write is whole; a restart hands what is left to workers, which
+    /// cancel it).
+    fn cancel_lot(&self, listener_id: &str) {
+        let (context, listener_id) = (self.context.clone(), listener_id.to_owned());
+        tokio::spawn(async move {
+            loop {
+                match context.queue.cancel_parked(&listener_id, UNPARK_CHUNK) {
+                    Ok(lot) if lot.taken == 0 => break,
+                    Ok(lot) => {
+                        if let Some(due_ms) = lot.requeued_from_ms {
+                            context.queued((due_ms, String::new()));
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    Err(error) => {
+                        tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's parked deliveries");
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    // ---- parking, cancelling, unparking -----------------------------------------------
+
+    /// Parks work that will not start soon: pairs get their first record (pending), queue
+    /// entries move to their listener's lot. A failed write leaves the work where it was (a
+    /// pair is offered again later; an entry stays queued and is read again).
+    fn park(&mut self, works: Vec<Work>) {
+        if works.is_empty() {
+            return;
+        }
+        let (mut pairs, mut entries) = (Vec::new(), Vec::new());
+        for work in works {
+            match work {
+                Work::First(pair) => pairs.push(pair),
+                Work::Queued(entry) => entries.push(entry),
+            }
+        }
+        if !pairs.is_empty() {
+            let new: Vec<NewDelivery> = pairs
+                .iter()
+                .map(|pair| NewDelivery {
+                    delivery: pair.delivery(),
+                    ordered: self.lanes.get(&pair.listener_id).is_some_and(|lane| lane.gate.ordered),
+                })
+                .collect();
+            match self.context.queue.park_new(&new) {
+                Ok(()) => {
+                    for pair in pairs {
+                        self.progress.done(pair.seq);
+                        self.parked_one(&pair.listener_id);
+                        if pair.recheck {
+                            self.release(&pair.delivery_id);
+                        }
+                    }
+                }
+                Err(error) => self.write_failed(error, pairs.into_iter().map(Work::First).collect()),
+            }
+        }
+        if !entries.is_empty() {
+            match self.context.queue.park(&entries) {
+                Ok(()) => {
+                    for entry in entries {
+                        self.claimed.remove(&entry.delivery_id);
+                        self.parked_one(&entry.listener_id);
+                    }
+                }
+                Err(error) => self.write_failed(error, entries.into_iter().map(Work::Queued).collect()),
+            }
         }
     }
 
-    /// A worker's turn ended: its delivery is no longer claimed, and its listener may take
-    /// more from its line or its lot.
-    async fn finished(&mut self, finished: Finished) {
-        self.release(&finished.delivery_id);
-        if let Some(due_ms) = finished.unwound {
-            self.later.insert((now_ms() + UNWOUND_PAUSE_MS, due_ms));
-        }
-        if let Some(due_ms) = finished.look_again_ms {
-            self.rewind(due_ms);
-        }
-        if !finished.answered {
-            self.count_outcome(&finished.listener_id, finished.outcome);
-        }
-        self.start_held(&finished.listener_id);
-        self.start_held_anywhere();
-        let (cap, line_free) = (self.cap(), self.line_free());
-        let Some(gate) = self.gates.get_mut(&finished.listener_id) else { return };
-        // An ordered listener moves on only when its head has ended.
-        let room =
-            if gate.ordered && finished.outcome == Outcome::Retrying { 0 } else { gate.room(cap, now_ms(), line_free) };
-        if room > 0 {
-            self.unpark(&finished.listener_id, room).await;
-        } else if gate.is_idle() {
-            self.gates.remove(&finished.listener_id);
+    fn parked_one(&mut self, listener_id: &str) {
+        if let Some(lane) = self.lanes.get_mut(listener_id) {
+            lane.gate.parked = lane.gate.parked.saturating_add(1);
+            // One put back went back to the lot: those released with it must not overtake it.
+            lane.gate.released.clear();
         }
     }
 
-    /// Puts back parked entries of listeners whose back-off has ended.
-    async fn end_backoffs(&mut self) {
-        let now = now_ms();
-        let cap = self.cap();
-        while let Some((at_ms, listener_id)) = self.backoffs.first().cloned() {
-            if at_ms > now {
-                break;
+    /// Ends work whose listener is gone: pairs are written cancelled, queue entries cancel
+    /// their pending delivery (or just leave the queue).
+    fn cancel(&mut self, works: Vec<Work>) {
+        let mut pairs = Vec::new();
+        for work in works {
+            match work {
+                Work::First(pair) => pairs.push(pair),
+                Work::Queued(entry) => {
+                    let cancelled = match self.context.queue.delivery(&entry.delivery_id) {
+                        Ok(Some(delivery)) if delivery.state == DeliveryState::Pending as i32 && !entry.manual => {
+                            self.context.queue.cancel_delivery(&delivery, &entry)
+                        }
+                        Ok(_) => self.context.queue.drop_entry(&entry),
+                        Err(error) => Err(error),
+                    };
+                    match cancelled {
+                        Ok(()) => self.release(&entry.delivery_id),
+                        Err(error) => self.write_failed(error, vec![Work::Queued(entry)]),
+                    }
+                }
             }
-            self.backoffs.pop_first();
-            let Some(gate) = self.gates.get_mut(&listener_id) else { continue };
-            if gate.blocked_until_ms != at_ms {
-                continue;
+        }
+        if pairs.is_empty() {
+            return;
+        }
+        let deliveries: Vec<Delivery> = pairs.iter().map(Pair::delivery).collect();
+        match self.context.queue.cancel_new(&deliveries) {
+            Ok(()) => {
+                for pair in pairs {
+                    self.progress.done(pair.seq);
+                    if pair.recheck {
+                        self.release(&pair.delivery_id);
+                    }
+                }
             }
-            gate.blocked_until_ms = 0;
-            self.start_held(&listener_id);
-            let line_free = self.line_free();
-            let Some(gate) = self.gates.get(&listener_id) else { continue };
-            let room = gate.room(cap, now, line_free);
-            if room > 0 {
-                self.unpark(&listener_id, room).await;
+            Err(error) => self.write_failed(error, pairs.into_iter().map(Work::First).collect()),
+        }
+    }
+
+    /// A park or cancel write failed: the work is tried again after a pause.
+    fn write_failed(&mut self, error: StoreError, works: Vec<Work>) {
+        tracing::error!(
+            error = &error as &dyn std::error::Error,
+            "cannot park or cancel deliveries; trying again shortly"
+        );
+        let at = now_ms() + super::turn::AGAIN_AFTER_MS;
+        for work in works {
+            match work {
+                Work::First(pair) => {
+                    let order = self.next_request;
+                    self.next_request += 1;
+                    self.again.insert((at, order), Work::First(pair));
+                }
+                Work::Queued(entry) => {
+                    self.claimed.remove(&entry.delivery_id);
+                    self.later.insert((at, entry.due_ms));
+                }
             }
         }
     }
 
-    /// Moves up to `count` of a listener's parked entries back to the queue, oldest delivery
-    /// first, and lets them pass the ones still parked.
-    async fn unpark(&mut self, listener_id: &str, count: usize) {
-        let count = count.min(UNPARK_CHUNK);
-        match self.context.queue.unpark(listener_id, count) {
+    /// Puts back as many of a listener's parked entries as it has room for.
+    fn refill(&mut self, listener_id: &str) {
+        let (cap, now, free) = (self.cap(), now_ms(), self.memory.available_permits());
+        let Some(lane) = self.lanes.get(listener_id) else { return };
+        let room = lane.gate.room(cap, now, lane.line.len(), free).min(UNPARK_CHUNK);
+        if room == 0 {
+            return;
+        }
+        match self.context.queue.unpark(listener_id, room) {
             Ok(moved) => {
                 if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
-                    self.rewind(due_ms);
+                    self.rewind((due_ms, String::new()));
                 }
-                let gate = self.gates.entry(listener_id.to_owned()).or_default();
+                let lane = self.lanes.get_mut(listener_id).expect("looked up above");
                 // Fewer than asked: the lot is empty now, whatever was counted.
-                gate.parked = if moved.len() < count { 0 } else { gate.parked.saturating_sub(moved.len()) };
-                gate.released.extend(moved.into_iter().map(|(_, key_id)| key_id));
+                lane.gate.parked = if moved.len() < room { 0 } else { lane.gate.parked.saturating_sub(moved.len()) };
+                lane.gate.released.extend(moved.into_iter().map(|(_, key_id)| key_id));
             }
             Err(error) => {
                 tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot put parked deliveries back");
             }
         }
     }
-}
 
-/// The `episode`-th whole-listener back-off of a run of failures: doubling from the
-/// schedule's first delay, at most `max`.
-fn backoff(first_delay: Duration, episode: u32, max: Duration) -> Duration {
-    first_delay.saturating_mul(1 << episode.min(20)).min(max)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_from_the_first_delay_up_to_its_limit() {
-        let max = Duration::from_secs(300);
-        let table = [(0, 1), (1, 2), (2, 4), (5, 32), (9, 300), (40, 300)];
-        for (episode, secs) in table {
-            assert_eq!(backoff(Duration::from_secs(1), episode, max), Duration::from_secs(secs), "episode {episode}");
+    /// Lots left by the last run are taken back a few at a time, so the first delivery after
+    /// a restart does not wait for a large backlog to move.
+    fn restore_parked_lots(&mut self) {
+        match self.context.queue.parked_listeners() {
+            Ok(parked) => {
+                for listener_id in parked {
+                    self.lane(&listener_id).gate.parked = SOME_PARKED;
+                    self.refill(&listener_id);
+                }
+            }
+            Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "cannot read the parking lots"),
         }
-        assert_eq!(backoff(Duration::from_millis(100), 10, Duration::from_millis(200)), Duration::from_millis(200));
     }
 
-    #[test]
-    fn room_fills_slots_and_line_from_half_empty_respecting_order_and_back_off() {
-        let line = 8 + HELD_PER_LISTENER;
-        let all = HELD_TOTAL;
-        let gate = Gate { in_flight: 2, parked: 1_000_000, ..Gate::default() };
-        assert_eq!(gate.room(8, 0, all), line - 2);
-        assert_eq!(gate.room(8, 0, 100), 6 + 100, "the slots, and no more of the line than all listeners have left");
-        assert_eq!(gate.room(8, 0, 0), 6);
-        let few = Gate { in_flight: 8, parked: 10, ..Gate::default() };
-        assert_eq!(few.room(8, 0, all), 10);
-        let entry =
-            |n: usize| DueEntry { due_ms: 0, delivery_id: n.to_string(), listener_id: "l".into(), manual: false };
-        let half: VecDeque<DueEntry> = (0..=HELD_PER_LISTENER / 2).map(entry).collect();
-        let busy = Gate { in_flight: 8, parked: 1_000_000, held: half, ..Gate::default() };
-        assert_eq!(busy.room(8, 0, all), 0, "no refill while the line is more than half full");
-        let ordered = Gate { parked: 10, ordered: true, ..Gate::default() };
-        assert_eq!(ordered.room(8, 0, all), 1);
-        let ordered_busy = Gate { in_flight: 1, parked: 10, ordered: true, ..Gate::default() };
-        assert_eq!(ordered_busy.room(8, 0, all), 0);
-        let blocked = Gate { parked: 10, blocked_until_ms: 100, ..Gate::default() };
-        assert_eq!(blocked.room(8, 99, all), 0);
-        assert_eq!(blocked.room(8, 100, all), 10);
-        let released = Gate { parked: 1, released: ["a".to_owned()].into(), ..Gate::default() };
-        assert_eq!(released.room(8, 0, all), 1);
+    // ---- fan-out and the queue --------------------------------------------------------
+
+    /// Takes pairs from fan-out into their listeners' lines (or lots).
+    fn take_handed(&mut self, handed: Handed) {
+        let now = now_ms();
+        if let Some(last) = handed.pairs.last()
+            && let Some(reservation) = self.progress.reserve(last.seq, now)
+            && let Err(error) = self.context.queue.set_fanout_cursor(&reservation)
+        {
+            // Nothing of it may start before the reservation is written: try again later.
+            self.progress.unwritten();
+            for pair in &handed.pairs {
+                self.progress.handed(pair.seq);
+            }
+            self.progress.handed_until(handed.next_seq);
+            self.memory.add_permits(handed.pairs.len());
+            let works = handed.pairs.into_iter().map(Work::First).collect();
+            self.write_failed(error, works);
+            return;
+        }
+        let (mut park, mut cancel) = (Vec::new(), Vec::new());
+        for pair in handed.pairs {
+            self.progress.handed(pair.seq);
+            if pair.recheck {
+                if self.claimed.contains_key(&pair.delivery_id) {
+                    // Its record exists and its queue entry is in hand already.
+                    self.progress.done(pair.seq);
+                    self.memory.add_permits(1);
+                    continue;
+                }
+                self.claimed.insert(pair.delivery_id.clone(), (0, String::new()));
+            }
+            match self.offer(Work::First(pair), false, now) {
+                None => {}
+                Some((Verdict::Cancel, work)) => cancel.push(work),
+                Some((_, work)) => park.push(work),
+            }
+        }
+        self.progress.handed_until(handed.next_seq);
+        self.park(park);
+        self.cancel(cancel);
+    }
+
+    /// Entries due at or after `from` may be new to the dispatcher: read them (again).
+    fn rewind(&mut self, from: QueuePosition) {
+        if self.cursor.as_ref().is_some_and(|cursor| from < *cursor) {
+            self.cursor = Some(from);
+        }
+        self.stale = true;
+    }
+
+    /// Reads one page of due queue entries past the cursor into their listeners' lines (or
+    /// lots). True when there may be more due right now.
+    fn scan_queue(&mut self, now: u64) -> Result<bool, StoreError> {
+        while let Some(&(at_ms, due_ms)) = self.later.first()
+            && at_ms <= now
+        {
+            self.later.pop_first();
+            self.rewind((due_ms, String::new()));
+        }
+        let queued_from = self.context.queued_from.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(from) = queued_from {
+            self.rewind(from);
+        }
+        if !self.stale && self.next_due_ms.is_none_or(|due_ms| due_ms > now) {
+            return Ok(false);
+        }
+        let entries = self.context.queue.due(self.cursor.as_ref(), now, SCAN_LIMIT)?;
+        let full = entries.len() == SCAN_LIMIT;
+        let (mut park, mut cancel) = (Vec::new(), Vec::new());
+        for entry in entries {
+            let position = (entry.due_ms, entry.key_id());
+            self.cursor = Some(position.clone());
+            if let Some(claimed) = self.claimed.get(&entry.delivery_id) {
+                // Never two of one delivery at once: this one waits for the other to end.
+                if *claimed != position {
+                    let due = self.deferred.entry(entry.delivery_id.clone()).or_insert(entry.due_ms);
+                    *due = (*due).min(entry.due_ms);
+                }
+                continue;
+            }
+            let released =
+                self.lanes.get_mut(&entry.listener_id).is_some_and(|lane| lane.gate.released.remove(&position.1));
+            // A place in memory, or the lot.
+            let Ok(place) = self.memory.try_acquire() else {
+                park.push(Work::Queued(entry));
+                continue;
+            };
+            place.forget();
+            self.claimed.insert(entry.delivery_id.clone(), position);
+            match self.offer(Work::Queued(entry), released, now) {
+                None => {}
+                Some((Verdict::Cancel, work)) => cancel.push(work),
+                Some((_, work)) => park.push(work),
+            }
+        }
+        self.park(park);
+        self.cancel(cancel);
+        if !full {
+            self.next_due_ms = self.context.queue.next_due_ms(self.cursor.as_ref())?;
+            self.stale = false;
+        }
+        Ok(full)
+    }
+
+    // ---- now and then -----------------------------------------------------------------
+
+    /// Writes where fan-out stands, parks work held too long, ends back-offs and offers
+    /// again what is due to be.
+    fn tick(&mut self, now: u64) {
+        self.write_cursor(now, false);
+        let overdue: Vec<String> = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| lane.line.oldest_join_ms().is_some_and(|joined| joined + HOLD_LIMIT_MS < now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for listener_id in overdue {
+            let lane = self.lanes.get_mut(&listener_id).expect("listed above");
+            let works = lane.line.take_waiting_since(now - HOLD_LIMIT_MS);
+            let deleted = lane.gate.deleted;
+            self.memory.add_permits(works.len());
+            if deleted { self.cancel(works) } else { self.park(works) }
+        }
+        while let Some((at_ms, listener_id)) = self.backoffs.first().cloned()
+            && at_ms <= now
+        {
+            self.backoffs.pop_first();
+            if let Some(lane) = self.lanes.get_mut(&listener_id)
+                && lane.gate.blocked_until_ms == at_ms
+            {
+                lane.gate.blocked_until_ms = 0;
+                self.refill(&listener_id);
+                self.mark(&listener_id);
+            }
+        }
+        while let Some(entry) = self.again.first_entry()
+            && entry.key().0 <= now
+        {
+            let work = entry.remove();
+            // Back in a line if memory has a place for it, else in the lot.
+            let Ok(place) = self.memory.try_acquire() else {
+                self.park(vec![work]);
+                continue;
+            };
+            place.forget();
+            match self.offer(work, false, now) {
+                None => {}
+                Some((Verdict::Cancel, work)) => self.cancel(vec![work]),
+                Some((_, work)) => self.park(vec![work]),
+            }
+        }
+    }
+
+    fn write_cursor(&mut self, now: u64, force: bool) {
+        if let Some(cursor) = self.progress.due(now, force)
+            && let Err(error) = self.context.queue.set_fanout_cursor(&cursor)
+        {
+            self.progress.unwritten();
+            tracing::error!(error = &error as &dyn std::error::Error, "cannot record where fan-out stands");
+        }
     }
 }

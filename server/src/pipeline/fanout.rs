@@ -1,66 +1,82 @@
-//! Fan-out: follows the event log in trigger order with a durable cursor, like a stream
-//! consumer, and creates one delivery per enabled listener of each event.
+//! Fan-out: follows the event log in trigger order, like a stream consumer, and hands the
+//! dispatcher one (event, listener) pair per listener that wants each event. It writes
+//! nothing: the log is the queue of first attempts, and a pair is written only when its
+//! first attempt ends (or it is parked or cancelled before one). Where fan-out durably stands
+//! is the dispatcher's to write (see `progress`), never ahead of what is recorded.
 //!
-//! Each chunk of deliveries is committed with the cursor in one atomic write, so a crash
-//! redoes at most a chunk, and delivery ids derived from (event, listener) make that redo
-//! create nothing twice. Very large fan-outs are cut into chunks with a progress mark, so
-//! memory stays flat. It wakes when the event log grows, never on a polling sleep, and it
-//! never touches the intake path: intake only appends.
+//! Pairs take a place in the dispatcher's memory before they are handed over, so fan-out runs
+//! ahead of delivery by a bounded amount and then waits. Large fan-outs are cut into chunks.
+//! It wakes when the event log grows, never on a polling sleep, and it never touches the
+//! intake path: intake only appends. An event whose record does not decode is put aside
+//! (recorded, logged at error) and fan-out goes on.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
+use super::dispatch::Handed;
+use super::line::Pair;
 use crate::clock::now_ms;
 use crate::ids;
-use crate::store::{Delivery, FanoutCursor, Listener, NewDelivery, QueuePosition, StoreError};
+use crate::store::{FanoutCursor, Listener, StoreError};
 
-/// Deliveries created per atomic write. Small on purpose: a sled batch holds a lock that
-/// stops every other sled call in the process while it applies, and writes its log out
-/// twice. Triggers take no sled lock now, yet chunks of 128 still raised a trigger's 99th
-/// percentile beside a 1,000-listener fan-out from about 1.5-2.8 ms to 2.7-3.2 ms (quick
-/// bench), while delivering about 15 % faster; the trigger's constant time comes first.
-/// Chunks of 8 lowered it no further. Chunks of 256 only once intake had been quiet for
-/// 50 ms left the trigger alone and built a 1,000,000-delivery backlog a third faster, but
-/// raised hookd's RSS under that backlog from about 240 MB to 275-296 MB, so they were
-/// dropped. The extra memory follows the queue database's page cache: with it at 12 MiB
-/// instead of 24 the RSS was back at 227-255 MB, but with 100,000 deliveries pending
-/// delivery was no cheaper than with chunks of 32 (90-104 µs of CPU each to one listener,
-/// against 96-97 µs; 77-86 µs with 24 MiB), and 16 MiB landed in between on both counts.
-pub const CHUNK: usize = 32;
-/// Events looked at per chunk, however few deliveries they make: events nobody listens to
-/// move the cursor in bounded steps, so one call never holds a pipeline thread for long
-/// (store calls run in place there).
+/// Pairs handed over at once, at most.
+pub const CHUNK: usize = 256;
+/// Events looked at per chunk, however few pairs they make: events nobody listens to move
+/// fan-out on in bounded steps, so one call never holds a pipeline thread for long (store
+/// calls run in place there).
 const CHUNK_EVENTS: usize = 256;
 
-/// Follows the event log until `shutdown`.
-pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<u64>, shutdown: CancellationToken) {
-    let mut last_due_ms = 0;
+/// Where fan-out has got to in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    next_seq: u64,
+    /// Within a large fan-out of `next_seq`: the last listener already handed a pair.
+    after_listener: Option<String>,
+}
+
+/// Follows the event log from `start` until `shutdown`. Pairs of events below
+/// `start.reserved_until` may have been recorded before a restart, and are marked to be
+/// checked.
+pub(crate) async fn run(
+    context: Arc<Context>,
+    mut durable_seq: watch::Receiver<u64>,
+    start: FanoutCursor,
+    handed: mpsc::Sender<Handed>,
+    memory: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let mut position = Position { next_seq: start.next_seq, after_listener: None };
     loop {
-        // Only durable events: an event applied but not yet flushed may still fail its commit.
+        // Only events in sled (and so acknowledged and durable).
         let durable = *durable_seq.borrow_and_update();
-        // Catch up with everything appended so far; a change during this is seen below.
         loop {
             // Store calls run in place (see the module docs of `pipeline`).
-            let step = fan_out_chunk(&context, last_due_ms, durable);
+            let step = next_chunk(&context, &mut position, durable, start.reserved_until);
             match step {
-                Ok(Some((first, due_ms))) => {
-                    last_due_ms = due_ms;
-                    if let Some(first) = first {
-                        context.queued(first);
+                Ok(Some(step)) => {
+                    if !step.pairs.is_empty() {
+                        let places = u32::try_from(step.pairs.len()).expect("a chunk is small");
+                        let room = tokio::select! {
+                            room = memory.clone().acquire_many_owned(places) => room,
+                            () = shutdown.cancelled() => return,
+                        };
+                        // The dispatcher gives the places back as pairs leave memory.
+                        room.expect("the memory semaphore is never closed").forget();
+                    }
+                    tokio::select! {
+                        sent = handed.send(step) => if sent.is_err() { return },
+                        () = shutdown.cancelled() => return,
                     }
                 }
                 Ok(None) => break,
                 Err(error) => {
                     tracing::error!(error = &error as &dyn std::error::Error, "fan-out failed; retrying");
-                    if shutdown
-                        .run_until_cancelled(tokio::time::sleep(std::time::Duration::from_secs(1)))
-                        .await
-                        .is_none()
-                    {
+                    let pause = tokio::time::sleep(std::time::Duration::from_secs(1));
+                    if shutdown.run_until_cancelled(pause).await.is_none() {
                         return;
                     }
                 }
@@ -79,34 +95,36 @@ pub(crate) async fn run(context: Arc<Context>, mut durable_seq: watch::Receiver<
     }
 }
 
-/// Fans out the next chunk past the cursor, among events before `durable_end`: whole events
-/// until about [`CHUNK`] deliveries are gathered (a larger event is cut into chunks), written
-/// with the new cursor in one atomic write. Returns a queue position just before the first
-/// delivery queued (if any) and their due time, or `None` when there is nothing to do.
-fn fan_out_chunk(
+/// The next chunk past `position` among events before `durable_end`: whole events until
+/// about [`CHUNK`] pairs are gathered (a larger event is cut into chunks). Moves `position`
+/// past what it hands over; `None` when there is nothing to do.
+fn next_chunk(
     context: &Context,
-    last_due_ms: u64,
+    position: &mut Position,
     durable_end: u64,
-) -> Result<Option<(Option<QueuePosition>, u64)>, StoreError> {
-    let mut cursor = context.queue.fanout_cursor()?;
-    // Due times never go backwards, so first attempts leave in trigger order.
-    let due_ms = now_ms().max(last_due_ms);
-    let mut deliveries: Vec<NewDelivery> = Vec::new();
+    recheck_until: u64,
+) -> Result<Option<Handed>, StoreError> {
+    let mut pairs = Vec::new();
     let mut moved = false;
     // Every listener of an event type, as read for an earlier event of this chunk: a chunk
     // of events of one type reads its listeners once, not once per event.
     let mut known: HashMap<(String, String), Vec<Listener>> = HashMap::new();
-    let mut log = context.queue.events_from(cursor.next_seq).take(CHUNK_EVENTS);
-    while deliveries.len() < CHUNK {
-        let Some(event) = log.next().transpose()?.filter(|event| event.seq < durable_end) else {
-            break;
+    let mut log = context.queue.events_from(position.next_seq).take(CHUNK_EVENTS);
+    while pairs.len() < CHUNK {
+        let event = match log.next() {
+            None => break,
+            Some(Ok(event)) if event.seq >= durable_end => break,
+            Some(Ok(event)) => event,
+            Some(Err(StoreError::DamagedEvent { seq })) if seq < durable_end => {
+                quarantine(context, seq);
+                *position = Position { next_seq: seq + 1, after_listener: None };
+                moved = true;
+                continue;
+            }
+            Some(Err(error)) => return Err(error),
         };
-        let after = if event.seq == cursor.next_seq && !cursor.after_listener.is_empty() {
-            Some(cursor.after_listener.clone())
-        } else {
-            None
-        };
-        let room = CHUNK - deliveries.len();
+        let after = if event.seq == position.next_seq { position.after_listener.clone() } else { None };
+        let room = CHUNK - pairs.len();
         let kind = (event.producer_id.clone(), event.event_type.clone());
         let fetched;
         let listeners: &[Listener] = match known.get(&kind) {
@@ -122,35 +140,41 @@ fn fan_out_chunk(
             }
         };
         // A listener gets the events triggered while it was registered and enabled, however
-        // far behind this runs (a disabled one's deliveries wait until it is enabled).
-        deliveries.extend(listeners.iter().filter(|listener| listener.wants(event.seq)).map(|listener| NewDelivery {
-            delivery: Delivery::pending(ids::delivery_id(event.seq, &listener.id), &event, &listener.id, due_ms),
-            ordered: listener.ordered,
+        // far behind this runs (a disabled one's wait in its lot until it is enabled).
+        pairs.extend(listeners.iter().filter(|listener| listener.wants(event.seq)).map(|listener| Pair {
+            seq: event.seq,
+            event_id: event.id.clone(),
+            producer_id: event.producer_id.clone(),
+            delivery_id: ids::delivery_id(event.seq, &listener.id),
+            listener_id: listener.id.clone(),
+            due_ms: event.created_at_ms,
+            recheck: event.seq < recheck_until,
         }));
         moved = true;
-        cursor = match listeners.last() {
+        *position = match listeners.last() {
             // This event may have more listeners: continue it in the next chunk.
             Some(last) if listeners.len() == room => {
-                FanoutCursor { next_seq: event.seq, after_listener: last.id.clone() }
+                Position { next_seq: event.seq, after_listener: Some(last.id.clone()) }
             }
-            _ => FanoutCursor { next_seq: event.seq + 1, after_listener: String::new() },
+            _ => Position { next_seq: event.seq + 1, after_listener: None },
         };
-        if cursor.next_seq == event.seq {
+        if position.after_listener.is_some() {
             break;
         }
     }
     if !moved {
         return Ok(None);
     }
-    context.queue.commit_fanout(&deliveries, &cursor)?;
-    if !deliveries.is_empty() {
-        tracing::debug!(deliveries = deliveries.len(), next_seq = cursor.next_seq, "fanned out");
+    if !pairs.is_empty() {
+        tracing::debug!(pairs = pairs.len(), next_seq = position.next_seq, "fanned out");
     }
-    // A prefix of the smallest id sorts just before it: the dispatcher reads from there.
-    let first = deliveries.iter().map(|new| new.delivery.id.as_str()).min().map(|id| {
-        let mut before = id.to_owned();
-        before.pop();
-        (due_ms, before)
-    });
-    Ok(Some((first, due_ms)))
+    Ok(Some(Handed { pairs, next_seq: position.next_seq }))
+}
+
+/// Puts a damaged event aside: recorded (so it is visible) and logged, never fanned out.
+fn quarantine(context: &Context, seq: u64) {
+    tracing::error!(seq, "the record of an event in the log does not decode: it is put aside and not delivered");
+    if let Err(error) = context.queue.quarantine_event(seq, "the event's record does not decode", now_ms()) {
+        tracing::error!(seq, error = &error as &dyn std::error::Error, "cannot record a damaged event as put aside");
+    }
 }

@@ -1,14 +1,17 @@
-//! The delivery pipeline: fan-out, dispatch, delivery, retries. Tokio tasks over the
-//! store's durable queues.
+//! The delivery pipeline: fan-out, dispatch, delivery, retries. Tokio tasks over the event
+//! log, which is the queue of first attempts, and the store's durable due queue.
 //!
-//! - [`fanout`] follows the event log with a durable cursor and creates one delivery per
-//!   enabled listener, queued as due now.
-//! - [`dispatch`] takes due deliveries in (due time, delivery id) order, applies the
-//!   per-listener limits (in-flight cap, strict order, whole-listener back-off, disabled),
-//!   and hands what may go to a bounded pool of workers.
+//! - [`fanout`] follows the event log and hands the dispatcher one (event, listener) pair
+//!   per listener that wants each event, writing nothing.
+//! - [`dispatch`] keeps each listener's work in a line ([`line`]) under its [`gate`] (cap,
+//!   standing, strict order, back-off, disabled), parks what cannot go soon, reads retries
+//!   and other queued work from the due queue, and starts requests within two budgets: one
+//!   for listeners in good standing, one for slow and failing ones. It also keeps fan-out's
+//!   durable position ([`progress`]).
 //! - `retention` deletes what is older than the configured age.
 //! - [`worker`] makes one attempt ([`deliver`] does the HTTP), has [`recorder`] write it
-//!   with the delivery's next step ([`retry`] decides), and reports back to the dispatcher.
+//!   with the delivery's next step ([`retry`] decides), and reports back through its
+//!   [`turn`].
 //!
 //! The pipeline never sees gRPC types and never answers a caller; a failing request only
 //! ever produces an attempt record. Cancellation is a token; on shutdown in-flight attempts
@@ -25,10 +28,14 @@
 pub mod deliver;
 mod dispatch;
 mod fanout;
+mod gate;
+mod line;
+mod progress;
 mod recorder;
 mod retention;
 pub mod retry;
 pub mod target;
+mod turn;
 pub mod watchers;
 mod worker;
 
@@ -43,6 +50,9 @@ pub(crate) use crate::blocking;
 
 use crate::crypto::Keyring;
 use crate::store::{DeliveryState, HistoryStore, PipelineStore, QueuePosition, Store};
+/// How long work waits in memory before it is parked, and how much may wait: with the
+/// attempt timeout, what bounds the pairs a crash makes hookd redo.
+pub use dispatch::{HOLD_LIMIT_MS, MEMORY_ITEMS};
 /// Batch sizes of fan-out and of the recorder, for the benchmark's store floor.
 pub use fanout::CHUNK as FANOUT_CHUNK;
 pub use recorder::MAX_GROUP as RECORD_GROUP;
@@ -66,9 +76,15 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// How the pipeline behaves; part of the server's configuration.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    /// Requests awaiting a listener's answer at once, across all listeners (an answered
+    /// Requests awaiting an answer at once from listeners in good standing (an answered
     /// attempt is recorded after its slot is free).
     pub workers: usize,
+    /// Requests awaiting an answer at once from slow or failing listeners: whatever they
+    /// hold, the budget of the others stays free.
+    pub suspect_workers: usize,
+    /// A request not answered within this makes its listener slow: its requests draw from the
+    /// suspect budget until one is answered in time.
+    pub slow_after: Duration,
     /// Time limit of one HTTP attempt, connection included.
     pub attempt_timeout: Duration,
     /// Delays between attempts.
@@ -88,7 +104,9 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
-            workers: 64,
+            workers: 256,
+            suspect_workers: 256,
+            slow_after: Duration::from_secs(1),
             attempt_timeout: Duration::from_secs(15),
             retry_schedule: RetrySchedule::standard(),
             listener_in_flight: 8,
@@ -151,10 +169,13 @@ impl Context {
 /// Messages to the dispatcher.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// A listener answered an attempt (before it is recorded): its slot is free.
-    Answered { listener_id: String, outcome: worker::Outcome },
-    /// A worker finished with a delivery: its attempt is recorded (or was never made).
-    Finished(worker::Finished),
+    /// A listener answered a request (for an ordered listener: its attempt is recorded): its
+    /// slot and budget are free. `fast`: within the slow threshold.
+    Answered { request: u64, outcome: gate::Outcome, fast: bool },
+    /// A request has run past the slow threshold unanswered.
+    Slow { request: u64 },
+    /// A turn ended: its attempt is recorded (or was never made, or is to be made again).
+    Finished(turn::Finished),
     /// A listener was enabled, disabled, changed or deleted.
     ListenerChanged(String),
     /// Deliveries were queued outside fan-out (replay, retry, recovery).
@@ -202,6 +223,8 @@ pub enum PipelineError {
     Http(#[from] reqwest::Error),
     #[error("cannot start the recorder thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("cannot read where fan-out stands: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl Pipeline {
@@ -235,9 +258,13 @@ impl Pipeline {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
-        tasks.spawn(fanout::run(context.clone(), durable_seq, shutdown.clone()));
+        let start = context.queue.fanout_cursor()?;
+        let (handed, taken) = mpsc::channel(4);
+        let memory = Arc::new(tokio::sync::Semaphore::new(MEMORY_ITEMS));
+        tasks.spawn(fanout::run(context.clone(), durable_seq, start.clone(), handed, memory.clone(), shutdown.clone()));
         tasks.spawn(retention::run(history, retention, shutdown.clone()));
-        tasks.spawn(dispatch::Dispatcher::new(context, inbox, commands.clone()).run(shutdown.clone()));
+        let dispatcher = dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start);
+        tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.close();
         Ok(Self { commands, watchers, tasks, shutdown })
     }

@@ -130,8 +130,13 @@ mod tests {
 
     fn job(urgent: bool) -> Job {
         let entry = DueEntry { due_ms: 0, delivery_id: "d".into(), listener_id: "l".into(), manual: false };
-        let completion =
-            Completion { delivery: Delivery::default(), attempt: Attempt::default(), entry, next: NextStep::Done };
+        let completion = Completion {
+            delivery: Delivery::default(),
+            attempt: Attempt::default(),
+            entry: Some(entry),
+            next: NextStep::Done,
+            ordered: false,
+        };
         Job { completion, written: oneshot::channel().0, urgent }
     }
 

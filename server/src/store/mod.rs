@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 pub use model::{
     ApiKeyEntry, Appended, Attempt, AttemptTrigger, Delivery, DeliveryState, DueEntry, Event, EventHashEntry,
-    FanoutCursor, Listener, ListenerHealth, MAX_SKIPPED, NewEvent, NextStep, Producer, SeqRange,
+    FanoutCursor, Listener, ListenerHealth, MAX_SKIPPED, NewEvent, NextStep, Producer, Quarantined, SeqRange,
 };
 pub use sled_store::SledStore;
 pub use writer::IDEMPOTENCY_WINDOW_MS;
@@ -47,6 +47,9 @@ pub enum StoreError {
     Backend(#[source] Arc<sled::Error>),
     #[error("stored record {key} is corrupt or from an unknown version")]
     Corrupt { key: String },
+    /// The event log's record at `seq` does not decode.
+    #[error("the record of event {seq} is damaged and was put aside")]
+    DamagedEvent { seq: u64 },
     #[error("the store is closed")]
     Closed,
     /// A write to disk failed and the intake line stopped; reads go on.
@@ -131,6 +134,9 @@ pub trait Store: Send + Sync + 'static {
     fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>>;
     /// Removes a listener and its indexes; the removed listener, or `None`.
     fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<Listener>>;
+    /// A number that changes whenever any listener is written: a copy of a listener read
+    /// while it held a value is current as long as it still does.
+    fn listeners_generation(&self) -> u64;
 
     /// Appends an event to the event log with its idempotency record, atomically. Concurrent
     /// appends share one flush. A key already used by the producer within the idempotency
@@ -151,8 +157,9 @@ pub trait Store: Send + Sync + 'static {
     fn close(&self) -> Result<(), StoreError>;
 }
 
-/// A delivery fan-out creates. A strictly ordered listener's deliveries are also indexed
-/// among its unfinished ones, in delivery order, which is the order it is held to.
+/// A delivery written before any attempt of it (parked, cancelled, or replayed). A strictly
+/// ordered listener's unfinished deliveries are also indexed in delivery order, which is the
+/// order it is held to.
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
     pub delivery: Delivery,
@@ -160,13 +167,16 @@ pub struct NewDelivery {
 }
 
 /// A finished attempt to record: the attempt, the delivery as it now stands, the queue entry
-/// that was attempted and what comes next.
+/// that was attempted (none for a first attempt taken straight from the event log) and what
+/// comes next.
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub delivery: Delivery,
     pub attempt: Attempt,
-    pub entry: DueEntry,
+    pub entry: Option<DueEntry>,
     pub next: NextStep,
+    /// The listener keeps strict order: a delivery left pending holds its place in it.
+    pub ordered: bool,
 }
 
 /// A position in the due queue: (due time, queue key id). A scan from a position starts just
@@ -175,6 +185,10 @@ pub type QueuePosition = (u64, String);
 
 /// The delivery pipeline's state: the fan-out cursor, deliveries, the due queue (with
 /// per-listener parking), attempts and listener health.
+///
+/// The event log is the queue of first attempts: a delivery has no record until its first
+/// attempt ends (then the record holds it) or it is parked or cancelled before one. Retries,
+/// manual attempts, replays and parked deliveries wait in the durable due queue.
 ///
 /// These writes are atomic but not flushed on their own: delivery is at-least-once, so an
 /// attempt redone after a crash is allowed, while an event is never lost because the event
@@ -185,14 +199,24 @@ pub type QueuePosition = (u64, String);
 pub trait PipelineStore: Send + Sync + 'static {
     /// Where fan-out stands (the start of the log when it never ran).
     fn fanout_cursor(&self) -> Result<FanoutCursor, StoreError>;
+    /// Records where fan-out stands.
+    fn set_fanout_cursor(&self, cursor: &FanoutCursor) -> Result<(), StoreError>;
     /// The event log from `seq` on, in order, read as it is consumed (sequence numbers may
-    /// have gaps where a group commit failed).
+    /// have gaps where a group commit failed). A record that does not decode is
+    /// [`StoreError::DamagedEvent`], and the log goes on after it.
     fn events_from(&self, seq: u64) -> Box<dyn Iterator<Item = Result<Event, StoreError>> + '_>;
     /// The event at exactly `seq`.
     fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError>;
-    /// Creates `deliveries` (each due at its `next_attempt_at_ms`) and moves the cursor, in one
-    /// atomic write (so a chunk is never created twice).
-    fn commit_fanout(&self, deliveries: &[NewDelivery], cursor: &FanoutCursor) -> Result<(), StoreError>;
+    /// Puts a damaged event aside with the reason, so it is visible and fan-out goes on.
+    fn quarantine_event(&self, seq: u64, reason: &str, now_ms: u64) -> Result<(), StoreError>;
+    /// Whether a delivery has a record.
+    fn delivery_exists(&self, delivery_id: &str) -> Result<bool, StoreError>;
+    /// Writes deliveries that have no record yet as pending, each parked in its listener's
+    /// lot at its `next_attempt_at_ms` (ordered ones also holding their place in the order),
+    /// in one atomic write.
+    fn park_new(&self, deliveries: &[NewDelivery]) -> Result<(), StoreError>;
+    /// Writes deliveries that have no record yet as cancelled, in one atomic write.
+    fn cancel_new(&self, deliveries: &[Delivery]) -> Result<(), StoreError>;
 
     /// Up to `limit` queue entries after `after` (from the start when `None`) due at or
     /// before `now_ms`, in (due time, queue key id) order.
@@ -205,7 +229,7 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// Puts back up to `limit` of a listener's parked entries, oldest delivery first, at their
     /// original due time. Returns where they were put (see [`DueEntry::key_id`]).
     fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<QueuePosition>, StoreError>;
-    /// The oldest unfinished delivery of a listener among those created while it kept strict
+    /// The oldest recorded unfinished delivery of a listener among those it holds to strict
     /// order (the one it must finish first).
     fn pending_head(&self, listener_id: &str) -> Result<Option<String>, StoreError>;
     /// The listeners with parked entries (read at startup: the entries themselves stay
@@ -214,9 +238,9 @@ pub trait PipelineStore: Send + Sync + 'static {
 
     fn delivery(&self, delivery_id: &str) -> Result<Option<Delivery>, StoreError>;
     /// Records finished attempts in one atomic write: for each, the attempt, the delivery's
-    /// new state, the entry attempted leaving the queue, and the delivery's next entry or its
-    /// leaving the listener's unfinished ones. A delivery's first attempt is kept in the
-    /// delivery's own record.
+    /// new state (with its listener index when it is new), the entry attempted leaving the
+    /// queue, and the delivery's next entry or its leaving the listener's unfinished ones. A
+    /// delivery's first attempt is kept in the delivery's own record.
     fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError>;
     /// Takes an entry with nothing left to do out of the queue.
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError>;
@@ -277,7 +301,11 @@ pub trait HistoryStore: Send + Sync + 'static {
         after_seq: Option<u64>,
         limit: usize,
     ) -> Result<Page<Event>, StoreError>;
-    /// The deliveries of one event, in delivery id order, after `after`.
+    /// One delivery by id and whether it has a record: one without is still waiting in the
+    /// event log for its first attempt (pending, no attempts).
+    fn delivery_view(&self, delivery_id: &str) -> Result<Option<(Delivery, bool)>, StoreError>;
+    /// The deliveries of one event, in delivery id order, after `after`, those still waiting
+    /// in the event log included.
     fn deliveries_of_event(
         &self,
         event_seq: u64,
@@ -285,7 +313,8 @@ pub trait HistoryStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<Delivery>, StoreError>;
-    /// The deliveries of one listener, oldest event first, after `after`.
+    /// The deliveries of one listener, oldest event first, after `after`, those still waiting
+    /// in the event log included.
     fn deliveries_of_listener(
         &self,
         listener_id: &str,

@@ -203,12 +203,20 @@ pub struct Appended {
 /// Where fan-out stands in the event log.
 #[derive(Clone, PartialEq, Eq, Message)]
 pub struct FanoutCursor {
-    /// The next event to fan out.
+    /// Every (event, listener) pair of the events before this one is recorded: attempted,
+    /// parked or cancelled. Fan-out starts here after a restart.
     #[prost(uint64, tag = "1")]
     pub next_seq: u64,
-    /// Within a large fan-out of `next_seq`: the last listener already given a delivery.
+    /// Written by hookd 0.1, whose fan-out could stop inside an event: the last listener of
+    /// `next_seq` already given a delivery. Read as "redo the whole event" now (pairs already
+    /// recorded are found and skipped).
     #[prost(string, tag = "2")]
     pub after_listener: String,
+    /// Fan-out hands out no pair of an event numbered at or above this before it has written
+    /// a higher one. Pairs of events below it may have been recorded before a crash, so after
+    /// a restart fan-out checks for their records first.
+    #[prost(uint64, tag = "3")]
+    pub reserved_until: u64,
 }
 
 /// The state of a delivery. Numbers match `hookd.v1.DeliveryState`.
@@ -360,6 +368,17 @@ impl DueEntry {
             None => (key_id, false),
         }
     }
+}
+
+/// Why an event of the log was put aside instead of fanned out (its record does not decode).
+#[derive(Clone, PartialEq, Message)]
+pub struct Quarantined {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(string, tag = "2")]
+    pub reason: String,
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
 }
 
 /// What to do with a delivery after an attempt.

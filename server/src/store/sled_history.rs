@@ -10,9 +10,11 @@ use std::ops::Bound;
 
 use sled::Batch;
 
-use super::model::{Delivery, DeliveryHead, DeliveryState, DueEntry, Event, IdempotencyEntry, decode, encode};
+use super::model::{
+    Delivery, DeliveryHead, DeliveryState, DueEntry, Event, IdempotencyEntry, Listener, decode, encode,
+};
 use super::producer_index;
-use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
+use super::sled_store::{SledStore, corrupt, keys, prefix_end, read, read_event};
 use super::{EventFilter, HistoryStore, Page, PipelineStore, StoreError, Trimmed};
 
 /// Records looked at per page, at most, per item asked for.
@@ -103,6 +105,134 @@ impl SledStore {
     }
 }
 
+/// A delivery that has no record yet: its event's first attempt to `listener` is still to
+/// come (waiting in the event log, or under way). It is pending, due since its event.
+fn implicit(event: &Event, listener_id: &str) -> Delivery {
+    Delivery::pending(crate::ids::delivery_id(event.seq, listener_id), event, listener_id, event.created_at_ms)
+}
+
+impl SledStore {
+    /// Before this event every (event, listener) pair has a record; from it on, a pair may
+    /// still be waiting in the event log.
+    fn unrecorded_from(&self) -> Result<u64, StoreError> {
+        Ok(PipelineStore::fanout_cursor(self)?.next_seq)
+    }
+
+    /// Every listener of one producer's event type.
+    fn listeners_of_type(&self, producer_id: &str, event_type: &str) -> Result<Vec<Listener>, StoreError> {
+        let mut all = Vec::new();
+        loop {
+            let after = all.last().map(|listener: &Listener| listener.id.clone());
+            let page =
+                crate::store::Store::list_listeners(self, producer_id, Some(event_type), after.as_deref(), 1000)?;
+            let done = page.len() < 1000;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// The deliveries of `event` still waiting in the log: one per listener that wants it
+    /// and has no record of it.
+    fn implicit_of_event(&self, event: &Event) -> Result<Vec<Delivery>, StoreError> {
+        let mut found = Vec::new();
+        for listener in self.listeners_of_type(&event.producer_id, &event.event_type)? {
+            if listener.wants(event.seq) {
+                let delivery = implicit(event, &listener.id);
+                if !self.queue.contains_key(keys::delivery(&delivery.id))? {
+                    found.push(delivery);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// One delivery by id, recorded or still waiting in the log.
+    pub(super) fn delivery_view(&self, delivery_id: &str) -> Result<Option<(Delivery, bool)>, StoreError> {
+        if let Some(delivery) = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))? {
+            return Ok(Some((delivery, true)));
+        }
+        let Some(seq) = crate::ids::delivery_event_seq(delivery_id) else { return Ok(None) };
+        if seq < self.unrecorded_from()? {
+            return Ok(None);
+        }
+        let Some(event) = read::<Event>(&self.tree, &keys::event(seq))? else { return Ok(None) };
+        let found = self.implicit_of_event(&event)?.into_iter().find(|delivery| delivery.id == delivery_id);
+        Ok(found.map(|delivery| (delivery, false)))
+    }
+
+    /// A listener's deliveries still waiting in the log, after `after` (a delivery id), in id
+    /// order: at most `limit`, looking at no more than `budget` of its producer's events.
+    /// Also returns the last delivery id position looked at when it stopped early.
+    fn implicit_of_listener(
+        &self,
+        listener: &Listener,
+        after: Option<&str>,
+        limit: usize,
+        budget: usize,
+    ) -> Result<(Vec<Delivery>, Option<String>), StoreError> {
+        // A position is a delivery id, or where an earlier page stopped: `dlv_` and an event's
+        // number.
+        let after_seq = after
+            .and_then(|after| after.strip_prefix(crate::ids::DELIVERY_PREFIX))
+            .and_then(|digits| digits.get(..16))
+            .and_then(|digits| u64::from_str_radix(digits, 16).ok());
+        let start = self.unrecorded_from()?.max(after_seq.unwrap_or(0));
+        let mut found = Vec::new();
+        for (looked_at, seq) in producer_index::seqs(&self.tree, &listener.producer_id, start).enumerate() {
+            let seq = seq?;
+            if looked_at == budget {
+                // Everything before this event was looked at.
+                let position = format!("dlv_{}", crate::crypto::hex(&seq.to_be_bytes()));
+                return Ok((found, Some(position)));
+            }
+            if !listener.wants(seq) {
+                continue;
+            }
+            let Some(event) = read::<Event>(&self.tree, &keys::event(seq))? else { continue };
+            if event.producer_id != listener.producer_id || event.event_type != listener.event_type {
+                continue;
+            }
+            let delivery = implicit(&event, &listener.id);
+            if after.is_some_and(|after| delivery.id.as_str() <= after)
+                || self.queue.contains_key(keys::delivery(&delivery.id))?
+            {
+                continue;
+            }
+            found.push(delivery);
+            if found.len() == limit {
+                return Ok((found, None));
+            }
+        }
+        Ok((found, None))
+    }
+}
+
+/// Merges two pages of deliveries in id order into one of at most `limit`. Each side may have
+/// stopped early at a position (`resume`, the last id it looked at): the page then ends at the
+/// nearer one, so nothing either side has not yet looked at is skipped.
+fn merge_pages(
+    mut items: Vec<Delivery>,
+    more: Vec<Delivery>,
+    stops: [Option<String>; 2],
+    limit: usize,
+) -> Page<Delivery> {
+    items.extend(more);
+    items.sort_by(|a, b| a.id.cmp(&b.id));
+    items.dedup_by(|a, b| a.id == b.id);
+    let frontier = stops.into_iter().flatten().min();
+    if let Some(frontier) = &frontier {
+        items.retain(|delivery| delivery.id <= *frontier);
+    }
+    if items.len() > limit {
+        items.truncate(limit);
+        let last = items.last().map(|delivery| delivery.id.clone());
+        return Page { items, resume_after: last };
+    }
+    Page { items, resume_after: frontier }
+}
+
 impl HistoryStore for SledStore {
     fn list_events(
         &self,
@@ -121,7 +251,7 @@ impl HistoryStore for SledStore {
         let mut events: Box<dyn Iterator<Item = Result<Event, StoreError>> + '_> = match &filter.producer_id {
             Some(producer_id) => Box::new(
                 producer_index::seqs(&self.tree, producer_id, start_seq)
-                    .map(|seq| seq.and_then(|seq| read::<Event>(&self.tree, &keys::event(seq))))
+                    .map(|seq| seq.and_then(|seq| read_event(&self.tree, seq)))
                     // Trimmed since the index was read (or, were the index wrong, not theirs).
                     .filter_map(Result::transpose)
                     .filter(move |event| event.as_ref().map_or(true, |event| event.producer_id == *producer_id)),
@@ -132,7 +262,15 @@ impl HistoryStore for SledStore {
         let mut last = None;
         let mut reached_until = false;
         for event in events.by_ref().take(scan_budget(limit)) {
-            let event = event?;
+            let event = match event {
+                Ok(event) => event,
+                // Put aside by fan-out; it must not break the listing of the others.
+                Err(StoreError::DamagedEvent { seq }) => {
+                    tracing::error!(seq, "listing skips an event whose record does not decode");
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             if filter.until_ms.is_some_and(|until| event.created_at_ms >= until) {
                 // Nothing later in the log is older.
                 reached_until = true;
@@ -162,7 +300,32 @@ impl HistoryStore for SledStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<Delivery>, StoreError> {
-        self.deliveries_under(&keys::deliveries_of_event(event_seq), false, state, after, limit)
+        let prefix = keys::deliveries_of_event(event_seq);
+        let waiting = state.is_none_or(|state| state == DeliveryState::Pending);
+        let event = if waiting && event_seq >= self.unrecorded_from()? {
+            read::<Event>(&self.tree, &keys::event(event_seq))?
+        } else {
+            None
+        };
+        let Some(event) = event else {
+            return self.deliveries_under(&prefix, false, state, after, limit);
+        };
+        // A recent event: its deliveries are those recorded and those still waiting in the
+        // log, one per listener at most (an event has as many as it has listeners, plus
+        // replays, so reading them all is bounded).
+        let mut all: Vec<Delivery> = Vec::new();
+        for entry in self.queue.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            let mut delivery: Delivery = decode(&value).ok_or_else(|| corrupt(&key))?;
+            delivery.first_attempt = None;
+            all.push(delivery);
+        }
+        all.extend(self.implicit_of_event(&event)?);
+        all.retain(|delivery| {
+            state.is_none_or(|state| delivery.state == state as i32)
+                && after.is_none_or(|after| delivery.id.as_str() > after)
+        });
+        Ok(merge_pages(all, Vec::new(), [None, None], limit))
     }
 
     fn deliveries_of_listener(
@@ -172,7 +335,18 @@ impl HistoryStore for SledStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<Delivery>, StoreError> {
-        self.deliveries_under(&keys::by_listener_prefix(listener_id), true, state, after, limit)
+        let stored = self.deliveries_under(&keys::by_listener_prefix(listener_id), true, state, after, limit)?;
+        let waiting = state.is_none_or(|state| state == DeliveryState::Pending);
+        let listener = if waiting { crate::store::Store::listener(self, listener_id)? } else { None };
+        let Some(listener) = listener else {
+            return Ok(stored);
+        };
+        let (implicit, stopped) = self.implicit_of_listener(&listener, after, limit, scan_budget(limit))?;
+        Ok(merge_pages(stored.items, implicit, [stored.resume_after, stopped], limit))
+    }
+
+    fn delivery_view(&self, delivery_id: &str) -> Result<Option<(Delivery, bool)>, StoreError> {
+        SledStore::delivery_view(self, delivery_id)
     }
 
     fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError> {

@@ -1,6 +1,10 @@
 //! [`PipelineStore`] on sled: the fan-out cursor, deliveries, the due queue with parking,
 //! attempts and listener health.
 //!
+//! A first attempt taken straight from the event log is written once, when it ends: the
+//! delivery's record (holding the attempt) and its listener index, plus a retry's queue entry
+//! if one follows, in the recorder's batch.
+//!
 //! These keys live in the queue database, apart from the intake database that holds the event
 //! log, so a trigger's flush never waits on fan-out and delivery writes. Every method is one
 //! `apply_batch` there (atomic, crash-safe), and none flushes: sled's background flush makes
@@ -13,9 +17,10 @@
 use sled::Batch;
 
 use super::model::{
-    Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, decode, encode,
+    Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, Quarantined, decode,
+    encode,
 };
-use super::sled_store::{SledStore, corrupt, keys, prefix_end, read};
+use super::sled_store::{SledStore, corrupt, keys, prefix_end, read, read_event};
 use super::{CancelledLot, Completion, NewDelivery, PipelineStore, QueuePosition, StoreError};
 
 fn be_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
@@ -75,8 +80,13 @@ impl PipelineStore for SledStore {
         Ok(read(&self.queue, keys::FANOUT_CURSOR)?.unwrap_or_default())
     }
 
+    fn set_fanout_cursor(&self, cursor: &FanoutCursor) -> Result<(), StoreError> {
+        self.queue.insert(keys::FANOUT_CURSOR, encode(cursor))?;
+        Ok(())
+    }
+
     fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError> {
-        read(&self.tree, &keys::event(seq))
+        read_event(&self.tree, seq)
     }
 
     fn events_from(&self, seq: u64) -> Box<dyn Iterator<Item = Result<Event, StoreError>> + '_> {
@@ -84,22 +94,44 @@ impl PipelineStore for SledStore {
         Box::new(self.tree.range::<Vec<u8>, _>((std::ops::Bound::Included(start), prefix_end(keys::EVENTS))).map(
             |entry| {
                 let (key, value) = entry?;
-                decode(&value).ok_or_else(|| corrupt(&key))
+                let seq = be_u64(&key, &key[keys::EVENTS.len()..])?;
+                decode(&value).ok_or(StoreError::DamagedEvent { seq })
             },
         ))
     }
 
-    fn commit_fanout(&self, deliveries: &[NewDelivery], cursor: &FanoutCursor) -> Result<(), StoreError> {
+    fn quarantine_event(&self, seq: u64, reason: &str, now_ms: u64) -> Result<(), StoreError> {
+        let record = Quarantined { seq, reason: reason.to_owned(), at_ms: now_ms };
+        self.queue.insert(keys::quarantined(seq), encode(&record))?;
+        Ok(())
+    }
+
+    fn delivery_exists(&self, delivery_id: &str) -> Result<bool, StoreError> {
+        Ok(self.queue.contains_key(keys::delivery(delivery_id))?)
+    }
+
+    fn park_new(&self, deliveries: &[NewDelivery]) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         for NewDelivery { delivery, ordered } in deliveries {
             batch.insert(keys::delivery(&delivery.id), encode(delivery));
-            batch.insert(keys::due(delivery.next_attempt_at_ms, &delivery.id), delivery.listener_id.as_bytes());
+            batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+            batch.insert(keys::parked(&delivery.listener_id, &delivery.id), &delivery.next_attempt_at_ms.to_be_bytes());
             if *ordered {
                 batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
             }
+        }
+        Ok(self.queue.apply_batch(batch)?)
+    }
+
+    fn cancel_new(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for delivery in deliveries {
+            let mut cancelled = delivery.clone();
+            cancelled.state = DeliveryState::Cancelled as i32;
+            cancelled.next_attempt_at_ms = 0;
+            batch.insert(keys::delivery(&delivery.id), encode(&cancelled));
             batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]);
         }
-        batch.insert(keys::FANOUT_CURSOR, encode(cursor));
         Ok(self.queue.apply_batch(batch)?)
     }
 
@@ -188,23 +220,34 @@ impl PipelineStore for SledStore {
 
     fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        for Completion { mut delivery, attempt, entry, next } in completions {
+        for Completion { mut delivery, attempt, entry, next, ordered } in completions {
             if attempt.number == 1 {
                 delivery.first_attempt = Some(attempt);
             } else {
                 batch.insert(keys::attempt(&delivery.id, attempt.number), encode(&attempt));
             }
             batch.insert(keys::delivery(&delivery.id), encode(&delivery));
-            batch.remove(keys::due(entry.due_ms, &entry.key_id()));
-            if entry.manual {
-                batch.remove(keys::manual(&delivery.id, entry.due_ms));
+            match &entry {
+                Some(entry) => {
+                    batch.remove(keys::due(entry.due_ms, &entry.key_id()));
+                    if entry.manual {
+                        batch.remove(keys::manual(&delivery.id, entry.due_ms));
+                    }
+                }
+                // Straight from the log: the delivery is written for the first time.
+                None => batch.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8]),
             }
             match next {
                 NextStep::RetryAt(due_ms) => {
                     batch.insert(keys::due(due_ms, &delivery.id), delivery.listener_id.as_bytes());
+                    if entry.is_none() && ordered {
+                        batch.insert(keys::pending(&delivery.listener_id, &delivery.id), &[] as &[u8]);
+                    }
                 }
-                NextStep::Done => batch.remove(keys::pending(&delivery.listener_id, &delivery.id)),
-                NextStep::Keep => {}
+                NextStep::Done if entry.is_some() => {
+                    batch.remove(keys::pending(&delivery.listener_id, &delivery.id));
+                }
+                NextStep::Done | NextStep::Keep => {}
             }
         }
         Ok(self.queue.apply_batch(batch)?)

@@ -28,7 +28,8 @@
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
 //! | `ik/{created ms: u64 big-endian}{producer id}\0{idempotency key}` | empty: the idempotency record of an event retention removed before the record's 24 hours were up, to remove then |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
-//! | `d/{delivery id}` | [`Delivery`](super::Delivery), with its first attempt |
+//! | `x/{seq: u64 big-endian}` | [`Quarantined`](super::Quarantined): an event whose record does not decode, put aside |
+//! | `d/{delivery id}` | [`Delivery`](super::Delivery), with its first attempt; written once its first attempt ends, or when it is parked or cancelled before one |
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
 //! | `pk/{listener id}/{delivery id}` | original due time: parked while the listener is busy |
 //! | `pl/{listener id}/{delivery id}` | empty: unfinished deliveries of a strictly ordered listener, oldest first |
@@ -113,6 +114,10 @@ pub(crate) mod keys {
     }
 
     pub const FANOUT_CURSOR: &[u8] = b"c/fanout";
+    pub const QUARANTINED: &[u8] = b"x/";
+    pub fn quarantined(seq: u64) -> Vec<u8> {
+        join(&[QUARANTINED, &seq.to_be_bytes()])
+    }
     pub const DUE: &[u8] = b"q/";
     pub const PARKED: &[u8] = b"pk/";
 
@@ -176,6 +181,8 @@ pub struct SledStore {
     /// Appends not yet in sled, weighed by [`append_weight`]: bounds intake memory whatever
     /// the payload limit and the number of callers, and how far sled may trail the journal.
     pending_bytes: Arc<Semaphore>,
+    /// Moves on after every listener write is applied (see [`Store::listeners_generation`]).
+    listeners_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// sled's page cache, per database. sled counts nodes by their encoded size, less than they
@@ -206,6 +213,14 @@ pub(super) fn corrupt(key: &[u8]) -> StoreError {
 pub(super) fn read<M: prost::Message + Default>(tree: &Tree, key: &[u8]) -> Result<Option<M>, StoreError> {
     match tree.get(key)? {
         Some(bytes) => decode(&bytes).map(Some).ok_or_else(|| corrupt(key)),
+        None => Ok(None),
+    }
+}
+
+/// The event at `seq` in the log; [`StoreError::DamagedEvent`] when its record does not decode.
+pub(super) fn read_event(tree: &Tree, seq: u64) -> Result<Option<Event>, StoreError> {
+    match tree.get(keys::event(seq))? {
+        Some(bytes) => decode(&bytes).map(Some).ok_or(StoreError::DamagedEvent { seq }),
         None => Ok(None),
     }
 }
@@ -349,6 +364,7 @@ impl SledStore {
             callers,
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             history_lock: Mutex::new(()),
+            listeners_generation: Arc::default(),
         }))
     }
 
@@ -491,13 +507,20 @@ impl Store for SledStore {
     }
 
     fn insert_listener(&self, mut listener: Listener) -> StoreFuture<()> {
+        let generation = self.listeners_generation.clone();
         self.write(move |tree| {
             listener.enabled_from_seq = first_unwritten_seq(tree)?;
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, true);
             batch.insert(keys::listener(&listener.id), encode(&listener));
-            Ok(tree.apply_batch(batch)?)
+            tree.apply_batch(batch)?;
+            generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            Ok(())
         })
+    }
+
+    fn listeners_generation(&self) -> u64 {
+        self.listeners_generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn listener(&self, listener_id: &str) -> Result<Option<Listener>, StoreError> {
@@ -528,6 +551,7 @@ impl Store for SledStore {
     fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>> {
         let key = keys::listener(listener_id);
         let queue = self.queue.clone();
+        let generation = self.listeners_generation.clone();
         self.write(move |tree| {
             let Some(mut listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
@@ -554,12 +578,14 @@ impl Store for SledStore {
                 _ => {}
             }
             tree.insert(key, encode(&listener))?;
+            generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             Ok(Some(listener))
         })
     }
 
     fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<Listener>> {
         let key = keys::listener(listener_id);
+        let generation = self.listeners_generation.clone();
         self.write(move |tree| {
             let Some(listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
@@ -568,6 +594,7 @@ impl Store for SledStore {
             index_listener(&mut batch, &listener, false);
             batch.remove(key);
             tree.apply_batch(batch)?;
+            generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             Ok(Some(listener))
         })
     }
@@ -612,7 +639,7 @@ impl Store for SledStore {
             // Acknowledged, on its way into sled: the caller waits with `settled` first.
             return Err(self.progress.failure().map_or(StoreError::Behind, StoreError::Failed));
         }
-        let event: Option<Event> = read(&self.tree, &keys::event(seq))?;
+        let event = read_event(&self.tree, seq)?;
         // The random half of the id must match too: ids cannot be enumerated.
         Ok(event.filter(|event| event.id == event_id))
     }

@@ -263,7 +263,7 @@ async fn a_listener_is_fanned_out_the_events_triggered_while_it_was_registered_a
     assert_eq!(wanted, vec![3, 5, 7]);
 
     // Once the list is full, a re-enabling forgets the ranges fan-out has passed.
-    store.commit_fanout(&[], &FanoutCursor { next_seq: 6, after_listener: String::new() }).unwrap();
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 6, ..FanoutCursor::default() }).unwrap();
     for at in 7..(7 + MAX_SKIPPED as u64 - 2) {
         store.update_listener("lst_1", Box::new(|listener| listener.enabled = false)).await.unwrap();
         store.append_event(new_event("prd_a", None, at)).await.unwrap();
@@ -335,7 +335,7 @@ async fn a_producer_lists_its_own_events_after_a_restart_and_none_once_retention
     assert_eq!(listed_seqs(&store, None, 400), (0..1000).collect::<Vec<u64>>());
 
     // Retention trims what fan-out has passed: here the first 500 events.
-    PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 500, ..FanoutCursor::default() }).unwrap();
+    PipelineStore::set_fanout_cursor(&*store, &FanoutCursor { next_seq: 500, ..FanoutCursor::default() }).unwrap();
     let trimmed = HistoryStore::trim(&*store, 2, 2, 0, 10_000).unwrap();
     assert_eq!(trimmed.events, 500);
     let rest = |producer: &str| mine(producer).into_iter().filter(|&seq| seq >= 500).collect::<Vec<u64>>();
@@ -343,7 +343,7 @@ async fn a_producer_lists_its_own_events_after_a_restart_and_none_once_retention
     assert_eq!(listed_seqs(&store, Some("prd_b"), 33), rest("prd_b"));
     // Bitmaps of blocks whose events are all gone are gone too.
     assert_eq!(store.tree.scan_prefix(b"eb/prd_a/").count(), 3, "block 0 is gone; 1 keeps 500-511");
-    PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 1000, ..FanoutCursor::default() }).unwrap();
+    PipelineStore::set_fanout_cursor(&*store, &FanoutCursor { next_seq: 1000, ..FanoutCursor::default() }).unwrap();
     HistoryStore::trim(&*store, 2, 2, 0, 10_000).unwrap();
     assert!(listed_seqs(&store, Some("prd_a"), 33).is_empty());
     assert_eq!(store.tree.scan_prefix(b"eb/").count(), 0);
@@ -378,18 +378,19 @@ async fn a_data_directory_with_the_per_event_producer_index_is_converted_at_open
 }
 
 /// A recorded attempt `number` of `delivery`, which then waits for its next attempt at 50.
+/// The first is taken straight from the event log; later ones from their queue entry.
 fn failed_attempt(delivery: &Delivery, number: u32) -> Completion {
     let mut delivery = delivery.clone();
     delivery.attempts = number;
     let attempt = Attempt { number, status_code: 503, ..Attempt::default() };
-    let entry = DueEntry {
+    let entry = (number > 1).then(|| DueEntry {
         due_ms: delivery.next_attempt_at_ms,
         delivery_id: delivery.id.clone(),
         listener_id: delivery.listener_id.clone(),
         manual: false,
-    };
+    });
     delivery.next_attempt_at_ms = 50;
-    Completion { delivery, attempt, entry, next: NextStep::RetryAt(50) }
+    Completion { delivery, attempt, entry, next: NextStep::RetryAt(50), ordered: false }
 }
 
 #[test]
@@ -398,12 +399,16 @@ fn the_first_attempt_lives_in_the_delivery_record_and_later_ones_beside_it() {
     let store = SledStore::open(dir.path()).unwrap();
     let event = Event { id: ids::event_id(7), seq: 7, ..Event::default() };
     let pending = Delivery::pending(ids::delivery_id(7, "lst_a"), &event, "lst_a", 10);
-    store
-        .commit_fanout(&[NewDelivery { delivery: pending.clone(), ordered: false }], &FanoutCursor::default())
-        .unwrap();
+    // Nothing is written of a delivery before its first attempt ends.
+    assert!(!store.delivery_exists(&pending.id).unwrap());
 
     store.complete_attempts(vec![failed_attempt(&pending, 1)]).unwrap();
     let delivery = store.delivery(&pending.id).unwrap().unwrap();
+    let retries: Vec<(u64, String)> =
+        store.due(None, 100, 10).unwrap().into_iter().map(|e| (e.due_ms, e.delivery_id)).collect();
+    assert_eq!(retries, [(50, pending.id.clone())], "its retry is queued with it");
+    let listed = store.deliveries_of_listener("lst_a", None, None, 10).unwrap();
+    assert_eq!(listed.items.len(), 1, "and indexed by its listener");
     assert_eq!(delivery.first_attempt.as_ref().map(|attempt| attempt.number), Some(1));
     assert!(store.queue.scan_prefix(keys::attempts_prefix(&pending.id)).next().is_none(), "one write less");
 
@@ -449,13 +454,11 @@ fn recovery_leaves_a_delivery_to_its_manual_attempt_and_an_ended_delivery_holds_
     let store = SledStore::open(dir.path()).unwrap();
     let event = Event { id: ids::event_id(4), seq: 4, ..Event::default() };
     let mut failed = Delivery::pending(ids::delivery_id(4, "lst_o"), &event, "lst_o", 10);
-    store.commit_fanout(&[NewDelivery { delivery: failed.clone(), ordered: true }], &FanoutCursor::default()).unwrap();
     failed.state = DeliveryState::Failed as i32;
-    let entry = DueEntry { due_ms: 10, delivery_id: failed.id.clone(), listener_id: "lst_o".into(), manual: false };
+    // Its first attempt, straight from the log, failed for good: nothing holds the order.
     let attempt = Attempt { number: 1, status_code: 500, ..Attempt::default() };
-    store
-        .complete_attempts(vec![Completion { delivery: failed.clone(), attempt, entry, next: NextStep::Done }])
-        .unwrap();
+    let completion = Completion { delivery: failed.clone(), attempt, entry: None, next: NextStep::Done, ordered: true };
+    store.complete_attempts(vec![completion]).unwrap();
     assert_eq!(store.pending_head("lst_o").unwrap(), None);
 
     // A manual attempt is queued: recovery leaves the delivery to it, since that attempt
@@ -498,14 +501,14 @@ fn a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps() {
     let gone: Vec<NewDelivery> = (0..5).map(|seq| new(seq, "lst_gone")).collect();
     let kept = new(9, "lst_kept");
     let all: Vec<NewDelivery> = gone.iter().cloned().chain([kept.clone()]).collect();
-    store.commit_fanout(&all, &FanoutCursor::default()).unwrap();
-    // One of them already ended; another also has a manual attempt waiting.
+    store.park_new(&all).unwrap();
+    // One of them already ended; another also has a manual attempt waiting, parked too.
     let mut ended = gone[4].delivery.clone();
     ended.state = DeliveryState::Succeeded as i32;
     store.queue.insert(keys::delivery(&ended.id), encode(&ended)).unwrap();
     store.queue_manual_attempt(&gone[0].delivery.id, 20).unwrap().unwrap();
     let entries = store.due(None, 100, 100).unwrap();
-    assert_eq!(entries.len(), 7);
+    assert_eq!(entries.len(), 1);
     store.park(&entries).unwrap();
     // A manual attempt of another one is queued (or under way) after that: not in the lot.
     store.queue_manual_attempt(&gone[1].delivery.id, 30).unwrap().unwrap();
@@ -592,7 +595,7 @@ async fn an_idempotency_key_outlives_an_event_trimmed_within_its_window() {
     let first = store.append_event(new_event("prd_a", Some("order-1"), 1_000)).await.unwrap();
     store.append_event(new_event("prd_a", None, 1_000)).await.unwrap();
     store.settled().await.unwrap();
-    PipelineStore::commit_fanout(&*store, &[], &FanoutCursor { next_seq: 2, ..FanoutCursor::default() }).unwrap();
+    PipelineStore::set_fanout_cursor(&*store, &FanoutCursor { next_seq: 2, ..FanoutCursor::default() }).unwrap();
     // Retention of one second, at 5,000: both events go, the key's 24 hours are not up.
     let trimmed = HistoryStore::trim(&*store, 2_000, 5_000u64.saturating_sub(IDEMPOTENCY_WINDOW_MS), 0, 100).unwrap();
     assert_eq!(trimmed.events, 2);

@@ -306,3 +306,48 @@ async fn sigterm_with_an_attempt_in_flight_exits_cleanly_and_the_attempt_is_redo
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_first_attempts_in_flight_to_fast_and_hanging_listeners_loses_no_pair() {
+    const EVENTS: usize = 400;
+    let receiver = Receiver::start().await;
+    // Before the kill, /fast answers at once and /hang never does; after it, both answer.
+    let killed = Arc::new(AtomicBool::new(false));
+    let answered: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    let (script_killed, script_answered) = (killed.clone(), answered.clone());
+    receiver.script("/", move |request, _| {
+        if request.path == "/hang" && !script_killed.load(Ordering::SeqCst) {
+            return Reply::Hang;
+        }
+        script_answered.lock().unwrap().insert((request.webhook_id().to_owned(), request.path.clone()));
+        Reply::Status(200)
+    });
+    let crashable = Crashable::new();
+    let hookd = crashable.start().await;
+    let (producer, _) = producer(&hookd).await;
+    let hash = derive(&producer, "crash.test").await;
+    let paths = vec!["/fast".to_owned(), "/hang".to_owned()];
+    for path in &paths {
+        producer.register().register_listener(listener_request(&hash, &receiver.url(path))).await.unwrap();
+    }
+    let events = trigger_many(&producer, EVENTS).await;
+    // Part way: many first attempts to /fast are recorded, /hang holds its request, and more
+    // of both are waiting in memory, written nowhere.
+    receiver
+        .wait_until("half the fast listener's deliveries", DEADLINE, |requests| {
+            requests.iter().filter(|r| r.path == "/fast").count() >= EVENTS / 2
+        })
+        .await;
+    hookd.kill9().await;
+    killed.store(true, Ordering::SeqCst);
+    assert!(answered.lock().unwrap().len() < EVENTS * 2, "the kill came in the middle of delivery");
+
+    let _hookd = crashable.start().await;
+    let expected: HashSet<(String, String)> =
+        events.iter().flat_map(|e| paths.iter().map(move |p| (e.clone(), p.clone()))).collect();
+    receiver
+        .wait_until("every (event, listener) pair answered", DEADLINE * 2, |_| {
+            expected.is_subset(&answered.lock().unwrap())
+        })
+        .await;
+}

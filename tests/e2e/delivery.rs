@@ -677,3 +677,41 @@ async fn deleting_a_disabled_listener_cancels_the_deliveries_waiting_in_its_lot(
 
     listener_settled(&admin, &listener, EVENTS, hookd_client::v1::DeliveryState::Cancelled).await;
 }
+
+// Regression: a failed manual attempt of an older delivery was counted as the ordered head
+// retrying, so the head's retry, parked meanwhile, was never put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_listeners_head_is_still_attempted_after_a_failed_manual_attempt_of_an_older_one() {
+    let receiver = Receiver::start().await;
+    let older = Arc::new(std::sync::Mutex::new(String::new()));
+    let slow = older.clone();
+    // Everything fails; the manual attempt of the older delivery takes a while, so the head's
+    // retry falls due while it is under way.
+    receiver.script("/strict", move |request, _| {
+        if request.webhook_id() == *slow.lock().unwrap() && request.attempt() == 3 {
+            Reply::After(Duration::from_millis(1500), 500)
+        } else {
+            Reply::Status(500)
+        }
+    });
+    let server = server_with(|config| config.pipeline.retry_schedule = "1s".parse().unwrap()).await;
+    let (producer, _, _) = server.producer("strict").await;
+    let hash = derive(&producer, "step").await;
+    let (listener, _) = listen(&producer, &hash, receiver.url("/strict"), None, true).await;
+    let first = trigger(&producer, "step", "0".into()).await;
+    listener_settled(&producer, &listener, 1, hookd_client::v1::DeliveryState::Failed).await;
+    *older.lock().unwrap() = first.clone();
+    let head = trigger(&producer, "step", "1".into()).await;
+    receiver.wait_until("the head's first attempt", DEADLINE, |r| r.iter().any(|r| r.webhook_id() == head)).await;
+    let request = hookd_client::v1::ListDeliveriesRequest { event_id: first.clone(), ..Default::default() };
+    let older_delivery = producer.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries.remove(0);
+    let retry = hookd_client::v1::RetryDeliveryRequest { delivery_id: older_delivery.id };
+    producer.delivery().retry_delivery(retry).await.unwrap();
+    // The manual attempt fails and is not retried; the head's retry still comes, and it ends.
+    receiver
+        .wait_until("the head's retry", DEADLINE, |r| r.iter().any(|r| r.webhook_id() == head && r.attempt() == 2))
+        .await;
+    listener_settled(&producer, &listener, 2, hookd_client::v1::DeliveryState::Failed).await;
+    let manual = receiver.requests().iter().filter(|r| r.webhook_id() == first && r.attempt() == 3).count();
+    assert_eq!(manual, 1);
+}

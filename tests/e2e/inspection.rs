@@ -495,3 +495,72 @@ async fn with_a_short_retention_the_data_directory_stops_growing_under_steady_lo
         "the data directory kept growing: +{growth} bytes while {written} payload bytes were written; sizes {sizes:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_attempts_still_to_come_are_listed_as_pending() {
+    const EVENTS: usize = 5;
+    let receiver = Receiver::start().await;
+    receiver.script("/busy", |_, _| Reply::Hang);
+    // One request at a time: the first event's attempt hangs, the others wait their turn in
+    // memory, written nowhere yet.
+    let server = server_with(|config| {
+        config.pipeline.listener_in_flight = 1;
+        config.pipeline.attempt_timeout = DEADLINE * 2;
+    })
+    .await;
+    let (producer, _, _) = server.producer("waiting").await;
+    let hash = derive(&producer, "queued").await;
+    let listener = listen(&producer, &hash, receiver.url("/busy")).await;
+    let mut events = Vec::new();
+    for n in 0..EVENTS {
+        events.push(trigger(&producer, "queued", &n.to_string()).await);
+    }
+    receiver.wait_until("the first attempt hanging", DEADLINE, |requests| !requests.is_empty()).await;
+
+    let by_listener = ListDeliveriesRequest { listener_id: listener.clone(), page_size: 2, ..Default::default() };
+    let mut listed = Vec::new();
+    let mut request = by_listener.clone();
+    loop {
+        let page = producer.delivery().list_deliveries(request.clone()).await.unwrap().into_inner();
+        listed.extend(page.deliveries);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    let listed_events: Vec<&str> = listed.iter().map(|d| d.event_id.as_str()).collect();
+    assert_eq!(listed_events, events.iter().map(String::as_str).collect::<Vec<_>>(), "one per event, in order");
+    assert!(listed.iter().all(|d| d.state == DeliveryState::Pending as i32 && d.attempts == 0), "{listed:?}");
+    let pending_only = ListDeliveriesRequest { state: DeliveryState::Pending as i32, ..by_listener.clone() };
+    assert!(!producer.delivery().list_deliveries(pending_only).await.unwrap().into_inner().deliveries.is_empty());
+    let failed_only = ListDeliveriesRequest { state: DeliveryState::Failed as i32, ..by_listener };
+    assert!(producer.delivery().list_deliveries(failed_only).await.unwrap().into_inner().deliveries.is_empty());
+
+    let waiting = deliveries_of_event(&producer, &events[EVENTS - 1]).await;
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].state, waiting[0].attempts), (DeliveryState::Pending as i32, 0));
+    assert_eq!(waiting[0].id, listed[EVENTS - 1].id, "the same delivery, however it is listed");
+    let attempts = producer
+        .delivery()
+        .list_attempts(ListAttemptsRequest { delivery_id: waiting[0].id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .attempts;
+    assert!(attempts.is_empty());
+    let refused = producer.delivery().retry_delivery(RetryDeliveryRequest { delivery_id: waiting[0].id.clone() }).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("first attempt"), "{refused:?}");
+    // Another producer sees none of it.
+    let (stranger, _, _) = server.producer("stranger").await;
+    let peek = stranger.delivery().list_attempts(ListAttemptsRequest { delivery_id: waiting[0].id.clone() }).await;
+    assert_eq!(peek.unwrap_err().code(), Code::NotFound);
+
+    // Once answered, each is recorded and the listings say so.
+    receiver.script("/busy", |_, _| Reply::Status(200));
+    receiver.release();
+    for event in &events {
+        settled(&producer, event, 1, DeliveryState::Succeeded).await;
+    }
+}

@@ -7,6 +7,7 @@ mod delivery;
 mod disk_full;
 mod inspection;
 mod intake;
+mod isolation;
 mod listeners;
 mod producers;
 mod receiver;

@@ -46,6 +46,8 @@ pub enum Reply {
     WithHeaders(u16, Vec<(&'static str, String)>),
     /// Holds the request open until the receiver is released or dropped.
     Hang,
+    /// A status, after a while.
+    After(Duration, u16),
 }
 
 type Script = Arc<dyn Fn(&Received, usize) -> Reply + Send + Sync>;
@@ -237,6 +239,10 @@ async fn answer(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
             state.release.cancelled().await;
             *state.hanging.lock().unwrap() -= 1;
             (503, Vec::new())
+        }
+        Reply::After(delay, status) => {
+            tokio::time::sleep(delay).await;
+            (status, Vec::new())
         }
     };
     let mut response = Response::new(Full::new(Bytes::from_static(b"recorded")));

@@ -178,3 +178,53 @@ fn quarantine(context: &Context, seq: u64) {
         tracing::error!(seq, error = &error as &dyn std::error::Error, "cannot record a damaged event as put aside");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Event, HistoryStore, NewEvent, PipelineStore, Producer, SledStore, Store};
+
+    // Regression: one event record that did not decode stopped all fan-out for good.
+    #[tokio::test]
+    async fn a_damaged_event_is_put_aside_and_fan_out_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let producer = Producer { id: "prd_a".into(), enabled: true, ..Producer::default() };
+        store.create_producer(producer, [1; 32]).await.unwrap();
+        let listener = Listener {
+            id: "lst_a".into(),
+            producer_id: "prd_a".into(),
+            event_type: "thing".into(),
+            enabled: true,
+            ..Listener::default()
+        };
+        store.insert_listener(listener).await.unwrap();
+        for _ in 0..3 {
+            let event = NewEvent {
+                producer_id: "prd_a".into(),
+                key_hash: [1; 32],
+                event_type: "thing".into(),
+                payload: b"{}".to_vec(),
+                content_type: "application/json".into(),
+                idempotency_key: None,
+                created_at_ms: 1,
+            };
+            store.append_event(event).await.unwrap();
+        }
+        store.settled().await.unwrap();
+        store.damage_event(1);
+        let context = Context::for_tests(store.clone());
+        let mut position = Position { next_seq: 0, after_listener: None };
+        let handed = next_chunk(&context, &mut position, 3, 0).unwrap().unwrap();
+        let seqs: Vec<u64> = handed.pairs.iter().map(|pair| pair.seq).collect();
+        assert_eq!(seqs, [0, 2], "the damaged event is skipped, the next one fanned out");
+        assert_eq!(handed.next_seq, 3);
+        assert_eq!(store.quarantined(), [1], "and recorded as put aside");
+        // Reads say what happened to it, and listings go on around it.
+        assert!(matches!(store.event_at(1), Err(StoreError::DamagedEvent { seq: 1 })));
+        let listed = store.list_events(&Default::default(), None, 10).unwrap();
+        let listed: Vec<u64> = listed.items.iter().map(|event: &Event| event.seq).collect();
+        assert_eq!(listed, [0, 2]);
+        store.close().unwrap();
+    }
+}

@@ -282,3 +282,22 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+impl Context {
+    /// A context over `store` with the default configuration, for tests of the tasks.
+    pub(crate) fn for_tests<S: Store + PipelineStore>(store: Arc<S>) -> Arc<Self> {
+        let config = PipelineConfig::default();
+        Arc::new(Self {
+            store: store.clone(),
+            queue: store.clone(),
+            recorder: recorder::Recorder::start(store, 64).expect("the recorder starts"),
+            keyring: Keyring::from_base64(&crate::crypto::mint_master_key_base64()).expect("a fresh key"),
+            sender: deliver::Sender::new(config.attempt_timeout, config.target_policy.clone()).expect("a client"),
+            config,
+            wake: Notify::new(),
+            queued_from: Mutex::new(None),
+            watchers: Watchers::new(1),
+        })
+    }
+}

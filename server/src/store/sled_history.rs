@@ -164,7 +164,7 @@ impl SledStore {
 
     /// A listener's deliveries still waiting in the log, after `after` (a delivery id), in id
     /// order: at most `limit`, looking at no more than `budget` of its producer's events.
-    /// Also returns the last delivery id position looked at when it stopped early.
+    /// Also returns where it stopped, when more may follow.
     fn implicit_of_listener(
         &self,
         listener: &Listener,
@@ -202,7 +202,9 @@ impl SledStore {
             }
             found.push(delivery);
             if found.len() == limit {
-                return Ok((found, None));
+                // More may follow: the page ends here.
+                let last = found.last().map(|delivery| delivery.id.clone());
+                return Ok((found, last));
             }
         }
         Ok((found, None))

@@ -390,6 +390,23 @@ impl SledStore {
     }
 }
 
+#[cfg(test)]
+impl SledStore {
+    /// Overwrites the log's record of event `seq` with bytes that do not decode.
+    pub(crate) fn damage_event(&self, seq: u64) {
+        self.tree.insert(keys::event(seq), &b"\x01not an event"[..]).unwrap();
+    }
+
+    /// The events put aside, by number.
+    pub(crate) fn quarantined(&self) -> Vec<u64> {
+        self.queue
+            .scan_prefix(keys::QUARANTINED)
+            .keys()
+            .map(|key| u64::from_be_bytes(key.unwrap()[keys::QUARANTINED.len()..].try_into().unwrap()))
+            .collect()
+    }
+}
+
 impl Store for SledStore {
     fn check_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
         let mut expected = key_id.as_bytes().to_vec();

@@ -610,3 +610,62 @@ async fn an_idempotency_key_outlives_an_event_trimmed_within_its_window() {
     assert!(!later.duplicate);
     store.close().unwrap();
 }
+
+#[tokio::test]
+async fn a_listeners_deliveries_are_listed_recorded_or_still_waiting_in_the_log_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    store.insert_listener(listener("lst_l", "prd_a", "thing")).await.unwrap();
+    let mut events = Vec::new();
+    for at in 0..7 {
+        let mut event = new_event("prd_a", None, at);
+        event.event_type = if at == 3 { "other".into() } else { "thing".into() };
+        events.push(store.append_event(event).await.unwrap().event_id);
+    }
+    store.settled().await.unwrap();
+    // Events 0, 2 and 4 had their first attempt (succeeded); the rest still wait in the log
+    // (3 is another type).
+    let recorded: Vec<Completion> = [0u64, 2, 4]
+        .iter()
+        .map(|&seq| {
+            let event = store.event_at(seq).unwrap().unwrap();
+            let mut delivery = Delivery::pending(ids::delivery_id(seq, "lst_l"), &event, "lst_l", 0);
+            delivery.state = DeliveryState::Succeeded as i32;
+            delivery.attempts = 1;
+            let attempt = Attempt { number: 1, status_code: 200, ..Attempt::default() };
+            Completion { delivery, attempt, entry: None, next: NextStep::Done, ordered: false }
+        })
+        .collect();
+    store.complete_attempts(recorded).unwrap();
+    for page_size in [1, 2, 3, 100] {
+        let mut listed = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.deliveries_of_listener("lst_l", None, after.as_deref(), page_size).unwrap();
+            assert!(page.items.len() <= page_size);
+            listed.extend(page.items.into_iter().map(|d| (d.event_seq, DeliveryState::try_from(d.state).unwrap())));
+            match page.resume_after {
+                Some(resume) => after = Some(resume),
+                None => break,
+            }
+        }
+        let expected: Vec<(u64, DeliveryState)> = [0, 1, 2, 4, 5, 6]
+            .iter()
+            .map(|&seq| (seq, if [0, 2, 4].contains(&seq) { DeliveryState::Succeeded } else { DeliveryState::Pending }))
+            .collect();
+        assert_eq!(listed, expected, "pages of {page_size}");
+    }
+    let pending = store.deliveries_of_listener("lst_l", Some(DeliveryState::Pending), None, 100).unwrap();
+    assert_eq!(pending.items.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [1, 5, 6]);
+    // Once fan-out's cursor has passed them, only records are listed.
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 7, ..FanoutCursor::default() }).unwrap();
+    assert_eq!(store.deliveries_of_listener("lst_l", None, None, 100).unwrap().items.len(), 3);
+    // One event's: recorded or not, and one by id.
+    store.set_fanout_cursor(&FanoutCursor::default()).unwrap();
+    assert_eq!(store.deliveries_of_event(5, None, None, 10).unwrap().items.len(), 1);
+    let (waiting, recorded) = store.delivery_view(&ids::delivery_id(5, "lst_l")).unwrap().unwrap();
+    assert!(!recorded && waiting.state == DeliveryState::Pending as i32 && waiting.event_id == events[5]);
+    assert!(store.delivery_view(&ids::delivery_id(3, "lst_l")).unwrap().is_none(), "not a type it listens to");
+    assert!(store.delivery_view(&ids::delivery_id(0, "lst_l")).unwrap().unwrap().1);
+    store.close().unwrap();
+}

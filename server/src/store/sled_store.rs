@@ -178,6 +178,8 @@ pub struct SledStore {
     /// Serialises the history changes that read before they write (retention, recovery,
     /// manual attempts, replays), so one never deletes what another just revived.
     pub(super) history_lock: Mutex<()>,
+    /// Serialises writes of producers, keys, hashes and listeners (see [`SledStore::write`]).
+    admin_lock: Arc<Mutex<()>>,
     /// Appends not yet in sled, weighed by [`append_weight`]: bounds intake memory whatever
     /// the payload limit and the number of callers, and how far sled may trail the journal.
     pending_bytes: Arc<Semaphore>,
@@ -266,13 +268,6 @@ fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) 
         tracing::info!(events = replayed, "wrote in the events of the journal's last checkpoint");
     }
     Ok((next, last_created))
-}
-
-/// The number the next event will get, as a write job sees it: the writer hands a write to
-/// the applier after every event triggered before it, so each of those is numbered below
-/// this, and each event triggered after the write is answered at or above it.
-fn first_unwritten_seq(tree: &Tree) -> Result<u64, StoreError> {
-    Ok(read_u64(tree, keys::NEXT_SEQ)?.unwrap_or(0))
 }
 
 fn read_u64(tree: &Tree, key: &[u8]) -> Result<Option<u64>, StoreError> {
@@ -364,29 +359,57 @@ impl SledStore {
             callers,
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             history_lock: Mutex::new(()),
+            admin_lock: Arc::default(),
             listeners_generation: Arc::default(),
         }))
     }
 
-    /// The next event's sequence number once everything appended so far is durable and
-    /// readable: it changes (grows) as events are appended. Fan-out follows it.
+    /// How far fan-out may go: the next event's sequence number once everything appended so
+    /// far is durable and readable, held back while a listener is being written. It grows as
+    /// events are appended. Fan-out follows it.
     pub fn durable_seq(&self) -> watch::Receiver<u64> {
-        self.progress.applied_watch()
+        self.progress.fanout_end_watch()
     }
 
     fn sender(&self) -> Result<JobSender, StoreError> {
         self.jobs.lock().expect("writer sender lock is never poisoned").clone().ok_or_else(|| self.progress.stopped())
     }
 
-    /// Runs `apply` on the writer thread and resolves once its group is flushed.
-    fn write<T, F>(&self, apply: F) -> StoreFuture<T>
+    /// Runs a read-modify-write of producers, keys, hashes or listeners, and resolves once it
+    /// is flushed: off the intake's line, so no trigger waits behind it, and one at a time.
+    /// `apply` gets the number the next event will get. With `fence`, fan-out is held back
+    /// from every event numbered from then on until `apply` has written (a listener's
+    /// registration or disabling point must be in place before fan-out reaches it). Once
+    /// written, cached callers are forgotten and the intake group under way is waited for, so
+    /// every trigger answered after this returns was checked against the new state.
+    fn write<T, F>(&self, fence: bool, apply: F) -> StoreFuture<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Tree, u64) -> Result<T, StoreError> + Send + 'static,
     {
-        let sender = self.sender();
-        let progress = self.progress.clone();
-        Box::pin(async move { writer::write(&sender?, &progress, apply).await })
+        let (tree, progress, callers, serial) =
+            (self.tree.clone(), self.progress.clone(), self.callers.clone(), self.admin_lock.clone());
+        let closed = self.jobs.lock().expect("writer sender lock is never poisoned").is_none();
+        Box::pin(async move {
+            if closed {
+                return Err(StoreError::Closed);
+            }
+            crate::blocking(move || {
+                let _serial = serial.lock().expect("the admin write lock is never poisoned");
+                let result = if fence {
+                    let fence = progress.fence();
+                    apply(&tree, fence.next_seq)
+                } else {
+                    apply(&tree, progress.staged())
+                };
+                let flushed = tree.flush();
+                callers.forget_all();
+                progress.wait_for_groups();
+                flushed?;
+                result
+            })
+            .await
+        })
     }
 }
 
@@ -430,7 +453,7 @@ impl Store for SledStore {
     }
 
     fn create_producer(&self, producer: Producer, key_hash: [u8; 32]) -> StoreFuture<()> {
-        self.write(move |tree| {
+        self.write(false, move |tree, _| {
             let mut batch = Batch::default();
             let entry = ApiKeyEntry { producer_id: producer.id.clone(), expires_at_ms: 0 };
             batch.insert(keys::api_key(&key_hash), encode(&entry));
@@ -468,7 +491,7 @@ impl Store for SledStore {
         grace_ms: u64,
     ) -> StoreFuture<bool> {
         let producer_id = producer_id.to_owned();
-        self.write(move |tree| {
+        self.write(false, move |tree, _| {
             let Some(mut producer) = read::<Producer>(tree, &keys::producer(&producer_id))? else {
                 return Ok(false);
             };
@@ -499,7 +522,7 @@ impl Store for SledStore {
 
     fn set_producer_enabled(&self, producer_id: &str, enabled: bool, reason: String) -> StoreFuture<Option<Producer>> {
         let producer_id = producer_id.to_owned();
-        self.write(move |tree| {
+        self.write(false, move |tree, _| {
             let key = keys::producer(&producer_id);
             let Some(mut producer) = read::<Producer>(tree, &key)? else {
                 return Ok(None);
@@ -513,7 +536,7 @@ impl Store for SledStore {
 
     fn put_event_hash(&self, event_hash: &str, entry: EventHashEntry) -> StoreFuture<()> {
         let key = keys::event_hash(event_hash);
-        self.write(move |tree| {
+        self.write(false, move |tree, _| {
             tree.insert(key, encode(&entry))?;
             Ok(())
         })
@@ -525,8 +548,8 @@ impl Store for SledStore {
 
     fn insert_listener(&self, mut listener: Listener) -> StoreFuture<()> {
         let generation = self.listeners_generation.clone();
-        self.write(move |tree| {
-            listener.enabled_from_seq = first_unwritten_seq(tree)?;
+        self.write(true, move |tree, next_seq| {
+            listener.enabled_from_seq = next_seq;
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, true);
             batch.insert(keys::listener(&listener.id), encode(&listener));
@@ -569,7 +592,7 @@ impl Store for SledStore {
         let key = keys::listener(listener_id);
         let queue = self.queue.clone();
         let generation = self.listeners_generation.clone();
-        self.write(move |tree| {
+        self.write(true, move |tree, next_seq| {
             let Some(mut listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
             };
@@ -589,9 +612,9 @@ impl Store for SledStore {
                     } else {
                         0
                     };
-                    listener.reenabled(first_unwritten_seq(tree)?, fanout_next_seq);
+                    listener.reenabled(next_seq, fanout_next_seq);
                 }
-                (true, false) => listener.disabled_from_seq = first_unwritten_seq(tree)?,
+                (true, false) => listener.disabled_from_seq = next_seq,
                 _ => {}
             }
             tree.insert(key, encode(&listener))?;
@@ -603,7 +626,7 @@ impl Store for SledStore {
     fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<Listener>> {
         let key = keys::listener(listener_id);
         let generation = self.listeners_generation.clone();
-        self.write(move |tree| {
+        self.write(false, move |tree, _| {
             let Some(listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
             };

@@ -669,3 +669,37 @@ async fn a_listeners_deliveries_are_listed_recorded_or_still_waiting_in_the_log_
     assert!(store.delivery_view(&ids::delivery_id(0, "lst_l")).unwrap().unwrap().1);
     store.close().unwrap();
 }
+
+// Registration and admin writes used to run on the intake's line, and a trigger waited for
+// them and their flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_never_waits_behind_a_listener_write_which_holds_fan_out_back_until_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    store.settled().await.unwrap();
+    let (entered, mut inside) = tokio::sync::mpsc::unbounded_channel();
+    let (hold, held) = std::sync::mpsc::channel::<()>();
+    // A listener write (it puts the fence up) that stops half-way until told to go on.
+    let write = store.write(true, move |_, next_seq| {
+        entered.send(next_seq).unwrap();
+        held.recv().unwrap();
+        Ok(())
+    });
+    let write = tokio::spawn(write);
+    let point = inside.recv().await.unwrap();
+    assert_eq!(point, 1, "the next event's number");
+    // Triggers are answered meanwhile...
+    let during = tokio::time::timeout(Duration::from_secs(30), store.append_event(new_event("prd_a", None, 2)))
+        .await
+        .expect("a trigger is answered while a listener write is under way")
+        .unwrap();
+    assert_eq!(ids::event_seq(&during.event_id), Some(1));
+    store.settled().await.unwrap();
+    // ...but fan-out does not reach them before the listener is written.
+    assert_eq!(*store.durable_seq().borrow(), 1, "held back at the fence");
+    hold.send(()).unwrap();
+    write.await.unwrap().unwrap();
+    assert_eq!(*store.durable_seq().borrow(), 2, "the fence is down once written");
+    store.close().unwrap();
+}

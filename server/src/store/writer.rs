@@ -16,12 +16,15 @@
 //!   sled); beyond that, new triggers wait. Its batches and the writer's reads of sled take
 //!   turns ([`Progress::reading_turn`]): both need sled's process-wide lock.
 //!
-//! Every other write (producers, keys, listeners) is a [`Job::Write`] run by the applier, in
-//! line after every event appended before it. The applier forgets every cached caller
-//! ([`Callers`]) before the write's caller hears back, and the writer waits until the write
-//! is applied and flushed before taking another job, so a producer disabled (or a key
-//! revoked) is refused from the next trigger on. None of these threads
-//! awaits sled's `flush_async` (it hung under concurrent callers here).
+//! Every other write (producers, keys, hashes, listeners) stays off this line, so a trigger
+//! never waits behind it or its flush (see `SledStore::write`). What keeps them in step:
+//! the writer publishes the number the next event will get ([`Progress::staged`]), which a
+//! listener write takes as its registration or disabling point while it holds fan-out back
+//! from that number ([`Progress::fence`]) until the listener is written; and every such
+//! write forgets the cached callers ([`Callers`]) and then waits for the group the writer is
+//! in the middle of ([`Progress::wait_for_groups`]), so a producer disabled (or a key
+//! revoked) is refused from the next trigger on. None of these threads awaits sled's
+//! `flush_async` (it hung under concurrent callers here).
 
 use sled::Tree;
 use std::collections::{HashMap, VecDeque};
@@ -56,11 +59,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Callers cached at most; the cache starts afresh when full.
 const CALLERS_CACHED: usize = 10_000;
 
-/// Runs after the write's flush with its outcome.
-pub(crate) type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-/// A read-modify-write applied by the applier; returns what to do once the flush is known.
-pub(crate) type WriteFn = Box<dyn FnOnce(&Tree) -> Completion + Send>;
-
 pub(crate) enum Job {
     Append {
         event: NewEvent,
@@ -68,14 +66,12 @@ pub(crate) enum Job {
         permit: OwnedSemaphorePermit,
         reply: oneshot::Sender<Result<Appended, StoreError>>,
     },
-    Write(WriteFn),
 }
 
 impl Job {
     fn bytes(&self) -> usize {
         match self {
             Job::Append { event, .. } => event.payload.len(),
-            Job::Write(_) => 0,
         }
     }
 }
@@ -103,6 +99,30 @@ pub(crate) struct Progress {
     /// thread that failed first. Callers are told this instead of "closed", and health
     /// follows it.
     failure: watch::Sender<Option<Arc<str>>>,
+    /// The number the writer gives the next event it numbers.
+    staged: AtomicU64,
+    /// Groups the writer has begun and finished (answered, or failed): (begun, finished).
+    groups: Mutex<(u64, u64)>,
+    group_finished: Condvar,
+    /// While a listener is written: fan-out goes no further than this event number.
+    fence: Mutex<Option<u64>>,
+    /// How far fan-out may go: the applied end, held back by the fence.
+    fanout_end: watch::Sender<u64>,
+}
+
+/// Holds fan-out back while a listener is written (see [`Progress::fence`]); lifted when
+/// dropped.
+pub(crate) struct Fence<'a> {
+    progress: &'a Progress,
+    /// Events numbered from here on were not numbered when the fence went up.
+    pub next_seq: u64,
+}
+
+impl Drop for Fence<'_> {
+    fn drop(&mut self) {
+        *self.progress.fence.lock().expect("the fence lock is never poisoned") = None;
+        self.progress.publish_fanout_end();
+    }
 }
 
 /// The longest a read waits for the applier before it gives up with [`StoreError::Behind`].
@@ -119,7 +139,71 @@ impl Progress {
             sled_turn: Mutex::new(()),
             index_lock: Mutex::new(()),
             failure: watch::channel(None).0,
+            staged: AtomicU64::new(next_seq),
+            groups: Mutex::new((0, 0)),
+            group_finished: Condvar::new(),
+            fence: Mutex::new(None),
+            fanout_end: watch::channel(next_seq).0,
         })
+    }
+
+    /// The number the next event will get (or a higher one).
+    pub(crate) fn staged(&self) -> u64 {
+        self.staged.load(Ordering::Acquire)
+    }
+
+    /// Holds fan-out back from every event not yet numbered, until the fence is dropped: an
+    /// event numbered at or after [`Fence::next_seq`] is fanned out only once what is written
+    /// under the fence can be read.
+    pub(crate) fn fence(&self) -> Fence<'_> {
+        let mut fence = self.fence.lock().expect("the fence lock is never poisoned");
+        // Nothing numbered from here on has been applied: fan-out has not seen it.
+        let at = self.staged();
+        *fence = Some(at);
+        drop(fence);
+        self.publish_fanout_end();
+        // Read again after the fence is up: the writer may have numbered more meanwhile, all
+        // still held back.
+        Fence { progress: self, next_seq: self.staged() }
+    }
+
+    fn publish_fanout_end(&self) {
+        let fence = *self.fence.lock().expect("the fence lock is never poisoned");
+        let end = fence.map_or(self.applied(), |fence| fence.min(self.applied()));
+        self.fanout_end.send_if_modified(|current| {
+            let changed = *current != end;
+            *current = end;
+            changed
+        });
+    }
+
+    /// How far fan-out may go, as a watch.
+    pub(crate) fn fanout_end_watch(&self) -> watch::Receiver<u64> {
+        self.fanout_end.subscribe()
+    }
+
+    fn group_begun(&self) {
+        self.groups.lock().expect("the groups lock is never poisoned").0 += 1;
+    }
+
+    fn group_finished(&self) {
+        self.groups.lock().expect("the groups lock is never poisoned").1 += 1;
+        self.group_finished.notify_all();
+    }
+
+    /// Waits until every group the writer had begun when called has finished: whatever it
+    /// checked against a state before the caller's write is answered by then. Gives up once
+    /// the line has stopped.
+    pub(crate) fn wait_for_groups(&self) {
+        let mut groups = self.groups.lock().expect("the groups lock is never poisoned");
+        let begun = groups.0;
+        while groups.1 < begun && self.failure().is_none() {
+            groups = self
+                .group_finished
+                .wait_timeout(groups, Duration::from_millis(100))
+                .expect("the groups lock is never poisoned")
+                .0;
+        }
     }
 
     /// Records why the line stopped (the first cause only) and says it at error level.
@@ -178,11 +262,6 @@ impl Progress {
         self.index_lock.lock().expect("the index lock is never poisoned")
     }
 
-    /// The next event not yet in sled, as a watch.
-    pub(crate) fn applied_watch(&self) -> watch::Receiver<u64> {
-        self.applied_watch.subscribe()
-    }
-
     fn applied(&self) -> u64 {
         *self.applied.lock().expect("progress lock is never poisoned")
     }
@@ -191,6 +270,7 @@ impl Progress {
         *self.applied.lock().expect("progress lock is never poisoned") = next_seq;
         self.applied_changed.notify_all();
         self.applied_watch.send_replace(next_seq);
+        self.publish_fanout_end();
     }
 
     /// Whether event `seq` is acknowledged but not yet in sled.
@@ -263,7 +343,7 @@ impl Callers {
         Ok(Some(caller))
     }
 
-    fn forget_all(&self) {
+    pub(crate) fn forget_all(&self) {
         let mut cached = self.cached.write().expect("callers lock is never poisoned");
         self.generation.fetch_add(1, Ordering::AcqRel);
         cached.clear();
@@ -276,16 +356,9 @@ struct Staged {
     _permit: OwnedSemaphorePermit,
 }
 
-/// A write and how to tell the writer it is done.
-struct Write {
-    write: WriteFn,
-    done: std_mpsc::SyncSender<()>,
-}
-
 /// What the writer hands the applier.
 enum Apply {
     Events { events: Vec<Staged>, next_seq: u64 },
-    Write(Write),
 }
 
 /// Puts an event's records in `batch`: the event and its idempotency record if it has a
@@ -355,14 +428,14 @@ impl Writer {
         crate::priority::short_slice();
         let (to_applier, applier_jobs) = std_mpsc::sync_channel::<Apply>(APPLIES_IN_FLIGHT);
         let applier = {
-            let (tree, progress, callers) = (self.tree.clone(), self.progress.clone(), self.callers.clone());
+            let (tree, progress) = (self.tree.clone(), self.progress.clone());
             std::thread::Builder::new()
                 .name("hookd-applier".into())
-                .spawn(move || apply_loop(&tree, &progress, &callers, &applier_jobs))
+                .spawn(move || apply_loop(&tree, &progress, &applier_jobs))
                 .expect("the applier thread starts")
         };
         let mut group = Vec::with_capacity(64);
-        'serve: while let Some(first) = self.jobs.blocking_recv() {
+        while let Some(first) = self.jobs.blocking_recv() {
             let mut bytes = first.bytes();
             group.push(first);
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
@@ -375,6 +448,7 @@ impl Writer {
                 }
             }
             self.forget_applied_claims();
+            self.progress.group_begun();
             let mut pending = Pending::default();
             // The applier's batches wait while this group's reads run. A group with no
             // idempotency key has no such reads (its callers are checked from memory, or
@@ -402,22 +476,11 @@ impl Writer {
                             let _ = reply.send(Err(error));
                         }
                     },
-                    Job::Write(write) => {
-                        // Earlier appends go first, so the write sees the state before it.
-                        if !self.commit(std::mem::take(&mut pending), &to_applier) {
-                            break 'serve;
-                        }
-                        let (done, applied) = std_mpsc::sync_channel(1);
-                        if to_applier.send(Apply::Write(Write { write, done })).is_err() {
-                            break 'serve;
-                        }
-                        // Nothing more is taken until the write is applied: later triggers
-                        // must see it (a producer disabled, a key revoked).
-                        let _ = applied.recv();
-                    }
                 }
             }
-            if !self.commit(pending, &to_applier) {
+            let going_on = self.commit(pending, &to_applier);
+            self.progress.group_finished();
+            if !going_on {
                 break;
             }
         }
@@ -548,6 +611,7 @@ impl Writer {
         };
         journal::frame(buf, &encode(&record));
         self.next_seq += 1;
+        self.progress.staged.store(self.next_seq, Ordering::Release);
         self.last_created_ms = created_at_ms;
         if let Some(idem_key) = idempotency {
             self.claims.insert(idem_key.clone(), Claim { event_id: event_id.clone(), seq, created_at_ms });
@@ -603,7 +667,7 @@ fn checkpoint(tree: &Tree, progress: &Progress, next_seq: u64) -> Result<(), sle
 
 /// Writes acknowledged events into sled and runs other writes in line; checkpoints every
 /// [`CHECKPOINT_EVERY`] and once more at the end.
-fn apply_loop(tree: &Tree, progress: &Progress, callers: &Callers, steps: &std_mpsc::Receiver<Apply>) {
+fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply>) {
     let mut last_checkpoint = Instant::now();
     // The next event not yet in sled, once something was applied since the last checkpoint.
     let mut unflushed: Option<u64> = None;
@@ -618,22 +682,6 @@ fn apply_loop(tree: &Tree, progress: &Progress, callers: &Callers, steps: &std_m
                 progress.set_applied(next_seq);
                 unflushed = Some(next_seq);
             }),
-            Some(Apply::Write(Write { write, done })) => {
-                // A panicking edit fails its own caller, not the line.
-                let completion = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(tree)));
-                let flushed = match unflushed.take() {
-                    Some(next_seq) => checkpoint(tree, progress, next_seq),
-                    None => tree.flush().map(|_| ()),
-                };
-                // Before the caller hears back: its next trigger must not meet a stale key.
-                callers.forget_all();
-                match completion {
-                    Ok(completion) => completion(flushed.clone().map_err(StoreError::from)),
-                    Err(_) => tracing::error!("a database write job panicked; its caller gets an error"),
-                }
-                let _ = done.send(());
-                flushed.map_err(StoreError::from)
-            }
             None => Ok(()),
         };
         let outcome = outcome.and_then(|()| {
@@ -682,23 +730,6 @@ fn apply_events(tree: &Tree, progress: &Progress, events: Vec<Staged>) -> Result
     Ok(())
 }
 
-/// Sends a read-modify-write to the writer and waits until it is applied and flushed.
-pub(crate) async fn write<T, F>(jobs: &JobSender, progress: &Progress, apply: F) -> Result<T, StoreError>
-where
-    T: Send + 'static,
-    F: FnOnce(&Tree) -> Result<T, StoreError> + Send + 'static,
-{
-    let (reply, answer) = oneshot::channel();
-    let job: WriteFn = Box::new(move |tree| {
-        let result = apply(tree);
-        Box::new(move |flushed| {
-            let _ = reply.send(flushed.and(result));
-        })
-    });
-    jobs.send(Job::Write(job)).await.map_err(|_| progress.stopped())?;
-    answer.await.map_err(|_| progress.stopped())?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -716,6 +747,6 @@ mod tests {
         };
         assert!(progress.settle_within(SETTLE_LIMIT).is_ok());
         applier.join().unwrap();
-        assert_eq!(*progress.applied_watch().borrow(), 12, "fan-out sees it too");
+        assert_eq!(*progress.fanout_end_watch().borrow(), 12, "fan-out sees it too");
     }
 }

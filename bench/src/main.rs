@@ -8,6 +8,7 @@
 //! figure reported is the median of its N values (the rounds themselves are in the JSON).
 
 mod hookd;
+mod isolation;
 mod ordered;
 mod raw;
 mod receiver;
@@ -57,6 +58,8 @@ struct Plan {
     store_deliveries: usize,
     /// Events to the ordered listener, alone and beside load.
     ordered_events: usize,
+    /// How long the isolation scenario publishes its steady load, each time.
+    isolation_for: Duration,
 }
 
 const QUICK: Plan = Plan {
@@ -68,6 +71,7 @@ const QUICK: Plan = Plan {
     backlog_pending: 200_000,
     store_deliveries: 20_000,
     ordered_events: 500,
+    isolation_for: Duration::from_secs(5),
 };
 
 const FULL: Plan = Plan {
@@ -79,16 +83,24 @@ const FULL: Plan = Plan {
     backlog_pending: 1_000_000,
     store_deliveries: 100_000,
     ordered_events: 2_000,
+    isolation_for: Duration::from_secs(15),
 };
 
-const SCENARIOS: [&str; 6] = ["trigger", "stream", "delivery", "backlog", "store", "ordered"];
-const USAGE: &str =
-    "usage: hookd-bench [--quick] [--json FILE] [--rounds N] [--only trigger|stream|delivery|backlog|store|ordered]";
+const SCENARIOS: [&str; 7] = ["trigger", "stream", "delivery", "backlog", "store", "ordered", "isolation"];
+const USAGE: &str = "usage: hookd-bench [--quick] [--json FILE] [--rounds N] [--only \
+                     trigger|stream|delivery|backlog|store|ordered|isolation]";
 const LISTENER_COUNTS: [usize; 4] = [0, 1, 100, 1000];
 const CONCURRENCY: usize = 64;
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
+fn main() -> Result<(), BoxError> {
+    // The receiver process of the idle-receiver mode (see `receiver::serve_idle`).
+    if std::env::args().nth(1).as_deref() == Some("--serve-receiver") {
+        return receiver::serve_idle();
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench())
+}
+
+async fn bench() -> Result<(), BoxError> {
     EPOCH.get_or_init(Instant::now);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let plan = if args.iter().any(|a| a == "--quick") { &QUICK } else { &FULL };
@@ -131,6 +143,8 @@ async fn main() -> Result<(), BoxError> {
         let backlog = if wanted("backlog") { backlog_scenario(plan, &binary, &receiver).await? } else { Value::Null };
         let store = if wanted("store") { store::floor(plan.store_deliveries).await? } else { Value::Null };
         let ordered = if wanted("ordered") { ordered::scenario(plan, &binary, &receiver).await? } else { Value::Null };
+        let isolation =
+            if wanted("isolation") { isolation::scenario(plan, &binary, &receiver).await? } else { Value::Null };
         results.push(json!({
             "trigger": trigger,
             "stream": stream,
@@ -138,6 +152,7 @@ async fn main() -> Result<(), BoxError> {
             "backlog": backlog,
             "store": store,
             "ordered": ordered,
+            "isolation": isolation,
         }));
     }
     let mut report = stats::median_of(&results);
@@ -210,39 +225,116 @@ async fn trigger_scenario(
     let raw_per_s = raw::unary_throughput(trivial, CONCURRENCY, plan.throughput_for).await?;
     let mut by_listeners = BTreeMap::new();
     let mut unary_per_s = BTreeMap::new();
+    let mut beside_registration = Value::Null;
     for count in LISTENER_COUNTS {
         let (hookd, _instance, producer) = fresh(binary, &[]).await?;
         listeners(&producer, "bench.trigger", &receiver.url("/trigger"), count).await?;
         receiver.reset(false);
-        let mut samples = Samples::default();
-        for _ in 0..plan.latency_calls {
-            let started = Instant::now();
-            producer.trigger("bench.trigger", micros_since_epoch().to_string()).await?;
-            samples.push(started.elapsed());
-        }
+        let samples = trigger_latency(&producer, plan.latency_calls).await?;
         let per_s = trigger_throughput(&producer, plan.throughput_for).await?;
         eprintln!(
             "trigger, {count} listeners: p50 {:.3} ms, p99 {:.3} ms, {per_s:.0}/s at {CONCURRENCY}",
             samples.p50(),
             samples.p99()
         );
+        if count == 0 {
+            beside_registration = trigger_beside_registration(&hookd, &producer, plan, samples.p99()).await?;
+        }
         by_listeners
             .insert(count.to_string(), json!({ "p50_ms": round(samples.p50()), "p99_ms": round(samples.p99()) }));
         unary_per_s.insert(count.to_string(), round(per_s));
         hookd.kill().await;
     }
-    let p99 = |count: &str| by_listeners[count]["p99_ms"].as_f64().unwrap_or(0.0);
+    // The same latencies with the listeners on a receiver that takes no CPU from hookd.
+    let idle = receiver::IdleReceiver::start().await?;
+    let mut idle_by_listeners = BTreeMap::new();
+    for count in [0, 1000] {
+        let (hookd, _instance, producer) = fresh(binary, &[]).await?;
+        listeners(&producer, "bench.trigger", &idle.url("/trigger"), count).await?;
+        let samples = trigger_latency(&producer, plan.latency_calls).await?;
+        eprintln!(
+            "trigger, {count} listeners on an idle-priority receiver: p50 {:.3} ms, p99 {:.3} ms",
+            samples.p50(),
+            samples.p99()
+        );
+        idle_by_listeners
+            .insert(count.to_string(), json!({ "p50_ms": round(samples.p50()), "p99_ms": round(samples.p99()) }));
+        hookd.kill().await;
+    }
+    drop(idle);
+    let ratio = |table: &BTreeMap<String, Value>| {
+        let p99 = |count: &str| table[count]["p99_ms"].as_f64().unwrap_or(0.0);
+        round(p99("1000") / p99("0").max(f64::MIN_POSITIVE))
+    };
     Ok(json!({
         "p50_ms": by_listeners["0"]["p50_ms"],
         "p99_ms": by_listeners["0"]["p99_ms"],
+        "p99_ratio_1000_vs_0": ratio(&by_listeners),
         "by_listeners": by_listeners,
-        "p99_ratio_1000_vs_0": round(p99("1000") / p99("0").max(f64::MIN_POSITIVE)),
+        "idle_receiver": {
+            "p99_ratio_1000_vs_0": ratio(&idle_by_listeners),
+            "by_listeners": idle_by_listeners,
+        },
+        "beside_registration": beside_registration,
         "unary_per_s": unary_per_s["0"],
         "unary_per_s_by_listeners": unary_per_s,
         "raw_grpc_unary_per_s": round(raw_per_s),
         "raw_grpc_unary_p50_ms": round(raw_latency.p50()),
         "raw_grpc_unary_p99_ms": round(raw_latency.p99()),
         "concurrency": CONCURRENCY,
+    }))
+}
+
+/// One caller's trigger latencies, `calls` of them one after the other.
+async fn trigger_latency(producer: &Client, calls: usize) -> Result<Samples, BoxError> {
+    let mut samples = Samples::default();
+    for _ in 0..calls {
+        let started = Instant::now();
+        producer.trigger("bench.trigger", micros_since_epoch().to_string()).await?;
+        samples.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+/// Trigger latency while another producer derives the hashes of new event types in a loop
+/// (each one a write of its own, flushed), against `alone_p99_ms` measured just before.
+async fn trigger_beside_registration(
+    hookd: &Hookd,
+    producer: &Client,
+    plan: &Plan,
+    alone_p99_ms: f64,
+) -> Result<Value, BoxError> {
+    let admin = Client::connect(hookd.endpoint.clone()).await?.with_api_key(ADMIN_TOKEN)?;
+    let (_, key) = admin.create_producer("bench-registrar").await?;
+    let registrar = Client::connect(hookd.endpoint.clone()).await?.with_api_key(&key)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut derived = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                registrar.event_hash(&format!("bench.new.{derived}")).await?;
+                derived += 1;
+            }
+            Ok::<_, hookd_client::Error>(derived)
+        })
+    };
+    let started = Instant::now();
+    let samples = trigger_latency(producer, plan.latency_calls).await?;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let derived = looping.await??;
+    let per_s = derived as f64 / started.elapsed().as_secs_f64();
+    let ratio = samples.p99() / alone_p99_ms.max(f64::MIN_POSITIVE);
+    eprintln!(
+        "trigger beside {per_s:.0} new event hashes/s: p50 {:.3} ms, p99 {:.3} ms ({ratio:.2} x alone)",
+        samples.p50(),
+        samples.p99()
+    );
+    Ok(json!({
+        "p50_ms": round(samples.p50()),
+        "p99_ms": round(samples.p99()),
+        "p99_ratio": round(ratio),
+        "derived_per_s": round(per_s),
     }))
 }
 
@@ -408,7 +500,20 @@ fn print_table(report: &Value) {
             case["p50_ms"], case["p99_ms"], t["raw_grpc_unary_p50_ms"], t["raw_grpc_unary_p99_ms"]
         );
     }
-    println!("| trigger p99 ratio, 1000 vs 0 listeners | {} | | ≤ 1.2 |", t["p99_ratio_1000_vs_0"]);
+    println!(
+        "| trigger p99 ratio, 1000 vs 0 listeners, receiver sharing the cores | {} | | |",
+        t["p99_ratio_1000_vs_0"]
+    );
+    println!(
+        "| trigger p99 ratio, 1000 vs 0 listeners, receiver at idle priority | {} | | ≤ 1.2 |",
+        t["idle_receiver"]["p99_ratio_1000_vs_0"]
+    );
+    println!(
+        "| trigger p99 beside new event hashes in a loop ({}/s), vs alone | {} ms ({} x) | | ≤ 1.2 x |",
+        t["beside_registration"]["derived_per_s"],
+        t["beside_registration"]["p99_ms"],
+        t["beside_registration"]["p99_ratio"]
+    );
     for count in LISTENER_COUNTS {
         println!(
             "| unary triggers/s, {count} listeners ({CONCURRENCY} callers) | {} | {} | |",
@@ -447,6 +552,16 @@ fn print_table(report: &Value) {
     println!(
         "| one ordered listener, {} events: deliveries/s alone / beside {} deliveries/s to {} others | {} / {} | | |",
         o["events"], o["load_deliveries_per_s"], o["load_listeners"], o["alone_per_s"], o["beside_load_per_s"]
+    );
+    let i = &report["isolation"];
+    println!(
+        "| healthy listeners' lag p50 / p99 alone, and beside {} hanging listeners | {} / {} ms; {} / {} ms (p99 ratio {}) | | ≤ 1.5 |",
+        i["hanging_listeners"],
+        i["alone"]["lag_p50_ms"],
+        i["alone"]["lag_p99_ms"],
+        i["beside_hanging"]["lag_p50_ms"],
+        i["beside_hanging"]["lag_p99_ms"],
+        i["lag_p99_ratio"]
     );
     let b = &report["backlog"];
     println!("| RSS with {} pending deliveries | {} MB | | ≤ 300 MB |", b["pending"], b["rss_mb"]);

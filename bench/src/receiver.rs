@@ -1,5 +1,6 @@
 //! The bench's loopback webhook receiver: answers 200 (or 503 while refusing), counts what it
-//! gets, and measures trigger-to-receipt lag from the timestamp in each payload.
+//! gets, and measures trigger-to-receipt lag from the timestamp in each payload. Requests to
+//! paths starting with `/hang` are held open and never answered.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -110,6 +111,10 @@ impl Receiver {
 }
 
 async fn answer(counters: Arc<Counters>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    // A listener that accepts the connection and never answers.
+    if request.uri().path().starts_with("/hang") {
+        return std::future::pending().await;
+    }
     *counters.by_path.lock().unwrap().entry(request.uri().path().to_owned()).or_default() += 1;
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let now = crate::micros_since_epoch();
@@ -123,4 +128,53 @@ async fn answer(counters: Arc<Counters>, request: Request<Incoming>) -> Result<R
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;
     Ok(response)
+}
+
+/// Runs this process as a receiver only, at the lowest CPU priority there is (`SCHED_IDLE`,
+/// nice 19): it stands for listeners on other machines, which take nothing from hookd's
+/// cores. Prints `receiver listening on ADDR` and serves until killed.
+pub fn serve_idle() -> Result<(), crate::BoxError> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain calls on this process with a valid, initialised parameter.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        let param = libc::sched_param { sched_priority: 0 };
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    runtime.block_on(async {
+        let receiver = Receiver::start().await?;
+        println!("receiver listening on {}", receiver.addr);
+        std::future::pending::<()>().await;
+        Ok::<_, crate::BoxError>(())
+    })
+}
+
+/// A receiver in a process of its own (see [`serve_idle`]), killed when dropped.
+pub struct IdleReceiver {
+    pub addr: SocketAddr,
+    _child: tokio::process::Child,
+}
+
+impl IdleReceiver {
+    pub async fn start() -> Result<Self, crate::BoxError> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("--serve-receiver")
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| "the receiver process did not start")??
+            .ok_or("the receiver process ended")?;
+        let addr = line.rsplit(' ').next().ok_or("no address")?.parse()?;
+        Ok(Self { addr, _child: child })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
 }

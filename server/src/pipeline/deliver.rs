@@ -121,10 +121,10 @@ impl Sender {
 
     /// POSTs `body` to `url` with `headers` and reports what happened. Never fails: every
     /// problem is described in the [`Response`].
-    pub async fn post(&self, url: &str, headers: Vec<(&'static str, String)>, body: Vec<u8>) -> Response {
+    pub async fn post(&self, url: &url::Url, headers: Vec<(&'static str, String)>, body: Vec<u8>) -> Response {
         let started = Instant::now();
         // Literal IPs skip the resolver: check them here.
-        if let Err(refusal) = self.policy.check_literal(url) {
+        if let Err(refusal) = self.policy.check_url(url) {
             return Response {
                 error: Some(refusal),
                 refused: true,
@@ -147,7 +147,7 @@ impl Sender {
                 }
             }
         }
-        let mut answer = match self.client.post(url).headers(header_map).body(body).send().await {
+        let mut answer = match self.client.post(url.clone()).headers(header_map).body(body).send().await {
             Ok(answer) => answer,
             Err(error) => {
                 let (kind, message) = describe(error);
@@ -289,7 +289,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let sender = Sender::new(Duration::from_secs(5), TargetPolicy::default()).unwrap();
-        let response = sender.post(&format!("http://{addr}/"), vec![], b"{}".to_vec()).await;
+        let response = sender.post(&format!("http://{addr}/").parse().unwrap(), vec![], b"{}".to_vec()).await;
         assert_eq!(response.status, None);
         assert!(response.error.as_deref().unwrap().starts_with("connect:"), "{:?}", response.error);
     }
@@ -303,7 +303,7 @@ mod tests {
         drop(listener);
         let sender = Sender::new(Duration::from_secs(5), TargetPolicy::default()).unwrap();
         let url = format!("http://user:hunter2@{addr}/hooks?token=sekrit#frag");
-        let response = sender.post(&url, vec![], b"{}".to_vec()).await;
+        let response = sender.post(&url.parse().unwrap(), vec![], b"{}".to_vec()).await;
         let error = response.error.unwrap();
         assert!(error.starts_with("connect:"), "{error}");
         assert!(error.contains(&format!("{addr}/hooks")), "the URL stays recognisable: {error}");
@@ -316,13 +316,14 @@ mod tests {
     #[tokio::test]
     async fn refused_targets_are_never_contacted() {
         let sender = Sender::new(Duration::from_secs(5), TargetPolicy::default()).unwrap();
-        let response = sender.post("http://169.254.169.254/latest/meta-data", vec![], Vec::new()).await;
+        let response =
+            sender.post(&"http://169.254.169.254/latest/meta-data".parse().unwrap(), vec![], Vec::new()).await;
         assert!(response.error.as_deref().unwrap().starts_with("refused:"), "{:?}", response.error);
         assert!(response.refused);
 
         let strict = TargetPolicy { kind: super::super::target::PolicyKind::Strict, allow: Vec::new() };
         let sender = Sender::new(Duration::from_secs(5), strict).unwrap();
-        let response = sender.post("http://localhost:9/", vec![], Vec::new()).await;
+        let response = sender.post(&"http://localhost:9/".parse().unwrap(), vec![], Vec::new()).await;
         assert!(response.error.as_deref().unwrap().starts_with("refused:"), "{:?}", response.error);
         assert!(response.refused, "a name resolved to refused addresses is refused too");
     }

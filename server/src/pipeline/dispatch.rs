@@ -25,6 +25,7 @@ use super::gate::{Gate, MAX_BACKOFF, Offer, Outcome, Pool, SOME_PARKED, Verdict}
 use super::line::{Line, Pair, Work};
 use super::progress::Progress;
 use super::turn::{Finished, Turn};
+use super::worker::Target;
 use super::{Command, Context, worker};
 use crate::clock::now_ms;
 use crate::store::{
@@ -58,7 +59,8 @@ pub(crate) struct Handed {
 struct Lane {
     gate: Gate,
     line: Line,
-    listener: Option<Arc<Listener>>,
+    /// The listener and its URL parsed once, handed to each attempt.
+    listener: Option<Arc<Target>>,
     /// The store's listener generation when `listener` was read.
     generation: u64,
     /// The budget whose ready list it is on, if any.
@@ -234,7 +236,9 @@ impl Dispatcher {
                 Err(error) => {
                     tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read a listener");
                     // Kept as it was; read again at the next change.
-                    self.lanes.get(listener_id).and_then(|lane| lane.listener.as_deref().cloned())
+                    self.lanes
+                        .get(listener_id)
+                        .and_then(|lane| lane.listener.as_ref().map(|target| target.listener.clone()))
                 }
             };
             let new = !self.lanes.contains_key(listener_id);
@@ -250,7 +254,7 @@ impl Dispatcher {
             lane.gate.enabled = listener.as_ref().is_some_and(|listener| listener.enabled);
             lane.gate.ordered = listener.as_ref().is_some_and(|listener| listener.ordered);
             lane.gate.deleted = listener.is_none();
-            lane.listener = listener.map(Arc::new);
+            lane.listener = listener.map(|listener| Arc::new(Target::new(listener)));
             lane.generation = generation;
         }
         self.lanes.get_mut(listener_id).expect("made above")
@@ -396,6 +400,7 @@ impl Dispatcher {
             self.memory.add_permits(waiting.len());
             self.park(waiting);
         }
+        self.trim(&listener_id);
         self.track_health(&listener_id, outcome, now);
         self.mark(&listener_id);
     }
@@ -412,6 +417,19 @@ impl Dispatcher {
         if let Some(lane) = self.lanes.get_mut(&listener_id) {
             lane.gate.went_slow();
         }
+        self.trim(&listener_id);
+    }
+
+    /// Cuts a listener's line down to what its standing allows, parking the newest.
+    fn trim(&mut self, listener_id: &str) {
+        let Some(lane) = self.lanes.get_mut(listener_id) else { return };
+        let over = lane.line.len().saturating_sub(lane.gate.line_limit());
+        if over == 0 {
+            return;
+        }
+        let works = lane.line.take_newest(over);
+        self.memory.add_permits(works.len());
+        self.park(works);
     }
 
     /// A turn ended: its work is recorded (or to be done again), its claim ends, and its

@@ -17,10 +17,12 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// otherwise): a failing listener keeps its first attempts moving, in order, without holding
 /// many sockets. Two, not one: one slot would also carry its retries.
 pub const FAILING_CAP: usize = 2;
-/// Work a listener in good standing may keep waiting in memory; beyond it, work is parked.
+/// Work a listener in good standing (or not yet proven) may keep waiting in memory; beyond
+/// it, work is parked.
 pub const LINE_HEALTHY: usize = 65_536;
-/// ...and a listener that is slow, failing or not yet proven: its backlog waits in its lot,
-/// so a thousand hanging listeners cannot fill the memory every listener shares.
+/// ...and a listener that is slow or failing: its backlog waits in its lot, so a thousand
+/// hanging listeners cannot fill the memory every listener shares. A listener not yet proven
+/// that turns out slow has its line cut down to this then.
 pub const LINE_SUSPECT: usize = 256;
 /// A parked count not known exactly (after a restart): "some", until a lot runs dry.
 pub const SOME_PARKED: usize = usize::MAX / 2;
@@ -141,7 +143,10 @@ impl Gate {
 
     /// Work it may keep waiting in memory.
     pub fn line_limit(&self) -> usize {
-        if self.standing == Standing::Healthy { LINE_HEALTHY } else { LINE_SUSPECT }
+        match self.standing {
+            Standing::Unproven | Standing::Healthy => LINE_HEALTHY,
+            Standing::Slow | Standing::Failing => LINE_SUSPECT,
+        }
     }
 
     pub fn backed_off(&self, now_ms: u64) -> bool {
@@ -289,7 +294,8 @@ mod tests {
         }
         assert_eq!(gate(Standing::Failing).cap(1), 1, "never more than configured");
         assert_eq!(gate(Standing::Healthy).line_limit(), LINE_HEALTHY);
-        assert_eq!(gate(Standing::Unproven).line_limit(), LINE_SUSPECT);
+        assert_eq!(gate(Standing::Unproven).line_limit(), LINE_HEALTHY, "a burst waits for the first answer");
+        assert_eq!(gate(Standing::Slow).line_limit(), LINE_SUSPECT);
     }
 
     #[test]

@@ -120,6 +120,16 @@ impl Line {
         keys.into_iter().filter_map(|key| self.items.remove(&key)).map(|(work, _)| work).collect()
     }
 
+    /// Takes out the `count` due last (the newest), but manual attempts.
+    pub fn take_newest(&mut self, count: usize) -> Vec<Work> {
+        let keys: Vec<(u64, u64)> =
+            self.items.iter().rev().filter(|(_, (work, _))| !work.manual()).take(count).map(|(key, _)| *key).collect();
+        let mut taken: Vec<Work> =
+            keys.into_iter().filter_map(|key| self.items.remove(&key)).map(|(work, _)| work).collect();
+        taken.reverse();
+        taken
+    }
+
     /// When the longest-waiting item joined.
     pub fn oldest_join_ms(&self) -> Option<u64> {
         self.items.values().map(|(_, joined)| *joined).min()
@@ -168,6 +178,10 @@ mod tests {
         let taken: Vec<String> = line.take_waiting_since(20).iter().map(|w| w.delivery_id().to_owned()).collect();
         assert_eq!(taken, ["d1"]);
         assert_eq!(line.len(), 2);
+        line.push(first(3, 9), 60);
+        line.push(first(4, 10), 60);
+        let newest: Vec<String> = line.take_newest(2).iter().map(|w| w.delivery_id().to_owned()).collect();
+        assert_eq!(newest, ["d3", "d4"], "the newest, in due order, never a manual attempt");
         assert_eq!(line.take_all().len(), 2);
         assert!(line.is_empty());
     }

@@ -248,7 +248,14 @@ impl TargetPolicy {
     /// Checks a URL whose host is a literal IP (those skip the resolver); a name passes here
     /// and is checked when it is resolved. The error reads `refused: <why>`.
     pub fn check_literal(&self, url: &str) -> Result<(), String> {
-        let Ok(parsed) = url::Url::parse(url) else { return Ok(()) };
+        match url::Url::parse(url) {
+            Ok(parsed) => self.check_url(&parsed),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// [`TargetPolicy::check_literal`] of a URL already parsed.
+    pub fn check_url(&self, parsed: &url::Url) -> Result<(), String> {
         let ip = match parsed.host() {
             Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
             Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),

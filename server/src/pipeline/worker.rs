@@ -24,6 +24,21 @@ use crate::store::{
 };
 use hookd::webhook;
 
+/// A listener as the dispatcher last read it, with its URL parsed once for all its attempts.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub listener: Listener,
+    /// `Err` for a URL that does not parse (hookd checks URLs when they are registered).
+    pub url: Result<url::Url, String>,
+}
+
+impl Target {
+    pub fn new(listener: Listener) -> Self {
+        let url = url::Url::parse(&listener.url).map_err(|error| error.to_string());
+        Self { listener, url }
+    }
+}
+
 /// What an attempt came to.
 struct Step {
     outcome: Outcome,
@@ -41,16 +56,16 @@ impl Step {
     }
 }
 
-/// Makes the attempt for work the dispatcher handed out; `listener` as the dispatcher last
-/// read it (`None`: deleted).
+/// Makes the attempt for work the dispatcher handed out; `target` as the dispatcher last
+/// read it (`None`: the listener is deleted).
 pub(crate) async fn attempt(
     context: Arc<Context>,
     request: u64,
     work: Work,
-    listener: Option<Arc<Listener>>,
+    target: Option<Arc<Target>>,
     turn: &mut Turn,
 ) -> Finished {
-    let (step, again_after_ms) = match try_attempt(&context, &work, listener, turn).await {
+    let (step, again_after_ms) = match try_attempt(&context, &work, target, turn).await {
         Ok(step) => {
             let again = step.again_now.then_some(0);
             (step, again)
@@ -112,7 +127,7 @@ fn load(context: &Context, work: &Work) -> Result<Option<(Delivery, Option<DueEn
 async fn try_attempt(
     context: &Arc<Context>,
     work: &Work,
-    listener: Option<Arc<Listener>>,
+    target: Option<Arc<Target>>,
     turn: &mut Turn,
 ) -> Result<Step, StoreError> {
     // Store calls run in place (see the module docs of `pipeline`).
@@ -120,7 +135,7 @@ async fn try_attempt(
         return Ok(Step::not_sent());
     };
     let manual = entry.as_ref().is_some_and(|entry| entry.manual);
-    let Some(listener) = listener else {
+    let Some(target) = target else {
         // Deleted. A delivery that has ended keeps its outcome: only a pending one is cancelled.
         match &entry {
             Some(entry) if delivery.state != DeliveryState::Pending as i32 => context.queue.drop_entry(entry)?,
@@ -130,6 +145,7 @@ async fn try_attempt(
         tracing::info!(delivery_id = %delivery.id, "listener deleted; delivery cancelled");
         return Ok(Step::not_sent());
     };
+    let listener = &target.listener;
     if !listener.enabled && !manual {
         // Disabled since it was handed out: no attempt; the dispatcher parks it.
         return Ok(Step { again_now: true, ..Step::not_sent() });
@@ -147,8 +163,17 @@ async fn try_attempt(
                 let error = format!("other: the listener's secret does not open: {error}");
                 let attempt = Attempt { number, started_at_ms: now_ms(), error, trigger, ..Attempt::default() };
                 let answer = Answer { succeeded: false, fast: true, retry_after: None, refused: false };
-                return finish(context, delivery, &listener, attempt, entry, answer, turn).await;
+                return finish(context, delivery, listener, attempt, entry, answer, turn).await;
             }
+        }
+    };
+    let url = match &target.url {
+        Ok(url) => url,
+        Err(error) => {
+            let error = format!("other: the listener's URL does not parse: {error}");
+            let attempt = Attempt { number, started_at_ms: now_ms(), error, trigger, ..Attempt::default() };
+            let answer = Answer { succeeded: false, fast: true, retry_after: None, refused: false };
+            return finish(context, delivery, listener, attempt, entry, answer, turn).await;
         }
     };
     let started_at_ms = now_ms();
@@ -167,7 +192,7 @@ async fn try_attempt(
     // The payload goes with the request, so no copy of it waits with the attempt's record
     // (attempts waiting to be written are bounded in number, not in bytes).
     let slow_after = context.config.slow_after;
-    let post = context.sender.post(&listener.url, headers, event.payload);
+    let post = context.sender.post(url, headers, event.payload);
     tokio::pin!(post);
     let response = tokio::select! {
         response = &mut post => response,
@@ -195,7 +220,7 @@ async fn try_attempt(
         trigger,
     };
     delivery.last_status_code = u32::from(status);
-    finish(context, delivery, &listener, attempt, entry, answer, turn).await
+    finish(context, delivery, listener, attempt, entry, answer, turn).await
 }
 
 /// How the listener answered, as far as the next step is concerned.

@@ -715,3 +715,47 @@ async fn an_ordered_listeners_head_is_still_attempted_after_a_failed_manual_atte
     let manual = receiver.requests().iter().filter(|r| r.webhook_id() == first && r.attempt() == 3).count();
     assert_eq!(manual, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_listeners_waiting_first_attempts_go_once_enabled_or_are_cancelled_once_deleted() {
+    const EVENTS: usize = 30;
+    let receiver = Receiver::start().await;
+    receiver.script("/", |_, _| Reply::Hang);
+    let server = server_with(|config| config.pipeline.attempt_timeout = DEADLINE * 2).await;
+    let (producer, _, _) = server.producer("waiter").await;
+    let hash = derive(&producer, "later").await;
+    let (kept, _) = listen(&producer, &hash, receiver.url("/kept"), None, false).await;
+    let (gone, _) = listen(&producer, &hash, receiver.url("/gone"), None, false).await;
+    for n in 0..EVENTS {
+        trigger(&producer, "later", n.to_string()).await;
+    }
+    // Each listener's first request hangs (one at a time until one is answered); the rest wait.
+    receiver.wait_until("a request hanging at each", DEADLINE, |requests| requests.len() == 2).await;
+    for listener_id in [&kept, &gone] {
+        let disable =
+            UpdateListenerRequest { listener_id: listener_id.clone(), enabled: Some(false), ..Default::default() };
+        producer.register().update_listener(disable).await.unwrap();
+    }
+    // What waited is left in the log, listed as pending all the same.
+    let admin = server.admin().await;
+    let listed = |listener_id: String, state: hookd_client::v1::DeliveryState| {
+        let admin = admin.clone();
+        async move {
+            let request =
+                hookd_client::v1::ListDeliveriesRequest { listener_id, state: state as i32, ..Default::default() };
+            admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries.len()
+        }
+    };
+    assert_eq!(listed(kept.clone(), hookd_client::v1::DeliveryState::Pending).await, EVENTS);
+
+    let delete = hookd_client::v1::DeleteListenerRequest { listener_id: gone.clone() };
+    producer.register().delete_listener(delete).await.unwrap();
+    receiver.script("/", |_, _| Reply::Status(200));
+    // The hanging requests fail (503) and their retries follow the schedule.
+    receiver.release();
+    let enable = UpdateListenerRequest { listener_id: kept.clone(), enabled: Some(true), ..Default::default() };
+    producer.register().update_listener(enable).await.unwrap();
+    listener_settled(&admin, &kept, EVENTS, hookd_client::v1::DeliveryState::Succeeded).await;
+    listener_settled(&admin, &gone, EVENTS, hookd_client::v1::DeliveryState::Cancelled).await;
+    assert_eq!(receiver.requests_to("/gone").len(), 1, "nothing more went to the deleted listener");
+}

@@ -149,6 +149,7 @@ fn next_chunk(
             listener_id: listener.id.clone(),
             due_ms: event.created_at_ms,
             recheck: event.seq < recheck_until,
+            lagging: false,
         }));
         moved = true;
         *position = match listeners.last() {

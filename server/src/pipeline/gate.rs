@@ -80,7 +80,8 @@ pub enum Outcome {
 pub enum Verdict {
     /// Into the listener's line in memory, to start when it has room.
     Wait,
-    /// Into the listener's durable lot, put back when it has room.
+    /// Set aside until the listener has room: a queue entry into its durable lot, a first
+    /// attempt left in the event log (its listener is detached from fan-out and reads it back).
     Park,
     /// The listener is gone: the delivery ends without an attempt.
     Cancel,

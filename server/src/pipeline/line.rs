@@ -22,6 +22,8 @@ pub struct Pair {
     pub due_ms: u64,
     /// It may have been recorded before a crash: look for its record before attempting it.
     pub recheck: bool,
+    /// Read back from the log by its detached listener, not handed out by fan-out.
+    pub lagging: bool,
 }
 
 impl Pair {
@@ -120,6 +122,23 @@ impl Line {
         keys.into_iter().filter_map(|key| self.items.remove(&key)).map(|(work, _)| work).collect()
     }
 
+    /// Takes out every first attempt of an event numbered `from_seq` or later.
+    pub fn take_pairs_from(&mut self, from_seq: u64) -> Vec<Pair> {
+        let keys: Vec<(u64, u64)> = self
+            .items
+            .iter()
+            .filter(|(_, (work, _))| matches!(work, Work::First(pair) if pair.seq >= from_seq))
+            .map(|(key, _)| *key)
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| self.items.remove(&key))
+            .filter_map(|(work, _)| match work {
+                Work::First(pair) => Some(pair),
+                Work::Queued(_) => None,
+            })
+            .collect()
+    }
+
     /// Takes out the `count` due last (the newest), but manual attempts.
     pub fn take_newest(&mut self, count: usize) -> Vec<Work> {
         let keys: Vec<(u64, u64)> =
@@ -149,6 +168,7 @@ mod tests {
             listener_id: "l".into(),
             due_ms,
             recheck: false,
+            lagging: false,
         })
     }
 

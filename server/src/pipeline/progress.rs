@@ -57,6 +57,11 @@ impl Progress {
         }
     }
 
+    /// Every pair of the events before this one has been handed out.
+    pub fn handed_until_seq(&self) -> u64 {
+        self.handed_until
+    }
+
     /// Before this event every pair is recorded.
     pub fn cursor(&self) -> u64 {
         self.outstanding.keys().next().copied().unwrap_or(self.handed_until).min(self.handed_until)

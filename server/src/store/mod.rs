@@ -217,6 +217,22 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn park_new(&self, deliveries: &[NewDelivery]) -> Result<(), StoreError>;
     /// Writes deliveries that have no record yet as cancelled, in one atomic write.
     fn cancel_new(&self, deliveries: &[Delivery]) -> Result<(), StoreError>;
+    /// Records that a listener is fanned out apart from the others from event `from_seq` on
+    /// (it cannot take its deliveries soon: they wait in the event log, and it reads them from
+    /// there itself when it can), or, with `None`, that it follows fan-out again.
+    fn set_detached(&self, listener_id: &str, from_seq: Option<u64>) -> Result<(), StoreError>;
+    /// Every listener fanned out apart, with where it stands.
+    fn detached(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// One producer's events of one type from `from_seq` up to `until_seq`, in order, looking at
+    /// no more than `scan` of the producer's events; with the position reached.
+    fn events_of(
+        &self,
+        producer_id: &str,
+        event_type: &str,
+        from_seq: u64,
+        until_seq: u64,
+        scan: usize,
+    ) -> Result<(Vec<Event>, u64), StoreError>;
 
     /// Up to `limit` queue entries after `after` (from the start when `None`) due at or
     /// before `now_ms`, in (due time, queue key id) order.

@@ -113,9 +113,21 @@ fn implicit(event: &Event, listener_id: &str) -> Delivery {
 
 impl SledStore {
     /// Before this event every (event, listener) pair has a record; from it on, a pair may
-    /// still be waiting in the event log.
+    /// still be waiting in the event log: fan-out's cursor, or a listener fanned out apart
+    /// that stands further back.
     fn unrecorded_from(&self) -> Result<u64, StoreError> {
-        Ok(PipelineStore::fanout_cursor(self)?.next_seq)
+        let cursor = PipelineStore::fanout_cursor(self)?.next_seq;
+        let detached = PipelineStore::detached(self)?;
+        Ok(detached.into_iter().map(|(_, seq)| seq).fold(cursor, u64::min))
+    }
+
+    /// Where one listener's deliveries may start waiting in the log.
+    fn unrecorded_from_for(&self, listener_id: &str) -> Result<u64, StoreError> {
+        let cursor = PipelineStore::fanout_cursor(self)?.next_seq;
+        Ok(match self.queue.get(keys::detached(listener_id))? {
+            Some(bytes) => cursor.min(u64::from_be_bytes(bytes.as_ref().try_into().map_err(|_| corrupt(b"ld/"))?)),
+            None => cursor,
+        })
     }
 
     /// Every listener of one producer's event type.
@@ -138,7 +150,7 @@ impl SledStore {
     fn implicit_of_event(&self, event: &Event) -> Result<Vec<Delivery>, StoreError> {
         let mut found = Vec::new();
         for listener in self.listeners_of_type(&event.producer_id, &event.event_type)? {
-            if listener.wants(event.seq) {
+            if listener.wants(event.seq) && event.seq >= self.unrecorded_from_for(&listener.id)? {
                 let delivery = implicit(event, &listener.id);
                 if !self.queue.contains_key(keys::delivery(&delivery.id))? {
                     found.push(delivery);
@@ -178,7 +190,7 @@ impl SledStore {
             .and_then(|after| after.strip_prefix(crate::ids::DELIVERY_PREFIX))
             .and_then(|digits| digits.get(..16))
             .and_then(|digits| u64::from_str_radix(digits, 16).ok());
-        let start = self.unrecorded_from()?.max(after_seq.unwrap_or(0));
+        let start = self.unrecorded_from_for(&listener.id)?.max(after_seq.unwrap_or(0));
         let mut found = Vec::new();
         for (looked_at, seq) in producer_index::seqs(&self.tree, &listener.producer_id, start).enumerate() {
             let seq = seq?;
@@ -471,7 +483,8 @@ impl HistoryStore for SledStore {
         max_events: usize,
     ) -> Result<Trimmed, StoreError> {
         let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
-        let fanned_out = super::PipelineStore::fanout_cursor(self)?.next_seq;
+        // Events with deliveries still waiting in the log stay.
+        let fanned_out = self.unrecorded_from()?;
         let mut trimmed = Trimmed::default();
         // Deliveries go first (queue database), then their events (intake database): a crash
         // in between leaves an event without deliveries, which the next sweep removes.

@@ -135,6 +135,56 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
+    fn set_detached(&self, listener_id: &str, from_seq: Option<u64>) -> Result<(), StoreError> {
+        match from_seq {
+            Some(seq) => self.queue.insert(keys::detached(listener_id), &seq.to_be_bytes())?,
+            None => self.queue.remove(keys::detached(listener_id))?,
+        };
+        Ok(())
+    }
+
+    fn detached(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.queue
+            .scan_prefix(keys::DETACHED)
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((utf8(&key, &key[keys::DETACHED.len()..])?, be_u64(&key, &value)?))
+            })
+            .collect()
+    }
+
+    fn events_of(
+        &self,
+        producer_id: &str,
+        event_type: &str,
+        from_seq: u64,
+        until_seq: u64,
+        scan: usize,
+    ) -> Result<(Vec<Event>, u64), StoreError> {
+        let mut found = Vec::new();
+        let mut reached = until_seq;
+        for (looked_at, seq) in super::producer_index::seqs(&self.tree, producer_id, from_seq).enumerate() {
+            let seq = seq?;
+            if seq >= until_seq {
+                break;
+            }
+            if looked_at == scan {
+                reached = seq;
+                break;
+            }
+            match read_event(&self.tree, seq) {
+                Ok(Some(event)) if event.producer_id == producer_id && event.event_type == event_type => {
+                    found.push(event)
+                }
+                Ok(_) => {}
+                // Put aside by fan-out already; nothing to deliver.
+                Err(StoreError::DamagedEvent { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok((found, reached))
+    }
+
     fn due(&self, after: Option<&QueuePosition>, now_ms: u64, limit: usize) -> Result<Vec<DueEntry>, StoreError> {
         let end = keys::due(now_ms.saturating_add(1), "");
         self.queue

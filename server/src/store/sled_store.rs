@@ -28,6 +28,7 @@
 //! | `i/{producer id}\0{idempotency key}` | idempotency record |
 //! | `ik/{created ms: u64 big-endian}{producer id}\0{idempotency key}` | empty: the idempotency record of an event retention removed before the record's 24 hours were up, to remove then |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
+//! | `ld/{listener id}` | u64: the listener is fanned out apart from the others from this event on (its deliveries from there wait in the log) |
 //! | `x/{seq: u64 big-endian}` | [`Quarantined`](super::Quarantined): an event whose record does not decode, put aside |
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery), with its first attempt; written once its first attempt ends, or when it is parked or cancelled before one |
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
@@ -115,6 +116,10 @@ pub(crate) mod keys {
 
     pub const FANOUT_CURSOR: &[u8] = b"c/fanout";
     pub const QUARANTINED: &[u8] = b"x/";
+    pub const DETACHED: &[u8] = b"ld/";
+    pub fn detached(listener_id: &str) -> Vec<u8> {
+        join(&[DETACHED, listener_id.as_bytes()])
+    }
     pub fn quarantined(seq: u64) -> Vec<u8> {
         join(&[QUARANTINED, &seq.to_be_bytes()])
     }

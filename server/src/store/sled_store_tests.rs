@@ -703,3 +703,37 @@ async fn a_trigger_never_waits_behind_a_listener_write_which_holds_fan_out_back_
     assert_eq!(*store.durable_seq().borrow(), 2, "the fence is down once written");
     store.close().unwrap();
 }
+
+#[tokio::test]
+async fn a_listener_fanned_out_apart_keeps_its_waiting_deliveries_listed_and_their_events_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    store.insert_listener(listener("lst_behind", "prd_a", "thing")).await.unwrap();
+    store.insert_listener(listener("lst_ahead", "prd_a", "thing")).await.unwrap();
+    for at in 0..6 {
+        let mut event = new_event("prd_a", None, at);
+        event.event_type = "thing".into();
+        store.append_event(event).await.unwrap();
+    }
+    store.settled().await.unwrap();
+    // Fan-out has passed every event; one listener was detached at event 2.
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 6, ..FanoutCursor::default() }).unwrap();
+    store.set_detached("lst_behind", Some(2)).unwrap();
+    assert_eq!(store.detached().unwrap(), [("lst_behind".to_owned(), 2)]);
+    let seqs = |listener_id: &str| -> Vec<u64> {
+        store.deliveries_of_listener(listener_id, None, None, 100).unwrap().items.iter().map(|d| d.event_seq).collect()
+    };
+    assert_eq!(seqs("lst_behind"), [2, 3, 4, 5], "from where it stands, waiting in the log");
+    assert!(seqs("lst_ahead").is_empty(), "nothing recorded, nothing waiting");
+    assert_eq!(store.deliveries_of_event(3, None, None, 10).unwrap().items.len(), 1);
+    let (events, reached) = store.events_of("prd_a", "thing", 2, 6, 100).unwrap();
+    assert_eq!((events.iter().map(|e| e.seq).collect::<Vec<_>>(), reached), (vec![2, 3, 4, 5], 6));
+    let (events, reached) = store.events_of("prd_a", "thing", 2, 6, 2).unwrap();
+    assert_eq!((events.len(), reached), (2, 4), "a scan limit stops it part way");
+    // Retention keeps the events whose deliveries wait.
+    let trimmed = HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap();
+    assert_eq!(trimmed.events, 2);
+    store.set_detached("lst_behind", None).unwrap();
+    assert!(seqs("lst_behind").is_empty());
+    store.close().unwrap();
+}

@@ -5,9 +5,12 @@
 //! Work reaches a listener's line from fan-out (first attempts straight from the event log,
 //! written nowhere yet) and from the durable due queue (retries, manual attempts, replayed,
 //! recovered and unparked deliveries), read from a cursor in due order. The gate decides
-//! whether it waits in memory or is parked in the listener's lot (disabled, backed off, older
-//! work parked, line full); work that waits in memory longer than [`HOLD_LIMIT_MS`] is parked
-//! too, so fan-out's durable position (see [`Progress`]) never stays behind for long.
+//! whether it waits in memory or is set aside (disabled, backed off, older work parked, line
+//! full): a queue entry into the listener's lot, a first attempt back into the event log, the
+//! listener then reading its own first attempts from there when it can take them (`aside`,
+//! `catch_up`): a listener's backlog costs one write, not one per delivery. Work that waits in
+//! memory longer than [`HOLD_LIMIT_MS`] is set aside too, so fan-out's durable position (see
+//! [`Progress`]) never stays behind for long.
 //!
 //! Requests draw from two budgets: listeners in good standing from one, slow and failing ones
 //! from the other, so listeners that hang cost healthy ones nothing. Lines ready to start are
@@ -21,18 +24,19 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::gate::{Gate, MAX_BACKOFF, Offer, Outcome, Pool, SOME_PARKED, Verdict};
+mod aside;
+mod catch_up;
+
+use super::gate::{Gate, MAX_BACKOFF, Offer, Outcome, Pool, Verdict};
 use super::line::{Line, Pair, Work};
 use super::progress::Progress;
 use super::turn::{Finished, Turn};
 use super::worker::Target;
 use super::{Command, Context, worker};
 use crate::clock::now_ms;
-use crate::store::{
-    Delivery, DeliveryState, FanoutCursor, Listener, ListenerHealth, NewDelivery, QueuePosition, StoreError,
-};
+use crate::store::{FanoutCursor, Listener, ListenerHealth, QueuePosition, StoreError};
 
-/// Work waits in memory at most this long before it is parked: a pair not recorded holds
+/// Work waits in memory at most this long before it is set aside: a pair not recorded holds
 /// fan-out's durable position, which bounds what a crash makes hookd redo.
 pub const HOLD_LIMIT_MS: u64 = 10_000;
 /// Work waiting in memory, all listeners together (about 250 bytes each: 33 MB at most).
@@ -67,6 +71,8 @@ struct Lane {
     ready_in: Option<Pool>,
     /// A disabling for too long a run of failures is under way.
     disabling: bool,
+    /// Fanned out apart from the others (see `aside`).
+    detached: Option<aside::Detached>,
 }
 
 /// A request under way: whose, and which budget it draws from now.
@@ -158,7 +164,7 @@ impl Dispatcher {
     /// Dispatches until `shutdown`, then writes where fan-out stands and waits for the workers
     /// it started.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        self.restore_parked_lots();
+        self.restore();
         while !shutdown.is_cancelled() {
             while let Ok(command) = self.inbox.try_recv() {
                 self.handle(command);
@@ -350,7 +356,7 @@ impl Dispatcher {
                     let lane = self.lanes.get_mut(listener_id).expect("read above");
                     let work = lane.line.pop_front().expect("a front exists");
                     self.memory.add_permits(1);
-                    self.park(vec![work]);
+                    self.set_aside(vec![work]);
                     continue;
                 }
             }
@@ -398,7 +404,7 @@ impl Dispatcher {
         if let Some(until) = backoff {
             self.backoffs.insert((until, listener_id.clone()));
             self.memory.add_permits(waiting.len());
-            self.park(waiting);
+            self.set_aside(waiting);
         }
         self.trim(&listener_id);
         self.track_health(&listener_id, outcome, now);
@@ -429,7 +435,7 @@ impl Dispatcher {
         }
         let works = lane.line.take_newest(over);
         self.memory.add_permits(works.len());
-        self.park(works);
+        self.set_aside(works);
     }
 
     /// A turn ended: its work is recorded (or to be done again), its claim ends, and its
@@ -449,11 +455,17 @@ impl Dispatcher {
                     self.release(&pair.delivery_id);
                 }
                 match finished.again_after_ms {
-                    // Still outstanding: offered again (a disabled listener's is parked).
+                    // Still outstanding: offered again (a disabled listener's is set aside).
                     Some(after) => {
                         let order = self.next_request;
                         self.next_request += 1;
                         self.again.insert((now + after, order), Work::First(pair));
+                    }
+                    None if pair.lagging => {
+                        if let Some(detached) = self.lanes.get_mut(&listener_id).and_then(|lane| lane.detached.as_mut())
+                        {
+                            detached.outstanding.remove(&pair.seq);
+                        }
                     }
                     None => self.progress.done(pair.seq),
                 }
@@ -467,6 +479,7 @@ impl Dispatcher {
             }
         }
         self.refill(&listener_id);
+        self.catch_up(&listener_id);
         self.mark(&listener_id);
         self.forget_if_idle(&listener_id);
     }
@@ -535,6 +548,8 @@ impl Dispatcher {
     /// it is now.
     fn listener_changed(&mut self, listener_id: &str) {
         let was_enabled = self.lanes.get(listener_id).is_some_and(|lane| lane.gate.enabled);
+        let before =
+            self.lanes.get(listener_id).and_then(|lane| lane.listener.as_ref().map(|t| Arc::new(t.listener.clone())));
         // Read afresh whatever the generation says.
         if let Some(lane) = self.lanes.get_mut(listener_id) {
             lane.generation = u64::MAX;
@@ -547,9 +562,9 @@ impl Dispatcher {
             self.memory.add_permits(works.len());
             if deleted {
                 self.cancel(works);
-                self.cancel_lot(listener_id);
+                self.cancel_set_aside(before, listener_id);
             } else {
-                self.park(works);
+                self.set_aside(works);
             }
         } else {
             if !was_enabled || lane.gate.failures > 0 {
@@ -560,191 +575,10 @@ impl Dispatcher {
                 }
             }
             self.refill(listener_id);
+            self.catch_up(listener_id);
         }
         self.mark(listener_id);
         self.forget_if_idle(listener_id);
-    }
-
-    /// Cancels a deleted listener's lot where it lies, in short writes on a task of its own:
-    /// put back in the queue, its old entries would come before everyone else's. Shutdown does
-    /// not wait for it (each write is whole; a restart hands what is left to workers, which
-    /// cancel it).
-    fn cancel_lot(&self, listener_id: &str) {
-        let (context, listener_id) = (self.context.clone(), listener_id.to_owned());
-        tokio::spawn(async move {
-            loop {
-                match context.queue.cancel_parked(&listener_id, UNPARK_CHUNK) {
-                    Ok(lot) if lot.taken == 0 => break,
-                    Ok(lot) => {
-                        if let Some(due_ms) = lot.requeued_from_ms {
-                            context.queued((due_ms, String::new()));
-                        }
-                        tokio::task::yield_now().await;
-                    }
-                    Err(error) => {
-                        tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's parked deliveries");
-                        break;
-                    }
-                }
-            }
-        });
-    }
-
-    // ---- parking, cancelling, unparking -----------------------------------------------
-
-    /// Parks work that will not start soon: pairs get their first record (pending), queue
-    /// entries move to their listener's lot. A failed write leaves the work where it was (a
-    /// pair is offered again later; an entry stays queued and is read again).
-    fn park(&mut self, works: Vec<Work>) {
-        if works.is_empty() {
-            return;
-        }
-        let (mut pairs, mut entries) = (Vec::new(), Vec::new());
-        for work in works {
-            match work {
-                Work::First(pair) => pairs.push(pair),
-                Work::Queued(entry) => entries.push(entry),
-            }
-        }
-        if !pairs.is_empty() {
-            let new: Vec<NewDelivery> = pairs
-                .iter()
-                .map(|pair| NewDelivery {
-                    delivery: pair.delivery(),
-                    ordered: self.lanes.get(&pair.listener_id).is_some_and(|lane| lane.gate.ordered),
-                })
-                .collect();
-            match self.context.queue.park_new(&new) {
-                Ok(()) => {
-                    for pair in pairs {
-                        self.progress.done(pair.seq);
-                        self.parked_one(&pair.listener_id);
-                        if pair.recheck {
-                            self.release(&pair.delivery_id);
-                        }
-                    }
-                }
-                Err(error) => self.write_failed(error, pairs.into_iter().map(Work::First).collect()),
-            }
-        }
-        if !entries.is_empty() {
-            match self.context.queue.park(&entries) {
-                Ok(()) => {
-                    for entry in entries {
-                        self.claimed.remove(&entry.delivery_id);
-                        self.parked_one(&entry.listener_id);
-                    }
-                }
-                Err(error) => self.write_failed(error, entries.into_iter().map(Work::Queued).collect()),
-            }
-        }
-    }
-
-    fn parked_one(&mut self, listener_id: &str) {
-        if let Some(lane) = self.lanes.get_mut(listener_id) {
-            lane.gate.parked = lane.gate.parked.saturating_add(1);
-            // One put back went back to the lot: those released with it must not overtake it.
-            lane.gate.released.clear();
-        }
-    }
-
-    /// Ends work whose listener is gone: pairs are written cancelled, queue entries cancel
-    /// their pending delivery (or just leave the queue).
-    fn cancel(&mut self, works: Vec<Work>) {
-        let mut pairs = Vec::new();
-        for work in works {
-            match work {
-                Work::First(pair) => pairs.push(pair),
-                Work::Queued(entry) => {
-                    let cancelled = match self.context.queue.delivery(&entry.delivery_id) {
-                        Ok(Some(delivery)) if delivery.state == DeliveryState::Pending as i32 && !entry.manual => {
-                            self.context.queue.cancel_delivery(&delivery, &entry)
-                        }
-                        Ok(_) => self.context.queue.drop_entry(&entry),
-                        Err(error) => Err(error),
-                    };
-                    match cancelled {
-                        Ok(()) => self.release(&entry.delivery_id),
-                        Err(error) => self.write_failed(error, vec![Work::Queued(entry)]),
-                    }
-                }
-            }
-        }
-        if pairs.is_empty() {
-            return;
-        }
-        let deliveries: Vec<Delivery> = pairs.iter().map(Pair::delivery).collect();
-        match self.context.queue.cancel_new(&deliveries) {
-            Ok(()) => {
-                for pair in pairs {
-                    self.progress.done(pair.seq);
-                    if pair.recheck {
-                        self.release(&pair.delivery_id);
-                    }
-                }
-            }
-            Err(error) => self.write_failed(error, pairs.into_iter().map(Work::First).collect()),
-        }
-    }
-
-    /// A park or cancel write failed: the work is tried again after a pause.
-    fn write_failed(&mut self, error: StoreError, works: Vec<Work>) {
-        tracing::error!(
-            error = &error as &dyn std::error::Error,
-            "cannot park or cancel deliveries; trying again shortly"
-        );
-        let at = now_ms() + super::turn::AGAIN_AFTER_MS;
-        for work in works {
-            match work {
-                Work::First(pair) => {
-                    let order = self.next_request;
-                    self.next_request += 1;
-                    self.again.insert((at, order), Work::First(pair));
-                }
-                Work::Queued(entry) => {
-                    self.claimed.remove(&entry.delivery_id);
-                    self.later.insert((at, entry.due_ms));
-                }
-            }
-        }
-    }
-
-    /// Puts back as many of a listener's parked entries as it has room for.
-    fn refill(&mut self, listener_id: &str) {
-        let (cap, now, free) = (self.cap(), now_ms(), self.memory.available_permits());
-        let Some(lane) = self.lanes.get(listener_id) else { return };
-        let room = lane.gate.room(cap, now, lane.line.len(), free).min(UNPARK_CHUNK);
-        if room == 0 {
-            return;
-        }
-        match self.context.queue.unpark(listener_id, room) {
-            Ok(moved) => {
-                if let Some(due_ms) = moved.iter().map(|(due_ms, _)| *due_ms).min() {
-                    self.rewind((due_ms, String::new()));
-                }
-                let lane = self.lanes.get_mut(listener_id).expect("looked up above");
-                // Fewer than asked: the lot is empty now, whatever was counted.
-                lane.gate.parked = if moved.len() < room { 0 } else { lane.gate.parked.saturating_sub(moved.len()) };
-                lane.gate.released.extend(moved.into_iter().map(|(_, key_id)| key_id));
-            }
-            Err(error) => {
-                tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot put parked deliveries back");
-            }
-        }
-    }
-
-    /// Lots left by the last run are taken back a few at a time, so the first delivery after
-    /// a restart does not wait for a large backlog to move.
-    fn restore_parked_lots(&mut self) {
-        match self.context.queue.parked_listeners() {
-            Ok(parked) => {
-                for listener_id in parked {
-                    self.lane(&listener_id).gate.parked = SOME_PARKED;
-                    self.refill(&listener_id);
-                }
-            }
-            Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "cannot read the parking lots"),
-        }
     }
 
     // ---- fan-out and the queue --------------------------------------------------------
@@ -770,6 +604,13 @@ impl Dispatcher {
         let (mut park, mut cancel) = (Vec::new(), Vec::new());
         for pair in handed.pairs {
             self.progress.handed(pair.seq);
+            // A detached listener reads this one back itself, later.
+            let covered = self.lane(&pair.listener_id).detached.as_ref().is_some_and(|d| pair.seq >= d.since);
+            if covered {
+                self.progress.done(pair.seq);
+                self.memory.add_permits(1);
+                continue;
+            }
             if pair.recheck {
                 if self.claimed.contains_key(&pair.delivery_id) {
                     // Its record exists and its queue entry is in hand already.
@@ -786,7 +627,7 @@ impl Dispatcher {
             }
         }
         self.progress.handed_until(handed.next_seq);
-        self.park(park);
+        self.set_aside(park);
         self.cancel(cancel);
     }
 
@@ -843,7 +684,7 @@ impl Dispatcher {
                 Some((_, work)) => park.push(work),
             }
         }
-        self.park(park);
+        self.set_aside(park);
         self.cancel(cancel);
         if !full {
             self.next_due_ms = self.context.queue.next_due_ms(self.cursor.as_ref())?;
@@ -858,6 +699,22 @@ impl Dispatcher {
     /// again what is due to be.
     fn tick(&mut self, now: u64) {
         self.write_cursor(now, false);
+        self.write_detached();
+        // Back-offs first: a listener whose back-off ends reads its first attempts back before
+        // its retries are read from the queue, so the oldest work goes first.
+        while let Some((at_ms, listener_id)) = self.backoffs.first().cloned()
+            && at_ms <= now
+        {
+            self.backoffs.pop_first();
+            if let Some(lane) = self.lanes.get_mut(&listener_id)
+                && lane.gate.blocked_until_ms == at_ms
+            {
+                lane.gate.blocked_until_ms = 0;
+                self.refill(&listener_id);
+                self.catch_up(&listener_id);
+                self.mark(&listener_id);
+            }
+        }
         let overdue: Vec<String> = self
             .lanes
             .iter()
@@ -869,34 +726,27 @@ impl Dispatcher {
             let works = lane.line.take_waiting_since(now - HOLD_LIMIT_MS);
             let deleted = lane.gate.deleted;
             self.memory.add_permits(works.len());
-            if deleted { self.cancel(works) } else { self.park(works) }
+            if deleted { self.cancel(works) } else { self.set_aside(works) }
         }
-        while let Some((at_ms, listener_id)) = self.backoffs.first().cloned()
-            && at_ms <= now
-        {
-            self.backoffs.pop_first();
-            if let Some(lane) = self.lanes.get_mut(&listener_id)
-                && lane.gate.blocked_until_ms == at_ms
-            {
-                lane.gate.blocked_until_ms = 0;
-                self.refill(&listener_id);
-                self.mark(&listener_id);
-            }
+        let detached: Vec<String> =
+            self.lanes.iter().filter(|(_, lane)| lane.detached.is_some()).map(|(id, _)| id.clone()).collect();
+        for listener_id in detached {
+            self.catch_up(&listener_id);
         }
         while let Some(entry) = self.again.first_entry()
             && entry.key().0 <= now
         {
             let work = entry.remove();
-            // Back in a line if memory has a place for it, else in the lot.
+            // Back in a line if memory has a place for it, else set aside.
             let Ok(place) = self.memory.try_acquire() else {
-                self.park(vec![work]);
+                self.set_aside(vec![work]);
                 continue;
             };
             place.forget();
             match self.offer(work, false, now) {
                 None => {}
                 Some((Verdict::Cancel, work)) => self.cancel(vec![work]),
-                Some((_, work)) => self.park(vec![work]),
+                Some((_, work)) => self.set_aside(vec![work]),
             }
         }
     }

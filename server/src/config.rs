@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// and connections; streams stop reading while it is used up.
     #[arg(long, env = "HOOKD_STREAM_BYTES_IN_FLIGHT", default_value_t = DEFAULT_STREAM_BYTES)]
     pub stream_bytes_in_flight: u64,
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. 127.0.0.1:9464. Off when
+    /// unset.
+    #[arg(long, env = "HOOKD_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Defaults of the intake limits.
@@ -161,6 +165,8 @@ pub struct Config {
     pub max_streams_per_connection: u32,
     /// Payload bytes of TriggerStream items read and not yet acknowledged, in all.
     pub stream_bytes_in_flight: usize,
+    /// Where `/metrics` is served; nowhere when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -176,6 +182,7 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_streams_per_connection: DEFAULT_MAX_STREAMS,
             stream_bytes_in_flight: DEFAULT_STREAM_BYTES as usize,
+            metrics_listen: None,
         }
     }
 }
@@ -222,6 +229,8 @@ impl std::fmt::Display for Notice {
 pub enum ConfigError {
     #[error("--listen / HOOKD_LISTEN: {0:?} is not an address like 127.0.0.1:50051")]
     Listen(String),
+    #[error("--metrics-listen / HOOKD_METRICS_LISTEN: {0:?} is not an address like 127.0.0.1:9464")]
+    MetricsListen(String),
     #[error("--admin-token / HOOKD_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LEN} characters")]
     AdminTokenTooShort,
     #[error("--max-payload-bytes / HOOKD_MAX_PAYLOAD_BYTES must be between 1 and {MAX_PAYLOAD_LIMIT}, not {0}")]
@@ -280,6 +289,10 @@ pub struct Resolved {
 /// directory, and fills in development defaults where nothing was configured.
 pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resolved, ConfigError> {
     let listen: SocketAddr = args.listen.parse().map_err(|_| ConfigError::Listen(args.listen.clone()))?;
+    let metrics_listen = match &args.metrics_listen {
+        Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| ConfigError::MetricsListen(addr.clone()))?),
+        None => None,
+    };
     if args.max_payload_bytes == 0 || args.max_payload_bytes > MAX_PAYLOAD_LIMIT {
         return Err(ConfigError::MaxPayload(args.max_payload_bytes));
     }
@@ -392,6 +405,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
         ..PipelineConfig::default()
     };
     config.tls = tls;
+    config.metrics_listen = metrics_listen;
     config.max_connections = args.max_connections;
     config.max_streams_per_connection = args.max_streams_per_connection;
     config.stream_bytes_in_flight = usize::try_from(args.stream_bytes_in_flight).expect("checked to be at most 4 GiB");

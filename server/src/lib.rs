@@ -15,6 +15,7 @@ pub mod config;
 pub mod crypto;
 pub mod ids;
 pub mod listen;
+pub mod metrics;
 pub mod pipeline;
 pub mod priority;
 pub mod store;
@@ -59,6 +60,12 @@ pub enum RunError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Tls(#[from] listen::TlsError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Serves hookd on `listener` until `shutdown` is cancelled, then stops intake, lets
@@ -105,6 +112,14 @@ async fn serve(
     if let Some(warning) = plaintext_warning(local_addr, tls.is_some()) {
         tracing::warn!("{warning}");
     }
+    let metrics = metrics::Metrics::new();
+    store.observe_syncs(metrics.journal_sync.clone());
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr).await.map_err(|source| RunError::Metrics { addr, source })?;
+        tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "metrics served on /metrics");
+        tokio::spawn(metrics::serve(listener, metrics.clone(), shutdown.clone()));
+        tokio::spawn(stats(store.clone(), config.data_dir.clone(), metrics.clone(), shutdown.clone()));
+    }
     let (max_connections, max_streams) = (config.max_connections, config.max_streams_per_connection);
     tracing::info!(
         addr = %local_addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
@@ -118,7 +133,13 @@ async fn serve(
     let pipeline_runtime = pipeline::runtime().map_err(RunError::Runtime)?;
     let pipeline = {
         let _inside = pipeline_runtime.enter();
-        Pipeline::start(store.clone(), config.keyring.clone(), config.pipeline.clone(), store.durable_seq())?
+        Pipeline::start(
+            store.clone(),
+            config.keyring.clone(),
+            config.pipeline.clone(),
+            store.durable_seq(),
+            metrics.clone(),
+        )?
     };
     let drain_deadline = config.pipeline.attempt_timeout.min(SHUTDOWN_GRACE);
     let pipeline_handle = pipeline.handle();
@@ -130,7 +151,7 @@ async fn serve(
             pipeline.stop(drain_deadline).await;
         })
     };
-    let shared = api::Shared::new(store.clone(), Arc::new(config), pipeline_handle);
+    let shared = api::Shared::new(store.clone(), Arc::new(config), pipeline_handle, metrics);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let services = [
@@ -216,6 +237,39 @@ async fn serve(
         .await
         .expect("shutting the pipeline runtime down does not panic");
     Ok(served?)
+}
+
+/// Refreshes the gauges that look at the store and the data directory, until `shutdown`.
+async fn stats(
+    store: Arc<SledStore>,
+    data_dir: std::path::PathBuf,
+    metrics: metrics::Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (store, dir) = (store.clone(), data_dir.clone());
+        let read = blocking(move || {
+            let counts = store::HistoryStore::counts(store.as_ref());
+            let bytes = ["journal", "db", "queue"].map(|part| (part, metrics::bytes_under(&dir.join(part))));
+            (counts, bytes)
+        })
+        .await;
+        match read {
+            (Ok(counts), bytes) => {
+                metrics::set(&metrics.listeners, ("state", "registered"), counts.listeners);
+                metrics::set(&metrics.listeners, ("state", "disabled"), counts.disabled_listeners);
+                metrics::set(&metrics.pending, ("kind", "retry"), counts.queued);
+                metrics.quarantined.set(i64::try_from(counts.quarantined).unwrap_or(i64::MAX));
+                for (part, bytes) in bytes {
+                    metrics::set(&metrics.store_bytes, ("part", part), bytes);
+                }
+            }
+            (Err(error), _) => tracing::warn!(error = &error as &dyn std::error::Error, "cannot count for the metrics"),
+        }
+        if shutdown.run_until_cancelled(tokio::time::sleep(metrics::STATS_EVERY)).await.is_none() {
+            return;
+        }
+    }
 }
 
 /// What to say when hookd listens without TLS where others can reach it.

@@ -759,3 +759,40 @@ async fn a_disabled_listeners_waiting_first_attempts_go_once_enabled_or_are_canc
     listener_settled(&admin, &gone, EVENTS, hookd_client::v1::DeliveryState::Cancelled).await;
     assert_eq!(receiver.requests_to("/gone").len(), 1, "nothing more went to the deleted listener");
 }
+
+// Regression (review): a detached listener whose last request then succeeded looked idle and
+// was forgotten with where it stood, so its waiting first attempts never went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_disabled_while_its_last_request_succeeds_gets_the_rest_once_enabled() {
+    const EVENTS: usize = 10;
+    let receiver = Receiver::start().await;
+    receiver.script("/slow", |_, _| Reply::After(Duration::from_millis(500), 200));
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("slowpoke").await;
+    let hash = derive(&producer, "tick").await;
+    let (listener, _) = listen(&producer, &hash, receiver.url("/slow"), None, false).await;
+    for n in 0..EVENTS {
+        trigger(&producer, "tick", n.to_string()).await;
+    }
+    receiver.wait_until("the first request", DEADLINE, |requests| !requests.is_empty()).await;
+    let disable = UpdateListenerRequest { listener_id: listener.clone(), enabled: Some(false), ..Default::default() };
+    producer.register().update_listener(disable).await.unwrap();
+    // The request under way succeeds; nothing more goes while disabled.
+    let admin = server.admin().await;
+    eventually("the request under way recorded", || {
+        let (admin, listener) = (admin.clone(), listener.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest {
+                listener_id: listener,
+                state: hookd_client::v1::DeliveryState::Succeeded as i32,
+                ..Default::default()
+            };
+            let done = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            (!done.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let enable = UpdateListenerRequest { listener_id: listener.clone(), enabled: Some(true), ..Default::default() };
+    producer.register().update_listener(enable).await.unwrap();
+    listener_settled(&admin, &listener, EVENTS, hookd_client::v1::DeliveryState::Succeeded).await;
+}

@@ -9,6 +9,7 @@ mod inspection;
 mod intake;
 mod isolation;
 mod listeners;
+mod metrics;
 mod producers;
 mod receiver;
 mod restart;

@@ -39,6 +39,7 @@ pub struct Shared {
     /// Payload bytes of TriggerStream items read and not yet acknowledged, across every
     /// stream and connection (see `trigger::serve_stream`).
     pub stream_bytes: Arc<tokio::sync::Semaphore>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -46,12 +47,14 @@ impl Shared {
         store: Arc<S>,
         config: Arc<Config>,
         pipeline: PipelineHandle,
+        metrics: crate::metrics::Metrics,
     ) -> Self {
         Self {
             store: store.clone(),
             queue: store.clone(),
             history: store,
             stream_bytes: Arc::new(tokio::sync::Semaphore::new(config.stream_bytes_in_flight)),
+            metrics,
             config,
             pipeline,
             accepting: Arc::new(AtomicBool::new(true)),

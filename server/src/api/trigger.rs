@@ -72,8 +72,18 @@ async fn accept(
     key_hash: [u8; 32],
     request: TriggerRequest,
 ) -> ApiResult<TriggerAck> {
-    let event = new_event(shared, producer, key_hash, request)?;
-    let appended = shared.store.append_event(event).await?;
+    let result = match new_event(shared, producer, key_hash, request) {
+        Ok(event) => shared.store.append_event(event).await.map_err(ApiError::from),
+        Err(error) => Err(error),
+    };
+    shared.metrics.trigger(match &result {
+        Ok(appended) if appended.duplicate => "duplicate",
+        Ok(_) => "accepted",
+        Err(ApiError::InvalidArgument(_) | ApiError::ResourceExhausted(_)) => "invalid",
+        Err(ApiError::Store(crate::store::StoreError::Refused(_))) => "refused",
+        Err(_) => "unavailable",
+    });
+    let appended = result?;
     Ok(TriggerAck { event_id: appended.event_id, duplicate: appended.duplicate })
 }
 

@@ -135,6 +135,7 @@ pub(crate) struct Context {
     /// Every attempt's outcome goes to its producer's watchers. Handing it over never waits:
     /// a watcher that falls behind is dropped (and told), the pipeline never slows for it.
     pub watchers: Arc<Watchers>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What one attempt did, as watchers see it.
@@ -235,6 +236,7 @@ impl Pipeline {
         keyring: Keyring,
         config: PipelineConfig,
         durable_seq: tokio::sync::watch::Receiver<u64>,
+        metrics: crate::metrics::Metrics,
     ) -> Result<Self, PipelineError> {
         let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
         let retention = config.retention;
@@ -254,16 +256,19 @@ impl Pipeline {
             wake: Notify::new(),
             queued_from: Mutex::new(None),
             watchers: watchers.clone(),
+            metrics,
         });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
         let start = context.queue.fanout_cursor()?;
         let (handed, taken) = mpsc::channel(4);
+        let durable_seq_for_lag = durable_seq.clone();
         let memory = Arc::new(tokio::sync::Semaphore::new(MEMORY_ITEMS));
         tasks.spawn(fanout::run(context.clone(), durable_seq, start.clone(), handed, memory.clone(), shutdown.clone()));
         tasks.spawn(retention::run(history, retention, shutdown.clone()));
-        let dispatcher = dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start);
+        let dispatcher =
+            dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start, durable_seq_for_lag);
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.close();
         Ok(Self { commands, watchers, tasks, shutdown })
@@ -298,6 +303,7 @@ impl Context {
             wake: Notify::new(),
             queued_from: Mutex::new(None),
             watchers: Watchers::new(1),
+            metrics: crate::metrics::Metrics::new(),
         })
     }
 }

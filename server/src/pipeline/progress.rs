@@ -24,8 +24,12 @@ pub struct Progress {
     /// Pairs handed out and not yet recorded, parked or cancelled, by event. Every count is
     /// positive.
     outstanding: BTreeMap<u64, usize>,
+    /// The sum of `outstanding`'s counts.
+    total: usize,
     /// Every pair of the events before this one has been handed out.
     handed_until: u64,
+    /// Some pairs of the event at `handed_until` are handed out, not all.
+    partial: bool,
     /// What was last written (or read at start).
     written: FanoutCursor,
     written_at_ms: u64,
@@ -34,23 +38,41 @@ pub struct Progress {
 impl Progress {
     /// Starts where the stored cursor says.
     pub fn new(stored: FanoutCursor) -> Self {
-        Self { outstanding: BTreeMap::new(), handed_until: stored.next_seq, written: stored, written_at_ms: 0 }
+        Self {
+            outstanding: BTreeMap::new(),
+            total: 0,
+            handed_until: stored.next_seq,
+            partial: false,
+            written: stored,
+            written_at_ms: 0,
+        }
     }
 
     /// A pair of event `seq` was handed out.
     pub fn handed(&mut self, seq: u64) {
         *self.outstanding.entry(seq).or_default() += 1;
+        self.total += 1;
     }
 
-    /// Every pair of the events before `next_seq` has been handed out.
-    pub fn handed_until(&mut self, next_seq: u64) {
+    /// Every pair of the events before `next_seq` has been handed out; `partial`: some pairs
+    /// of event `next_seq` too.
+    pub fn handed_until(&mut self, next_seq: u64, partial: bool) {
+        if next_seq >= self.handed_until {
+            self.partial = partial && next_seq == self.handed_until.max(next_seq);
+        }
         self.handed_until = self.handed_until.max(next_seq);
+    }
+
+    /// Whether the event at [`Progress::handed_until_seq`] is partly handed out.
+    pub fn partial(&self) -> bool {
+        self.partial
     }
 
     /// A pair of event `seq` is recorded, parked or cancelled (or was found recorded).
     pub fn done(&mut self, seq: u64) {
         if let Some(count) = self.outstanding.get_mut(&seq) {
             *count -= 1;
+            self.total -= 1;
             if *count == 0 {
                 self.outstanding.remove(&seq);
             }
@@ -69,16 +91,19 @@ impl Progress {
 
     /// Pairs handed out and not yet recorded.
     pub fn outstanding(&self) -> usize {
-        self.outstanding.values().sum()
+        self.total
     }
 
     /// The cursor to write before a pair of event `seq` is handed out, if its event lies past
-    /// the reservation.
-    pub fn reserve(&mut self, seq: u64, now_ms: u64) -> Option<FanoutCursor> {
-        if seq < self.written.reserved_until {
-            return None;
-        }
-        Some(self.write(FanoutCursor { reserved_until: seq + RESERVE_EVENTS, ..self.current() }, now_ms))
+    /// the reservation; [`Progress::reserved`] once it is written.
+    pub fn reserve(&self, seq: u64) -> Option<FanoutCursor> {
+        (seq >= self.written.reserved_until)
+            .then(|| FanoutCursor { reserved_until: seq + RESERVE_EVENTS, ..self.current() })
+    }
+
+    /// A reservation from [`Progress::reserve`] is written.
+    pub fn reserved(&mut self, cursor: FanoutCursor, now_ms: u64) {
+        self.write(cursor, now_ms);
     }
 
     /// The cursor to write now, if it moved and the last write is old enough (or `force`).
@@ -124,7 +149,7 @@ mod tests {
         for seq in [10, 10, 11, 13] {
             progress.handed(seq);
         }
-        progress.handed_until(14);
+        progress.handed_until(14, false);
         assert_eq!(progress.cursor(), 10);
         progress.done(10);
         assert_eq!(progress.cursor(), 10, "one pair of event 10 is still out");
@@ -141,10 +166,12 @@ mod tests {
     fn an_event_partly_handed_out_holds_the_cursor() {
         let mut progress = Progress::new(stored(0, 0));
         progress.handed(5);
-        progress.handed_until(5);
+        progress.handed_until(5, true);
+        assert!(progress.partial());
         progress.done(5);
         assert_eq!(progress.cursor(), 5, "event 5 has pairs still to hand out");
-        progress.handed_until(6);
+        progress.handed_until(6, false);
+        assert!(!progress.partial());
         assert_eq!(progress.cursor(), 6);
     }
 
@@ -152,12 +179,12 @@ mod tests {
     fn the_cursor_is_written_when_it_moved_at_most_so_often() {
         let mut progress = Progress::new(stored(0, 0));
         assert_eq!(progress.due(1_000, false), None, "it did not move");
-        progress.handed_until(3);
+        progress.handed_until(3, false);
         assert_eq!(progress.due(1_000, false).map(|c| c.next_seq), Some(3));
-        progress.handed_until(5);
+        progress.handed_until(5, false);
         assert_eq!(progress.due(1_100, false), None, "written less than a moment ago");
         assert_eq!(progress.due(1_100, true).map(|c| c.next_seq), Some(5), "unless forced (shutdown)");
-        progress.handed_until(9);
+        progress.handed_until(9, false);
         assert_eq!(progress.due(1_100 + WRITE_EVERY_MS, false).map(|c| c.next_seq), Some(9));
         progress.unwritten();
         assert_eq!(progress.due(1_400, false).map(|c| c.next_seq), Some(9), "a failed write is made again");
@@ -166,12 +193,14 @@ mod tests {
     #[test]
     fn events_are_reserved_before_pairs_of_them_are_handed_out() {
         let mut progress = Progress::new(stored(0, 100));
-        assert_eq!(progress.reserve(99, 0), None, "reserved at start");
-        let reserved = progress.reserve(100, 0).unwrap();
+        assert_eq!(progress.reserve(99), None, "reserved at start");
+        let reserved = progress.reserve(100).unwrap();
         assert_eq!(reserved.reserved_until, 100 + RESERVE_EVENTS);
         assert_eq!(reserved.next_seq, 0, "the cursor itself does not move ahead of the records");
-        assert_eq!(progress.reserve(100 + RESERVE_EVENTS - 1, 0), None);
-        progress.handed_until(7);
+        assert!(progress.reserve(150).is_some(), "not yet written: asked for again");
+        progress.reserved(reserved, 0);
+        assert_eq!(progress.reserve(100 + RESERVE_EVENTS - 1), None);
+        progress.handed_until(7, false);
         assert_eq!(progress.due(WRITE_EVERY_MS, false).unwrap().reserved_until, 100 + RESERVE_EVENTS, "kept");
     }
 

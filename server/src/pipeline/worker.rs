@@ -220,6 +220,7 @@ async fn try_attempt(
         trigger,
     };
     delivery.last_status_code = u32::from(status);
+    context.metrics.attempt(crate::metrics::attempt_class(status, &attempt.error), response.duration);
     finish(context, delivery, listener, attempt, entry, answer, turn).await
 }
 

@@ -306,6 +306,20 @@ pub struct Trimmed {
     pub next_seq: Option<u64>,
 }
 
+/// How much of some things the store holds, for the operator's gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub listeners: u64,
+    pub disabled_listeners: u64,
+    /// Queue entries, queued or parked (retries, manual attempts, replays): at most
+    /// [`COUNT_LIMIT`] are counted.
+    pub queued: u64,
+    pub quarantined: u64,
+}
+
+/// Most entries [`HistoryStore::counts`] counts in one keyspace.
+pub const COUNT_LIMIT: usize = 1_000_000;
+
 /// The history of events, deliveries and attempts: what inspection, replay, recovery and
 /// retention need. Same rules as [`PipelineStore`]: atomic batches, no flush of their own,
 /// blocking calls for the blocking pool.
@@ -376,4 +390,7 @@ pub trait HistoryStore: Send + Sync + 'static {
     /// events were created before `keys_before_ms`; returns how many it looked at (fewer than
     /// `max`: none is left that old).
     fn trim_keys(&self, keys_before_ms: u64, max: usize) -> Result<usize, StoreError>;
+    /// Counts for the operator's gauges. Reads whole keyspaces (up to [`COUNT_LIMIT`] each):
+    /// for now and then, off the async threads.
+    fn counts(&self) -> Result<Counts, StoreError>;
 }

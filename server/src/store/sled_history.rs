@@ -560,6 +560,20 @@ impl HistoryStore for SledStore {
         Ok(trimmed)
     }
 
+    fn counts(&self) -> Result<super::Counts, StoreError> {
+        let mut counts = super::Counts::default();
+        for entry in self.tree.scan_prefix(keys::LISTENERS).take(super::COUNT_LIMIT) {
+            let (key, value) = entry?;
+            let listener: Listener = decode(&value).ok_or_else(|| corrupt(&key))?;
+            counts.listeners += 1;
+            counts.disabled_listeners += u64::from(!listener.enabled);
+        }
+        let count = |prefix: &[u8]| self.queue.scan_prefix(prefix).keys().take(super::COUNT_LIMIT).count() as u64;
+        counts.queued = count(keys::DUE) + count(keys::PARKED);
+        counts.quarantined = count(keys::QUARANTINED);
+        Ok(counts)
+    }
+
     fn trim_keys(&self, keys_before_ms: u64, max: usize) -> Result<usize, StoreError> {
         let end = Bound::Excluded([keys::KEPT_KEYS, &keys_before_ms.to_be_bytes()[..]].concat());
         let _index = self.progress.index_turn();

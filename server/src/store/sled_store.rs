@@ -369,6 +369,11 @@ impl SledStore {
         }))
     }
 
+    /// Observes the duration of every intake journal sync from now on.
+    pub fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.progress.sync_seconds.set(histogram);
+    }
+
     /// How far fan-out may go: the next event's sequence number once everything appended so
     /// far is durable and readable, held back while a listener is being written. It grows as
     /// events are appended. Fan-out follows it.
@@ -613,7 +618,14 @@ impl Store for SledStore {
                     // only then.
                     let fanout_next_seq = if listener.skipped.len() >= MAX_SKIPPED {
                         queue.flush()?;
-                        read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default().next_seq
+                        let cursor = read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default().next_seq;
+                        // A listener fanned out apart still reads from where it stands.
+                        match queue.get(keys::detached(&listener.id))? {
+                            Some(bytes) => cursor.min(u64::from_be_bytes(
+                                bytes.as_ref().try_into().map_err(|_| corrupt(&keys::detached(&listener.id)))?,
+                            )),
+                            None => cursor,
+                        }
                     } else {
                         0
                     };

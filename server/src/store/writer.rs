@@ -108,6 +108,8 @@ pub(crate) struct Progress {
     fence: Mutex<Option<u64>>,
     /// How far fan-out may go: the applied end, held back by the fence.
     fanout_end: watch::Sender<u64>,
+    /// Where the journal syncs' durations go, once someone watches them.
+    pub(crate) sync_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// Holds fan-out back while a listener is written (see [`Progress::fence`]); lifted when
@@ -144,6 +146,7 @@ impl Progress {
             group_finished: Condvar::new(),
             fence: Mutex::new(None),
             fanout_end: watch::channel(next_seq).0,
+            sync_seconds: std::sync::OnceLock::new(),
         })
     }
 
@@ -508,7 +511,12 @@ impl Writer {
         let written = if pending.buf.is_empty() {
             Ok(())
         } else {
-            self.journal.append(&pending.buf).and_then(|()| self.journal.sync())
+            let started = Instant::now();
+            let written = self.journal.append(&pending.buf).and_then(|()| self.journal.sync());
+            if let Some(histogram) = self.progress.sync_seconds.get() {
+                histogram.observe(started.elapsed().as_secs_f64());
+            }
+            written
         };
         if let Err(error) = written {
             self.progress.fail(format!("writing the intake journal failed: {error}"));

@@ -59,18 +59,10 @@ impl Dispatcher {
         self.park(entries);
     }
 
-    /// A pair that will be read back from the log later: nothing of it is written now.
+    /// A pair that will be read back from the log later: nothing of it is written now. Its
+    /// listener is detached at or before it, so letting it go is like recording it.
     fn let_go(&mut self, pair: Pair) {
-        if pair.lagging {
-            if let Some(detached) = self.lanes.get_mut(&pair.listener_id).and_then(|lane| lane.detached.as_mut()) {
-                detached.outstanding.remove(&pair.seq);
-            }
-        } else {
-            self.progress.done(pair.seq);
-        }
-        if pair.recheck {
-            self.release(&pair.delivery_id);
-        }
+        self.pair_recorded(pair);
     }
 
     /// Leaves a listener's first attempts from event `from_seq` on in the event log, for it to
@@ -106,13 +98,13 @@ impl Dispatcher {
         match self.context.queue.park(&entries) {
             Ok(()) => {
                 for entry in entries {
-                    self.claimed.remove(&entry.delivery_id);
-                    if let Some(lane) = self.lanes.get_mut(&entry.listener_id) {
-                        lane.gate.parked = lane.gate.parked.saturating_add(1);
-                        // One put back went back to the lot: those released with it must not
-                        // overtake it.
-                        lane.gate.released.clear();
-                    }
+                    self.release(&entry.delivery_id);
+                    // Counted in its lane (made if need be): a lot no lane counts is never put back.
+                    let lane = self.lane(&entry.listener_id);
+                    lane.gate.parked = lane.gate.parked.saturating_add(1);
+                    // One put back went back to the lot: those released with it must not
+                    // overtake it.
+                    lane.gate.released.clear();
                 }
             }
             Err(error) => self.write_failed(error, entries.into_iter().map(Work::Queued).collect()),
@@ -144,7 +136,15 @@ impl Dispatcher {
         if pairs.is_empty() {
             return;
         }
-        let deliveries: Vec<Delivery> = pairs.iter().map(Pair::delivery).collect();
+        // A pair that may have a record already (after a restart, or read back) keeps it.
+        let mut deliveries = Vec::with_capacity(pairs.len());
+        for pair in &pairs {
+            match (pair.recheck || pair.lagging).then(|| self.context.queue.delivery_exists(&pair.delivery_id)) {
+                Some(Ok(true)) => {}
+                Some(Err(error)) => return self.write_failed(error, pairs.into_iter().map(Work::First).collect()),
+                Some(Ok(false)) | None => deliveries.push(pair.delivery()),
+            }
+        }
         match self.context.queue.cancel_new(&deliveries) {
             Ok(()) => {
                 for pair in pairs {
@@ -206,6 +206,14 @@ impl Dispatcher {
             Ok(detached) => {
                 for (listener_id, since) in detached {
                     let lane = self.lane(&listener_id);
+                    if lane.gate.deleted {
+                        // Deleted while its waiting deliveries were being cancelled: what is left
+                        // of them is listed nowhere now its listener is gone.
+                        if let Err(error) = self.context.queue.set_detached(&listener_id, None) {
+                            tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot forget a deleted listener's place in the log");
+                        }
+                        continue;
+                    }
                     lane.detached = Some(Detached { since, read: since, outstanding: BTreeSet::new() });
                 }
             }

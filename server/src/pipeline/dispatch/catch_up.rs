@@ -24,6 +24,11 @@ impl Dispatcher {
         let until = self.progress.handed_until_seq();
         let free = self.memory.available_permits();
         let lane = self.lane(listener_id);
+        if lane.gate.deleted && lane.detached.is_some() && lane.listener.is_none() {
+            // Its waiting deliveries are cancelled by its deletion (see `aside`), or listed
+            // nowhere once it is gone.
+            return;
+        }
         let (Some(detached), Some(target)) = (&lane.detached, &lane.listener) else { return };
         let gate = &lane.gate;
         let room = if !gate.enabled || gate.deleted || gate.backed_off(now) || gate.parked > 0 {
@@ -35,7 +40,9 @@ impl Dispatcher {
         };
         let room = room.min(CATCH_UP_CHUNK).min(free);
         if detached.read >= until {
-            if detached.outstanding.is_empty() && room > 0 {
+            // Not while fan-out is in the middle of an event: its pair of that event may have
+            // been let go in the part handed out already.
+            if detached.outstanding.is_empty() && room > 0 && !self.progress.partial() {
                 self.attach(listener_id);
             }
             return;
@@ -78,10 +85,11 @@ impl Dispatcher {
         let detached = lane.detached.as_mut().expect("read above");
         detached.read = read_to;
         for pair in pairs {
+            // Unrecorded until its turn ends: where it stands does not pass it before that.
             detached.outstanding.insert(pair.seq);
-            // Its record, and a queue entry of it, may exist already: it is dropped when found.
+            // In hand already (under way, waiting to be done again, or a queue entry of it):
+            // not taken twice. The one in hand ends it.
             if self.claimed.contains_key(&pair.delivery_id) {
-                detached.outstanding.remove(&pair.seq);
                 self.memory.add_permits(1);
                 continue;
             }

@@ -119,6 +119,8 @@ pub(crate) struct Dispatcher {
     backoffs: BTreeSet<(u64, String)>,
     progress: Progress,
     next_tick_ms: u64,
+    /// The durable end of the log, for the fan-out lag gauges.
+    durable_seq: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Dispatcher {
@@ -129,6 +131,7 @@ impl Dispatcher {
         handed: mpsc::Receiver<Handed>,
         memory: Arc<Semaphore>,
         start: FanoutCursor,
+        durable_seq: tokio::sync::watch::Receiver<u64>,
     ) -> Self {
         let limits = [context.config.workers.max(1), context.config.suspect_workers.max(1)];
         Self {
@@ -154,6 +157,7 @@ impl Dispatcher {
             backoffs: BTreeSet::new(),
             progress: Progress::new(start),
             next_tick_ms: 0,
+            durable_seq,
         }
     }
 
@@ -283,8 +287,14 @@ impl Dispatcher {
 
     /// Forgets a lane with nothing left to remember.
     fn forget_if_idle(&mut self, listener_id: &str) {
-        let idle =
-            |lane: &Lane| lane.gate.is_idle() && lane.line.is_empty() && lane.ready_in.is_none() && !lane.disabling;
+        // A detached lane is never forgotten: where it stands lives only here (and in `ld/`).
+        let idle = |lane: &Lane| {
+            lane.gate.is_idle()
+                && lane.line.is_empty()
+                && lane.ready_in.is_none()
+                && !lane.disabling
+                && lane.detached.is_none()
+        };
         if self.lanes.get(listener_id).is_some_and(idle) {
             self.lanes.remove(listener_id);
         }
@@ -450,26 +460,11 @@ impl Dispatcher {
             self.rewind((due_ms, String::new()));
         }
         match finished.work {
-            Work::First(pair) => {
-                if pair.recheck {
-                    self.release(&pair.delivery_id);
-                }
-                match finished.again_after_ms {
-                    // Still outstanding: offered again (a disabled listener's is set aside).
-                    Some(after) => {
-                        let order = self.next_request;
-                        self.next_request += 1;
-                        self.again.insert((now + after, order), Work::First(pair));
-                    }
-                    None if pair.lagging => {
-                        if let Some(detached) = self.lanes.get_mut(&listener_id).and_then(|lane| lane.detached.as_mut())
-                        {
-                            detached.outstanding.remove(&pair.seq);
-                        }
-                    }
-                    None => self.progress.done(pair.seq),
-                }
-            }
+            Work::First(pair) => match finished.again_after_ms {
+                // Not recorded: still outstanding and claimed, done again after a pause.
+                Some(after) => self.again_later(pair, now + after),
+                None => self.pair_recorded(pair),
+            },
             Work::Queued(entry) => {
                 self.release(&entry.delivery_id);
                 // The entry is still queued: read again, at once or after a pause.
@@ -482,6 +477,38 @@ impl Dispatcher {
         self.catch_up(&listener_id);
         self.mark(&listener_id);
         self.forget_if_idle(&listener_id);
+    }
+
+    /// A first attempt's turn could not record it: it is done again at `at`. An ordered
+    /// listener's goes back to the front of its line and the listener waits until then (its
+    /// next delivery must not overtake it); any other's waits apart.
+    fn again_later(&mut self, pair: Pair, at: u64) {
+        let ordered = self.lanes.get(&pair.listener_id).is_some_and(|lane| lane.gate.ordered);
+        let placed = ordered && self.memory.try_acquire().map(tokio::sync::SemaphorePermit::forget).is_ok();
+        if placed {
+            let listener_id = pair.listener_id.clone();
+            let lane = self.lane(&listener_id);
+            lane.line.push(Work::First(pair), at);
+            lane.gate.blocked_until_ms = lane.gate.blocked_until_ms.max(at);
+            self.backoffs.insert((at, listener_id));
+            return;
+        }
+        let order = self.next_request;
+        self.next_request += 1;
+        self.again.insert((at, order), Work::First(pair));
+    }
+
+    /// A first attempt is recorded (or found recorded, or cancelled): it is no longer
+    /// outstanding anywhere.
+    pub(super) fn pair_recorded(&mut self, pair: Pair) {
+        self.release(&pair.delivery_id);
+        // A detached listener's reading may have marked it too, passing it while it was under way.
+        if let Some(detached) = self.lanes.get_mut(&pair.listener_id).and_then(|lane| lane.detached.as_mut()) {
+            detached.outstanding.remove(&pair.seq);
+        }
+        if !pair.lagging {
+            self.progress.done(pair.seq);
+        }
     }
 
     /// A delivery is no longer claimed: an entry of it that waited for that is read again.
@@ -586,47 +613,49 @@ impl Dispatcher {
     /// Takes pairs from fan-out into their listeners' lines (or lots).
     fn take_handed(&mut self, handed: Handed) {
         let now = now_ms();
-        if let Some(last) = handed.pairs.last()
-            && let Some(reservation) = self.progress.reserve(last.seq, now)
-            && let Err(error) = self.context.queue.set_fanout_cursor(&reservation)
-        {
-            // Nothing of it may start before the reservation is written: try again later.
-            self.progress.unwritten();
+        let reservation = handed.pairs.last().and_then(|last| self.progress.reserve(last.seq));
+        let reserved = reservation.map(|reservation| match self.context.queue.set_fanout_cursor(&reservation) {
+            Ok(()) => {
+                self.progress.reserved(reservation, now);
+                Ok(())
+            }
+            Err(error) => Err(error),
+        });
+        if let Some(Err(error)) = reserved {
+            // Nothing of it may start before the reservation is written: offered again later
+            // (claimed meanwhile, and checked then against detached listeners).
+            let partial = handed.pairs.last().is_some_and(|pair| pair.seq == handed.next_seq);
             for pair in &handed.pairs {
                 self.progress.handed(pair.seq);
+                self.claimed.insert(pair.delivery_id.clone(), (0, String::new()));
             }
-            self.progress.handed_until(handed.next_seq);
+            self.progress.handed_until(handed.next_seq, partial);
             self.memory.add_permits(handed.pairs.len());
             let works = handed.pairs.into_iter().map(Work::First).collect();
             self.write_failed(error, works);
             return;
         }
         let (mut park, mut cancel) = (Vec::new(), Vec::new());
+        // The last event is continued in the next hand-over (fan-out cut it in chunks).
+        let partial = handed.pairs.last().is_some_and(|pair| pair.seq == handed.next_seq);
         for pair in handed.pairs {
             self.progress.handed(pair.seq);
             // A detached listener reads this one back itself, later.
             let covered = self.lane(&pair.listener_id).detached.as_ref().is_some_and(|d| pair.seq >= d.since);
-            if covered {
+            // Claimed already: its record exists and its queue entry is in hand (a recheck).
+            if covered || self.claimed.contains_key(&pair.delivery_id) {
                 self.progress.done(pair.seq);
                 self.memory.add_permits(1);
                 continue;
             }
-            if pair.recheck {
-                if self.claimed.contains_key(&pair.delivery_id) {
-                    // Its record exists and its queue entry is in hand already.
-                    self.progress.done(pair.seq);
-                    self.memory.add_permits(1);
-                    continue;
-                }
-                self.claimed.insert(pair.delivery_id.clone(), (0, String::new()));
-            }
+            self.claimed.insert(pair.delivery_id.clone(), (0, String::new()));
             match self.offer(Work::First(pair), false, now) {
                 None => {}
                 Some((Verdict::Cancel, work)) => cancel.push(work),
                 Some((_, work)) => park.push(work),
             }
         }
-        self.progress.handed_until(handed.next_seq);
+        self.progress.handed_until(handed.next_seq, partial);
         self.set_aside(park);
         self.cancel(cancel);
     }
@@ -700,6 +729,7 @@ impl Dispatcher {
     fn tick(&mut self, now: u64) {
         self.write_cursor(now, false);
         self.write_detached();
+        self.gauge(now);
         // Back-offs first: a listener whose back-off ends reads its first attempts back before
         // its retries are read from the queue, so the oldest work goes first.
         while let Some((at_ms, listener_id)) = self.backoffs.first().cloned()
@@ -737,6 +767,14 @@ impl Dispatcher {
             && entry.key().0 <= now
         {
             let work = entry.remove();
+            // A detached listener reads it back itself: from here, for certain.
+            if let Work::First(pair) = &work
+                && !pair.lagging
+                && self.lane(&pair.listener_id).detached.as_ref().is_some_and(|d| pair.seq >= d.since)
+            {
+                self.set_aside(vec![work]);
+                continue;
+            }
             // Back in a line if memory has a place for it, else set aside.
             let Ok(place) = self.memory.try_acquire() else {
                 self.set_aside(vec![work]);
@@ -749,6 +787,38 @@ impl Dispatcher {
                 Some((_, work)) => self.set_aside(vec![work]),
             }
         }
+    }
+
+    /// Refreshes the gauges the dispatcher knows: fan-out's lag, requests in flight, work
+    /// waiting, listeners backed off and detached.
+    fn gauge(&self, now: u64) {
+        use crate::metrics::set;
+        let metrics = &self.context.metrics;
+        let handed = self.progress.handed_until_seq();
+        let lag = self.durable_seq.borrow().saturating_sub(handed);
+        metrics.fanout_lag_events.set(i64::try_from(lag).unwrap_or(i64::MAX));
+        let age = match lag {
+            0 => 0.0,
+            _ => match self.context.queue.event_at(handed) {
+                Ok(Some(event)) => now.saturating_sub(event.created_at_ms) as f64 / 1000.0,
+                _ => 0.0,
+            },
+        };
+        metrics.fanout_lag_seconds.set(age);
+        set(&metrics.in_flight, ("budget", "healthy"), self.in_use[Pool::Healthy.index()] as u64);
+        set(&metrics.in_flight, ("budget", "suspect"), self.in_use[Pool::Suspect.index()] as u64);
+        let (mut backed_off, mut detached, mut left_in_log) = (0u64, 0u64, 0u64);
+        for lane in self.lanes.values() {
+            backed_off += u64::from(lane.gate.backed_off(now));
+            if let Some(lane_detached) = &lane.detached {
+                detached += 1;
+                left_in_log += handed.saturating_sub(lane_detached.read) + lane_detached.outstanding.len() as u64;
+            }
+        }
+        let first_attempts = self.progress.outstanding() as u64 + left_in_log;
+        set(&metrics.pending, ("kind", "first_attempt"), first_attempts);
+        set(&metrics.listeners, ("state", "backed_off"), backed_off);
+        set(&metrics.listeners, ("state", "detached"), detached);
     }
 
     fn write_cursor(&mut self, now: u64, force: bool) {

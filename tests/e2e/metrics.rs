@@ -113,3 +113,56 @@ async fn metrics_count_what_happened() {
     assert!(value(&gauges, "hookd_store_bytes{part=\"journal\"}") > 0.0);
     assert!(value(&gauges, "hookd_store_bytes{part=\"db\"}") > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_each_attempts_event_delivery_and_number() {
+    let receiver = Receiver::start().await;
+    receiver.script("/fail", |_, _| Reply::Status(500));
+    let dir = tempfile::tempdir().unwrap();
+    let key = master_key();
+    let env = [
+        ("HOOKD_MASTER_KEY", key.as_str()),
+        ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("HOOKD_LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,hookd_server::pipeline=debug"),
+        ("HOOKD_RETRY_SCHEDULE", "1h"),
+    ];
+    let hookd = HookdProcess::start(dir.path(), &env).await.unwrap();
+    let admin = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(ADMIN_TOKEN).unwrap();
+    let created = admin.admin().create_producer(CreateProducerRequest { name: "logged".into() }).await.unwrap();
+    let producer = admin.clone().with_api_key(&created.into_inner().api_key).unwrap();
+    let hash = derive(&producer, "logged").await;
+    for path in ["/ok", "/fail"] {
+        producer.register().register_listener(listener_request(&hash, &receiver.url(path))).await.unwrap();
+    }
+    let request = TriggerRequest { event_type: "logged".into(), payload: b"{}".to_vec(), ..Default::default() };
+    let event_id = producer.trigger_service().trigger(request).await.unwrap().into_inner().event_id;
+    // Each finished attempt is one line: a success at debug, a failure at info with its cause,
+    // both inside the attempt's span.
+    let lines = eventually("a line per finished attempt", || {
+        let log = hookd.log_text();
+        async move {
+            let lines: Vec<serde_json::Value> = log
+                .lines()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter(|line| {
+                    let message = line["fields"]["message"].as_str().unwrap_or_default();
+                    message == "delivered" || message == "delivery attempt failed"
+                })
+                .collect();
+            (lines.len() == 2).then_some(lines)
+        }
+    })
+    .await;
+    for line in &lines {
+        assert_eq!(line["span"]["name"], "attempt", "{line}");
+        assert_eq!(line["span"]["event_id"], event_id.as_str(), "{line}");
+        assert_eq!(line["span"]["attempt"], 1, "{line}");
+        assert!(line["span"]["delivery_id"].as_str().unwrap().starts_with("dlv_"), "{line}");
+    }
+    let failed = lines.iter().find(|line| line["fields"]["message"] == "delivery attempt failed").unwrap();
+    assert_eq!(failed["level"], "INFO");
+    assert_eq!(failed["fields"]["status"], 500);
+    let delivered = lines.iter().find(|line| line["fields"]["message"] == "delivered").unwrap();
+    assert_eq!(delivered["level"], "DEBUG");
+}

@@ -298,7 +298,12 @@ impl HookdProcess {
     }
 }
 
-fn parse_addr(line: &str) -> Option<SocketAddr> {
+/// The `addr` field of a log line, text (`addr=...`) or JSON (`"addr":"..."`).
+pub fn parse_addr(line: &str) -> Option<SocketAddr> {
+    if let Some(start) = line.find("\"addr\":\"") {
+        let rest = &line[start + "\"addr\":\"".len()..];
+        return rest[..rest.find('"')?].parse().ok();
+    }
     let start = line.find("addr=")? + "addr=".len();
     let rest = &line[start..];
     let end = rest.find(char::is_whitespace).unwrap_or(rest.len());

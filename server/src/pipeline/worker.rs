@@ -11,6 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument as _;
+
 use super::deliver::{WebhookRequest, webhook_headers};
 use super::gate::Outcome;
 use super::line::Work;
@@ -65,7 +67,13 @@ pub(crate) async fn attempt(
     target: Option<Arc<Target>>,
     turn: &mut Turn,
 ) -> Finished {
-    let (step, again_after_ms) = match try_attempt(&context, &work, target, turn).await {
+    let span = tracing::info_span!(
+        "attempt",
+        delivery_id = %work.delivery_id(),
+        event_id = tracing::field::Empty,
+        attempt = tracing::field::Empty
+    );
+    let (step, again_after_ms) = match try_attempt(&context, &work, target, turn).instrument(span).await {
         Ok(step) => {
             let again = step.again_now.then_some(0);
             (step, again)
@@ -176,6 +184,10 @@ async fn try_attempt(
             return finish(context, delivery, listener, attempt, entry, answer, turn).await;
         }
     };
+    // The span of the attempt (see `attempt`) learns which event and attempt it is.
+    let span = tracing::Span::current();
+    span.record("event_id", tracing::field::display(&delivery.event_id));
+    span.record("attempt", number);
     let started_at_ms = now_ms();
     let timestamp = i64::try_from(started_at_ms / 1000).unwrap_or(i64::MAX);
     let request = WebhookRequest {
@@ -281,11 +293,10 @@ async fn finish(
         }
     };
     if succeeded {
-        tracing::debug!(delivery_id = %delivery.id, attempt = attempt.number, status = attempt.status_code, "delivered");
+        tracing::debug!(listener_id = %listener.id, status = attempt.status_code, duration_ms = attempt.duration_ms, "delivered");
     } else {
         tracing::info!(
-            delivery_id = %delivery.id,
-            attempt = attempt.number,
+            listener_id = %listener.id,
             status = attempt.status_code,
             error = %attempt.error,
             final_attempt = outcome == Outcome::FailedForGood,

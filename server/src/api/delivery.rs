@@ -12,7 +12,7 @@ use hookd::v1::{
     Attempt as AttemptMessage, Delivery as DeliveryMessage, DeliveryState as StateMessage, Event as EventMessage,
     GetEventRequest, ListAttemptsRequest, ListAttemptsResponse, ListDeliveriesRequest, ListDeliveriesResponse,
     ListEventsRequest, ListEventsResponse, RecoverListenerRequest, RecoverListenerResponse, ReplayEventRequest,
-    ReplayEventResponse, RetryDeliveryRequest,
+    ReplayEventResponse, RetryDeliveryRequest, RetryDeliveryResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -290,7 +290,7 @@ impl DeliveryService for DeliveryApi {
     async fn retry_delivery(
         &self,
         request: Request<RetryDeliveryRequest>,
-    ) -> Result<Response<DeliveryMessage>, Status> {
+    ) -> Result<Response<RetryDeliveryResponse>, Status> {
         let caller = self.caller(&request)?;
         self.shared.ensure_accepting()?;
         let (delivery, recorded) = self.own_delivery(&caller, &request.get_ref().delivery_id).await?;
@@ -305,9 +305,13 @@ impl DeliveryService for DeliveryApi {
         self.ensure_listener_enabled(&delivery.listener_id)?;
         let history = self.shared.history.clone();
         let id = delivery.id.clone();
-        blocking(move || history.queue_manual_attempt(&id, now_ms())).await?.ok_or(ApiError::NotFound("delivery"))?;
+        let queued_at = now_ms();
+        blocking(move || history.queue_manual_attempt(&id, queued_at)).await?.ok_or(ApiError::NotFound("delivery"))?;
         self.shared.pipeline.queued();
-        Ok(Response::new(delivery_message(delivery)))
+        Ok(Response::new(RetryDeliveryResponse {
+            delivery: Some(delivery_message(delivery)),
+            queued_at: Some(timestamp(queued_at)),
+        }))
     }
 
     async fn recover_listener(

@@ -234,7 +234,7 @@ impl RegisterService for RegisterApi {
         self.shared.store.delete_listener(listener_id).await?.ok_or(ApiError::NotFound("listener"))?;
         self.shared.pipeline.listener_changed(listener_id);
         tracing::info!(%listener_id, "listener deleted");
-        Ok(Response::new(DeleteListenerResponse {}))
+        Ok(Response::new(DeleteListenerResponse { listener_id: listener_id.clone() }))
     }
 
     async fn rotate_listener_secret(

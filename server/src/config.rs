@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// unset.
     #[arg(long, env = "HOOKD_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Address to serve the operator's web page on (behind the admin token), e.g.
+    /// 127.0.0.1:8081. Off when unset.
+    #[arg(long, env = "HOOKD_UI_LISTEN")]
+    pub ui_listen: Option<String>,
 }
 
 /// Defaults of the intake limits.
@@ -167,6 +171,8 @@ pub struct Config {
     pub stream_bytes_in_flight: usize,
     /// Where `/metrics` is served; nowhere when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the operator's web page is served; nowhere when `None`.
+    pub ui_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -183,6 +189,7 @@ impl Config {
             max_streams_per_connection: DEFAULT_MAX_STREAMS,
             stream_bytes_in_flight: DEFAULT_STREAM_BYTES as usize,
             metrics_listen: None,
+            ui_listen: None,
         }
     }
 }
@@ -231,6 +238,8 @@ pub enum ConfigError {
     Listen(String),
     #[error("--metrics-listen / HOOKD_METRICS_LISTEN: {0:?} is not an address like 127.0.0.1:9464")]
     MetricsListen(String),
+    #[error("--ui-listen / HOOKD_UI_LISTEN: {0:?} is not an address like 127.0.0.1:8081")]
+    UiListen(String),
     #[error("--admin-token / HOOKD_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LEN} characters")]
     AdminTokenTooShort,
     #[error("--max-payload-bytes / HOOKD_MAX_PAYLOAD_BYTES must be between 1 and {MAX_PAYLOAD_LIMIT}, not {0}")]
@@ -291,6 +300,10 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     let listen: SocketAddr = args.listen.parse().map_err(|_| ConfigError::Listen(args.listen.clone()))?;
     let metrics_listen = match &args.metrics_listen {
         Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| ConfigError::MetricsListen(addr.clone()))?),
+        None => None,
+    };
+    let ui_listen = match &args.ui_listen {
+        Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|_| ConfigError::UiListen(addr.clone()))?),
         None => None,
     };
     if args.max_payload_bytes == 0 || args.max_payload_bytes > MAX_PAYLOAD_LIMIT {
@@ -406,6 +419,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     };
     config.tls = tls;
     config.metrics_listen = metrics_listen;
+    config.ui_listen = ui_listen;
     config.max_connections = args.max_connections;
     config.max_streams_per_connection = args.max_streams_per_connection;
     config.stream_bytes_in_flight = usize::try_from(args.stream_bytes_in_flight).expect("checked to be at most 4 GiB");

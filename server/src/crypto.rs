@@ -186,6 +186,16 @@ pub fn hash_api_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
+/// HMAC-SHA256 of `message` under `key`.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    hmac(key, &[message])
+}
+
+/// Compares two strings in time that does not depend on where they differ (by their digests).
+pub fn strings_equal(a: &str, b: &str) -> bool {
+    digests_equal(&hash_api_key(a), &hash_api_key(b))
+}
+
 /// Compares two digests without an early exit, so timing tells nothing about the prefix.
 pub fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

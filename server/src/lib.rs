@@ -60,6 +60,12 @@ pub enum RunError {
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Tls(#[from] listen::TlsError),
+    #[error("cannot serve the web page on {addr}: {source}")]
+    Ui {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -151,7 +157,16 @@ async fn serve(
             pipeline.stop(drain_deadline).await;
         })
     };
+    let ui_listen = config.ui_listen;
     let shared = api::Shared::new(store.clone(), Arc::new(config), pipeline_handle, metrics);
+    if let Some(addr) = ui_listen {
+        let listener = TcpListener::bind(addr).await.map_err(|source| RunError::Ui { addr, source })?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!("the web page is served without TLS beyond loopback: put it behind a TLS proxy");
+        }
+        tracing::info!(addr = %listener.local_addr().map_or(addr, |a| a), "operator's web page served");
+        tokio::spawn(api::ui::serve(listener, shared.clone(), shutdown.clone()));
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let services = [

@@ -18,3 +18,4 @@ mod server_tls;
 mod service;
 mod support;
 mod tls;
+mod ui;

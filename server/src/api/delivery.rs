@@ -16,7 +16,7 @@ use hookd::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{ApiError, ApiResult, Shared};
+use super::{ApiError, ApiResult, Shared, respond};
 use crate::auth::{self, Caller};
 use crate::blocking;
 use crate::clock::{now_ms, timestamp};
@@ -158,11 +158,14 @@ fn token(resume_after: Option<String>) -> String {
     resume_after.map(|position| validate::encode_page_token(&position)).unwrap_or_default()
 }
 
-#[tonic::async_trait]
-impl DeliveryService for DeliveryApi {
-    async fn list_events(&self, request: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
-        let caller = self.caller(&request)?;
-        let request = request.into_inner();
+/// The calls, for a caller already known: the gRPC service below and the operator's web page
+/// (which acts as the admin) both make them.
+impl DeliveryApi {
+    pub(crate) async fn list_events_as(
+        &self,
+        caller: &Caller,
+        request: ListEventsRequest,
+    ) -> ApiResult<ListEventsResponse> {
         let limit = validate::page_size(request.page_size)?;
         let after_seq = match validate::page_token(&request.page_token)? {
             Some(position) => Some(
@@ -178,7 +181,7 @@ impl DeliveryService for DeliveryApi {
             Some(validate::event_type(&request.event_type)?.to_owned())
         };
         let filter = EventFilter {
-            producer_id: match &caller {
+            producer_id: match caller {
                 Caller::Admin => None,
                 Caller::Producer(producer) => Some(producer.id.clone()),
             },
@@ -188,70 +191,68 @@ impl DeliveryService for DeliveryApi {
         };
         let history = self.shared.history.clone();
         let page = blocking(move || history.list_events(&filter, after_seq, limit)).await?;
-        Ok(Response::new(ListEventsResponse {
+        Ok(ListEventsResponse {
             events: page.items.into_iter().map(event_message).collect(),
             next_page_token: token(page.resume_after),
-        }))
+        })
     }
 
-    async fn get_event(&self, request: Request<GetEventRequest>) -> Result<Response<EventMessage>, Status> {
-        let caller = self.caller(&request)?;
-        let event = self.own_event(&caller, &request.get_ref().event_id).await?;
-        Ok(Response::new(event_message(event)))
+    pub(crate) async fn get_event_as(&self, caller: &Caller, request: GetEventRequest) -> ApiResult<EventMessage> {
+        let event = self.own_event(caller, &request.event_id).await?;
+        Ok(event_message(event))
     }
 
-    async fn list_deliveries(
+    pub(crate) async fn list_deliveries_as(
         &self,
-        request: Request<ListDeliveriesRequest>,
-    ) -> Result<Response<ListDeliveriesResponse>, Status> {
-        let caller = self.caller(&request)?;
-        let request = request.into_inner();
+        caller: &Caller,
+        request: ListDeliveriesRequest,
+    ) -> ApiResult<ListDeliveriesResponse> {
         let limit = validate::page_size(request.page_size)?;
         let after = validate::page_token(&request.page_token)?;
         let state = state_filter(request.state)?;
         let history = self.shared.history.clone();
         let page = match (request.event_id.is_empty(), request.listener_id.is_empty()) {
             (false, true) => {
-                let event = self.own_event(&caller, &request.event_id).await?;
+                let event = self.own_event(caller, &request.event_id).await?;
                 blocking(move || history.deliveries_of_event(event.seq, state, after.as_deref(), limit)).await?
             }
             (true, false) => {
                 if !matches!(caller, Caller::Admin) {
-                    self.own_listener(&caller, &request.listener_id)?;
+                    self.own_listener(caller, &request.listener_id)?;
                 }
                 let listener_id = request.listener_id;
                 blocking(move || history.deliveries_of_listener(&listener_id, state, after.as_deref(), limit)).await?
             }
-            _ => return Err(ApiError::InvalidArgument("give exactly one of event_id and listener_id".into()).into()),
+            _ => return Err(ApiError::InvalidArgument("give exactly one of event_id and listener_id".into())),
         };
-        Ok(Response::new(ListDeliveriesResponse {
+        Ok(ListDeliveriesResponse {
             deliveries: page.items.into_iter().map(delivery_message).collect(),
             next_page_token: token(page.resume_after),
-        }))
+        })
     }
 
-    async fn list_attempts(
+    pub(crate) async fn list_attempts_as(
         &self,
-        request: Request<ListAttemptsRequest>,
-    ) -> Result<Response<ListAttemptsResponse>, Status> {
-        let caller = self.caller(&request)?;
-        let (delivery, recorded) = self.own_delivery(&caller, &request.get_ref().delivery_id).await?;
+        caller: &Caller,
+        request: ListAttemptsRequest,
+    ) -> ApiResult<ListAttemptsResponse> {
+        let (delivery, recorded) = self.own_delivery(caller, &request.delivery_id).await?;
         if !recorded {
             // Its first attempt is still to come.
-            return Ok(Response::new(ListAttemptsResponse { attempts: Vec::new() }));
+            return Ok(ListAttemptsResponse { attempts: Vec::new() });
         }
         let queue = self.shared.queue.clone();
         let attempts = blocking(move || queue.attempts(&delivery.id)).await?;
-        Ok(Response::new(ListAttemptsResponse { attempts: attempts.into_iter().map(attempt_message).collect() }))
+        Ok(ListAttemptsResponse { attempts: attempts.into_iter().map(attempt_message).collect() })
     }
 
-    async fn replay_event(
+    pub(crate) async fn replay_event_as(
         &self,
-        request: Request<ReplayEventRequest>,
-    ) -> Result<Response<ReplayEventResponse>, Status> {
-        let caller = self.caller(&request)?;
+        caller: &Caller,
+        request: ReplayEventRequest,
+    ) -> ApiResult<ReplayEventResponse> {
         self.shared.ensure_accepting()?;
-        let event = self.own_event(&caller, &request.get_ref().event_id).await?;
+        let event = self.own_event(caller, &request.event_id).await?;
         let (store, history) = (self.shared.store.clone(), self.shared.history.clone());
         let (created, answered) = blocking(move || -> ApiResult<(usize, Vec<Delivery>)> {
             let now = now_ms();
@@ -281,26 +282,25 @@ impl DeliveryService for DeliveryApi {
         .await?;
         self.shared.pipeline.queued();
         tracing::info!(deliveries = created, "event replayed");
-        Ok(Response::new(ReplayEventResponse {
+        Ok(ReplayEventResponse {
             deliveries: answered.into_iter().map(delivery_message).collect(),
             created: created as u64,
-        }))
+        })
     }
 
-    async fn retry_delivery(
+    pub(crate) async fn retry_delivery_as(
         &self,
-        request: Request<RetryDeliveryRequest>,
-    ) -> Result<Response<RetryDeliveryResponse>, Status> {
-        let caller = self.caller(&request)?;
+        caller: &Caller,
+        request: RetryDeliveryRequest,
+    ) -> ApiResult<RetryDeliveryResponse> {
         self.shared.ensure_accepting()?;
-        let (delivery, recorded) = self.own_delivery(&caller, &request.get_ref().delivery_id).await?;
+        let (delivery, recorded) = self.own_delivery(caller, &request.delivery_id).await?;
         if !recorded {
             return Err(ApiError::FailedPrecondition(format!(
                 "delivery {} has not had its first attempt yet: it is on its way, in trigger order; retry it once it \
                  has been attempted",
                 delivery.id
-            ))
-            .into());
+            )));
         }
         self.ensure_listener_enabled(&delivery.listener_id)?;
         let history = self.shared.history.clone();
@@ -308,20 +308,16 @@ impl DeliveryService for DeliveryApi {
         let queued_at = now_ms();
         blocking(move || history.queue_manual_attempt(&id, queued_at)).await?.ok_or(ApiError::NotFound("delivery"))?;
         self.shared.pipeline.queued();
-        Ok(Response::new(RetryDeliveryResponse {
-            delivery: Some(delivery_message(delivery)),
-            queued_at: Some(timestamp(queued_at)),
-        }))
+        Ok(RetryDeliveryResponse { delivery: Some(delivery_message(delivery)), queued_at: Some(timestamp(queued_at)) })
     }
 
-    async fn recover_listener(
+    pub(crate) async fn recover_listener_as(
         &self,
-        request: Request<RecoverListenerRequest>,
-    ) -> Result<Response<RecoverListenerResponse>, Status> {
-        let caller = self.caller(&request)?;
+        caller: &Caller,
+        request: RecoverListenerRequest,
+    ) -> ApiResult<RecoverListenerResponse> {
         self.shared.ensure_accepting()?;
-        let request = request.into_inner();
-        let listener = self.own_listener(&caller, &request.listener_id)?;
+        let listener = self.own_listener(caller, &request.listener_id)?;
         self.ensure_listener_enabled(&listener.id)?;
         let since =
             millis("since", request.since)?.ok_or_else(|| ApiError::InvalidArgument("since is required".into()))?;
@@ -350,6 +346,59 @@ impl DeliveryService for DeliveryApi {
         })
         .await?;
         tracing::info!(listener_id = %listener.id, count, "listener recovered");
-        Ok(Response::new(RecoverListenerResponse { requeued: u64::try_from(count).unwrap_or(u64::MAX) }))
+        Ok(RecoverListenerResponse { requeued: u64::try_from(count).unwrap_or(u64::MAX) })
+    }
+}
+
+#[tonic::async_trait]
+impl DeliveryService for DeliveryApi {
+    async fn list_events(&self, request: Request<ListEventsRequest>) -> Result<Response<ListEventsResponse>, Status> {
+        let caller = self.caller(&request)?;
+        respond(self.list_events_as(&caller, request.into_inner()).await)
+    }
+
+    async fn get_event(&self, request: Request<GetEventRequest>) -> Result<Response<EventMessage>, Status> {
+        let caller = self.caller(&request)?;
+        respond(self.get_event_as(&caller, request.into_inner()).await)
+    }
+
+    async fn list_deliveries(
+        &self,
+        request: Request<ListDeliveriesRequest>,
+    ) -> Result<Response<ListDeliveriesResponse>, Status> {
+        let caller = self.caller(&request)?;
+        respond(self.list_deliveries_as(&caller, request.into_inner()).await)
+    }
+
+    async fn list_attempts(
+        &self,
+        request: Request<ListAttemptsRequest>,
+    ) -> Result<Response<ListAttemptsResponse>, Status> {
+        let caller = self.caller(&request)?;
+        respond(self.list_attempts_as(&caller, request.into_inner()).await)
+    }
+
+    async fn replay_event(
+        &self,
+        request: Request<ReplayEventRequest>,
+    ) -> Result<Response<ReplayEventResponse>, Status> {
+        let caller = self.caller(&request)?;
+        respond(self.replay_event_as(&caller, request.into_inner()).await)
+    }
+
+    async fn retry_delivery(
+        &self,
+        request: Request<RetryDeliveryRequest>,
+    ) -> Result<Response<RetryDeliveryResponse>, Status> {
+        let caller = self.caller(&request)?;
+        respond(self.retry_delivery_as(&caller, request.into_inner()).await)
+    }
+
+    async fn recover_listener(
+        &self,
+        request: Request<RecoverListenerRequest>,
+    ) -> Result<Response<RecoverListenerResponse>, Status> {
+        let caller = self.caller(&request)?;
+        respond(self.recover_listener_as(&caller, request.into_inner()).await)
     }
 }

@@ -10,6 +10,7 @@ pub mod delivery;
 mod oversize;
 pub mod register;
 pub mod trigger;
+pub mod ui;
 
 pub use oversize::OversizeLayer;
 

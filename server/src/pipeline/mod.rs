@@ -181,6 +181,26 @@ pub(crate) enum Command {
     ListenerChanged(String),
     /// Deliveries were queued outside fan-out (replay, retry, recovery).
     Queued,
+    /// How each listener the dispatcher knows is doing, for the operator.
+    Inspect(tokio::sync::oneshot::Sender<Vec<ListenerStatus>>),
+}
+
+/// How one listener is doing, as the dispatcher sees it now. Listeners it holds nothing of
+/// (no work, no run of failures) are not listed: they are idle and in good standing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerStatus {
+    pub listener_id: String,
+    /// `unproven`, `healthy`, `slow` or `failing`.
+    pub standing: &'static str,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// Backed off as a whole until then (ms since the epoch).
+    pub backed_off_until_ms: Option<u64>,
+    pub in_flight: usize,
+    /// Work waiting in memory.
+    pub waiting: usize,
+    /// Its first attempts wait in the event log from this event on (it is detached).
+    pub detached_from_seq: Option<u64>,
 }
 
 /// A running pipeline.
@@ -209,6 +229,15 @@ impl PipelineHandle {
     /// Deliveries were queued outside fan-out: look at the queue now.
     pub fn queued(&self) {
         let _ = self.commands.send(Command::Queued);
+    }
+
+    /// How the listeners the pipeline holds work of are doing; empty when it has stopped.
+    pub async fn listener_status(&self) -> Vec<ListenerStatus> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self.commands.send(Command::Inspect(reply)).is_err() {
+            return Vec::new();
+        }
+        answer.await.unwrap_or_default()
     }
 
     /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on.

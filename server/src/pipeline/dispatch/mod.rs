@@ -231,7 +231,32 @@ impl Dispatcher {
                 self.cursor = None;
                 self.stale = true;
             }
+            Command::Inspect(reply) => {
+                let _ = reply.send(self.status());
+            }
         }
+    }
+
+    /// How each lane is doing, for the operator.
+    fn status(&self) -> Vec<super::ListenerStatus> {
+        let now = now_ms();
+        self.lanes
+            .iter()
+            .map(|(listener_id, lane)| super::ListenerStatus {
+                listener_id: listener_id.clone(),
+                standing: match lane.gate.standing {
+                    super::gate::Standing::Unproven => "unproven",
+                    super::gate::Standing::Healthy => "healthy",
+                    super::gate::Standing::Slow => "slow",
+                    super::gate::Standing::Failing => "failing",
+                },
+                failures: lane.gate.failures,
+                backed_off_until_ms: lane.gate.backed_off(now).then_some(lane.gate.blocked_until_ms),
+                in_flight: lane.gate.in_flight,
+                waiting: lane.line.len(),
+                detached_from_seq: lane.detached.as_ref().map(|detached| detached.read.min(detached.since)),
+            })
+            .collect()
     }
 
     // ---- lanes ------------------------------------------------------------------------

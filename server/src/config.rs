@@ -72,9 +72,17 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "HOOKD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Delivery requests awaiting an answer at once, across all listeners.
-    #[arg(long, env = "HOOKD_WORKERS", default_value_t = 64)]
+    /// Delivery requests awaiting an answer at once from listeners in good standing.
+    #[arg(long, env = "HOOKD_WORKERS", default_value_t = 256)]
     pub workers: usize,
+    /// Delivery requests awaiting an answer at once from slow or failing listeners (a budget
+    /// of their own, so they never hold up the others).
+    #[arg(long, env = "HOOKD_SUSPECT_WORKERS", default_value_t = 256)]
+    pub suspect_workers: usize,
+    /// A request not answered within this makes its listener slow: its requests then draw from
+    /// the suspect budget until one is answered in time (e.g. 1s, 500ms).
+    #[arg(long, env = "HOOKD_SLOW_AFTER", default_value = "1s", value_parser = parse_duration)]
+    pub slow_after: std::time::Duration,
     /// Time limit of one delivery attempt, connecting included (e.g. 15s, 500ms).
     #[arg(long, env = "HOOKD_ATTEMPT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub attempt_timeout: std::time::Duration,
@@ -114,6 +122,9 @@ pub struct ServeArgs {
     /// and connections; streams stop reading while it is used up.
     #[arg(long, env = "HOOKD_STREAM_BYTES_IN_FLIGHT", default_value_t = DEFAULT_STREAM_BYTES)]
     pub stream_bytes_in_flight: u64,
+    /// Delivery watchers (WatchDeliveries) one producer may have open at once.
+    #[arg(long, env = "HOOKD_MAX_WATCHERS_PER_PRODUCER", default_value_t = 16)]
+    pub max_watchers_per_producer: usize,
     /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. 127.0.0.1:9464. Off when
     /// unset.
     #[arg(long, env = "HOOKD_METRICS_LISTEN")]
@@ -246,8 +257,13 @@ pub enum ConfigError {
     MaxPayload(u64),
     #[error("give the master key by HOOKD_MASTER_KEY or by --master-key-file / HOOKD_MASTER_KEY_FILE, not both")]
     TwoMasterKeys,
-    #[error("--workers / HOOKD_WORKERS and --listener-in-flight / HOOKD_LISTENER_IN_FLIGHT must be 1 to 10000")]
+    #[error(
+        "--workers, --suspect-workers, --listener-in-flight and --max-watchers-per-producer (HOOKD_WORKERS, \
+         HOOKD_SUSPECT_WORKERS, HOOKD_LISTENER_IN_FLIGHT, HOOKD_MAX_WATCHERS_PER_PRODUCER) must be 1 to 10000"
+    )]
     Workers,
+    #[error("--slow-after / HOOKD_SLOW_AFTER must be between 10ms and --attempt-timeout")]
+    SlowAfter,
     #[error("--attempt-timeout / HOOKD_ATTEMPT_TIMEOUT must be between 100ms and 10m")]
     AttemptTimeout,
     #[error("--retention / HOOKD_RETENTION must be at least 1s")]
@@ -312,13 +328,20 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     if args.admin_token.as_ref().is_some_and(|t| t.0.len() < MIN_ADMIN_TOKEN_LEN) {
         return Err(ConfigError::AdminTokenTooShort);
     }
-    if !(1..=10_000).contains(&args.workers) || !(1..=10_000).contains(&args.listener_in_flight) {
+    if !(1..=10_000).contains(&args.workers)
+        || !(1..=10_000).contains(&args.suspect_workers)
+        || !(1..=10_000).contains(&args.listener_in_flight)
+        || !(1..=10_000).contains(&args.max_watchers_per_producer)
+    {
         return Err(ConfigError::Workers);
     }
     if args.attempt_timeout < std::time::Duration::from_millis(100)
         || args.attempt_timeout > std::time::Duration::from_secs(600)
     {
         return Err(ConfigError::AttemptTimeout);
+    }
+    if args.slow_after < std::time::Duration::from_millis(10) || args.slow_after > args.attempt_timeout {
+        return Err(ConfigError::SlowAfter);
     }
     if args.retention < std::time::Duration::from_secs(1) {
         return Err(ConfigError::Retention);
@@ -409,6 +432,9 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     config.max_payload_bytes = usize::try_from(args.max_payload_bytes).expect("limit checked above fits usize");
     config.pipeline = PipelineConfig {
         workers: args.workers,
+        suspect_workers: args.suspect_workers,
+        slow_after: args.slow_after,
+        max_watchers_per_producer: args.max_watchers_per_producer,
         attempt_timeout: args.attempt_timeout,
         retry_schedule: args.retry_schedule.clone(),
         listener_in_flight: args.listener_in_flight,
@@ -464,7 +490,10 @@ mod tests {
         assert_eq!(resolved.config.max_payload_bytes, 1024 * 1024);
         assert_eq!(resolved.config.pipeline.retry_schedule, RetrySchedule::standard());
         assert_eq!(resolved.config.pipeline.attempt_timeout, std::time::Duration::from_secs(15));
-        assert_eq!(resolved.config.pipeline.workers, 64);
+        assert_eq!(resolved.config.pipeline.workers, 256);
+        assert_eq!(resolved.config.pipeline.suspect_workers, 256);
+        assert_eq!(resolved.config.pipeline.slow_after, std::time::Duration::from_secs(1));
+        assert_eq!(resolved.config.pipeline.max_watchers_per_producer, 16);
         assert_eq!(resolved.config.pipeline.listener_in_flight, 8);
         assert!(resolved.notices.contains(&Notice::GeneratedMasterKey(data.join(DEV_MASTER_KEY_FILE))));
         assert!(resolved.notices.contains(&Notice::GeneratedAdminToken(data.join(DEV_ADMIN_TOKEN_FILE))));
@@ -543,6 +572,8 @@ mod tests {
             (vec!["--admin-token", "short"], None, "at least 16"),
             (vec!["--max-payload-bytes", "0"], None, "HOOKD_MAX_PAYLOAD_BYTES"),
             (vec!["--workers", "0"], None, "HOOKD_WORKERS"),
+            (vec!["--suspect-workers", "0"], None, "HOOKD_SUSPECT_WORKERS"),
+            (vec!["--slow-after", "1h"], None, "HOOKD_SLOW_AFTER"),
             (vec!["--attempt-timeout", "1ms"], None, "HOOKD_ATTEMPT_TIMEOUT"),
             (vec!["--retention", "10ms"], None, "HOOKD_RETENTION"),
             (vec![], Some("bm90IDMyIGJ5dGVz".into()), "HOOKD_MASTER_KEY"),

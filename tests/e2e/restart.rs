@@ -174,3 +174,67 @@ async fn kill_9_with_triggers_in_flight_loses_no_acknowledged_one() {
     }
     hookd.kill9().await;
 }
+
+/// Backup and restore as README describes them: stop hookd, copy its data directory, start
+/// a hookd on the copy elsewhere with the same master key: every event and listener is there,
+/// and the copy delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_a_stopped_data_directory_starts_elsewhere_with_everything() {
+    let receiver = crate::receiver::Receiver::start().await;
+    let first = tempfile::tempdir().unwrap();
+    let key = master_key();
+    let env = [("HOOKD_MASTER_KEY", key.as_str()), ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let hookd = HookdProcess::start(first.path(), &env).await.unwrap();
+    let admin = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(ADMIN_TOKEN).unwrap();
+    let created =
+        admin.admin().create_producer(CreateProducerRequest { name: "backed-up".into() }).await.unwrap().into_inner();
+    let producer = admin.clone().with_api_key(&created.api_key).unwrap();
+    let hash = derive(&producer, "invoice.created").await;
+    let listener = producer
+        .register()
+        .register_listener(RegisterListenerRequest {
+            generate_secret: true,
+            ..listener_request(&hash, &receiver.url("/restored"))
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .listener
+        .unwrap();
+    let mut events = Vec::new();
+    for n in 0..20 {
+        events
+            .push(producer.trigger_service().trigger(keyed(&format!("inv-{n}"))).await.unwrap().into_inner().event_id);
+    }
+    assert!(hookd.terminate().await.success(), "a graceful stop");
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let copy = elsewhere.path().join("data");
+    assert!(std::process::Command::new("cp").arg("-a").arg(first.path()).arg(&copy).status().unwrap().success());
+    drop(first);
+    let hookd = HookdProcess::start(&copy, &env).await.unwrap();
+    let admin = Client::connect(hookd.endpoint()).await.unwrap().with_api_key(ADMIN_TOKEN).unwrap();
+    let producer = admin.clone().with_api_key(&created.api_key).unwrap();
+    let listed = producer
+        .register()
+        .list_listeners(ListListenersRequest { event_hash: hash, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .listeners;
+    assert_eq!(listed, vec![listener]);
+    for event_id in &events {
+        let event = admin.delivery().get_event(hookd_client::v1::GetEventRequest { event_id: event_id.clone() }).await;
+        assert!(event.is_ok(), "{event_id} is in the copy");
+    }
+    // The keys' idempotency records came along too.
+    let again = producer.trigger_service().trigger(keyed("inv-0")).await.unwrap().into_inner();
+    assert!(again.duplicate);
+    // Every event reaches the listener, from the original or from the copy.
+    receiver
+        .wait_until("every event delivered", crate::support::DEADLINE, |requests| {
+            let ids: std::collections::HashSet<&str> = requests.iter().map(|r| r.webhook_id()).collect();
+            events.iter().all(|event| ids.contains(event.as_str()))
+        })
+        .await;
+}

@@ -83,7 +83,19 @@ impl From<tonic::Status> for Error {
 
 impl From<tonic::transport::Error> for Error {
     fn from(error: tonic::transport::Error) -> Self {
-        Error::Connect(error.to_string())
+        // tonic's own text is only "transport error": the causes say what went wrong.
+        let mut message = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(error) = cause {
+            // Some layers repeat their cause's text in their own: say each thing once.
+            let text = error.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            cause = error.source();
+        }
+        Error::Connect(message)
     }
 }
 

@@ -441,7 +441,6 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
         disable_after: args.disable_after,
         target_policy: TargetPolicy { kind: args.target_policy, allow: args.allow_targets.clone() },
         retention: args.retention,
-        ..PipelineConfig::default()
     };
     config.tls = tls;
     config.metrics_listen = metrics_listen;

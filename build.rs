@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     std::fs::write(out_dir.join("hookd_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Decode failures of requests are the caller's fault: INVALID_ARGUMENT (see src/codec.rs).
+    tonic_prost_build::configure().codec_path("crate::codec::ProtoCodec").compile_fds(fds)?;
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! hookd's gRPC contract: the Rust types and service stubs generated from `proto/hookd/v1`,
-//! and the Standard Webhooks signature scheme ([`webhook`]).
+//! the codec they use ([`codec`]) and the Standard Webhooks signature scheme ([`webhook`]).
 //!
 //! The server and the client crate both build on these; nothing else lives here. The
 //! encoded file descriptor set is exported for server reflection.
 
+pub mod codec;
 pub mod webhook;
 
 /// Package `hookd.v1`: every message, enum, client and server of the API.

@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// Delivery watchers (WatchDeliveries) one producer may have open at once.
     #[arg(long, env = "HOOKD_MAX_WATCHERS_PER_PRODUCER", default_value_t = 16)]
     pub max_watchers_per_producer: usize,
+    /// Most triggers a second from one producer (a second's worth may come at once); more are
+    /// answered RESOURCE_EXHAUSTED with when to retry. 0: no limit.
+    #[arg(long, env = "HOOKD_PRODUCER_TRIGGER_RATE", default_value_t = 0)]
+    pub producer_trigger_rate: u32,
     /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. 127.0.0.1:9464. Off when
     /// unset.
     #[arg(long, env = "HOOKD_METRICS_LISTEN")]
@@ -180,6 +184,8 @@ pub struct Config {
     pub max_streams_per_connection: u32,
     /// Payload bytes of TriggerStream items read and not yet acknowledged, in all.
     pub stream_bytes_in_flight: usize,
+    /// Most triggers a second per producer; 0: no limit.
+    pub producer_trigger_rate: u32,
     /// Where `/metrics` is served; nowhere when `None`.
     pub metrics_listen: Option<SocketAddr>,
     /// Where the operator's web page is served; nowhere when `None`.
@@ -199,6 +205,7 @@ impl Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_streams_per_connection: DEFAULT_MAX_STREAMS,
             stream_bytes_in_flight: DEFAULT_STREAM_BYTES as usize,
+            producer_trigger_rate: 0,
             metrics_listen: None,
             ui_listen: None,
         }
@@ -448,6 +455,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     config.max_connections = args.max_connections;
     config.max_streams_per_connection = args.max_streams_per_connection;
     config.stream_bytes_in_flight = usize::try_from(args.stream_bytes_in_flight).expect("checked to be at most 4 GiB");
+    config.producer_trigger_rate = args.producer_trigger_rate;
     Ok(Resolved { config, listen, notices })
 }
 

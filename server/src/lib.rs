@@ -18,6 +18,9 @@ pub mod listen;
 pub mod metrics;
 pub mod pipeline;
 pub mod priority;
+#[cfg(test)]
+mod properties;
+pub mod rate;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

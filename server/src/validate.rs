@@ -132,6 +132,17 @@ pub fn free_text<'a>(field: &str, value: &'a str) -> Result<&'a str, Invalid> {
     Ok(value)
 }
 
+/// Highest per-listener rate limit, in requests a second.
+pub const MAX_LISTENER_RATE: u32 = 100_000;
+
+/// A listener's rate limit: 0 (none) up to [`MAX_LISTENER_RATE`].
+pub fn max_per_second(value: u32) -> Result<u32, Invalid> {
+    if value > MAX_LISTENER_RATE {
+        return Err(invalid(format!("max_per_second must be at most {MAX_LISTENER_RATE}, not {value}")));
+    }
+    Ok(value)
+}
+
 /// A page size: 0 means the default; more than the maximum is refused.
 pub fn page_size(value: u32) -> Result<usize, Invalid> {
     match usize::try_from(value).unwrap_or(usize::MAX) {

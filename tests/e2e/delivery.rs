@@ -81,6 +81,89 @@ async fn recorded(server: TestServer, pairs: &[(&str, &str)]) -> Vec<(Delivery, 
     found
 }
 
+/// Rotates `listener_id`'s secret to `secret` with `grace_seconds`, and returns until when the
+/// old one still signs, as the listener shows it.
+async fn rotate(
+    producer: &Client,
+    listener_id: &str,
+    secret: &str,
+    grace_seconds: u32,
+) -> Option<prost_types::Timestamp> {
+    let request = hookd_client::v1::RotateListenerSecretRequest {
+        listener_id: listener_id.into(),
+        secret: Some(secret.into()),
+        grace_seconds,
+        ..Default::default()
+    };
+    producer
+        .register()
+        .rotate_listener_secret(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .listener
+        .unwrap()
+        .previous_secret_until
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_beside_the_old_one_through_its_grace_period() {
+    let receiver = Receiver::start().await;
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("rotating").await;
+    let hash = derive(&producer, "order.placed").await;
+    let (first, second, third) = (
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "second-secret-of-the-listener",
+        "whsec_c2Vjb25kLXJvdGF0aW9uLWtleS0xMjM0",
+    );
+    let (listener_id, _) = listen(&producer, &hash, receiver.url("/rotating"), Some(first), false).await;
+    let key = |secret: &str| match secret.strip_prefix("whsec_") {
+        Some(_) => standardwebhooks::Webhook::new(secret).unwrap(),
+        None => standardwebhooks::Webhook::from_bytes(secret.as_bytes().to_vec()).unwrap(),
+    };
+    // Delivers one event and returns its request.
+    let deliver = |n: usize| {
+        let (producer, receiver) = (producer.clone(), &receiver);
+        async move {
+            let event_id = trigger(&producer, "order.placed", format!("{{\"n\": {n}}}")).await;
+            receiver
+                .wait_until("the event", DEADLINE, |requests| requests.iter().any(|r| r.webhook_id() == event_id))
+                .await;
+            receiver.requests().into_iter().find(|r| r.webhook_id() == event_id).unwrap()
+        }
+    };
+
+    // A rotation with a grace period: both secrets sign, either verifies.
+    let until = rotate(&producer, &listener_id, second, 3600).await.expect("the grace period is shown");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now + 3590..=now + 3610).contains(&until.seconds), "grace ends in an hour: {until:?}");
+    let both = deliver(1).await;
+    assert_eq!(both.header("webhook-signature").split(' ').count(), 2, "{:?}", both.headers);
+    key(first).verify(&both.body, &both.headers).expect("the old secret still verifies");
+    key(second).verify(&both.body, &both.headers).expect("the new secret verifies");
+    assert!(key(third).verify(&both.body, &both.headers).is_err());
+
+    // Rotated again without grace: the new secret alone signs; the one before stops at once,
+    // and so does the one still in its grace period.
+    assert_eq!(rotate(&producer, &listener_id, third, 0).await, None);
+    let one = deliver(2).await;
+    assert_eq!(one.header("webhook-signature").split(' ').count(), 1);
+    key(third).verify(&one.body, &one.headers).expect("the newest secret verifies");
+    assert!(key(second).verify(&one.body, &one.headers).is_err());
+    assert!(key(first).verify(&one.body, &one.headers).is_err());
+
+    // A grace period longer than a week is refused.
+    let request = hookd_client::v1::RotateListenerSecretRequest {
+        listener_id: listener_id.clone(),
+        generate_secret: true,
+        grace_seconds: 8 * 24 * 3600,
+        ..Default::default()
+    };
+    let refused = producer.register().rotate_listener_secret(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_listener_gets_every_event_signed() {
     let receiver = Receiver::start().await;

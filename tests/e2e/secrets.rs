@@ -53,6 +53,8 @@ async fn no_secret_or_api_key_is_stored_or_logged_in_plaintext() {
         .rotate_listener_secret(RotateListenerSecretRequest {
             listener_id: given.id,
             secret: Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            // The secret replaced stays, sealed too, through its grace period.
+            grace_seconds: 3600,
             ..Default::default()
         })
         .await

@@ -40,6 +40,8 @@ pub struct Shared {
     /// Payload bytes of TriggerStream items read and not yet acknowledged, across every
     /// stream and connection (see `trigger::serve_stream`).
     pub stream_bytes: Arc<tokio::sync::Semaphore>,
+    /// Each producer's triggers a second, when limited (`--producer-trigger-rate`).
+    pub trigger_rate: Option<Arc<crate::rate::Limiter>>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -55,6 +57,8 @@ impl Shared {
             queue: store.clone(),
             history: store,
             stream_bytes: Arc::new(tokio::sync::Semaphore::new(config.stream_bytes_in_flight)),
+            trigger_rate: (config.producer_trigger_rate > 0)
+                .then(|| Arc::new(crate::rate::Limiter::new(config.producer_trigger_rate))),
             metrics,
             config,
             pipeline,
@@ -97,6 +101,9 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Over a rate limit: the message, and when a retry would be let in.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_ms: u64 },
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -119,6 +126,12 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(message) => Status::permission_denied(message),
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ApiError::ResourceExhausted(message) => Status::resource_exhausted(message),
+            ApiError::RateLimited { message, retry_after_ms } => {
+                let mut status = Status::resource_exhausted(message);
+                // The hint, machine-readable: milliseconds until a retry is let in.
+                status.metadata_mut().insert("retry-after-ms", retry_after_ms.into());
+                status
+            }
             ApiError::FailedPrecondition(message) => Status::failed_precondition(message),
             ApiError::Unavailable(message) => Status::unavailable(message),
             ApiError::Store(StoreError::Closed) => Status::unavailable("hookd is shutting down"),

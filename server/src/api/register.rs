@@ -19,6 +19,9 @@ use crate::store::{EventHashEntry, Listener, Producer};
 use crate::validate::{self, SecretChoice};
 use crate::{auth, crypto, ids};
 
+/// Longest grace period of a rotated listener secret: a week.
+const MAX_SECRET_GRACE_SECONDS: u32 = 7 * 24 * 60 * 60;
+
 pub struct RegisterApi {
     shared: Shared,
 }
@@ -87,6 +90,10 @@ pub(crate) fn listener_message(listener: Listener) -> ListenerMessage {
         created_at: Some(timestamp(listener.created_at_ms)),
         event_type: listener.event_type,
         disabled_reason: listener.disabled_reason,
+        max_per_second: listener.max_per_second,
+        previous_secret_until: (!listener.previous_sealed_secret.is_empty()
+            && listener.previous_secret_until_ms > now_ms())
+        .then(|| timestamp(listener.previous_secret_until_ms)),
     }
 }
 
@@ -118,6 +125,7 @@ impl RegisterService for RegisterApi {
         let url = self.target(&request.url)?;
         let description = validate::free_text("description", &request.description)?.to_owned();
         let choice = validate::secret_choice(request.secret.as_deref(), request.generate_secret)?;
+        let max_per_second = validate::max_per_second(request.max_per_second)?;
         let entry = self.own_event_hash(&producer, &request.event_hash)?;
 
         let now = now_ms();
@@ -139,6 +147,9 @@ impl RegisterService for RegisterApi {
             enabled_from_seq: 0,
             disabled_from_seq: 0,
             skipped: Vec::new(),
+            previous_sealed_secret: Vec::new(),
+            previous_secret_until_ms: 0,
+            max_per_second,
         };
         self.shared.store.insert_listener(listener.clone()).await?;
         tracing::info!(listener_id = %listener.id, producer_id = %listener.producer_id, "listener registered");
@@ -187,6 +198,7 @@ impl RegisterService for RegisterApi {
             Some(text) => Some(validate::free_text("description", text)?.to_owned()),
             None => None,
         };
+        let max_per_second = request.max_per_second.map(validate::max_per_second).transpose()?;
         self.own_listener(&producer, &request.listener_id)?;
         let (enabled, ordered) = (request.enabled, request.ordered);
         let updated = self
@@ -203,6 +215,9 @@ impl RegisterService for RegisterApi {
                     }
                     if let Some(ordered) = ordered {
                         listener.ordered = ordered;
+                    }
+                    if let Some(max_per_second) = max_per_second {
+                        listener.max_per_second = max_per_second;
                     }
                     match enabled {
                         Some(true) => {
@@ -246,15 +261,33 @@ impl RegisterService for RegisterApi {
         let request = request.into_inner();
         let choice = validate::secret_choice(request.secret.as_deref(), request.generate_secret)?
             .ok_or_else(|| ApiError::InvalidArgument("give a secret or set generate_secret".into()))?;
+        if request.grace_seconds > MAX_SECRET_GRACE_SECONDS {
+            return Err(ApiError::InvalidArgument(format!(
+                "grace_seconds is at most {MAX_SECRET_GRACE_SECONDS} (a week)"
+            ))
+            .into());
+        }
         self.own_listener(&producer, &request.listener_id)?;
         let (sealed_secret, minted) = self.seal(&request.listener_id, Some(choice));
+        let grace_until_ms = now_ms() + u64::from(request.grace_seconds) * 1000;
+        let graced = request.grace_seconds > 0;
         let updated = self
             .shared
             .store
-            .update_listener(&request.listener_id, Box::new(move |listener| listener.sealed_secret = sealed_secret))
+            .update_listener(
+                &request.listener_id,
+                Box::new(move |listener| {
+                    // The secret replaced keeps signing through the grace period; one that
+                    // was itself in its grace period is dropped.
+                    let replaced = std::mem::replace(&mut listener.sealed_secret, sealed_secret);
+                    (listener.previous_sealed_secret, listener.previous_secret_until_ms) =
+                        if graced && !replaced.is_empty() { (replaced, grace_until_ms) } else { (Vec::new(), 0) };
+                }),
+            )
             .await?
             .ok_or(ApiError::NotFound("listener"))?;
-        tracing::info!(listener_id = %updated.id, "listener secret rotated");
+        self.shared.pipeline.listener_changed(&updated.id);
+        tracing::info!(listener_id = %updated.id, grace_seconds = request.grace_seconds, "listener secret rotated");
         Ok(Response::new(RotateListenerSecretResponse { listener: Some(listener_message(updated)), secret: minted }))
     }
 }

@@ -65,6 +65,22 @@ fn new_event(shared: &Shared, producer: &Producer, key_hash: [u8; 32], request: 
     })
 }
 
+/// Lets `event` through if its producer is within `--producer-trigger-rate`.
+fn within_rate(shared: &Shared, producer: &Producer, event: NewEvent) -> ApiResult<NewEvent> {
+    let Some(limiter) = &shared.trigger_rate else { return Ok(event) };
+    match limiter.take(&producer.id, event.created_at_ms) {
+        Ok(()) => Ok(event),
+        Err(retry_after_ms) => Err(ApiError::RateLimited {
+            message: format!(
+                "producer {} is over its {} triggers a second; retry in {retry_after_ms} ms",
+                producer.id,
+                limiter.rate()
+            ),
+            retry_after_ms,
+        }),
+    }
+}
+
 /// Validates and appends one trigger; the answer once durable.
 async fn accept(
     shared: &Shared,
@@ -72,14 +88,16 @@ async fn accept(
     key_hash: [u8; 32],
     request: TriggerRequest,
 ) -> ApiResult<TriggerAck> {
-    let result = match new_event(shared, producer, key_hash, request) {
-        Ok(event) => shared.store.append_event(event).await.map_err(ApiError::from),
-        Err(error) => Err(error),
-    };
+    let result =
+        match new_event(shared, producer, key_hash, request).and_then(|event| within_rate(shared, producer, event)) {
+            Ok(event) => shared.store.append_event(event).await.map_err(ApiError::from),
+            Err(error) => Err(error),
+        };
     shared.metrics.trigger(match &result {
         Ok(appended) if appended.duplicate => "duplicate",
         Ok(_) => "accepted",
         Err(ApiError::InvalidArgument(_) | ApiError::ResourceExhausted(_)) => "invalid",
+        Err(ApiError::RateLimited { .. }) => "rate_limited",
         Err(ApiError::Store(crate::store::StoreError::Refused(_))) => "refused",
         Err(_) => "unavailable",
     });

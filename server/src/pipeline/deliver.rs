@@ -32,8 +32,10 @@ pub struct WebhookRequest<'a> {
     pub timestamp: i64,
 }
 
-/// The headers of a webhook request, `webhook-signature` included when a key is given.
-pub fn webhook_headers(request: &WebhookRequest<'_>, signing_key: Option<&[u8]>) -> Vec<(&'static str, String)> {
+/// The headers of a webhook request, with `webhook-signature` when keys are given: one
+/// signature per key, space-separated, as Standard Webhooks allows (a receiver accepts the
+/// request when any of them verifies; two while a rotated secret is in its grace period).
+pub fn webhook_headers(request: &WebhookRequest<'_>, signing_keys: &[Vec<u8>]) -> Vec<(&'static str, String)> {
     let mut headers = vec![
         ("webhook-id", request.event_id.to_owned()),
         ("webhook-timestamp", request.timestamp.to_string()),
@@ -43,8 +45,12 @@ pub fn webhook_headers(request: &WebhookRequest<'_>, signing_key: Option<&[u8]>)
         ("content-type", request.content_type.to_owned()),
         ("user-agent", concat!("hookd/", env!("CARGO_PKG_VERSION")).to_owned()),
     ];
-    if let Some(key) = signing_key {
-        headers.push(("webhook-signature", webhook::sign(key, request.event_id, request.timestamp, request.body)));
+    if !signing_keys.is_empty() {
+        let signatures: Vec<String> = signing_keys
+            .iter()
+            .map(|key| webhook::sign(key, request.event_id, request.timestamp, request.body))
+            .collect();
+        headers.push(("webhook-signature", signatures.join(" ")));
     }
     headers
 }
@@ -265,7 +271,7 @@ mod tests {
     #[test]
     fn headers_of_a_signed_request() {
         let key = b"plain-secret";
-        let headers: BTreeMap<_, _> = webhook_headers(&request(), Some(key)).into_iter().collect();
+        let headers: BTreeMap<_, _> = webhook_headers(&request(), &[key.to_vec()]).into_iter().collect();
         assert_eq!(headers["webhook-id"], "evt_1");
         assert_eq!(headers["webhook-timestamp"], "1700000000");
         assert_eq!(headers["hookd-event-type"], "order.placed");
@@ -278,9 +284,21 @@ mod tests {
 
     #[test]
     fn unsigned_requests_carry_no_signature() {
-        let headers = webhook_headers(&request(), None);
+        let headers = webhook_headers(&request(), &[]);
         assert!(headers.iter().all(|(name, _)| *name != "webhook-signature"));
         assert_eq!(headers.len(), 7);
+    }
+
+    #[test]
+    fn two_keys_make_two_signatures_in_one_header() {
+        let (new, old) = (b"new-secret".to_vec(), b"old-secret".to_vec());
+        let headers: BTreeMap<_, _> = webhook_headers(&request(), &[new.clone(), old.clone()]).into_iter().collect();
+        let expected = format!(
+            "{} {}",
+            webhook::sign(&new, "evt_1", 1_700_000_000, b"{}"),
+            webhook::sign(&old, "evt_1", 1_700_000_000, b"{}")
+        );
+        assert_eq!(headers["webhook-signature"], expected);
     }
 
     #[tokio::test]

@@ -9,6 +9,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use crate::rate::Bucket;
+
 /// Consecutive failures after which a listener is backed off as a whole.
 pub const BACKOFF_AFTER_FAILURES: u32 = 5;
 /// Longest whole-listener back-off (shorter when the retry schedule's longest delay is).
@@ -121,6 +123,8 @@ pub struct Gate {
     pub enabled: bool,
     /// The listener no longer exists.
     pub deleted: bool,
+    /// Its deliveries a second, when it set a limit: a request starts only with a token.
+    pub rate: Option<Bucket>,
 }
 
 impl Gate {
@@ -157,7 +161,36 @@ impl Gate {
     /// Whether one more request may start now (the budget aside); `manual`: a manual attempt,
     /// which a back-off does not hold.
     pub fn may_start(&self, configured_cap: usize, now_ms: u64, manual: bool) -> bool {
-        self.enabled && (manual || !self.backed_off(now_ms)) && self.in_flight < self.cap(configured_cap)
+        self.enabled
+            && (manual || !self.backed_off(now_ms))
+            && self.in_flight < self.cap(configured_cap)
+            && self.rate.is_none_or(|bucket| bucket.allows(now_ms))
+    }
+
+    /// Milliseconds until its rate limit lets a request start (0: it does now, or it has none).
+    pub fn rate_wait_ms(&self, now_ms: u64) -> u64 {
+        self.rate.map_or(0, |bucket| bucket.wait_ms(now_ms))
+    }
+
+    /// Counts a request started now: one more under way, one token spent.
+    pub fn started(&mut self, now_ms: u64) {
+        self.in_flight += 1;
+        if let Some(bucket) = &mut self.rate {
+            // may_start saw a token; a limit lowered since then still counts this request.
+            let _ = bucket.take(now_ms);
+        }
+    }
+
+    /// Takes the listener's limit (0: none), keeping what its bucket has saved.
+    pub fn set_rate(&mut self, per_second: u32, now_ms: u64) {
+        self.rate = match (per_second, self.rate) {
+            (0, _) => None,
+            (rate, Some(mut bucket)) => {
+                bucket.set_rate(rate, now_ms);
+                Some(bucket)
+            }
+            (rate, None) => Some(Bucket::new(rate, now_ms)),
+        };
     }
 
     /// Where a piece of work offered to this listener goes, with `waiting` in its line now.
@@ -250,12 +283,15 @@ impl Gate {
     }
 
     /// Nothing left to remember: the gate can go.
-    pub fn is_idle(&self) -> bool {
+    /// Nothing here that a fresh gate would not know: it may be forgotten. A rate limit's
+    /// bucket counts until it is full again, or forgetting it would grant a fresh burst.
+    pub fn is_idle(&self, now_ms: u64) -> bool {
         self.in_flight == 0
             && self.parked == 0
             && self.released.is_empty()
             && self.failures == 0
             && self.failing_since_ms == 0
+            && self.rate.is_none_or(|bucket| bucket.is_full(now_ms))
     }
 }
 
@@ -276,6 +312,26 @@ mod tests {
     const PLAIN: Offer = Offer { manual: false, released: false };
     const MANUAL: Offer = Offer { manual: true, released: false };
     const RELEASED: Offer = Offer { manual: false, released: true };
+
+    #[test]
+    fn a_rate_limit_holds_starts_to_its_pace_and_is_remembered_until_full() {
+        let mut limited = gate(Standing::Healthy);
+        limited.set_rate(2, 0);
+        assert!(limited.may_start(8, 0, false));
+        limited.started(0);
+        limited.started(0);
+        assert!(!limited.may_start(8, 0, false), "two a second: the third waits");
+        assert!(!limited.may_start(8, 0, true), "a manual attempt keeps the pace too");
+        assert_eq!(limited.rate_wait_ms(0), 500);
+        assert!(limited.may_start(8, 500, false));
+        limited.in_flight = 0;
+        assert!(!limited.is_idle(500), "a spent bucket is not forgotten");
+        assert!(limited.is_idle(1_000));
+        // Lifting the limit frees it at once.
+        limited.set_rate(0, 500);
+        assert!(limited.may_start(8, 0, false));
+        assert_eq!(limited.rate_wait_ms(0), 0);
+    }
 
     #[test]
     fn cap_and_budget_follow_the_standing() {

@@ -160,11 +160,16 @@ async fn try_attempt(
     }
     let number = delivery.attempts + 1;
     let trigger = if manual { AttemptTrigger::Manual } else { AttemptTrigger::Scheduled } as i32;
-    let signing_key = if listener.sealed_secret.is_empty() {
-        None
-    } else {
-        match context.keyring.open(&listener.id, &listener.sealed_secret) {
-            Ok(secret) => Some(webhook::signing_key(&secret)),
+    // The listener's secret, and the one its last rotation replaced while its grace lasts.
+    let started_ms = now_ms();
+    let mut sealed = vec![&listener.sealed_secret];
+    if listener.previous_secret_until_ms > started_ms {
+        sealed.push(&listener.previous_sealed_secret);
+    }
+    let mut signing_keys = Vec::with_capacity(sealed.len());
+    for sealed in sealed.into_iter().filter(|sealed| !sealed.is_empty()) {
+        match context.keyring.open(&listener.id, sealed) {
+            Ok(secret) => signing_keys.push(webhook::signing_key(&secret)),
             Err(error) => {
                 // Never send unsigned what must be signed: record a failed attempt instead.
                 tracing::error!(listener_id = %listener.id, %error, "listener secret does not open");
@@ -174,7 +179,7 @@ async fn try_attempt(
                 return finish(context, delivery, listener, attempt, entry, answer, turn).await;
             }
         }
-    };
+    }
     let url = match &target.url {
         Ok(url) => url,
         Err(error) => {
@@ -199,8 +204,8 @@ async fn try_attempt(
         body: &event.payload,
         timestamp,
     };
-    let headers = webhook_headers(&request, signing_key.as_deref());
-    drop(signing_key);
+    let headers = webhook_headers(&request, &signing_keys);
+    drop(signing_keys);
     // The payload goes with the request, so no copy of it waits with the attempt's record
     // (attempts waiting to be written are bounded in number, not in bytes).
     let slow_after = context.config.slow_after;

@@ -252,6 +252,32 @@ fn prepare_spare(dir: &Path, bytes: u64) -> Option<JoinHandle<io::Result<File>>>
 
 #[cfg(test)]
 mod tests {
+
+    proptest::proptest! {
+        /// A newest segment of any bytes is read up to where it stops making sense, or refused
+        /// as damaged; never a panic. Records framed whole in front of the bytes are read.
+        #[test]
+        fn a_segment_of_any_bytes_is_read_or_refused(
+            records in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..64), 0..8),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = Vec::new();
+            for record in &records {
+                frame(&mut bytes, record);
+            }
+            bytes.extend_from_slice(&tail);
+            std::fs::write(segment_path(dir.path(), 0), &bytes).unwrap();
+            let mut read = Vec::new();
+            let result = read_from(dir.path(), 0, |record| {
+                read.push(record.to_vec());
+                Ok(())
+            });
+            // What was framed whole comes first, whatever follows it.
+            proptest::prop_assert!(read.len() >= records.len() || result.is_err());
+            proptest::prop_assert_eq!(&read[..records.len().min(read.len())], &records[..records.len().min(read.len())]);
+        }
+    }
     use super::*;
 
     /// The intact records from the segment holding event `from` on.

@@ -108,6 +108,15 @@ pub struct Listener {
     /// enabled again, oldest first; at most [`MAX_SKIPPED`] are kept.
     #[prost(message, repeated, tag = "14")]
     pub skipped: Vec<SeqRange>,
+    /// The secret the last rotation replaced, sealed like `sealed_secret`, while it still
+    /// signs (a second signature) until `previous_secret_until_ms`; empty when none.
+    #[prost(bytes = "vec", tag = "15")]
+    pub previous_sealed_secret: Vec<u8>,
+    #[prost(uint64, tag = "16")]
+    pub previous_secret_until_ms: u64,
+    /// Most requests a second to it; 0: no limit.
+    #[prost(uint32, tag = "17")]
+    pub max_per_second: u32,
 }
 
 /// Most ranges of skipped events a listener keeps. When a re-enabling finds the list full,

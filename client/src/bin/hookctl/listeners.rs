@@ -62,6 +62,9 @@ pub struct RegisterArgs {
     /// Free text for people, at most 512 characters
     #[arg(long)]
     description: Option<String>,
+    /// Most requests a second to it (retries included); hookd keeps the rest waiting
+    #[arg(long, value_name = "N")]
+    max_per_second: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +87,9 @@ pub struct UpdateArgs {
     /// New description
     #[arg(long, group = "change")]
     description: Option<String>,
+    /// New rate limit in requests a second; 0 lifts it
+    #[arg(long, group = "change", value_name = "N")]
+    max_per_second: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +103,11 @@ pub struct RotateSecretArgs {
     /// Let hookd mint a whsec_ secret and print it (shown only this once)
     #[arg(long)]
     generate_secret: bool,
+    /// Keep signing with the old secret too (a second signature) for this long, e.g. 1h or 2d
+    /// (at most 7d), so the receiver can switch at its own pace; without it the old secret
+    /// stops at once
+    #[arg(long, value_name = "DURATION", value_parser = crate::time::parse_duration)]
+    grace: Option<std::time::Duration>,
 }
 
 /// `hookctl hash EVENT_TYPE`.
@@ -136,6 +147,7 @@ pub async fn run(context: &Context, command: ListenersCommand) -> Result<(), Cli
                 description: args.description,
                 enabled,
                 ordered: args.ordered,
+                max_per_second: args.max_per_second,
             };
             let listener = client.register().update_listener(request).await?.into_inner();
             print_listener(context, &listener);
@@ -154,6 +166,7 @@ pub async fn run(context: &Context, command: ListenersCommand) -> Result<(), Cli
                 listener_id: args.listener_id,
                 secret: args.secret,
                 generate_secret: args.generate_secret,
+                grace_seconds: args.grace.map_or(0, |grace| u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
             };
             let answer = client.register().rotate_listener_secret(request).await?.into_inner();
             let listener = answer.listener.ok_or(CliError::Incomplete("listener"))?;
@@ -172,6 +185,7 @@ async fn register(context: &Context, client: &Client, args: RegisterArgs) -> Res
         generate_secret: args.generate_secret,
         description: args.description.unwrap_or_default(),
         ordered: args.ordered,
+        max_per_second: args.max_per_second.unwrap_or(0),
     };
     let answer = client.register().register_listener(request).await?.into_inner();
     let listener = answer.listener.ok_or(CliError::Incomplete("listener"))?;

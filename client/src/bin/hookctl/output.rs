@@ -161,6 +161,8 @@ pub fn listener_json(listener: &Listener) -> Value {
         "description": listener.description,
         "created_at": timestamp_json(listener.created_at.as_ref()),
         "disabled_reason": listener.disabled_reason,
+        "previous_secret_until": timestamp_json(listener.previous_secret_until.as_ref()),
+        "max_per_second": listener.max_per_second,
     })
 }
 
@@ -197,6 +199,12 @@ pub fn listener_fields(listener: &Listener) -> String {
     ];
     if !listener.disabled_reason.is_empty() {
         pairs.push(("disabled reason", listener.disabled_reason.clone()));
+    }
+    if listener.max_per_second > 0 {
+        pairs.push(("at most a second", listener.max_per_second.to_string()));
+    }
+    if listener.previous_secret_until.is_some() {
+        pairs.push(("old secret signs until", format_optional(listener.previous_secret_until.as_ref())));
     }
     fields(&pairs)
 }

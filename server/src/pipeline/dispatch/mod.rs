@@ -73,6 +73,8 @@ struct Lane {
     disabling: bool,
     /// Fanned out apart from the others (see `aside`).
     detached: Option<aside::Detached>,
+    /// When its rate limit lets it start again, while it waits for that (in `rated`).
+    rate_wake_ms: Option<u64>,
 }
 
 /// A request under way: whose, and which budget it draws from now.
@@ -117,6 +119,8 @@ pub(crate) struct Dispatcher {
     again: BTreeMap<(u64, u64), Work>,
     /// (back-off end, listener) of listeners backed off as a whole.
     backoffs: BTreeSet<(u64, String)>,
+    /// (when, listener) of listeners with work waiting for their rate limit's next token.
+    rated: BTreeSet<(u64, String)>,
     progress: Progress,
     next_tick_ms: u64,
     /// The durable end of the log, for the fan-out lag gauges.
@@ -155,6 +159,7 @@ impl Dispatcher {
             later: BTreeSet::new(),
             again: BTreeMap::new(),
             backoffs: BTreeSet::new(),
+            rated: BTreeSet::new(),
             progress: Progress::new(start),
             next_tick_ms: 0,
             durable_seq,
@@ -177,6 +182,15 @@ impl Dispatcher {
                 self.take_handed(handed);
             }
             let now = now_ms();
+            while let Some((at_ms, listener_id)) = self.rated.first().cloned()
+                && at_ms <= now
+            {
+                self.rated.pop_first();
+                if let Some(lane) = self.lanes.get_mut(&listener_id) {
+                    lane.rate_wake_ms = None;
+                }
+                self.mark(&listener_id);
+            }
             if now >= self.next_tick_ms {
                 self.tick(now);
                 self.next_tick_ms = now + TICK.as_millis() as u64;
@@ -215,7 +229,13 @@ impl Dispatcher {
         let busy = !self.lanes.is_empty() || self.progress.outstanding() > 0 || !self.again.is_empty();
         let tick = busy.then_some(self.next_tick_ms);
         let due = self.next_due_ms.filter(|_| !self.stale);
-        let soon = [tick, due, self.backoffs.first().map(|(at, _)| *at), self.later.first().map(|(at, _)| *at)];
+        let soon = [
+            tick,
+            due,
+            self.backoffs.first().map(|(at, _)| *at),
+            self.later.first().map(|(at, _)| *at),
+            self.rated.first().map(|(at, _)| *at),
+        ];
         soon.into_iter().flatten().min().unwrap_or(u64::MAX / 2).min(now_ms() + 60_000)
     }
 
@@ -288,6 +308,7 @@ impl Dispatcher {
             }
             lane.gate.enabled = listener.as_ref().is_some_and(|listener| listener.enabled);
             lane.gate.ordered = listener.as_ref().is_some_and(|listener| listener.ordered);
+            lane.gate.set_rate(listener.as_ref().map_or(0, |listener| listener.max_per_second), now_ms());
             lane.gate.deleted = listener.is_none();
             lane.listener = listener.map(|listener| Arc::new(Target::new(listener)));
             lane.generation = generation;
@@ -307,15 +328,24 @@ impl Dispatcher {
             let pool = lane.gate.pool();
             lane.ready_in = Some(pool);
             self.ready[pool.index()].push_back(listener_id.to_owned());
+        } else if !lane.line.is_empty() && lane.rate_wake_ms.is_none() {
+            // Held by its rate limit: marked again when the next token is there.
+            let wait = lane.gate.rate_wait_ms(now);
+            if wait > 0 {
+                lane.rate_wake_ms = Some(now + wait);
+                self.rated.insert((now + wait, listener_id.to_owned()));
+            }
         }
     }
 
     /// Forgets a lane with nothing left to remember.
     fn forget_if_idle(&mut self, listener_id: &str) {
+        let now = now_ms();
         // A detached lane is never forgotten: where it stands lives only here (and in `ld/`).
         let idle = |lane: &Lane| {
-            lane.gate.is_idle()
+            lane.gate.is_idle(now)
                 && lane.line.is_empty()
+                && lane.rate_wake_ms.is_none()
                 && lane.ready_in.is_none()
                 && !lane.disabling
                 && lane.detached.is_none()
@@ -397,7 +427,7 @@ impl Dispatcher {
             }
             let lane = self.lanes.get_mut(listener_id).expect("read above");
             let work = lane.line.pop_front().expect("a front exists");
-            lane.gate.in_flight += 1;
+            lane.gate.started(now);
             let pool = lane.gate.pool();
             let listener = lane.listener.clone();
             self.memory.add_permits(1);
@@ -782,6 +812,12 @@ impl Dispatcher {
             let deleted = lane.gate.deleted;
             self.memory.add_permits(works.len());
             if deleted { self.cancel(works) } else { self.set_aside(works) }
+        }
+        // A rate-limited lane outlives its last request until its bucket is full again.
+        let limited: Vec<String> =
+            self.lanes.iter().filter(|(_, lane)| lane.gate.rate.is_some()).map(|(id, _)| id.clone()).collect();
+        for listener_id in limited {
+            self.forget_if_idle(&listener_id);
         }
         let detached: Vec<String> =
             self.lanes.iter().filter(|(_, lane)| lane.detached.is_some()).map(|(id, _)| id.clone()).collect();

@@ -40,6 +40,8 @@ pub fn build() -> Result<PathBuf, String> {
 pub struct Hookd {
     child: Child,
     pub endpoint: String,
+    /// Its Prometheus endpoint (`/metrics`), if it serves one.
+    pub metrics: Option<String>,
     pub pid: u32,
 }
 
@@ -65,6 +67,7 @@ impl Instance {
             .arg(self.dir.path())
             .env("HOOKD_MASTER_KEY", &self.master_key)
             .env("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("HOOKD_METRICS_LISTEN", "127.0.0.1:0")
             // Only what the bench needs to read: the serving line, warnings and errors.
             .env("RUST_LOG", "warn,hookd_server=info,hookd_server::pipeline=warn")
             .envs(extra_env.iter().copied())
@@ -76,12 +79,19 @@ impl Instance {
             .map_err(|error| format!("cannot start hookd: {error}"))?;
         let pid = child.id().ok_or("hookd exited at once")?;
         let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
-        let serving = tokio::time::timeout(Duration::from_secs(60), async {
+        fn addr(line: &str) -> Option<String> {
+            let rest = &line[line.find("addr=")? + 5..];
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            Some(rest[..end].to_owned())
+        }
+        // The metrics line comes first, then the gRPC one.
+        let (serving, metrics) = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut metrics = None;
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(start) = line.find("addr=") {
-                    let rest = &line[start + 5..];
-                    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-                    return Some(rest[..end].to_owned());
+                if line.contains("metrics served") {
+                    metrics = addr(&line);
+                } else if let Some(serving) = addr(&line) {
+                    return Some((serving, metrics));
                 }
             }
             None
@@ -91,7 +101,9 @@ impl Instance {
         .ok_or("hookd exited before serving")?;
         // Keep draining its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Hookd { child, endpoint: format!("http://{serving}"), pid })
+        // An older build (HOOKD_BENCH_BINARY) may serve none.
+        let metrics = metrics.map(|metrics| format!("http://{metrics}/metrics"));
+        Ok(Hookd { child, endpoint: format!("http://{serving}"), metrics, pid })
     }
 
     /// Size of the data directory, in MB.
@@ -128,6 +140,22 @@ impl Hookd {
     /// than throughput on a shared machine, for comparing two builds.
     pub fn cpu_seconds(&self) -> f64 {
         cpu_seconds(self.pid)
+    }
+
+    /// The value of an unlabelled gauge or counter in hookd's metrics, say
+    /// `hookd_fanout_lag_events`.
+    pub async fn metric(&self, name: &str) -> Result<f64, String> {
+        let url = self.metrics.as_ref().ok_or("this hookd serves no metrics (a build before them?)")?;
+        let text = reqwest::get(url)
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|error| format!("cannot scrape {url}: {error}"))?
+            .text()
+            .await
+            .map_err(|error| error.to_string())?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .ok_or_else(|| format!("{name} is not in hookd's metrics"))
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -21,3 +21,4 @@ mod service;
 mod support;
 mod tls;
 mod ui;
+mod walkthrough;

@@ -331,3 +331,22 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|window| window == needle)
 }
+
+/// Whether `program` is an executable file on the `PATH`.
+pub fn which(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Whether every outside tool `test` needs is there: (what, present). Where one is missing,
+/// says so and the caller skips, except under CI (`CI=true`), which installs them all: there
+/// a missing tool fails the test rather than hide it.
+pub fn tools_present(test: &str, tools: &[(&str, bool)]) -> bool {
+    let missing: Vec<&str> = tools.iter().filter(|(_, present)| !present).map(|(name, _)| *name).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!("{test}: {} missing (.ci/run installs them)", missing.join(", "));
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
+    eprintln!("SKIPPED {message}");
+    false
+}

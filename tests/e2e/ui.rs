@@ -14,7 +14,8 @@ use hookd_client::v1::{CreateProducerRequest, ListDeliveriesRequest, TriggerRequ
 
 use crate::receiver::{Receiver, Reply};
 use crate::support::{
-    ADMIN_TOKEN, DEADLINE, HookdProcess, derive, eventually, listener_request, master_key, parse_addr,
+    ADMIN_TOKEN, DEADLINE, HookdProcess, derive, eventually, listener_request, master_key, parse_addr, tools_present,
+    which,
 };
 
 fn client() -> reqwest::Client {
@@ -76,20 +77,12 @@ async fn the_web_page_shows_an_event_and_retries_its_failed_delivery() {
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let script = root.join("tests/ui/ui.mjs");
-    let missing: Vec<&str> = [
+    let tools = [
         ("node", which("node")),
         ("tests/ui/node_modules (npm ci in tests/ui)", root.join("tests/ui/node_modules/playwright-core").exists()),
         ("/usr/bin/chromium", Path::new("/usr/bin/chromium").exists()),
-    ]
-    .into_iter()
-    .filter(|(_, present)| !present)
-    .map(|(name, _)| name)
-    .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "SKIPPED the browser part of the web page test: {} missing (.ci/run installs them)",
-            missing.join(", ")
-        );
+    ];
+    if !tools_present("the browser part of the web page test", &tools) {
         return;
     }
     let screenshot = root.join("target/ui-screenshot.png");
@@ -108,8 +101,4 @@ async fn the_web_page_shows_an_event_and_retries_its_failed_delivery() {
     assert!(screenshot.exists());
     // The retry pressed in the browser reached the listener once more.
     assert_eq!(receiver.requests_to("/down").len(), requests_before + 1);
-}
-
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }

@@ -39,6 +39,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// With hookd stopped, re-seal every listener secret under the master key (give the
+    /// previous one as HOOKD_PREVIOUS_MASTER_KEY or --previous-master-key-file), then exit. A
+    /// server started with both keys does the same by itself, beside the traffic.
+    Rekey(ServeArgs),
 }
 
 /// How log lines are written.
@@ -66,6 +70,15 @@ pub struct ServeArgs {
     /// (development only).
     #[arg(long, env = "HOOKD_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// During a master key rotation: a file holding the previous master key, still accepted to
+    /// open secrets sealed under it while hookd re-seals them under the new one.
+    /// `HOOKD_PREVIOUS_MASTER_KEY` gives the key itself instead.
+    #[arg(long, env = "HOOKD_PREVIOUS_MASTER_KEY_FILE")]
+    pub previous_master_key_file: Option<PathBuf>,
+    /// The previous master key itself (read from `HOOKD_PREVIOUS_MASTER_KEY`; not shown in help,
+    /// so it is not given on a command line others can read).
+    #[arg(long, env = "HOOKD_PREVIOUS_MASTER_KEY", hide = true, hide_env_values = true)]
+    pub previous_master_key: Option<Redacted>,
     /// Largest accepted event payload, in bytes.
     #[arg(long, env = "HOOKD_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: u64,
@@ -265,6 +278,11 @@ pub enum ConfigError {
     #[error("give the master key by HOOKD_MASTER_KEY or by --master-key-file / HOOKD_MASTER_KEY_FILE, not both")]
     TwoMasterKeys,
     #[error(
+        "give the previous master key by HOOKD_PREVIOUS_MASTER_KEY or by --previous-master-key-file / \
+         HOOKD_PREVIOUS_MASTER_KEY_FILE, not both"
+    )]
+    TwoPreviousMasterKeys,
+    #[error(
         "--workers, --suspect-workers, --listener-in-flight and --max-watchers-per-producer (HOOKD_WORKERS, \
          HOOKD_SUSPECT_WORKERS, HOOKD_LISTENER_IN_FLIGHT, HOOKD_MAX_WATCHERS_PER_PRODUCER) must be 1 to 10000"
     )]
@@ -413,6 +431,21 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
             })?
         }
     };
+    let keyring = match (&args.previous_master_key, &args.previous_master_key_file) {
+        (Some(_), Some(_)) => return Err(ConfigError::TwoPreviousMasterKeys),
+        (Some(text), None) => keyring.with_previous(
+            &Keyring::from_base64(&text.0)
+                .map_err(|error| ConfigError::MasterKey { source_name: "HOOKD_PREVIOUS_MASTER_KEY".into(), error })?,
+        ),
+        (None, Some(path)) => {
+            let text = fs::read_to_string(path).map_err(io_error("cannot read the previous master key file", path))?;
+            keyring.with_previous(&Keyring::from_base64(&text).map_err(|error| ConfigError::MasterKey {
+                source_name: format!("previous master key file {}", path.display()),
+                error,
+            })?)
+        }
+        (None, None) => keyring,
+    };
 
     let admin_token = match &args.admin_token {
         Some(token) => token.0.clone(),
@@ -484,7 +517,7 @@ mod tests {
         let mut argv = vec!["hookd", "serve", "--data-dir", data_dir.to_str().unwrap()];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).expect("arguments parse").command {
-            Command::Serve(args) => args,
+            Command::Serve(args) | Command::Rekey(args) => args,
         }
     }
 

@@ -46,18 +46,45 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     bytes
 }
 
-/// The master key and the keys derived from it. Cloning shares nothing mutable.
+/// What one master key seals and opens with: its public id, its sealing key, its check value.
 #[derive(Clone)]
-pub struct Keyring {
+struct Sealer {
     key_id: [u8; KEY_ID_LEN],
     seal_key: [u8; 32],
-    hash_key: [u8; 32],
     check: [u8; 32],
+}
+
+impl Sealer {
+    fn new(master_key: &[u8; MASTER_KEY_LEN]) -> Self {
+        let id = hmac(master_key, &[b"hookd/v1/key-id"]);
+        let mut key_id = [0u8; KEY_ID_LEN];
+        key_id.copy_from_slice(&id[..KEY_ID_LEN]);
+        Self {
+            key_id,
+            seal_key: hmac(master_key, &[b"hookd/v1/seal-listener-secret"]),
+            check: hmac(master_key, &[b"hookd/v1/key-check"]),
+        }
+    }
+}
+
+/// The master key, the keys derived from it, and any previous master keys still accepted
+/// while secrets are re-sealed under the current one (a key ring). Cloning shares nothing
+/// mutable.
+#[derive(Clone)]
+pub struct Keyring {
+    /// Seals everything new.
+    current: Sealer,
+    /// Open what they sealed, until it is re-sealed under `current`.
+    previous: Vec<Sealer>,
+    /// The event-hash key: derived from the data directory's first master key and kept, sealed,
+    /// in the database, so that event hashes outlive master key rotations.
+    hash_key: [u8; 32],
 }
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keyring").field("key_id", &self.key_id()).finish_non_exhaustive()
+        let previous: Vec<String> = self.previous.iter().map(|sealer| hex(&sealer.key_id)).collect();
+        f.debug_struct("Keyring").field("key_id", &self.key_id()).field("previous", &previous).finish_non_exhaustive()
     }
 }
 
@@ -69,19 +96,68 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// What the event-hash key is bound to when sealed, as a listener secret is to its listener.
+const HASH_KEY_AAD: &str = "hookd/v1/event-hash-key";
+
 impl Keyring {
     /// Derives the working keys from a 32-byte master key. Each derived key is an HMAC of the
     /// master key over its own label, so one never reveals another or the master key.
     pub fn new(master_key: &[u8; MASTER_KEY_LEN]) -> Self {
-        let id = hmac(master_key, &[b"hookd/v1/key-id"]);
-        let mut key_id = [0u8; KEY_ID_LEN];
-        key_id.copy_from_slice(&id[..KEY_ID_LEN]);
         Self {
-            key_id,
-            seal_key: hmac(master_key, &[b"hookd/v1/seal-listener-secret"]),
+            current: Sealer::new(master_key),
+            previous: Vec::new(),
             hash_key: hmac(master_key, &[b"hookd/v1/event-hash"]),
-            check: hmac(master_key, &[b"hookd/v1/key-check"]),
         }
+    }
+
+    /// Also accepts `previous`'s master key (and those it accepts) for opening, during a
+    /// rotation; sealing stays with this one's.
+    /// Event hashes stay the previous key's (the database's sealed copy, when there is one,
+    /// decides in the end: see `rekey::open`).
+    pub fn with_previous(mut self, previous: &Keyring) -> Self {
+        self.hash_key = previous.hash_key;
+        for sealer in std::iter::once(&previous.current).chain(&previous.previous) {
+            if sealer.key_id != self.current.key_id && self.previous.iter().all(|p| p.key_id != sealer.key_id) {
+                self.previous.push(sealer.clone());
+            }
+        }
+        self
+    }
+
+    /// Whether previous master keys are configured: a rotation is under way.
+    pub fn rotating(&self) -> bool {
+        !self.previous.is_empty()
+    }
+
+    /// The (key id, check value) of every master key accepted, the current one first.
+    pub fn checks(&self) -> Vec<(String, [u8; 32])> {
+        std::iter::once(&self.current).chain(&self.previous).map(|sealer| (hex(&sealer.key_id), sealer.check)).collect()
+    }
+
+    /// The event-hash key sealed for the database.
+    pub fn sealed_hash_key(&self) -> Vec<u8> {
+        self.seal(HASH_KEY_AAD, &self.hash_key)
+    }
+
+    /// Takes the event-hash key the database keeps (sealed by [`Keyring::sealed_hash_key`]).
+    pub fn use_sealed_hash_key(&mut self, envelope: &[u8]) -> Result<(), CryptoError> {
+        let key = self.open(HASH_KEY_AAD, envelope)?;
+        self.hash_key = key.try_into().map_err(|_| CryptoError::MalformedEnvelope)?;
+        Ok(())
+    }
+
+    /// An envelope sealed again under the current master key; `None` when it already is.
+    pub fn reseal(&self, listener_id: &str, envelope: &[u8]) -> Result<Option<Vec<u8>>, CryptoError> {
+        if envelope.get(1..1 + KEY_ID_LEN) == Some(&self.current.key_id[..]) {
+            return Ok(None);
+        }
+        let secret = self.open(listener_id, envelope)?;
+        Ok(Some(self.seal(listener_id, &secret)))
+    }
+
+    /// [`Keyring::reseal`] for the sealed event-hash key.
+    pub fn reseal_hash_key(&self, envelope: &[u8]) -> Result<Option<Vec<u8>>, CryptoError> {
+        self.reseal(HASH_KEY_AAD, envelope)
     }
 
     /// Parses a master key given as base64 (standard alphabet, padding optional).
@@ -95,21 +171,21 @@ impl Keyring {
         Ok(Self::new(&key))
     }
 
-    /// A short public name for this master key (hex), stored in every envelope.
+    /// A short public name for the current master key (hex), stored in every envelope.
     pub fn key_id(&self) -> String {
-        hex(&self.key_id)
+        hex(&self.current.key_id)
     }
 
     /// A value that proves which master key is configured without revealing it: stored in the
     /// database at first start and compared at every later start.
     pub fn key_check(&self) -> [u8; 32] {
-        self.check
+        self.current.check
     }
 
     /// Encrypts a listener secret for storage. The listener id is bound as associated data,
     /// so the envelope opens only for that listener.
     pub fn seal(&self, listener_id: &str, secret: &[u8]) -> Vec<u8> {
-        let cipher = XChaCha20Poly1305::new(&self.seal_key.into());
+        let cipher = XChaCha20Poly1305::new(&self.current.seal_key.into());
         let nonce_bytes: [u8; NONCE_LEN] = random_bytes();
         let nonce = XNonce::from(nonce_bytes);
         let aad = seal_aad(listener_id);
@@ -118,24 +194,26 @@ impl Keyring {
             .expect("XChaCha20-Poly1305 encrypts messages of any practical length");
         let mut envelope = Vec::with_capacity(1 + KEY_ID_LEN + NONCE_LEN + ciphertext.len());
         envelope.push(ENVELOPE_V1);
-        envelope.extend_from_slice(&self.key_id);
+        envelope.extend_from_slice(&self.current.key_id);
         envelope.extend_from_slice(&nonce_bytes);
         envelope.extend_from_slice(&ciphertext);
         envelope
     }
 
-    /// Decrypts an envelope made by [`Keyring::seal`] for the same listener.
+    /// Decrypts an envelope made by [`Keyring::seal`] for the same listener, under the current
+    /// master key or a previous one still accepted.
     pub fn open(&self, listener_id: &str, envelope: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let header = 1 + KEY_ID_LEN + NONCE_LEN;
         if envelope.len() < header || envelope[0] != ENVELOPE_V1 {
             return Err(CryptoError::MalformedEnvelope);
         }
         let key_id = &envelope[1..1 + KEY_ID_LEN];
-        if key_id != self.key_id {
-            return Err(CryptoError::WrongKeyId { found: hex(key_id), expected: self.key_id() });
-        }
+        let sealer = std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|sealer| sealer.key_id == key_id)
+            .ok_or_else(|| CryptoError::WrongKeyId { found: hex(key_id), expected: self.key_id() })?;
         let nonce = XNonce::try_from(&envelope[1 + KEY_ID_LEN..header]).map_err(|_| CryptoError::MalformedEnvelope)?;
-        let cipher = XChaCha20Poly1305::new(&self.seal_key.into());
+        let cipher = XChaCha20Poly1305::new(&sealer.seal_key.into());
         let aad = seal_aad(listener_id);
         cipher.decrypt(&nonce, Payload { msg: &envelope[header..], aad: &aad }).map_err(|_| CryptoError::Unseal)
     }
@@ -257,10 +335,49 @@ mod tests {
     }
 
     #[test]
+    fn a_key_ring_opens_what_a_previous_key_sealed_and_reseals_it_under_the_current() {
+        let (old, new) = (keyring(1), keyring(2));
+        let envelope = old.seal("lst_a", b"s3cret-value");
+        let ring = keyring(2).with_previous(&old);
+        assert!(ring.rotating() && !new.rotating());
+        assert_eq!(ring.open("lst_a", &envelope).unwrap(), b"s3cret-value");
+        let resealed = ring.reseal("lst_a", &envelope).unwrap().expect("sealed under the old key: sealed again");
+        assert_eq!(new.open("lst_a", &resealed).unwrap(), b"s3cret-value", "the new key alone opens it now");
+        assert!(old.open("lst_a", &resealed).is_err());
+        assert_eq!(ring.reseal("lst_a", &resealed).unwrap(), None, "already under the current key");
+        assert!(ring.reseal("lst_b", &envelope).is_err(), "still bound to its listener");
+        // The ring's checks: the current key first, then the previous ones.
+        let ids: Vec<String> = ring.checks().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![new.key_id(), old.key_id()]);
+        // A key ring of three keeps every older key once.
+        let third = keyring(3).with_previous(&ring).with_previous(&old);
+        assert_eq!(third.checks().len(), 3);
+        assert_eq!(third.open("lst_a", &envelope).unwrap(), b"s3cret-value");
+    }
+
+    #[test]
+    fn the_event_hash_key_outlives_a_master_key_rotation() {
+        let old = keyring(1);
+        let hash = old.event_hash("prd_1", "order.placed");
+        let sealed = old.sealed_hash_key();
+        // The new master key alone would derive other hashes...
+        assert_ne!(keyring(2).event_hash("prd_1", "order.placed"), hash);
+        // ...but takes the stored key, opened while the old key is still accepted.
+        let mut ring = keyring(2).with_previous(&old);
+        ring.use_sealed_hash_key(&sealed).unwrap();
+        assert_eq!(ring.event_hash("prd_1", "order.placed"), hash);
+        let resealed = ring.reseal_hash_key(&sealed).unwrap().unwrap();
+        let mut new = keyring(2);
+        new.use_sealed_hash_key(&resealed).unwrap();
+        assert_eq!(new.event_hash("prd_1", "order.placed"), hash, "and after the rotation, with the new key alone");
+        assert!(keyring(2).use_sealed_hash_key(&sealed).is_err());
+    }
+
+    #[test]
     fn a_different_key_with_a_forged_key_id_still_fails() {
         let keys = keyring(1);
         let mut envelope = keyring(2).seal("lst_a", b"s3cret-value");
-        envelope[1..1 + KEY_ID_LEN].copy_from_slice(&keys.key_id);
+        envelope[1..1 + KEY_ID_LEN].copy_from_slice(&keys.current.key_id);
         assert!(matches!(keys.open("lst_a", &envelope), Err(CryptoError::Unseal)));
     }
 

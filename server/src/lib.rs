@@ -21,6 +21,7 @@ pub mod priority;
 #[cfg(test)]
 mod properties;
 pub mod rate;
+pub mod rekey;
 pub mod store;
 pub mod telemetry;
 pub mod validate;
@@ -53,6 +54,8 @@ pub enum RunError {
     Open { dir: String, source: StoreError },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Keys(#[from] rekey::RekeyError),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("reflection descriptors are invalid: {0}")]
@@ -85,16 +88,37 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         .await
         .expect("opening the store does not panic")
         .map_err(|source| RunError::Open { dir: config.data_dir.display().to_string(), source })?;
-    let checked = {
-        let store = store.clone();
-        let (key_id, check) = (config.keyring.key_id(), config.keyring.key_check());
-        tokio::task::spawn_blocking(move || store.check_master_key(&key_id, &check)).await.expect("does not panic")
+    let mut config = config;
+    let opened = {
+        let (store, mut keyring) = (store.clone(), config.keyring.clone());
+        tokio::task::spawn_blocking(move || rekey::open(store.as_ref(), &mut keyring).map(|()| keyring))
+            .await
+            .expect("does not panic")
     };
-    if let Err(error) = checked {
-        if let Err(close_error) = store.close() {
-            tracing::error!(error = &close_error as &dyn std::error::Error, "closing the database failed");
+    match opened {
+        Ok(keyring) => config.keyring = keyring,
+        Err(error) => {
+            if let Err(close_error) = store.close() {
+                tracing::error!(error = &close_error as &dyn std::error::Error, "closing the database failed");
+            }
+            return Err(error.into());
         }
-        return Err(error.into());
+    }
+    if config.keyring.rotating() {
+        // Re-seal beside the traffic; a stop midway is finished at the next start.
+        let (store, keyring) = (store.clone(), config.keyring.clone());
+        tokio::spawn(async move {
+            tracing::info!(key_id = %keyring.key_id(), "re-sealing listener secrets under the new master key");
+            match rekey::rekey(store.as_ref(), &keyring).await {
+                Ok(done) => tracing::info!(
+                    key_id = %keyring.key_id(),
+                    listeners = done.listeners,
+                    resealed = done.resealed,
+                    "master key rotation done: every secret is sealed under the new key; the previous key is no longer needed"
+                ),
+                Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "master key rotation stopped"),
+            }
+        });
     }
     let result = serve(listener, config, store.clone(), shutdown).await;
     let closed = tokio::task::spawn_blocking(move || store.close()).await.expect("closing the store does not panic");
@@ -102,6 +126,26 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     closed?;
     tracing::info!("hookd stopped");
     Ok(())
+}
+
+/// `hookd rekey`: with hookd stopped, re-seals every listener secret in `config`'s data
+/// directory under its master key (the previous one given beside it), then returns what it did.
+pub async fn rekey_offline(config: Config) -> Result<rekey::Rekeyed, RunError> {
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+        .await
+        .expect("opening the store does not panic")
+        .map_err(|source| RunError::Open { dir: config.data_dir.display().to_string(), source })?;
+    let mut keyring = config.keyring.clone();
+    let result = async {
+        rekey::open(store.as_ref(), &mut keyring)?;
+        rekey::rekey(store.as_ref(), &keyring).await
+    }
+    .await;
+    let closed = tokio::task::spawn_blocking(move || store.close()).await.expect("closing the store does not panic");
+    let done = result?;
+    closed?;
+    Ok(done)
 }
 
 async fn serve(

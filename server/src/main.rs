@@ -14,7 +14,10 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let Command::Serve(args) = Cli::parse().command;
+    let (args, rekey) = match Cli::parse().command {
+        Command::Serve(args) => (args, false),
+        Command::Rekey(args) => (args, true),
+    };
     hookd_server::telemetry::init(args.log_format);
     let resolved = match config::resolve(&args, std::env::var("HOOKD_MASTER_KEY").ok()) {
         Ok(resolved) => resolved,
@@ -41,6 +44,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if rekey {
+        return runtime.block_on(rekey_offline(resolved.config));
+    }
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(resolved.listen).await {
             Ok(listener) => listener,
@@ -53,17 +59,44 @@ fn main() -> ExitCode {
         tokio::spawn(stop_on_signal(shutdown.clone()));
         match hookd_server::run(listener, resolved.config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            // The configured master key is wrong for this data directory: a configuration error.
-            Err(error @ hookd_server::RunError::Store(hookd_server::store::StoreError::WrongMasterKey { .. })) => {
-                tracing::error!("{error}");
-                ExitCode::from(2)
-            }
-            Err(error) => {
-                tracing::error!("{error}");
-                ExitCode::FAILURE
-            }
+            Err(error) => failed(&error),
         }
     })
+}
+
+/// `hookd rekey`.
+async fn rekey_offline(config: hookd_server::config::Config) -> ExitCode {
+    if !config.keyring.rotating() {
+        tracing::error!(
+            "invalid configuration: hookd rekey needs the previous master key (HOOKD_PREVIOUS_MASTER_KEY or --previous-master-key-file) beside the new one"
+        );
+        return ExitCode::from(2);
+    }
+    match hookd_server::rekey_offline(config).await {
+        Ok(done) => {
+            tracing::info!(
+                listeners = done.listeners,
+                resealed = done.resealed,
+                "every secret is sealed under the new master key; start hookd with it alone"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => failed(&error),
+    }
+}
+
+/// Logs why hookd stopped; the exit status says whether the configuration was at fault (2).
+fn failed(error: &hookd_server::RunError) -> ExitCode {
+    use hookd_server::rekey::RekeyError;
+    use hookd_server::store::StoreError;
+    tracing::error!("{error}");
+    match error {
+        // The configured master keys are wrong for this data directory: a configuration error.
+        hookd_server::RunError::Keys(
+            RekeyError::Store(StoreError::WrongMasterKey { .. }) | RekeyError::HashKey(_) | RekeyError::Unopened(_),
+        ) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -77,15 +77,15 @@ async fn metrics_count_what_happened() {
                 && r.iter().filter(|r| r.path == "/down").count() >= 5
         })
         .await;
-    let failed = receiver.requests_to("/down").len();
-
-    let after = eventually("the attempts counted", || {
-        let addr = addr.clone();
+    // Counted against what the receiver saw by then: a request under way when the wait ended
+    // may arrive (and be counted) a moment later.
+    let (after, failed) = eventually("the attempts counted", || {
+        let (addr, failed) = (addr.clone(), receiver.requests_to("/down").len());
         async move {
             let samples = scrape(&addr).await;
             let counted = value(&samples, "hookd_attempts_total{outcome=\"5xx\"}") == failed as f64
                 && value(&samples, "hookd_attempts_total{outcome=\"2xx\"}") == EVENTS as f64;
-            counted.then_some(samples)
+            counted.then_some((samples, failed))
         }
     })
     .await;
@@ -97,13 +97,13 @@ async fn metrics_count_what_happened() {
     assert!(value(&after, "hookd_journal_sync_seconds_count") <= EVENTS as f64);
     // Gauges refreshed now and then: the 503s wait for their retry an hour away, the rest of
     // the failing listener's events wait in the log while it is backed off.
-    let gauges = eventually("the gauges refreshed", || {
-        let addr = addr.clone();
+    let (gauges, failed) = eventually("the gauges refreshed", || {
+        let (addr, failed) = (addr.clone(), receiver.requests_to("/down").len().max(failed));
         async move {
             let samples = scrape(&addr).await;
             let fresh = value(&samples, "hookd_listeners{state=\"registered\"}") == 2.0
                 && value(&samples, "hookd_pending_deliveries{kind=\"retry\"}") == failed as f64;
-            fresh.then_some(samples)
+            fresh.then_some((samples, failed))
         }
     })
     .await;

@@ -71,7 +71,15 @@ async fn a_wrong_master_key_is_refused_at_startup() {
     server.stop().await.unwrap();
 
     let refused = TestServer::start_with(dir, &master_key(), |_| {}).await.stop().await;
-    assert!(matches!(refused, Err(hookd_server::RunError::Store(StoreError::WrongMasterKey { .. }))), "{refused:?}");
+    assert!(
+        matches!(
+            refused,
+            Err(hookd_server::RunError::Keys(hookd_server::rekey::RekeyError::Store(
+                StoreError::WrongMasterKey { .. }
+            )))
+        ),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

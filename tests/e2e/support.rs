@@ -329,7 +329,7 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|window| window == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Whether `program` is an executable file on the `PATH`.

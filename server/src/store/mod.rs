@@ -60,8 +60,9 @@ pub enum StoreError {
     #[error("{0}")]
     Refused(Refusal),
     #[error(
-        "the master key does not match this data directory: it was created with key {expected}, \
-         the configured key is {found}"
+        "the master key does not match this data directory: its secrets are sealed under key {expected}, \
+         the configured key is {found} (to rotate, give the old key as HOOKD_PREVIOUS_MASTER_KEY or \
+         --previous-master-key-file beside the new one)"
     )]
     WrongMasterKey { expected: String, found: String },
 }
@@ -92,9 +93,15 @@ pub enum Refusal {
 /// through the backend's durable write path and resolve once on disk. Each method is one
 /// atomic operation, so a distributed backend can make each one transaction.
 pub trait Store: Send + Sync + 'static {
-    /// Refuses a master key other than the one the data was sealed with; remembers the key's
-    /// check value on first use.
-    fn check_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError>;
+    /// Refuses master keys none of which is the one the data was sealed with; remembers the
+    /// first key's check value on first use. `accepted`: (key id, check value), the current
+    /// key first, then previous keys still accepted during a rotation.
+    fn check_master_key(&self, accepted: &[(String, [u8; 32])]) -> Result<(), StoreError>;
+    /// Records that every secret is now sealed under this key (the end of a rotation).
+    fn set_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError>;
+    /// The event-hash key, sealed under the master key; `None` before it was first stored.
+    fn sealed_hash_key(&self) -> Result<Option<Vec<u8>>, StoreError>;
+    fn set_sealed_hash_key(&self, sealed: &[u8]) -> Result<(), StoreError>;
 
     /// Stores a new producer and the hash of its first API key.
     fn create_producer(&self, producer: Producer, key_hash: [u8; 32]) -> StoreFuture<()>;

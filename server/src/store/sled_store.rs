@@ -60,6 +60,8 @@ use crate::ids;
 
 pub(crate) mod keys {
     pub const KEY_CHECK: &[u8] = b"m/keycheck";
+    /// The event-hash key, sealed under the master key.
+    pub const HASH_KEY: &[u8] = b"m/hashkey";
     /// The next event sequence number (a high-water mark that survives trimming the log).
     pub const NEXT_SEQ: &[u8] = b"m/next_seq";
     /// Events from this number on may be only in the journal (the last checkpoint).
@@ -441,25 +443,49 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn check_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
-        let mut expected = key_id.as_bytes().to_vec();
-        expected.push(0);
-        expected.extend_from_slice(check);
-        match self.tree.compare_and_swap(keys::KEY_CHECK, None as Option<&[u8]>, Some(expected.clone()))? {
+    fn check_master_key(&self, accepted: &[(String, [u8; 32])]) -> Result<(), StoreError> {
+        let value = |(key_id, check): &(String, [u8; 32])| {
+            let mut value = key_id.as_bytes().to_vec();
+            value.push(0);
+            value.extend_from_slice(check);
+            value
+        };
+        let first = value(accepted.first().expect("a master key is configured"));
+        match self.tree.compare_and_swap(keys::KEY_CHECK, None as Option<&[u8]>, Some(first))? {
             Ok(()) => {
                 self.tree.flush()?;
                 Ok(())
             }
-            Err(existing) if existing.current.as_deref() == Some(&expected[..]) => Ok(()),
+            Err(existing) if accepted.iter().any(|key| existing.current.as_deref() == Some(&value(key)[..])) => Ok(()),
             Err(existing) => {
                 let stored = existing.current.unwrap_or_default();
                 let stored_id = stored.split(|&b| b == 0).next().unwrap_or_default();
+                let found: Vec<&str> = accepted.iter().map(|(key_id, _)| key_id.as_str()).collect();
                 Err(StoreError::WrongMasterKey {
                     expected: String::from_utf8_lossy(stored_id).into_owned(),
-                    found: key_id.to_owned(),
+                    found: found.join(", "),
                 })
             }
         }
+    }
+
+    fn set_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
+        let mut value = key_id.as_bytes().to_vec();
+        value.push(0);
+        value.extend_from_slice(check);
+        self.tree.insert(keys::KEY_CHECK, value)?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    fn sealed_hash_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(keys::HASH_KEY)?.map(|value| value.to_vec()))
+    }
+
+    fn set_sealed_hash_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
+        self.tree.insert(keys::HASH_KEY, sealed)?;
+        self.tree.flush()?;
+        Ok(())
     }
 
     fn create_producer(&self, producer: Producer, key_hash: [u8; 32]) -> StoreFuture<()> {

@@ -137,12 +137,18 @@ async fn concurrent_appends_with_one_key_record_one_event() {
 async fn master_key_check_is_remembered() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
-    store.check_master_key("aa", &[1; 32]).unwrap();
-    store.check_master_key("aa", &[1; 32]).unwrap();
-    let error = store.check_master_key("bb", &[2; 32]).unwrap_err();
+    let (a, b, c) = (("aa".to_owned(), [1; 32]), ("bb".to_owned(), [2; 32]), ("cc".to_owned(), [3; 32]));
+    store.check_master_key(std::slice::from_ref(&a)).unwrap();
+    store.check_master_key(std::slice::from_ref(&a)).unwrap();
+    let error = store.check_master_key(std::slice::from_ref(&b)).unwrap_err();
     assert!(
         matches!(error, StoreError::WrongMasterKey { ref expected, ref found } if expected == "aa" && found == "bb")
     );
+    // During a rotation the data's key may be a previous one; once it ends, the new one.
+    store.check_master_key(&[b.clone(), a.clone()]).unwrap();
+    store.set_master_key(&b.0, &b.1).unwrap();
+    store.check_master_key(std::slice::from_ref(&b)).unwrap();
+    assert!(store.check_master_key(&[c, a]).is_err());
     store.close().unwrap();
 }
 

@@ -125,6 +125,9 @@ pub struct Gate {
     pub deleted: bool,
     /// Its deliveries a second, when it set a limit: a request starts only with a token.
     pub rate: Option<Bucket>,
+    /// An attempt of it has ended (answered, failed or timed out) since it was (re)started:
+    /// a slow listener that never answered keeps one request at a time.
+    pub answered: bool,
 }
 
 impl Gate {
@@ -133,6 +136,8 @@ impl Gate {
         let configured = configured.max(1);
         match (self.ordered, self.standing) {
             (true, _) | (false, Standing::Unproven) => 1,
+            // Slow before any answer: hanging, for all anyone knows; one socket, not its cap.
+            (false, Standing::Slow) if !self.answered => 1,
             (false, Standing::Failing) => FAILING_CAP.min(configured),
             (false, Standing::Healthy | Standing::Slow) => configured,
         }
@@ -230,6 +235,24 @@ impl Gate {
         (cap.saturating_sub(self.in_flight) + line).min(self.parked)
     }
 
+    /// First attempts a detached listener may read back from the log into its line now, with
+    /// `waiting` there already. A listener in good standing reads half a line at a time; a
+    /// slow or failing one no more than its slots take twice over, so what it reads back does
+    /// not wait in memory behind requests that hang (and go back to the log after the hold
+    /// limit, to be read again).
+    pub fn read_back_room(&self, configured_cap: usize, now_ms: u64, waiting: usize) -> usize {
+        if !self.enabled || self.deleted || self.backed_off(now_ms) || self.parked > 0 {
+            return 0;
+        }
+        if self.ordered {
+            return usize::from(self.in_flight + waiting == 0);
+        }
+        match self.pool() {
+            Pool::Healthy => (self.line_limit() / 2).saturating_sub(waiting),
+            Pool::Suspect => (2 * self.cap(configured_cap)).saturating_sub(self.in_flight + waiting),
+        }
+    }
+
     /// A request of it ran past the slow threshold without an answer.
     pub fn went_slow(&mut self) {
         if matches!(self.standing, Standing::Unproven | Standing::Healthy) {
@@ -249,6 +272,9 @@ impl Gate {
         first_delay: Duration,
         max_backoff: Duration,
     ) -> Option<u64> {
+        if outcome != Outcome::NotSent {
+            self.answered = true;
+        }
         match outcome {
             Outcome::Succeeded => {
                 self.standing = if fast { Standing::Healthy } else { Standing::Slow };
@@ -276,13 +302,13 @@ impl Gate {
     /// Starts afresh after the listener was changed (enabled again, say).
     pub fn reset(&mut self) {
         self.standing = Standing::Unproven;
+        self.answered = false;
         self.failures = 0;
         self.backoffs = 0;
         self.blocked_until_ms = 0;
         self.failing_since_ms = 0;
     }
 
-    /// Nothing left to remember: the gate can go.
     /// Nothing here that a fresh gate would not know: it may be forgotten. A rate limit's
     /// bucket counts until it is full again, or forgetting it would grant a fresh burst.
     pub fn is_idle(&self, now_ms: u64) -> bool {
@@ -305,8 +331,9 @@ pub fn backoff(first_delay: Duration, episode: u32, max: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    /// A gate in `standing`, enabled, having had an answer unless it is unproven.
     fn gate(standing: Standing) -> Gate {
-        Gate { standing, enabled: true, ..Gate::default() }
+        Gate { standing, enabled: true, answered: standing != Standing::Unproven, ..Gate::default() }
     }
 
     const PLAIN: Offer = Offer { manual: false, released: false };
@@ -331,6 +358,47 @@ mod tests {
         limited.set_rate(0, 500);
         assert!(limited.may_start(8, 0, false));
         assert_eq!(limited.rate_wait_ms(0), 0);
+    }
+
+    #[test]
+    fn a_slow_listener_that_never_answered_keeps_one_request() {
+        let mut silent = gate(Standing::Unproven);
+        silent.went_slow();
+        assert!(!silent.answered);
+        assert_eq!((silent.standing, silent.cap(8), silent.pool()), (Standing::Slow, 1, Pool::Suspect));
+        let (first, max) = (Duration::from_secs(1), Duration::from_secs(300));
+        silent.count(Outcome::Succeeded, false, 0, first, max);
+        assert_eq!((silent.standing, silent.cap(8)), (Standing::Slow, 8), "answered, if slowly: its cap");
+        silent.reset();
+        silent.went_slow();
+        assert_eq!(silent.cap(8), 1, "changed: unproven again");
+    }
+
+    #[test]
+    fn read_back_room_keeps_suspect_listeners_short() {
+        // (gate, waiting, room) with 8 configured
+        let hanging = Gate { in_flight: 1, answered: false, ..gate(Standing::Slow) };
+        let failing = Gate { in_flight: 2, ..gate(Standing::Failing) };
+        let slow = Gate { in_flight: 3, ..gate(Standing::Slow) };
+        let table = [
+            (gate(Standing::Healthy), 0, LINE_HEALTHY / 2),
+            (gate(Standing::Healthy), LINE_HEALTHY / 2, 0),
+            (gate(Standing::Unproven), 10, LINE_HEALTHY / 2 - 10),
+            (hanging, 0, 1),
+            (Gate { in_flight: 1, answered: false, ..gate(Standing::Slow) }, 1, 0),
+            (failing, 0, 2),
+            (slow, 4, 16 - 7),
+            (Gate { ordered: true, ..gate(Standing::Healthy) }, 0, 1),
+            (Gate { ordered: true, in_flight: 1, ..gate(Standing::Healthy) }, 0, 0),
+            (Gate { parked: 3, ..gate(Standing::Healthy) }, 0, 0),
+            (Gate { enabled: false, ..gate(Standing::Healthy) }, 0, 0),
+        ];
+        for (gate, waiting, room) in table {
+            assert_eq!(gate.read_back_room(8, 0, waiting), room, "{gate:?} waiting {waiting}");
+        }
+        let backed_off = Gate { blocked_until_ms: 10, ..gate(Standing::Failing) };
+        assert_eq!(backed_off.read_back_room(8, 5, 0), 0);
+        assert_eq!(backed_off.read_back_room(8, 10, 0), 2 * FAILING_CAP);
     }
 
     #[test]

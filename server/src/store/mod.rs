@@ -231,7 +231,8 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// Every listener fanned out apart, with where it stands.
     fn detached(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// One producer's events of one type from `from_seq` up to `until_seq`, in order, looking at
-    /// no more than `scan` of the producer's events; with the position reached.
+    /// no more than `scan` of the producer's events and keeping no more than `limit`; with the
+    /// position reached (the next event to look at).
     fn events_of(
         &self,
         producer_id: &str,
@@ -239,6 +240,7 @@ pub trait PipelineStore: Send + Sync + 'static {
         from_seq: u64,
         until_seq: u64,
         scan: usize,
+        limit: usize,
     ) -> Result<(Vec<Event>, u64), StoreError>;
 
     /// Up to `limit` queue entries after `after` (from the start when `None`) due at or

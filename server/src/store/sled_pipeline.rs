@@ -160,6 +160,7 @@ impl PipelineStore for SledStore {
         from_seq: u64,
         until_seq: u64,
         scan: usize,
+        limit: usize,
     ) -> Result<(Vec<Event>, u64), StoreError> {
         let mut found = Vec::new();
         let mut reached = until_seq;
@@ -174,7 +175,11 @@ impl PipelineStore for SledStore {
             }
             match read_event(&self.tree, seq) {
                 Ok(Some(event)) if event.producer_id == producer_id && event.event_type == event_type => {
-                    found.push(event)
+                    found.push(event);
+                    if found.len() >= limit {
+                        reached = seq + 1;
+                        break;
+                    }
                 }
                 Ok(_) => {}
                 // Put aside by fan-out already; nothing to deliver.

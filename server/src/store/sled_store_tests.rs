@@ -732,10 +732,12 @@ async fn a_listener_fanned_out_apart_keeps_its_waiting_deliveries_listed_and_the
     assert_eq!(seqs("lst_behind"), [2, 3, 4, 5], "from where it stands, waiting in the log");
     assert!(seqs("lst_ahead").is_empty(), "nothing recorded, nothing waiting");
     assert_eq!(store.deliveries_of_event(3, None, None, 10).unwrap().items.len(), 1);
-    let (events, reached) = store.events_of("prd_a", "thing", 2, 6, 100).unwrap();
+    let (events, reached) = store.events_of("prd_a", "thing", 2, 6, 100, 100).unwrap();
     assert_eq!((events.iter().map(|e| e.seq).collect::<Vec<_>>(), reached), (vec![2, 3, 4, 5], 6));
-    let (events, reached) = store.events_of("prd_a", "thing", 2, 6, 2).unwrap();
+    let (events, reached) = store.events_of("prd_a", "thing", 2, 6, 2, 100).unwrap();
     assert_eq!((events.len(), reached), (2, 4), "a scan limit stops it part way");
+    let (events, reached) = store.events_of("prd_a", "thing", 2, 6, 100, 3).unwrap();
+    assert_eq!((events.iter().map(|e| e.seq).collect::<Vec<_>>(), reached), (vec![2, 3, 4], 5), "so does a limit");
     // Retention keeps the events whose deliveries wait.
     let trimmed = HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap();
     assert_eq!(trimmed.events, 2);

@@ -275,8 +275,14 @@ async fn cancel_range(
     until: u64,
 ) -> Result<(), StoreError> {
     while from < until {
-        let (events, reached) =
-            context.queue.events_of(&listener.producer_id, &listener.event_type, from, until, CATCH_UP_CHUNK)?;
+        let (events, reached) = context.queue.events_of(
+            &listener.producer_id,
+            &listener.event_type,
+            from,
+            until,
+            CATCH_UP_CHUNK,
+            CATCH_UP_CHUNK,
+        )?;
         let mut deliveries = Vec::new();
         for event in events.iter().filter(|event| listener.wants(event.seq)) {
             let delivery = Delivery::pending(

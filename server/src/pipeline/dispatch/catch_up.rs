@@ -23,6 +23,7 @@ impl Dispatcher {
         let now = now_ms();
         let until = self.progress.handed_until_seq();
         let free = self.memory.available_permits();
+        let cap = self.cap();
         let lane = self.lane(listener_id);
         if lane.gate.deleted && lane.detached.is_some() && lane.listener.is_none() {
             // Its waiting deliveries are cancelled by its deletion (see `aside`), or listed
@@ -30,15 +31,7 @@ impl Dispatcher {
             return;
         }
         let (Some(detached), Some(target)) = (&lane.detached, &lane.listener) else { return };
-        let gate = &lane.gate;
-        let room = if !gate.enabled || gate.deleted || gate.backed_off(now) || gate.parked > 0 {
-            0
-        } else if gate.ordered {
-            usize::from(gate.in_flight + lane.line.len() == 0)
-        } else {
-            (gate.line_limit() / 2).saturating_sub(lane.line.len())
-        };
-        let room = room.min(CATCH_UP_CHUNK).min(free);
+        let room = lane.gate.read_back_room(cap, now, lane.line.len()).min(CATCH_UP_CHUNK).min(free);
         if detached.read >= until {
             // Not while fan-out is in the middle of an event: its pair of that event may have
             // been let go in the part handed out already.
@@ -52,7 +45,7 @@ impl Dispatcher {
         }
         let listener = target.listener.clone();
         let from = detached.read;
-        let read = self.context.queue.events_of(&listener.producer_id, &listener.event_type, from, until, SCAN);
+        let read = self.context.queue.events_of(&listener.producer_id, &listener.event_type, from, until, SCAN, room);
         let (events, reached) = match read {
             Ok(read) => read,
             Err(error) => {

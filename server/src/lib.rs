@@ -183,9 +183,9 @@ async fn serve(
     );
     // Delivery work runs on its own runtime whose threads yield the CPU to intake: a trigger
     // is answered as fast with a thousand listeners fanning out as with none.
-    let pipeline_runtime = pipeline::runtime().map_err(RunError::Runtime)?;
+    let mut pipeline_runtime = PipelineRuntime(Some(pipeline::runtime().map_err(RunError::Runtime)?));
     let pipeline = {
-        let _inside = pipeline_runtime.enter();
+        let _inside = pipeline_runtime.0.as_ref().expect("held until shutdown").enter();
         Pipeline::start(
             store.clone(),
             config.keyring.clone(),
@@ -295,10 +295,24 @@ async fn serve(
     pipeline_stopped.await.expect("stopping the pipeline does not panic");
     // A runtime is dropped off the async threads; what is left of it (attempts past the
     // deadline) is abandoned, to be redone after a restart.
-    tokio::task::spawn_blocking(move || pipeline_runtime.shutdown_timeout(Duration::from_millis(100)))
+    let runtime = pipeline_runtime.0.take().expect("held until shutdown");
+    tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_millis(100)))
         .await
         .expect("shutting the pipeline runtime down does not panic");
     Ok(served?)
+}
+
+/// The pipeline's runtime. Should `serve` itself be dropped before it shuts the runtime down
+/// (its caller's runtime ending first, as in tests), the runtime is let go without waiting: a
+/// runtime may not be dropped on an async thread.
+struct PipelineRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for PipelineRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Refreshes the gauges that look at the store and the data directory, until `shutdown`.

@@ -843,6 +843,64 @@ async fn a_disabled_listeners_waiting_first_attempts_go_once_enabled_or_are_canc
     assert_eq!(receiver.requests_to("/gone").len(), 1, "nothing more went to the deleted listener");
 }
 
+// Regression: a listener deleted before fan-out reached all of its events kept cancelled
+// records of those fan-out had handed it and none of the rest, which then were listed nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_a_deleted_listener_was_owed_ends_delivered_or_cancelled() {
+    use tokio_stream::StreamExt;
+    const EVENTS: u64 = 2_000;
+    let receiver = Receiver::start().await;
+    let server = server_with(|_| {}).await;
+    let (producer, _, _) = server.producer("quitter").await;
+    let hash = derive(&producer, "burst").await;
+    let (listener, _) = listen(&producer, &hash, receiver.url("/quitter"), None, false).await;
+    let items = (0..EVENTS).map(|n| hookd_client::v1::TriggerStreamRequest {
+        r#ref: n,
+        trigger: Some(TriggerRequest { event_type: "burst".into(), payload: b"{}".to_vec(), ..Default::default() }),
+    });
+    let mut acks = producer.trigger_service().trigger_stream(tokio_stream::iter(items)).await.unwrap().into_inner();
+    let mut acked = 0;
+    while let Some(ack) = acks.next().await {
+        assert!(matches!(ack.unwrap().result, Some(hookd_client::v1::trigger_stream_ack::Result::Ack(_))));
+        acked += 1;
+    }
+    assert_eq!(acked, EVENTS);
+    // Deleted at once: fan-out is usually still on its way through the burst.
+    let delete = hookd_client::v1::DeleteListenerRequest { listener_id: listener.clone() };
+    producer.register().delete_listener(delete).await.unwrap();
+    let admin = server.admin().await;
+    eventually("every event of the deleted listener delivered or cancelled", || {
+        let (admin, listener) = (admin.clone(), listener.clone());
+        async move {
+            let (mut ended, mut page_token) = (0, String::new());
+            loop {
+                let request = hookd_client::v1::ListDeliveriesRequest {
+                    listener_id: listener.clone(),
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                };
+                let page = admin.delivery().list_deliveries(request).await.unwrap().into_inner();
+                ended += page
+                    .deliveries
+                    .iter()
+                    .filter(|d| {
+                        [hookd_client::v1::DeliveryState::Succeeded, hookd_client::v1::DeliveryState::Cancelled]
+                            .map(|state| state as i32)
+                            .contains(&d.state)
+                    })
+                    .count();
+                page_token = page.next_page_token;
+                if page_token.is_empty() {
+                    break;
+                }
+            }
+            (ended as u64 == EVENTS).then_some(())
+        }
+    })
+    .await;
+}
+
 // Regression (review): a detached listener whose last request then succeeded looked idle and
 // was forgotten with where it stood, so its waiting first attempts never went.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,8 +246,8 @@ impl RegisterService for RegisterApi {
         self.shared.ensure_accepting()?;
         let listener_id = &request.get_ref().listener_id;
         self.own_listener(&producer, listener_id)?;
-        self.shared.store.delete_listener(listener_id).await?.ok_or(ApiError::NotFound("listener"))?;
-        self.shared.pipeline.listener_changed(listener_id);
+        let deleted = self.shared.store.delete_listener(listener_id).await?.ok_or(ApiError::NotFound("listener"))?;
+        self.shared.pipeline.listener_deleted(deleted);
         tracing::info!(%listener_id, "listener deleted");
         Ok(Response::new(DeleteListenerResponse { listener_id: listener_id.clone() }))
     }

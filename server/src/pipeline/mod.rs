@@ -49,7 +49,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use crate::blocking;
 
 use crate::crypto::Keyring;
-use crate::store::{DeliveryState, HistoryStore, PipelineStore, QueuePosition, Store};
+use crate::store::{DeletedListener, DeliveryState, HistoryStore, PipelineStore, QueuePosition, Store};
 /// How long work waits in memory before it is parked, and how much may wait: with the
 /// attempt timeout, what bounds the pairs a crash makes hookd redo.
 pub use dispatch::{HOLD_LIMIT_MS, MEMORY_ITEMS};
@@ -179,6 +179,8 @@ pub(crate) enum Command {
     Finished(turn::Finished),
     /// A listener was enabled, disabled, changed or deleted.
     ListenerChanged(String),
+    /// A listener was deleted.
+    ListenerDeleted(Box<DeletedListener>),
     /// Deliveries were queued outside fan-out (replay, retry, recovery).
     Queued,
     /// How each listener the dispatcher knows is doing, for the operator.
@@ -224,6 +226,12 @@ impl PipelineHandle {
     pub fn listener_changed(&self, listener_id: &str) {
         // A closed pipeline (shutting down) has nothing left to reconsider.
         let _ = self.commands.send(Command::ListenerChanged(listener_id.to_owned()));
+    }
+
+    /// A listener was deleted (as the store answered it): what it was owed and has not had
+    /// ends cancelled.
+    pub fn listener_deleted(&self, deleted: DeletedListener) {
+        let _ = self.commands.send(Command::ListenerDeleted(Box::new(deleted)));
     }
 
     /// Deliveries were queued outside fan-out: look at the queue now.

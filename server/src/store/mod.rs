@@ -20,8 +20,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use model::{
-    ApiKeyEntry, Appended, Attempt, AttemptTrigger, Delivery, DeliveryState, DueEntry, Event, EventHashEntry,
-    FanoutCursor, Listener, ListenerHealth, MAX_SKIPPED, NewEvent, NextStep, Producer, Quarantined, SeqRange,
+    ApiKeyEntry, Appended, Attempt, AttemptTrigger, DeletedListener, Delivery, DeliveryState, DueEntry, Event,
+    EventHashEntry, FanoutCursor, Listener, ListenerHealth, MAX_SKIPPED, NewEvent, NextStep, Producer, Quarantined,
+    SeqRange,
 };
 pub use sled_store::SledStore;
 pub use writer::IDEMPOTENCY_WINDOW_MS;
@@ -139,8 +140,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Listener>, StoreError>;
     /// Applies `edit` to the stored listener atomically; `None` if it does not exist.
     fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>>;
-    /// Removes a listener and its indexes; the removed listener, or `None`.
-    fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<Listener>>;
+    /// Removes a listener and its indexes; the removed listener (see [`DeletedListener`]), or
+    /// `None`.
+    fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<DeletedListener>>;
     /// A number that changes whenever any listener is written: a copy of a listener read
     /// while it held a value is current as long as it still does.
     fn listeners_generation(&self) -> u64;
@@ -224,6 +226,10 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn park_new(&self, deliveries: &[NewDelivery]) -> Result<(), StoreError>;
     /// Writes deliveries that have no record yet as cancelled, in one atomic write.
     fn cancel_new(&self, deliveries: &[Delivery]) -> Result<(), StoreError>;
+    /// Writes cancelled each of `deliveries` that has no record, checking and writing each
+    /// delivery's record atomically: one written meanwhile (a first attempt that just ended)
+    /// is kept.
+    fn cancel_unrecorded(&self, deliveries: &[Delivery]) -> Result<(), StoreError>;
     /// Records that a listener is fanned out apart from the others from event `from_seq` on
     /// (it cannot take its deliveries soon: they wait in the event log, and it reads them from
     /// there itself when it can), or, with `None`, that it follows fan-out again.

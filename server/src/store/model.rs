@@ -209,6 +209,18 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// A listener as its deletion found it.
+#[derive(Clone, Debug)]
+pub struct DeletedListener {
+    /// As it was, disabled from where the deletion fell if it was enabled, so that
+    /// [`Listener::wants`] says which events were its.
+    pub listener: Listener,
+    /// Fan-out's durable position when it was deleted: from here on fan-out may have handed
+    /// out none of its pairs (it no longer sees the listener), so its first attempts from here
+    /// to where the deletion fell may have no record.
+    pub unsure_from_seq: u64,
+}
+
 /// Where fan-out stands in the event log.
 #[derive(Clone, PartialEq, Eq, Message)]
 pub struct FanoutCursor {

@@ -135,6 +135,21 @@ impl PipelineStore for SledStore {
         Ok(self.queue.apply_batch(batch)?)
     }
 
+    fn cancel_unrecorded(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
+        for delivery in deliveries {
+            let mut cancelled = delivery.clone();
+            cancelled.state = DeliveryState::Cancelled as i32;
+            cancelled.next_attempt_at_ms = 0;
+            let key = keys::delivery(&delivery.id);
+            let swapped = self.queue.compare_and_swap(key, None as Option<&[u8]>, Some(encode(&cancelled)))?;
+            if swapped.is_ok() {
+                // A crash before this line leaves the record listed by its event only.
+                self.queue.insert(keys::by_listener(&delivery.listener_id, &delivery.id), &[] as &[u8])?;
+            }
+        }
+        Ok(())
+    }
+
     fn set_detached(&self, listener_id: &str, from_seq: Option<u64>) -> Result<(), StoreError> {
         match from_seq {
             Some(seq) => self.queue.insert(keys::detached(listener_id), &seq.to_be_bytes())?,

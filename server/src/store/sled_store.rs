@@ -50,8 +50,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::model::{
-    ApiKeyEntry, Appended, Event, EventHashEntry, FanoutCursor, Listener, MAX_SKIPPED, NewEvent, Producer, decode,
-    encode,
+    ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, FanoutCursor, Listener, MAX_SKIPPED, NewEvent,
+    Producer, decode, encode,
 };
 use super::producer_index;
 use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
@@ -666,19 +666,27 @@ impl Store for SledStore {
         })
     }
 
-    fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<Listener>> {
+    fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<DeletedListener>> {
         let key = keys::listener(listener_id);
         let generation = self.listeners_generation.clone();
-        self.write(false, move |tree, _| {
-            let Some(listener) = read::<Listener>(tree, &key)? else {
+        let queue = self.queue.clone();
+        self.write(false, move |tree, next_seq| {
+            let Some(mut listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
             };
+            // Read before the removal: fan-out has handed out its pairs up to here at least.
+            let cursor: FanoutCursor = read(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default();
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, false);
             batch.remove(key);
             tree.apply_batch(batch)?;
             generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            Ok(Some(listener))
+            if listener.enabled {
+                // Events numbered from here on never were its.
+                listener.enabled = false;
+                listener.disabled_from_seq = next_seq;
+            }
+            Ok(Some(DeletedListener { listener, unsure_from_seq: cursor.next_seq }))
         })
     }
 

@@ -289,6 +289,33 @@ async fn a_listener_is_fanned_out_the_events_triggered_while_it_was_registered_a
     store.close().unwrap();
 }
 
+#[tokio::test]
+async fn a_deleted_listener_is_answered_with_where_its_events_end_and_where_fan_out_stood() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    store.insert_listener(listener("lst_1", "prd_a", "thing.happened")).await.unwrap();
+    for at in 0..3 {
+        store.append_event(new_event("prd_a", None, at)).await.unwrap();
+    }
+    store.settled().await.unwrap();
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 1, ..FanoutCursor::default() }).unwrap();
+    let deleted = store.delete_listener("lst_1").await.unwrap().unwrap();
+    // Events 0-2 were its, whatever fan-out had reached; nothing later is.
+    assert!(!deleted.listener.enabled && deleted.listener.wants(2) && !deleted.listener.wants(3));
+    assert_eq!(deleted.unsure_from_seq, 1);
+
+    // Cancelling what may have no record keeps what has one.
+    let delivery = |seq: u64| {
+        let event = store.event_at(seq).unwrap().unwrap();
+        Delivery::pending(ids::delivery_id(seq, "lst_1"), &event, "lst_1", 0)
+    };
+    store.park_new(&[NewDelivery { delivery: delivery(1), ordered: false }]).unwrap();
+    store.cancel_unrecorded(&[delivery(1), delivery(2)]).unwrap();
+    let state = |seq: u64| store.delivery(&ids::delivery_id(seq, "lst_1")).unwrap().unwrap().state;
+    assert_eq!((state(1), state(2)), (DeliveryState::Pending as i32, DeliveryState::Cancelled as i32));
+    store.close().unwrap();
+}
+
 #[test]
 fn a_listener_keeps_a_bounded_number_of_skipped_ranges_and_drops_the_oldest() {
     let mut listener = Listener { enabled: true, ..Listener::default() };

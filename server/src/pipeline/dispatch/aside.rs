@@ -232,21 +232,13 @@ impl Dispatcher {
         }
     }
 
-    /// Cancels a deleted listener's lot where it lies, and the first attempts it had waiting in
-    /// the log, in short writes on a task of its own: put back in the queue, its old entries
-    /// would come before everyone else's. Shutdown does not wait for it (each write is whole;
-    /// a restart hands what is left of the lot to workers, which cancel it).
-    pub(super) fn cancel_set_aside(&mut self, listener: Option<Arc<Listener>>, listener_id: &str) {
-        let detached = self.lanes.get_mut(listener_id).and_then(|lane| lane.detached.take());
-        let until = self.progress.handed_until_seq();
+    /// Cancels a deleted listener's lot where it lies, in short writes on a task of its own:
+    /// put back in the queue, its old entries would come before everyone else's. Shutdown
+    /// does not wait for it (each write is whole; a restart hands what is left of the lot to
+    /// workers, which cancel it).
+    pub(super) fn cancel_lot(&mut self, listener_id: &str) {
         let (context, listener_id) = (self.context.clone(), listener_id.to_owned());
         tokio::spawn(async move {
-            if let (Some(detached), Some(listener)) = (detached, listener)
-                && let Err(error) = cancel_range(&context, &listener, detached.read.min(detached.since), until).await
-            {
-                tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's waiting deliveries");
-                return;
-            }
             loop {
                 match context.queue.cancel_parked(&listener_id, UNPARK_CHUNK) {
                     Ok(lot) if lot.taken == 0 => break,
@@ -264,10 +256,35 @@ impl Dispatcher {
             }
         });
     }
+
+    /// Cancels the first attempts a deleted listener (`listener` as it was deleted, its
+    /// enabled range ending where the deletion fell) was owed and may not have had: those it
+    /// had waiting in the log while detached, and those of events fan-out reached after it was
+    /// deleted (from `unsure_from_seq`, fan-out's durable position then). Pairs it was handed
+    /// are cancelled from its line or recorded by their attempt. Runs on a task of its own
+    /// once fan-out has handed out every event before the deletion, so they are readable; a
+    /// record found, or written meanwhile by an attempt that ended, is kept.
+    pub(super) fn cancel_owed(&mut self, listener: Arc<Listener>, unsure_from_seq: u64) {
+        let detached = self.lanes.get_mut(&listener.id).and_then(|lane| lane.detached.take());
+        let from = detached.map_or(unsure_from_seq, |d| d.read.min(d.since).min(unsure_from_seq));
+        let end = if listener.enabled { self.progress.handed_until_seq() } else { listener.disabled_from_seq };
+        let mut handed = self.handed_watch.subscribe();
+        let context = self.context.clone();
+        tokio::spawn(async move {
+            // A closed watch: the dispatcher stopped (shutdown); a restart forgets a deleted
+            // listener's place, and what is left of it is listed nowhere.
+            if handed.wait_for(|until| *until >= end).await.is_err() {
+                return;
+            }
+            if let Err(error) = cancel_range(&context, &listener, from, end).await {
+                tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's waiting deliveries");
+            }
+        });
+    }
 }
 
-/// Writes cancelled the first attempts a deleted listener had waiting in the log from event
-/// `from` up to `until`, a chunk at a time, then forgets it was detached.
+/// Writes cancelled the first attempts a deleted listener was owed from event `from` up to
+/// `until` that have no record, a chunk at a time, then forgets where it stood if detached.
 async fn cancel_range(
     context: &crate::pipeline::Context,
     listener: &Listener,
@@ -283,19 +300,19 @@ async fn cancel_range(
             CATCH_UP_CHUNK,
             CATCH_UP_CHUNK,
         )?;
-        let mut deliveries = Vec::new();
-        for event in events.iter().filter(|event| listener.wants(event.seq)) {
-            let delivery = Delivery::pending(
-                crate::ids::delivery_id(event.seq, &listener.id),
-                event,
-                &listener.id,
-                event.created_at_ms,
-            );
-            if !context.queue.delivery_exists(&delivery.id)? {
-                deliveries.push(delivery);
-            }
-        }
-        context.queue.cancel_new(&deliveries)?;
+        let deliveries: Vec<Delivery> = events
+            .iter()
+            .filter(|event| listener.wants(event.seq))
+            .map(|event| {
+                Delivery::pending(
+                    crate::ids::delivery_id(event.seq, &listener.id),
+                    event,
+                    &listener.id,
+                    event.created_at_ms,
+                )
+            })
+            .collect();
+        context.queue.cancel_unrecorded(&deliveries)?;
         from = reached;
         tokio::task::yield_now().await;
     }

@@ -122,6 +122,9 @@ pub(crate) struct Dispatcher {
     /// (when, listener) of listeners with work waiting for their rate limit's next token.
     rated: BTreeSet<(u64, String)>,
     progress: Progress,
+    /// [`Progress::handed_until_seq`] as a watch: a deleted listener's cancelling waits for
+    /// fan-out to hand out the rest of what it was owed.
+    handed_watch: tokio::sync::watch::Sender<u64>,
     next_tick_ms: u64,
     /// The durable end of the log, for the fan-out lag gauges.
     durable_seq: tokio::sync::watch::Receiver<u64>,
@@ -160,6 +163,7 @@ impl Dispatcher {
             again: BTreeMap::new(),
             backoffs: BTreeSet::new(),
             rated: BTreeSet::new(),
+            handed_watch: tokio::sync::watch::channel(start.next_seq).0,
             progress: Progress::new(start),
             next_tick_ms: 0,
             durable_seq,
@@ -245,6 +249,10 @@ impl Dispatcher {
             Command::Slow { request } => self.slow(request),
             Command::Finished(finished) => self.finished(finished),
             Command::ListenerChanged(listener_id) => self.listener_changed(&listener_id),
+            Command::ListenerDeleted(deleted) => {
+                self.listener_changed(&deleted.listener.id);
+                self.cancel_owed(Arc::new(deleted.listener), deleted.unsure_from_seq);
+            }
             // Deliveries were queued outside fan-out (replay, retry, recovery), anywhere in
             // the queue: read it again from the start.
             Command::Queued => {
@@ -630,8 +638,6 @@ impl Dispatcher {
     /// it is now.
     fn listener_changed(&mut self, listener_id: &str) {
         let was_enabled = self.lanes.get(listener_id).is_some_and(|lane| lane.gate.enabled);
-        let before =
-            self.lanes.get(listener_id).and_then(|lane| lane.listener.as_ref().map(|t| Arc::new(t.listener.clone())));
         // Read afresh whatever the generation says.
         if let Some(lane) = self.lanes.get_mut(listener_id) {
             lane.generation = u64::MAX;
@@ -643,8 +649,10 @@ impl Dispatcher {
             let works = lane.line.take_all();
             self.memory.add_permits(works.len());
             if deleted {
+                // What it has waiting in the log is cancelled once the deletion's own notice
+                // says where that ends (see `cancel_owed`).
                 self.cancel(works);
-                self.cancel_set_aside(before, listener_id);
+                self.cancel_lot(listener_id);
             } else {
                 self.set_aside(works);
             }
@@ -684,7 +692,7 @@ impl Dispatcher {
                 self.progress.handed(pair.seq);
                 self.claimed.insert(pair.delivery_id.clone(), (0, String::new()));
             }
-            self.progress.handed_until(handed.next_seq, partial);
+            self.handed_until(handed.next_seq, partial);
             self.memory.add_permits(handed.pairs.len());
             let works = handed.pairs.into_iter().map(Work::First).collect();
             self.write_failed(error, works);
@@ -710,9 +718,15 @@ impl Dispatcher {
                 Some((_, work)) => park.push(work),
             }
         }
-        self.progress.handed_until(handed.next_seq, partial);
+        self.handed_until(handed.next_seq, partial);
         self.set_aside(park);
         self.cancel(cancel);
+    }
+
+    fn handed_until(&mut self, next_seq: u64, partial: bool) {
+        self.progress.handed_until(next_seq, partial);
+        let handed_until = self.progress.handed_until_seq();
+        self.handed_watch.send_if_modified(|until| std::mem::replace(until, handed_until) != handed_until);
     }
 
     /// Entries due at or after `from` may be new to the dispatcher: read them (again).

@@ -35,7 +35,7 @@ pub struct WebhookRequest<'a> {
 /// The headers of a webhook request, with `webhook-signature` when keys are given: one
 /// signature per key, space-separated, as Standard Webhooks allows (a receiver accepts the
 /// request when any of them verifies; two while a rotated secret is in its grace period).
-pub fn webhook_headers(request: &WebhookRequest<'_>, signing_keys: &[Vec<u8>]) -> Vec<(&'static str, String)> {
+pub fn webhook_headers(request: &WebhookRequest<'_>, signing_keys: &[&[u8]]) -> Vec<(&'static str, String)> {
     let mut headers = vec![
         ("webhook-id", request.event_id.to_owned()),
         ("webhook-timestamp", request.timestamp.to_string()),
@@ -271,7 +271,7 @@ mod tests {
     #[test]
     fn headers_of_a_signed_request() {
         let key = b"plain-secret";
-        let headers: BTreeMap<_, _> = webhook_headers(&request(), &[key.to_vec()]).into_iter().collect();
+        let headers: BTreeMap<_, _> = webhook_headers(&request(), &[&key[..]]).into_iter().collect();
         assert_eq!(headers["webhook-id"], "evt_1");
         assert_eq!(headers["webhook-timestamp"], "1700000000");
         assert_eq!(headers["hookd-event-type"], "order.placed");
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn two_keys_make_two_signatures_in_one_header() {
         let (new, old) = (b"new-secret".to_vec(), b"old-secret".to_vec());
-        let headers: BTreeMap<_, _> = webhook_headers(&request(), &[new.clone(), old.clone()]).into_iter().collect();
+        let headers: BTreeMap<_, _> = webhook_headers(&request(), &[&new[..], &old[..]]).into_iter().collect();
         let expected = format!(
             "{} {}",
             webhook::sign(&new, "evt_1", 1_700_000_000, b"{}"),

@@ -141,6 +141,7 @@ fn next_chunk(
         };
         // A listener gets the events triggered while it was registered and enabled, however
         // far behind this runs (a disabled one's wait in its lot until it is enabled).
+        let before = pairs.len();
         pairs.extend(listeners.iter().filter(|listener| listener.wants(event.seq)).map(|listener| Pair {
             seq: event.seq,
             event_id: event.id.clone(),
@@ -151,6 +152,10 @@ fn next_chunk(
             recheck: event.seq < recheck_until,
             lagging: false,
         }));
+        if pairs.len() > before {
+            // Its first attempts start in a moment: they need not read it again.
+            context.recent.keep(&event);
+        }
         moved = true;
         *position = match listeners.last() {
             // This event may have more listeners: continue it in the next chunk.

@@ -31,6 +31,7 @@ mod fanout;
 mod gate;
 mod line;
 mod progress;
+mod recent;
 mod recorder;
 mod retention;
 pub mod retry;
@@ -136,6 +137,8 @@ pub(crate) struct Context {
     /// a watcher that falls behind is dropped (and told), the pipeline never slows for it.
     pub watchers: Arc<Watchers>,
     pub metrics: crate::metrics::Metrics,
+    /// Events fan-out just read, for their first attempts (copies, bounded).
+    pub recent: recent::Recent,
 }
 
 /// What one attempt did, as watchers see it.
@@ -294,6 +297,7 @@ impl Pipeline {
             queued_from: Mutex::new(None),
             watchers: watchers.clone(),
             metrics,
+            recent: recent::Recent::default(),
         });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -341,6 +345,7 @@ impl Context {
             queued_from: Mutex::new(None),
             watchers: Watchers::new(1),
             metrics: crate::metrics::Metrics::new(),
+            recent: recent::Recent::default(),
         })
     }
 }

@@ -39,7 +39,7 @@ use tonic_health::ServingStatus;
 
 pub use config::Config;
 use pipeline::Pipeline;
-use store::{SledStore, Store, StoreError};
+use store::{Backend, SledStore, Store, StoreError};
 
 /// How long in-flight calls get to finish once shutdown has begun.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -148,10 +148,10 @@ pub async fn rekey_offline(config: Config) -> Result<rekey::Rekeyed, RunError> {
     Ok(done)
 }
 
-async fn serve(
+async fn serve<B: Backend>(
     listener: TcpListener,
     config: Config,
-    store: Arc<SledStore>,
+    store: Arc<B>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     // Cancelled by the caller, or by this function once the server has ended for any reason.
@@ -316,8 +316,8 @@ impl Drop for PipelineRuntime {
 }
 
 /// Refreshes the gauges that look at the store and the data directory, until `shutdown`.
-async fn stats(
-    store: Arc<SledStore>,
+async fn stats<B: Backend>(
+    store: Arc<B>,
     data_dir: std::path::PathBuf,
     metrics: metrics::Metrics,
     shutdown: CancellationToken,

@@ -7,6 +7,8 @@
 //! (validation, authorisation) and never holds a plaintext secret: listener secrets arrive
 //! sealed.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 mod journal;
 pub mod model;
 mod producer_index;
@@ -44,8 +46,9 @@ pub type ListenerEdit = Box<dyn FnOnce(&mut Listener) + Send + 'static>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// The database failed (any backend's error).
     #[error("database error: {0}")]
-    Backend(#[source] Arc<sled::Error>),
+    Backend(#[source] Arc<dyn std::error::Error + Send + Sync>),
     #[error("stored record {key} is corrupt or from an unknown version")]
     Corrupt { key: String },
     /// The event log's record at `seq` does not decode.
@@ -88,6 +91,20 @@ pub enum Refusal {
     KeyRevoked,
     #[error("the producer is disabled: {0}")]
     ProducerDisabled(String),
+}
+
+/// A whole store, as hookd runs on one: everything it keeps ([`Store`], [`PipelineStore`],
+/// [`HistoryStore`]) and how far fan-out may go. sled is the embedded one; a second backend
+/// implements the same traits and passes the same conformance tests.
+pub trait Backend: Store + PipelineStore + HistoryStore {
+    /// How far fan-out may go: the next event's sequence number once everything appended so
+    /// far is durable and readable (held back while a listener is being written, so fan-out
+    /// never reads an event before a listener write that came first). It grows as events are
+    /// appended; fan-out follows it.
+    fn durable_seq(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Observes the duration of every durable write of the intake (journal sync or commit)
+    /// from now on.
+    fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram);
 }
 
 /// Everything hookd keeps. Reads are synchronous point lookups or bounded scans; writes go

@@ -55,7 +55,7 @@ use super::model::{
 };
 use super::producer_index;
 use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
-use super::{ListenerEdit, Store, StoreError, StoreFuture};
+use super::{Backend, ListenerEdit, Store, StoreError, StoreFuture};
 use crate::ids;
 
 pub(crate) mod keys {
@@ -371,18 +371,6 @@ impl SledStore {
         }))
     }
 
-    /// Observes the duration of every intake journal sync from now on.
-    pub fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
-        let _ = self.progress.sync_seconds.set(histogram);
-    }
-
-    /// How far fan-out may go: the next event's sequence number once everything appended so
-    /// far is durable and readable, held back while a listener is being written. It grows as
-    /// events are appended. Fan-out follows it.
-    pub fn durable_seq(&self) -> watch::Receiver<u64> {
-        self.progress.fanout_end_watch()
-    }
-
     fn sender(&self) -> Result<JobSender, StoreError> {
         self.jobs.lock().expect("writer sender lock is never poisoned").clone().ok_or_else(|| self.progress.stopped())
     }
@@ -439,6 +427,17 @@ impl SledStore {
             .keys()
             .map(|key| u64::from_be_bytes(key.unwrap()[keys::QUARANTINED.len()..].try_into().unwrap()))
             .collect()
+    }
+}
+
+impl Backend for SledStore {
+    fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.progress.sync_seconds.set(histogram);
+    }
+
+    /// Held back while a listener is being written (see `Progress::fence`).
+    fn durable_seq(&self) -> watch::Receiver<u64> {
+        self.progress.fanout_end_watch()
     }
 }
 

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use super::{
-    Appended, Attempt, Backend, Completion, Delivery, DeliveryState, Event, FanoutCursor, HistoryStore, Listener,
-    NewDelivery, NewEvent, NextStep, PipelineStore, Producer, Refusal, SeqRange, Store, StoreError,
+    Appended, Attempt, Backend, CancelledLot, Completion, Delivery, DeliveryState, Event, FanoutCursor, HistoryStore,
+    Listener, NewDelivery, NewEvent, NextStep, PipelineStore, Producer, Refusal, SeqRange, Store, StoreError,
 };
 use crate::ids;
 use crate::store::{IDEMPOTENCY_WINDOW_MS, MAX_SKIPPED};
@@ -36,6 +36,8 @@ macro_rules! conformance_tests {
             a_listeners_deliveries_are_listed_recorded_or_still_waiting_in_the_log_page_by_page,
             a_listener_fanned_out_apart_keeps_its_waiting_deliveries_listed_and_their_events_kept,
             a_listeners_failed_deliveries_are_read_a_page_at_a_time,
+            a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps,
+            an_idempotency_key_outlives_an_event_trimmed_within_its_window,
         ], [
             concurrent_appends_with_one_key_record_one_event,
         ]);
@@ -461,5 +463,84 @@ pub(crate) async fn a_listeners_failed_deliveries_are_read_a_page_at_a_time<P: P
     let until = store.failed_deliveries("lst_r", 110, Some(120), None, 500).unwrap();
     assert_eq!(until.items.len(), 8, "[110, 120) holds 10 deliveries, 2 of them succeeded");
     assert_eq!(until.resume_after, None);
+    store.close().unwrap();
+}
+
+pub(crate) async fn a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps<P: Place>(place: P) {
+    let store = place.open();
+    let new = |seq: u64, listener: &str| {
+        let event = Event { id: ids::event_id(seq), seq, ..Event::default() };
+        NewDelivery {
+            delivery: Delivery::pending(ids::delivery_id(seq, listener), &event, listener, 10),
+            ordered: true,
+        }
+    };
+    let gone: Vec<NewDelivery> = (0..5).map(|seq| new(seq, "lst_gone")).collect();
+    let kept = new(9, "lst_kept");
+    let all: Vec<NewDelivery> = gone.iter().cloned().chain([kept.clone()]).collect();
+    store.park_new(&all).unwrap();
+    // One of them already ended; another also has a manual attempt waiting, parked too.
+    let mut ended = gone[4].delivery.clone();
+    ended.state = DeliveryState::Succeeded as i32;
+    ended.attempts = 1;
+    let attempt = Attempt { number: 1, status_code: 200, ..Attempt::default() };
+    store
+        .complete_attempts(vec![Completion {
+            delivery: ended.clone(),
+            attempt,
+            entry: None,
+            next: NextStep::Done,
+            ordered: true,
+        }])
+        .unwrap();
+    store.queue_manual_attempt(&gone[0].delivery.id, 20).unwrap().unwrap();
+    let entries = store.due(None, 100, 100).unwrap();
+    assert_eq!(entries.len(), 1);
+    store.park(&entries).unwrap();
+    // A manual attempt of another one is queued (or under way) after that: not in the lot.
+    store.queue_manual_attempt(&gone[1].delivery.id, 30).unwrap().unwrap();
+
+    let step = |limit| store.cancel_parked("lst_gone", limit).unwrap();
+    // The first step reaches gone[1]'s parked entry: it goes back to the queue, for its
+    // worker to cancel once the manual attempt has ended.
+    assert_eq!(step(4), CancelledLot { taken: 4, requeued_from_ms: Some(10) });
+    assert_eq!(step(4), CancelledLot { taken: 2, requeued_from_ms: None });
+    assert_eq!(step(4), CancelledLot::default());
+    let state = |id: &str| DeliveryState::try_from(store.delivery(id).unwrap().unwrap().state).unwrap();
+    for new in [&gone[0], &gone[2], &gone[3]] {
+        assert_eq!(state(&new.delivery.id), DeliveryState::Cancelled);
+    }
+    assert_eq!(state(&gone[1].delivery.id), DeliveryState::Pending);
+    assert_eq!(state(&ended.id), DeliveryState::Succeeded, "an ended delivery keeps its outcome");
+    assert_eq!(store.pending_head("lst_gone").unwrap(), Some(gone[1].delivery.id.clone()));
+    let queued: Vec<(u64, bool)> =
+        store.due(None, u64::MAX - 1, 100).unwrap().iter().map(|due| (due.due_ms, due.manual)).collect();
+    assert_eq!(queued, [(10, false), (30, true)], "only gone[1]'s entries are left, both in the queue");
+    // Another listener's lot is left alone.
+    assert_eq!(store.parked_listeners().unwrap(), ["lst_kept"]);
+    assert_eq!(state(&kept.delivery.id), DeliveryState::Pending);
+    assert_eq!(store.pending_head("lst_kept").unwrap(), Some(kept.delivery.id.clone()));
+    store.close().unwrap();
+}
+
+// Regression: a retention shorter than 24 hours took idempotency records with their events,
+// so a retried trigger within the window recorded a second event.
+pub(crate) async fn an_idempotency_key_outlives_an_event_trimmed_within_its_window<P: Place>(place: P) {
+    let store = with_producers(place.open()).await;
+    let first = store.append_event(new_event("prd_a", Some("order-1"), 1_000)).await.unwrap();
+    store.append_event(new_event("prd_a", None, 1_000)).await.unwrap();
+    store.settled().await.unwrap();
+    PipelineStore::set_fanout_cursor(&*store, &FanoutCursor { next_seq: 2, ..FanoutCursor::default() }).unwrap();
+    // Retention of one second, at 5,000: both events go, the key's 24 hours are not up.
+    let trimmed = HistoryStore::trim(&*store, 2_000, 5_000u64.saturating_sub(IDEMPOTENCY_WINDOW_MS), 0, 100).unwrap();
+    assert_eq!(trimmed.events, 2);
+    assert!(store.event(&first.event_id).unwrap().is_none());
+    let retried = store.append_event(new_event("prd_a", Some("order-1"), 5_000)).await.unwrap();
+    assert_eq!(retried, Appended { event_id: first.event_id.clone(), duplicate: true });
+    // Nothing to sweep before the 24 hours are up; then the record goes.
+    assert_eq!(HistoryStore::trim_keys(&*store, 1_000, 100).unwrap(), 0);
+    assert_eq!(HistoryStore::trim_keys(&*store, 1_001, 100).unwrap(), 1);
+    let later = store.append_event(new_event("prd_a", Some("order-1"), 2_000 + IDEMPOTENCY_WINDOW_MS)).await.unwrap();
+    assert!(!later.duplicate);
     store.close().unwrap();
 }

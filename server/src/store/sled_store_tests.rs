@@ -1,8 +1,8 @@
 use super::*;
 use crate::store::writer::IDEMPOTENCY_WINDOW_MS;
 use crate::store::{
-    Attempt, CancelledLot, Completion, Delivery, DeliveryState, DueEntry, EventFilter, FanoutCursor, HistoryStore,
-    MAX_SKIPPED, NewDelivery, NextStep, PipelineStore,
+    Attempt, Completion, Delivery, DeliveryState, DueEntry, EventFilter, FanoutCursor, HistoryStore, MAX_SKIPPED,
+    NextStep, PipelineStore,
 };
 
 use crate::store::conformance::{Place, new_event, with_producers};
@@ -249,55 +249,6 @@ fn recovery_leaves_a_delivery_to_its_manual_attempt_and_an_ended_delivery_holds_
 }
 
 #[test]
-fn a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path()).unwrap();
-    let new = |seq: u64, listener: &str| {
-        let event = Event { id: ids::event_id(seq), seq, ..Event::default() };
-        NewDelivery {
-            delivery: Delivery::pending(ids::delivery_id(seq, listener), &event, listener, 10),
-            ordered: true,
-        }
-    };
-    let gone: Vec<NewDelivery> = (0..5).map(|seq| new(seq, "lst_gone")).collect();
-    let kept = new(9, "lst_kept");
-    let all: Vec<NewDelivery> = gone.iter().cloned().chain([kept.clone()]).collect();
-    store.park_new(&all).unwrap();
-    // One of them already ended; another also has a manual attempt waiting, parked too.
-    let mut ended = gone[4].delivery.clone();
-    ended.state = DeliveryState::Succeeded as i32;
-    store.queue.insert(keys::delivery(&ended.id), encode(&ended)).unwrap();
-    store.queue_manual_attempt(&gone[0].delivery.id, 20).unwrap().unwrap();
-    let entries = store.due(None, 100, 100).unwrap();
-    assert_eq!(entries.len(), 1);
-    store.park(&entries).unwrap();
-    // A manual attempt of another one is queued (or under way) after that: not in the lot.
-    store.queue_manual_attempt(&gone[1].delivery.id, 30).unwrap().unwrap();
-
-    let step = |limit| store.cancel_parked("lst_gone", limit).unwrap();
-    // The first step reaches gone[1]'s parked entry: it goes back to the queue, for its
-    // worker to cancel once the manual attempt has ended.
-    assert_eq!(step(4), CancelledLot { taken: 4, requeued_from_ms: Some(10) });
-    assert_eq!(step(4), CancelledLot { taken: 2, requeued_from_ms: None });
-    assert_eq!(step(4), CancelledLot::default());
-    let state = |id: &str| DeliveryState::try_from(store.delivery(id).unwrap().unwrap().state).unwrap();
-    for new in [&gone[0], &gone[2], &gone[3]] {
-        assert_eq!(state(&new.delivery.id), DeliveryState::Cancelled);
-    }
-    assert_eq!(state(&gone[1].delivery.id), DeliveryState::Pending);
-    assert_eq!(state(&ended.id), DeliveryState::Succeeded, "an ended delivery keeps its outcome");
-    assert_eq!(store.pending_head("lst_gone").unwrap(), Some(gone[1].delivery.id.clone()));
-    assert!(store.queue.scan_prefix(keys::manual_prefix(&gone[0].delivery.id)).next().is_none());
-    let queued: Vec<(u64, bool)> =
-        store.due(None, u64::MAX - 1, 100).unwrap().iter().map(|due| (due.due_ms, due.manual)).collect();
-    assert_eq!(queued, [(10, false), (30, true)], "only gone[1]'s entries are left, both in the queue");
-    // Another listener's lot is left alone.
-    assert_eq!(store.parked_listeners().unwrap(), ["lst_kept"]);
-    assert_eq!(state(&kept.delivery.id), DeliveryState::Pending);
-    assert_eq!(store.pending_head("lst_kept").unwrap(), Some(kept.delivery.id.clone()));
-}
-
-#[test]
 fn opening_waits_for_a_data_directory_still_held_by_a_closing_database() {
     let dir = tempfile::tempdir().unwrap();
     let first = SledStore::open(dir.path()).unwrap();
@@ -308,31 +259,6 @@ fn opening_waits_for_a_data_directory_still_held_by_a_closing_database() {
     first.close().unwrap();
     drop(first);
     second.join().unwrap().expect("opened once the first let go").unwrap();
-}
-
-// Regression: a retention shorter than 24 hours took idempotency records with their events,
-// so a retried trigger within the window recorded a second event.
-#[tokio::test]
-async fn an_idempotency_key_outlives_an_event_trimmed_within_its_window() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_with_producers(dir.path()).await;
-    let first = store.append_event(new_event("prd_a", Some("order-1"), 1_000)).await.unwrap();
-    store.append_event(new_event("prd_a", None, 1_000)).await.unwrap();
-    store.settled().await.unwrap();
-    PipelineStore::set_fanout_cursor(&*store, &FanoutCursor { next_seq: 2, ..FanoutCursor::default() }).unwrap();
-    // Retention of one second, at 5,000: both events go, the key's 24 hours are not up.
-    let trimmed = HistoryStore::trim(&*store, 2_000, 5_000u64.saturating_sub(IDEMPOTENCY_WINDOW_MS), 0, 100).unwrap();
-    assert_eq!(trimmed.events, 2);
-    assert!(store.event(&first.event_id).unwrap().is_none());
-    let retried = store.append_event(new_event("prd_a", Some("order-1"), 5_000)).await.unwrap();
-    assert_eq!(retried, Appended { event_id: first.event_id.clone(), duplicate: true });
-    // Nothing to sweep before the 24 hours are up; then the record goes.
-    assert_eq!(HistoryStore::trim_keys(&*store, 1_000, 100).unwrap(), 0);
-    assert_eq!(HistoryStore::trim_keys(&*store, 1_001, 100).unwrap(), 1);
-    assert_eq!(store.tree.scan_prefix(keys::KEPT_KEYS).count(), 0);
-    let later = store.append_event(new_event("prd_a", Some("order-1"), 2_000 + IDEMPOTENCY_WINDOW_MS)).await.unwrap();
-    assert!(!later.duplicate);
-    store.close().unwrap();
 }
 
 // Registration and admin writes used to run on the intake's line, and a trigger waited for

@@ -7,9 +7,12 @@ use hookd_client::Client;
 use hookd_client::v1::{
     CreateProducerRequest, GetProducerRequest, ListListenersRequest, RegisterListenerRequest, TriggerRequest,
 };
-use hookd_server::store::StoreError;
+use hookd_server::store::{SledStore, Store, StoreError};
 
-use crate::support::{ADMIN_TOKEN, HookdProcess, TestServer, bounded, derive, listener_request, master_key};
+use crate::receiver::{Receiver, Reply};
+use crate::support::{
+    ADMIN_TOKEN, DEADLINE, HookdProcess, TestServer, bounded, derive, eventually, listener_request, master_key,
+};
 
 fn keyed(key: &str) -> TriggerRequest {
     TriggerRequest {
@@ -245,4 +248,48 @@ async fn a_copy_of_a_stopped_data_directory_starts_elsewhere_with_everything() {
             events.iter().all(|event| ids.contains(event.as_str()))
         })
         .await;
+}
+
+// Regression: a listener deleted just before hookd stopped (or was killed) kept no record of
+// what it was owed, so the deliveries the pipeline had not reached were listed nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_listeners_owed_deliveries_are_cancelled_after_a_restart() {
+    const EVENTS: usize = 20;
+    let receiver = Receiver::start().await;
+    receiver.script("/", |_, _| Reply::Hang);
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let key = master_key();
+    let adjust = |config: &mut hookd_server::config::Config| {
+        config.pipeline.attempt_timeout = std::time::Duration::from_secs(2);
+        config.pipeline.retry_schedule = "200ms".parse().unwrap();
+    };
+    let server = TestServer::start_with(dir.clone(), &key, adjust).await;
+    let (producer, _, _) = server.producer("leaver").await;
+    let hash = derive(&producer, "invoice.created").await;
+    let request = listener_request(&hash, &receiver.url("/leaver"));
+    let listener_id = producer.register().register_listener(request).await.unwrap().into_inner().listener.unwrap().id;
+    for n in 0..EVENTS {
+        producer.trigger_service().trigger(keyed(&format!("inv-{n}"))).await.unwrap();
+    }
+    // Its first request hangs; the rest wait behind it, written nowhere.
+    receiver.wait_until("the first request", DEADLINE, |requests| !requests.is_empty()).await;
+    server.stop().await.unwrap();
+    // Deleted while the pipeline cannot hear of it, as a crash right after the deletion leaves it.
+    let store = SledStore::open(dir.path()).unwrap();
+    store.delete_listener(&listener_id).await.unwrap().expect("it was there");
+    store.close().unwrap();
+    drop(store);
+
+    let server = TestServer::start_with(dir, &key, adjust).await;
+    let admin = server.admin().await;
+    eventually("every delivery of the deleted listener cancelled", || {
+        let (admin, listener_id) = (admin.clone(), listener_id.clone());
+        async move {
+            let request = hookd_client::v1::ListDeliveriesRequest { listener_id, ..Default::default() };
+            let deliveries = admin.delivery().list_deliveries(request).await.unwrap().into_inner().deliveries;
+            let cancelled = hookd_client::v1::DeliveryState::Cancelled as i32;
+            (deliveries.len() == EVENTS && deliveries.iter().all(|d| d.state == cancelled)).then_some(())
+        }
+    })
+    .await;
 }

@@ -319,6 +319,17 @@ pub(crate) async fn a_deleted_listener_is_answered_with_where_its_events_end_and
     // Events 0-2 were its, whatever fan-out had reached; nothing later is.
     assert!(!deleted.listener.enabled && deleted.listener.wants(2) && !deleted.listener.wants(3));
     assert_eq!(deleted.unsure_from_seq, 1);
+    // The deletion is recorded until what it owed is cancelled.
+    let owing = store.deleted_owing().unwrap();
+    assert_eq!(owing.iter().map(|d| (d.listener.id.as_str(), d.unsure_from_seq)).collect::<Vec<_>>(), [("lst_1", 1)]);
+    assert!(!owing[0].listener.wants(3) && owing[0].listener.wants(0));
+    store.forget_deleted("lst_1").unwrap();
+    assert!(store.deleted_owing().unwrap().is_empty());
+    // A listener fanned out apart is unsure from where it stands, if further back.
+    store.insert_listener(listener("lst_2", "prd_a", "thing.happened")).await.unwrap();
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 3, ..FanoutCursor::default() }).unwrap();
+    store.set_detached("lst_2", Some(2)).unwrap();
+    assert_eq!(store.delete_listener("lst_2").await.unwrap().unwrap().unsure_from_seq, 2);
 
     // Cancelling what may have no record keeps what has one.
     let delivery = |seq: u64| {

@@ -253,6 +253,11 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn set_detached(&self, listener_id: &str, from_seq: Option<u64>) -> Result<(), StoreError>;
     /// Every listener fanned out apart, with where it stands.
     fn detached(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Deleted listeners whose owed first attempts are still being cancelled, as
+    /// [`Store::delete_listener`] answered them (read at startup, to finish the job).
+    fn deleted_owing(&self) -> Result<Vec<DeletedListener>, StoreError>;
+    /// Forgets a deleted listener once what it was owed is cancelled.
+    fn forget_deleted(&self, listener_id: &str) -> Result<(), StoreError>;
     /// One producer's events of one type from `from_seq` up to `until_seq`, in order, looking at
     /// no more than `scan` of the producer's events and keeping no more than `limit`; with the
     /// position reached (the next event to look at).

@@ -17,8 +17,8 @@
 use sled::Batch;
 
 use super::model::{
-    Attempt, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep, Quarantined, decode,
-    encode,
+    Attempt, DeletedListener, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, Listener, ListenerHealth,
+    NextStep, Quarantined, decode, encode,
 };
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read, read_event};
 use super::{CancelledLot, Completion, NewDelivery, PipelineStore, QueuePosition, StoreError};
@@ -166,6 +166,23 @@ impl PipelineStore for SledStore {
                 Ok((utf8(&key, &key[keys::DETACHED.len()..])?, be_u64(&key, &value)?))
             })
             .collect()
+    }
+
+    fn deleted_owing(&self) -> Result<Vec<DeletedListener>, StoreError> {
+        self.queue
+            .scan_prefix(keys::OWING)
+            .map(|entry| {
+                let (key, value) = entry?;
+                let (from, listener) = value.split_at_checked(8).ok_or_else(|| corrupt(&key))?;
+                let listener: Listener = decode(listener).ok_or_else(|| corrupt(&key))?;
+                Ok(DeletedListener { listener, unsure_from_seq: be_u64(&key, from)? })
+            })
+            .collect()
+    }
+
+    fn forget_deleted(&self, listener_id: &str) -> Result<(), StoreError> {
+        self.queue.remove(keys::owing(listener_id))?;
+        Ok(())
     }
 
     fn events_of(

@@ -29,6 +29,7 @@
 //! | `ik/{created ms: u64 big-endian}{producer id}\0{idempotency key}` | empty: the idempotency record of an event retention removed before the record's 24 hours were up, to remove then |
 //! | `c/fanout` | [`FanoutCursor`](super::FanoutCursor): where fan-out stands |
 //! | `ld/{listener id}` | u64: the listener is fanned out apart from the others from this event on (its deliveries from there wait in the log) |
+//! | `lx/{listener id}` | u64 then [`Listener`](super::Listener): a deleted listener, whose first attempts from this event on that have no record are being cancelled |
 //! | `x/{seq: u64 big-endian}` | [`Quarantined`](super::Quarantined): an event whose record does not decode, put aside |
 //! | `d/{delivery id}` | [`Delivery`](super::Delivery), with its first attempt; written once its first attempt ends, or when it is parked or cancelled before one |
 //! | `q/{due ms: u64 big-endian}{delivery id}` | listener id: the due queue, in time order |
@@ -121,6 +122,10 @@ pub(crate) mod keys {
     pub const DETACHED: &[u8] = b"ld/";
     pub fn detached(listener_id: &str) -> Vec<u8> {
         join(&[DETACHED, listener_id.as_bytes()])
+    }
+    pub const OWING: &[u8] = b"lx/";
+    pub fn owing(listener_id: &str) -> Vec<u8> {
+        join(&[OWING, listener_id.as_bytes()])
     }
     pub fn quarantined(seq: u64) -> Vec<u8> {
         join(&[QUARANTINED, &seq.to_be_bytes()])
@@ -673,8 +678,12 @@ impl Store for SledStore {
             let Some(mut listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
             };
-            // Read before the removal: fan-out has handed out its pairs up to here at least.
+            // Read before the removal: fan-out has handed out its pairs up to here at least,
+            // except those it left in the log for the listener to read back itself.
             let cursor: FanoutCursor = read(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default();
+            let detached = queue.get(keys::detached(&listener.id))?.and_then(|since| since.as_ref().try_into().ok());
+            let unsure_from_seq =
+                detached.map_or(cursor.next_seq, |since| cursor.next_seq.min(u64::from_be_bytes(since)));
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, false);
             batch.remove(key);
@@ -685,7 +694,14 @@ impl Store for SledStore {
                 listener.enabled = false;
                 listener.disabled_from_seq = next_seq;
             }
-            Ok(Some(DeletedListener { listener, unsure_from_seq: cursor.next_seq }))
+            // What it was owed is cancelled from here, even after a crash: written once the
+            // removal is on disk (a record left for a listener that still exists would cancel
+            // its deliveries), and on disk before the answer.
+            tree.flush()?;
+            queue
+                .insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&listener)].concat())?;
+            queue.flush()?;
+            Ok(Some(DeletedListener { listener, unsure_from_seq }))
         })
     }
 

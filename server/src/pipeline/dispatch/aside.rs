@@ -15,7 +15,7 @@ use super::{Dispatcher, UNPARK_CHUNK};
 use crate::clock::now_ms;
 use crate::pipeline::gate::SOME_PARKED;
 use crate::pipeline::line::{Pair, Work};
-use crate::store::{Delivery, DeliveryState, DueEntry, Listener, StoreError};
+use crate::store::{DeletedListener, Delivery, DeliveryState, DueEntry, Listener, StoreError};
 
 /// A listener fanned out apart from the others: its first attempts wait in the event log from
 /// `since` on, and it reads them itself as it can take them.
@@ -221,6 +221,28 @@ impl Dispatcher {
                 tracing::error!(error = &error as &dyn std::error::Error, "cannot read the detached listeners")
             }
         }
+        // Deleted listeners whose owed first attempts the last run had not finished cancelling.
+        match self.context.queue.deleted_owing() {
+            Ok(deleted) => {
+                for DeletedListener { listener, unsure_from_seq } in deleted {
+                    match self.context.store.listener(&listener.id) {
+                        Ok(None) => self.cancel_owed(Arc::new(listener), unsure_from_seq),
+                        // Still there (never so written, but its deliveries must not be touched).
+                        Ok(Some(_)) => {
+                            if let Err(error) = self.context.queue.forget_deleted(&listener.id) {
+                                tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot forget a deletion record");
+                            }
+                        }
+                        Err(error) => {
+                            tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot read a listener")
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = &error as &dyn std::error::Error, "cannot read the deleted listeners")
+            }
+        }
         match self.context.queue.parked_listeners() {
             Ok(parked) => {
                 for listener_id in parked {
@@ -263,7 +285,8 @@ impl Dispatcher {
     /// deleted (from `unsure_from_seq`, fan-out's durable position then). Pairs it was handed
     /// are cancelled from its line or recorded by their attempt. Runs on a task of its own
     /// once fan-out has handed out every event before the deletion, so they are readable; a
-    /// record found, or written meanwhile by an attempt that ended, is kept.
+    /// record found, or written meanwhile by an attempt that ended, is kept. The deletion's
+    /// record (written with it) is forgotten once done; a restart before then starts over.
     pub(super) fn cancel_owed(&mut self, listener: Arc<Listener>, unsure_from_seq: u64) {
         let detached = self.lanes.get_mut(&listener.id).and_then(|lane| lane.detached.take());
         let from = detached.map_or(unsure_from_seq, |d| d.read.min(d.since).min(unsure_from_seq));
@@ -271,12 +294,13 @@ impl Dispatcher {
         let mut handed = self.handed_watch.subscribe();
         let context = self.context.clone();
         tokio::spawn(async move {
-            // A closed watch: the dispatcher stopped (shutdown); a restart forgets a deleted
-            // listener's place, and what is left of it is listed nowhere.
+            // A closed watch: the dispatcher stopped (shutdown); the next start goes on from the
+            // deletion's record.
             if handed.wait_for(|until| *until >= end).await.is_err() {
                 return;
             }
-            if let Err(error) = cancel_range(&context, &listener, from, end).await {
+            let cancelled = cancel_range(&context, &listener, from, end).await;
+            if let Err(error) = cancelled.and_then(|()| context.queue.forget_deleted(&listener.id)) {
                 tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's waiting deliveries");
             }
         });

@@ -309,7 +309,8 @@ pub(crate) async fn a_deleted_listener_is_answered_with_where_its_events_end_and
     place: P,
 ) {
     let store = with_producers(place.open()).await;
-    store.insert_listener(listener("lst_1", "prd_a", "thing.happened")).await.unwrap();
+    let sealed = Listener { sealed_secret: vec![7; 40], ..listener("lst_1", "prd_a", "thing.happened") };
+    store.insert_listener(sealed).await.unwrap();
     for at in 0..3 {
         store.append_event(new_event("prd_a", None, at)).await.unwrap();
     }
@@ -323,6 +324,7 @@ pub(crate) async fn a_deleted_listener_is_answered_with_where_its_events_end_and
     let owing = store.deleted_owing().unwrap();
     assert_eq!(owing.iter().map(|d| (d.listener.id.as_str(), d.unsure_from_seq)).collect::<Vec<_>>(), [("lst_1", 1)]);
     assert!(!owing[0].listener.wants(3) && owing[0].listener.wants(0));
+    assert!(owing[0].listener.sealed_secret.is_empty(), "no copy of its secret is kept");
     store.forget_deleted("lst_1").unwrap();
     assert!(store.deleted_owing().unwrap().is_empty());
     // A listener fanned out apart is unsure from where it stands, if further back.

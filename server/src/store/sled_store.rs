@@ -698,8 +698,9 @@ impl Store for SledStore {
             // removal is on disk (a record left for a listener that still exists would cancel
             // its deliveries), and on disk before the answer.
             tree.flush()?;
-            queue
-                .insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&listener)].concat())?;
+            // Which events were its is all that is kept: no copy of its secrets.
+            let kept = Listener { sealed_secret: Vec::new(), previous_sealed_secret: Vec::new(), ..listener.clone() };
+            queue.insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&kept)].concat())?;
             queue.flush()?;
             Ok(Some(DeletedListener { listener, unsure_from_seq }))
         })

@@ -325,6 +325,9 @@ pub(crate) async fn a_deleted_listener_is_answered_with_where_its_events_end_and
     assert_eq!(owing.iter().map(|d| (d.listener.id.as_str(), d.unsure_from_seq)).collect::<Vec<_>>(), [("lst_1", 1)]);
     assert!(!owing[0].listener.wants(3) && owing[0].listener.wants(0));
     assert!(owing[0].listener.sealed_secret.is_empty(), "no copy of its secret is kept");
+    // Retention keeps the events whose deliveries are still to be cancelled.
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 3, ..FanoutCursor::default() }).unwrap();
+    assert_eq!(HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap().events, 1, "event 0 only");
     store.forget_deleted("lst_1").unwrap();
     assert!(store.deleted_owing().unwrap().is_empty());
     // A listener fanned out apart is unsure from where it stands, if further back.

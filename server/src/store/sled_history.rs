@@ -113,12 +113,13 @@ fn implicit(event: &Event, listener_id: &str) -> Delivery {
 
 impl SledStore {
     /// Before this event every (event, listener) pair has a record; from it on, a pair may
-    /// still be waiting in the event log: fan-out's cursor, or a listener fanned out apart
-    /// that stands further back.
+    /// still be waiting in the event log: fan-out's cursor, a listener fanned out apart that
+    /// stands further back, or a deleted listener whose owed pairs are being cancelled.
     fn unrecorded_from(&self) -> Result<u64, StoreError> {
         let cursor = PipelineStore::fanout_cursor(self)?.next_seq;
-        let detached = PipelineStore::detached(self)?;
-        Ok(detached.into_iter().map(|(_, seq)| seq).fold(cursor, u64::min))
+        let detached = PipelineStore::detached(self)?.into_iter().map(|(_, seq)| seq);
+        let deleted = PipelineStore::deleted_owing(self)?.into_iter().map(|deleted| deleted.unsure_from_seq);
+        Ok(detached.chain(deleted).fold(cursor, u64::min))
     }
 
     /// Where one listener's deliveries may start waiting in the log.

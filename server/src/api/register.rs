@@ -246,8 +246,19 @@ impl RegisterService for RegisterApi {
         self.shared.ensure_accepting()?;
         let listener_id = &request.get_ref().listener_id;
         self.own_listener(&producer, listener_id)?;
-        let deleted = self.shared.store.delete_listener(listener_id).await?.ok_or(ApiError::NotFound("listener"))?;
-        self.shared.pipeline.listener_deleted(deleted);
+        // The deletion and its notice to the pipeline go to the end on a task of their own:
+        // a caller that goes away half-way must not leave a deleted listener's waiting
+        // deliveries uncancelled.
+        let (store, pipeline, id) = (self.shared.store.clone(), self.shared.pipeline.clone(), listener_id.clone());
+        let deleting = tokio::spawn(async move {
+            let deleted = store.delete_listener(&id).await?;
+            if let Some(deleted) = &deleted {
+                pipeline.listener_deleted(deleted.clone());
+            }
+            Ok::<_, crate::store::StoreError>(deleted)
+        });
+        let deleted = deleting.await.map_err(|_| Status::internal("the deletion task failed"))??;
+        deleted.ok_or(ApiError::NotFound("listener"))?;
         tracing::info!(%listener_id, "listener deleted");
         Ok(Response::new(DeleteListenerResponse { listener_id: listener_id.clone() }))
     }

@@ -38,10 +38,11 @@ pub(crate) struct Target {
     opened: OnceLock<Result<Opened, String>>,
 }
 
-/// A listener's signing keys: its secret's, and the one its last rotation replaced.
+/// A listener's signing keys: its secret's, and the one its last rotation replaced (`Err`
+/// when that one does not open: it fails attempts only while its grace period lasts).
 struct Opened {
     current: Option<Vec<u8>>,
-    previous: Option<Vec<u8>>,
+    previous: Result<Option<Vec<u8>>, String>,
 }
 
 impl std::fmt::Debug for Opened {
@@ -76,11 +77,15 @@ impl Target {
             };
             // The replaced secret only while it still signs, as when opened per attempt.
             let graced = listener.previous_secret_until_ms > now_ms;
-            let previous = if graced { open(&listener.previous_sealed_secret)? } else { None };
+            let previous = if graced { open(&listener.previous_sealed_secret) } else { Ok(None) };
             Ok(Opened { current: open(&listener.sealed_secret)?, previous })
         });
         let opened = opened.as_ref().map_err(String::as_str)?;
-        let previous = opened.previous.as_deref().filter(|_| listener.previous_secret_until_ms > now_ms);
+        let previous = if listener.previous_secret_until_ms > now_ms {
+            opened.previous.as_ref().map_err(String::as_str)?.as_deref()
+        } else {
+            None
+        };
         Ok(opened.current.as_deref().into_iter().chain(previous).collect())
     }
 }
@@ -376,4 +381,29 @@ async fn finish(
 fn jitter() -> f64 {
     let bits = u64::from_le_bytes(random_bytes::<8>()) >> 11;
     (bits as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Regression (review): a replaced secret that did not open was remembered as a failure for
+    // the listener's whole version, so attempts kept failing after its grace period ended.
+    #[test]
+    fn a_replaced_secret_that_does_not_open_fails_attempts_only_during_its_grace() {
+        let keyring = Keyring::from_base64(&crate::crypto::mint_master_key_base64()).unwrap();
+        let listener = Listener {
+            id: "lst_a".into(),
+            sealed_secret: keyring.seal("lst_a", b"whsec_current"),
+            previous_sealed_secret: vec![1, 2, 3],
+            previous_secret_until_ms: 1_000,
+            ..Listener::default()
+        };
+        let target = Target::new(listener);
+        assert!(target.signing_keys(&keyring, 500).is_err(), "never unsigned nor half-signed in the grace");
+        assert_eq!(target.signing_keys(&keyring, 1_000).unwrap().len(), 1, "the current secret once it ends");
+
+        let plain = Target::new(Listener { id: "lst_b".into(), ..Listener::default() });
+        assert!(plain.signing_keys(&keyring, 0).unwrap().is_empty(), "no secret, no signature");
+    }
 }

@@ -675,7 +675,7 @@ impl Store for SledStore {
         let generation = self.listeners_generation.clone();
         let queue = self.queue.clone();
         self.write(false, move |tree, next_seq| {
-            let Some(mut listener) = read::<Listener>(tree, &key)? else {
+            let Some(listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
             };
             // Read before the removal: fan-out has handed out its pairs up to here at least,
@@ -684,24 +684,25 @@ impl Store for SledStore {
             let detached = queue.get(keys::detached(&listener.id))?.and_then(|since| since.as_ref().try_into().ok());
             let unsure_from_seq =
                 detached.map_or(cursor.next_seq, |since| cursor.next_seq.min(u64::from_be_bytes(since)));
+            let mut ended = listener.clone();
+            if ended.enabled {
+                // Events numbered from here on never were its.
+                ended.enabled = false;
+                ended.disabled_from_seq = next_seq;
+            }
+            // What it was owed is cancelled from here, even after a crash: the record is on
+            // disk before the removal (one left for a listener that still exists, should the
+            // removal not happen, is dropped at the next start). It keeps which events were
+            // the listener's, no copy of its secrets.
+            let kept = Listener { sealed_secret: Vec::new(), previous_sealed_secret: Vec::new(), ..ended.clone() };
+            queue.insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&kept)].concat())?;
+            queue.flush()?;
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, false);
             batch.remove(key);
             tree.apply_batch(batch)?;
             generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            if listener.enabled {
-                // Events numbered from here on never were its.
-                listener.enabled = false;
-                listener.disabled_from_seq = next_seq;
-            }
-            // What it was owed is cancelled from here, even after a crash: written once the
-            // removal is on disk (a record left for a listener that still exists would cancel
-            // its deliveries), and on disk before the answer.
-            tree.flush()?;
-            // Which events were its is all that is kept: no copy of its secrets.
-            let kept = Listener { sealed_secret: Vec::new(), previous_sealed_secret: Vec::new(), ..listener.clone() };
-            queue.insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&kept)].concat())?;
-            queue.flush()?;
+            let listener = ended;
             Ok(Some(DeletedListener { listener, unsure_from_seq }))
         })
     }

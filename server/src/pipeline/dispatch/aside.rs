@@ -227,7 +227,7 @@ impl Dispatcher {
                 for DeletedListener { listener, unsure_from_seq } in deleted {
                     match self.context.store.listener(&listener.id) {
                         Ok(None) => self.cancel_owed(Arc::new(listener), unsure_from_seq),
-                        // Still there (never so written, but its deliveries must not be touched).
+                        // Still there: its deletion did not happen (the record goes first).
                         Ok(Some(_)) => {
                             if let Err(error) = self.context.queue.forget_deleted(&listener.id) {
                                 tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot forget a deletion record");

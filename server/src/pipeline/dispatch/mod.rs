@@ -842,6 +842,12 @@ impl Dispatcher {
             && entry.key().0 <= now
         {
             let work = entry.remove();
+            // Its listener is gone: whatever it is, it ends cancelled (never set aside, which
+            // would detach a deleted listener).
+            if self.lane(work.listener_id()).gate.deleted {
+                self.cancel(vec![work]);
+                continue;
+            }
             // A detached listener reads it back itself: from here, for certain.
             if let Work::First(pair) = &work
                 && !pair.lagging

@@ -674,7 +674,9 @@ impl Store for SledStore {
         let key = keys::listener(listener_id);
         let generation = self.listeners_generation.clone();
         let queue = self.queue.clone();
-        self.write(false, move |tree, next_seq| {
+        // Behind the fence, like disabling: no event numbered from the deletion point on is
+        // fanned out before the removal can be read, so none reaches the deleted listener.
+        self.write(true, move |tree, next_seq| {
             let Some(listener) = read::<Listener>(tree, &key)? else {
                 return Ok(None);
             };

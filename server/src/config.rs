@@ -58,9 +58,15 @@ pub struct ServeArgs {
     /// Address of the gRPC server.
     #[arg(long, env = "HOOKD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// Directory of the embedded database (created if missing).
+    /// Directory of the embedded database (created if missing); with --store, it holds only
+    /// the development key files, if any.
     #[arg(long, env = "HOOKD_DATA_DIR", default_value = "./hookd-data")]
     pub data_dir: PathBuf,
+    /// Where hookd keeps its state: unset for the embedded database in --data-dir, or a
+    /// PostgreSQL address (`postgres://user:password@host:5432/database`), whose schema hookd
+    /// creates and migrates at start.
+    #[arg(long, env = "HOOKD_STORE", hide_env_values = true)]
+    pub store: Option<Redacted>,
     /// Token for AdminService calls (at least 16 characters). Generated into the data
     /// directory when unset (development only).
     #[arg(long, env = "HOOKD_ADMIN_TOKEN", hide_env_values = true)]
@@ -179,8 +185,10 @@ impl std::str::FromStr for Redacted {
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Where the database lives.
+    /// Where the database lives (the embedded one; development key files in any case).
     pub data_dir: PathBuf,
+    /// The database: the embedded one in `data_dir`, or PostgreSQL.
+    pub store: StoreKind,
     /// SHA-256 of the admin token (the token itself is not kept).
     pub admin_token_hash: [u8; 32],
     /// The master key's derived keys.
@@ -210,6 +218,7 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>, admin_token: &str, keyring: Keyring) -> Self {
         Self {
             data_dir: data_dir.into(),
+            store: StoreKind::Embedded,
             admin_token_hash: crypto::hash_api_key(admin_token),
             keyring,
             max_payload_bytes: 1024 * 1024,
@@ -223,6 +232,57 @@ impl Config {
             ui_listen: None,
         }
     }
+}
+
+/// Which database hookd runs on.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// sled in the data directory.
+    Embedded,
+    /// PostgreSQL at this address.
+    Postgres(String),
+}
+
+impl StoreKind {
+    /// Where the state is, as a log line may show it: no password.
+    pub fn describe(&self, data_dir: &Path) -> String {
+        match self {
+            StoreKind::Embedded => data_dir.display().to_string(),
+            StoreKind::Postgres(address) => match url::Url::parse(address) {
+                Ok(mut url) => {
+                    if url.password().is_some() {
+                        let _ = url.set_password(Some("..."));
+                    }
+                    url.to_string()
+                }
+                Err(_) => "the PostgreSQL database".to_owned(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreKind::Embedded => f.write_str("Embedded"),
+            StoreKind::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+/// Reads `--store`.
+fn store_kind(store: Option<&Redacted>) -> Result<StoreKind, ConfigError> {
+    let Some(Redacted(address)) = store.filter(|store| !store.0.trim().is_empty()) else {
+        return Ok(StoreKind::Embedded);
+    };
+    if !(address.starts_with("postgres://") || address.starts_with("postgresql://")) {
+        let shown = address.split_once("://").map_or("no scheme", |(scheme, _)| scheme);
+        return Err(ConfigError::Store(format!("found {shown}")));
+    }
+    address
+        .parse::<tokio_postgres::Config>()
+        .map_err(|error| ConfigError::Store(format!("it does not parse: {error}")))?;
+    Ok(StoreKind::Postgres(address.clone()))
 }
 
 /// Something the operator should know about the configuration that was chosen.
@@ -293,6 +353,8 @@ pub enum ConfigError {
     AttemptTimeout,
     #[error("--retention / HOOKD_RETENTION must be at least 1s")]
     Retention,
+    #[error("--store / HOOKD_STORE: give a PostgreSQL address starting with postgres:// or postgresql:// ({0})")]
+    Store(String),
     #[error("HOOKD_MASTER_KEY is set but empty")]
     BlankMasterKey,
     #[error(transparent)]
@@ -395,6 +457,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
         return Err(ConfigError::TwoMasterKeys);
     }
 
+    let store = store_kind(args.store.as_ref())?;
     let data_dir = &args.data_dir;
     fs::create_dir_all(data_dir).map_err(io_error("cannot create the data directory", data_dir))?;
     let mut notices = Vec::new();
@@ -469,6 +532,7 @@ pub fn resolve(args: &ServeArgs, master_key_env: Option<String>) -> Result<Resol
     };
 
     let mut config = Config::new(data_dir.clone(), &admin_token, keyring);
+    config.store = store;
     config.max_payload_bytes = usize::try_from(args.max_payload_bytes).expect("limit checked above fits usize");
     config.pipeline = PipelineConfig {
         workers: args.workers,

@@ -38,8 +38,9 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 pub use config::Config;
+use config::StoreKind;
 use pipeline::Pipeline;
-use store::{Backend, SledStore, Store, StoreError};
+use store::{Backend, PgStore, SledStore, Store, StoreError};
 
 /// How long in-flight calls get to finish once shutdown has begun.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -50,7 +51,7 @@ const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot open the database in {dir}: {source}")]
+    #[error("cannot open the database ({dir}): {source}")]
     Open { dir: String, source: StoreError },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -83,11 +84,35 @@ pub enum RunError {
 /// Serves hookd on `listener` until `shutdown` is cancelled, then stops intake, lets
 /// in-flight calls finish (up to a grace period), flushes the database and returns.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    match &config.store {
+        StoreKind::Embedded => run_on(open(&config, SledStore::open).await?, listener, config, shutdown).await,
+        StoreKind::Postgres(address) => {
+            let address = address.clone();
+            let store = open(&config, move |_| PgStore::open(&address)).await?;
+            run_on(store, listener, config, shutdown).await
+        }
+    }
+}
+
+/// Opens the configured store off the async threads.
+async fn open<B, F>(config: &Config, open: F) -> Result<Arc<B>, RunError>
+where
+    B: Backend,
+    F: FnOnce(&std::path::Path) -> Result<Arc<B>, StoreError> + Send + 'static,
+{
     let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
+    tokio::task::spawn_blocking(move || open(&dir))
         .await
         .expect("opening the store does not panic")
-        .map_err(|source| RunError::Open { dir: config.data_dir.display().to_string(), source })?;
+        .map_err(|source| RunError::Open { dir: config.store.describe(&config.data_dir), source })
+}
+
+async fn run_on<B: Backend>(
+    store: Arc<B>,
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let mut config = config;
     let opened = {
         let (store, mut keyring) = (store.clone(), config.keyring.clone());
@@ -131,11 +156,16 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
 /// `hookd rekey`: with hookd stopped, re-seals every listener secret in `config`'s data
 /// directory under its master key (the previous one given beside it), then returns what it did.
 pub async fn rekey_offline(config: Config) -> Result<rekey::Rekeyed, RunError> {
-    let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&dir))
-        .await
-        .expect("opening the store does not panic")
-        .map_err(|source| RunError::Open { dir: config.data_dir.display().to_string(), source })?;
+    match &config.store {
+        StoreKind::Embedded => rekey_on(open(&config, SledStore::open).await?, config).await,
+        StoreKind::Postgres(address) => {
+            let address = address.clone();
+            rekey_on(open(&config, move |_| PgStore::open(&address)).await?, config).await
+        }
+    }
+}
+
+async fn rekey_on<B: Backend>(store: Arc<B>, config: Config) -> Result<rekey::Rekeyed, RunError> {
     let mut keyring = config.keyring.clone();
     let result = async {
         rekey::open(store.as_ref(), &mut keyring)?;
@@ -177,7 +207,7 @@ async fn serve<B: Backend>(
     tracing::info!(
         addr = %local_addr.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
         tls = tls.is_some(),
-        data_dir = %config.data_dir.display(),
+        store = %config.store.describe(&config.data_dir),
         master_key_id = %config.keyring.key_id(),
         "hookd serving"
     );

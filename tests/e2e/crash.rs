@@ -3,7 +3,8 @@
 //! delivery (to unordered listeners and to an ordered one), and while a 50-listener fan-out is
 //! under way, and with retries parked behind a disabled listener. After a restart on the same
 //! data directory every acknowledged event is there, every (event, listener) pair arrives at
-//! least once, and an ordered listener's events first arrive in trigger order.
+//! least once, and an ordered listener's events first arrive in trigger order. The first three
+//! run on PostgreSQL too (`HOOKD_STORE`), where a kill -9 of the node loses no more.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,27 +17,56 @@ use hookd_client::v1::{
 
 use crate::receiver::{Receiver, Reply};
 use crate::support::{
-    ADMIN_TOKEN, DEADLINE, HookdProcess, bounded, derive, listed_event_ids, listener_request, master_key, retries_due,
+    ADMIN_TOKEN, DEADLINE, HookdProcess, PgSchema, bounded, derive, listed_event_ids, listener_request, master_key,
+    retries_due,
 };
 
 struct Crashable {
     dir: tempfile::TempDir,
     key: String,
+    /// Where the state is kept instead of the data directory.
+    postgres: Option<PgSchema>,
 }
 
 impl Crashable {
     fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap(), key: master_key() }
+        Self { dir: tempfile::tempdir().unwrap(), key: master_key(), postgres: None }
+    }
+
+    /// On PostgreSQL (`None` when no test database is configured).
+    fn on_postgres(test: &str) -> Option<Self> {
+        Some(Self { postgres: Some(PgSchema::new(test)?), ..Self::new() })
     }
 
     async fn start(&self) -> HookdProcess {
-        let env = [
+        let store = self.postgres.as_ref().map(PgSchema::store_url);
+        let mut env = vec![
             ("HOOKD_MASTER_KEY", self.key.as_str()),
             ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN),
             ("HOOKD_RETRY_SCHEDULE", "100ms,100ms,100ms,100ms,100ms"),
         ];
+        if let Some(store) = &store {
+            env.push(("HOOKD_STORE", store));
+        }
         HookdProcess::start(self.dir.path(), &env).await.unwrap()
     }
+}
+
+/// Runs a crash test on the embedded database, and again on PostgreSQL.
+macro_rules! on_both_stores {
+    ($embedded:ident, $postgres:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            $body(Crashable::new()).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            if let Some(crashable) = Crashable::on_postgres(stringify!($postgres)) {
+                $body(crashable).await
+            }
+        }
+    };
 }
 
 async fn producer(hookd: &HookdProcess) -> (Client, String) {
@@ -116,10 +146,14 @@ impl Answers {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_right_after_the_acks_keeps_every_acknowledged_event() {
+on_both_stores!(
+    kill_9_right_after_the_acks_keeps_every_acknowledged_event,
+    on_postgres_kill_9_right_after_the_acks_keeps_every_acknowledged_event,
+    right_after_the_acks
+);
+
+async fn right_after_the_acks(crashable: Crashable) {
     const EVENTS: usize = 2_000;
-    let crashable = Crashable::new();
     let hookd = crashable.start().await;
     let (producer, key) = producer(&hookd).await;
     let events = trigger_many(&producer, EVENTS).await;
@@ -144,13 +178,17 @@ async fn kill_9_right_after_the_acks_keeps_every_acknowledged_event() {
     assert!(!events.contains(&next[0]), "event ids are not reused after the restart");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_in_the_middle_of_delivery_loses_nothing() {
+on_both_stores!(
+    kill_9_in_the_middle_of_delivery_loses_nothing,
+    on_postgres_kill_9_in_the_middle_of_delivery_loses_nothing,
+    in_the_middle_of_delivery
+);
+
+async fn in_the_middle_of_delivery(crashable: Crashable) {
     const EVENTS: usize = 300;
     const ANSWERED_BEFORE: usize = 50;
     let receiver = Receiver::start().await;
     let answers = Answers::script(&receiver, ANSWERED_BEFORE);
-    let crashable = Crashable::new();
     let hookd = crashable.start().await;
     let (producer, _) = producer(&hookd).await;
     let hash = derive(&producer, "crash.test").await;
@@ -191,13 +229,17 @@ async fn kill_9_during_a_50_listener_fan_out_loses_nothing() {
     answers.wait_for_all(&receiver, &events, &paths).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_with_an_ordered_listener_resumes_in_order() {
+on_both_stores!(
+    kill_9_with_an_ordered_listener_resumes_in_order,
+    on_postgres_kill_9_with_an_ordered_listener_resumes_in_order,
+    with_an_ordered_listener
+);
+
+async fn with_an_ordered_listener(crashable: Crashable) {
     const EVENTS: usize = 40;
     const ANSWERED_BEFORE: usize = 10;
     let receiver = Receiver::start().await;
     let answers = Answers::script(&receiver, ANSWERED_BEFORE);
-    let crashable = Crashable::new();
     let hookd = crashable.start().await;
     let (producer, _) = producer(&hookd).await;
     let hash = derive(&producer, "crash.test").await;

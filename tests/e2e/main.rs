@@ -12,6 +12,7 @@ mod isolation;
 mod limits;
 mod listeners;
 mod metrics;
+mod postgres;
 mod producers;
 mod receiver;
 mod restart;

@@ -1,5 +1,6 @@
 //! Secrets stay secret: after real use of the real binary, neither a listener secret nor an
-//! API key appears in any file of the data directory or in the log.
+//! API key appears in any file of the data directory, in any value of the PostgreSQL
+//! database (on that backend), or in the log.
 
 use base64::Engine as _;
 use hookd_client::Client;
@@ -10,15 +11,33 @@ use hookd_client::v1::{
 
 use crate::receiver::Receiver;
 use crate::support::{
-    DEADLINE, HookdProcess, bounded, contains, derive, eventually, files_under, listener_request, master_key,
+    DEADLINE, HookdProcess, PgSchema, bounded, contains, derive, eventually, files_under, listener_request, master_key,
 };
 
 #[tokio::test]
 async fn no_secret_or_api_key_is_stored_or_logged_in_plaintext() {
+    stored_and_logged(None).await;
+}
+
+#[tokio::test]
+async fn on_postgres_no_secret_or_api_key_reaches_the_database_or_the_log_in_plaintext() {
+    let test = "on_postgres_no_secret_or_api_key_reaches_the_database_or_the_log_in_plaintext";
+    if let Some(postgres) = PgSchema::new(test) {
+        stored_and_logged(Some(postgres)).await;
+    }
+}
+
+/// Uses every secret there is, then searches the data directory (or every value of every
+/// table of the PostgreSQL schema) and the log for each.
+async fn stored_and_logged(postgres: Option<PgSchema>) {
     let dir = tempfile::tempdir().unwrap();
     let key = master_key();
     let admin_token = "secrets-test-admin-token";
-    let env = [("HOOKD_MASTER_KEY", key.as_str()), ("HOOKD_ADMIN_TOKEN", admin_token)];
+    let store = postgres.as_ref().map(PgSchema::store_url);
+    let mut env = vec![("HOOKD_MASTER_KEY", key.as_str()), ("HOOKD_ADMIN_TOKEN", admin_token)];
+    if let Some(store) = &store {
+        env.push(("HOOKD_STORE", store));
+    }
     let hookd = HookdProcess::start(dir.path(), &env).await.unwrap();
 
     let admin = bounded("connect", Client::connect(hookd.endpoint())).await.unwrap().with_api_key(admin_token).unwrap();
@@ -96,8 +115,15 @@ async fn no_secret_or_api_key_is_stored_or_logged_in_plaintext() {
         ("first API key", first_key.as_bytes()),
         ("rotated API key", second_key.as_bytes()),
     ];
+    if let Some(postgres) = &postgres {
+        let stored = postgres.dump();
+        assert!(contains(&stored, hash.as_bytes()), "the dump holds what hookd stored (the event hash)");
+        for (what, needle) in needles {
+            assert!(!contains(&stored, needle), "the {what} is in plaintext in the database");
+        }
+    }
     let files = files_under(dir.path());
-    assert!(files.len() > 1, "the data directory holds the database: {files:?}");
+    assert!(postgres.is_some() || files.len() > 1, "the data directory holds the database: {files:?}");
     for file in files {
         let bytes = std::fs::read(&file).unwrap();
         for (what, needle) in needles {

@@ -235,6 +235,7 @@ impl HookdProcess {
             .arg(data_dir)
             .env_remove("HOOKD_MASTER_KEY")
             .env_remove("HOOKD_ADMIN_TOKEN")
+            .env_remove("HOOKD_STORE")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -349,4 +350,88 @@ pub fn tools_present(test: &str, tools: &[(&str, bool)]) -> bool {
     assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
     eprintln!("SKIPPED {message}");
     false
+}
+
+/// A schema of its own in the PostgreSQL database `HOOKD_TEST_DATABASE_URL` names, for one
+/// test's hookd to keep its state in (`HOOKD_STORE`); dropped with it. `None`, saying so,
+/// when no database is configured (a failure under CI, which always configures one).
+pub struct PgSchema {
+    base: String,
+    schema: String,
+}
+
+impl PgSchema {
+    pub fn new(test: &str) -> Option<Self> {
+        let base = std::env::var("HOOKD_TEST_DATABASE_URL").ok().filter(|url| !url.is_empty());
+        if !tools_present(test, &[("a PostgreSQL database (HOOKD_TEST_DATABASE_URL)", base.is_some())]) {
+            return None;
+        }
+        let base = base?;
+        let schema = format!("hookd_e2e_{}", hookd_server::crypto::hex(&hookd_server::crypto::random_bytes::<8>()));
+        let made = Self { base, schema };
+        made.execute(&format!("CREATE SCHEMA {}", made.schema));
+        Some(made)
+    }
+
+    /// The address hookd is given: the database, working in this schema.
+    pub fn store_url(&self) -> String {
+        let separator = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{separator}options=-csearch_path%3D{}", self.base, self.schema)
+    }
+
+    /// Every value stored in the schema's tables, as bytes (to search for what must not be
+    /// there).
+    pub fn dump(&self) -> Vec<u8> {
+        let sql =
+            format!("SELECT table_name::text FROM information_schema.tables WHERE table_schema = '{}'", self.schema);
+        let (base, schema) = (self.base.clone(), self.schema.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(connection);
+                let mut bytes = Vec::new();
+                for table in client.query(&sql, &[]).await.unwrap() {
+                    let table: String = table.get(0);
+                    let rows = client.query(&format!("SELECT * FROM {schema}.{table}"), &[]).await.unwrap();
+                    for row in rows {
+                        for (index, column) in row.columns().iter().enumerate() {
+                            let ty = column.type_();
+                            if *ty == tokio_postgres::types::Type::BYTEA {
+                                bytes.extend(row.get::<_, Option<Vec<u8>>>(index).unwrap_or_default());
+                            } else if *ty == tokio_postgres::types::Type::TEXT {
+                                bytes.extend(row.get::<_, Option<String>>(index).unwrap_or_default().into_bytes());
+                            }
+                            bytes.push(0);
+                        }
+                    }
+                }
+                bytes
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn execute(&self, sql: &str) {
+        let (base, sql) = (self.base.clone(), sql.to_owned());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await.unwrap();
+                let connection = tokio::spawn(connection);
+                client.batch_execute(&sql).await.unwrap();
+                drop(client);
+                let _ = connection.await;
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        self.execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
+    }
 }

@@ -1,8 +1,10 @@
 //! Durable state: producers, API keys, event hashes, listeners, the event log and
-//! idempotency records, behind the [`Store`] trait.
+//! idempotency records ([`Store`]), the delivery pipeline's state ([`PipelineStore`]) and the
+//! history ([`HistoryStore`]), behind traits with two backends.
 //!
-//! This module is the only one that touches sled (in [`sled_store`]); everything else sees
-//! the trait and the plain records of [`model`]. Every write that a caller is answered for is
+//! This module is the only one that touches a database: sled (in [`sled_store`], the
+//! embedded default) or PostgreSQL (in [`postgres`]); everything else sees the traits and the
+//! plain records of [`model`]. Every write that a caller is answered for is
 //! durable before its future resolves. A store never sees gRPC types, never decides policy
 //! (validation, authorisation) and never holds a plaintext secret: listener secrets arrive
 //! sealed.
@@ -10,7 +12,9 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 mod journal;
+mod listing;
 pub mod model;
+mod postgres;
 mod producer_index;
 mod sled_history;
 mod sled_pipeline;
@@ -26,6 +30,7 @@ pub use model::{
     EventHashEntry, FanoutCursor, Listener, ListenerHealth, MAX_SKIPPED, NewEvent, NextStep, Producer, Quarantined,
     SeqRange,
 };
+pub use postgres::PgStore;
 pub use sled_store::SledStore;
 pub use writer::IDEMPOTENCY_WINDOW_MS;
 
@@ -94,18 +99,11 @@ pub enum Refusal {
 }
 
 /// A whole store, as hookd runs on one: everything it keeps ([`Store`], [`PipelineStore`],
-/// [`HistoryStore`]) and how far fan-out may go. sled is the embedded one; a second backend
-/// implements the same traits and passes the same conformance tests.
-pub trait Backend: Store + PipelineStore + HistoryStore {
-    /// How far fan-out may go: the next event's sequence number once everything appended so
-    /// far is durable and readable (held back while a listener is being written, so fan-out
-    /// never reads an event before a listener write that came first). It grows as events are
-    /// appended; fan-out follows it.
-    fn durable_seq(&self) -> tokio::sync::watch::Receiver<u64>;
-    /// Observes the duration of every durable write of the intake (journal sync or commit)
-    /// from now on.
-    fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram);
-}
+/// [`HistoryStore`]). sled is the embedded one, PostgreSQL the other; both pass the same
+/// conformance tests (`conformance`).
+pub trait Backend: Store + PipelineStore + HistoryStore {}
+
+impl<T: Store + PipelineStore + HistoryStore> Backend for T {}
 
 /// Everything hookd keeps. Reads are synchronous point lookups or bounded scans; writes go
 /// through the backend's durable write path and resolve once on disk. Each method is one
@@ -177,6 +175,15 @@ pub trait Store: Send + Sync + 'static {
     /// Why the store can no longer write, once a write to disk has failed (`None` until
     /// then). Health follows it.
     fn failure(&self) -> tokio::sync::watch::Receiver<Option<Arc<str>>>;
+
+    /// How far fan-out may go: the next event's sequence number once everything appended so
+    /// far is durable and readable (held back while a listener is being written, so fan-out
+    /// never reads an event before a listener write that came first). It grows as events are
+    /// appended; fan-out follows it.
+    fn durable_seq(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Observes the duration of every durable write of the intake (journal sync or commit)
+    /// from now on.
+    fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram);
 
     /// Makes everything written so far durable and stops the writer. Later writes fail with
     /// [`StoreError::Closed`].

@@ -143,6 +143,41 @@ impl Listener {
             && !self.skipped.iter().any(|range| range.from <= seq && seq < range.until)
     }
 
+    /// Whether re-enabling it needs to know where fan-out durably stands: ranges of skipped
+    /// events are pruned only once the list is full.
+    pub fn reenabling_prunes(&self) -> bool {
+        self.skipped.len() >= MAX_SKIPPED
+    }
+
+    /// Moves its registration points after an edit that found it `was_enabled`, now that
+    /// `next_seq` is the next event's number. Events from before it was disabled that fan-out
+    /// has not reached are still owed to it: only those triggered while it was disabled are
+    /// skipped. `fanout_next_seq` (read only when [`Listener::reenabling_prunes`]) is where
+    /// fan-out durably stands for it.
+    pub fn edited(&mut self, was_enabled: bool, next_seq: u64, fanout_next_seq: u64) {
+        match (was_enabled, self.enabled) {
+            (false, true) => self.reenabled(next_seq, fanout_next_seq),
+            (true, false) => self.disabled_from_seq = next_seq,
+            _ => {}
+        }
+    }
+
+    /// As its deletion leaves it when `next_seq` is the next event's number: disabled from
+    /// there if it was enabled, so [`Listener::wants`] says which events were its.
+    pub fn deleted_at(mut self, next_seq: u64) -> Self {
+        if self.enabled {
+            // Events numbered from here on never were its.
+            self.enabled = false;
+            self.disabled_from_seq = next_seq;
+        }
+        self
+    }
+
+    /// A copy without its secrets: what is kept of a deleted listener.
+    pub fn without_secrets(&self) -> Self {
+        Self { sealed_secret: Vec::new(), previous_sealed_secret: Vec::new(), ..self.clone() }
+    }
+
     /// Records that it is enabled again now that `next_seq` is the next event's number,
     /// forgetting the skipped ranges that fan-out (durably next at `fanout_next_seq`) has
     /// passed.

@@ -10,21 +10,13 @@ use std::ops::Bound;
 
 use sled::Batch;
 
+use super::listing::{implicit, merge_pages, scan_budget};
 use super::model::{
     Delivery, DeliveryHead, DeliveryState, DueEntry, Event, IdempotencyEntry, Listener, decode, encode,
 };
 use super::producer_index;
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read, read_event};
 use super::{EventFilter, HistoryStore, Page, PipelineStore, StoreError, Trimmed};
-
-/// Records looked at per page, at most, per item asked for.
-const SCAN_PER_ITEM: usize = 20;
-/// ...and never fewer than this.
-const MIN_SCAN: usize = 1000;
-
-fn scan_budget(limit: usize) -> usize {
-    limit.saturating_mul(SCAN_PER_ITEM).max(MIN_SCAN)
-}
 
 fn seq_of(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
     let bytes: [u8; 8] =
@@ -103,12 +95,6 @@ impl SledStore {
         };
         Ok(Page { items, resume_after })
     }
-}
-
-/// A delivery that has no record yet: its event's first attempt to `listener` is still to
-/// come (waiting in the event log, or under way). It is pending, due since its event.
-fn implicit(event: &Event, listener_id: &str) -> Delivery {
-    Delivery::pending(crate::ids::delivery_id(event.seq, listener_id), event, listener_id, event.created_at_ms)
 }
 
 impl SledStore {
@@ -222,30 +208,6 @@ impl SledStore {
         }
         Ok((found, None))
     }
-}
-
-/// Merges two pages of deliveries in id order into one of at most `limit`. Each side may have
-/// stopped early at a position (`resume`, the last id it looked at): the page then ends at the
-/// nearer one, so nothing either side has not yet looked at is skipped.
-fn merge_pages(
-    mut items: Vec<Delivery>,
-    more: Vec<Delivery>,
-    stops: [Option<String>; 2],
-    limit: usize,
-) -> Page<Delivery> {
-    items.extend(more);
-    items.sort_by(|a, b| a.id.cmp(&b.id));
-    items.dedup_by(|a, b| a.id == b.id);
-    let frontier = stops.into_iter().flatten().min();
-    if let Some(frontier) = &frontier {
-        items.retain(|delivery| delivery.id <= *frontier);
-    }
-    if items.len() > limit {
-        items.truncate(limit);
-        let last = items.last().map(|delivery| delivery.id.clone());
-        return Page { items, resume_after: last };
-    }
-    Page { items, resume_after: frontier }
 }
 
 impl HistoryStore for SledStore {

@@ -51,12 +51,12 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::journal::{self, Journal};
 use super::model::{
-    ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, FanoutCursor, Listener, MAX_SKIPPED, NewEvent,
-    Producer, decode, encode,
+    ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, FanoutCursor, Listener, NewEvent, Producer, decode,
+    encode,
 };
 use super::producer_index;
 use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
-use super::{Backend, ListenerEdit, Store, StoreError, StoreFuture};
+use super::{ListenerEdit, Store, StoreError, StoreFuture};
 use crate::ids;
 
 pub(crate) mod keys {
@@ -435,7 +435,7 @@ impl SledStore {
     }
 }
 
-impl Backend for SledStore {
+impl Store for SledStore {
     fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
         let _ = self.progress.sync_seconds.set(histogram);
     }
@@ -444,9 +444,7 @@ impl Backend for SledStore {
     fn durable_seq(&self) -> watch::Receiver<u64> {
         self.progress.fanout_end_watch()
     }
-}
 
-impl Store for SledStore {
     fn check_master_key(&self, accepted: &[(String, [u8; 32])]) -> Result<(), StoreError> {
         let value = |(key_id, check): &(String, [u8; 32])| {
             let mut value = key_id.as_bytes().to_vec();
@@ -638,32 +636,23 @@ impl Store for SledStore {
             };
             let was_enabled = listener.enabled;
             edit(&mut listener);
-            match (was_enabled, listener.enabled) {
-                // Events from before it was disabled that fan-out has not reached are still
-                // owed to it: only those triggered while it was disabled are skipped.
-                (false, true) => {
-                    // Ranges are pruned only once the list is full, and only those behind
-                    // the fan-out cursor on disk (after a crash fan-out redoes from there):
-                    // so this writer thread, which intake shares, flushes the queue database
-                    // only then.
-                    let fanout_next_seq = if listener.skipped.len() >= MAX_SKIPPED {
-                        queue.flush()?;
-                        let cursor = read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default().next_seq;
-                        // A listener fanned out apart still reads from where it stands.
-                        match queue.get(keys::detached(&listener.id))? {
-                            Some(bytes) => cursor.min(u64::from_be_bytes(
-                                bytes.as_ref().try_into().map_err(|_| corrupt(&keys::detached(&listener.id)))?,
-                            )),
-                            None => cursor,
-                        }
-                    } else {
-                        0
-                    };
-                    listener.reenabled(next_seq, fanout_next_seq);
+            // Ranges are pruned only behind the fan-out cursor on disk (after a crash fan-out
+            // redoes from there): so this writer thread, which intake shares, flushes the
+            // queue database only when the list is full.
+            let fanout_next_seq = if !was_enabled && listener.enabled && listener.reenabling_prunes() {
+                queue.flush()?;
+                let cursor = read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default().next_seq;
+                // A listener fanned out apart still reads from where it stands.
+                match queue.get(keys::detached(&listener.id))? {
+                    Some(bytes) => cursor.min(u64::from_be_bytes(
+                        bytes.as_ref().try_into().map_err(|_| corrupt(&keys::detached(&listener.id)))?,
+                    )),
+                    None => cursor,
                 }
-                (true, false) => listener.disabled_from_seq = next_seq,
-                _ => {}
-            }
+            } else {
+                0
+            };
+            listener.edited(was_enabled, next_seq, fanout_next_seq);
             tree.insert(key, encode(&listener))?;
             generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             Ok(Some(listener))
@@ -686,17 +675,12 @@ impl Store for SledStore {
             let detached = queue.get(keys::detached(&listener.id))?.and_then(|since| since.as_ref().try_into().ok());
             let unsure_from_seq =
                 detached.map_or(cursor.next_seq, |since| cursor.next_seq.min(u64::from_be_bytes(since)));
-            let mut ended = listener.clone();
-            if ended.enabled {
-                // Events numbered from here on never were its.
-                ended.enabled = false;
-                ended.disabled_from_seq = next_seq;
-            }
+            let ended = listener.clone().deleted_at(next_seq);
             // What it was owed is cancelled from here, even after a crash: the record is on
             // disk before the removal (one left for a listener that still exists, should the
             // removal not happen, is dropped at the next start). It keeps which events were
             // the listener's, no copy of its secrets.
-            let kept = Listener { sealed_secret: Vec::new(), previous_sealed_secret: Vec::new(), ..ended.clone() };
+            let kept = ended.without_secrets();
             queue.insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&kept)].concat())?;
             queue.flush()?;
             let mut batch = Batch::default();

@@ -1,0 +1,110 @@
+//! The control plane in memory: producers, API keys, event hashes and listeners, as the
+//! database holds them.
+//!
+//! Loaded whole at start and changed after each write to the database has committed, so
+//! every read of [`Store`](crate::store::Store) that authentication, fan-out and the API make
+//! inline is a memory lookup that never blocks a thread. It is only ever a copy: the database
+//! is the truth, and nothing here is written anywhere.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use tokio_postgres::Client;
+
+use crate::store::model::{ApiKeyEntry, EventHashEntry, Listener, Producer, decode};
+use crate::store::{StoreError, postgres::unsigned};
+
+#[derive(Default)]
+pub(super) struct Directory {
+    pub producers: BTreeMap<String, Producer>,
+    pub keys: HashMap<Vec<u8>, ApiKeyEntry>,
+    pub hashes: HashMap<String, EventHashEntry>,
+    listeners: BTreeMap<String, Listener>,
+    /// (producer id, event type, listener id).
+    by_type: BTreeSet<(String, String, String)>,
+    /// (producer id, listener id).
+    by_producer: BTreeSet<(String, String)>,
+}
+
+fn corrupt(table: &str, key: &str) -> StoreError {
+    StoreError::Corrupt { key: format!("{table}/{key}") }
+}
+
+impl Directory {
+    /// Reads the whole control plane.
+    pub async fn load(client: &Client) -> Result<Self, StoreError> {
+        let mut directory = Directory::default();
+        for row in client.query("SELECT id, record FROM producers", &[]).await? {
+            let id: String = row.get(0);
+            let producer = decode(row.get(1)).ok_or_else(|| corrupt("producers", &id))?;
+            directory.producers.insert(id, producer);
+        }
+        for row in client.query("SELECT key_hash, producer_id, expires_at_ms FROM api_keys", &[]).await? {
+            let entry = ApiKeyEntry { producer_id: row.get(1), expires_at_ms: unsigned(row.get(2)) };
+            directory.keys.insert(row.get(0), entry);
+        }
+        for row in client.query("SELECT event_hash, producer_id, event_type FROM event_hashes", &[]).await? {
+            directory.hashes.insert(row.get(0), EventHashEntry { producer_id: row.get(1), event_type: row.get(2) });
+        }
+        for row in client.query("SELECT id, record FROM listeners", &[]).await? {
+            let id: String = row.get(0);
+            let listener = decode(row.get(1)).ok_or_else(|| corrupt("listeners", &id))?;
+            directory.put_listener(listener);
+        }
+        Ok(directory)
+    }
+
+    /// How many listeners there are, and how many of them are disabled.
+    pub fn listener_counts(&self) -> (u64, u64) {
+        let disabled = self.listeners.values().filter(|listener| !listener.enabled).count();
+        (self.listeners.len() as u64, disabled as u64)
+    }
+
+    pub fn listener(&self, id: &str) -> Option<&Listener> {
+        self.listeners.get(id)
+    }
+
+    pub fn put_listener(&mut self, listener: Listener) {
+        self.by_type.insert((listener.producer_id.clone(), listener.event_type.clone(), listener.id.clone()));
+        self.by_producer.insert((listener.producer_id.clone(), listener.id.clone()));
+        self.listeners.insert(listener.id.clone(), listener);
+    }
+
+    pub fn remove_listener(&mut self, id: &str) {
+        if let Some(listener) = self.listeners.remove(id) {
+            self.by_type.remove(&(listener.producer_id.clone(), listener.event_type, listener.id.clone()));
+            self.by_producer.remove(&(listener.producer_id, listener.id));
+        }
+    }
+
+    /// A producer's listeners in id order, of one event type or all, after `after`.
+    pub fn list_listeners(
+        &self,
+        producer_id: &str,
+        event_type: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<Listener> {
+        let after = after.unwrap_or("");
+        let ids: Vec<&String> = match event_type {
+            Some(event_type) => {
+                let from = (producer_id.to_owned(), event_type.to_owned(), after.to_owned());
+                self.by_type
+                    .range(from..)
+                    .take_while(|(producer, kind, _)| producer == producer_id && kind == event_type)
+                    .filter(|(_, _, id)| id.as_str() > after)
+                    .take(limit)
+                    .map(|(_, _, id)| id)
+                    .collect()
+            }
+            None => self
+                .by_producer
+                .range((producer_id.to_owned(), after.to_owned())..)
+                .take_while(|(producer, _)| producer == producer_id)
+                .filter(|(_, id)| id.as_str() > after)
+                .take(limit)
+                .map(|(_, id)| id)
+                .collect(),
+        };
+        ids.into_iter().filter_map(|id| self.listeners.get(id).cloned()).collect()
+    }
+}

@@ -1,0 +1,561 @@
+//! [`HistoryStore`] on PostgreSQL: listings of events and deliveries, manual attempts,
+//! replays, recovery of failed deliveries, and retention.
+//!
+//! Listings read an ordered index from a position (the page token) and stop at the page size
+//! or at a scan budget, as on sled, so a filter that matches rarely never turns one call into
+//! a full scan. Changes are transactions that lock the rows they read before they write.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use deadpool_postgres::GenericClient;
+
+use super::directory::Directory;
+use super::pipeline::{
+    deleted_owing, detached, fanout_cursor, ordered_pending, put_deliveries, queue_entries, read_delivery, read_event,
+};
+use super::{PgStore, corrupt, signed, unsigned};
+use crate::store::listing::{implicit, merge_pages, scan_budget};
+use crate::store::model::{Delivery, DeliveryState, DueEntry, Event, Listener, decode};
+use crate::store::{COUNT_LIMIT, Counts, EventFilter, HistoryStore, Page, StoreError, Trimmed};
+
+type Shared = Arc<RwLock<Directory>>;
+
+/// Before this event every (event, listener) pair has a record; from it on, a pair may still
+/// be waiting in the event log: fan-out's cursor, a listener fanned out apart that stands
+/// further back, or a deleted listener whose owed pairs are being cancelled.
+async fn unrecorded_from(client: &impl GenericClient) -> Result<u64, StoreError> {
+    let cursor = fanout_cursor(client).await?.next_seq;
+    let detached = detached(client).await?.into_iter().map(|(_, seq)| seq);
+    let deleted = deleted_owing(client).await?.into_iter().map(|deleted| deleted.unsure_from_seq);
+    Ok(detached.chain(deleted).fold(cursor, u64::min))
+}
+
+/// Which of `ids` have a record.
+async fn recorded(client: &impl GenericClient, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = client.query("SELECT id FROM deliveries WHERE id = ANY($1)", &[&ids]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+fn listeners_of_type(directory: &Shared, producer_id: &str, event_type: &str) -> Vec<Listener> {
+    directory.read().expect("the directory lock is never poisoned").list_listeners(
+        producer_id,
+        Some(event_type),
+        None,
+        usize::MAX,
+    )
+}
+
+/// The deliveries of `event` still waiting in the log: one per listener that wants it and
+/// has no record of it.
+async fn implicit_of_event(
+    client: &impl GenericClient,
+    directory: &Shared,
+    event: &Event,
+) -> Result<Vec<Delivery>, StoreError> {
+    let mut candidates = Vec::new();
+    for listener in listeners_of_type(directory, &event.producer_id, &event.event_type) {
+        if listener.wants(event.seq) && event.seq >= PgStore::unsure_from(client, &listener.id).await? {
+            candidates.push(implicit(event, &listener.id));
+        }
+    }
+    let ids: Vec<&str> = candidates.iter().map(|delivery| delivery.id.as_str()).collect();
+    let recorded = recorded(client, &ids).await?;
+    Ok(candidates.into_iter().filter(|delivery| !recorded.contains(&delivery.id)).collect())
+}
+
+async fn delivery_view(
+    client: &impl GenericClient,
+    directory: &Shared,
+    delivery_id: &str,
+) -> Result<Option<(Delivery, bool)>, StoreError> {
+    if let Some(delivery) = read_delivery(client, delivery_id).await? {
+        return Ok(Some((delivery, true)));
+    }
+    let Some(seq) = crate::ids::delivery_event_seq(delivery_id) else { return Ok(None) };
+    if seq < unrecorded_from(client).await? {
+        return Ok(None);
+    }
+    let Some(event) = read_event(client, seq).await? else { return Ok(None) };
+    let found = implicit_of_event(client, directory, &event).await?.into_iter().find(|d| d.id == delivery_id);
+    Ok(found.map(|delivery| (delivery, false)))
+}
+
+/// A listener's deliveries still waiting in the log, after `after` (a delivery id), in id
+/// order: at most `limit`, looking at no more than `budget` of its producer's events. Also
+/// returns where it stopped, when more may follow.
+async fn implicit_of_listener(
+    client: &impl GenericClient,
+    listener: &Listener,
+    after: Option<&str>,
+    limit: usize,
+    budget: usize,
+) -> Result<(Vec<Delivery>, Option<String>), StoreError> {
+    // A position is a delivery id, or where an earlier page stopped: `dlv_` and an event's
+    // number.
+    let after_seq = after
+        .and_then(|after| after.strip_prefix(crate::ids::DELIVERY_PREFIX))
+        .and_then(|digits| digits.get(..16))
+        .and_then(|digits| u64::from_str_radix(digits, 16).ok());
+    let start = PgStore::unsure_from(client, &listener.id).await?.max(after_seq.unwrap_or(0));
+    let rows = client
+        .query(
+            "SELECT seq, event_type, record FROM events WHERE producer_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+            &[&listener.producer_id, &signed(start), &signed(budget as u64 + 1)],
+        )
+        .await?;
+    // Everything before this event is looked at; more may follow from it.
+    let stop = rows.get(budget).map(|row| format!("dlv_{}", crate::crypto::hex(&unsigned(row.get(0)).to_be_bytes())));
+    let mut candidates = Vec::new();
+    for row in rows.iter().take(budget) {
+        let seq = unsigned(row.get(0));
+        if !listener.wants(seq) || row.get::<_, &str>(1) != listener.event_type {
+            continue;
+        }
+        let Some(event) = decode::<Event>(row.get(2)) else { continue };
+        let delivery = implicit(&event, &listener.id);
+        if after.is_none_or(|after| delivery.id.as_str() > after) {
+            candidates.push(delivery);
+        }
+    }
+    let ids: Vec<&str> = candidates.iter().map(|delivery| delivery.id.as_str()).collect();
+    let recorded = recorded(client, &ids).await?;
+    let mut found = Vec::new();
+    for delivery in candidates.into_iter().filter(|delivery| !recorded.contains(&delivery.id)) {
+        found.push(delivery);
+        if found.len() == limit {
+            // More may follow: the page ends here.
+            let last = found.last().map(|delivery| delivery.id.clone());
+            return Ok((found, last));
+        }
+    }
+    Ok((found, stop))
+}
+
+/// Recorded deliveries of one listener or one event, in id order after `after`.
+async fn recorded_page(
+    client: &impl GenericClient,
+    of: Of<'_>,
+    state: Option<DeliveryState>,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Page<Delivery>, StoreError> {
+    let budget = scan_budget(limit);
+    let after = after.unwrap_or("");
+    let fetch = signed(budget as u64 + 1);
+    let rows =
+        match of {
+            Of::Listener(listener_id) => client
+                .query(
+                    "SELECT id, state, record FROM deliveries WHERE listener_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                    &[&listener_id, &after, &fetch],
+                )
+                .await?,
+            Of::Event(seq) => client
+                .query(
+                    "SELECT id, state, record FROM deliveries WHERE event_seq = $1 AND id > $2 ORDER BY id LIMIT $3",
+                    &[&signed(seq), &after, &fetch],
+                )
+                .await?,
+        };
+    let mut items = Vec::new();
+    let mut last = None;
+    for (index, row) in rows.iter().take(budget).enumerate() {
+        last = Some(index);
+        if state.is_none_or(|state| i32::from(row.get::<_, i16>(1)) == state as i32) {
+            let id: &str = row.get(0);
+            let mut delivery: Delivery = decode(row.get(2)).ok_or_else(|| corrupt("deliveries", id))?;
+            // A listing shows no attempts: a page does not hold a response per delivery.
+            delivery.first_attempt = None;
+            items.push(delivery);
+            if items.len() == limit {
+                break;
+            }
+        }
+    }
+    let resume_after = last.filter(|&index| rows.len() > index + 1).map(|index| rows[index].get::<_, String>(0));
+    Ok(Page { items, resume_after })
+}
+
+#[derive(Clone, Copy)]
+enum Of<'a> {
+    Listener(&'a str),
+    Event(u64),
+}
+
+/// The first position of the log whose event was created at or after `since_ms` (creation
+/// times never decrease along the log).
+async fn first_seq_since(client: &impl GenericClient, since_ms: u64) -> Result<u64, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT coalesce((SELECT seq FROM events WHERE created_ms >= $1 ORDER BY created_ms, seq LIMIT 1), \
+             (SELECT next_seq FROM log_head WHERE id = 0))",
+            &[&signed(since_ms)],
+        )
+        .await?;
+    Ok(unsigned(row.get(0)))
+}
+
+/// Whether a manual attempt of one of `ids` is queued or under way.
+async fn any_manual(client: &impl GenericClient, ids: &[&str]) -> Result<bool, StoreError> {
+    if ids.is_empty() {
+        return Ok(false);
+    }
+    Ok(client.query_opt("SELECT 1 FROM manual_queued WHERE delivery_id = ANY($1) LIMIT 1", &[&ids]).await?.is_some())
+}
+
+impl HistoryStore for PgStore {
+    fn list_events(
+        &self,
+        filter: &EventFilter,
+        after_seq: Option<u64>,
+        limit: usize,
+    ) -> Result<Page<Event>, StoreError> {
+        let filter = filter.clone();
+        self.read(move |client| async move {
+            let start_seq = match after_seq {
+                Some(seq) => seq.saturating_add(1),
+                None if filter.since_ms > 0 => first_seq_since(&client, filter.since_ms).await?,
+                None => 0,
+            };
+            let budget = scan_budget(limit);
+            let fetch = signed(budget as u64 + 1);
+            let rows =
+                match &filter.producer_id {
+                    Some(producer_id) => client
+                        .query(
+                            "SELECT seq, record FROM events WHERE producer_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                            &[producer_id, &signed(start_seq), &fetch],
+                        )
+                        .await?,
+                    None => {
+                        client
+                            .query(
+                                "SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                                &[&signed(start_seq), &fetch],
+                            )
+                            .await?
+                    }
+                };
+            let mut items = Vec::new();
+            let mut last = None;
+            let mut reached_until = false;
+            for (index, row) in rows.iter().take(budget).enumerate() {
+                let seq = unsigned(row.get(0));
+                let Some(event) = decode::<Event>(row.get(1)) else {
+                    // Put aside by fan-out; it must not break the listing of the others.
+                    tracing::error!(seq, "listing skips an event whose record does not decode");
+                    continue;
+                };
+                if filter.until_ms.is_some_and(|until| event.created_at_ms >= until) {
+                    // Nothing later in the log is older.
+                    reached_until = true;
+                    break;
+                }
+                last = Some((index, seq));
+                if event.created_at_ms >= filter.since_ms
+                    && filter.event_type.as_ref().is_none_or(|t| *t == event.event_type)
+                {
+                    items.push(event);
+                    if items.len() == limit {
+                        break;
+                    }
+                }
+            }
+            let resume_after = match last {
+                Some((index, seq)) if !reached_until && rows.len() > index + 1 => Some(seq.to_string()),
+                _ => None,
+            };
+            Ok(Page { items, resume_after })
+        })
+    }
+
+    fn deliveries_of_event(
+        &self,
+        event_seq: u64,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Delivery>, StoreError> {
+        let (after, directory) = (after.map(str::to_owned), self.directory.clone());
+        self.read(move |client| async move {
+            let waiting = state.is_none_or(|state| state == DeliveryState::Pending);
+            let event = if waiting && event_seq >= unrecorded_from(&client).await? {
+                read_event(&client, event_seq).await?
+            } else {
+                None
+            };
+            let Some(event) = event else {
+                return recorded_page(&client, Of::Event(event_seq), state, after.as_deref(), limit).await;
+            };
+            // A recent event: its deliveries are those recorded and those still waiting in the
+            // log, one per listener at most (as many as it has listeners, plus replays).
+            let rows =
+                client.query("SELECT id, record FROM deliveries WHERE event_seq = $1", &[&signed(event_seq)]).await?;
+            let mut all = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id: &str = row.get(0);
+                let mut delivery: Delivery = decode(row.get(1)).ok_or_else(|| corrupt("deliveries", id))?;
+                delivery.first_attempt = None;
+                all.push(delivery);
+            }
+            all.extend(implicit_of_event(&client, &directory, &event).await?);
+            all.retain(|delivery| {
+                state.is_none_or(|state| delivery.state == state as i32)
+                    && after.as_deref().is_none_or(|after| delivery.id.as_str() > after)
+            });
+            Ok(merge_pages(all, Vec::new(), [None, None], limit))
+        })
+    }
+
+    fn deliveries_of_listener(
+        &self,
+        listener_id: &str,
+        state: Option<DeliveryState>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Delivery>, StoreError> {
+        let waiting = state.is_none_or(|state| state == DeliveryState::Pending);
+        let listener = if waiting { crate::store::Store::listener(self, listener_id)? } else { None };
+        let (listener_id, after) = (listener_id.to_owned(), after.map(str::to_owned));
+        self.read(move |client| async move {
+            let stored = recorded_page(&client, Of::Listener(&listener_id), state, after.as_deref(), limit).await?;
+            let Some(listener) = listener else {
+                return Ok(stored);
+            };
+            let (implicit, stopped) =
+                implicit_of_listener(&client, &listener, after.as_deref(), limit, scan_budget(limit)).await?;
+            Ok(merge_pages(stored.items, implicit, [stored.resume_after, stopped], limit))
+        })
+    }
+
+    fn delivery_view(&self, delivery_id: &str) -> Result<Option<(Delivery, bool)>, StoreError> {
+        let (id, directory) = (delivery_id.to_owned(), self.directory.clone());
+        self.read(move |client| async move { delivery_view(&client, &directory, &id).await })
+    }
+
+    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError> {
+        let id = delivery_id.to_owned();
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let Some(delivery) = read_delivery(&tx, &id).await? else {
+                return Ok(None);
+            };
+            let entry = DueEntry {
+                due_ms: now_ms,
+                delivery_id: id.clone(),
+                listener_id: delivery.listener_id.clone(),
+                manual: true,
+            };
+            queue_entries(&tx, &[(now_ms, entry.key_id(), &entry.listener_id)]).await?;
+            tx.execute(
+                "INSERT INTO manual_queued (delivery_id, due_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&id, &signed(now_ms)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Some(delivery))
+        })
+    }
+
+    fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<bool, StoreError> {
+        let deliveries = deliveries.to_vec();
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let mut seqs: Vec<i64> = deliveries.iter().map(|delivery| signed(delivery.event_seq)).collect();
+            seqs.sort_unstable();
+            seqs.dedup();
+            // Retention may have removed the event since the caller read it; locked, so it
+            // cannot go before this commits.
+            let found = tx.query("SELECT seq FROM events WHERE seq = ANY($1) FOR SHARE", &[&seqs]).await?;
+            if found.len() != seqs.len() {
+                return Ok(false);
+            }
+            put_deliveries(&tx, &deliveries.iter().collect::<Vec<_>>()).await?;
+            let entries: Vec<(u64, String, &str)> = deliveries
+                .iter()
+                .map(|delivery| (delivery.next_attempt_at_ms, delivery.id.clone(), delivery.listener_id.as_str()))
+                .collect();
+            queue_entries(&tx, &entries).await?;
+            let pairs: Vec<(&str, &str)> =
+                deliveries.iter().map(|delivery| (delivery.listener_id.as_str(), delivery.id.as_str())).collect();
+            ordered_pending(&tx, &pairs, true).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    fn failed_deliveries(
+        &self,
+        listener_id: &str,
+        since_ms: u64,
+        until_ms: Option<u64>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<String>, StoreError> {
+        let (listener_id, after) = (listener_id.to_owned(), after.map(str::to_owned));
+        self.read(move |client| async move {
+            let budget = scan_budget(limit);
+            // Delivery ids start with their event's position, and positions follow creation
+            // time: a first page starts at the first event of the window.
+            let (from, inclusive) = match after {
+                Some(after) => (after, false),
+                None => {
+                    let first = first_seq_since(&client, since_ms).await?;
+                    (format!("dlv_{}", crate::crypto::hex(&first.to_be_bytes())), true)
+                }
+            };
+            let sql = if inclusive {
+                "SELECT id, state, created_ms FROM deliveries WHERE listener_id = $1 AND id >= $2 ORDER BY id LIMIT $3"
+            } else {
+                "SELECT id, state, created_ms FROM deliveries WHERE listener_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+            };
+            let rows = client.query(sql, &[&listener_id, &from, &signed(budget as u64 + 1)]).await?;
+            let mut items = Vec::new();
+            let mut last = None;
+            for (index, row) in rows.iter().take(budget).enumerate() {
+                let created_ms = unsigned(row.get(2));
+                if until_ms.is_some_and(|until| created_ms >= until) {
+                    // Later deliveries of this listener were created later still.
+                    return Ok(Page { items, resume_after: None });
+                }
+                if created_ms >= since_ms && i32::from(row.get::<_, i16>(1)) == DeliveryState::Failed as i32 {
+                    items.push(row.get(0));
+                }
+                last = Some(index);
+                if items.len() == limit {
+                    break;
+                }
+            }
+            let resume_after = last.filter(|&index| rows.len() > index + 1).map(|index| rows[index].get(0));
+            Ok(Page { items, resume_after })
+        })
+    }
+
+    fn requeue_failed(&self, delivery_ids: &[String], now_ms: u64) -> Result<usize, StoreError> {
+        let ids = delivery_ids.to_vec();
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let rows = tx.query("SELECT id, record FROM deliveries WHERE id = ANY($1) FOR UPDATE", &[&ids]).await?;
+            let mut requeued = Vec::new();
+            for row in &rows {
+                let id: &str = row.get(0);
+                let mut delivery: Delivery = decode(row.get(1)).ok_or_else(|| corrupt("deliveries", id))?;
+                // A manual attempt queued or under way writes the delivery back as it read it
+                // when it ends, which would undo this: such a delivery is left to that attempt.
+                if delivery.state != DeliveryState::Failed as i32 || any_manual(&tx, &[id]).await? {
+                    continue;
+                }
+                delivery.state = DeliveryState::Pending as i32;
+                delivery.next_attempt_at_ms = now_ms;
+                requeued.push(delivery);
+            }
+            put_deliveries(&tx, &requeued.iter().collect::<Vec<_>>()).await?;
+            let entries: Vec<(u64, String, &str)> =
+                requeued.iter().map(|delivery| (now_ms, delivery.id.clone(), delivery.listener_id.as_str())).collect();
+            queue_entries(&tx, &entries).await?;
+            let pairs: Vec<(&str, &str)> =
+                requeued.iter().map(|delivery| (delivery.listener_id.as_str(), delivery.id.as_str())).collect();
+            ordered_pending(&tx, &pairs, true).await?;
+            tx.commit().await?;
+            Ok(requeued.len())
+        })
+    }
+
+    fn trim(
+        &self,
+        before_ms: u64,
+        keys_before_ms: u64,
+        start_seq: u64,
+        max_events: usize,
+    ) -> Result<Trimmed, StoreError> {
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            // Events with deliveries still waiting in the log stay.
+            let fanned_out = unrecorded_from(&tx).await?;
+            let rows = tx
+                .query(
+                    "SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2 FOR UPDATE",
+                    &[&signed(start_seq), &signed(max_events as u64 + 1)],
+                )
+                .await?;
+            let mut trimmed = Trimmed::default();
+            for (looked_at, row) in rows.iter().enumerate() {
+                let seq = unsigned(row.get(0));
+                let event: Event = decode(row.get(1)).ok_or_else(|| corrupt("events", &seq.to_string()))?;
+                if event.created_at_ms >= before_ms || seq >= fanned_out {
+                    trimmed.next_seq = None;
+                    break;
+                }
+                if looked_at == max_events {
+                    trimmed.next_seq = Some(seq);
+                    break;
+                }
+                let deliveries = tx
+                    .query("SELECT id, state FROM deliveries WHERE event_seq = $1 FOR UPDATE", &[&signed(seq)])
+                    .await?;
+                let ids: Vec<&str> = deliveries.iter().map(|row| row.get(0)).collect();
+                // A manual attempt asked for and not yet made keeps its delivery too.
+                let unfinished =
+                    deliveries.iter().any(|row| i32::from(row.get::<_, i16>(1)) == DeliveryState::Pending as i32)
+                        || any_manual(&tx, &ids).await?;
+                if unfinished {
+                    trimmed.kept += 1;
+                    continue;
+                }
+                tx.execute("DELETE FROM attempts WHERE delivery_id = ANY($1)", &[&ids]).await?;
+                tx.execute("DELETE FROM deliveries WHERE event_seq = $1", &[&signed(seq)]).await?;
+                tx.execute("DELETE FROM events WHERE seq = $1", &[&signed(seq)]).await?;
+                trimmed.events += 1;
+                trimmed.deliveries += ids.len();
+                // Its idempotency record goes once its 24 hours are up; until then it stays,
+                // for `trim_keys`. A newer event may have taken the key since: not this one's.
+                if !event.idempotency_key.is_empty() && event.created_at_ms < keys_before_ms {
+                    tx.execute(
+                        "DELETE FROM idempotency WHERE producer_id = $1 AND key = $2 AND event_id = $3",
+                        &[&event.producer_id, &event.idempotency_key, &event.id],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(trimmed)
+        })
+    }
+
+    /// Any idempotency record older than the window is gone here, its event trimmed or not: it
+    /// can no longer match a trigger.
+    fn trim_keys(&self, keys_before_ms: u64, max: usize) -> Result<usize, StoreError> {
+        self.read(move |client| async move {
+            let removed = client
+                .execute(
+                    "DELETE FROM idempotency WHERE (producer_id, key) IN \
+                     (SELECT producer_id, key FROM idempotency WHERE created_ms < $1 ORDER BY created_ms LIMIT $2)",
+                    &[&signed(keys_before_ms), &signed(max as u64)],
+                )
+                .await?;
+            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn counts(&self) -> Result<Counts, StoreError> {
+        let (listeners, disabled_listeners) = {
+            let directory = self.directory.read().expect("the directory lock is never poisoned");
+            directory.listener_counts()
+        };
+        self.read(move |client| async move {
+            let limit = signed(COUNT_LIMIT as u64);
+            let count = |sql: &'static str| {
+                let client = &client;
+                async move { Ok::<u64, StoreError>(unsigned(client.query_one(sql, &[&limit]).await?.get(0))) }
+            };
+            let due = count("SELECT count(*) FROM (SELECT 1 FROM due LIMIT $1) AS counted").await?;
+            let parked = count("SELECT count(*) FROM (SELECT 1 FROM parked LIMIT $1) AS counted").await?;
+            let quarantined = count("SELECT count(*) FROM (SELECT 1 FROM quarantined LIMIT $1) AS counted").await?;
+            Ok(Counts { listeners, disabled_listeners, queued: due + parked, quarantined })
+        })
+    }
+}

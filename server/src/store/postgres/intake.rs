@@ -1,0 +1,307 @@
+//! The intake's write path on PostgreSQL: one task per node that commits triggers in groups.
+//!
+//! The task takes whatever appends are waiting (up to [`MAX_GROUP`]), checks each caller
+//! against the control plane in memory, and writes the group in one transaction: it locks
+//! the log's head row (`log_head`, `FOR UPDATE`), reads the group's idempotency records,
+//! numbers the new events from the head, inserts them and their idempotency records, moves
+//! the head and commits. Only then are the group's callers answered: an acknowledged trigger
+//! is committed. Triggers arriving during a commit make the next group (group commit).
+//! Holding the head row's lock from numbering to commit makes every node's groups commit in
+//! number order, so the log has no hole that a later commit could fill: fan-out may follow
+//! the committed head. A failed group is answered with the error and leaves nothing behind
+//! (the transaction rolls back, numbers included).
+//!
+//! What keeps admin writes in step (see `PgStore::admin`): [`Publication`] holds fan-out back
+//! from a listener write's point until the listener is in memory, and [`Groups`] lets an
+//! admin write wait for the group under way, so a producer disabled (or a key revoked) is
+//! refused from the next trigger on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+
+use super::directory::Directory;
+use super::{signed, unsigned};
+use crate::ids;
+use crate::store::model::{Appended, Event, NewEvent, encode};
+use crate::store::{IDEMPOTENCY_WINDOW_MS, Refusal, StoreError};
+
+/// Most appends committed in one transaction.
+const MAX_GROUP: usize = 1024;
+
+pub(super) struct Job {
+    pub event: NewEvent,
+    /// Room in the store's bound on appends in flight, held until answered.
+    pub _permit: OwnedSemaphorePermit,
+    pub reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// How far fan-out may go: the committed head, held back by listener writes in progress.
+pub(super) struct Publication {
+    state: Mutex<PublicationState>,
+    watch: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct PublicationState {
+    committed: u64,
+    /// Points of the fences up, by token.
+    fences: HashMap<u64, u64>,
+    next_token: u64,
+}
+
+/// Holds fan-out back from `next_seq` on while it lives.
+pub(super) struct Fence {
+    publication: Arc<Publication>,
+    token: u64,
+    pub next_seq: u64,
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        let mut state = self.publication.lock();
+        state.fences.remove(&self.token);
+        self.publication.publish(&state);
+    }
+}
+
+impl Publication {
+    pub fn new(committed: u64) -> Arc<Self> {
+        let (watch, _) = watch::channel(committed);
+        Arc::new(Self { state: Mutex::new(PublicationState { committed, ..PublicationState::default() }), watch })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PublicationState> {
+        self.state.lock().expect("the publication lock is never poisoned")
+    }
+
+    fn publish(&self, state: &PublicationState) {
+        let end = state.fences.values().copied().fold(state.committed, u64::min);
+        self.watch.send_if_modified(|published| {
+            let moved = *published != end;
+            *published = end;
+            moved
+        });
+    }
+
+    /// The number the next event will get, as far as this node knows.
+    pub fn committed(&self) -> u64 {
+        self.lock().committed
+    }
+
+    fn set_committed(&self, next_seq: u64) {
+        let mut state = self.lock();
+        state.committed = state.committed.max(next_seq);
+        self.publish(&state);
+    }
+
+    /// Puts a fence up at the next event's number.
+    pub fn fence(self: &Arc<Self>) -> Fence {
+        let mut state = self.lock();
+        let (token, next_seq) = (state.next_token, state.committed);
+        state.next_token += 1;
+        state.fences.insert(token, next_seq);
+        self.publish(&state);
+        Fence { publication: self.clone(), token, next_seq }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.watch.subscribe()
+    }
+}
+
+/// Groups begun and finished by the intake task.
+pub(super) struct Groups {
+    begun: std::sync::atomic::AtomicU64,
+    finished: watch::Sender<u64>,
+}
+
+impl Groups {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { begun: 0.into(), finished: watch::channel(0).0 })
+    }
+
+    /// Resolves once every group begun before the call has been answered.
+    pub async fn wait_for_begun(&self) {
+        let begun = self.begun.load(std::sync::atomic::Ordering::SeqCst);
+        let mut finished = self.finished.subscribe();
+        // The sender lives as long as `self`.
+        let _ = finished.wait_for(|finished| *finished >= begun).await;
+    }
+}
+
+/// Everything the intake task works with.
+pub(super) struct Intake {
+    pub pool: deadpool_postgres::Pool,
+    pub directory: Arc<RwLock<Directory>>,
+    pub publication: Arc<Publication>,
+    pub groups: Arc<Groups>,
+    pub sync_seconds: Arc<std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>>,
+}
+
+impl Intake {
+    /// Commits groups until every sender is gone and the queue is empty.
+    pub async fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        let mut group = Vec::with_capacity(MAX_GROUP);
+        while jobs.recv_many(&mut group, MAX_GROUP).await > 0 {
+            self.groups.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.commit(std::mem::take(&mut group)).await;
+            self.groups.finished.send_modify(|finished| *finished += 1);
+        }
+    }
+
+    async fn commit(&self, group: Vec<Job>) {
+        let mut accepted = Vec::with_capacity(group.len());
+        {
+            let directory = self.directory.read().expect("the directory lock is never poisoned");
+            for job in group {
+                match check_caller(&directory, &job.event) {
+                    Ok(()) => accepted.push(job),
+                    Err(refusal) => {
+                        let _ = job.reply.send(Err(refusal));
+                    }
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.write(&accepted).await {
+            Ok((answers, next_seq)) => {
+                if let Some(histogram) = self.sync_seconds.get() {
+                    histogram.observe(started.elapsed().as_secs_f64());
+                }
+                self.publication.set_committed(next_seq);
+                for (job, answer) in accepted.into_iter().zip(answers) {
+                    let _ = job.reply.send(Ok(answer));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, triggers = accepted.len(), "a group of triggers failed to commit");
+                for job in accepted {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    /// Writes one group in one transaction; the answers, in order, and the head after it.
+    async fn write(&self, group: &[Job]) -> Result<(Vec<Appended>, u64), StoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let head = tx.query_one("SELECT next_seq, last_created_ms FROM log_head WHERE id = 0 FOR UPDATE", &[]).await?;
+        let (mut next_seq, mut last_created_ms) = (unsigned(head.get(0)), unsigned(head.get(1)));
+
+        // The group's idempotency records, read under the head's lock: no other node can add
+        // one meanwhile.
+        let (keyed_producers, keyed_keys): (Vec<&str>, Vec<&str>) = group
+            .iter()
+            .filter_map(|job| Some((job.event.producer_id.as_str(), job.event.idempotency_key.as_deref()?)))
+            .unzip();
+        let mut claims: HashMap<(String, String), (String, u64)> = HashMap::new();
+        if !keyed_keys.is_empty() {
+            let rows = tx
+                .query(
+                    "SELECT i.producer_id, i.key, i.event_id, i.created_ms FROM idempotency i \
+                     JOIN unnest($1::text[], $2::text[]) AS k(producer_id, key) \
+                     ON i.producer_id = k.producer_id AND i.key = k.key",
+                    &[&keyed_producers, &keyed_keys],
+                )
+                .await?;
+            for row in rows {
+                claims.insert((row.get(0), row.get(1)), (row.get(2), unsigned(row.get(3))));
+            }
+        }
+
+        let mut answers = Vec::with_capacity(group.len());
+        let mut events: Vec<Event> = Vec::with_capacity(group.len());
+        let mut new_claims: HashMap<(String, String), (String, u64)> = HashMap::new();
+        for job in group {
+            let event = &job.event;
+            let claim_key = event.idempotency_key.as_ref().map(|key| (event.producer_id.clone(), key.clone()));
+            if let Some(claim_key) = &claim_key
+                && let Some((event_id, created_ms)) = new_claims.get(claim_key).or_else(|| claims.get(claim_key))
+                && event.created_at_ms < created_ms.saturating_add(IDEMPOTENCY_WINDOW_MS)
+            {
+                answers.push(Appended { event_id: event_id.clone(), duplicate: true });
+                continue;
+            }
+            // Creation times never go backwards along the log, so time windows map to ranges.
+            let created_at_ms = last_created_ms.max(event.created_at_ms);
+            let event_id = ids::event_id(next_seq);
+            events.push(Event {
+                id: event_id.clone(),
+                seq: next_seq,
+                producer_id: event.producer_id.clone(),
+                event_type: event.event_type.clone(),
+                payload: event.payload.clone(),
+                content_type: event.content_type.clone(),
+                created_at_ms,
+                idempotency_key: event.idempotency_key.clone().unwrap_or_default(),
+            });
+            if let Some(claim_key) = claim_key {
+                new_claims.insert(claim_key, (event_id.clone(), created_at_ms));
+            }
+            answers.push(Appended { event_id, duplicate: false });
+            next_seq += 1;
+            last_created_ms = created_at_ms;
+        }
+
+        if !events.is_empty() {
+            let seqs: Vec<i64> = events.iter().map(|event| signed(event.seq)).collect();
+            let ids: Vec<&str> = events.iter().map(|event| event.id.as_str()).collect();
+            let producers: Vec<&str> = events.iter().map(|event| event.producer_id.as_str()).collect();
+            let types: Vec<&str> = events.iter().map(|event| event.event_type.as_str()).collect();
+            let created: Vec<i64> = events.iter().map(|event| signed(event.created_at_ms)).collect();
+            let records: Vec<Vec<u8>> = events.iter().map(encode).collect();
+            tx.execute(
+                "INSERT INTO events (seq, id, producer_id, event_type, created_ms, record) \
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])",
+                &[&seqs, &ids, &producers, &types, &created, &records],
+            )
+            .await?;
+        }
+        if !new_claims.is_empty() {
+            let (mut producers, mut keys, mut event_ids, mut created) = (vec![], vec![], vec![], vec![]);
+            for ((producer, key), (event_id, created_ms)) in &new_claims {
+                producers.push(producer.as_str());
+                keys.push(key.as_str());
+                event_ids.push(event_id.as_str());
+                created.push(signed(*created_ms));
+            }
+            tx.execute(
+                "INSERT INTO idempotency (producer_id, key, event_id, created_ms) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
+                 ON CONFLICT (producer_id, key) DO UPDATE SET event_id = excluded.event_id, created_ms = excluded.created_ms",
+                &[&producers, &keys, &event_ids, &created],
+            )
+            .await?;
+        }
+        tx.execute(
+            "UPDATE log_head SET next_seq = $1, last_created_ms = $2 WHERE id = 0",
+            &[&signed(next_seq), &signed(last_created_ms)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok((answers, next_seq))
+    }
+}
+
+/// The caller's key and its producer, checked where appends are serial: a trigger
+/// authorised just before its producer was disabled (or its key rotated away) is refused.
+fn check_caller(directory: &Directory, event: &NewEvent) -> Result<(), StoreError> {
+    let revoked = StoreError::Refused(Refusal::KeyRevoked);
+    let Some(key) = directory.keys.get(&event.key_hash[..]) else {
+        return Err(revoked);
+    };
+    if key.producer_id != event.producer_id || !key.valid_at(event.created_at_ms) {
+        return Err(revoked);
+    }
+    match directory.producers.get(&event.producer_id) {
+        Some(producer) if producer.enabled => Ok(()),
+        Some(producer) => Err(StoreError::Refused(Refusal::ProducerDisabled(producer.disabled_reason.clone()))),
+        None => Err(revoked),
+    }
+}

@@ -1,0 +1,689 @@
+//! The PostgreSQL backend (`--store postgres://…`): [`Store`] on a database that several
+//! hookd nodes can share.
+//!
+//! Everything runs on the backend's own small runtime (`hookd-pg` threads) with a bounded
+//! pool of connections, so the caller's runtime never polls a database connection. Writes
+//! are transactions that resolve once committed. The control plane (producers, API keys,
+//! event hashes, listeners) is also kept in memory ([`directory`]) and changed after each
+//! commit, so the synchronous reads that authentication, fan-out and the API make inline
+//! never wait on the database; the event log is read from the database. Triggers are
+//! committed in groups by one task ([`intake`]). This module never sees a plaintext secret
+//! or API key: listener secrets arrive sealed, API keys as their SHA-256.
+//!
+//! The delivery pipeline's state ([`pipeline`]) and the history ([`history`]) are tables too.
+//! Layout: see [`schema`].
+
+mod directory;
+mod history;
+mod intake;
+mod pipeline;
+mod schema;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::runtime::Handle;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_postgres::NoTls;
+
+use self::directory::Directory;
+use self::intake::{Groups, Intake, Job, Publication};
+use super::model::{
+    ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode,
+};
+use super::{ListenerEdit, Store, StoreError, StoreFuture};
+use crate::ids;
+
+/// Connections in the pool: the intake task holds one while it commits, admin writes one
+/// at a time, the rest serve reads.
+const POOL_SIZE: usize = 8;
+/// Appends waiting for the intake task before senders wait (backpressure).
+const QUEUE_CAPACITY: usize = 8192;
+/// Most payload bytes (plus a fixed weight per event) of appends not yet answered.
+const PENDING_BYTES: u32 = 256 * 1024 * 1024;
+const EVENT_WEIGHT: u32 = 4096;
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        StoreError::Backend(Arc::new(error))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        StoreError::Backend(Arc::new(error))
+    }
+}
+
+/// A `u64` as PostgreSQL's `bigint` (every number hookd stores is far below 2^63).
+pub(super) fn signed(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A `bigint` read back.
+pub(super) fn unsigned(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn corrupt(table: &str, key: &str) -> StoreError {
+    StoreError::Corrupt { key: format!("{table}/{key}") }
+}
+
+/// The PostgreSQL-backed [`Store`].
+pub struct PgStore {
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: Handle,
+    pool: Pool,
+    directory: Arc<RwLock<Directory>>,
+    publication: Arc<Publication>,
+    groups: Arc<Groups>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    intake: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Admin writes (producers, keys, hashes, listeners) one at a time on this node.
+    admin_lock: Arc<tokio::sync::Mutex<()>>,
+    pending_bytes: Arc<Semaphore>,
+    listeners_generation: Arc<AtomicU64>,
+    sync_seconds: Arc<OnceLock<prometheus_client::metrics::histogram::Histogram>>,
+    /// Never set: a failed commit fails its own callers only, and the next one tries again.
+    failure: watch::Sender<Option<Arc<str>>>,
+    /// The session holding this node's lock on the database, while it runs.
+    node_lock: Mutex<Option<tokio_postgres::Client>>,
+}
+
+/// How many hookd nodes may use one database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nodes {
+    /// One: the node holds a lock on the database (a session advisory lock, keyed by the
+    /// schema) for as long as it runs, and a second node is refused at start. Every node
+    /// keeps the control plane in memory and fans out the whole log, so two would each
+    /// deliver everything and miss each other's producer and listener changes. A killed
+    /// node's session ends with its connection, and the lock with it.
+    One,
+    /// Several stores on one database (tests of what is already safe to share: the intake).
+    Shared,
+}
+
+/// Takes the node lock of the database (see [`Nodes::One`]) on a session of its own.
+async fn lock_node(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, StoreError> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::error!(%error, "the session holding this node's database lock ended");
+        }
+    });
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock(1752133483, hashtext(current_schema())), current_schema()::text", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        let schema: String = row.get(1);
+        return Err(StoreError::Failed(
+            format!(
+                "another hookd node is running on this database (schema {schema}); running several nodes on one \
+                 database is not supported yet: stop the other one first"
+            )
+            .into(),
+        ));
+    }
+    Ok(client)
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").finish_non_exhaustive()
+    }
+}
+
+/// Runs `work` on `handle`'s runtime and waits for it on this thread, whatever runtime this
+/// thread may be part of.
+fn wait_on<T: Send + 'static>(
+    handle: &Handle,
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = reply.send(work.await);
+    });
+    answer.recv().unwrap_or(Err(StoreError::Closed))
+}
+
+impl PgStore {
+    /// Connects to the database at `address` (a `postgres://` URL or a key=value string),
+    /// brings its schema up to date and loads the control plane, as the only hookd node on
+    /// that database (schema): another one already running is refused (see [`Nodes`]).
+    pub fn open(address: &str) -> Result<Arc<Self>, StoreError> {
+        let config: tokio_postgres::Config = address
+            .parse()
+            .map_err(|error| StoreError::Failed(format!("the database address is not valid: {error}").into()))?;
+        Self::open_config(config, Nodes::One)
+    }
+
+    pub fn open_config(config: tokio_postgres::Config, nodes: Nodes) -> Result<Arc<Self>, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hookd-pg")
+            .enable_all()
+            .build()
+            .map_err(|error| StoreError::Failed(format!("cannot start the database threads: {error}").into()))?;
+        let handle = runtime.handle().clone();
+        let lock_config = config.clone();
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .build()
+            .map_err(|error| StoreError::Failed(format!("cannot set up the database pool: {error}").into()))?;
+        let opened = wait_on(&handle, {
+            let pool = pool.clone();
+            async move {
+                let node_lock = match nodes {
+                    Nodes::One => Some(lock_node(&lock_config).await?),
+                    Nodes::Shared => None,
+                };
+                let mut client = pool.get().await?;
+                schema::migrate(&mut client).await?;
+                let directory = Directory::load(&client).await?;
+                let head = client.query_one("SELECT next_seq FROM log_head WHERE id = 0", &[]).await?;
+                Ok((directory, unsigned(head.get(0)), node_lock))
+            }
+        });
+        let (directory, committed, node_lock) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                // Never blocks: opening may be called on an async thread.
+                runtime.shutdown_background();
+                return Err(error);
+            }
+        };
+        let directory = Arc::new(RwLock::new(directory));
+        let publication = Publication::new(committed);
+        let groups = Groups::new();
+        let sync_seconds = Arc::new(OnceLock::new());
+        let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let intake = Intake {
+            pool: pool.clone(),
+            directory: directory.clone(),
+            publication: publication.clone(),
+            groups: groups.clone(),
+            sync_seconds: sync_seconds.clone(),
+        };
+        let intake = handle.spawn(intake.run(jobs_rx));
+        Ok(Arc::new(Self {
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+            pool,
+            directory,
+            publication,
+            groups,
+            jobs: Mutex::new(Some(jobs_tx)),
+            intake: Mutex::new(Some(intake)),
+            admin_lock: Arc::default(),
+            pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
+            listeners_generation: Arc::default(),
+            sync_seconds,
+            failure: watch::channel(None).0,
+            node_lock: Mutex::new(node_lock),
+        }))
+    }
+
+    fn directory(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
+        self.directory.read().expect("the directory lock is never poisoned")
+    }
+
+    fn closed(&self) -> bool {
+        self.jobs.lock().expect("the intake sender lock is never poisoned").is_none()
+    }
+
+    /// A read of the database, waited for on this thread.
+    fn read<T, F, Fut>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        wait_on(&self.handle, async move { read(pool.get().await?).await })
+    }
+
+    /// Runs a write of producers, keys, hashes or listeners and resolves once it has
+    /// committed and `write` has changed the directory: one at a time on this node and off
+    /// the intake task, so no trigger waits behind it. `write` gets the number the next event
+    /// will get. With `fence`, fan-out is held back from every event numbered from then on
+    /// until `write` is done (a listener's registration or disabling point must be in place
+    /// before fan-out reaches it). Then the intake group under way is waited for, so every
+    /// trigger answered after this resolves was checked against the new state.
+    fn admin<T, F, Fut>(&self, fence: bool, write: F) -> StoreFuture<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object, u64) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let closed = self.closed();
+        let (pool, publication, groups, serial) =
+            (self.pool.clone(), self.publication.clone(), self.groups.clone(), self.admin_lock.clone());
+        let task = self.handle.spawn(async move {
+            if closed {
+                return Err(StoreError::Closed);
+            }
+            let _serial = serial.lock().await;
+            let client = pool.get().await?;
+            let fence = fence.then(|| publication.fence());
+            let next_seq = fence.as_ref().map_or_else(|| publication.committed(), |fence| fence.next_seq);
+            let result = write(client, next_seq).await;
+            drop(fence);
+            groups.wait_for_begun().await;
+            result
+        });
+        Box::pin(async move { task.await.unwrap_or_else(|_| Err(StoreError::Closed)) })
+    }
+
+    /// Where fan-out's pairs may still have no record, for a listener: the cursor, or where
+    /// it stands if it is fanned out apart and further back.
+    async fn unsure_from(client: &impl deadpool_postgres::GenericClient, listener_id: &str) -> Result<u64, StoreError> {
+        let cursor = pipeline::fanout_cursor(client).await?.next_seq;
+        let detached =
+            client.query_opt("SELECT from_seq FROM detached WHERE listener_id = $1", &[&listener_id]).await?;
+        Ok(detached.map_or(cursor, |row| cursor.min(unsigned(row.get(0)))))
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.lock().expect("the runtime lock is never poisoned").take() {
+            // Never blocks, so a store may be dropped on any thread, async ones included.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The value kept for the master key's check: key id, a zero byte, the check value.
+fn key_check_value((key_id, check): &(String, [u8; 32])) -> Vec<u8> {
+    [key_id.as_bytes(), &[0], check].concat()
+}
+
+fn append_weight(payload_len: usize) -> u32 {
+    u32::try_from(payload_len).unwrap_or(u32::MAX).saturating_add(EVENT_WEIGHT).min(PENDING_BYTES)
+}
+
+async fn read_meta(client: &impl deadpool_postgres::GenericClient, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(client.query_opt("SELECT value FROM hookd_meta WHERE name = $1", &[&name]).await?.map(|row| row.get(0)))
+}
+
+async fn write_meta(
+    client: &impl deadpool_postgres::GenericClient,
+    name: &str,
+    value: &[u8],
+) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO hookd_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            &[&name, &value],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn write_listener(client: &impl deadpool_postgres::GenericClient, listener: &Listener) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO listeners (id, producer_id, event_type, record) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+            &[&listener.id, &listener.producer_id, &listener.event_type, &encode(listener)],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn locked_listener(
+    client: &impl deadpool_postgres::GenericClient,
+    listener_id: &str,
+) -> Result<Option<Listener>, StoreError> {
+    match client.query_opt("SELECT record FROM listeners WHERE id = $1 FOR UPDATE", &[&listener_id]).await? {
+        Some(row) => decode(row.get(0)).map(Some).ok_or_else(|| corrupt("listeners", listener_id)),
+        None => Ok(None),
+    }
+}
+
+async fn locked_producer(
+    client: &impl deadpool_postgres::GenericClient,
+    producer_id: &str,
+) -> Result<Option<Producer>, StoreError> {
+    match client.query_opt("SELECT record FROM producers WHERE id = $1 FOR UPDATE", &[&producer_id]).await? {
+        Some(row) => decode(row.get(0)).map(Some).ok_or_else(|| corrupt("producers", producer_id)),
+        None => Ok(None),
+    }
+}
+
+async fn write_producer(client: &impl deadpool_postgres::GenericClient, producer: &Producer) -> Result<(), StoreError> {
+    client
+        .execute(
+            "INSERT INTO producers (id, record) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+            &[&producer.id, &encode(producer)],
+        )
+        .await?;
+    Ok(())
+}
+
+impl Store for PgStore {
+    fn check_master_key(&self, accepted: &[(String, [u8; 32])]) -> Result<(), StoreError> {
+        let first = key_check_value(accepted.first().expect("a master key is configured"));
+        let stored = self.read(move |client| async move {
+            client
+                .execute(
+                    "INSERT INTO hookd_meta (name, value) VALUES ('keycheck', $1) ON CONFLICT (name) DO NOTHING",
+                    &[&first],
+                )
+                .await?;
+            Ok(read_meta(&client, "keycheck").await?.unwrap_or_default())
+        })?;
+        if accepted.iter().any(|key| key_check_value(key) == stored) {
+            return Ok(());
+        }
+        let stored_id = stored.split(|&b| b == 0).next().unwrap_or_default();
+        let found: Vec<&str> = accepted.iter().map(|(key_id, _)| key_id.as_str()).collect();
+        Err(StoreError::WrongMasterKey {
+            expected: String::from_utf8_lossy(stored_id).into_owned(),
+            found: found.join(", "),
+        })
+    }
+
+    fn set_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
+        let value = key_check_value(&(key_id.to_owned(), *check));
+        self.read(move |client| async move { write_meta(&client, "keycheck", &value).await })
+    }
+
+    fn sealed_hash_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|client| async move { read_meta(&client, "hashkey").await })
+    }
+
+    fn set_sealed_hash_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
+        let sealed = sealed.to_vec();
+        self.read(move |client| async move { write_meta(&client, "hashkey", &sealed).await })
+    }
+
+    fn create_producer(&self, producer: Producer, key_hash: [u8; 32]) -> StoreFuture<()> {
+        let directory = self.directory.clone();
+        self.admin(false, move |mut client, _| async move {
+            let tx = client.transaction().await?;
+            tx.execute(
+                "INSERT INTO api_keys (key_hash, producer_id, expires_at_ms) VALUES ($1, $2, 0) \
+                 ON CONFLICT (key_hash) DO UPDATE SET producer_id = excluded.producer_id, expires_at_ms = 0",
+                &[&&key_hash[..], &producer.id],
+            )
+            .await?;
+            write_producer(&tx, &producer).await?;
+            tx.commit().await?;
+            let mut directory = directory.write().expect("the directory lock is never poisoned");
+            directory
+                .keys
+                .insert(key_hash.to_vec(), ApiKeyEntry { producer_id: producer.id.clone(), expires_at_ms: 0 });
+            directory.producers.insert(producer.id.clone(), producer);
+            Ok(())
+        })
+    }
+
+    fn producer(&self, producer_id: &str) -> Result<Option<Producer>, StoreError> {
+        Ok(self.directory().producers.get(producer_id).cloned())
+    }
+
+    fn list_producers(&self, after: Option<&str>, limit: usize) -> Result<Vec<Producer>, StoreError> {
+        let directory = self.directory();
+        let after = after.unwrap_or("");
+        Ok(directory
+            .producers
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .map(|(_, producer)| producer.clone())
+            .collect())
+    }
+
+    fn producer_by_key(&self, key_hash: &[u8; 32], now_ms: u64) -> Result<Option<Producer>, StoreError> {
+        let directory = self.directory();
+        let Some(key) = directory.keys.get(&key_hash[..]).filter(|key| key.valid_at(now_ms)) else {
+            return Ok(None);
+        };
+        Ok(directory.producers.get(&key.producer_id).cloned())
+    }
+
+    fn rotate_producer_key(
+        &self,
+        producer_id: &str,
+        new_key_hash: [u8; 32],
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> StoreFuture<bool> {
+        let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
+        self.admin(false, move |mut client, _| async move {
+            let tx = client.transaction().await?;
+            let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
+                return Ok(false);
+            };
+            let mut kept = Vec::new();
+            let mut changes: Vec<(Vec<u8>, Option<ApiKeyEntry>)> = Vec::new();
+            for old in producer.key_hashes.drain(..) {
+                let row = tx.query_opt("SELECT expires_at_ms FROM api_keys WHERE key_hash = $1", &[&old]).await?;
+                let entry = row
+                    .map(|row| ApiKeyEntry { producer_id: producer_id.clone(), expires_at_ms: unsigned(row.get(0)) });
+                match entry {
+                    Some(mut entry) if grace_ms > 0 && entry.valid_at(now_ms) => {
+                        // A key already expiring sooner keeps its earlier end.
+                        let end = now_ms.saturating_add(grace_ms);
+                        entry.expires_at_ms = if entry.expires_at_ms == 0 { end } else { entry.expires_at_ms.min(end) };
+                        tx.execute(
+                            "UPDATE api_keys SET expires_at_ms = $2 WHERE key_hash = $1",
+                            &[&old, &signed(entry.expires_at_ms)],
+                        )
+                        .await?;
+                        changes.push((old.clone(), Some(entry)));
+                        kept.push(old);
+                    }
+                    _ => {
+                        tx.execute("DELETE FROM api_keys WHERE key_hash = $1", &[&old]).await?;
+                        changes.push((old, None));
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO api_keys (key_hash, producer_id, expires_at_ms) VALUES ($1, $2, 0) \
+                 ON CONFLICT (key_hash) DO UPDATE SET producer_id = excluded.producer_id, expires_at_ms = 0",
+                &[&&new_key_hash[..], &producer_id],
+            )
+            .await?;
+            changes.push((
+                new_key_hash.to_vec(),
+                Some(ApiKeyEntry { producer_id: producer_id.clone(), expires_at_ms: 0 }),
+            ));
+            kept.push(new_key_hash.to_vec());
+            producer.key_hashes = kept;
+            write_producer(&tx, &producer).await?;
+            tx.commit().await?;
+            let mut directory = directory.write().expect("the directory lock is never poisoned");
+            for (hash, entry) in changes {
+                match entry {
+                    Some(entry) => directory.keys.insert(hash, entry),
+                    None => directory.keys.remove(&hash),
+                };
+            }
+            directory.producers.insert(producer_id, producer);
+            Ok(true)
+        })
+    }
+
+    fn set_producer_enabled(&self, producer_id: &str, enabled: bool, reason: String) -> StoreFuture<Option<Producer>> {
+        let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
+        self.admin(false, move |mut client, _| async move {
+            let tx = client.transaction().await?;
+            let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
+                return Ok(None);
+            };
+            producer.enabled = enabled;
+            producer.disabled_reason = if enabled { String::new() } else { reason };
+            write_producer(&tx, &producer).await?;
+            tx.commit().await?;
+            let mut directory = directory.write().expect("the directory lock is never poisoned");
+            directory.producers.insert(producer_id, producer.clone());
+            Ok(Some(producer))
+        })
+    }
+
+    fn put_event_hash(&self, event_hash: &str, entry: EventHashEntry) -> StoreFuture<()> {
+        let (event_hash, directory) = (event_hash.to_owned(), self.directory.clone());
+        self.admin(false, move |client, _| async move {
+            client
+                .execute(
+                    "INSERT INTO event_hashes (event_hash, producer_id, event_type) VALUES ($1, $2, $3) \
+                     ON CONFLICT (event_hash) DO UPDATE SET producer_id = excluded.producer_id, event_type = excluded.event_type",
+                    &[&event_hash, &entry.producer_id, &entry.event_type],
+                )
+                .await?;
+            directory.write().expect("the directory lock is never poisoned").hashes.insert(event_hash, entry);
+            Ok(())
+        })
+    }
+
+    fn event_hash(&self, event_hash: &str) -> Result<Option<EventHashEntry>, StoreError> {
+        Ok(self.directory().hashes.get(event_hash).cloned())
+    }
+
+    fn insert_listener(&self, mut listener: Listener) -> StoreFuture<()> {
+        let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
+        self.admin(true, move |client, next_seq| async move {
+            listener.enabled_from_seq = next_seq;
+            write_listener(&client, &listener).await?;
+            directory.write().expect("the directory lock is never poisoned").put_listener(listener);
+            generation.fetch_add(1, Ordering::AcqRel);
+            Ok(())
+        })
+    }
+
+    fn listener(&self, listener_id: &str) -> Result<Option<Listener>, StoreError> {
+        Ok(self.directory().listener(listener_id).cloned())
+    }
+
+    fn list_listeners(
+        &self,
+        producer_id: &str,
+        event_type: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Listener>, StoreError> {
+        Ok(self.directory().list_listeners(producer_id, event_type, after, limit))
+    }
+
+    fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>> {
+        let (listener_id, directory, generation) =
+            (listener_id.to_owned(), self.directory.clone(), self.listeners_generation.clone());
+        self.admin(true, move |mut client, next_seq| async move {
+            let tx = client.transaction().await?;
+            let Some(mut listener) = locked_listener(&tx, &listener_id).await? else {
+                return Ok(None);
+            };
+            let was_enabled = listener.enabled;
+            edit(&mut listener);
+            let fanout_next_seq = if !was_enabled && listener.enabled && listener.reenabling_prunes() {
+                PgStore::unsure_from(&tx, &listener.id).await?
+            } else {
+                0
+            };
+            listener.edited(was_enabled, next_seq, fanout_next_seq);
+            write_listener(&tx, &listener).await?;
+            tx.commit().await?;
+            directory.write().expect("the directory lock is never poisoned").put_listener(listener.clone());
+            generation.fetch_add(1, Ordering::AcqRel);
+            Ok(Some(listener))
+        })
+    }
+
+    fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<DeletedListener>> {
+        let (listener_id, directory, generation) =
+            (listener_id.to_owned(), self.directory.clone(), self.listeners_generation.clone());
+        // Behind the fence, like disabling: no event numbered from the deletion point on is
+        // fanned out before the removal is in memory, so none reaches the deleted listener.
+        self.admin(true, move |mut client, next_seq| async move {
+            let tx = client.transaction().await?;
+            let Some(listener) = locked_listener(&tx, &listener_id).await? else {
+                return Ok(None);
+            };
+            let unsure_from_seq = PgStore::unsure_from(&tx, &listener_id).await?;
+            let ended = listener.deleted_at(next_seq);
+            // What it was owed is cancelled from here, even after a crash: the record commits
+            // with the removal. It keeps which events were the listener's, no secret.
+            let kept = ended.without_secrets();
+            tx.execute(
+                "INSERT INTO deleted_owing (listener_id, unsure_from_seq, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (listener_id) DO UPDATE SET unsure_from_seq = excluded.unsure_from_seq, record = excluded.record",
+                &[&listener_id, &signed(unsure_from_seq), &encode(&kept)],
+            )
+            .await?;
+            tx.execute("DELETE FROM listeners WHERE id = $1", &[&listener_id]).await?;
+            tx.commit().await?;
+            directory.write().expect("the directory lock is never poisoned").remove_listener(&listener_id);
+            generation.fetch_add(1, Ordering::AcqRel);
+            Ok(Some(DeletedListener { listener: ended, unsure_from_seq }))
+        })
+    }
+
+    fn listeners_generation(&self) -> u64 {
+        self.listeners_generation.load(Ordering::Acquire)
+    }
+
+    fn append_event(&self, event: NewEvent) -> StoreFuture<Appended> {
+        let sender = self.jobs.lock().expect("the intake sender lock is never poisoned").clone();
+        let pending_bytes = self.pending_bytes.clone();
+        let weight = append_weight(event.payload.len());
+        let (reply, answer) = oneshot::channel();
+        Box::pin(async move {
+            let sender = sender.ok_or(StoreError::Closed)?;
+            let permit = pending_bytes.acquire_many_owned(weight).await.map_err(|_| StoreError::Closed)?;
+            sender.send(Job { event, _permit: permit, reply }).await.map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn event(&self, event_id: &str) -> Result<Option<Event>, StoreError> {
+        let Some(seq) = ids::event_seq(event_id) else {
+            return Ok(None);
+        };
+        let event = self.read(move |client| async move {
+            match client.query_opt("SELECT record FROM events WHERE seq = $1", &[&signed(seq)]).await? {
+                Some(row) => decode::<Event>(row.get(0)).map(Some).ok_or(StoreError::DamagedEvent { seq }),
+                None => Ok(None),
+            }
+        })?;
+        // The random half of the id must match too: ids cannot be enumerated.
+        Ok(event.filter(|event| event.id == event_id))
+    }
+
+    /// An acknowledged event is committed, and so readable: nothing to wait for.
+    fn settled(&self) -> StoreFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn failure(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.failure.subscribe()
+    }
+
+    fn durable_seq(&self) -> watch::Receiver<u64> {
+        self.publication.subscribe()
+    }
+
+    fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.sync_seconds.set(histogram);
+    }
+
+    fn close(&self) -> Result<(), StoreError> {
+        // Without senders the intake task commits what is queued and ends.
+        drop(self.jobs.lock().expect("the intake sender lock is never poisoned").take());
+        if let Some(intake) = self.intake.lock().expect("the intake handle lock is never poisoned").take() {
+            wait_on(&self.handle, async move {
+                intake.await.map_err(|_| StoreError::Failed("the intake task panicked".into()))
+            })?;
+        }
+        self.pool.close();
+        // Ends the session, and the node's lock with it.
+        drop(self.node_lock.lock().expect("the node lock's lock is never poisoned").take());
+        Ok(())
+    }
+}

@@ -1,5 +1,6 @@
 //! The real `hookd` binary under test: built in release mode, started on a temporary data
-//! directory with a random loopback port, measured (RSS, data size) and killed.
+//! directory (or, with `--store`, a schema of its own in a PostgreSQL database) with a random
+//! loopback port, measured (RSS, data size) and killed.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -45,19 +46,110 @@ pub struct Hookd {
     pub pid: u32,
 }
 
-/// A data directory and master key that outlive one process (for restarts).
+/// The PostgreSQL database hookd runs on (`--store`); the embedded one when unset.
+static STORE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Runs every hookd of this bench on the PostgreSQL database at `address`.
+pub fn use_store(address: String) {
+    let _ = STORE.set(address);
+}
+
+/// Whether hookd runs on PostgreSQL in this bench.
+pub fn on_postgres() -> bool {
+    STORE.get().is_some()
+}
+
+/// A schema of its own in the `--store` database, for one instance; dropped with it.
+pub struct Schema {
+    address: String,
+    name: String,
+}
+
+impl Schema {
+    fn new(address: &str) -> Result<Self, String> {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).expect("random source");
+        let name = format!("hookd_bench_{}", u64::from_le_bytes(random));
+        let schema = Self { address: address.to_owned(), name };
+        schema.execute(format!("CREATE SCHEMA {}", schema.name))?;
+        Ok(schema)
+    }
+
+    /// The address hookd is given: the database, working in this schema.
+    fn store_url(&self) -> String {
+        let separator = if self.address.contains('?') { '&' } else { '?' };
+        format!("{}{separator}options=-csearch_path%3D{}", self.address, self.name)
+    }
+
+    /// Runs `sql` from a thread of its own (callers are async).
+    fn execute(&self, sql: String) -> Result<(), String> {
+        let address = self.address.clone();
+        std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            runtime.block_on(async move {
+                let (client, connection) =
+                    tokio_postgres::connect(&address, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                let connection = tokio::spawn(connection);
+                client.batch_execute(&sql).await.map_err(|e| e.to_string())?;
+                drop(client);
+                let _ = connection.await;
+                Ok(())
+            })
+        })
+        .join()
+        .map_err(|_| "the database statement panicked".to_owned())?
+    }
+
+    /// Bytes the schema's tables and indexes take.
+    fn bytes(&self) -> u64 {
+        let (address, name) = (self.address.clone(), self.name.clone());
+        std::thread::spawn(move || -> Option<u64> {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = tokio_postgres::connect(&address, tokio_postgres::NoTls).await.ok()?;
+                tokio::spawn(connection);
+                let row = client
+                    .query_one(
+                        "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+                        &[&name],
+                    )
+                    .await
+                    .ok()?;
+                u64::try_from(row.get::<_, i64>(0)).ok()
+            })
+        })
+        .join()
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = self.execute(format!("DROP SCHEMA {} CASCADE", self.name));
+    }
+}
+
+/// A data directory (or PostgreSQL schema) and master key that outlive one process (for
+/// restarts).
 pub struct Instance {
     pub binary: PathBuf,
     pub dir: tempfile::TempDir,
     pub master_key: String,
+    pub schema: Option<Schema>,
 }
 
 impl Instance {
-    pub fn new(binary: &Path) -> std::io::Result<Self> {
+    pub fn new(binary: &Path) -> Result<Self, String> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).expect("random source");
         let master_key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
-        Ok(Self { binary: binary.to_owned(), dir: tempfile::tempdir()?, master_key })
+        let schema = STORE.get().map(|address| Schema::new(address)).transpose()?;
+        let dir = tempfile::tempdir().map_err(|error| error.to_string())?;
+        Ok(Self { binary: binary.to_owned(), dir, master_key, schema })
     }
 
     /// Starts hookd and waits until it serves.
@@ -68,6 +160,7 @@ impl Instance {
             .env("HOOKD_MASTER_KEY", &self.master_key)
             .env("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("HOOKD_METRICS_LISTEN", "127.0.0.1:0")
+            .envs(self.schema.as_ref().map(|schema| ("HOOKD_STORE", schema.store_url())))
             // Only what the bench needs to read: the serving line, warnings and errors.
             .env("RUST_LOG", "warn,hookd_server=info,hookd_server::pipeline=warn")
             .envs(extra_env.iter().copied())
@@ -106,8 +199,11 @@ impl Instance {
         Ok(Hookd { child, endpoint: format!("http://{serving}"), metrics, pid })
     }
 
-    /// Size of the data directory, in MB.
+    /// Size of the data directory (or of the PostgreSQL schema's tables), in MB.
     pub fn data_dir_mb(&self) -> f64 {
+        if let Some(schema) = &self.schema {
+            return schema.bytes() as f64 / 1e6;
+        }
         fn size(path: &Path) -> u64 {
             std::fs::read_dir(path)
                 .map(|entries| {
@@ -174,4 +270,19 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks = |index: usize| fields.get(index).and_then(|field| field.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU time all PostgreSQL server processes of this machine have used so far, in seconds
+/// (0 when hookd runs on the embedded store): the database's share of hookd's work.
+pub fn postgres_cpu_seconds() -> f64 {
+    if !on_postgres() {
+        return 0.0;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres"))
+        .map(cpu_seconds)
+        .sum()
 }

@@ -2,7 +2,10 @@
 //! through `hookd-client`, each scenario beside its raw bound taken in the same run, and
 //! reports. It asserts nothing: the goals are read off the report.
 //!
-//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--rounds N] [--only SCENARIO]`
+//! `cargo run --release -p hookd-bench -- [--quick] [--json FILE] [--rounds N] [--store postgres://…] [--only SCENARIO]`
+//!
+//! With `--store`, every hookd runs on that PostgreSQL database, each in a schema of its own
+//! (dropped after); the `store` floor, which measures the embedded store in-process, is left out.
 //!
 //! SCENARIO is one of [`SCENARIOS`]. With `--rounds N` every scenario runs N times and each
 //! figure reported is the median of its N values (the rounds themselves are in the JSON).
@@ -86,7 +89,7 @@ const FULL: Plan = Plan {
 };
 
 const SCENARIOS: [&str; 7] = ["trigger", "stream", "delivery", "backlog", "store", "ordered", "isolation"];
-const USAGE: &str = "usage: hookd-bench [--quick] [--json FILE] [--rounds N] [--only \
+const USAGE: &str = "usage: hookd-bench [--quick] [--json FILE] [--rounds N] [--store postgres://…] [--only \
                      trigger|stream|delivery|backlog|store|ordered|isolation]";
 const LISTENER_COUNTS: [usize; 4] = [0, 1, 100, 1000];
 const CONCURRENCY: usize = 64;
@@ -103,12 +106,17 @@ async fn bench() -> Result<(), BoxError> {
     EPOCH.get_or_init(Instant::now);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let plan = if args.iter().any(|a| a == "--quick") { &QUICK } else { &FULL };
-    if let Some(unknown) =
-        args.iter().find(|a| a.starts_with("--") && !["--quick", "--json", "--only", "--rounds"].contains(&a.as_str()))
+    if let Some(unknown) = args
+        .iter()
+        .find(|a| a.starts_with("--") && !["--quick", "--json", "--only", "--rounds", "--store"].contains(&a.as_str()))
     {
         return Err(format!("unknown option {unknown}; {USAGE}").into());
     }
     let json_path = option_value(&args, "--json")?;
+    // `--store postgres://…`: every hookd runs on that database, each in a schema of its own.
+    if let Some(address) = option_value(&args, "--store")? {
+        hookd::use_store(address);
+    }
     // `--only NAME` runs one scenario (for profiling); the report then holds only that one.
     let only = option_value(&args, "--only")?;
     if let Some(only) = &only
@@ -140,7 +148,12 @@ async fn bench() -> Result<(), BoxError> {
         let delivery =
             if wanted("delivery") { delivery_scenario(plan, &binary, &receiver).await? } else { Value::Null };
         let backlog = if wanted("backlog") { backlog_scenario(plan, &binary, &receiver).await? } else { Value::Null };
-        let store = if wanted("store") { store::floor(plan.store_deliveries).await? } else { Value::Null };
+        // The store floor is the embedded store's, measured in this process.
+        let store = if wanted("store") && !hookd::on_postgres() {
+            store::floor(plan.store_deliveries).await?
+        } else {
+            Value::Null
+        };
         let ordered = if wanted("ordered") { ordered::scenario(plan, &binary, &receiver).await? } else { Value::Null };
         let isolation =
             if wanted("isolation") { isolation::scenario(plan, &binary, &receiver).await? } else { Value::Null };
@@ -157,6 +170,7 @@ async fn bench() -> Result<(), BoxError> {
     let mut report = stats::median_of(&results);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     report["machine"] = json!({ "cores": cores, "hookd_version": env!("CARGO_PKG_VERSION") });
+    report["store"] = json!(if hookd::on_postgres() { "postgres" } else { "embedded" });
     report["run"] = json!({ "plan": plan.name, "rounds": rounds, "seconds": round(started.elapsed().as_secs_f64()) });
     if rounds > 1 {
         report["rounds"] = Value::Array(results);
@@ -394,12 +408,13 @@ async fn delivery_scenario(plan: &Plan, binary: &std::path::Path, receiver: &Rec
         listeners(&producer, "bench.delivery", &receiver.url("/delivery"), listener_count).await?;
         receiver.reset(false);
         let total = (events * listener_count) as u64;
-        let cpu_before = hookd.cpu_seconds();
+        let (cpu_before, postgres_before) = (hookd.cpu_seconds(), hookd::postgres_cpu_seconds());
         let started = Instant::now();
         publish_all(&producer, "bench.delivery", events).await?;
         let complete = receiver.wait_for(total, Duration::from_secs(600)).await;
         let seconds = started.elapsed().as_secs_f64();
         let cpu_us = (hookd.cpu_seconds() - cpu_before) * 1e6 / total as f64;
+        let postgres_us = (hookd::postgres_cpu_seconds() - postgres_before) * 1e6 / total as f64;
         hookd.kill().await;
         let per_s = receiver.received() as f64 / seconds;
         let lags = receiver.lags();
@@ -408,9 +423,10 @@ async fn delivery_scenario(plan: &Plan, binary: &std::path::Path, receiver: &Rec
         receiver.reset(false);
         let raw = raw::http_posts(&receiver.url("/raw"), total as usize, concurrency).await?;
         eprintln!(
-            "delivery, {events} x {listener_count}: {per_s:.0}/s (raw {raw:.0}/s), lag p50 {:.1} ms p99 {:.1} ms, hookd CPU {cpu_us:.0} µs per delivery{}",
+            "delivery, {events} x {listener_count}: {per_s:.0}/s (raw {raw:.0}/s), lag p50 {:.1} ms p99 {:.1} ms, hookd CPU {cpu_us:.0} µs per delivery{}{}",
             lags.p50(),
             lags.p99(),
+            if hookd::on_postgres() { format!(" (PostgreSQL {postgres_us:.0} µs)") } else { String::new() },
             if complete { "" } else { " (INCOMPLETE within 10 min)" }
         );
         cases.push(json!({
@@ -424,6 +440,7 @@ async fn delivery_scenario(plan: &Plan, binary: &std::path::Path, receiver: &Rec
             "complete": complete,
             "raw_concurrency": concurrency,
             "hookd_cpu_us_per_delivery": round(cpu_us),
+            "postgres_cpu_us_per_delivery": round(postgres_us),
         }));
     }
     let first = cases[0].clone();

@@ -141,6 +141,10 @@ impl From<ApiError> for Status {
             ApiError::Store(StoreError::Failed(cause)) => Status::unavailable(format!(
                 "hookd cannot write ({cause}); nothing was recorded. Reads still work; writes need the operator"
             )),
+            ApiError::Store(StoreError::Unavailable(cause)) => Status::unavailable(format!(
+                "the database is unavailable ({cause}); retry shortly (a trigger retried with its idempotency key \
+                 is never recorded twice)"
+            )),
             ApiError::Store(StoreError::Behind) => {
                 Status::unavailable("recent events are still being written into the database; retry shortly")
             }

@@ -54,6 +54,10 @@ pub enum StoreError {
     /// The database failed (any backend's error).
     #[error("database error: {0}")]
     Backend(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// A database server could not be reached, or lost the connection, or asked for the
+    /// transaction to be tried again: the same call may well succeed shortly.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(#[source] Arc<dyn std::error::Error + Send + Sync>),
     #[error("stored record {key} is corrupt or from an unknown version")]
     Corrupt { key: String },
     /// The event log's record at `seq` does not decode.

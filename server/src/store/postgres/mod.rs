@@ -41,6 +41,8 @@ use crate::ids;
 /// Connections in the pool: the intake task holds one while it commits, admin writes one
 /// at a time, the rest serve reads.
 const POOL_SIZE: usize = 8;
+/// How long opening a connection may take, unless the address says otherwise.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Appends waiting for the intake task before senders wait (backpressure).
 const QUEUE_CAPACITY: usize = 8192;
 /// Most payload bytes (plus a fixed weight per event) of appends not yet answered.
@@ -49,13 +51,46 @@ const EVENT_WEIGHT: u32 = 4096;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
-        StoreError::Backend(Arc::new(error))
+        if transient(&error) { StoreError::Unavailable(Arc::new(error)) } else { StoreError::Backend(Arc::new(error)) }
     }
 }
 
+/// Whether an error says nothing about the statement, only that the database could not take
+/// it now: the connection is gone, the server is starting or stopping or out of resources, or
+/// it asked for the transaction to be tried again.
+fn transient(error: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if error.is_closed() {
+        return true;
+    }
+    let Some(state) = error.code() else {
+        // No SQLSTATE and not closed: an I/O error of the connection.
+        return error.source_io().is_some();
+    };
+    // Class 08: connection exception; 53: insufficient resources; 57P: operator intervention
+    // (shutdown, crash, cannot connect now).
+    let class = state.code();
+    class.starts_with("08")
+        || class.starts_with("53")
+        || class.starts_with("57P")
+        || *state == SqlState::T_R_SERIALIZATION_FAILURE
+        || *state == SqlState::T_R_DEADLOCK_DETECTED
+}
+
+trait SourceIo {
+    fn source_io(&self) -> Option<&std::io::Error>;
+}
+
+impl SourceIo for tokio_postgres::Error {
+    fn source_io(&self) -> Option<&std::io::Error> {
+        std::error::Error::source(self).and_then(|source| source.downcast_ref::<std::io::Error>())
+    }
+}
+
+/// The pool fails only to connect (or when closed): the database is out of reach.
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
-        StoreError::Backend(Arc::new(error))
+        StoreError::Unavailable(Arc::new(error))
     }
 }
 
@@ -161,7 +196,11 @@ impl PgStore {
         Self::open_config(config, Nodes::One)
     }
 
-    pub fn open_config(config: tokio_postgres::Config, nodes: Nodes) -> Result<Arc<Self>, StoreError> {
+    pub fn open_config(mut config: tokio_postgres::Config, nodes: Nodes) -> Result<Arc<Self>, StoreError> {
+        if config.get_connect_timeout().is_none() {
+            // A database out of reach fails its callers in seconds rather than hang them.
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("hookd-pg")

@@ -59,10 +59,14 @@ impl PgPlace {
     }
 
     fn open_as(&self, nodes: Nodes) -> Result<Arc<PgStore>, StoreError> {
+        PgStore::open_config(self.config(), nodes)
+    }
+
+    fn config(&self) -> tokio_postgres::Config {
         let (url, schema) = self.0.as_ref().expect("opened only when available");
         let mut config: tokio_postgres::Config = url.parse().unwrap();
         config.options(format!("-c search_path={schema}"));
-        PgStore::open_config(config, nodes)
+        config
     }
 
     fn execute(&self, sql: &str) {
@@ -153,4 +157,104 @@ async fn a_second_node_on_one_database_is_refused_until_the_first_is_closed() {
     elsewhere.open().close().unwrap();
     first.close().unwrap();
     place.open().close().unwrap();
+}
+
+/// A TCP relay on loopback in front of the test database, which a test cuts (every
+/// connection through it ends, new ones are refused) and restores.
+struct Relay {
+    addr: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (accepting, cut) = (open.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accepting.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let mut cut = cut.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, open, cuts }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cuts.send_modify(|cuts| *cuts += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_database_is_answered_unavailable_and_the_store_goes_on_once_it_is_back() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let direct = place.config();
+    let upstream = match (direct.get_hosts().first(), direct.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(host)), Some(&port)) => {
+            tokio::net::lookup_host((host.as_str(), port)).await.unwrap().next().unwrap()
+        }
+        _ => {
+            eprintln!("skipped: HOOKD_TEST_DATABASE_URL is not a TCP address, so no relay can stand in front of it");
+            return;
+        }
+    };
+    let relay = Relay::start(upstream).await;
+    // The same database, user and schema, through the relay.
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(relay.addr.port());
+    config.user(direct.get_user().unwrap_or("postgres"));
+    if let Some(password) = direct.get_password() {
+        config.password(password);
+    }
+    if let Some(dbname) = direct.get_dbname() {
+        config.dbname(dbname);
+    }
+    config.options(direct.get_options().unwrap_or_default());
+    let store = with_producers(PgStore::open_config(config, Nodes::One).unwrap()).await;
+    let first = store.append_event(new_event("prd_a", Some("k1"), 1)).await.unwrap();
+
+    relay.cut();
+    let refused = store.append_event(new_event("prd_a", Some("k2"), 2)).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
+    assert!(matches!(store.event(&first.event_id), Err(StoreError::Unavailable(_))));
+
+    relay.restore();
+    // A connection the pool had not yet found dead may fail one more call.
+    let mut retried = None;
+    for _ in 0..3 {
+        match store.append_event(new_event("prd_a", Some("k2"), 2)).await {
+            Ok(appended) => {
+                retried = Some(appended);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) => continue,
+            Err(error) => panic!("{error:?}"),
+        }
+    }
+    let retried = retried.expect("the store writes again once the database is back");
+    // The trigger that failed left nothing behind: the retry is the next event, not a duplicate.
+    assert!(!retried.duplicate);
+    assert_eq!(crate::ids::event_seq(&retried.event_id), Some(1));
+    assert_eq!(store.event(&first.event_id).unwrap().unwrap().id, first.event_id);
+    store.close().unwrap();
 }

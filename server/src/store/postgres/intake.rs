@@ -2,7 +2,8 @@
 //!
 //! The task takes whatever appends are waiting (up to [`MAX_GROUP`]), checks each caller
 //! against the control plane in memory, and writes the group in one transaction: it locks
-//! the log's head row (`log_head`, `FOR UPDATE`), reads the group's idempotency records,
+//! the log's head row (`log_head`, `FOR UPDATE`), checks the callers again as the database
+//! has them (any node may have changed them), reads the group's idempotency records,
 //! numbers the new events from the head, inserts them and their idempotency records, moves
 //! the head and commits. Only then are the group's callers answered: an acknowledged trigger
 //! is committed. Triggers arriving during a commit make the next group (group commit).
@@ -24,7 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use super::directory::Directory;
 use super::{signed, unsigned};
 use crate::ids;
-use crate::store::model::{Appended, Event, NewEvent, encode};
+use crate::store::model::{ApiKeyEntry, Appended, Event, NewEvent, Producer, decode, encode};
 use crate::store::{IDEMPOTENCY_WINDOW_MS, Refusal, StoreError};
 
 /// Most appends committed in one transaction.
@@ -152,11 +153,14 @@ impl Intake {
     }
 
     async fn commit(&self, group: Vec<Job>) {
+        // First against memory, so a refused caller costs the database nothing.
         let mut accepted = Vec::with_capacity(group.len());
         {
             let directory = self.directory.read().expect("the directory lock is never poisoned");
             for job in group {
-                match check_caller(&directory, &job.event) {
+                let key = directory.keys.get(&job.event.key_hash[..]);
+                let producer = directory.producers.get(&job.event.producer_id);
+                match check_caller(key, producer, &job.event) {
                     Ok(()) => accepted.push(job),
                     Err(refusal) => {
                         let _ = job.reply.send(Err(refusal));
@@ -175,7 +179,7 @@ impl Intake {
                 }
                 self.publication.set_committed(next_seq);
                 for (job, answer) in accepted.into_iter().zip(answers) {
-                    let _ = job.reply.send(Ok(answer));
+                    let _ = job.reply.send(answer);
                 }
             }
             Err(error) => {
@@ -188,11 +192,33 @@ impl Intake {
     }
 
     /// Writes one group in one transaction; the answers, in order, and the head after it.
-    async fn write(&self, group: &[Job]) -> Result<(Vec<Appended>, u64), StoreError> {
+    async fn write(&self, group: &[Job]) -> Result<(Vec<Result<Appended, StoreError>>, u64), StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let head = tx.query_one("SELECT next_seq, last_created_ms FROM log_head WHERE id = 0 FOR UPDATE", &[]).await?;
         let (mut next_seq, mut last_created_ms) = (unsigned(head.get(0)), unsigned(head.get(1)));
+
+        // The callers again, as the database has them now, whichever node changed them: a
+        // producer disabled or a key rotated away on any node is refused from the next group
+        // on. Shared locks make a change wait for this group's commit (or this group for the
+        // change), so a trigger answered after the change returned was checked against it.
+        let hashes: Vec<&[u8]> = group.iter().map(|job| &job.event.key_hash[..]).collect();
+        let producer_ids: Vec<&str> = group.iter().map(|job| job.event.producer_id.as_str()).collect();
+        let keys: HashMap<Vec<u8>, ApiKeyEntry> = tx
+            .query(
+                "SELECT key_hash, producer_id, expires_at_ms FROM api_keys WHERE key_hash = ANY($1) FOR SHARE",
+                &[&hashes],
+            )
+            .await?
+            .iter()
+            .map(|row| (row.get(0), ApiKeyEntry { producer_id: row.get(1), expires_at_ms: unsigned(row.get(2)) }))
+            .collect();
+        let mut producers: HashMap<String, Producer> = HashMap::new();
+        for row in tx.query("SELECT id, record FROM producers WHERE id = ANY($1) FOR SHARE", &[&producer_ids]).await? {
+            let id: String = row.get(0);
+            let producer = decode(row.get(1)).ok_or_else(|| StoreError::Corrupt { key: format!("producers/{id}") })?;
+            producers.insert(id, producer);
+        }
 
         // The group's idempotency records, read under the head's lock: no other node can add
         // one meanwhile.
@@ -220,12 +246,17 @@ impl Intake {
         let mut new_claims: HashMap<(String, String), (String, u64)> = HashMap::new();
         for job in group {
             let event = &job.event;
+            if let Err(refusal) = check_caller(keys.get(&event.key_hash[..]), producers.get(&event.producer_id), event)
+            {
+                answers.push(Err(refusal));
+                continue;
+            }
             let claim_key = event.idempotency_key.as_ref().map(|key| (event.producer_id.clone(), key.clone()));
             if let Some(claim_key) = &claim_key
                 && let Some((event_id, created_ms)) = new_claims.get(claim_key).or_else(|| claims.get(claim_key))
                 && event.created_at_ms < created_ms.saturating_add(IDEMPOTENCY_WINDOW_MS)
             {
-                answers.push(Appended { event_id: event_id.clone(), duplicate: true });
+                answers.push(Ok(Appended { event_id: event_id.clone(), duplicate: true }));
                 continue;
             }
             // Creation times never go backwards along the log, so time windows map to ranges.
@@ -244,7 +275,7 @@ impl Intake {
             if let Some(claim_key) = claim_key {
                 new_claims.insert(claim_key, (event_id.clone(), created_at_ms));
             }
-            answers.push(Appended { event_id, duplicate: false });
+            answers.push(Ok(Appended { event_id, duplicate: false }));
             next_seq += 1;
             last_created_ms = created_at_ms;
         }
@@ -291,15 +322,15 @@ impl Intake {
 
 /// The caller's key and its producer, checked where appends are serial: a trigger
 /// authorised just before its producer was disabled (or its key rotated away) is refused.
-fn check_caller(directory: &Directory, event: &NewEvent) -> Result<(), StoreError> {
+fn check_caller(key: Option<&ApiKeyEntry>, producer: Option<&Producer>, event: &NewEvent) -> Result<(), StoreError> {
     let revoked = StoreError::Refused(Refusal::KeyRevoked);
-    let Some(key) = directory.keys.get(&event.key_hash[..]) else {
+    let Some(key) = key else {
         return Err(revoked);
     };
     if key.producer_id != event.producer_id || !key.valid_at(event.created_at_ms) {
         return Err(revoked);
     }
-    match directory.producers.get(&event.producer_id) {
+    match producer {
         Some(producer) if producer.enabled => Ok(()),
         Some(producer) => Err(StoreError::Refused(Refusal::ProducerDisabled(producer.disabled_reason.clone()))),
         None => Err(revoked),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{Nodes, PgStore};
 use crate::store::conformance::{Place, new_event, with_producers};
-use crate::store::{Store, StoreError};
+use crate::store::{Refusal, Store, StoreError};
 
 /// The database the tests use, if one is configured.
 pub(crate) fn database_url() -> Option<String> {
@@ -257,4 +257,28 @@ async fn a_lost_database_is_answered_unavailable_and_the_store_goes_on_once_it_i
     assert_eq!(crate::ids::event_seq(&retried.event_id), Some(1));
     assert_eq!(store.event(&first.event_id).unwrap().unwrap().id, first.event_id);
     store.close().unwrap();
+}
+
+/// A producer disabled, or a key rotated away, through one store is refused by another on
+/// the same database from its next trigger on, though that one's memory has not heard of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_disabled_or_a_key_rotated_on_one_node_is_refused_on_another_at_once() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let shared = || place.open_as(Nodes::Shared).unwrap();
+    let (here, there) = (with_producers(shared()).await, shared());
+    there.append_event(new_event("prd_a", None, 1)).await.unwrap();
+
+    here.set_producer_enabled("prd_a", false, "leaked".into()).await.unwrap();
+    assert!(there.producer("prd_a").unwrap().unwrap().enabled, "the other store's memory is behind");
+    let refused = there.append_event(new_event("prd_a", None, 2)).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Refused(Refusal::ProducerDisabled(ref reason)) if reason == "leaked"));
+
+    here.rotate_producer_key("prd_b", [9; 32], 3, 0).await.unwrap();
+    let refused = there.append_event(new_event("prd_b", None, 3)).await.unwrap_err();
+    assert!(matches!(refused, StoreError::Refused(Refusal::KeyRevoked)));
+    here.close().unwrap();
+    there.close().unwrap();
 }

@@ -48,9 +48,10 @@ impl DeliveryApi {
         // A caller just answered for a trigger finds its event (it is readable a moment after
         // the answer); waiting for that blocks no thread.
         self.shared.store.settled().await?;
-        self.shared
-            .store
-            .event(event_id)?
+        // Off the async threads: on PostgreSQL the read is a round trip.
+        let (store, id) = (self.shared.store.clone(), event_id.to_owned());
+        crate::blocking(move || store.event(&id))
+            .await?
             .filter(|event| owns(caller, &event.producer_id))
             .ok_or(ApiError::NotFound("event"))
     }

@@ -56,9 +56,14 @@ async fn implicit_of_event(
     directory: &Shared,
     event: &Event,
 ) -> Result<Vec<Delivery>, StoreError> {
+    // Where each listener's pairs may lack a record: the cursor, or where it stands if it is
+    // fanned out apart and further back (read once, whatever the number of listeners).
+    let cursor = fanout_cursor(client).await?.next_seq;
+    let apart: std::collections::HashMap<String, u64> = detached(client).await?.into_iter().collect();
     let mut candidates = Vec::new();
     for listener in listeners_of_type(directory, &event.producer_id, &event.event_type) {
-        if listener.wants(event.seq) && event.seq >= PgStore::unsure_from(client, &listener.id).await? {
+        let unsure_from = apart.get(&listener.id).map_or(cursor, |&from| cursor.min(from));
+        if listener.wants(event.seq) && event.seq >= unsure_from {
             candidates.push(implicit(event, &listener.id));
         }
     }
@@ -101,9 +106,11 @@ async fn implicit_of_listener(
         .and_then(|digits| digits.get(..16))
         .and_then(|digits| u64::from_str_radix(digits, 16).ok());
     let start = PgStore::unsure_from(client, &listener.id).await?.max(after_seq.unwrap_or(0));
+    // Columns only: a delivery still waiting shows no payload.
     let rows = client
         .query(
-            "SELECT seq, event_type, record FROM events WHERE producer_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+            "SELECT seq, event_type, id, created_ms FROM events WHERE producer_id = $1 AND seq >= $2 \
+             ORDER BY seq LIMIT $3",
             &[&listener.producer_id, &signed(start), &signed(budget as u64 + 1)],
         )
         .await?;
@@ -115,7 +122,14 @@ async fn implicit_of_listener(
         if !listener.wants(seq) || row.get::<_, &str>(1) != listener.event_type {
             continue;
         }
-        let Some(event) = decode::<Event>(row.get(2)) else { continue };
+        let event = Event {
+            id: row.get(2),
+            seq,
+            producer_id: listener.producer_id.clone(),
+            event_type: listener.event_type.clone(),
+            created_at_ms: unsigned(row.get(3)),
+            ..Event::default()
+        };
         let delivery = implicit(&event, &listener.id);
         if after.is_none_or(|after| delivery.id.as_str() > after) {
             candidates.push(delivery);
@@ -146,35 +160,44 @@ async fn recorded_page(
     let budget = scan_budget(limit);
     let after = after.unwrap_or("");
     let fetch = signed(budget as u64 + 1);
-    let rows =
-        match of {
-            Of::Listener(listener_id) => client
+    // Ids and states only; the records of the page's deliveries are read after.
+    let rows = match of {
+        Of::Listener(listener_id) => {
+            client
                 .query(
-                    "SELECT id, state, record FROM deliveries WHERE listener_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                    "SELECT id, state FROM deliveries WHERE listener_id = $1 AND id > $2 ORDER BY id LIMIT $3",
                     &[&listener_id, &after, &fetch],
                 )
-                .await?,
-            Of::Event(seq) => client
+                .await?
+        }
+        Of::Event(seq) => {
+            client
                 .query(
-                    "SELECT id, state, record FROM deliveries WHERE event_seq = $1 AND id > $2 ORDER BY id LIMIT $3",
+                    "SELECT id, state FROM deliveries WHERE event_seq = $1 AND id > $2 ORDER BY id LIMIT $3",
                     &[&signed(seq), &after, &fetch],
                 )
-                .await?,
-        };
-    let mut items = Vec::new();
+                .await?
+        }
+    };
+    let mut chosen: Vec<&str> = Vec::new();
     let mut last = None;
     for (index, row) in rows.iter().take(budget).enumerate() {
         last = Some(index);
         if state.is_none_or(|state| i32::from(row.get::<_, i16>(1)) == state as i32) {
-            let id: &str = row.get(0);
-            let mut delivery: Delivery = decode(row.get(2)).ok_or_else(|| corrupt("deliveries", id))?;
-            // A listing shows no attempts: a page does not hold a response per delivery.
-            delivery.first_attempt = None;
-            items.push(delivery);
-            if items.len() == limit {
+            chosen.push(row.get(0));
+            if chosen.len() == limit {
                 break;
             }
         }
+    }
+    let mut items = Vec::with_capacity(chosen.len());
+    let records = client.query("SELECT id, record FROM deliveries WHERE id = ANY($1) ORDER BY id", &[&chosen]).await?;
+    for row in &records {
+        let id: &str = row.get(0);
+        let mut delivery: Delivery = decode(row.get(1)).ok_or_else(|| corrupt("deliveries", id))?;
+        // A listing shows no attempts: a page does not hold a response per delivery.
+        delivery.first_attempt = None;
+        items.push(delivery);
     }
     let resume_after = last.filter(|&index| rows.len() > index + 1).map(|index| rows[index].get::<_, String>(0));
     Ok(Page { items, resume_after })
@@ -197,6 +220,16 @@ async fn first_seq_since(client: &impl GenericClient, since_ms: u64) -> Result<u
         )
         .await?;
     Ok(unsigned(row.get(0)))
+}
+
+/// Whether one of an event's deliveries (rows of id, state) is unfinished: pending, or with a
+/// manual attempt asked for and not yet made.
+async fn unfinished(client: &impl GenericClient, deliveries: &[tokio_postgres::Row]) -> Result<bool, StoreError> {
+    if deliveries.iter().any(|row| i32::from(row.get::<_, i16>(1)) == DeliveryState::Pending as i32) {
+        return Ok(true);
+    }
+    let ids: Vec<&str> = deliveries.iter().map(|row| row.get(0)).collect();
+    any_manual(client, &ids).await
 }
 
 /// Whether a manual attempt of one of `ids` is queued or under way.
@@ -223,46 +256,53 @@ impl HistoryStore for PgStore {
             };
             let budget = scan_budget(limit);
             let fetch = signed(budget as u64 + 1);
-            let rows =
-                match &filter.producer_id {
-                    Some(producer_id) => client
+            // Columns only: the payloads of the page's events are read after.
+            let rows = match &filter.producer_id {
+                Some(producer_id) => {
+                    client
                         .query(
-                            "SELECT seq, record FROM events WHERE producer_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                            "SELECT seq, event_type, created_ms FROM events WHERE producer_id = $1 AND seq >= $2 \
+                             ORDER BY seq LIMIT $3",
                             &[producer_id, &signed(start_seq), &fetch],
                         )
-                        .await?,
-                    None => {
-                        client
-                            .query(
-                                "SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
-                                &[&signed(start_seq), &fetch],
-                            )
-                            .await?
-                    }
-                };
-            let mut items = Vec::new();
+                        .await?
+                }
+                None => {
+                    client
+                        .query(
+                            "SELECT seq, event_type, created_ms FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                            &[&signed(start_seq), &fetch],
+                        )
+                        .await?
+                }
+            };
+            let mut chosen: Vec<i64> = Vec::new();
             let mut last = None;
             let mut reached_until = false;
             for (index, row) in rows.iter().take(budget).enumerate() {
-                let seq = unsigned(row.get(0));
-                let Some(event) = decode::<Event>(row.get(1)) else {
-                    // Put aside by fan-out; it must not break the listing of the others.
-                    tracing::error!(seq, "listing skips an event whose record does not decode");
-                    continue;
-                };
-                if filter.until_ms.is_some_and(|until| event.created_at_ms >= until) {
+                let (seq, event_type, created_ms) = (row.get::<_, i64>(0), row.get::<_, &str>(1), unsigned(row.get(2)));
+                if filter.until_ms.is_some_and(|until| created_ms >= until) {
                     // Nothing later in the log is older.
                     reached_until = true;
                     break;
                 }
                 last = Some((index, seq));
-                if event.created_at_ms >= filter.since_ms
-                    && filter.event_type.as_ref().is_none_or(|t| *t == event.event_type)
-                {
-                    items.push(event);
-                    if items.len() == limit {
+                if created_ms >= filter.since_ms && filter.event_type.as_deref().is_none_or(|t| t == event_type) {
+                    chosen.push(seq);
+                    if chosen.len() == limit {
                         break;
                     }
+                }
+            }
+            let mut items = Vec::with_capacity(chosen.len());
+            let records =
+                client.query("SELECT seq, record FROM events WHERE seq = ANY($1) ORDER BY seq", &[&chosen]).await?;
+            for row in &records {
+                let seq = unsigned(row.get(0));
+                match decode::<Event>(row.get(1)) {
+                    Some(event) => items.push(event),
+                    // Put aside by fan-out; it must not break the listing of the others.
+                    None => tracing::error!(seq, "listing skips an event whose record does not decode"),
                 }
             }
             let resume_after = match last {
@@ -341,9 +381,13 @@ impl HistoryStore for PgStore {
         let id = delivery_id.to_owned();
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
-            let Some(delivery) = read_delivery(&tx, &id).await? else {
+            // Locked, so retention cannot take the delivery, nor a recovery requeue it,
+            // before the manual attempt is on record.
+            let row = tx.query_opt("SELECT record FROM deliveries WHERE id = $1 FOR SHARE", &[&id]).await?;
+            let Some(row) = row else {
                 return Ok(None);
             };
+            let delivery: Delivery = decode(row.get(0)).ok_or_else(|| corrupt("deliveries", &id))?;
             let entry = DueEntry {
                 due_ms: now_ms,
                 delivery_id: id.clone(),
@@ -476,17 +520,17 @@ impl HistoryStore for PgStore {
             let tx = client.transaction().await?;
             // Events with deliveries still waiting in the log stay.
             let fanned_out = unrecorded_from(&tx).await?;
+            // Their columns only: payloads are never read to be deleted.
             let rows = tx
                 .query(
-                    "SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2 FOR UPDATE",
+                    "SELECT seq, id, created_ms FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
                     &[&signed(start_seq), &signed(max_events as u64 + 1)],
                 )
                 .await?;
             let mut trimmed = Trimmed::default();
             for (looked_at, row) in rows.iter().enumerate() {
-                let seq = unsigned(row.get(0));
-                let event: Event = decode(row.get(1)).ok_or_else(|| corrupt("events", &seq.to_string()))?;
-                if event.created_at_ms >= before_ms || seq >= fanned_out {
+                let (seq, event_id, created_ms) = (unsigned(row.get(0)), row.get::<_, &str>(1), unsigned(row.get(2)));
+                if created_ms >= before_ms || seq >= fanned_out {
                     trimmed.next_seq = None;
                     break;
                 }
@@ -494,18 +538,22 @@ impl HistoryStore for PgStore {
                     trimmed.next_seq = Some(seq);
                     break;
                 }
-                let deliveries = tx
-                    .query("SELECT id, state FROM deliveries WHERE event_seq = $1 FOR UPDATE", &[&signed(seq)])
-                    .await?;
-                let ids: Vec<&str> = deliveries.iter().map(|row| row.get(0)).collect();
-                // A manual attempt asked for and not yet made keeps its delivery too.
-                let unfinished =
-                    deliveries.iter().any(|row| i32::from(row.get::<_, i16>(1)) == DeliveryState::Pending as i32)
-                        || any_manual(&tx, &ids).await?;
-                if unfinished {
+                // Looked at without locks first, so a pending delivery (which the recorder may
+                // be writing) is never locked here; those to delete are locked and checked again.
+                let unlocked =
+                    tx.query("SELECT id, state FROM deliveries WHERE event_seq = $1", &[&signed(seq)]).await?;
+                if unfinished(&tx, &unlocked).await? {
                     trimmed.kept += 1;
                     continue;
                 }
+                let deliveries = tx
+                    .query("SELECT id, state FROM deliveries WHERE event_seq = $1 FOR UPDATE", &[&signed(seq)])
+                    .await?;
+                if unfinished(&tx, &deliveries).await? {
+                    trimmed.kept += 1;
+                    continue;
+                }
+                let ids: Vec<&str> = deliveries.iter().map(|row| row.get(0)).collect();
                 tx.execute("DELETE FROM attempts WHERE delivery_id = ANY($1)", &[&ids]).await?;
                 tx.execute("DELETE FROM deliveries WHERE event_seq = $1", &[&signed(seq)]).await?;
                 tx.execute("DELETE FROM events WHERE seq = $1", &[&signed(seq)]).await?;
@@ -513,12 +561,8 @@ impl HistoryStore for PgStore {
                 trimmed.deliveries += ids.len();
                 // Its idempotency record goes once its 24 hours are up; until then it stays,
                 // for `trim_keys`. A newer event may have taken the key since: not this one's.
-                if !event.idempotency_key.is_empty() && event.created_at_ms < keys_before_ms {
-                    tx.execute(
-                        "DELETE FROM idempotency WHERE producer_id = $1 AND key = $2 AND event_id = $3",
-                        &[&event.producer_id, &event.idempotency_key, &event.id],
-                    )
-                    .await?;
+                if created_ms < keys_before_ms {
+                    tx.execute("DELETE FROM idempotency WHERE event_id = $1", &[&event_id]).await?;
                 }
             }
             tx.commit().await?;
@@ -532,7 +576,7 @@ impl HistoryStore for PgStore {
         self.read(move |client| async move {
             let removed = client
                 .execute(
-                    "DELETE FROM idempotency WHERE (producer_id, key) IN \
+                    "DELETE FROM idempotency WHERE created_ms < $1 AND (producer_id, key) IN \
                      (SELECT producer_id, key FROM idempotency WHERE created_ms < $1 ORDER BY created_ms LIMIT $2)",
                     &[&signed(keys_before_ms), &signed(max as u64)],
                 )

@@ -139,6 +139,8 @@ pub(super) struct Intake {
     pub publication: Arc<Publication>,
     pub groups: Arc<Groups>,
     pub sync_seconds: Arc<std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>>,
+    /// Why this node takes no more triggers, once it must not (see `PgStore::failure`).
+    pub failure: watch::Receiver<Option<Arc<str>>>,
 }
 
 impl Intake {
@@ -153,6 +155,12 @@ impl Intake {
     }
 
     async fn commit(&self, group: Vec<Job>) {
+        if let Some(cause) = self.failure.borrow().clone() {
+            for job in group {
+                let _ = job.reply.send(Err(StoreError::Failed(cause.clone())));
+            }
+            return;
+        }
         // First against memory, so a refused caller costs the database nothing.
         let mut accepted = Vec::with_capacity(group.len());
         {
@@ -187,6 +195,13 @@ impl Intake {
                 for job in accepted {
                     let _ = job.reply.send(Err(error.clone()));
                 }
+                // The commit may have happened all the same (the connection failed after it):
+                // fan-out follows the head the database has.
+                if let Ok(client) = self.pool.get().await
+                    && let Ok(head) = client.query_one("SELECT next_seq FROM log_head WHERE id = 0", &[]).await
+                {
+                    self.publication.set_committed(unsigned(head.get(0)));
+                }
             }
         }
     }
@@ -195,6 +210,8 @@ impl Intake {
     async fn write(&self, group: &[Job]) -> Result<(Vec<Result<Appended, StoreError>>, u64), StoreError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        // An acknowledged trigger is on disk, whatever the server's default says.
+        tx.batch_execute("SET LOCAL synchronous_commit = on").await?;
         let head = tx.query_one("SELECT next_seq, last_created_ms FROM log_head WHERE id = 0 FOR UPDATE", &[]).await?;
         let (mut next_seq, mut last_created_ms) = (unsigned(head.get(0)), unsigned(head.get(1)));
 
@@ -202,8 +219,15 @@ impl Intake {
         // producer disabled or a key rotated away on any node is refused from the next group
         // on. Shared locks make a change wait for this group's commit (or this group for the
         // change), so a trigger answered after the change returned was checked against it.
-        let hashes: Vec<&[u8]> = group.iter().map(|job| &job.event.key_hash[..]).collect();
+        // Producers before keys, the order admin writes lock them in too.
         let producer_ids: Vec<&str> = group.iter().map(|job| job.event.producer_id.as_str()).collect();
+        let mut producers: HashMap<String, Producer> = HashMap::new();
+        for row in tx.query("SELECT id, record FROM producers WHERE id = ANY($1) FOR SHARE", &[&producer_ids]).await? {
+            let id: String = row.get(0);
+            let producer = decode(row.get(1)).ok_or_else(|| StoreError::Corrupt { key: format!("producers/{id}") })?;
+            producers.insert(id, producer);
+        }
+        let hashes: Vec<&[u8]> = group.iter().map(|job| &job.event.key_hash[..]).collect();
         let keys: HashMap<Vec<u8>, ApiKeyEntry> = tx
             .query(
                 "SELECT key_hash, producer_id, expires_at_ms FROM api_keys WHERE key_hash = ANY($1) FOR SHARE",
@@ -213,12 +237,6 @@ impl Intake {
             .iter()
             .map(|row| (row.get(0), ApiKeyEntry { producer_id: row.get(1), expires_at_ms: unsigned(row.get(2)) }))
             .collect();
-        let mut producers: HashMap<String, Producer> = HashMap::new();
-        for row in tx.query("SELECT id, record FROM producers WHERE id = ANY($1) FOR SHARE", &[&producer_ids]).await? {
-            let id: String = row.get(0);
-            let producer = decode(row.get(1)).ok_or_else(|| StoreError::Corrupt { key: format!("producers/{id}") })?;
-            producers.insert(id, producer);
-        }
 
         // The group's idempotency records, read under the head's lock: no other node can add
         // one meanwhile.

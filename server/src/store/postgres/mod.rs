@@ -43,6 +43,10 @@ use crate::ids;
 const POOL_SIZE: usize = 8;
 /// How long opening a connection may take, unless the address says otherwise.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Idle time before a connection is probed, and between probes.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long data sent may go unacknowledged before the connection is given up.
+const SILENT_PEER: std::time::Duration = std::time::Duration::from_secs(30);
 /// Appends waiting for the intake task before senders wait (backpressure).
 const QUEUE_CAPACITY: usize = 8192;
 /// Most payload bytes (plus a fixed weight per event) of appends not yet answered.
@@ -123,8 +127,12 @@ pub struct PgStore {
     pending_bytes: Arc<Semaphore>,
     listeners_generation: Arc<AtomicU64>,
     sync_seconds: Arc<OnceLock<prometheus_client::metrics::histogram::Histogram>>,
-    /// Never set: a failed commit fails its own callers only, and the next one tries again.
+    /// Set once this node lost its lock on the database (see [`Nodes::One`]): it then takes no
+    /// more triggers and health says so. A failed commit otherwise fails its own callers only,
+    /// and the next one tries again.
     failure: watch::Sender<Option<Arc<str>>>,
+    /// Cancelled when the store is closed (the node lock's session then ends as it should).
+    closing: tokio_util::sync::CancellationToken,
     /// The session holding this node's lock on the database, while it runs.
     node_lock: Mutex<Option<tokio_postgres::Client>>,
 }
@@ -142,13 +150,22 @@ pub enum Nodes {
     Shared,
 }
 
+/// The session holding a node's lock, and a token cancelled when that session ends.
+struct NodeLock {
+    client: tokio_postgres::Client,
+    closed: tokio_util::sync::CancellationToken,
+}
+
 /// Takes the node lock of the database (see [`Nodes::One`]) on a session of its own.
-async fn lock_node(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, StoreError> {
+async fn lock_node(config: &tokio_postgres::Config) -> Result<NodeLock, StoreError> {
     let (client, connection) = config.connect(NoTls).await?;
+    let closed = tokio_util::sync::CancellationToken::new();
+    let ended = closed.clone();
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::error!(%error, "the session holding this node's database lock ended");
+            tracing::error!(%error, "the session holding this node's database lock failed");
         }
+        ended.cancel();
     });
     let row = client
         .query_one("SELECT pg_try_advisory_lock(1752133483, hashtext(current_schema())), current_schema()::text", &[])
@@ -163,7 +180,29 @@ async fn lock_node(config: &tokio_postgres::Config) -> Result<tokio_postgres::Cl
             .into(),
         ));
     }
-    Ok(client)
+    Ok(NodeLock { client, closed })
+}
+
+/// Once the session holding the node's lock ends while the store is open (the database
+/// restarted, the network failed), another node could take the lock and deliver beside this
+/// one: this node stops taking triggers and says why (health turns NOT_SERVING); a restart
+/// takes the lock again, or is refused while another node holds it. A store being closed
+/// ends the session itself, and nothing is said.
+async fn watch_node_lock(
+    ended: tokio_util::sync::CancellationToken,
+    closing: tokio_util::sync::CancellationToken,
+    failure: watch::Sender<Option<Arc<str>>>,
+) {
+    tokio::select! {
+        biased;
+        () = closing.cancelled() => return,
+        () = ended.cancelled() => {}
+    }
+    let cause: Arc<str> = "this node lost its lock on the database (its session ended): it takes no more triggers \
+                           until it is restarted"
+        .into();
+    tracing::error!(%cause, "stopped taking triggers");
+    failure.send_replace(Some(cause));
 }
 
 impl std::fmt::Debug for PgStore {
@@ -200,6 +239,11 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             // A database out of reach fails its callers in seconds rather than hang them.
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            // A connection whose peer went silent (no reset) is given up in this long,
+            // rather than after the system's hours-long keepalive.
+            config.keepalives_idle(KEEPALIVE_IDLE).keepalives_interval(KEEPALIVE_IDLE).tcp_user_timeout(SILENT_PEER);
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -241,12 +285,18 @@ impl PgStore {
         let groups = Groups::new();
         let sync_seconds = Arc::new(OnceLock::new());
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
+        let failure = watch::channel(None).0;
+        let closing = tokio_util::sync::CancellationToken::new();
+        if let Some(lock) = &node_lock {
+            handle.spawn(watch_node_lock(lock.closed.clone(), closing.clone(), failure.clone()));
+        }
         let intake = Intake {
             pool: pool.clone(),
             directory: directory.clone(),
             publication: publication.clone(),
             groups: groups.clone(),
             sync_seconds: sync_seconds.clone(),
+            failure: failure.subscribe(),
         };
         let intake = handle.spawn(intake.run(jobs_rx));
         Ok(Arc::new(Self {
@@ -262,8 +312,9 @@ impl PgStore {
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             listeners_generation: Arc::default(),
             sync_seconds,
-            failure: watch::channel(None).0,
-            node_lock: Mutex::new(node_lock),
+            failure,
+            closing,
+            node_lock: Mutex::new(node_lock.map(|lock| lock.client)),
         }))
     }
 
@@ -302,6 +353,7 @@ impl PgStore {
         let closed = self.closed();
         let (pool, publication, groups, serial) =
             (self.pool.clone(), self.publication.clone(), self.groups.clone(), self.admin_lock.clone());
+        let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
         let task = self.handle.spawn(async move {
             if closed {
                 return Err(StoreError::Closed);
@@ -311,6 +363,11 @@ impl PgStore {
             let fence = fence.then(|| publication.fence());
             let next_seq = fence.as_ref().map_or_else(|| publication.committed(), |fence| fence.next_seq);
             let result = write(client, next_seq).await;
+            if matches!(result, Err(StoreError::Unavailable(_) | StoreError::Backend(_))) {
+                // The commit may have happened all the same (the connection failed after it):
+                // memory is read again from the database, so it does not miss a change.
+                reload(&pool, &directory, &generation).await;
+            }
             drop(fence);
             groups.wait_for_begun().await;
             result
@@ -334,6 +391,22 @@ impl Drop for PgStore {
             // Never blocks, so a store may be dropped on any thread, async ones included.
             runtime.shutdown_background();
         }
+    }
+}
+
+/// Reads the control plane again into `directory`, when it may have missed a change; logs
+/// and keeps what it has when the database cannot say.
+async fn reload(pool: &Pool, directory: &RwLock<Directory>, generation: &AtomicU64) {
+    let fresh = async {
+        let client = pool.get().await?;
+        Directory::load(&client).await
+    };
+    match fresh.await {
+        Ok(fresh) => {
+            *directory.write().expect("the directory lock is never poisoned") = fresh;
+            generation.fetch_add(1, Ordering::AcqRel);
+        }
+        Err(error) => tracing::warn!(%error, "cannot read producers and listeners again after a failed write"),
     }
 }
 
@@ -446,13 +519,14 @@ impl Store for PgStore {
         let directory = self.directory.clone();
         self.admin(false, move |mut client, _| async move {
             let tx = client.transaction().await?;
+            // Producer before key, the order the intake locks them in.
+            write_producer(&tx, &producer).await?;
             tx.execute(
                 "INSERT INTO api_keys (key_hash, producer_id, expires_at_ms) VALUES ($1, $2, 0) \
                  ON CONFLICT (key_hash) DO UPDATE SET producer_id = excluded.producer_id, expires_at_ms = 0",
                 &[&&key_hash[..], &producer.id],
             )
             .await?;
-            write_producer(&tx, &producer).await?;
             tx.commit().await?;
             let mut directory = directory.write().expect("the directory lock is never poisoned");
             directory
@@ -721,7 +795,8 @@ impl Store for PgStore {
             })?;
         }
         self.pool.close();
-        // Ends the session, and the node's lock with it.
+        // Ends the session, and the node's lock with it (closing: that is no failure).
+        self.closing.cancel();
         drop(self.node_lock.lock().expect("the node lock's lock is never poisoned").take());
         Ok(())
     }

@@ -17,7 +17,10 @@ use crate::store::model::{
 };
 use crate::store::{CancelledLot, Completion, NewDelivery, PipelineStore, QueuePosition, StoreError};
 
-/// Events read from the log per query by [`PipelineStore::events_from`].
+/// Events read from the log by the first query of [`PipelineStore::events_from`]; each next
+/// query reads twice as many, up to [`EVENTS_PER_READ`]: a caller that takes a few events
+/// reads few payloads.
+const FIRST_READ: i64 = 16;
 const EVENTS_PER_READ: i64 = 256;
 
 /// Writes deliveries (new, or over their earlier record).
@@ -203,6 +206,8 @@ struct EventsFrom<'a> {
     next: u64,
     buffer: VecDeque<Result<Event, StoreError>>,
     done: bool,
+    /// Events the next query reads.
+    read: i64,
 }
 
 impl Iterator for EventsFrom<'_> {
@@ -210,18 +215,16 @@ impl Iterator for EventsFrom<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.buffer.is_empty() && !self.done {
-            let from = signed(self.next);
+            let (from, read) = (signed(self.next), self.read);
+            self.read = (self.read * 2).min(EVENTS_PER_READ);
             let rows = self.store.read(move |client| async move {
                 Ok(client
-                    .query(
-                        "SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
-                        &[&from, &EVENTS_PER_READ],
-                    )
+                    .query("SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2", &[&from, &read])
                     .await?)
             });
             match rows {
                 Ok(rows) => {
-                    self.done = rows.len() < EVENTS_PER_READ as usize;
+                    self.done = rows.len() < usize::try_from(read).unwrap_or(0);
                     for row in rows {
                         let seq = unsigned(row.get(0));
                         self.next = seq + 1;
@@ -257,7 +260,7 @@ impl PipelineStore for PgStore {
     }
 
     fn events_from(&self, seq: u64) -> Box<dyn Iterator<Item = Result<Event, StoreError>> + '_> {
-        Box::new(EventsFrom { store: self, next: seq, buffer: VecDeque::new(), done: false })
+        Box::new(EventsFrom { store: self, next: seq, buffer: VecDeque::new(), done: false, read: FIRST_READ })
     }
 
     fn event_at(&self, seq: u64) -> Result<Option<Event>, StoreError> {
@@ -385,32 +388,36 @@ impl PipelineStore for PgStore {
     ) -> Result<(Vec<Event>, u64), StoreError> {
         let (producer_id, event_type) = (producer_id.to_owned(), event_type.to_owned());
         self.read(move |client| async move {
-            // The producer's events of every type count against `scan`, as on sled.
+            // The producer's events of every type count against `scan`, as on sled; columns
+            // only, and the records of those kept are read after.
             let rows = client
                 .query(
-                    "SELECT seq, event_type, record FROM events WHERE producer_id = $1 AND seq >= $2 AND seq < $3 \
+                    "SELECT seq, event_type FROM events WHERE producer_id = $1 AND seq >= $2 AND seq < $3 \
                      ORDER BY seq LIMIT $4",
                     &[&producer_id, &signed(from_seq), &signed(until_seq), &signed(scan as u64 + 1)],
                 )
                 .await?;
-            let mut found = Vec::new();
+            let mut chosen: Vec<i64> = Vec::new();
+            let mut reached = until_seq;
             for (looked_at, row) in rows.iter().enumerate() {
                 let seq = unsigned(row.get(0));
                 if looked_at == scan {
-                    return Ok((found, seq));
+                    reached = seq;
+                    break;
                 }
-                if row.get::<_, &str>(1) != event_type {
-                    continue;
-                }
-                // A record that does not decode was put aside by fan-out already.
-                if let Some(event) = decode::<Event>(row.get(2)) {
-                    found.push(event);
-                    if found.len() >= limit {
-                        return Ok((found, seq + 1));
+                if row.get::<_, &str>(1) == event_type {
+                    chosen.push(signed(seq));
+                    if chosen.len() >= limit {
+                        reached = seq + 1;
+                        break;
                     }
                 }
             }
-            Ok((found, until_seq))
+            let records =
+                client.query("SELECT record FROM events WHERE seq = ANY($1) ORDER BY seq", &[&chosen]).await?;
+            // A record that does not decode was put aside by fan-out already.
+            let found = records.iter().filter_map(|row| decode::<Event>(row.get(0))).collect();
+            Ok((found, reached))
         })
     }
 

@@ -111,6 +111,8 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (delivery_id, number)
      );
      CREATE TABLE listener_health (listener_id text COLLATE "C" PRIMARY KEY, record bytea NOT NULL);"#,
+    // 2: retention finds an event's idempotency record by the event, without its payload.
+    "CREATE INDEX idempotency_by_event ON idempotency (event_id);",
 ];
 
 /// The schema version this binary writes.

@@ -147,14 +147,17 @@ impl Intake {
     /// Commits groups until every sender is gone and the queue is empty.
     pub async fn run(self, mut jobs: mpsc::Receiver<Job>) {
         let mut group = Vec::with_capacity(MAX_GROUP);
+        // The connection the intake keeps for itself, so no trigger waits for the pool behind
+        // reads; dropped after a failed commit, and taken again for the next group.
+        let mut connection = None;
         while jobs.recv_many(&mut group, MAX_GROUP).await > 0 {
             self.groups.begun.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.commit(std::mem::take(&mut group)).await;
+            self.commit(&mut connection, std::mem::take(&mut group)).await;
             self.groups.finished.send_modify(|finished| *finished += 1);
         }
     }
 
-    async fn commit(&self, group: Vec<Job>) {
+    async fn commit(&self, connection: &mut Option<deadpool_postgres::Object>, group: Vec<Job>) {
         if let Some(cause) = self.failure.borrow().clone() {
             for job in group {
                 let _ = job.reply.send(Err(StoreError::Failed(cause.clone())));
@@ -180,7 +183,17 @@ impl Intake {
             return;
         }
         let started = std::time::Instant::now();
-        match self.write(&accepted).await {
+        let written = match connection.as_mut() {
+            Some(client) => self.write(client, &accepted).await,
+            None => match self.pool.get().await {
+                Ok(client) => self.write(connection.insert(client), &accepted).await,
+                Err(error) => Err(error.into()),
+            },
+        };
+        if written.is_err() {
+            *connection = None;
+        }
+        match written {
             Ok((answers, next_seq)) => {
                 if let Some(histogram) = self.sync_seconds.get() {
                     histogram.observe(started.elapsed().as_secs_f64());
@@ -207,8 +220,11 @@ impl Intake {
     }
 
     /// Writes one group in one transaction; the answers, in order, and the head after it.
-    async fn write(&self, group: &[Job]) -> Result<(Vec<Result<Appended, StoreError>>, u64), StoreError> {
-        let mut client = self.pool.get().await?;
+    async fn write(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        group: &[Job],
+    ) -> Result<(Vec<Result<Appended, StoreError>>, u64), StoreError> {
         let tx = client.transaction().await?;
         // An acknowledged trigger is on disk, whatever the server's default says.
         tx.batch_execute("SET LOCAL synchronous_commit = on").await?;

@@ -38,9 +38,11 @@ use super::model::{
 use super::{ListenerEdit, Store, StoreError, StoreFuture};
 use crate::ids;
 
-/// Connections in the pool: the intake task holds one while it commits, admin writes one
-/// at a time, the rest serve reads.
-const POOL_SIZE: usize = 8;
+/// Connections in the pool: the intake task keeps one, admin writes take one at a time, the
+/// rest serve the pipeline and reads.
+const POOL_SIZE: usize = 10;
+/// Longest wait for a free connection.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long opening a connection may take, unless the address says otherwise.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Idle time before a connection is probed, and between probes.
@@ -256,6 +258,10 @@ impl PgStore {
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            // A call that finds every connection busy for this long is answered UNAVAILABLE.
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|error| StoreError::Failed(format!("cannot set up the database pool: {error}").into()))?;
         let opened = wait_on(&handle, {

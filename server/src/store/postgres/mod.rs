@@ -133,6 +133,8 @@ pub struct PgStore {
     /// more triggers and health says so. A failed commit otherwise fails its own callers only,
     /// and the next one tries again.
     failure: watch::Sender<Option<Arc<str>>>,
+    /// The version of the control plane that `directory` reflects (see [`Control`]).
+    control_version: Arc<AtomicU64>,
     /// Cancelled when the store is closed (the node lock's session then ends as it should).
     closing: tokio_util::sync::CancellationToken,
     /// The session holding this node's lock on the database, while it runs.
@@ -273,12 +275,14 @@ impl PgStore {
                 };
                 let mut client = pool.get().await?;
                 schema::migrate(&mut client).await?;
+                // The version first: a change made while the rest is read is seen later.
+                let version = client.query_one("SELECT version FROM control_version WHERE id = 0", &[]).await?;
                 let directory = Directory::load(&client).await?;
                 let head = client.query_one("SELECT next_seq FROM log_head WHERE id = 0", &[]).await?;
-                Ok((directory, unsigned(head.get(0)), node_lock))
+                Ok((directory, unsigned(head.get(0)), node_lock, unsigned(version.get(0))))
             }
         });
-        let (directory, committed, node_lock) = match opened {
+        let (directory, committed, node_lock, control_version) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 // Never blocks: opening may be called on an async thread.
@@ -295,6 +299,18 @@ impl PgStore {
         let closing = tokio_util::sync::CancellationToken::new();
         if let Some(lock) = &node_lock {
             handle.spawn(watch_node_lock(lock.closed.clone(), closing.clone(), failure.clone()));
+        }
+        let control_version = Arc::new(AtomicU64::new(control_version));
+        let listeners_generation = Arc::new(AtomicU64::new(0));
+        if nodes == Nodes::Shared {
+            let follow = follow_control(
+                pool.clone(),
+                directory.clone(),
+                listeners_generation.clone(),
+                control_version.clone(),
+                closing.clone(),
+            );
+            handle.spawn(follow);
         }
         let intake = Intake {
             pool: pool.clone(),
@@ -316,7 +332,8 @@ impl PgStore {
             intake: Mutex::new(Some(intake)),
             admin_lock: Arc::default(),
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
-            listeners_generation: Arc::default(),
+            listeners_generation,
+            control_version,
             sync_seconds,
             failure,
             closing,
@@ -353,10 +370,11 @@ impl PgStore {
     fn admin<T, F, Fut>(&self, fence: bool, write: F) -> StoreFuture<T>
     where
         T: Send + 'static,
-        F: FnOnce(deadpool_postgres::Object, u64) -> Fut + Send + 'static,
+        F: FnOnce(deadpool_postgres::Object, u64, Control) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let closed = self.closed();
+        let control = Control { known: self.control_version.clone() };
         let (pool, publication, groups, serial) =
             (self.pool.clone(), self.publication.clone(), self.groups.clone(), self.admin_lock.clone());
         let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
@@ -368,7 +386,7 @@ impl PgStore {
             let client = pool.get().await?;
             let fence = fence.then(|| publication.fence());
             let next_seq = fence.as_ref().map_or_else(|| publication.committed(), |fence| fence.next_seq);
-            let result = write(client, next_seq).await;
+            let result = write(client, next_seq, control).await;
             if matches!(result, Err(StoreError::Unavailable(_) | StoreError::Backend(_))) {
                 // The commit may have happened all the same (the connection failed after it):
                 // memory is read again from the database, so it does not miss a change.
@@ -396,6 +414,62 @@ impl Drop for PgStore {
         if let Some(runtime) = self.runtime.lock().expect("the runtime lock is never poisoned").take() {
             // Never blocks, so a store may be dropped on any thread, async ones included.
             runtime.shutdown_background();
+        }
+    }
+}
+
+/// What an admin write commits with: the control plane's version moves in the same
+/// transaction, so every node sees that producers, keys, hashes or listeners changed.
+pub(super) struct Control {
+    /// The version this node's memory reflects.
+    known: Arc<AtomicU64>,
+}
+
+impl Control {
+    /// Moves the version on and commits. When nothing else changed since this node's memory
+    /// was last current, it is current again with this write applied (the caller applies it).
+    async fn commit(&self, tx: deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
+        let row = tx
+            .query_one("UPDATE control_version SET version = version + 1 WHERE id = 0 RETURNING version", &[])
+            .await?;
+        let version = unsigned(row.get(0));
+        tx.commit().await?;
+        let _ = self.known.compare_exchange(version - 1, version, Ordering::AcqRel, Ordering::Acquire);
+        Ok(())
+    }
+}
+
+/// How often a node that shares its database looks for changes other nodes made.
+const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Keeps `directory` current with changes other nodes make: reads the control plane again
+/// whenever its version is not the one memory reflects (within [`CONTROL_POLL`] and one
+/// reload), until `closing`.
+async fn follow_control(
+    pool: Pool,
+    directory: Arc<RwLock<Directory>>,
+    generation: Arc<AtomicU64>,
+    known: Arc<AtomicU64>,
+    closing: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = closing.cancelled() => return,
+            () = tokio::time::sleep(CONTROL_POLL) => {}
+        }
+        let current = async {
+            let client = pool.get().await?;
+            let row = client.query_one("SELECT version FROM control_version WHERE id = 0", &[]).await?;
+            Ok::<u64, StoreError>(unsigned(row.get(0)))
+        };
+        match current.await {
+            // Read before the reload: a change committed meanwhile is seen at the next look.
+            Ok(version) if version != known.load(Ordering::Acquire) => {
+                reload(&pool, &directory, &generation).await;
+                known.store(version, Ordering::Release);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot look for changes other nodes made"),
         }
     }
 }
@@ -523,7 +597,7 @@ impl Store for PgStore {
 
     fn create_producer(&self, producer: Producer, key_hash: [u8; 32]) -> StoreFuture<()> {
         let directory = self.directory.clone();
-        self.admin(false, move |mut client, _| async move {
+        self.admin(false, move |mut client, _, control| async move {
             let tx = client.transaction().await?;
             // Producer before key, the order the intake locks them in.
             write_producer(&tx, &producer).await?;
@@ -533,7 +607,7 @@ impl Store for PgStore {
                 &[&&key_hash[..], &producer.id],
             )
             .await?;
-            tx.commit().await?;
+            control.commit(tx).await?;
             let mut directory = directory.write().expect("the directory lock is never poisoned");
             directory
                 .keys
@@ -574,7 +648,7 @@ impl Store for PgStore {
         grace_ms: u64,
     ) -> StoreFuture<bool> {
         let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
-        self.admin(false, move |mut client, _| async move {
+        self.admin(false, move |mut client, _, control| async move {
             let tx = client.transaction().await?;
             let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
                 return Ok(false);
@@ -617,7 +691,7 @@ impl Store for PgStore {
             kept.push(new_key_hash.to_vec());
             producer.key_hashes = kept;
             write_producer(&tx, &producer).await?;
-            tx.commit().await?;
+            control.commit(tx).await?;
             let mut directory = directory.write().expect("the directory lock is never poisoned");
             for (hash, entry) in changes {
                 match entry {
@@ -632,7 +706,7 @@ impl Store for PgStore {
 
     fn set_producer_enabled(&self, producer_id: &str, enabled: bool, reason: String) -> StoreFuture<Option<Producer>> {
         let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
-        self.admin(false, move |mut client, _| async move {
+        self.admin(false, move |mut client, _, control| async move {
             let tx = client.transaction().await?;
             let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
                 return Ok(None);
@@ -640,7 +714,7 @@ impl Store for PgStore {
             producer.enabled = enabled;
             producer.disabled_reason = if enabled { String::new() } else { reason };
             write_producer(&tx, &producer).await?;
-            tx.commit().await?;
+            control.commit(tx).await?;
             let mut directory = directory.write().expect("the directory lock is never poisoned");
             directory.producers.insert(producer_id, producer.clone());
             Ok(Some(producer))
@@ -649,14 +723,15 @@ impl Store for PgStore {
 
     fn put_event_hash(&self, event_hash: &str, entry: EventHashEntry) -> StoreFuture<()> {
         let (event_hash, directory) = (event_hash.to_owned(), self.directory.clone());
-        self.admin(false, move |client, _| async move {
-            client
-                .execute(
-                    "INSERT INTO event_hashes (event_hash, producer_id, event_type) VALUES ($1, $2, $3) \
-                     ON CONFLICT (event_hash) DO UPDATE SET producer_id = excluded.producer_id, event_type = excluded.event_type",
-                    &[&event_hash, &entry.producer_id, &entry.event_type],
-                )
-                .await?;
+        self.admin(false, move |mut client, _, control| async move {
+            let tx = client.transaction().await?;
+            tx.execute(
+                "INSERT INTO event_hashes (event_hash, producer_id, event_type) VALUES ($1, $2, $3) \
+                 ON CONFLICT (event_hash) DO UPDATE SET producer_id = excluded.producer_id, event_type = excluded.event_type",
+                &[&event_hash, &entry.producer_id, &entry.event_type],
+            )
+            .await?;
+            control.commit(tx).await?;
             directory.write().expect("the directory lock is never poisoned").hashes.insert(event_hash, entry);
             Ok(())
         })
@@ -668,9 +743,11 @@ impl Store for PgStore {
 
     fn insert_listener(&self, mut listener: Listener) -> StoreFuture<()> {
         let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
-        self.admin(true, move |client, next_seq| async move {
+        self.admin(true, move |mut client, next_seq, control| async move {
             listener.enabled_from_seq = next_seq;
-            write_listener(&client, &listener).await?;
+            let tx = client.transaction().await?;
+            write_listener(&tx, &listener).await?;
+            control.commit(tx).await?;
             directory.write().expect("the directory lock is never poisoned").put_listener(listener);
             generation.fetch_add(1, Ordering::AcqRel);
             Ok(())
@@ -694,7 +771,7 @@ impl Store for PgStore {
     fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>> {
         let (listener_id, directory, generation) =
             (listener_id.to_owned(), self.directory.clone(), self.listeners_generation.clone());
-        self.admin(true, move |mut client, next_seq| async move {
+        self.admin(true, move |mut client, next_seq, control| async move {
             let tx = client.transaction().await?;
             let Some(mut listener) = locked_listener(&tx, &listener_id).await? else {
                 return Ok(None);
@@ -708,7 +785,7 @@ impl Store for PgStore {
             };
             listener.edited(was_enabled, next_seq, fanout_next_seq);
             write_listener(&tx, &listener).await?;
-            tx.commit().await?;
+            control.commit(tx).await?;
             directory.write().expect("the directory lock is never poisoned").put_listener(listener.clone());
             generation.fetch_add(1, Ordering::AcqRel);
             Ok(Some(listener))
@@ -720,7 +797,7 @@ impl Store for PgStore {
             (listener_id.to_owned(), self.directory.clone(), self.listeners_generation.clone());
         // Behind the fence, like disabling: no event numbered from the deletion point on is
         // fanned out before the removal is in memory, so none reaches the deleted listener.
-        self.admin(true, move |mut client, next_seq| async move {
+        self.admin(true, move |mut client, next_seq, control| async move {
             let tx = client.transaction().await?;
             let Some(listener) = locked_listener(&tx, &listener_id).await? else {
                 return Ok(None);
@@ -737,7 +814,7 @@ impl Store for PgStore {
             )
             .await?;
             tx.execute("DELETE FROM listeners WHERE id = $1", &[&listener_id]).await?;
-            tx.commit().await?;
+            control.commit(tx).await?;
             directory.write().expect("the directory lock is never poisoned").remove_listener(&listener_id);
             generation.fetch_add(1, Ordering::AcqRel);
             Ok(Some(DeletedListener { listener: ended, unsure_from_seq }))

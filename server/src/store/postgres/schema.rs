@@ -113,6 +113,10 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE listener_health (listener_id text COLLATE "C" PRIMARY KEY, record bytea NOT NULL);"#,
     // 2: retention finds an event's idempotency record by the event, without its payload.
     "CREATE INDEX idempotency_by_event ON idempotency (event_id);",
+    // 3: the control plane's version, moved by every admin write, so each node sees that
+    // producers, keys, hashes or listeners changed.
+    "CREATE TABLE control_version (id smallint PRIMARY KEY CHECK (id = 0), version bigint NOT NULL);
+     INSERT INTO control_version VALUES (0, 0);",
 ];
 
 /// The schema version this binary writes.
@@ -123,6 +127,12 @@ const MIGRATION_LOCK: i64 = 0x0068_6f6f_6b64;
 
 /// Brings the schema up to [`VERSION`], or refuses a newer one. Returns the version found.
 pub(super) async fn migrate(client: &mut Client) -> Result<i32, StoreError> {
+    migrate_to(client, VERSION).await
+}
+
+/// Brings the schema up to `target` (at most [`VERSION`]), or refuses one newer than this
+/// binary knows. Returns the version found.
+pub(super) async fn migrate_to(client: &mut Client, target: i32) -> Result<i32, StoreError> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS hookd_schema (version integer NOT NULL)").await?;
@@ -142,7 +152,8 @@ pub(super) async fn migrate(client: &mut Client) -> Result<i32, StoreError> {
             .into(),
         ));
     }
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+    let (from, to) = (usize::try_from(found).unwrap_or(0), usize::try_from(target).unwrap_or(0));
+    for (index, migration) in MIGRATIONS.iter().enumerate().take(to).skip(from) {
         tx.batch_execute(migration).await?;
         let version = i32::try_from(index + 1).expect("migrations are few");
         tx.execute("UPDATE hookd_schema SET version = $1", &[&version]).await?;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::{Nodes, PgStore};
-use crate::store::conformance::{Place, new_event, with_producers};
+use crate::store::conformance::{Place, key_of, listener, new_event, with_producers};
 use crate::store::{Refusal, Store, StoreError};
 
 /// The database the tests use, if one is configured.
@@ -124,15 +124,37 @@ async fn a_database_with_a_newer_schema_is_refused_and_left_as_it_is() {
     place.execute("UPDATE hookd_schema SET version = 99");
     let error = place.try_open().unwrap_err().to_string();
     assert!(error.contains("version 99, newer than this hookd knows"), "{error}");
-    // A schema one migration behind is brought up to date at start.
-    place.execute("UPDATE hookd_schema SET version = 1; DROP INDEX idempotency_by_event");
-    place.open().close().unwrap();
+}
+
+#[tokio::test]
+async fn a_schema_of_the_first_version_is_brought_up_to_date_at_start() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let config = place.config();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            super::schema::migrate_to(&mut client, 1).await.unwrap();
+        });
+    })
+    .join()
+    .unwrap();
+    assert_eq!(place.scalar("SELECT version::bigint FROM hookd_schema"), 1);
+    let store = with_producers(place.open()).await;
+    store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    store.close().unwrap();
     assert_eq!(place.scalar("SELECT version::bigint FROM hookd_schema"), i64::from(super::schema::VERSION));
+    let index =
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname = 'idempotency_by_event'";
+    assert_eq!(place.scalar(index), 1, "migration 2");
     assert_eq!(
-        place.scalar(
-            "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND indexname = 'idempotency_by_event'"
-        ),
-        1
+        place.scalar("SELECT version FROM control_version"),
+        2,
+        "migration 3, moved by the two producers' creation"
     );
 }
 
@@ -367,4 +389,35 @@ async fn triggers_and_key_rotations_of_one_producer_never_deadlock() {
     }
     rotating.await.unwrap();
     store.close().unwrap();
+}
+
+/// What one store writes to the control plane (a producer, an event hash, a listener, its
+/// deletion), another on the same database learns within a second, by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_learns_of_producers_hashes_and_listeners_within_a_second() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let (here, there) = (place.open_as(Nodes::Shared).unwrap(), place.open_as(Nodes::Shared).unwrap());
+    let generation = there.listeners_generation();
+    with_producers(here.clone()).await;
+    let entry = crate::store::EventHashEntry { producer_id: "prd_a".into(), event_type: "thing.happened".into() };
+    here.put_event_hash("evh_thing", entry.clone()).await.unwrap();
+    here.insert_listener(listener("lst_1", "prd_a", "thing.happened")).await.unwrap();
+    let within = |what: &'static str, seen: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !seen() {
+            assert!(std::time::Instant::now() < deadline, "{what} not seen by the other node within a second");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    within("the producer and its key", &|| there.producer_by_key(&key_of("prd_a"), 1).unwrap().is_some());
+    within("the event hash", &|| there.event_hash("evh_thing").unwrap() == Some(entry.clone()));
+    within("the listener", &|| there.listener("lst_1").unwrap().is_some());
+    assert_ne!(there.listeners_generation(), generation, "its copies of listeners are known to be stale");
+    here.delete_listener("lst_1").await.unwrap().unwrap();
+    within("the deletion", &|| there.listener("lst_1").unwrap().is_none());
+    here.close().unwrap();
+    there.close().unwrap();
 }

@@ -186,7 +186,11 @@ impl Intake {
         let written = match connection.as_mut() {
             Some(client) => self.write(client, &accepted).await,
             None => match self.pool.get().await {
-                Ok(client) => self.write(connection.insert(client), &accepted).await,
+                // An acknowledged trigger is on disk, whatever the server's default says.
+                Ok(client) => match client.batch_execute("SET synchronous_commit = on").await {
+                    Ok(()) => self.write(connection.insert(client), &accepted).await,
+                    Err(error) => Err(error.into()),
+                },
                 Err(error) => Err(error.into()),
             },
         };
@@ -226,54 +230,52 @@ impl Intake {
         group: &[Job],
     ) -> Result<(Vec<Result<Appended, StoreError>>, u64), StoreError> {
         let tx = client.transaction().await?;
-        // An acknowledged trigger is on disk, whatever the server's default says.
-        tx.batch_execute("SET LOCAL synchronous_commit = on").await?;
-        let head = tx.query_one("SELECT next_seq, last_created_ms FROM log_head WHERE id = 0 FOR UPDATE", &[]).await?;
+        // Statements are prepared once per connection, and those that do not wait for one
+        // another go out together (tokio-postgres pipelines them): a group costs five round
+        // trips (begin, head, reads, writes, commit) whatever its size.
+        let head = tx.prepare_cached(HEAD).await?;
+        let head = tx.query_one(&head, &[]).await?;
         let (mut next_seq, mut last_created_ms) = (unsigned(head.get(0)), unsigned(head.get(1)));
 
         // The callers again, as the database has them now, whichever node changed them: a
         // producer disabled or a key rotated away on any node is refused from the next group
         // on. Shared locks make a change wait for this group's commit (or this group for the
         // change), so a trigger answered after the change returned was checked against it.
-        // Producers before keys, the order admin writes lock them in too.
+        // Producers before keys, the order admin writes lock them in too (the server runs
+        // pipelined statements in the order they were sent).
         let producer_ids: Vec<&str> = group.iter().map(|job| job.event.producer_id.as_str()).collect();
-        let mut producers: HashMap<String, Producer> = HashMap::new();
-        for row in tx.query("SELECT id, record FROM producers WHERE id = ANY($1) FOR SHARE", &[&producer_ids]).await? {
-            let id: String = row.get(0);
-            let producer = decode(row.get(1)).ok_or_else(|| StoreError::Corrupt { key: format!("producers/{id}") })?;
-            producers.insert(id, producer);
-        }
         let hashes: Vec<&[u8]> = group.iter().map(|job| &job.event.key_hash[..]).collect();
-        let keys: HashMap<Vec<u8>, ApiKeyEntry> = tx
-            .query(
-                "SELECT key_hash, producer_id, expires_at_ms FROM api_keys WHERE key_hash = ANY($1) FOR SHARE",
-                &[&hashes],
-            )
-            .await?
-            .iter()
-            .map(|row| (row.get(0), ApiKeyEntry { producer_id: row.get(1), expires_at_ms: unsigned(row.get(2)) }))
-            .collect();
-
         // The group's idempotency records, read under the head's lock: no other node can add
         // one meanwhile.
         let (keyed_producers, keyed_keys): (Vec<&str>, Vec<&str>) = group
             .iter()
             .filter_map(|job| Some((job.event.producer_id.as_str(), job.event.idempotency_key.as_deref()?)))
             .unzip();
-        let mut claims: HashMap<(String, String), (String, u64)> = HashMap::new();
-        if !keyed_keys.is_empty() {
-            let rows = tx
-                .query(
-                    "SELECT i.producer_id, i.key, i.event_id, i.created_ms FROM idempotency i \
-                     JOIN unnest($1::text[], $2::text[]) AS k(producer_id, key) \
-                     ON i.producer_id = k.producer_id AND i.key = k.key",
-                    &[&keyed_producers, &keyed_keys],
-                )
-                .await?;
-            for row in rows {
-                claims.insert((row.get(0), row.get(1)), (row.get(2), unsigned(row.get(3))));
-            }
+        let (producers_sql, keys_sql, claims_sql) =
+            tokio::try_join!(tx.prepare_cached(PRODUCERS), tx.prepare_cached(KEYS), tx.prepare_cached(CLAIMS))?;
+        let (producer_rows, key_rows, claim_rows) = tokio::try_join!(
+            async { tx.query(&producers_sql, &[&producer_ids]).await },
+            async { tx.query(&keys_sql, &[&hashes]).await },
+            async {
+                if keyed_keys.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    tx.query(&claims_sql, &[&keyed_producers, &keyed_keys]).await
+                }
+            },
+        )?;
+        let mut producers: HashMap<String, Producer> = HashMap::new();
+        for row in producer_rows {
+            let id: String = row.get(0);
+            let producer = decode(row.get(1)).ok_or_else(|| StoreError::Corrupt { key: format!("producers/{id}") })?;
+            producers.insert(id, producer);
         }
+        let keys: HashMap<Vec<u8>, ApiKeyEntry> = key_rows
+            .iter()
+            .map(|row| (row.get(0), ApiKeyEntry { producer_id: row.get(1), expires_at_ms: unsigned(row.get(2)) }))
+            .collect();
+        let claims: HashMap<(String, String), (String, u64)> =
+            claim_rows.iter().map(|row| ((row.get(0), row.get(1)), (row.get(2), unsigned(row.get(3))))).collect();
 
         let mut answers = Vec::with_capacity(group.len());
         let mut events: Vec<Event> = Vec::with_capacity(group.len());
@@ -314,45 +316,59 @@ impl Intake {
             last_created_ms = created_at_ms;
         }
 
-        if !events.is_empty() {
-            let seqs: Vec<i64> = events.iter().map(|event| signed(event.seq)).collect();
-            let ids: Vec<&str> = events.iter().map(|event| event.id.as_str()).collect();
-            let producers: Vec<&str> = events.iter().map(|event| event.producer_id.as_str()).collect();
-            let types: Vec<&str> = events.iter().map(|event| event.event_type.as_str()).collect();
-            let created: Vec<i64> = events.iter().map(|event| signed(event.created_at_ms)).collect();
-            let records: Vec<Vec<u8>> = events.iter().map(encode).collect();
-            tx.execute(
-                "INSERT INTO events (seq, id, producer_id, event_type, created_ms, record) \
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])",
-                &[&seqs, &ids, &producers, &types, &created, &records],
-            )
-            .await?;
+        let seqs: Vec<i64> = events.iter().map(|event| signed(event.seq)).collect();
+        let ids: Vec<&str> = events.iter().map(|event| event.id.as_str()).collect();
+        let event_producers: Vec<&str> = events.iter().map(|event| event.producer_id.as_str()).collect();
+        let types: Vec<&str> = events.iter().map(|event| event.event_type.as_str()).collect();
+        let created: Vec<i64> = events.iter().map(|event| signed(event.created_at_ms)).collect();
+        let records: Vec<Vec<u8>> = events.iter().map(encode).collect();
+        let (mut claim_producers, mut claim_keys, mut claim_events, mut claim_created) =
+            (vec![], vec![], vec![], vec![]);
+        for ((producer, key), (event_id, created_ms)) in &new_claims {
+            claim_producers.push(producer.as_str());
+            claim_keys.push(key.as_str());
+            claim_events.push(event_id.as_str());
+            claim_created.push(signed(*created_ms));
         }
-        if !new_claims.is_empty() {
-            let (mut producers, mut keys, mut event_ids, mut created) = (vec![], vec![], vec![], vec![]);
-            for ((producer, key), (event_id, created_ms)) in &new_claims {
-                producers.push(producer.as_str());
-                keys.push(key.as_str());
-                event_ids.push(event_id.as_str());
-                created.push(signed(*created_ms));
-            }
-            tx.execute(
-                "INSERT INTO idempotency (producer_id, key, event_id, created_ms) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
-                 ON CONFLICT (producer_id, key) DO UPDATE SET event_id = excluded.event_id, created_ms = excluded.created_ms",
-                &[&producers, &keys, &event_ids, &created],
-            )
-            .await?;
-        }
-        tx.execute(
-            "UPDATE log_head SET next_seq = $1, last_created_ms = $2 WHERE id = 0",
-            &[&signed(next_seq), &signed(last_created_ms)],
-        )
-        .await?;
+        let (insert_events, insert_claims, move_head) = tokio::try_join!(
+            tx.prepare_cached(INSERT_EVENTS),
+            tx.prepare_cached(INSERT_CLAIMS),
+            tx.prepare_cached(MOVE_HEAD)
+        )?;
+        tokio::try_join!(
+            async {
+                if events.is_empty() {
+                    Ok(0)
+                } else {
+                    tx.execute(&insert_events, &[&seqs, &ids, &event_producers, &types, &created, &records]).await
+                }
+            },
+            async {
+                if new_claims.is_empty() {
+                    Ok(0)
+                } else {
+                    tx.execute(&insert_claims, &[&claim_producers, &claim_keys, &claim_events, &claim_created]).await
+                }
+            },
+            async { tx.execute(&move_head, &[&signed(next_seq), &signed(last_created_ms)]).await },
+        )?;
         tx.commit().await?;
         Ok((answers, next_seq))
     }
 }
+
+const HEAD: &str = "SELECT next_seq, last_created_ms FROM log_head WHERE id = 0 FOR UPDATE";
+const PRODUCERS: &str = "SELECT id, record FROM producers WHERE id = ANY($1) FOR SHARE";
+const KEYS: &str = "SELECT key_hash, producer_id, expires_at_ms FROM api_keys WHERE key_hash = ANY($1) FOR SHARE";
+const CLAIMS: &str = "SELECT i.producer_id, i.key, i.event_id, i.created_ms FROM idempotency i \
+                      JOIN unnest($1::text[], $2::text[]) AS k(producer_id, key) \
+                      ON i.producer_id = k.producer_id AND i.key = k.key";
+const INSERT_EVENTS: &str = "INSERT INTO events (seq, id, producer_id, event_type, created_ms, record) \
+                             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])";
+const INSERT_CLAIMS: &str = "INSERT INTO idempotency (producer_id, key, event_id, created_ms) \
+                             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
+                             ON CONFLICT (producer_id, key) DO UPDATE SET event_id = excluded.event_id, created_ms = excluded.created_ms";
+const MOVE_HEAD: &str = "UPDATE log_head SET next_seq = $1, last_created_ms = $2 WHERE id = 0";
 
 /// The caller's key and its producer, checked where appends are serial: a trigger
 /// authorised just before its producer was disabled (or its key rotated away) is refused.

@@ -878,9 +878,18 @@ impl Store for PgStore {
             })?;
         }
         self.pool.close();
-        // Ends the session, and the node's lock with it (closing: that is no failure).
+        // Gives the node's lock back before answering, so a node started right after this one
+        // stopped finds it free, then ends the session (closing: that is no failure).
         self.closing.cancel();
-        drop(self.node_lock.lock().expect("the node lock's lock is never poisoned").take());
+        if let Some(lock) = self.node_lock.lock().expect("the node lock's lock is never poisoned").take() {
+            let unlocked = wait_on(&self.handle, async move {
+                lock.batch_execute("SELECT pg_advisory_unlock_all()").await?;
+                Ok(())
+            });
+            if let Err(error) = unlocked {
+                tracing::warn!(%error, "cannot give this node's database lock back; it goes with the session");
+            }
+        }
         Ok(())
     }
 }

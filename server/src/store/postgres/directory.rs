@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use tokio_postgres::Client;
+use deadpool_postgres::GenericClient;
 
 use crate::store::model::{ApiKeyEntry, EventHashEntry, Listener, Producer, decode};
 use crate::store::{StoreError, postgres::unsigned};
@@ -31,7 +31,7 @@ fn corrupt(table: &str, key: &str) -> StoreError {
 
 impl Directory {
     /// Reads the whole control plane.
-    pub async fn load(client: &Client) -> Result<Self, StoreError> {
+    pub async fn load(client: &impl GenericClient) -> Result<Self, StoreError> {
         let mut directory = Directory::default();
         for row in client.query("SELECT id, record FROM producers", &[]).await? {
             let id: String = row.get(0);

@@ -158,6 +158,10 @@ impl Intake {
     }
 
     async fn commit(&self, connection: &mut Option<deadpool_postgres::Object>, group: Vec<Job>) {
+        // A connection the server ended meanwhile (a restart, an idle timeout) is not used.
+        if connection.as_ref().is_some_and(|client| client.is_closed()) {
+            *connection = None;
+        }
         if let Some(cause) = self.failure.borrow().clone() {
             for job in group {
                 let _ = job.reply.send(Err(StoreError::Failed(cause.clone())));
@@ -252,8 +256,9 @@ impl Intake {
             .filter_map(|job| Some((job.event.producer_id.as_str(), job.event.idempotency_key.as_deref()?)))
             .unzip();
         let (producers_sql, keys_sql, claims_sql) =
-            tokio::try_join!(tx.prepare_cached(PRODUCERS), tx.prepare_cached(KEYS), tx.prepare_cached(CLAIMS))?;
+            tokio::try_join!(biased; tx.prepare_cached(PRODUCERS), tx.prepare_cached(KEYS), tx.prepare_cached(CLAIMS))?;
         let (producer_rows, key_rows, claim_rows) = tokio::try_join!(
+            biased;
             async { tx.query(&producers_sql, &[&producer_ids]).await },
             async { tx.query(&keys_sql, &[&hashes]).await },
             async {
@@ -331,11 +336,13 @@ impl Intake {
             claim_created.push(signed(*created_ms));
         }
         let (insert_events, insert_claims, move_head) = tokio::try_join!(
+            biased;
             tx.prepare_cached(INSERT_EVENTS),
             tx.prepare_cached(INSERT_CLAIMS),
             tx.prepare_cached(MOVE_HEAD)
         )?;
         tokio::try_join!(
+            biased;
             async {
                 if events.is_empty() {
                     Ok(0)

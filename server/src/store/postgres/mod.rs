@@ -45,6 +45,8 @@ const POOL_SIZE: usize = 10;
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long opening a connection may take, unless the address says otherwise.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest wait for the node lock to be given back at close (it goes with the session anyway).
+const UNLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Idle time before a connection is probed, and between probes.
 const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long data sent may go unacknowledged before the connection is given up.
@@ -275,11 +277,9 @@ impl PgStore {
                 };
                 let mut client = pool.get().await?;
                 schema::migrate(&mut client).await?;
-                // The version first: a change made while the rest is read is seen later.
-                let version = client.query_one("SELECT version FROM control_version WHERE id = 0", &[]).await?;
-                let directory = Directory::load(&client).await?;
+                let (version, directory) = snapshot(&mut client).await?;
                 let head = client.query_one("SELECT next_seq FROM log_head WHERE id = 0", &[]).await?;
-                Ok((directory, unsigned(head.get(0)), node_lock, unsigned(version.get(0))))
+                Ok((directory, unsigned(head.get(0)), node_lock, version))
             }
         });
         let (directory, committed, node_lock, control_version) = match opened {
@@ -301,6 +301,7 @@ impl PgStore {
             handle.spawn(watch_node_lock(lock.closed.clone(), closing.clone(), failure.clone()));
         }
         let control_version = Arc::new(AtomicU64::new(control_version));
+        let admin_lock: Arc<tokio::sync::Mutex<()>> = Arc::default();
         let listeners_generation = Arc::new(AtomicU64::new(0));
         if nodes == Nodes::Shared {
             let follow = follow_control(
@@ -308,6 +309,7 @@ impl PgStore {
                 directory.clone(),
                 listeners_generation.clone(),
                 control_version.clone(),
+                admin_lock.clone(),
                 closing.clone(),
             );
             handle.spawn(follow);
@@ -330,7 +332,7 @@ impl PgStore {
             groups,
             jobs: Mutex::new(Some(jobs_tx)),
             intake: Mutex::new(Some(intake)),
-            admin_lock: Arc::default(),
+            admin_lock,
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             listeners_generation,
             control_version,
@@ -378,6 +380,7 @@ impl PgStore {
         let (pool, publication, groups, serial) =
             (self.pool.clone(), self.publication.clone(), self.groups.clone(), self.admin_lock.clone());
         let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
+        let known = self.control_version.clone();
         let task = self.handle.spawn(async move {
             if closed {
                 return Err(StoreError::Closed);
@@ -390,7 +393,7 @@ impl PgStore {
             if matches!(result, Err(StoreError::Unavailable(_) | StoreError::Backend(_))) {
                 // The commit may have happened all the same (the connection failed after it):
                 // memory is read again from the database, so it does not miss a change.
-                reload(&pool, &directory, &generation).await;
+                reload(&pool, &directory, &generation, &known).await;
             }
             drop(fence);
             groups.wait_for_begun().await;
@@ -450,6 +453,7 @@ async fn follow_control(
     directory: Arc<RwLock<Directory>>,
     generation: Arc<AtomicU64>,
     known: Arc<AtomicU64>,
+    serial: Arc<tokio::sync::Mutex<()>>,
     closing: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -463,10 +467,11 @@ async fn follow_control(
             Ok::<u64, StoreError>(unsigned(row.get(0)))
         };
         match current.await {
-            // Read before the reload: a change committed meanwhile is seen at the next look.
             Ok(version) if version != known.load(Ordering::Acquire) => {
-                reload(&pool, &directory, &generation).await;
-                known.store(version, Ordering::Release);
+                // Between this node's own writes, so a reload never puts older data over a
+                // change this node has just applied.
+                let _serial = serial.lock().await;
+                reload(&pool, &directory, &generation, &known).await;
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot look for changes other nodes made"),
@@ -474,19 +479,37 @@ async fn follow_control(
     }
 }
 
-/// Reads the control plane again into `directory`, when it may have missed a change; logs
-/// and keeps what it has when the database cannot say.
-async fn reload(pool: &Pool, directory: &RwLock<Directory>, generation: &AtomicU64) {
+/// The control plane's version and the control plane as of that version: one read-only
+/// snapshot, so the two agree.
+async fn snapshot(client: &mut deadpool_postgres::Object) -> Result<(u64, Directory), StoreError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let version = unsigned(tx.query_one("SELECT version FROM control_version WHERE id = 0", &[]).await?.get(0));
+    let directory = Directory::load(&tx).await?;
+    tx.commit().await?;
+    Ok((version, directory))
+}
+
+/// Reads the control plane again into `directory`, with the version it reflects into `known`,
+/// when it may have missed a change. Called one at a time with this node's admin writes. Logs
+/// and keeps what it has (and the version it had, so the next look tries again) when the
+/// database cannot say.
+async fn reload(pool: &Pool, directory: &RwLock<Directory>, generation: &AtomicU64, known: &AtomicU64) {
     let fresh = async {
-        let client = pool.get().await?;
-        Directory::load(&client).await
+        let mut client = pool.get().await?;
+        snapshot(&mut client).await
     };
     match fresh.await {
-        Ok(fresh) => {
+        Ok((version, fresh)) => {
             *directory.write().expect("the directory lock is never poisoned") = fresh;
             generation.fetch_add(1, Ordering::AcqRel);
+            known.store(version, Ordering::Release);
         }
-        Err(error) => tracing::warn!(%error, "cannot read producers and listeners again after a failed write"),
+        Err(error) => tracing::warn!(%error, "cannot read producers and listeners again"),
     }
 }
 
@@ -870,6 +893,7 @@ impl Store for PgStore {
     }
 
     fn close(&self) -> Result<(), StoreError> {
+        self.closing.cancel();
         // Without senders the intake task commits what is queued and ends.
         drop(self.jobs.lock().expect("the intake sender lock is never poisoned").take());
         if let Some(intake) = self.intake.lock().expect("the intake handle lock is never poisoned").take() {
@@ -880,11 +904,12 @@ impl Store for PgStore {
         self.pool.close();
         // Gives the node's lock back before answering, so a node started right after this one
         // stopped finds it free, then ends the session (closing: that is no failure).
-        self.closing.cancel();
         if let Some(lock) = self.node_lock.lock().expect("the node lock's lock is never poisoned").take() {
             let unlocked = wait_on(&self.handle, async move {
-                lock.batch_execute("SELECT pg_advisory_unlock_all()").await?;
-                Ok(())
+                match tokio::time::timeout(UNLOCK_WAIT, lock.batch_execute("SELECT pg_advisory_unlock_all()")).await {
+                    Ok(unlocked) => Ok(unlocked?),
+                    Err(_) => Err(StoreError::Failed("the database did not answer in time".into())),
+                }
             });
             if let Err(error) = unlocked {
                 tracing::warn!(%error, "cannot give this node's database lock back; it goes with the session");

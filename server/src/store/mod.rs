@@ -93,6 +93,26 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
+/// The value a store keeps to recognise the master key: the key id, a zero byte, the check
+/// value.
+pub(crate) fn key_check_value(key_id: &str, check: &[u8; 32]) -> Vec<u8> {
+    [key_id.as_bytes(), &[0], check].concat()
+}
+
+/// Whether `stored` (see [`key_check_value`]) is one of the `accepted` keys; if not, the error
+/// naming the key the data was sealed with and the keys given.
+pub(crate) fn match_master_key(stored: &[u8], accepted: &[(String, [u8; 32])]) -> Result<(), StoreError> {
+    if accepted.iter().any(|(key_id, check)| key_check_value(key_id, check) == stored) {
+        return Ok(());
+    }
+    let stored_id = stored.split(|&b| b == 0).next().unwrap_or_default();
+    let found: Vec<&str> = accepted.iter().map(|(key_id, _)| key_id.as_str()).collect();
+    Err(StoreError::WrongMasterKey {
+        expected: String::from_utf8_lossy(stored_id).into_owned(),
+        found: found.join(", "),
+    })
+}
+
 /// Why the store refused an append on the caller's behalf (checked where writes are serial).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

@@ -446,36 +446,19 @@ impl Store for SledStore {
     }
 
     fn check_master_key(&self, accepted: &[(String, [u8; 32])]) -> Result<(), StoreError> {
-        let value = |(key_id, check): &(String, [u8; 32])| {
-            let mut value = key_id.as_bytes().to_vec();
-            value.push(0);
-            value.extend_from_slice(check);
-            value
-        };
-        let first = value(accepted.first().expect("a master key is configured"));
+        let (key_id, check) = accepted.first().expect("a master key is configured");
+        let first = super::key_check_value(key_id, check);
         match self.tree.compare_and_swap(keys::KEY_CHECK, None as Option<&[u8]>, Some(first))? {
             Ok(()) => {
                 self.tree.flush()?;
                 Ok(())
             }
-            Err(existing) if accepted.iter().any(|key| existing.current.as_deref() == Some(&value(key)[..])) => Ok(()),
-            Err(existing) => {
-                let stored = existing.current.unwrap_or_default();
-                let stored_id = stored.split(|&b| b == 0).next().unwrap_or_default();
-                let found: Vec<&str> = accepted.iter().map(|(key_id, _)| key_id.as_str()).collect();
-                Err(StoreError::WrongMasterKey {
-                    expected: String::from_utf8_lossy(stored_id).into_owned(),
-                    found: found.join(", "),
-                })
-            }
+            Err(existing) => super::match_master_key(existing.current.as_deref().unwrap_or_default(), accepted),
         }
     }
 
     fn set_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
-        let mut value = key_id.as_bytes().to_vec();
-        value.push(0);
-        value.extend_from_slice(check);
-        self.tree.insert(keys::KEY_CHECK, value)?;
+        self.tree.insert(keys::KEY_CHECK, super::key_check_value(key_id, check))?;
         self.tree.flush()?;
         Ok(())
     }

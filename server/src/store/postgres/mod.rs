@@ -513,11 +513,6 @@ async fn reload(pool: &Pool, directory: &RwLock<Directory>, generation: &AtomicU
     }
 }
 
-/// The value kept for the master key's check: key id, a zero byte, the check value.
-fn key_check_value((key_id, check): &(String, [u8; 32])) -> Vec<u8> {
-    [key_id.as_bytes(), &[0], check].concat()
-}
-
 fn append_weight(payload_len: usize) -> u32 {
     u32::try_from(payload_len).unwrap_or(u32::MAX).saturating_add(EVENT_WEIGHT).min(PENDING_BYTES)
 }
@@ -583,7 +578,8 @@ async fn write_producer(client: &impl deadpool_postgres::GenericClient, producer
 
 impl Store for PgStore {
     fn check_master_key(&self, accepted: &[(String, [u8; 32])]) -> Result<(), StoreError> {
-        let first = key_check_value(accepted.first().expect("a master key is configured"));
+        let (key_id, check) = accepted.first().expect("a master key is configured");
+        let first = super::key_check_value(key_id, check);
         let stored = self.read(move |client| async move {
             client
                 .execute(
@@ -593,19 +589,11 @@ impl Store for PgStore {
                 .await?;
             Ok(read_meta(&client, "keycheck").await?.unwrap_or_default())
         })?;
-        if accepted.iter().any(|key| key_check_value(key) == stored) {
-            return Ok(());
-        }
-        let stored_id = stored.split(|&b| b == 0).next().unwrap_or_default();
-        let found: Vec<&str> = accepted.iter().map(|(key_id, _)| key_id.as_str()).collect();
-        Err(StoreError::WrongMasterKey {
-            expected: String::from_utf8_lossy(stored_id).into_owned(),
-            found: found.join(", "),
-        })
+        super::match_master_key(&stored, accepted)
     }
 
     fn set_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
-        let value = key_check_value(&(key_id.to_owned(), *check));
+        let value = super::key_check_value(key_id, check);
         self.read(move |client| async move { write_meta(&client, "keycheck", &value).await })
     }
 

@@ -93,6 +93,19 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
+/// Most weight (see [`append_weight`]) of appends acknowledged or under way and not yet
+/// applied (sled) or answered (PostgreSQL): bounds intake memory whatever the payload limit
+/// and the number of callers.
+pub(crate) const PENDING_BYTES: u32 = 256 * 1024 * 1024;
+/// What an event weighs besides its payload: at most 65,536 events are in flight in all, a
+/// second or two of sustained intake, so fan-out and reads of recent events never wait long.
+const EVENT_WEIGHT: u32 = 4096;
+
+/// What an append of a payload this long weighs against [`PENDING_BYTES`].
+pub(crate) fn append_weight(payload_len: usize) -> u32 {
+    u32::try_from(payload_len).unwrap_or(u32::MAX).saturating_add(EVENT_WEIGHT).min(PENDING_BYTES)
+}
+
 /// The value a store keeps to recognise the master key: the key id, a zero byte, the check
 /// value.
 pub(crate) fn key_check_value(key_id: &str, check: &[u8; 32]) -> Vec<u8> {

@@ -56,7 +56,7 @@ use super::model::{
 };
 use super::producer_index;
 use super::writer::{self, Callers, Job, JobSender, Progress, Writer};
-use super::{ListenerEdit, Store, StoreError, StoreFuture};
+use super::{ListenerEdit, PENDING_BYTES, Store, StoreError, StoreFuture, append_weight};
 use crate::ids;
 
 pub(crate) mod keys {
@@ -203,16 +203,6 @@ pub struct SledStore {
 /// take in memory: with a million pending deliveries hookd was 285-293 MB resident with
 /// 32 MiB, 259-262 MB with 24 MiB, delivering as fast (bench, with mimalloc).
 const CACHE_BYTES: u64 = 24 * 1024 * 1024;
-
-/// Most weight (see [`append_weight`]) of appends not yet in sled.
-const PENDING_BYTES: u32 = 256 * 1024 * 1024;
-/// What an event weighs besides its payload: at most 65,536 events trail in all, a second or
-/// two of sustained intake, so fan-out and reads of recent events never wait long.
-const EVENT_WEIGHT: u32 = 4096;
-
-fn append_weight(payload_len: usize) -> u32 {
-    u32::try_from(payload_len).unwrap_or(u32::MAX).saturating_add(EVENT_WEIGHT).min(PENDING_BYTES)
-}
 
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -35,7 +35,7 @@ use self::intake::{Groups, Intake, Job, Publication};
 use super::model::{
     ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode,
 };
-use super::{ListenerEdit, Store, StoreError, StoreFuture};
+use super::{ListenerEdit, PENDING_BYTES, Store, StoreError, StoreFuture, append_weight};
 use crate::ids;
 
 /// Connections in the pool: the intake task keeps one, admin writes take one at a time, the
@@ -53,9 +53,6 @@ const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 const SILENT_PEER: std::time::Duration = std::time::Duration::from_secs(30);
 /// Appends waiting for the intake task before senders wait (backpressure).
 const QUEUE_CAPACITY: usize = 8192;
-/// Most payload bytes (plus a fixed weight per event) of appends not yet answered.
-const PENDING_BYTES: u32 = 256 * 1024 * 1024;
-const EVENT_WEIGHT: u32 = 4096;
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
@@ -511,10 +508,6 @@ async fn reload(pool: &Pool, directory: &RwLock<Directory>, generation: &AtomicU
         }
         Err(error) => tracing::warn!(%error, "cannot read producers and listeners again"),
     }
-}
-
-fn append_weight(payload_len: usize) -> u32 {
-    u32::try_from(payload_len).unwrap_or(u32::MAX).saturating_add(EVENT_WEIGHT).min(PENDING_BYTES)
 }
 
 async fn read_meta(client: &impl deadpool_postgres::GenericClient, name: &str) -> Result<Option<Vec<u8>>, StoreError> {

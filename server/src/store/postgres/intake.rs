@@ -18,6 +18,7 @@
 //! refused from the next trigger on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
@@ -38,25 +39,62 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
-/// How far fan-out may go: the committed head, held back by listener writes in progress.
+/// How far fan-out may go: the committed head, held back by listener writes in progress and
+/// by control-plane changes this node has not read yet.
+///
+/// Every head offered comes with the control plane's version as of that head ([`Head`]):
+/// a listener registered, disabled or deleted on any node takes its point in the log under
+/// the head's lock and moves the version in the same transaction, so once this node's memory
+/// reflects that version, it knows every listener change that applies to the events below
+/// the head. A head whose version this node has not read yet waits (the caller asks for a
+/// reload) and is published once memory catches up.
 pub(super) struct Publication {
     state: Mutex<PublicationState>,
     watch: watch::Sender<u64>,
+    /// The control plane's version this node's memory reflects.
+    known: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
 struct PublicationState {
     committed: u64,
+    /// The furthest head offered that memory was not current enough for yet.
+    waiting: Option<Head>,
     /// Points of the fences up, by token.
     fences: HashMap<u64, u64>,
     next_token: u64,
+}
+
+/// The log's head as the database had it, with the control plane's version then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Head {
+    pub next_seq: u64,
+    pub version: u64,
+}
+
+impl Head {
+    /// Both, read in one statement (one snapshot).
+    pub const SQL: &str = "SELECT h.next_seq, c.version FROM log_head h, control_version c WHERE h.id = 0 AND c.id = 0";
+
+    pub fn from_row(row: &tokio_postgres::Row) -> Self {
+        Self { next_seq: unsigned(row.get(0)), version: unsigned(row.get(1)) }
+    }
+
+    /// The text other nodes are told (`NOTIFY`), and back.
+    pub fn to_text(self) -> String {
+        format!("{} {}", self.next_seq, self.version)
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let (next_seq, version) = text.split_once(' ')?;
+        Some(Self { next_seq: next_seq.parse().ok()?, version: version.parse().ok()? })
+    }
 }
 
 /// Holds fan-out back from `next_seq` on while it lives.
 pub(super) struct Fence {
     publication: Arc<Publication>,
     token: u64,
-    pub next_seq: u64,
 }
 
 impl Drop for Fence {
@@ -68,9 +106,11 @@ impl Drop for Fence {
 }
 
 impl Publication {
-    pub fn new(committed: u64) -> Arc<Self> {
-        let (watch, _) = watch::channel(committed);
-        Arc::new(Self { state: Mutex::new(PublicationState { committed, ..PublicationState::default() }), watch })
+    pub fn new(head: Head, known: Arc<AtomicU64>) -> Arc<Self> {
+        let (watch, _) = watch::channel(0);
+        let publication = Arc::new(Self { state: Mutex::default(), watch, known });
+        publication.offer(head);
+        publication
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PublicationState> {
@@ -86,15 +126,30 @@ impl Publication {
         });
     }
 
-    /// The number the next event will get, as far as this node knows.
-    pub fn committed(&self) -> u64 {
-        self.lock().committed
+    /// Takes a head read from the database (by this node's intake, another node's, or a
+    /// look at the database). False when memory is behind its version: the caller gets the
+    /// control plane read again, then calls [`Publication::recheck`].
+    pub fn offer(&self, head: Head) -> bool {
+        let mut state = self.lock();
+        if head.version <= self.known.load(Ordering::Acquire) {
+            state.committed = state.committed.max(head.next_seq);
+            if state.waiting.is_some_and(|waiting| waiting.next_seq <= head.next_seq) {
+                state.waiting = None;
+            }
+            self.publish(&state);
+            true
+        } else {
+            if state.waiting.is_none_or(|waiting| waiting.next_seq < head.next_seq) {
+                state.waiting = Some(head);
+            }
+            false
+        }
     }
 
-    fn set_committed(&self, next_seq: u64) {
-        let mut state = self.lock();
-        state.committed = state.committed.max(next_seq);
-        self.publish(&state);
+    /// Publishes what waited for memory to catch up, if it has; false if it still waits.
+    pub fn recheck(&self) -> bool {
+        let waiting = self.lock().waiting.take();
+        waiting.is_none_or(|head| self.offer(head))
     }
 
     /// Puts a fence up at the next event's number.
@@ -104,7 +159,7 @@ impl Publication {
         state.next_token += 1;
         state.fences.insert(token, next_seq);
         self.publish(&state);
-        Fence { publication: self.clone(), token, next_seq }
+        Fence { publication: self.clone(), token }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -141,6 +196,10 @@ pub(super) struct Intake {
     pub sync_seconds: Arc<std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>>,
     /// Why this node takes no more triggers, once it must not (see `PgStore::failure`).
     pub failure: watch::Receiver<Option<Arc<str>>>,
+    /// Rung when this node's memory of the control plane is behind a head it committed.
+    pub reload: Arc<tokio::sync::Notify>,
+    /// Where every node hears that the log grew (`NOTIFY`).
+    pub channel: Arc<str>,
 }
 
 impl Intake {
@@ -202,11 +261,13 @@ impl Intake {
             *connection = None;
         }
         match written {
-            Ok((answers, next_seq)) => {
+            Ok((answers, head)) => {
                 if let Some(histogram) = self.sync_seconds.get() {
                     histogram.observe(started.elapsed().as_secs_f64());
                 }
-                self.publication.set_committed(next_seq);
+                if !self.publication.offer(head) {
+                    self.reload.notify_one();
+                }
                 for (job, answer) in accepted.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);
                 }
@@ -219,9 +280,10 @@ impl Intake {
                 // The commit may have happened all the same (the connection failed after it):
                 // fan-out follows the head the database has.
                 if let Ok(client) = self.pool.get().await
-                    && let Ok(head) = client.query_one("SELECT next_seq FROM log_head WHERE id = 0", &[]).await
+                    && let Ok(row) = client.query_one(Head::SQL, &[]).await
+                    && !self.publication.offer(Head::from_row(&row))
                 {
-                    self.publication.set_committed(unsigned(head.get(0)));
+                    self.reload.notify_one();
                 }
             }
         }
@@ -232,7 +294,7 @@ impl Intake {
         &self,
         client: &mut deadpool_postgres::Object,
         group: &[Job],
-    ) -> Result<(Vec<Result<Appended, StoreError>>, u64), StoreError> {
+    ) -> Result<(Vec<Result<Appended, StoreError>>, Head), StoreError> {
         let tx = client.transaction().await?;
         // Statements are prepared once per connection, and those that do not wait for one
         // another go out together (tokio-postgres pipelines them): a group costs five round
@@ -255,10 +317,19 @@ impl Intake {
             .iter()
             .filter_map(|job| Some((job.event.producer_id.as_str(), job.event.idempotency_key.as_deref()?)))
             .unzip();
-        let (producers_sql, keys_sql, claims_sql) =
-            tokio::try_join!(biased; tx.prepare_cached(PRODUCERS), tx.prepare_cached(KEYS), tx.prepare_cached(CLAIMS))?;
-        let (producer_rows, key_rows, claim_rows) = tokio::try_join!(
+        let (producers_sql, keys_sql, claims_sql, version_sql) = tokio::try_join!(
             biased;
+            tx.prepare_cached(PRODUCERS),
+            tx.prepare_cached(KEYS),
+            tx.prepare_cached(CLAIMS),
+            tx.prepare_cached(VERSION)
+        )?;
+        // The control plane's version, read after the head's lock is held: every listener
+        // change whose point is at or below this group's numbers committed before it (those
+        // take their point under a shared lock on the head) and is counted in it.
+        let (version_row, producer_rows, key_rows, claim_rows) = tokio::try_join!(
+            biased;
+            async { tx.query_one(&version_sql, &[]).await },
             async { tx.query(&producers_sql, &[&producer_ids]).await },
             async { tx.query(&keys_sql, &[&hashes]).await },
             async {
@@ -335,11 +406,13 @@ impl Intake {
             claim_events.push(event_id.as_str());
             claim_created.push(signed(*created_ms));
         }
-        let (insert_events, insert_claims, move_head) = tokio::try_join!(
+        let head = Head { next_seq, version: unsigned(version_row.get(0)) };
+        let (insert_events, insert_claims, move_head, notify) = tokio::try_join!(
             biased;
             tx.prepare_cached(INSERT_EVENTS),
             tx.prepare_cached(INSERT_CLAIMS),
-            tx.prepare_cached(MOVE_HEAD)
+            tx.prepare_cached(MOVE_HEAD),
+            tx.prepare_cached(NOTIFY)
         )?;
         tokio::try_join!(
             biased;
@@ -358,9 +431,13 @@ impl Intake {
                 }
             },
             async { tx.execute(&move_head, &[&signed(next_seq), &signed(last_created_ms)]).await },
+            async {
+                // Sent to every node at commit (and never if it rolls back).
+                if events.is_empty() { Ok(0) } else { tx.execute(&notify, &[&&*self.channel, &head.to_text()]).await }
+            },
         )?;
         tx.commit().await?;
-        Ok((answers, next_seq))
+        Ok((answers, head))
     }
 }
 
@@ -375,6 +452,8 @@ const INSERT_EVENTS: &str = "INSERT INTO events (seq, id, producer_id, event_typ
 const INSERT_CLAIMS: &str = "INSERT INTO idempotency (producer_id, key, event_id, created_ms) \
                              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
                              ON CONFLICT (producer_id, key) DO UPDATE SET event_id = excluded.event_id, created_ms = excluded.created_ms";
+const VERSION: &str = "SELECT version FROM control_version WHERE id = 0";
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const MOVE_HEAD: &str = "UPDATE log_head SET next_seq = $1, last_created_ms = $2 WHERE id = 0";
 
 /// The caller's key and its producer, checked where appends are serial: a trigger

@@ -31,7 +31,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_postgres::NoTls;
 
 use self::directory::Directory;
-use self::intake::{Groups, Intake, Job, Publication};
+use self::intake::{Groups, Head, Intake, Job, Publication};
 use super::model::{
     ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode,
 };
@@ -134,6 +134,8 @@ pub struct PgStore {
     failure: watch::Sender<Option<Arc<str>>>,
     /// The version of the control plane that `directory` reflects (see [`Control`]).
     control_version: Arc<AtomicU64>,
+    /// The above with the publication, for the tasks that keep them current.
+    memory: Memory,
     /// Cancelled when the store is closed (the node lock's session then ends as it should).
     closing: tokio_util::sync::CancellationToken,
     /// The session holding this node's lock on the database, while it runs.
@@ -266,7 +268,7 @@ impl PgStore {
             .build()
             .map_err(|error| StoreError::Failed(format!("cannot set up the database pool: {error}").into()))?;
         let opened = wait_on(&handle, {
-            let pool = pool.clone();
+            let (pool, lock_config) = (pool.clone(), lock_config.clone());
             async move {
                 let node_lock = match nodes {
                     Nodes::One => Some(lock_node(&lock_config).await?),
@@ -274,12 +276,15 @@ impl PgStore {
                 };
                 let mut client = pool.get().await?;
                 schema::migrate(&mut client).await?;
-                let (version, directory) = snapshot(&mut client).await?;
-                let head = client.query_one("SELECT next_seq FROM log_head WHERE id = 0", &[]).await?;
-                Ok((directory, unsigned(head.get(0)), node_lock, version))
+                let (head, directory) = snapshot(&mut client).await?;
+                let channel = client
+                    .query_one("SELECT 'hookd_log_' || substr(md5(current_schema()), 1, 16)", &[])
+                    .await?
+                    .get::<_, String>(0);
+                Ok((directory, head, node_lock, channel))
             }
         });
-        let (directory, committed, node_lock, control_version) = match opened {
+        let (directory, head, node_lock, channel) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 // Never blocks: opening may be called on an async thread.
@@ -288,7 +293,10 @@ impl PgStore {
             }
         };
         let directory = Arc::new(RwLock::new(directory));
-        let publication = Publication::new(committed);
+        let control_version = Arc::new(AtomicU64::new(head.version));
+        let publication = Publication::new(head, control_version.clone());
+        let channel: Arc<str> = channel.into();
+        let reload_wanted = Arc::new(tokio::sync::Notify::new());
         let groups = Groups::new();
         let sync_seconds = Arc::new(OnceLock::new());
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
@@ -297,19 +305,18 @@ impl PgStore {
         if let Some(lock) = &node_lock {
             handle.spawn(watch_node_lock(lock.closed.clone(), closing.clone(), failure.clone()));
         }
-        let control_version = Arc::new(AtomicU64::new(control_version));
         let admin_lock: Arc<tokio::sync::Mutex<()>> = Arc::default();
         let listeners_generation = Arc::new(AtomicU64::new(0));
+        let memory = Memory {
+            directory: directory.clone(),
+            generation: listeners_generation.clone(),
+            known: control_version.clone(),
+            publication: publication.clone(),
+            reload_wanted: reload_wanted.clone(),
+        };
+        handle.spawn(follow_control(pool.clone(), memory.clone(), admin_lock.clone(), closing.clone()));
         if nodes == Nodes::Shared {
-            let follow = follow_control(
-                pool.clone(),
-                directory.clone(),
-                listeners_generation.clone(),
-                control_version.clone(),
-                admin_lock.clone(),
-                closing.clone(),
-            );
-            handle.spawn(follow);
+            handle.spawn(follow_log(lock_config.clone(), channel.clone(), memory.clone(), closing.clone()));
         }
         let intake = Intake {
             pool: pool.clone(),
@@ -318,6 +325,8 @@ impl PgStore {
             groups: groups.clone(),
             sync_seconds: sync_seconds.clone(),
             failure: failure.subscribe(),
+            reload: reload_wanted.clone(),
+            channel,
         };
         let intake = handle.spawn(intake.run(jobs_rx));
         Ok(Arc::new(Self {
@@ -333,11 +342,16 @@ impl PgStore {
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             listeners_generation,
             control_version,
+            memory,
             sync_seconds,
             failure,
             closing,
             node_lock: Mutex::new(node_lock.map(|lock| lock.client)),
         }))
+    }
+
+    fn memory(&self) -> Memory {
+        self.memory.clone()
     }
 
     fn directory(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
@@ -361,23 +375,23 @@ impl PgStore {
 
     /// Runs a write of producers, keys, hashes or listeners and resolves once it has
     /// committed and `write` has changed the directory: one at a time on this node and off
-    /// the intake task, so no trigger waits behind it. `write` gets the number the next event
-    /// will get. With `fence`, fan-out is held back from every event numbered from then on
-    /// until `write` is done (a listener's registration or disabling point must be in place
-    /// before fan-out reaches it). Then the intake group under way is waited for, so every
-    /// trigger answered after this resolves was checked against the new state.
+    /// the intake task, so no trigger waits behind it. With `fence`, this node's fan-out is
+    /// held back from every event numbered from then on until `write` is done (a listener's
+    /// registration or disabling point, which `write` takes with [`log_point`], must be in
+    /// memory before fan-out reaches it; other nodes wait for the control plane's version).
+    /// Then the intake group under way is waited for, so every trigger answered after this
+    /// resolves was checked against the new state.
     fn admin<T, F, Fut>(&self, fence: bool, write: F) -> StoreFuture<T>
     where
         T: Send + 'static,
-        F: FnOnce(deadpool_postgres::Object, u64, Control) -> Fut + Send + 'static,
+        F: FnOnce(deadpool_postgres::Object, Control) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let closed = self.closed();
         let control = Control { known: self.control_version.clone() };
         let (pool, publication, groups, serial) =
             (self.pool.clone(), self.publication.clone(), self.groups.clone(), self.admin_lock.clone());
-        let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
-        let known = self.control_version.clone();
+        let memory = self.memory();
         let task = self.handle.spawn(async move {
             if closed {
                 return Err(StoreError::Closed);
@@ -385,14 +399,15 @@ impl PgStore {
             let _serial = serial.lock().await;
             let client = pool.get().await?;
             let fence = fence.then(|| publication.fence());
-            let next_seq = fence.as_ref().map_or_else(|| publication.committed(), |fence| fence.next_seq);
-            let result = write(client, next_seq, control).await;
+            let result = write(client, control).await;
             if matches!(result, Err(StoreError::Unavailable(_) | StoreError::Backend(_))) {
                 // The commit may have happened all the same (the connection failed after it):
                 // memory is read again from the database, so it does not miss a change.
-                reload(&pool, &directory, &generation, &known).await;
+                reload(&pool, &memory).await;
             }
             drop(fence);
+            // What waited for this write's version to be in memory goes on.
+            memory.publication.recheck();
             groups.wait_for_begun().await;
             result
         });
@@ -439,17 +454,31 @@ impl Control {
     }
 }
 
-/// How often a node that shares its database looks for changes other nodes made.
+/// How often a node looks for changes other nodes made, and for a head it was not told of.
 const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// Pause before listening again after the listening session failed.
+const LISTEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Keeps `directory` current with changes other nodes make: reads the control plane again
-/// whenever its version is not the one memory reflects (within [`CONTROL_POLL`] and one
-/// reload), until `closing`.
+/// What a node keeps in memory of the database, and what moves with it.
+#[derive(Clone)]
+struct Memory {
+    directory: Arc<RwLock<Directory>>,
+    /// Moves on after every change of listeners in `directory`.
+    generation: Arc<AtomicU64>,
+    /// The control plane's version `directory` reflects.
+    known: Arc<AtomicU64>,
+    publication: Arc<Publication>,
+    /// Rung when a head waits for a newer control plane than `directory` reflects.
+    reload_wanted: Arc<tokio::sync::Notify>,
+}
+
+/// Keeps memory current with changes other nodes make: reads the control plane again
+/// whenever its version is not the one memory reflects, and publishes the head read with it,
+/// every [`CONTROL_POLL`] or at once when a head waits for it, until `closing`. A head told by
+/// `NOTIFY` ([`follow_log`]) is faster; this is what keeps a node right without it.
 async fn follow_control(
     pool: Pool,
-    directory: Arc<RwLock<Directory>>,
-    generation: Arc<AtomicU64>,
-    known: Arc<AtomicU64>,
+    memory: Memory,
     serial: Arc<tokio::sync::Mutex<()>>,
     closing: tokio_util::sync::CancellationToken,
 ) {
@@ -457,57 +486,131 @@ async fn follow_control(
         tokio::select! {
             () = closing.cancelled() => return,
             () = tokio::time::sleep(CONTROL_POLL) => {}
+            () = memory.reload_wanted.notified() => {}
         }
         let current = async {
             let client = pool.get().await?;
-            let row = client.query_one("SELECT version FROM control_version WHERE id = 0", &[]).await?;
-            Ok::<u64, StoreError>(unsigned(row.get(0)))
+            Ok::<Head, StoreError>(Head::from_row(&client.query_one(Head::SQL, &[]).await?))
         };
         match current.await {
-            Ok(version) if version != known.load(Ordering::Acquire) => {
+            Ok(head) if head.version != memory.known.load(Ordering::Acquire) => {
                 // Between this node's own writes, so a reload never puts older data over a
                 // change this node has just applied.
                 let _serial = serial.lock().await;
-                reload(&pool, &directory, &generation, &known).await;
+                reload(&pool, &memory).await;
             }
-            Ok(_) => {}
+            Ok(head) => {
+                memory.publication.offer(head);
+            }
             Err(error) => tracing::warn!(%error, "cannot look for changes other nodes made"),
         }
     }
 }
 
-/// The control plane's version and the control plane as of that version: one read-only
-/// snapshot, so the two agree.
-async fn snapshot(client: &mut deadpool_postgres::Object) -> Result<(u64, Directory), StoreError> {
+/// Listens for the heads other nodes' intakes commit (`NOTIFY` on `channel`) and publishes
+/// them, or gets memory read again first when they need a newer control plane; listens
+/// again after a failure, until `closing`.
+async fn follow_log(
+    config: tokio_postgres::Config,
+    channel: Arc<str>,
+    memory: Memory,
+    closing: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let listened = closing.run_until_cancelled(listen(&config, &channel, &memory)).await;
+        match listened {
+            None => return,
+            Some(Err(error)) => tracing::warn!(%error, "cannot listen for other nodes' triggers; trying again"),
+            Some(Ok(())) => tracing::warn!("the session listening for other nodes' triggers ended; listening again"),
+        }
+        if closing.run_until_cancelled(tokio::time::sleep(LISTEN_RETRY)).await.is_none() {
+            return;
+        }
+    }
+}
+
+async fn listen(config: &tokio_postgres::Config, channel: &str, memory: &Memory) -> Result<(), StoreError> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (notes, mut heard) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(note))) => {
+                    if notes.send(note.payload().to_owned()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
+            }
+        }
+    });
+    let listening = async {
+        client.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
+        // Heads committed before listening began are read once.
+        memory.publication.offer(Head::from_row(&client.query_one(Head::SQL, &[]).await?));
+        memory.reload_wanted.notify_one();
+        while let Some(payload) = heard.recv().await {
+            match Head::parse(&payload) {
+                Some(head) => {
+                    if !memory.publication.offer(head) {
+                        memory.reload_wanted.notify_one();
+                    }
+                }
+                None => tracing::warn!(%payload, "a notification of the log's head does not parse"),
+            }
+        }
+        Ok::<(), StoreError>(())
+    };
+    let result = listening.await;
+    driver.abort();
+    result
+}
+
+/// The log's head with the control plane's version, and the control plane as of that
+/// version: one read-only snapshot, so the three agree.
+async fn snapshot(client: &mut deadpool_postgres::Object) -> Result<(Head, Directory), StoreError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .await?;
-    let version = unsigned(tx.query_one("SELECT version FROM control_version WHERE id = 0", &[]).await?.get(0));
+    let head = Head::from_row(&tx.query_one(Head::SQL, &[]).await?);
     let directory = Directory::load(&tx).await?;
     tx.commit().await?;
-    Ok((version, directory))
+    Ok((head, directory))
 }
 
-/// Reads the control plane again into `directory`, with the version it reflects into `known`,
-/// when it may have missed a change. Called one at a time with this node's admin writes. Logs
-/// and keeps what it has (and the version it had, so the next look tries again) when the
-/// database cannot say.
-async fn reload(pool: &Pool, directory: &RwLock<Directory>, generation: &AtomicU64, known: &AtomicU64) {
+/// Reads the control plane again into memory, with the version it reflects, and publishes
+/// the head read with it, when memory may have missed a change. Called one at a time with
+/// this node's admin writes. Logs and keeps what it has (and the version it had, so the next
+/// look tries again) when the database cannot say.
+async fn reload(pool: &Pool, memory: &Memory) {
     let fresh = async {
         let mut client = pool.get().await?;
         snapshot(&mut client).await
     };
     match fresh.await {
-        Ok((version, fresh)) => {
-            *directory.write().expect("the directory lock is never poisoned") = fresh;
-            generation.fetch_add(1, Ordering::AcqRel);
-            known.store(version, Ordering::Release);
+        Ok((head, fresh)) => {
+            *memory.directory.write().expect("the directory lock is never poisoned") = fresh;
+            memory.generation.fetch_add(1, Ordering::AcqRel);
+            memory.known.store(head.version, Ordering::Release);
+            memory.publication.offer(head);
+            memory.publication.recheck();
         }
         Err(error) => tracing::warn!(%error, "cannot read producers and listeners again"),
     }
+}
+
+/// Where a listener write (registration, disabling, deletion) stands in the log: the number
+/// the next event will get, under a shared lock on the head until the write commits, so no
+/// group of triggers commits between reading it and committing (the point is exact on every
+/// node, see [`Publication`]).
+async fn log_point(tx: &deadpool_postgres::Transaction<'_>) -> Result<u64, StoreError> {
+    let row = tx.query_one("SELECT next_seq FROM log_head WHERE id = 0 FOR SHARE", &[]).await?;
+    Ok(unsigned(row.get(0)))
 }
 
 async fn read_meta(client: &impl deadpool_postgres::GenericClient, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -601,7 +704,7 @@ impl Store for PgStore {
 
     fn create_producer(&self, producer: Producer, key_hash: [u8; 32]) -> StoreFuture<()> {
         let directory = self.directory.clone();
-        self.admin(false, move |mut client, _, control| async move {
+        self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
             // Producer before key, the order the intake locks them in.
             write_producer(&tx, &producer).await?;
@@ -652,7 +755,7 @@ impl Store for PgStore {
         grace_ms: u64,
     ) -> StoreFuture<bool> {
         let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
-        self.admin(false, move |mut client, _, control| async move {
+        self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
             let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
                 return Ok(false);
@@ -710,7 +813,7 @@ impl Store for PgStore {
 
     fn set_producer_enabled(&self, producer_id: &str, enabled: bool, reason: String) -> StoreFuture<Option<Producer>> {
         let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
-        self.admin(false, move |mut client, _, control| async move {
+        self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
             let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
                 return Ok(None);
@@ -727,7 +830,7 @@ impl Store for PgStore {
 
     fn put_event_hash(&self, event_hash: &str, entry: EventHashEntry) -> StoreFuture<()> {
         let (event_hash, directory) = (event_hash.to_owned(), self.directory.clone());
-        self.admin(false, move |mut client, _, control| async move {
+        self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
             tx.execute(
                 "INSERT INTO event_hashes (event_hash, producer_id, event_type) VALUES ($1, $2, $3) \
@@ -747,9 +850,9 @@ impl Store for PgStore {
 
     fn insert_listener(&self, mut listener: Listener) -> StoreFuture<()> {
         let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
-        self.admin(true, move |mut client, next_seq, control| async move {
-            listener.enabled_from_seq = next_seq;
+        self.admin(true, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            listener.enabled_from_seq = log_point(&tx).await?;
             write_listener(&tx, &listener).await?;
             control.commit(tx).await?;
             directory.write().expect("the directory lock is never poisoned").put_listener(listener);
@@ -775,8 +878,9 @@ impl Store for PgStore {
     fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>> {
         let (listener_id, directory, generation) =
             (listener_id.to_owned(), self.directory.clone(), self.listeners_generation.clone());
-        self.admin(true, move |mut client, next_seq, control| async move {
+        self.admin(true, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let next_seq = log_point(&tx).await?;
             let Some(mut listener) = locked_listener(&tx, &listener_id).await? else {
                 return Ok(None);
             };
@@ -801,8 +905,9 @@ impl Store for PgStore {
             (listener_id.to_owned(), self.directory.clone(), self.listeners_generation.clone());
         // Behind the fence, like disabling: no event numbered from the deletion point on is
         // fanned out before the removal is in memory, so none reaches the deleted listener.
-        self.admin(true, move |mut client, next_seq, control| async move {
+        self.admin(true, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let next_seq = log_point(&tx).await?;
             let Some(listener) = locked_listener(&tx, &listener_id).await? else {
                 return Ok(None);
             };

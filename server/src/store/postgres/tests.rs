@@ -422,3 +422,43 @@ async fn another_node_learns_of_producers_hashes_and_listeners_by_itself() {
     here.close().unwrap();
     there.close().unwrap();
 }
+
+/// Events another node commits reach this node's fan-out (the durable end it follows moves,
+/// told by `NOTIFY`), and never ahead of the listener changes behind them: a listener
+/// registered on the other node is in this node's memory before fan-out may pass an event
+/// triggered after the registration, and one deleted there is gone before an event triggered
+/// after the deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_nodes_triggers_reach_fan_out_never_ahead_of_its_listener_changes() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let shared = || place.open_as(Nodes::Shared).unwrap();
+    let (here, there) = (with_producers(shared()).await, shared());
+    let mut durable = there.durable_seq();
+    let reach = |durable: &mut tokio::sync::watch::Receiver<u64>, end: u64| {
+        let mut durable = durable.clone();
+        async move {
+            let waited = tokio::time::timeout(std::time::Duration::from_secs(10), durable.wait_for(|seq| *seq >= end));
+            assert!(waited.await.is_ok(), "the other node's fan-out did not get to {end} in time");
+        }
+    };
+    for round in 0..5u64 {
+        let id = format!("lst_{round}");
+        here.insert_listener(listener(&id, "prd_a", "thing.happened")).await.unwrap();
+        let appended = here.append_event(new_event("prd_a", None, round)).await.unwrap();
+        let seq = crate::ids::event_seq(&appended.event_id).unwrap();
+        reach(&mut durable, seq + 1).await;
+        let known = there.listener(&id).unwrap().expect("the listener is known before its first event is passed");
+        assert!(known.wants(seq), "and it wants that event");
+        here.delete_listener(&id).await.unwrap().unwrap();
+        let appended = here.append_event(new_event("prd_a", None, round)).await.unwrap();
+        let seq = crate::ids::event_seq(&appended.event_id).unwrap();
+        reach(&mut durable, seq + 1).await;
+        assert!(there.listener(&id).unwrap().is_none(), "the deletion is known before the next event is passed");
+    }
+    durable.mark_unchanged();
+    here.close().unwrap();
+    there.close().unwrap();
+}

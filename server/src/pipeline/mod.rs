@@ -13,6 +13,11 @@
 //!   with the delivery's next step ([`retry`] decides), and reports back through its
 //!   [`turn`].
 //!
+//! Where several nodes share one database, the pipeline delivers only while this node holds
+//! the delivery lease ([`Store::delivery_lease`]): otherwise it stands by, passes work queued
+//! here on to the delivering node, and on taking over starts from the durable state, as
+//! after a restart. Changes other nodes make reach it through [`Store::remote_changes`].
+//!
 //! The pipeline never sees gRPC types and never answers a caller; a failing request only
 //! ever produces an attempt record. Cancellation is a token; on shutdown in-flight attempts
 //! get a deadline and whatever is left stays queued, to be redone after a restart.
@@ -50,7 +55,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use crate::blocking;
 
 use crate::crypto::Keyring;
-use crate::store::{DeletedListener, DeliveryState, HistoryStore, PipelineStore, QueuePosition, Store};
+use crate::store::{DeletedListener, DeliveryState, HistoryStore, PipelineStore, QueuePosition, RemoteChange, Store};
 /// How long work waits in memory before it is parked, and how much may wait: with the
 /// attempt timeout, what bounds the pairs a crash makes hookd redo.
 pub use dispatch::{HOLD_LIMIT_MS, MEMORY_ITEMS};
@@ -208,10 +213,13 @@ pub struct ListenerStatus {
     pub detached_from_seq: Option<u64>,
 }
 
-/// A running pipeline.
+/// A running pipeline: on a node that delivers, fan-out, dispatch and retention; on a node
+/// standing by (another node of a shared database delivers, see
+/// [`Store::delivery_lease`]), nothing but the wait to take over.
 pub struct Pipeline {
     commands: mpsc::UnboundedSender<Command>,
     watchers: Arc<Watchers>,
+    delivering: tokio::sync::watch::Receiver<bool>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -221,6 +229,7 @@ pub struct Pipeline {
 pub struct PipelineHandle {
     commands: mpsc::UnboundedSender<Command>,
     watchers: Arc<Watchers>,
+    delivering: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PipelineHandle {
@@ -242,7 +251,8 @@ impl PipelineHandle {
         let _ = self.commands.send(Command::Queued);
     }
 
-    /// How the listeners the pipeline holds work of are doing; empty when it has stopped.
+    /// How the listeners the pipeline holds work of are doing; empty when it has stopped or
+    /// this node does not deliver.
     pub async fn listener_status(&self) -> Vec<ListenerStatus> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if self.commands.send(Command::Inspect(reply)).is_err() {
@@ -251,10 +261,23 @@ impl PipelineHandle {
         answer.await.unwrap_or_default()
     }
 
-    /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on.
-    pub fn watch(&self, producer_id: &str, only_event: Option<String>) -> Result<Watch, TooManyWatchers> {
-        self.watchers.watch(producer_id, only_event)
+    /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on. Only
+    /// the node that delivers sees them.
+    pub fn watch(&self, producer_id: &str, only_event: Option<String>) -> Result<Watch, WatchRefused> {
+        if !*self.delivering.borrow() {
+            return Err(WatchRefused::NotDelivering);
+        }
+        self.watchers.watch(producer_id, only_event).map_err(WatchRefused::TooMany)
     }
+}
+
+/// Why a watcher was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WatchRefused {
+    #[error(transparent)]
+    TooMany(#[from] TooManyWatchers),
+    #[error("this node does not deliver now")]
+    NotDelivering,
 }
 
 /// Why the pipeline could not start.
@@ -268,9 +291,33 @@ pub enum PipelineError {
     Store(#[from] crate::store::StoreError),
 }
 
+/// What every start of delivery is made from.
+struct Parts<S> {
+    store: Arc<S>,
+    keyring: Keyring,
+    config: PipelineConfig,
+    durable_seq: tokio::sync::watch::Receiver<u64>,
+    metrics: crate::metrics::Metrics,
+    watchers: Arc<Watchers>,
+}
+
+/// Delivery under way on this node: its tasks and where to tell them things.
+struct Delivering {
+    commands: mpsc::UnboundedSender<Command>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Delivering {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+    }
+}
+
 impl Pipeline {
-    /// Starts fan-out, dispatch and retention. `durable_seq` follows the event log's
-    /// durable end.
+    /// Starts the pipeline: delivery at once where this node delivers, else once it takes
+    /// the delivery lease. `durable_seq` follows the event log's durable end.
     pub fn start<S: Store + PipelineStore + HistoryStore>(
         store: Arc<S>,
         keyring: Keyring,
@@ -278,45 +325,28 @@ impl Pipeline {
         durable_seq: tokio::sync::watch::Receiver<u64>,
         metrics: crate::metrics::Metrics,
     ) -> Result<Self, PipelineError> {
-        let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
-        let retention = config.retention;
-        let history: Arc<dyn HistoryStore> = store.clone();
+        // A configuration the HTTP client refuses is refused at start, not at takeover.
+        deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
         let watchers = Watchers::new(config.max_watchers_per_producer);
-        // Room for several pools' worth of attempts waiting to be recorded, so listeners get
-        // their next requests while a batch lingers and is written.
-        let room = config.workers.saturating_mul(recorder::ROOM_PER_WORKER);
-        let recorder = recorder::Recorder::start(store.clone(), room)?;
-        let context = Arc::new(Context {
-            store: store.clone(),
-            queue: store,
-            recorder,
-            keyring,
-            sender,
-            config,
-            wake: Notify::new(),
-            queued_from: Mutex::new(None),
-            watchers: watchers.clone(),
-            metrics,
-            recent: recent::Recent::default(),
-        });
+        let delivering = store.delivery_lease();
+        let remote = store.remote_changes();
+        let parts = Parts { store, keyring, config, durable_seq, metrics, watchers: watchers.clone() };
+        // Delivery starts here at once where it can, so a start that fails says so.
+        let now = delivering.borrow().then(|| parts.deliver()).transpose()?;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
-        let start = context.queue.fanout_cursor()?;
-        let (handed, taken) = mpsc::channel(4);
-        let durable_seq_for_lag = durable_seq.clone();
-        let memory = Arc::new(tokio::sync::Semaphore::new(MEMORY_ITEMS));
-        tasks.spawn(fanout::run(context.clone(), durable_seq, start.clone(), handed, memory.clone(), shutdown.clone()));
-        tasks.spawn(retention::run(history, retention, shutdown.clone()));
-        let dispatcher =
-            dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start, durable_seq_for_lag);
-        tasks.spawn(dispatcher.run(shutdown.clone()));
+        tasks.spawn(supervise(parts, now, inbox, remote, delivering.clone(), shutdown.clone()));
         tasks.close();
-        Ok(Self { commands, watchers, tasks, shutdown })
+        Ok(Self { commands, watchers, delivering, tasks, shutdown })
     }
 
     pub fn handle(&self) -> PipelineHandle {
-        PipelineHandle { commands: self.commands.clone(), watchers: self.watchers.clone() }
+        PipelineHandle {
+            commands: self.commands.clone(),
+            watchers: self.watchers.clone(),
+            delivering: self.delivering.clone(),
+        }
     }
 
     /// Stops taking new work and waits up to `deadline` for in-flight attempts; what is
@@ -326,6 +356,152 @@ impl Pipeline {
         if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
             tracing::warn!(?deadline, "in-flight attempts did not finish in time; they will be redone after restart");
         }
+    }
+}
+
+impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
+    /// Starts fan-out, dispatch and retention from where delivery durably stands.
+    fn deliver(&self) -> Result<Delivering, PipelineError> {
+        let store = self.store.clone();
+        let config = self.config.clone();
+        let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
+        let retention = config.retention;
+        let history: Arc<dyn HistoryStore> = store.clone();
+        // Room for several pools' worth of attempts waiting to be recorded, so listeners get
+        // their next requests while a batch lingers and is written.
+        let room = config.workers.saturating_mul(recorder::ROOM_PER_WORKER);
+        let recorder = recorder::Recorder::start(store.clone(), room)?;
+        let context = Arc::new(Context {
+            store: store.clone(),
+            queue: store,
+            recorder,
+            keyring: self.keyring.clone(),
+            sender,
+            config,
+            wake: Notify::new(),
+            queued_from: Mutex::new(None),
+            watchers: self.watchers.clone(),
+            metrics: self.metrics.clone(),
+            recent: recent::Recent::default(),
+        });
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let start = context.queue.fanout_cursor()?;
+        let (handed, taken) = mpsc::channel(4);
+        let memory = Arc::new(tokio::sync::Semaphore::new(MEMORY_ITEMS));
+        let durable_seq = self.durable_seq.clone();
+        tasks.spawn(fanout::run(context.clone(), durable_seq, start.clone(), handed, memory.clone(), shutdown.clone()));
+        tasks.spawn(retention::run(history, retention, shutdown.clone()));
+        let dispatcher =
+            dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start, self.durable_seq.clone());
+        tasks.spawn(dispatcher.run(shutdown.clone()));
+        tasks.close();
+        Ok(Delivering { commands, tasks, shutdown })
+    }
+
+    /// A change another node made, as the dispatcher hears of it.
+    fn remote_command(&self, change: RemoteChange) -> Command {
+        let listener_id = match change {
+            RemoteChange::Queued => return Command::Queued,
+            RemoteChange::Listener(listener_id) => listener_id,
+        };
+        if matches!(self.store.listener(&listener_id), Ok(None)) {
+            // Deleted: what it was owed is cancelled, as where the deletion was made.
+            let deleted = self.store.deleted_owing().ok().into_iter().flatten();
+            if let Some(deleted) = deleted.into_iter().find(|deleted| deleted.listener.id == listener_id) {
+                return Command::ListenerDeleted(Box::new(deleted));
+            }
+        }
+        Command::ListenerChanged(listener_id)
+    }
+}
+
+/// Runs delivery while this node holds the lease, stands by while it does not, until
+/// `shutdown`. Standing by, what the API tells the pipeline is for the node that delivers:
+/// work queued is announced to it, the rest it hears of through the store.
+async fn supervise<S: Store + PipelineStore + HistoryStore>(
+    parts: Parts<S>,
+    mut now: Option<Delivering>,
+    mut inbox: mpsc::UnboundedReceiver<Command>,
+    mut remote: Option<mpsc::UnboundedReceiver<RemoteChange>>,
+    mut lease: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let delivering = match now.take() {
+            Some(delivering) => delivering,
+            None => {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return,
+                    held = async { lease.wait_for(|held| *held).await.is_ok() } => if !held { return },
+                    command = inbox.recv() => {
+                        match command {
+                            Some(Command::Queued) => parts.store.announce_queued(),
+                            Some(Command::Inspect(reply)) => drop(reply.send(Vec::new())),
+                            Some(_) => {}
+                            None => return,
+                        }
+                        continue;
+                    }
+                    // The next start reads everything afresh.
+                    _ = next_change(&mut remote) => continue,
+                }
+                match parts.deliver() {
+                    Ok(delivering) => delivering,
+                    Err(error) => {
+                        tracing::error!(
+                            error = &error as &dyn std::error::Error,
+                            "cannot start delivery; trying again"
+                        );
+                        if shutdown.run_until_cancelled(tokio::time::sleep(Duration::from_secs(1))).await.is_none() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        // A store that one node has to itself never takes the lease away (nor says more of it).
+        let mut lease_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    delivering.stop().await;
+                    return;
+                }
+                lost = async { lease.wait_for(|held| !*held).await.is_ok() }, if lease_open => {
+                    if lost { break }
+                    lease_open = false;
+                }
+                command = inbox.recv() => match command {
+                    Some(command) => drop(delivering.commands.send(command)),
+                    None => return,
+                },
+                change = next_change(&mut remote) => if let Some(change) = change {
+                    drop(delivering.commands.send(parts.remote_command(change)));
+                },
+            }
+        }
+        // Another node may take over now: what this one has in flight it may make again.
+        tracing::warn!("delivery stops on this node: it no longer holds the delivery lease");
+        delivering.stop().await;
+    }
+}
+
+/// The next change another node made; never, where none can.
+async fn next_change(remote: &mut Option<mpsc::UnboundedReceiver<RemoteChange>>) -> Option<RemoteChange> {
+    match remote {
+        Some(changes) => match changes.recv().await {
+            Some(change) => Some(change),
+            None => {
+                *remote = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 

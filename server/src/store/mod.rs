@@ -135,6 +135,15 @@ pub enum Refusal {
     ProducerDisabled(String),
 }
 
+/// A change made through another node that the delivering node's pipeline acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteChange {
+    /// A listener was registered, changed or deleted.
+    Listener(String),
+    /// Deliveries were queued outside fan-out.
+    Queued,
+}
+
 /// A whole store, as hookd runs on one: everything it keeps ([`Store`], [`PipelineStore`],
 /// [`HistoryStore`]). sled is the embedded one, PostgreSQL the other; both pass the same
 /// conformance tests (`conformance`).
@@ -221,6 +230,21 @@ pub trait Store: Send + Sync + 'static {
     /// Observes the duration of every durable write of the intake (journal sync or commit)
     /// from now on.
     fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram);
+
+    /// Whether this node delivers now. A node with a database to itself always does; where
+    /// several nodes share one, one at a time does (it holds the delivery lease) and the
+    /// others stand by. The pipeline runs while this is true.
+    fn delivery_lease(&self) -> tokio::sync::watch::Receiver<bool> {
+        tokio::sync::watch::channel(true).1
+    }
+    /// Changes made through other nodes that the delivering node's pipeline acts on; `None`
+    /// where no other node writes. The first caller takes them.
+    fn remote_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<RemoteChange>> {
+        None
+    }
+    /// Tells the node that delivers, should it be another, that deliveries were queued
+    /// outside fan-out (a retry, a replay, a recovery), so it reads its queue again.
+    fn announce_queued(&self) {}
 
     /// Makes everything written so far durable and stops the writer. Later writes fail with
     /// [`StoreError::Closed`].

@@ -63,6 +63,14 @@ impl Directory {
         self.listeners.get(id)
     }
 
+    /// The listeners that differ between this and `fresh`: added, changed or removed.
+    pub fn changed_listeners(&self, fresh: &Directory) -> Vec<String> {
+        let changed_or_removed =
+            self.listeners.iter().filter(|(id, old)| fresh.listeners.get(*id) != Some(*old)).map(|(id, _)| id);
+        let added = fresh.listeners.keys().filter(|id| !self.listeners.contains_key(*id));
+        changed_or_removed.chain(added).cloned().collect()
+    }
+
     pub fn put_listener(&mut self, listener: Listener) {
         self.by_type.insert((listener.producer_id.clone(), listener.event_type.clone(), listener.id.clone()));
         self.by_producer.insert((listener.producer_id.clone(), listener.id.clone()));

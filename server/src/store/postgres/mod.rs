@@ -12,6 +12,12 @@
 //!
 //! The delivery pipeline's state ([`pipeline`]) and the history ([`history`]) are tables too.
 //! Layout: see [`schema`].
+//!
+//! Several nodes may share one database. Each takes triggers; its memory follows what the
+//! others write ([`follow_control`]), and it hears of their triggers by `NOTIFY`
+//! ([`follow_log`]), publishing a head to fan-out only once its memory holds every listener
+//! change made before it (see `intake::Publication`). One node at a time delivers: the one
+//! holding the delivery lease ([`hold_lease`]); the others stand by to take over.
 
 mod directory;
 mod history;
@@ -35,7 +41,7 @@ use self::intake::{Groups, Head, Intake, Job, Publication};
 use super::model::{
     ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode,
 };
-use super::{ListenerEdit, PENDING_BYTES, Store, StoreError, StoreFuture, append_weight};
+use super::{ListenerEdit, PENDING_BYTES, RemoteChange, Store, StoreError, StoreFuture, append_weight};
 use crate::ids;
 
 /// Connections in the pool: the intake task keeps one, admin writes take one at a time, the
@@ -45,7 +51,7 @@ const POOL_SIZE: usize = 10;
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long opening a connection may take, unless the address says otherwise.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Longest wait for the node lock to be given back at close (it goes with the session anyway).
+/// Longest wait for the delivery lease to be given back at close (it goes with the session anyway).
 const UNLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Idle time before a connection is probed, and between probes.
 const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -128,86 +134,130 @@ pub struct PgStore {
     pending_bytes: Arc<Semaphore>,
     listeners_generation: Arc<AtomicU64>,
     sync_seconds: Arc<OnceLock<prometheus_client::metrics::histogram::Histogram>>,
-    /// Set once this node lost its lock on the database (see [`Nodes::One`]): it then takes no
-    /// more triggers and health says so. A failed commit otherwise fails its own callers only,
-    /// and the next one tries again.
+    /// Why this node takes no more triggers, should it have to stop (no cause does on this
+    /// backend: a lost connection fails its own calls only, and the next one tries again).
     failure: watch::Sender<Option<Arc<str>>>,
     /// The version of the control plane that `directory` reflects (see [`Control`]).
     control_version: Arc<AtomicU64>,
     /// The above with the publication, for the tasks that keep them current.
     memory: Memory,
-    /// Cancelled when the store is closed (the node lock's session then ends as it should).
+    /// Cancelled when the store is closed.
     closing: tokio_util::sync::CancellationToken,
-    /// The session holding this node's lock on the database, while it runs.
-    node_lock: Mutex<Option<tokio_postgres::Client>>,
+    /// Whether this node holds the delivery lease (see [`hold_lease`]).
+    lease: watch::Receiver<bool>,
+    /// The task holding or seeking the lease, waited for at close (it gives the lease back).
+    lease_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Other nodes' changes for the pipeline, until taken.
+    remote_changes: Mutex<Option<mpsc::UnboundedReceiver<RemoteChange>>>,
+    /// Where nodes tell each other of new heads and queued work (`NOTIFY`).
+    channel: Arc<str>,
 }
 
-/// How many hookd nodes may use one database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Nodes {
-    /// One: the node holds a lock on the database (a session advisory lock, keyed by the
-    /// schema) for as long as it runs, and a second node is refused at start. Every node
-    /// keeps the control plane in memory and fans out the whole log, so two would each
-    /// deliver everything and miss each other's producer and listener changes. A killed
-    /// node's session ends with its connection, and the lock with it.
-    One,
-    /// Several stores on one database (tests of what is already safe to share: the intake).
-    Shared,
-}
+/// How often a node without the delivery lease tries for it.
+const LEASE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the lease's holder checks that its session still answers.
+const LEASE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long that check may take before the node gives delivery up. The server ends a silent
+/// session (and frees the lease) only after its keepalives fail ([`LEASE_KEEPALIVES`]),
+/// later than this, so the holder stops before another node can start.
+const LEASE_SILENCE: std::time::Duration = std::time::Duration::from_secs(5);
+/// The server's keepalives on the lease's session: a holder gone silent loses the lease in
+/// about 5 + 5 × 3 = 20 s; one that died (its connection reset) at once.
+const LEASE_KEEPALIVES: &str =
+    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3";
+/// The lease: a session advisory lock keyed by the schema, so nodes of other hookd
+/// deployments in other schemas of the same database never contend.
+const TAKE_LEASE: &str = "SELECT pg_try_advisory_lock(1752133483, hashtext(current_schema()))";
 
-/// The session holding a node's lock, and a token cancelled when that session ends.
-struct NodeLock {
-    client: tokio_postgres::Client,
-    closed: tokio_util::sync::CancellationToken,
-}
-
-/// Takes the node lock of the database (see [`Nodes::One`]) on a session of its own.
-async fn lock_node(config: &tokio_postgres::Config) -> Result<NodeLock, StoreError> {
-    let (client, connection) = config.connect(NoTls).await?;
-    let closed = tokio_util::sync::CancellationToken::new();
-    let ended = closed.clone();
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::error!(%error, "the session holding this node's database lock failed");
-        }
-        ended.cancel();
-    });
-    let row = client
-        .query_one("SELECT pg_try_advisory_lock(1752133483, hashtext(current_schema())), current_schema()::text", &[])
-        .await?;
-    if !row.get::<_, bool>(0) {
-        let schema: String = row.get(1);
-        return Err(StoreError::Failed(
-            format!(
-                "another hookd node is running on this database (schema {schema}); running several nodes on one \
-                 database is not supported yet: stop the other one first"
-            )
-            .into(),
-        ));
-    }
-    Ok(NodeLock { client, closed })
-}
-
-/// Once the session holding the node's lock ends while the store is open (the database
-/// restarted, the network failed), another node could take the lock and deliver beside this
-/// one: this node stops taking triggers and says why (health turns NOT_SERVING); a restart
-/// takes the lock again, or is refused while another node holds it. A store being closed
-/// ends the session itself, and nothing is said.
-async fn watch_node_lock(
-    ended: tokio_util::sync::CancellationToken,
+/// Holds the delivery lease while it can and seeks it while it cannot, until `closing`
+/// (then gives it back). Several nodes may share a database: each takes triggers and serves
+/// the API, and one at a time delivers, the one holding the lease; the others try for it
+/// every [`LEASE_RETRY`] and take over the event log, the due queue and the parking lots from
+/// where the last holder durably left them. A node that loses its session, or whose checks
+/// go unanswered for [`LEASE_SILENCE`], stops delivering at once.
+async fn hold_lease(
+    config: tokio_postgres::Config,
+    lease: watch::Sender<bool>,
     closing: tokio_util::sync::CancellationToken,
-    failure: watch::Sender<Option<Arc<str>>>,
 ) {
-    tokio::select! {
-        biased;
-        () = closing.cancelled() => return,
-        () = ended.cancelled() => {}
+    loop {
+        let held = lease_session(&config, &lease, &closing).await;
+        let had = lease.send_replace(false);
+        match held {
+            Ok(()) if closing.is_cancelled() => return,
+            Ok(()) if had => {
+                tracing::error!("this node lost the delivery lease (its session ended): it stops delivering")
+            }
+            Ok(()) => {}
+            Err(error) if had => {
+                tracing::error!(%error, "this node lost the delivery lease: it stops delivering");
+            }
+            Err(error) => tracing::warn!(%error, "cannot seek the delivery lease; trying again"),
+        }
+        if closing.run_until_cancelled(tokio::time::sleep(LEASE_RETRY)).await.is_none() {
+            return;
+        }
     }
-    let cause: Arc<str> = "this node lost its lock on the database (its session ended): it takes no more triggers \
-                           until it is restarted"
-        .into();
-    tracing::error!(%cause, "stopped taking triggers");
-    failure.send_replace(Some(cause));
+}
+
+/// One session of [`hold_lease`]: seeks the lease, holds it while the session answers, and
+/// returns when the session ends (or, given back, at `closing`).
+async fn lease_session(
+    config: &tokio_postgres::Config,
+    lease: &watch::Sender<bool>,
+    closing: &tokio_util::sync::CancellationToken,
+) -> Result<(), StoreError> {
+    let (client, connection) = config.connect(NoTls).await?;
+    let ended = tokio_util::sync::CancellationToken::new();
+    let driver = tokio::spawn({
+        let ended = ended.clone();
+        async move {
+            let _ = connection.await;
+            ended.cancel();
+        }
+    });
+    let held = async {
+        client.batch_execute(LEASE_KEEPALIVES).await?;
+        while !client.query_one(TAKE_LEASE, &[]).await?.get::<_, bool>(0) {
+            tokio::select! {
+                () = ended.cancelled() => return Ok(()),
+                () = tokio::time::sleep(LEASE_RETRY) => {}
+            }
+        }
+        tracing::info!("this node holds the delivery lease: it delivers");
+        lease.send_replace(true);
+        loop {
+            tokio::select! {
+                () = ended.cancelled() => return Ok(()),
+                () = tokio::time::sleep(LEASE_CHECK) => {}
+            }
+            match tokio::time::timeout(LEASE_SILENCE, client.simple_query("SELECT 1")).await {
+                Ok(answered) => drop(answered?),
+                Err(_) => {
+                    return Err(StoreError::Unavailable(Arc::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the database did not answer the delivery lease's check in time",
+                    ))));
+                }
+            }
+        }
+    };
+    let result = match closing.run_until_cancelled(held).await {
+        Some(result) => result,
+        None => {
+            // Given back before the session ends, so a node started right after this one
+            // stopped finds it free.
+            lease.send_replace(false);
+            let unlock = client.batch_execute("SELECT pg_advisory_unlock_all()");
+            if !matches!(tokio::time::timeout(UNLOCK_WAIT, unlock).await, Ok(Ok(()))) {
+                tracing::warn!("cannot give the delivery lease back; it goes with the session");
+            }
+            Ok(())
+        }
+    };
+    drop(client);
+    let _ = driver.await;
+    result
 }
 
 impl std::fmt::Debug for PgStore {
@@ -231,16 +281,17 @@ fn wait_on<T: Send + 'static>(
 
 impl PgStore {
     /// Connects to the database at `address` (a `postgres://` URL or a key=value string),
-    /// brings its schema up to date and loads the control plane, as the only hookd node on
-    /// that database (schema): another one already running is refused (see [`Nodes`]).
+    /// brings its schema up to date and loads the control plane. Other nodes may use the
+    /// same database (schema): every node takes triggers, one at a time delivers (see
+    /// [`hold_lease`]).
     pub fn open(address: &str) -> Result<Arc<Self>, StoreError> {
         let config: tokio_postgres::Config = address
             .parse()
             .map_err(|error| StoreError::Failed(format!("the database address is not valid: {error}").into()))?;
-        Self::open_config(config, Nodes::One)
+        Self::open_config(config)
     }
 
-    pub fn open_config(mut config: tokio_postgres::Config, nodes: Nodes) -> Result<Arc<Self>, StoreError> {
+    pub fn open_config(mut config: tokio_postgres::Config) -> Result<Arc<Self>, StoreError> {
         if config.get_connect_timeout().is_none() {
             // A database out of reach fails its callers in seconds rather than hang them.
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -268,12 +319,8 @@ impl PgStore {
             .build()
             .map_err(|error| StoreError::Failed(format!("cannot set up the database pool: {error}").into()))?;
         let opened = wait_on(&handle, {
-            let (pool, lock_config) = (pool.clone(), lock_config.clone());
+            let pool = pool.clone();
             async move {
-                let node_lock = match nodes {
-                    Nodes::One => Some(lock_node(&lock_config).await?),
-                    Nodes::Shared => None,
-                };
                 let mut client = pool.get().await?;
                 schema::migrate(&mut client).await?;
                 let (head, directory) = snapshot(&mut client).await?;
@@ -281,10 +328,10 @@ impl PgStore {
                     .query_one("SELECT 'hookd_log_' || substr(md5(current_schema()), 1, 16)", &[])
                     .await?
                     .get::<_, String>(0);
-                Ok((directory, head, node_lock, channel))
+                Ok((directory, head, channel))
             }
         });
-        let (directory, head, node_lock, channel) = match opened {
+        let (directory, head, channel) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 // Never blocks: opening may be called on an async thread.
@@ -302,9 +349,9 @@ impl PgStore {
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
         let failure = watch::channel(None).0;
         let closing = tokio_util::sync::CancellationToken::new();
-        if let Some(lock) = &node_lock {
-            handle.spawn(watch_node_lock(lock.closed.clone(), closing.clone(), failure.clone()));
-        }
+        let (lease_tx, lease) = watch::channel(false);
+        let lease_task = handle.spawn(hold_lease(lock_config.clone(), lease_tx, closing.clone()));
+        let (changes_tx, remote_changes) = mpsc::unbounded_channel();
         let admin_lock: Arc<tokio::sync::Mutex<()>> = Arc::default();
         let listeners_generation = Arc::new(AtomicU64::new(0));
         let memory = Memory {
@@ -313,11 +360,10 @@ impl PgStore {
             known: control_version.clone(),
             publication: publication.clone(),
             reload_wanted: reload_wanted.clone(),
+            changes: changes_tx,
         };
         handle.spawn(follow_control(pool.clone(), memory.clone(), admin_lock.clone(), closing.clone()));
-        if nodes == Nodes::Shared {
-            handle.spawn(follow_log(lock_config.clone(), channel.clone(), memory.clone(), closing.clone()));
-        }
+        handle.spawn(follow_log(lock_config, channel.clone(), memory.clone(), closing.clone()));
         let intake = Intake {
             pool: pool.clone(),
             directory: directory.clone(),
@@ -326,7 +372,7 @@ impl PgStore {
             sync_seconds: sync_seconds.clone(),
             failure: failure.subscribe(),
             reload: reload_wanted.clone(),
-            channel,
+            channel: channel.clone(),
         };
         let intake = handle.spawn(intake.run(jobs_rx));
         Ok(Arc::new(Self {
@@ -346,7 +392,10 @@ impl PgStore {
             sync_seconds,
             failure,
             closing,
-            node_lock: Mutex::new(node_lock.map(|lock| lock.client)),
+            lease,
+            lease_task: Mutex::new(Some(lease_task)),
+            remote_changes: Mutex::new(Some(remote_changes)),
+            channel,
         }))
     }
 
@@ -456,6 +505,8 @@ impl Control {
 
 /// How often a node looks for changes other nodes made, and for a head it was not told of.
 const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// What a node says on the log's channel when it queued work outside fan-out.
+const QUEUED: &str = "queued";
 /// Pause before listening again after the listening session failed.
 const LISTEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -470,6 +521,9 @@ struct Memory {
     publication: Arc<Publication>,
     /// Rung when a head waits for a newer control plane than `directory` reflects.
     reload_wanted: Arc<tokio::sync::Notify>,
+    /// Listener changes found by a reload (made through other nodes), and work other nodes
+    /// queued, for the pipeline.
+    changes: mpsc::UnboundedSender<RemoteChange>,
 }
 
 /// Keeps memory current with changes other nodes make: reads the control plane again
@@ -552,6 +606,10 @@ async fn listen(config: &tokio_postgres::Config, channel: &str, memory: &Memory)
         memory.publication.offer(Head::from_row(&client.query_one(Head::SQL, &[]).await?));
         memory.reload_wanted.notify_one();
         while let Some(payload) = heard.recv().await {
+            if payload == QUEUED {
+                let _ = memory.changes.send(RemoteChange::Queued);
+                continue;
+            }
             match Head::parse(&payload) {
                 Some(head) => {
                     if !memory.publication.offer(head) {
@@ -594,7 +652,16 @@ async fn reload(pool: &Pool, memory: &Memory) {
     };
     match fresh.await {
         Ok((head, fresh)) => {
-            *memory.directory.write().expect("the directory lock is never poisoned") = fresh;
+            let changed = {
+                let mut directory = memory.directory.write().expect("the directory lock is never poisoned");
+                let changed = directory.changed_listeners(&fresh);
+                *directory = fresh;
+                changed
+            };
+            for listener_id in changed {
+                // Nobody may listen (a node that never delivers); that is no error.
+                let _ = memory.changes.send(RemoteChange::Listener(listener_id));
+            }
             memory.generation.fetch_add(1, Ordering::AcqRel);
             memory.known.store(head.version, Ordering::Release);
             memory.publication.offer(head);
@@ -978,6 +1045,27 @@ impl Store for PgStore {
         let _ = self.sync_seconds.set(histogram);
     }
 
+    fn delivery_lease(&self) -> watch::Receiver<bool> {
+        self.lease.clone()
+    }
+
+    fn remote_changes(&self) -> Option<mpsc::UnboundedReceiver<RemoteChange>> {
+        self.remote_changes.lock().expect("the remote changes' lock is never poisoned").take()
+    }
+
+    fn announce_queued(&self) {
+        let (pool, channel) = (self.pool.clone(), self.channel.clone());
+        self.handle.spawn(async move {
+            let told = async {
+                pool.get().await?.execute("SELECT pg_notify($1, $2)", &[&&*channel, &QUEUED]).await?;
+                Ok::<(), StoreError>(())
+            };
+            if let Err(error) = told.await {
+                tracing::warn!(%error, "cannot tell the delivering node that deliveries were queued");
+            }
+        });
+    }
+
     fn close(&self) -> Result<(), StoreError> {
         self.closing.cancel();
         // Without senders the intake task commits what is queued and ends.
@@ -988,18 +1076,13 @@ impl Store for PgStore {
             })?;
         }
         self.pool.close();
-        // Gives the node's lock back before answering, so a node started right after this one
-        // stopped finds it free, then ends the session (closing: that is no failure).
-        if let Some(lock) = self.node_lock.lock().expect("the node lock's lock is never poisoned").take() {
-            let unlocked = wait_on(&self.handle, async move {
-                match tokio::time::timeout(UNLOCK_WAIT, lock.batch_execute("SELECT pg_advisory_unlock_all()")).await {
-                    Ok(unlocked) => Ok(unlocked?),
-                    Err(_) => Err(StoreError::Failed("the database did not answer in time".into())),
-                }
+        // The lease is given back before this returns, so a node started right after this one
+        // stopped finds it free.
+        if let Some(lease_task) = self.lease_task.lock().expect("the lease task's lock is never poisoned").take() {
+            let _ = wait_on(&self.handle, async move {
+                let _ = tokio::time::timeout(UNLOCK_WAIT * 2, lease_task).await;
+                Ok(())
             });
-            if let Err(error) = unlocked {
-                tracing::warn!(%error, "cannot give this node's database lock back; it goes with the session");
-            }
         }
         Ok(())
     }

@@ -221,6 +221,9 @@ impl DeliveryApi {
                 if !matches!(caller, Caller::Admin) {
                     self.own_listener(caller, &request.listener_id)?;
                 }
+                // A caller just answered for a trigger finds its pending first attempts (its
+                // event is in the log a moment after the answer).
+                self.shared.store.settled().await?;
                 let listener_id = request.listener_id;
                 blocking(move || history.deliveries_of_listener(&listener_id, state, after.as_deref(), limit)).await?
             }

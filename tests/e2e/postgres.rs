@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use hookd_client::Client;
-use hookd_client::v1::{CreateProducerRequest, DeriveEventHashRequest, SetProducerEnabledRequest};
+use hookd_client::v1::{CreateProducerRequest, DeriveEventHashRequest, ReplayEventRequest, SetProducerEnabledRequest};
+use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::receiver::{Receiver, Reply};
@@ -79,21 +80,37 @@ async fn three_nodes_share_a_database_and_a_delivering_node_killed_mid_delivery_
         producers[1].register().register_listener(listener_request(&hash, &receiver.url(path))).await.unwrap();
     }
 
-    // One node delivers; the others stand by, and say so to a watcher.
+    // One node delivers; the others stand by. A watcher on a standby node sees the outcomes
+    // all the same (relayed by whichever node delivers), throughout the takeover.
     let delivering = eventually("a node delivering", || {
         let found = nodes.iter().position(|node| node.as_ref().is_some_and(|node| node.log_text().contains(DELIVERS)));
         async move { found }
     })
     .await;
     let standby = (delivering + 1) % 3;
-    let refused = producers[standby].watch_deliveries(None).await.err().expect("a standby node does not watch");
-    assert!(
-        matches!(refused, hookd_client::Error::Unavailable(ref why) if why.contains("does not deliver")),
-        "{refused:?}"
-    );
-    let watched = producers[delivering].watch_deliveries(None).await;
-    assert!(watched.is_ok(), "the delivering node watches");
-    drop(watched);
+    let mut updates = producers[standby].watch_deliveries(None).await.unwrap();
+    let succeeded_seen: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    let watching = {
+        let seen = succeeded_seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(update)) = updates.next().await {
+                if update.state == hookd_client::v1::DeliveryState::Succeeded as i32 {
+                    seen.lock().unwrap().insert((update.event_id, update.listener_id));
+                }
+            }
+        })
+    };
+
+    // A watcher elsewhere sees outcomes from when the delivering node has heard of it (a few
+    // milliseconds): one event first, seen through it, and the rest follow.
+    let probe = producers[standby].trigger("spread.test", "probe").await.unwrap().event_id;
+    let listeners = paths.len();
+    eventually("the standby's watcher seeing the first event delivered", || {
+        let seen = succeeded_seen.lock().unwrap().iter().filter(|(event_id, _)| *event_id == probe).count();
+        async move { (seen == listeners).then_some(()) }
+    })
+    .await;
+    answered.lock().unwrap().clear();
 
     // Triggers spread over all three nodes, at once.
     let mut in_flight = tokio::task::JoinSet::new();
@@ -111,7 +128,9 @@ async fn three_nodes_share_a_database_and_a_delivering_node_killed_mid_delivery_
     let expected: HashSet<(String, String)> =
         events.iter().flat_map(|event| paths.iter().map(move |path| (event.clone(), path.clone()))).collect();
 
-    receiver.wait_until("a delivery hanging", DEADLINE, |requests| requests.len() > ANSWERED_BEFORE).await;
+    // The probe's requests came first.
+    let before = ANSWERED_BEFORE + paths.len();
+    receiver.wait_until("a delivery hanging", DEADLINE, |requests| requests.len() > before).await;
     nodes[delivering].take().expect("running").kill9().await;
     let requests_at_kill = receiver.requests().len();
     killed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -131,7 +150,7 @@ async fn three_nodes_share_a_database_and_a_delivering_node_killed_mid_delivery_
     let duplicates = answers.len() - times.len();
     // At least once: a pair answered again is one the killed node had in flight or had not
     // yet recorded; nothing else is delivered twice.
-    let in_flight_at_kill = requests_at_kill - ANSWERED_BEFORE;
+    let in_flight_at_kill = requests_at_kill - before;
     eprintln!(
         "three nodes: {} pairs, {duplicates} answered twice after a kill -9 ({in_flight_at_kill} in flight then)",
         expected.len()
@@ -140,6 +159,42 @@ async fn three_nodes_share_a_database_and_a_delivering_node_killed_mid_delivery_
         duplicates <= ANSWERED_BEFORE + in_flight_at_kill,
         "{duplicates} duplicates, more than the {ANSWERED_BEFORE} answered and {in_flight_at_kill} in flight at the kill"
     );
+
+    // The watcher on the standby node saw every pair succeed, whichever node delivered it,
+    // but for what the killed node answered just before its death (recorded, and listed, but
+    // its outcome may have died with the node on its way to the other nodes' watchers).
+    let answered_before: HashSet<String> =
+        answers.iter().take(ANSWERED_BEFORE).map(|(event_id, _)| event_id.clone()).collect();
+    let after_the_kill: Vec<String> =
+        events.iter().filter(|event_id| !answered_before.contains(*event_id)).cloned().collect();
+    let listeners = paths.len();
+    eventually("the standby's watcher seeing every pair delivered after the kill succeed", || {
+        let seen = succeeded_seen.lock().unwrap();
+        let all = after_the_kill
+            .iter()
+            .all(|event_id| seen.iter().filter(|(seen_event, _)| seen_event == event_id).count() == listeners);
+        async move { all.then_some(()) }
+    })
+    .await;
+    let seen = succeeded_seen.lock().unwrap().len() - listeners;
+    eprintln!("three nodes: the standby's watcher saw {seen} of {} pairs succeed", expected.len());
+    watching.abort();
+
+    // Work queued through a node that does not deliver (a replay) is done by the one that
+    // does, told at once rather than at its next look at the queue.
+    let survivors: Vec<usize> = (0..3).filter(|n| nodes[*n].is_some()).collect();
+    let not_delivering = *survivors
+        .iter()
+        .find(|n| !nodes[**n].as_ref().expect("running").log_text().contains(DELIVERS))
+        .expect("one survivor stands by");
+    let requests_before = receiver.requests().len();
+    let replay = ReplayEventRequest { event_id: events[0].clone() };
+    producers[not_delivering].delivery().replay_event(replay).await.unwrap();
+    receiver
+        .wait_until("the replay delivered by the delivering node", std::time::Duration::from_secs(10), |requests| {
+            requests.len() >= requests_before + listeners
+        })
+        .await;
 
     // The killed node comes back as a standby; a producer disabled through one node is then
     // refused by all three at once.

@@ -25,8 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{ApiError, ApiResult, Shared};
 use crate::clock::{now_ms, timestamp};
+use crate::pipeline::AttemptOutcome;
 use crate::pipeline::watchers::WATCH_QUEUE;
-use crate::pipeline::{AttemptOutcome, WatchRefused};
 use crate::store::{NewEvent, Producer};
 use crate::{auth, validate};
 
@@ -251,13 +251,11 @@ impl TriggerService for TriggerApi {
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
         let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let only_event = Some(request.into_inner().event_id).filter(|id| !id.is_empty());
-        let mut watch = self.shared.pipeline.watch(&producer.id, only_event).map_err(|refused| match refused {
-            WatchRefused::TooMany(_) => ApiError::ResourceExhausted(refused.to_string()),
-            WatchRefused::NotDelivering => ApiError::Unavailable(
-                "this hookd node does not deliver now (another node of its database does, or none has taken over \
-                     yet): watch deliveries on the node that delivers, or try again",
-            ),
-        })?;
+        let mut watch = self
+            .shared
+            .pipeline
+            .watch(&producer.id, only_event)
+            .map_err(|too_many| ApiError::ResourceExhausted(too_many.to_string()))?;
         let (updates, outgoing) = mpsc::channel(WATCH_QUEUE);
         // The status that ends the stream, read after everything already queued.
         let (last_word, ending) = mpsc::channel(1);

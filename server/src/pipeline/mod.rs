@@ -55,7 +55,9 @@ use tokio_util::task::TaskTracker;
 pub(crate) use crate::blocking;
 
 use crate::crypto::Keyring;
-use crate::store::{DeletedListener, DeliveryState, HistoryStore, PipelineStore, QueuePosition, RemoteChange, Store};
+use crate::store::{
+    DeletedListener, DeliveryState, HistoryStore, NOTE_BYTES, Note, PipelineStore, QueuePosition, RemoteChange, Store,
+};
 /// How long work waits in memory before it is parked, and how much may wait: with the
 /// attempt timeout, what bounds the pairs a crash makes hookd redo.
 pub use dispatch::{HOLD_LIMIT_MS, MEMORY_ITEMS};
@@ -193,6 +195,9 @@ pub(crate) enum Command {
     Queued,
     /// How each listener the dispatcher knows is doing, for the operator.
     Inspect(tokio::sync::oneshot::Sender<Vec<ListenerStatus>>),
+    /// A watcher of this producer was opened here (for the other nodes; never reaches the
+    /// dispatcher).
+    Watching(String),
 }
 
 /// How one listener is doing, as the dispatcher sees it now. Listeners it holds nothing of
@@ -219,7 +224,6 @@ pub struct ListenerStatus {
 pub struct Pipeline {
     commands: mpsc::UnboundedSender<Command>,
     watchers: Arc<Watchers>,
-    delivering: tokio::sync::watch::Receiver<bool>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -229,7 +233,6 @@ pub struct Pipeline {
 pub struct PipelineHandle {
     commands: mpsc::UnboundedSender<Command>,
     watchers: Arc<Watchers>,
-    delivering: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PipelineHandle {
@@ -261,23 +264,14 @@ impl PipelineHandle {
         answer.await.unwrap_or_default()
     }
 
-    /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on. Only
-    /// the node that delivers sees them.
-    pub fn watch(&self, producer_id: &str, only_event: Option<String>) -> Result<Watch, WatchRefused> {
-        if !*self.delivering.borrow() {
-            return Err(WatchRefused::NotDelivering);
-        }
-        self.watchers.watch(producer_id, only_event).map_err(WatchRefused::TooMany)
+    /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on,
+    /// whichever node of a shared database makes them.
+    pub fn watch(&self, producer_id: &str, only_event: Option<String>) -> Result<Watch, TooManyWatchers> {
+        let watch = self.watchers.watch(producer_id, only_event)?;
+        // The node that delivers hears of it at once (and again and again while it lasts).
+        let _ = self.commands.send(Command::Watching(producer_id.to_owned()));
+        Ok(watch)
     }
-}
-
-/// Why a watcher was not opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum WatchRefused {
-    #[error(transparent)]
-    TooMany(#[from] TooManyWatchers),
-    #[error("this node does not deliver now")]
-    NotDelivering,
 }
 
 /// Why the pipeline could not start.
@@ -330,23 +324,22 @@ impl Pipeline {
         let watchers = Watchers::new(config.max_watchers_per_producer);
         let delivering = store.delivery_lease();
         let remote = store.remote_changes();
+        let (relay_tx, relayed) = mpsc::channel(watchers::RELAY_QUEUE);
+        watchers.relay_to(relay_tx);
         let parts = Parts { store, keyring, config, durable_seq, metrics, watchers: watchers.clone() };
         // Delivery starts here at once where it can, so a start that fails says so.
         let now = delivering.borrow().then(|| parts.deliver()).transpose()?;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
-        tasks.spawn(supervise(parts, now, inbox, remote, delivering.clone(), shutdown.clone()));
+        tasks.spawn(relay(parts.store.clone(), watchers.clone(), relayed, shutdown.clone()));
+        tasks.spawn(supervise(parts, now, inbox, remote, delivering, shutdown.clone()));
         tasks.close();
-        Ok(Self { commands, watchers, delivering, tasks, shutdown })
+        Ok(Self { commands, watchers, tasks, shutdown })
     }
 
     pub fn handle(&self) -> PipelineHandle {
-        PipelineHandle {
-            commands: self.commands.clone(),
-            watchers: self.watchers.clone(),
-            delivering: self.delivering.clone(),
-        }
+        PipelineHandle { commands: self.commands.clone(), watchers: self.watchers.clone() }
     }
 
     /// Stops taking new work and waits up to `deadline` for in-flight attempts; what is
@@ -400,20 +393,35 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
         Ok(Delivering { commands, tasks, shutdown })
     }
 
-    /// A change another node made, as the dispatcher hears of it.
-    fn remote_command(&self, change: RemoteChange) -> Command {
+    /// Takes in what another node said or did: watchers' business is done here, what is
+    /// left is for the dispatcher (where this node delivers).
+    fn remote(&self, change: RemoteChange) -> Option<Command> {
         let listener_id = match change {
-            RemoteChange::Queued => return Command::Queued,
             RemoteChange::Listener(listener_id) => listener_id,
+            RemoteChange::Note(Note::Queued) => return Some(Command::Queued),
+            RemoteChange::Note(Note::Watching(producer_id)) => {
+                self.watchers.wanted_elsewhere(&producer_id);
+                return None;
+            }
+            RemoteChange::Note(Note::Behind(producer_id)) => {
+                self.watchers.fell_behind_elsewhere(&producer_id);
+                return None;
+            }
+            RemoteChange::Note(Note::Outcomes(text)) => {
+                for outcome in watchers::decode(&text) {
+                    self.watchers.relayed(&outcome);
+                }
+                return None;
+            }
         };
         if matches!(self.store.listener(&listener_id), Ok(None)) {
             // Deleted: what it was owed is cancelled, as where the deletion was made.
             let deleted = self.store.deleted_owing().ok().into_iter().flatten();
             if let Some(deleted) = deleted.into_iter().find(|deleted| deleted.listener.id == listener_id) {
-                return Command::ListenerDeleted(Box::new(deleted));
+                return Some(Command::ListenerDeleted(Box::new(deleted)));
             }
         }
-        Command::ListenerChanged(listener_id)
+        Some(Command::ListenerChanged(listener_id))
     }
 }
 
@@ -438,15 +446,22 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     held = async { lease.wait_for(|held| *held).await.is_ok() } => if !held { return },
                     command = inbox.recv() => {
                         match command {
-                            Some(Command::Queued) => parts.store.announce_queued(),
+                            Some(Command::Queued) => parts.store.announce(Note::Queued),
+                            Some(Command::Watching(producer_id)) => parts.store.announce(Note::Watching(producer_id)),
                             Some(Command::Inspect(reply)) => drop(reply.send(Vec::new())),
+                            // The node that delivers hears of listener changes through the store.
                             Some(_) => {}
                             None => return,
                         }
                         continue;
                     }
-                    // The next start reads everything afresh.
-                    _ = next_change(&mut remote) => continue,
+                    change = next_change(&mut remote) => {
+                        // What is for the dispatcher waits: the next start reads it all afresh.
+                        if let Some(change) = change {
+                            parts.remote(change);
+                        }
+                        continue;
+                    }
                 }
                 match parts.deliver() {
                     Ok(delivering) => delivering,
@@ -477,17 +492,62 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     lease_open = false;
                 }
                 command = inbox.recv() => match command {
+                    Some(Command::Watching(producer_id)) => parts.store.announce(Note::Watching(producer_id)),
                     Some(command) => drop(delivering.commands.send(command)),
                     None => return,
                 },
-                change = next_change(&mut remote) => if let Some(change) = change {
-                    drop(delivering.commands.send(parts.remote_command(change)));
-                },
+                change = next_change(&mut remote) => {
+                    if let Some(command) = change.and_then(|change| parts.remote(change)) {
+                        drop(delivering.commands.send(command));
+                    }
+                }
             }
         }
         // Another node may take over now: what this one has in flight it may make again.
         tracing::warn!("delivery stops on this node: it no longer holds the delivery lease");
         delivering.stop().await;
+    }
+}
+
+/// Sends other nodes the outcomes their watchers want (queued by [`Watchers::publish`]), in
+/// notes of at most [`NOTE_BYTES`], and says which producers this node's watchers watch
+/// every [`watchers::ANNOUNCE_EVERY`], until `shutdown`.
+async fn relay<S: Store>(
+    store: Arc<S>,
+    watchers: Arc<Watchers>,
+    mut outcomes: mpsc::Receiver<AttemptOutcome>,
+    shutdown: CancellationToken,
+) {
+    let mut announce = tokio::time::interval(watchers::ANNOUNCE_EVERY);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = announce.tick() => {
+                for producer_id in watchers.watched_producers() {
+                    store.announce(Note::Watching(producer_id));
+                }
+            }
+            taken = outcomes.recv_many(&mut batch, watchers::RELAY_QUEUE) => {
+                if taken == 0 {
+                    return;
+                }
+                let mut note = String::new();
+                for outcome in batch.drain(..) {
+                    let line = watchers::encode(std::slice::from_ref(&outcome));
+                    if note.len() + line.len() > NOTE_BYTES && !note.is_empty() {
+                        store.announce(Note::Outcomes(std::mem::take(&mut note)));
+                    }
+                    note.push_str(&line);
+                }
+                if !note.is_empty() {
+                    store.announce(Note::Outcomes(note));
+                }
+                for producer_id in watchers.relay_fell_behind() {
+                    store.announce(Note::Behind(producer_id));
+                }
+            }
+        }
     }
 }
 

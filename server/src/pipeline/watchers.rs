@@ -5,10 +5,19 @@
 //! have at most a configured number of watchers. Handing an outcome over never waits: a
 //! watcher whose queue is full is dropped and told it fell behind, so delivery never slows
 //! for a reader. This module knows nothing of gRPC.
+//!
+//! Where several nodes share a database, one delivers and a watcher may be on any: a node
+//! with watchers says which producers it watches ([`Watchers::watched_producers`], announced
+//! again and again), every node keeps what the others watch for a while ([`Watchers::wanted_elsewhere`]),
+//! and the delivering node hands those producers' outcomes to [`Watchers::relayed`] as well,
+//! to be sent on in text ([`encode`], [`decode`]). Relaying never waits either: outcomes that
+//! do not fit its queue are dropped, and the other nodes' watchers of that producer are told
+//! they fell behind ([`Watchers::fell_behind_elsewhere`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -16,6 +25,14 @@ use super::AttemptOutcome;
 
 /// Outcomes queued for one watcher before it counts as too slow.
 pub const WATCH_QUEUE: usize = 256;
+/// Outcomes queued to be relayed to other nodes' watchers before the relay counts as behind.
+pub const RELAY_QUEUE: usize = 4096;
+/// How long a producer counts as watched elsewhere after another node last said so; a node
+/// says so every [`ANNOUNCE_EVERY`] while it has a watcher of it.
+const WANTED_FOR: Duration = Duration::from_secs(15);
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+/// The longest error text relayed with an outcome.
+const RELAYED_ERROR: usize = 300;
 
 #[derive(Debug)]
 struct Slot {
@@ -33,6 +50,14 @@ pub struct Watchers {
     count: AtomicUsize,
     next_id: AtomicU64,
     per_producer: usize,
+    /// Producers other nodes' watchers want, until when.
+    elsewhere: Mutex<HashMap<String, Instant>>,
+    /// Entries in `elsewhere`, read without the lock: no watcher elsewhere, no work.
+    elsewhere_count: AtomicUsize,
+    /// Where outcomes to relay go (set once by the pipeline).
+    relay: std::sync::OnceLock<mpsc::Sender<AttemptOutcome>>,
+    /// Producers whose outcomes did not fit the relay's queue since last looked at.
+    relay_behind: Mutex<HashSet<String>>,
 }
 
 /// One watcher's end: outcomes as they happen, until it is dropped or falls behind.
@@ -74,7 +99,74 @@ impl Watchers {
             count: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             per_producer: per_producer.max(1),
+            elsewhere: Mutex::default(),
+            elsewhere_count: AtomicUsize::new(0),
+            relay: std::sync::OnceLock::new(),
+            relay_behind: Mutex::default(),
         })
+    }
+
+    /// Outcomes of producers watched on other nodes go to `relay` from now on.
+    pub fn relay_to(&self, relay: mpsc::Sender<AttemptOutcome>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// Another node has a watcher of `producer_id`.
+    pub fn wanted_elsewhere(&self, producer_id: &str) {
+        let mut elsewhere = self.elsewhere.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        elsewhere.insert(producer_id.to_owned(), Instant::now() + WANTED_FOR);
+        self.elsewhere_count.store(elsewhere.len(), Ordering::Release);
+    }
+
+    /// The producers this node's watchers watch now.
+    pub fn watched_producers(&self) -> Vec<String> {
+        let by_producer = self.by_producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        by_producer.keys().cloned().collect()
+    }
+
+    /// Producers whose outcomes could not all be relayed since the last call.
+    pub fn relay_fell_behind(&self) -> Vec<String> {
+        let mut behind = self.relay_behind.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        behind.drain().collect()
+    }
+
+    /// Another node could not relay all of `producer_id`'s outcomes: its watchers here are
+    /// dropped and told they fell behind, as if their own queues had filled.
+    pub fn fell_behind_elsewhere(&self, producer_id: &str) {
+        let mut by_producer = self.by_producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(slots) = by_producer.remove(producer_id) {
+            for slot in &slots {
+                slot.fell_behind.store(true, Ordering::Release);
+            }
+            self.count.fetch_sub(slots.len(), Ordering::AcqRel);
+        }
+    }
+
+    /// Hands an outcome another node relayed to this node's watchers (never relayed again).
+    pub fn relayed(&self, outcome: &AttemptOutcome) {
+        self.publish_here(outcome);
+    }
+
+    /// Queues `outcome` for other nodes if one of theirs watches its producer.
+    fn relay_out(&self, outcome: &AttemptOutcome) {
+        let Some(relay) = self.relay.get() else { return };
+        {
+            let mut elsewhere = self.elsewhere.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = Instant::now();
+            match elsewhere.get(&outcome.producer_id) {
+                Some(until) if *until > now => {}
+                Some(_) => {
+                    elsewhere.retain(|_, until| *until > now);
+                    self.elsewhere_count.store(elsewhere.len(), Ordering::Release);
+                    return;
+                }
+                None => return,
+            }
+        }
+        if let Err(mpsc::error::TrySendError::Full(outcome)) = relay.try_send(outcome.clone()) {
+            let mut behind = self.relay_behind.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            behind.insert(outcome.producer_id);
+        }
     }
 
     /// A new watcher of `producer_id`'s outcomes (of one event, if given).
@@ -95,8 +187,16 @@ impl Watchers {
         Ok(Watch { outcomes, fell_behind, _registration: registration })
     }
 
-    /// Hands an outcome to its producer's watchers, dropping any that cannot take it now.
+    /// Hands an outcome to its producer's watchers, here and (relayed) on other nodes,
+    /// dropping any that cannot take it now.
     pub fn publish(&self, outcome: &AttemptOutcome) {
+        if self.elsewhere_count.load(Ordering::Acquire) > 0 {
+            self.relay_out(outcome);
+        }
+        self.publish_here(outcome);
+    }
+
+    fn publish_here(&self, outcome: &AttemptOutcome) {
         if self.count.load(Ordering::Acquire) == 0 {
             return;
         }
@@ -139,6 +239,54 @@ impl Watchers {
     fn of(&self, producer_id: &str) -> usize {
         self.by_producer.lock().unwrap().get(producer_id).map_or(0, Vec::len)
     }
+}
+
+/// Outcomes written down for another node, one a line: tab-separated fields, the error
+/// text shortened and with no tab or line break.
+pub fn encode(outcomes: &[AttemptOutcome]) -> String {
+    let mut text = String::new();
+    for outcome in outcomes {
+        let error: String = outcome
+            .error
+            .chars()
+            .take(RELAYED_ERROR)
+            .map(|c| if c == '\t' || c == '\n' || c == '\r' { ' ' } else { c })
+            .collect();
+        text.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            outcome.producer_id,
+            outcome.event_id,
+            outcome.delivery_id,
+            outcome.listener_id,
+            outcome.attempt,
+            i32::from(outcome.state),
+            outcome.status_code,
+            outcome.at_ms,
+            error
+        ));
+    }
+    text
+}
+
+/// The outcomes [`encode`] wrote; lines that do not read back are left out.
+pub fn decode(text: &str) -> Vec<AttemptOutcome> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(9, '\t');
+            let mut next = || fields.next();
+            Some(AttemptOutcome {
+                producer_id: next()?.to_owned(),
+                event_id: next()?.to_owned(),
+                delivery_id: next()?.to_owned(),
+                listener_id: next()?.to_owned(),
+                attempt: next()?.parse().ok()?,
+                state: crate::store::DeliveryState::try_from(next()?.parse::<i32>().ok()?).ok()?,
+                status_code: next()?.parse().ok()?,
+                at_ms: next()?.parse().ok()?,
+                error: next()?.to_owned(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -185,6 +333,57 @@ mod tests {
         drop(first);
         assert_eq!(watchers.of("prd_a"), 1);
         assert!(watchers.watch("prd_a", None).is_ok());
+    }
+
+    #[test]
+    fn outcomes_read_back_as_written_with_errors_made_safe_for_one_line() {
+        let mut failed = outcome("prd_a", "evt_1");
+        failed.state = DeliveryState::Pending;
+        failed.status_code = 0;
+        failed.error = format!("connect:\tconnection refused\nby peer {}", "é".repeat(400));
+        let text = encode(&[outcome("prd_a", "evt_2"), failed.clone()]);
+        let back = decode(&text);
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0], outcome("prd_a", "evt_2"));
+        assert_eq!(back[1].state, DeliveryState::Pending);
+        assert!(back[1].error.starts_with("connect: connection refused by peer é"), "{}", back[1].error);
+        assert_eq!(back[1].error.chars().count(), RELAYED_ERROR);
+        assert!(decode("not\tan outcome\n").is_empty(), "a line that does not read back is left out");
+    }
+
+    #[test]
+    fn only_outcomes_of_producers_watched_elsewhere_are_relayed_and_an_overflow_is_told() {
+        let watchers = Watchers::new(4);
+        let (relay, mut relayed) = mpsc::channel(2);
+        watchers.relay_to(relay);
+        watchers.publish(&outcome("prd_a", "evt_1"));
+        assert!(relayed.try_recv().is_err(), "nobody elsewhere watches: nothing is relayed");
+        watchers.wanted_elsewhere("prd_a");
+        for event_id in ["evt_2", "evt_3", "evt_4"] {
+            watchers.publish(&outcome("prd_a", event_id));
+        }
+        watchers.publish(&outcome("prd_b", "evt_5"));
+        assert_eq!(relayed.try_recv().unwrap().event_id, "evt_2");
+        assert_eq!(relayed.try_recv().unwrap().event_id, "evt_3");
+        assert!(relayed.try_recv().is_err(), "the third did not fit, and prd_b is not watched elsewhere");
+        assert_eq!(watchers.relay_fell_behind(), ["prd_a"]);
+        assert!(watchers.relay_fell_behind().is_empty(), "told once");
+    }
+
+    #[test]
+    fn relayed_outcomes_reach_watchers_here_and_a_relay_that_fell_behind_drops_them() {
+        let watchers = Watchers::new(4);
+        let (relay, mut relayed) = mpsc::channel(8);
+        watchers.relay_to(relay);
+        watchers.wanted_elsewhere("prd_a");
+        let mut watch = watchers.watch("prd_a", None).unwrap();
+        watchers.relayed(&outcome("prd_a", "evt_1"));
+        assert_eq!(watch.outcomes.try_recv().unwrap().event_id, "evt_1");
+        assert!(relayed.try_recv().is_err(), "what was relayed here is never relayed on");
+        assert_eq!(watchers.watched_producers(), ["prd_a"]);
+        watchers.fell_behind_elsewhere("prd_a");
+        assert!(watch.fell_behind());
+        assert_eq!(watchers.of("prd_a"), 0);
     }
 
     #[test]

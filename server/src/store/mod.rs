@@ -135,13 +135,32 @@ pub enum Refusal {
     ProducerDisabled(String),
 }
 
-/// A change made through another node that the delivering node's pipeline acts on.
+/// A change made through another node that the pipeline acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RemoteChange {
     /// A listener was registered, changed or deleted.
     Listener(String),
-    /// Deliveries were queued outside fan-out.
+    /// What another node announced.
+    Note(Note),
+}
+
+/// The most text one [`Note`] may carry (PostgreSQL refuses a notification of 8,000 bytes
+/// or more; the rest is room for what the store adds).
+pub const NOTE_BYTES: usize = 7_000;
+
+/// What one node tells the others. The store carries it and never reads the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// Deliveries were queued outside fan-out (a retry, a replay, a recovery): the node that
+    /// delivers reads its queue again.
     Queued,
+    /// A watcher on the announcing node wants this producer's outcomes (for a while).
+    Watching(String),
+    /// Outcomes of this producer were dropped on their way from the announcing node to the
+    /// other nodes' watchers: those watchers fell behind.
+    Behind(String),
+    /// Attempts' outcomes, as the pipeline writes them down.
+    Outcomes(String),
 }
 
 /// A whole store, as hookd runs on one: everything it keeps ([`Store`], [`PipelineStore`],
@@ -237,14 +256,17 @@ pub trait Store: Send + Sync + 'static {
     fn delivery_lease(&self) -> tokio::sync::watch::Receiver<bool> {
         tokio::sync::watch::channel(true).1
     }
-    /// Changes made through other nodes that the delivering node's pipeline acts on; `None`
-    /// where no other node writes. The first caller takes them.
+    /// Changes made through other nodes, and what they tell this one, for the pipeline;
+    /// `None` where no other node writes. The first caller takes them.
     fn remote_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<RemoteChange>> {
         None
     }
-    /// Tells the node that delivers, should it be another, that deliveries were queued
-    /// outside fan-out (a retry, a replay, a recovery), so it reads its queue again.
-    fn announce_queued(&self) {}
+    /// Tells every other node sharing the database `note` (it comes out of their
+    /// [`Store::remote_changes`]), at most once and never to this node; nothing where no
+    /// other node can be.
+    fn announce(&self, note: Note) {
+        let _ = note;
+    }
 
     /// Makes everything written so far durable and stops the writer. Later writes fail with
     /// [`StoreError::Closed`].

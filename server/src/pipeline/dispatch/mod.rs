@@ -262,6 +262,8 @@ impl Dispatcher {
             Command::Inspect(reply) => {
                 let _ = reply.send(self.status());
             }
+            // The pipeline's supervisor tells the other nodes; nothing for the dispatcher.
+            Command::Watching(_) => {}
         }
     }
 

@@ -41,7 +41,7 @@ use self::intake::{Groups, Head, Intake, Job, Publication};
 use super::model::{
     ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode,
 };
-use super::{ListenerEdit, PENDING_BYTES, RemoteChange, Store, StoreError, StoreFuture, append_weight};
+use super::{ListenerEdit, Note, PENDING_BYTES, RemoteChange, Store, StoreError, StoreFuture, append_weight};
 use crate::ids;
 
 /// Connections in the pool: the intake task keeps one, admin writes take one at a time, the
@@ -149,8 +149,8 @@ pub struct PgStore {
     lease_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Other nodes' changes for the pipeline, until taken.
     remote_changes: Mutex<Option<mpsc::UnboundedReceiver<RemoteChange>>>,
-    /// Where nodes tell each other of new heads and queued work (`NOTIFY`).
-    channel: Arc<str>,
+    /// Notes for the other nodes, sent in order by one task.
+    notes: mpsc::UnboundedSender<Note>,
 }
 
 /// How often a node without the delivery lease tries for it.
@@ -260,6 +260,13 @@ async fn lease_session(
     result
 }
 
+/// Eight random bytes.
+fn rand_bytes() -> [u8; 8] {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the system's random source works");
+    bytes
+}
+
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore").finish_non_exhaustive()
@@ -363,7 +370,11 @@ impl PgStore {
             changes: changes_tx,
         };
         handle.spawn(follow_control(pool.clone(), memory.clone(), admin_lock.clone(), closing.clone()));
-        handle.spawn(follow_log(lock_config, channel.clone(), memory.clone(), closing.clone()));
+        // This node's name on the channel, so it skips its own notes.
+        let node: Arc<str> = crate::crypto::hex(&rand_bytes()).into();
+        handle.spawn(follow_log(lock_config, channel.clone(), node.clone(), memory.clone(), closing.clone()));
+        let (notes, outgoing) = mpsc::unbounded_channel();
+        handle.spawn(announce_notes(pool.clone(), channel.clone(), node, outgoing));
         let intake = Intake {
             pool: pool.clone(),
             directory: directory.clone(),
@@ -395,7 +406,7 @@ impl PgStore {
             lease,
             lease_task: Mutex::new(Some(lease_task)),
             remote_changes: Mutex::new(Some(remote_changes)),
-            channel,
+            notes,
         }))
     }
 
@@ -505,8 +516,45 @@ impl Control {
 
 /// How often a node looks for changes other nodes made, and for a head it was not told of.
 const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
-/// What a node says on the log's channel when it queued work outside fan-out.
-const QUEUED: &str = "queued";
+/// A note as sent on the channel: its kind, the sending node, and what it says. Heads are
+/// sent as `<next_seq> <version>` (see [`Head::to_text`]), which no kind starts like.
+fn note_text(node: &str, note: &Note) -> String {
+    match note {
+        Note::Queued => format!("queued {node}"),
+        Note::Watching(producer_id) => format!("watching {node} {producer_id}"),
+        Note::Behind(producer_id) => format!("behind {node} {producer_id}"),
+        Note::Outcomes(text) => format!("outcomes {node}\n{text}"),
+    }
+}
+
+/// The note in `payload` and the node that sent it, if it is one.
+fn read_note(payload: &str) -> Option<(&str, Note)> {
+    let (head, body) = payload.split_once('\n').unwrap_or((payload, ""));
+    let mut words = head.splitn(3, ' ');
+    let (kind, node, rest) = (words.next()?, words.next()?, words.next());
+    let note = match (kind, rest) {
+        ("queued", None) => Note::Queued,
+        ("watching", Some(producer_id)) => Note::Watching(producer_id.to_owned()),
+        ("behind", Some(producer_id)) => Note::Behind(producer_id.to_owned()),
+        ("outcomes", None) => Note::Outcomes(body.to_owned()),
+        _ => return None,
+    };
+    Some((node, note))
+}
+
+/// Sends this node's notes, in order, on one connection of the pool.
+async fn announce_notes(pool: Pool, channel: Arc<str>, node: Arc<str>, mut notes: mpsc::UnboundedReceiver<Note>) {
+    while let Some(note) = notes.recv().await {
+        let text = note_text(&node, &note);
+        let told = async {
+            pool.get().await?.execute("SELECT pg_notify($1, $2)", &[&&*channel, &text]).await?;
+            Ok::<(), StoreError>(())
+        };
+        if let Err(error) = told.await {
+            tracing::warn!(%error, "cannot tell the other nodes something (a retry queued, or what watchers watch)");
+        }
+    }
+}
 /// Pause before listening again after the listening session failed.
 const LISTEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -567,11 +615,12 @@ async fn follow_control(
 async fn follow_log(
     config: tokio_postgres::Config,
     channel: Arc<str>,
+    node: Arc<str>,
     memory: Memory,
     closing: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        let listened = closing.run_until_cancelled(listen(&config, &channel, &memory)).await;
+        let listened = closing.run_until_cancelled(listen(&config, &channel, &node, &memory)).await;
         match listened {
             None => return,
             Some(Err(error)) => tracing::warn!(%error, "cannot listen for other nodes' triggers; trying again"),
@@ -583,7 +632,7 @@ async fn follow_log(
     }
 }
 
-async fn listen(config: &tokio_postgres::Config, channel: &str, memory: &Memory) -> Result<(), StoreError> {
+async fn listen(config: &tokio_postgres::Config, channel: &str, node: &str, memory: &Memory) -> Result<(), StoreError> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let (notes, mut heard) = mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
@@ -606,8 +655,10 @@ async fn listen(config: &tokio_postgres::Config, channel: &str, memory: &Memory)
         memory.publication.offer(Head::from_row(&client.query_one(Head::SQL, &[]).await?));
         memory.reload_wanted.notify_one();
         while let Some(payload) = heard.recv().await {
-            if payload == QUEUED {
-                let _ = memory.changes.send(RemoteChange::Queued);
+            if let Some((from, note)) = read_note(&payload) {
+                if from != node {
+                    let _ = memory.changes.send(RemoteChange::Note(note));
+                }
                 continue;
             }
             match Head::parse(&payload) {
@@ -1053,17 +1104,9 @@ impl Store for PgStore {
         self.remote_changes.lock().expect("the remote changes' lock is never poisoned").take()
     }
 
-    fn announce_queued(&self) {
-        let (pool, channel) = (self.pool.clone(), self.channel.clone());
-        self.handle.spawn(async move {
-            let told = async {
-                pool.get().await?.execute("SELECT pg_notify($1, $2)", &[&&*channel, &QUEUED]).await?;
-                Ok::<(), StoreError>(())
-            };
-            if let Err(error) = told.await {
-                tracing::warn!(%error, "cannot tell the delivering node that deliveries were queued");
-            }
-        });
+    fn announce(&self, note: Note) {
+        // Gone only once the store is closed.
+        let _ = self.notes.send(note);
     }
 
     fn close(&self) -> Result<(), StoreError> {

@@ -495,3 +495,21 @@ async fn another_nodes_triggers_reach_fan_out_never_ahead_of_its_listener_change
     here.close().unwrap();
     there.close().unwrap();
 }
+
+#[test]
+fn notes_read_back_as_sent_and_a_head_is_never_taken_for_one() {
+    use crate::store::Note;
+    let notes = [
+        Note::Queued,
+        Note::Watching("prd_a".into()),
+        Note::Behind("prd_b".into()),
+        Note::Outcomes("a\tb\nc\n".into()),
+    ];
+    for note in notes {
+        let text = super::note_text("node1", &note);
+        assert_eq!(super::read_note(&text), Some(("node1", note)));
+    }
+    let head = super::intake::Head { next_seq: 12, version: 7 }.to_text();
+    assert_eq!(super::read_note(&head), None);
+    assert!(super::intake::Head::parse(&head).is_some());
+}

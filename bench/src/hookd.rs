@@ -154,9 +154,14 @@ impl Instance {
 
     /// Starts hookd and waits until it serves.
     pub async fn start(&self, extra_env: &[(&str, &str)]) -> Result<Hookd, String> {
+        self.start_in(self.dir.path(), extra_env).await
+    }
+
+    /// Starts another node of this instance's database with a data directory of its own.
+    pub async fn start_in(&self, dir: &Path, extra_env: &[(&str, &str)]) -> Result<Hookd, String> {
         let mut child = Command::new(&self.binary)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(self.dir.path())
+            .arg(dir)
             .env("HOOKD_MASTER_KEY", &self.master_key)
             .env("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("HOOKD_METRICS_LISTEN", "127.0.0.1:0")

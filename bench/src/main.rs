@@ -12,6 +12,7 @@
 
 mod hookd;
 mod isolation;
+mod nodes;
 mod ordered;
 mod raw;
 mod receiver;
@@ -88,9 +89,9 @@ const FULL: Plan = Plan {
     isolation_for: Duration::from_secs(15),
 };
 
-const SCENARIOS: [&str; 7] = ["trigger", "stream", "delivery", "backlog", "store", "ordered", "isolation"];
+const SCENARIOS: [&str; 8] = ["trigger", "stream", "delivery", "backlog", "store", "ordered", "isolation", "nodes"];
 const USAGE: &str = "usage: hookd-bench [--quick] [--json FILE] [--rounds N] [--store postgres://…] [--only \
-                     trigger|stream|delivery|backlog|store|ordered|isolation]";
+                     trigger|stream|delivery|backlog|store|ordered|isolation|nodes]";
 const LISTENER_COUNTS: [usize; 4] = [0, 1, 100, 1000];
 const CONCURRENCY: usize = 64;
 
@@ -157,7 +158,9 @@ async fn bench() -> Result<(), BoxError> {
         let ordered = if wanted("ordered") { ordered::scenario(plan, &binary, &receiver).await? } else { Value::Null };
         let isolation =
             if wanted("isolation") { isolation::scenario(plan, &binary, &receiver).await? } else { Value::Null };
+        let nodes = if wanted("nodes") { nodes::scenario(plan, &binary, &receiver).await? } else { Value::Null };
         results.push(json!({
+            "nodes": nodes,
             "trigger": trigger,
             "stream": stream,
             "delivery": delivery,

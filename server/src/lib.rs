@@ -160,7 +160,7 @@ pub async fn rekey_offline(config: Config) -> Result<rekey::Rekeyed, RunError> {
         StoreKind::Embedded => rekey_on(open(&config, SledStore::open).await?, config).await,
         StoreKind::Postgres(address) => {
             let address = address.clone();
-            rekey_on(open(&config, move |_| PgStore::open(&address)).await?, config).await
+            rekey_on(open(&config, move |_| PgStore::open_alone(&address)).await?, config).await
         }
     }
 }

@@ -146,6 +146,11 @@ pub(crate) struct Context {
     pub metrics: crate::metrics::Metrics,
     /// Events fan-out just read, for their first attempts (copies, bounded).
     pub recent: recent::Recent,
+    /// Cancelled when this node must stop delivering at once (it lost the delivery lease,
+    /// and another node may be taking over): requests in flight are dropped and not
+    /// recorded, so nothing is sent or written from here after the other node starts. The
+    /// node that takes over makes them again.
+    pub abandon: CancellationToken,
 }
 
 /// What one attempt did, as watchers see it.
@@ -300,12 +305,20 @@ struct Delivering {
     commands: mpsc::UnboundedSender<Command>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    abandon: CancellationToken,
 }
 
 impl Delivering {
+    /// Stops taking work and waits for what is in flight (the caller bounds the wait).
     async fn stop(self) {
         self.shutdown.cancel();
         self.tasks.wait().await;
+    }
+
+    /// Stops at once: what is in flight is dropped unrecorded (see [`Context::abandon`]).
+    async fn abandon(self) {
+        self.abandon.cancel();
+        self.stop().await;
     }
 }
 
@@ -364,6 +377,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
         // their next requests while a batch lingers and is written.
         let room = config.workers.saturating_mul(recorder::ROOM_PER_WORKER);
         let recorder = recorder::Recorder::start(store.clone(), room)?;
+        let abandon = CancellationToken::new();
         let context = Arc::new(Context {
             store: store.clone(),
             queue: store,
@@ -376,6 +390,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
             watchers: self.watchers.clone(),
             metrics: self.metrics.clone(),
             recent: recent::Recent::default(),
+            abandon: abandon.clone(),
         });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -390,13 +405,15 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
             dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start, self.durable_seq.clone());
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.close();
-        Ok(Delivering { commands, tasks, shutdown })
+        Ok(Delivering { commands, tasks, shutdown, abandon })
     }
 
     /// Takes in what another node said or did: watchers' business is done here, what is
     /// left is for the dispatcher (where this node delivers).
-    fn remote(&self, change: RemoteChange) -> Option<Command> {
+    fn remote(&self, change: RemoteChange, delivering: bool) -> Option<Command> {
         let listener_id = match change {
+            // A node that does not deliver reads everything afresh when it starts to.
+            RemoteChange::Listener(_) if !delivering => return None,
             RemoteChange::Listener(listener_id) => listener_id,
             RemoteChange::Note(Note::Queued) => return Some(Command::Queued),
             RemoteChange::Note(Note::Watching(producer_id)) => {
@@ -425,6 +442,10 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
     }
 }
 
+/// How often the node delivering for a shared database reads its queue again from the start,
+/// should a note of work queued elsewhere have been lost.
+const RESCAN_SHARED: Duration = Duration::from_secs(5);
+
 /// Runs delivery while this node holds the lease, stands by while it does not, until
 /// `shutdown`. Standing by, what the API tells the pipeline is for the node that delivers:
 /// work queued is announced to it, the rest it hears of through the store.
@@ -446,8 +467,8 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     held = async { lease.wait_for(|held| *held).await.is_ok() } => if !held { return },
                     command = inbox.recv() => {
                         match command {
-                            Some(Command::Queued) => parts.store.announce(Note::Queued),
-                            Some(Command::Watching(producer_id)) => parts.store.announce(Note::Watching(producer_id)),
+                            Some(Command::Queued) => drop(parts.store.announce(Note::Queued)),
+                            Some(Command::Watching(producer_id)) => drop(parts.store.announce(Note::Watching(producer_id))),
                             Some(Command::Inspect(reply)) => drop(reply.send(Vec::new())),
                             // The node that delivers hears of listener changes through the store.
                             Some(_) => {}
@@ -458,7 +479,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     change = next_change(&mut remote) => {
                         // What is for the dispatcher waits: the next start reads it all afresh.
                         if let Some(change) = change {
-                            parts.remote(change);
+                            parts.remote(change, false);
                         }
                         continue;
                     }
@@ -480,6 +501,9 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
         };
         // A store that one node has to itself never takes the lease away (nor says more of it).
         let mut lease_open = true;
+        let shared = remote.is_some();
+        let mut rescan = tokio::time::interval(RESCAN_SHARED);
+        rescan.tick().await;
         loop {
             tokio::select! {
                 biased;
@@ -492,20 +516,26 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     lease_open = false;
                 }
                 command = inbox.recv() => match command {
-                    Some(Command::Watching(producer_id)) => parts.store.announce(Note::Watching(producer_id)),
+                    Some(Command::Watching(producer_id)) => drop(parts.store.announce(Note::Watching(producer_id))),
                     Some(command) => drop(delivering.commands.send(command)),
-                    None => return,
+                    None => {
+                        delivering.stop().await;
+                        return;
+                    }
                 },
                 change = next_change(&mut remote) => {
-                    if let Some(command) = change.and_then(|change| parts.remote(change)) {
+                    if let Some(command) = change.and_then(|change| parts.remote(change, true)) {
                         drop(delivering.commands.send(command));
                     }
                 }
+                // A note lost on its way (the listening session was being made again, say)
+                // delays work queued on another node this long at most.
+                _ = rescan.tick(), if shared => drop(delivering.commands.send(Command::Queued)),
             }
         }
-        // Another node may take over now: what this one has in flight it may make again.
+        // Another node may take over now: nothing more is sent or recorded from here.
         tracing::warn!("delivery stops on this node: it no longer holds the delivery lease");
-        delivering.stop().await;
+        delivering.abandon().await;
     }
 }
 
@@ -527,23 +557,33 @@ async fn relay<S: Store>(
                 for producer_id in watchers.watched_producers() {
                     store.announce(Note::Watching(producer_id));
                 }
+                watchers.forget_expired();
             }
             taken = outcomes.recv_many(&mut batch, watchers::RELAY_QUEUE) => {
                 if taken == 0 {
                     return;
                 }
+                // Outcomes the store cannot take now are dropped, and their producers'
+                // watchers elsewhere told so.
+                let mut behind = std::collections::BTreeSet::new();
                 let mut note = String::new();
+                let mut producers = std::collections::BTreeSet::new();
                 for outcome in batch.drain(..) {
                     let line = watchers::encode(std::slice::from_ref(&outcome));
                     if note.len() + line.len() > NOTE_BYTES && !note.is_empty() {
-                        store.announce(Note::Outcomes(std::mem::take(&mut note)));
+                        if !store.announce(Note::Outcomes(std::mem::take(&mut note))) {
+                            behind.append(&mut producers);
+                        }
+                        producers.clear();
                     }
                     note.push_str(&line);
+                    producers.insert(outcome.producer_id);
                 }
-                if !note.is_empty() {
-                    store.announce(Note::Outcomes(note));
+                if !note.is_empty() && !store.announce(Note::Outcomes(note)) {
+                    behind.append(&mut producers);
                 }
-                for producer_id in watchers.relay_fell_behind() {
+                behind.extend(watchers.relay_fell_behind());
+                for producer_id in behind {
                     store.announce(Note::Behind(producer_id));
                 }
             }
@@ -582,6 +622,7 @@ impl Context {
             watchers: Watchers::new(1),
             metrics: crate::metrics::Metrics::new(),
             recent: recent::Recent::default(),
+            abandon: CancellationToken::new(),
         })
     }
 }

@@ -118,6 +118,14 @@ impl Watchers {
         self.elsewhere_count.store(elsewhere.len(), Ordering::Release);
     }
 
+    /// Forgets producers no other node has said it watches for a while.
+    pub fn forget_expired(&self) {
+        let mut elsewhere = self.elsewhere.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        elsewhere.retain(|_, until| *until > now);
+        self.elsewhere_count.store(elsewhere.len(), Ordering::Release);
+    }
+
     /// The producers this node's watchers watch now.
     pub fn watched_producers(&self) -> Vec<String> {
         let by_producer = self.by_producer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

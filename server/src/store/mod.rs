@@ -263,9 +263,10 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Tells every other node sharing the database `note` (it comes out of their
     /// [`Store::remote_changes`]), at most once and never to this node; nothing where no
-    /// other node can be.
-    fn announce(&self, note: Note) {
+    /// other node can be. False when it cannot be taken now (too many wait to be sent).
+    fn announce(&self, note: Note) -> bool {
         let _ = note;
+        true
     }
 
     /// Makes everything written so far durable and stops the writer. Later writes fail with

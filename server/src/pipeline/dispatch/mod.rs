@@ -448,8 +448,16 @@ impl Dispatcher {
             let mut turn = Turn::new(self.outbox.clone(), request, work.clone());
             let context = self.context.clone();
             self.workers.spawn(async move {
-                let finished = worker::attempt(context, request, work, listener, &mut turn).await;
-                turn.end(finished);
+                let abandon = context.abandon.clone();
+                let finished = tokio::select! {
+                    biased;
+                    // Dropped mid-request: nothing sent from here on, nothing recorded.
+                    () = abandon.cancelled() => None,
+                    finished = worker::attempt(context, request, work, listener, &mut turn) => Some(finished),
+                };
+                if let Some(finished) = finished {
+                    turn.end(finished);
+                }
             });
             return true;
         }

@@ -150,9 +150,11 @@ pub struct PgStore {
     /// Other nodes' changes for the pipeline, until taken.
     remote_changes: Mutex<Option<mpsc::UnboundedReceiver<RemoteChange>>>,
     /// Notes for the other nodes, sent in order by one task.
-    notes: mpsc::UnboundedSender<Note>,
+    notes: mpsc::Sender<Note>,
 }
 
+/// How long [`PgStore::open_alone`] waits for the delivery lease: a free one is taken at once.
+const ALONE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// How often a node without the delivery lease tries for it.
 const LEASE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often the lease's holder checks that its session still answers.
@@ -243,7 +245,12 @@ async fn lease_session(
         }
     };
     let result = match closing.run_until_cancelled(held).await {
-        Some(result) => result,
+        Some(result) => {
+            // Delivery stops here now, not once the connection has given up (with a query
+            // unanswered that may take as long as the socket's own timeout).
+            lease.send_replace(false);
+            result
+        }
         None => {
             // Given back before the session ends, so a node started right after this one
             // stopped finds it free.
@@ -256,7 +263,7 @@ async fn lease_session(
         }
     };
     drop(client);
-    let _ = driver.await;
+    driver.abort();
     result
 }
 
@@ -296,6 +303,29 @@ impl PgStore {
             .parse()
             .map_err(|error| StoreError::Failed(format!("the database address is not valid: {error}").into()))?;
         Self::open_config(config)
+    }
+
+    /// Opens the database at `address` for work no node may run beside (`hookd rekey`):
+    /// refused while another node runs, which it knows by the delivery lease.
+    pub fn open_alone(address: &str) -> Result<Arc<Self>, StoreError> {
+        Self::alone(Self::open(address)?)
+    }
+
+    /// `store`, if no other node runs on its database (see [`PgStore::open_alone`]).
+    fn alone(store: Arc<Self>) -> Result<Arc<Self>, StoreError> {
+        let mut lease = store.lease.clone();
+        let held = wait_on(&store.handle, async move {
+            let waited = tokio::time::timeout(ALONE_WAIT, lease.wait_for(|held| *held)).await;
+            Ok(matches!(waited, Ok(Ok(_))))
+        });
+        if matches!(held, Ok(true)) {
+            return Ok(store);
+        }
+        store.close()?;
+        Err(StoreError::Failed(
+            "another hookd node is running on this database (it holds the delivery lease): stop every node first"
+                .into(),
+        ))
     }
 
     pub fn open_config(mut config: tokio_postgres::Config) -> Result<Arc<Self>, StoreError> {
@@ -373,7 +403,7 @@ impl PgStore {
         // This node's name on the channel, so it skips its own notes.
         let node: Arc<str> = crate::crypto::hex(&rand_bytes()).into();
         handle.spawn(follow_log(lock_config, channel.clone(), node.clone(), memory.clone(), closing.clone()));
-        let (notes, outgoing) = mpsc::unbounded_channel();
+        let (notes, outgoing) = mpsc::channel(NOTES_QUEUE);
         handle.spawn(announce_notes(pool.clone(), channel.clone(), node, outgoing));
         let intake = Intake {
             pool: pool.clone(),
@@ -516,6 +546,9 @@ impl Control {
 
 /// How often a node looks for changes other nodes made, and for a head it was not told of.
 const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// Notes waiting to be sent before more are refused (see [`Store::announce`]).
+const NOTES_QUEUE: usize = 256;
+
 /// A note as sent on the channel: its kind, the sending node, and what it says. Heads are
 /// sent as `<next_seq> <version>` (see [`Head::to_text`]), which no kind starts like.
 fn note_text(node: &str, note: &Note) -> String {
@@ -543,7 +576,7 @@ fn read_note(payload: &str) -> Option<(&str, Note)> {
 }
 
 /// Sends this node's notes, in order, on one connection of the pool.
-async fn announce_notes(pool: Pool, channel: Arc<str>, node: Arc<str>, mut notes: mpsc::UnboundedReceiver<Note>) {
+async fn announce_notes(pool: Pool, channel: Arc<str>, node: Arc<str>, mut notes: mpsc::Receiver<Note>) {
     while let Some(note) = notes.recv().await {
         let text = note_text(&node, &note);
         let told = async {
@@ -650,6 +683,8 @@ async fn listen(config: &tokio_postgres::Config, channel: &str, node: &str, memo
         }
     });
     let listening = async {
+        // A session gone silent (its node dead without a reset) must not hold notes back.
+        client.batch_execute(LEASE_KEEPALIVES).await?;
         client.batch_execute(&format!("LISTEN \"{channel}\"")).await?;
         // Heads committed before listening began are read once.
         memory.publication.offer(Head::from_row(&client.query_one(Head::SQL, &[]).await?));
@@ -1104,9 +1139,8 @@ impl Store for PgStore {
         self.remote_changes.lock().expect("the remote changes' lock is never poisoned").take()
     }
 
-    fn announce(&self, note: Note) {
-        // Gone only once the store is closed.
-        let _ = self.notes.send(note);
+    fn announce(&self, note: Note) -> bool {
+        self.notes.try_send(note).is_ok()
     }
 
     fn close(&self) -> Result<(), StoreError> {

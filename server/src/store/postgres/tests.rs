@@ -513,3 +513,83 @@ fn notes_read_back_as_sent_and_a_head_is_never_taken_for_one() {
     assert_eq!(super::read_note(&head), None);
     assert!(super::intake::Head::parse(&head).is_some());
 }
+
+/// Work no node may run beside (`hookd rekey`) is refused while a node runs, and goes ahead
+/// once none does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_that_needs_the_database_alone_is_refused_while_a_node_runs() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let node = place.open();
+    lease_is(&node, true).await;
+    let refused = PgStore::alone(place.open()).unwrap_err().to_string();
+    assert!(refused.contains("another hookd node is running on this database"), "{refused}");
+    node.close().unwrap();
+    PgStore::alone(place.open()).unwrap().close().unwrap();
+}
+
+/// A node that loses the delivery lease stops at once: its request in flight is dropped,
+/// not left to run out its timeout (here two minutes) beside the node that takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_loses_the_lease_drops_its_requests_in_flight_at_once() {
+    use tokio::io::AsyncReadExt;
+    let Some((_place, relay, store)) = relayed().await else { return };
+    // A receiver that reads a request and never answers, and says when the connection ends.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hang", receiver.local_addr().unwrap());
+    let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = receiver.accept().await {
+            let heard = heard.clone();
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let mut requested = false;
+                loop {
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => {
+                            let _ = heard.send("closed");
+                            return;
+                        }
+                        Ok(_) if !requested => {
+                            requested = true;
+                            let _ = heard.send("request");
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    let mut hanging = listener("lst_hang", "prd_a", "thing.happened");
+    hanging.url = url;
+    store.insert_listener(hanging).await.unwrap();
+    lease_is(&store, true).await;
+    let config = crate::pipeline::PipelineConfig {
+        attempt_timeout: std::time::Duration::from_secs(120),
+        target_policy: crate::pipeline::TargetPolicy { kind: crate::pipeline::PolicyKind::Open, allow: Vec::new() },
+        ..Default::default()
+    };
+    let keyring = crate::crypto::Keyring::from_base64(&crate::crypto::mint_master_key_base64()).unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    // On a runtime of its own, as in the server: its store calls block its threads, and the
+    // relay runs on the test's.
+    let runtime = crate::pipeline::runtime().unwrap();
+    let pipeline = {
+        let _inside = runtime.enter();
+        crate::pipeline::Pipeline::start(store.clone(), keyring, config, store.durable_seq(), metrics).unwrap()
+    };
+    store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    async fn next(hearing: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> &'static str {
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(10), hearing.recv());
+        waited.await.expect("heard within 10 s").expect("the receiver runs")
+    }
+    assert_eq!(next(&mut hearing).await, "request");
+    relay.cut();
+    assert_eq!(next(&mut hearing).await, "closed", "the request in flight is dropped when the lease is lost");
+    assert!(!*store.delivery_lease().borrow());
+    pipeline.stop(std::time::Duration::from_secs(1)).await;
+    runtime.shutdown_background();
+    store.close().unwrap();
+}

@@ -357,11 +357,18 @@ async fn stats<B: Backend>(
         let read = blocking(move || {
             let counts = store::HistoryStore::counts(store.as_ref());
             let bytes = ["journal", "db", "queue"].map(|part| (part, metrics::bytes_under(&dir.join(part))));
-            (counts, bytes)
+            (counts, bytes, Store::database_bytes(store.as_ref()))
         })
         .await;
         match read {
-            (Ok(counts), bytes) => {
+            (Ok(counts), bytes, database) => {
+                match database {
+                    Ok(Some(database)) => metrics::set(&metrics.store_bytes, ("part", "database"), database),
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(error = &error as &dyn std::error::Error, "cannot read the database's size")
+                    }
+                }
                 metrics::set(&metrics.listeners, ("state", "registered"), counts.listeners);
                 metrics::set(&metrics.listeners, ("state", "disabled"), counts.disabled_listeners);
                 metrics::set(&metrics.pending, ("kind", "retry"), counts.queued);
@@ -370,7 +377,9 @@ async fn stats<B: Backend>(
                     metrics::set(&metrics.store_bytes, ("part", part), bytes);
                 }
             }
-            (Err(error), _) => tracing::warn!(error = &error as &dyn std::error::Error, "cannot count for the metrics"),
+            (Err(error), _, _) => {
+                tracing::warn!(error = &error as &dyn std::error::Error, "cannot count for the metrics")
+            }
         }
         if shutdown.run_until_cancelled(tokio::time::sleep(metrics::STATS_EVERY)).await.is_none() {
             return;

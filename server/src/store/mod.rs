@@ -261,6 +261,11 @@ pub trait Store: Send + Sync + 'static {
     fn remote_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<RemoteChange>> {
         None
     }
+    /// Bytes the store keeps outside the data directory (a database server's tables and
+    /// indexes), if it keeps any there.
+    fn database_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
     /// Tells every other node sharing the database `note` (it comes out of their
     /// [`Store::remote_changes`]), at most once and never to this node; nothing where no
     /// other node can be. False when it cannot be taken now (too many wait to be sent).

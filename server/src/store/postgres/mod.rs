@@ -1139,6 +1139,19 @@ impl Store for PgStore {
         self.remote_changes.lock().expect("the remote changes' lock is never poisoned").take()
     }
 
+    fn database_bytes(&self) -> Result<Option<u64>, StoreError> {
+        self.read(|client| async move {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relkind = 'r'",
+                    &[],
+                )
+                .await?;
+            Ok(Some(unsigned(row.get(0))))
+        })
+    }
+
     fn announce(&self, note: Note) -> bool {
         self.notes.try_send(note).is_ok()
     }

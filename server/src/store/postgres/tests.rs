@@ -593,3 +593,25 @@ async fn a_node_that_loses_the_lease_drops_its_requests_in_flight_at_once() {
     runtime.shutdown_background();
     store.close().unwrap();
 }
+
+/// The size of hookd's tables, for `hookd_store_bytes{part="database"}`: it grows with the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_part_of_the_store_is_measured_and_grows_with_the_log() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let store = with_producers(place.open()).await;
+    let before = store.database_bytes().unwrap().expect("measured on PostgreSQL");
+    assert!(before > 0);
+    for n in 0..400 {
+        let mut event = new_event("prd_a", None, n);
+        // Random bytes: the database would compress a repeated one to nothing.
+        event.payload = vec![0; 4096];
+        getrandom::fill(&mut event.payload).unwrap();
+        store.append_event(event).await.unwrap();
+    }
+    let after = store.database_bytes().unwrap().unwrap();
+    assert!(after >= before + 400 * 4096 / 2, "{before} then {after} bytes");
+    store.close().unwrap();
+}

@@ -3,8 +3,10 @@
 //!
 //! Loaded whole at start and changed after each write to the database has committed, so
 //! every read of [`Store`](crate::store::Store) that authentication, fan-out and the API make
-//! inline is a memory lookup that never blocks a thread. It is only ever a copy: the database
-//! is the truth, and nothing here is written anywhere.
+//! inline is a memory lookup that never blocks a thread. What other nodes change is read as
+//! [`Changes`]: the rows stamped with a later version than memory reflects, and the removals
+//! recorded since. It is only ever a copy: the database is the truth, and nothing here is
+//! written anywhere.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -24,6 +26,23 @@ pub(super) struct Directory {
     /// (producer id, listener id).
     by_producer: BTreeSet<(String, String)>,
 }
+
+/// What changed in the control plane after some version: rows written since, and rows
+/// removed since (a removal recorded before a row of the same key was written again is
+/// outdone by that row, see [`Directory::apply`]).
+#[derive(Default)]
+pub(super) struct Changes {
+    producers: Vec<Producer>,
+    keys: Vec<(Vec<u8>, ApiKeyEntry)>,
+    hashes: Vec<(String, EventHashEntry)>,
+    listeners: Vec<Listener>,
+    removed_keys: Vec<Vec<u8>>,
+    removed_listeners: Vec<String>,
+}
+
+/// The kinds of row whose removal is recorded in `control_removals`.
+pub(super) const REMOVED_KEY: &str = "api_key";
+pub(super) const REMOVED_LISTENER: &str = "listener";
 
 fn corrupt(table: &str, key: &str) -> StoreError {
     StoreError::Corrupt { key: format!("{table}/{key}") }
@@ -51,6 +70,74 @@ impl Directory {
             directory.put_listener(listener);
         }
         Ok(directory)
+    }
+
+    /// What changed after version `since`, as of the snapshot `client` reads in.
+    pub async fn changes_since(client: &impl GenericClient, since: u64) -> Result<Changes, StoreError> {
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let mut changes = Changes::default();
+        for row in client.query("SELECT id, record FROM producers WHERE changed > $1", &[&since]).await? {
+            let id: String = row.get(0);
+            changes.producers.push(decode(row.get(1)).ok_or_else(|| corrupt("producers", &id))?);
+        }
+        let keys = "SELECT key_hash, producer_id, expires_at_ms FROM api_keys WHERE changed > $1";
+        for row in client.query(keys, &[&since]).await? {
+            let entry = ApiKeyEntry { producer_id: row.get(1), expires_at_ms: unsigned(row.get(2)) };
+            changes.keys.push((row.get(0), entry));
+        }
+        let hashes = "SELECT event_hash, producer_id, event_type FROM event_hashes WHERE changed > $1";
+        for row in client.query(hashes, &[&since]).await? {
+            changes.hashes.push((row.get(0), EventHashEntry { producer_id: row.get(1), event_type: row.get(2) }));
+        }
+        for row in client.query("SELECT id, record FROM listeners WHERE changed > $1", &[&since]).await? {
+            let id: String = row.get(0);
+            changes.listeners.push(decode(row.get(1)).ok_or_else(|| corrupt("listeners", &id))?);
+        }
+        for row in client.query("SELECT kind, key FROM control_removals WHERE version > $1", &[&since]).await? {
+            let (kind, key): (String, Vec<u8>) = (row.get(0), row.get(1));
+            match kind.as_str() {
+                REMOVED_KEY => changes.removed_keys.push(key),
+                REMOVED_LISTENER => {
+                    let id = String::from_utf8(key).map_err(|_| corrupt("control_removals", &kind))?;
+                    changes.removed_listeners.push(id);
+                }
+                _ => return Err(corrupt("control_removals", &kind)),
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Brings this up to date with `changes`; returns the listeners that changed (added,
+    /// changed or removed). Removals go first: a row that exists in the snapshot the changes
+    /// were read in exists now, whatever was removed before it.
+    pub fn apply(&mut self, changes: Changes) -> Vec<String> {
+        let Changes { producers, keys, hashes, listeners, removed_keys, removed_listeners } = changes;
+        let mut changed = Vec::new();
+        for key in removed_keys {
+            self.keys.remove(&key);
+        }
+        for id in removed_listeners {
+            if self.listeners.contains_key(&id) {
+                self.remove_listener(&id);
+                changed.push(id);
+            }
+        }
+        for producer in producers {
+            self.producers.insert(producer.id.clone(), producer);
+        }
+        self.keys.extend(keys);
+        self.hashes.extend(hashes);
+        for listener in listeners {
+            if self.listeners.get(&listener.id) != Some(&listener) {
+                changed.push(listener.id.clone());
+                // Its producer and type never change, but the indexes follow the record.
+                self.remove_listener(&listener.id);
+                self.put_listener(listener);
+            }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        changed
     }
 
     /// How many listeners there are, and how many of them are disabled.

@@ -14,7 +14,9 @@
 //! Layout: see [`schema`].
 //!
 //! Several nodes may share one database. Each takes triggers; its memory follows what the
-//! others write ([`follow_control`]), and it hears of their triggers by `NOTIFY`
+//! others write ([`follow_control`]: every admin write stamps its rows with the control
+//! plane's next version, see [`Control`], so a node reads only what changed since the
+//! version it knows), and it hears of their triggers by `NOTIFY`
 //! ([`follow_log`]), publishing a head to fan-out only once its memory holds every listener
 //! change made before it (see `intake::Publication`). One node at a time delivers: the one
 //! holding the delivery lease ([`hold_lease`]); the others stand by to take over.
@@ -36,7 +38,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_postgres::NoTls;
 
-use self::directory::Directory;
+use self::directory::{Changes, Directory, REMOVED_KEY, REMOVED_LISTENER};
 use self::intake::{Groups, Head, Intake, Job, Publication};
 use super::model::{
     ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode,
@@ -360,15 +362,17 @@ impl PgStore {
             async move {
                 let mut client = pool.get().await?;
                 schema::migrate(&mut client).await?;
-                let (head, directory) = snapshot(&mut client).await?;
+                let (head, untracked, fresh) = snapshot(&mut client, None).await?;
+                let mut directory = Directory::default();
+                fresh.fill(&mut directory);
                 let channel = client
                     .query_one("SELECT 'hookd_log_' || substr(md5(current_schema()), 1, 16)", &[])
                     .await?
                     .get::<_, String>(0);
-                Ok((directory, head, channel))
+                Ok((directory, head, untracked, channel))
             }
         });
-        let (directory, head, channel) = match opened {
+        let (directory, head, untracked, channel) = match opened {
             Ok(opened) => opened,
             Err(error) => {
                 // Never blocks: opening may be called on an async thread.
@@ -395,6 +399,8 @@ impl PgStore {
             directory: directory.clone(),
             generation: listeners_generation.clone(),
             known: control_version.clone(),
+            untracked: Arc::new(AtomicU64::new(untracked)),
+            whole_reads: Arc::default(),
             publication: publication.clone(),
             reload_wanted: reload_wanted.clone(),
             changes: changes_tx,
@@ -442,6 +448,12 @@ impl PgStore {
 
     fn memory(&self) -> Memory {
         self.memory.clone()
+    }
+
+    /// How many times this node read the control plane whole after it opened.
+    #[cfg(test)]
+    fn whole_reads(&self) -> u64 {
+        self.memory.whole_reads.load(Ordering::Acquire)
     }
 
     fn directory(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
@@ -524,24 +536,58 @@ impl Drop for PgStore {
 }
 
 /// What an admin write commits with: the control plane's version moves in the same
-/// transaction, so every node sees that producers, keys, hashes or listeners changed.
+/// transaction, so every node sees that producers, keys, hashes or listeners changed, and
+/// the rows it writes carry that version (`changed`), so other nodes read only those.
 pub(super) struct Control {
     /// The version this node's memory reflects.
     known: Arc<AtomicU64>,
 }
 
+/// Removals are kept for this many versions of the control plane: a node further behind
+/// than that reads the control plane whole. (Small in tests, so they reach it.)
+const REMOVALS_KEPT: i64 = if cfg!(test) { 64 } else { 4096 };
+/// Removals are pruned every this many versions.
+const PRUNE_EVERY: i64 = if cfg!(test) { 16 } else { 1024 };
+
 impl Control {
-    /// Moves the version on and commits. When nothing else changed since this node's memory
+    /// Moves the version on, first thing in `tx`, and returns it: the version this write's
+    /// rows are stamped with. The version's row stays locked until `tx` ends, so writes from
+    /// every node commit in the order of their versions, and a node that reads the version
+    /// in a snapshot sees every row stamped with it or before. Now and then it also prunes
+    /// old removals.
+    async fn begin(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, StoreError> {
+        let bump =
+            "UPDATE control_version SET version = version + 1, tracked = tracked + 1 WHERE id = 0 RETURNING version";
+        let version: i64 = tx.query_one(bump, &[]).await?.get(0);
+        if version % PRUNE_EVERY == 0 {
+            let floor = version - REMOVALS_KEPT;
+            tx.execute("DELETE FROM control_removals WHERE version <= $1", &[&floor]).await?;
+            tx.execute("UPDATE control_version SET forgotten = GREATEST(forgotten, $1) WHERE id = 0", &[&floor])
+                .await?;
+        }
+        Ok(version)
+    }
+
+    /// Commits `tx`, begun at `version`. When nothing else changed since this node's memory
     /// was last current, it is current again with this write applied (the caller applies it).
-    async fn commit(&self, tx: deadpool_postgres::Transaction<'_>) -> Result<(), StoreError> {
-        let row = tx
-            .query_one("UPDATE control_version SET version = version + 1 WHERE id = 0 RETURNING version", &[])
-            .await?;
-        let version = unsigned(row.get(0));
+    async fn commit(&self, tx: deadpool_postgres::Transaction<'_>, version: i64) -> Result<(), StoreError> {
         tx.commit().await?;
+        let version = unsigned(version);
         let _ = self.known.compare_exchange(version - 1, version, Ordering::AcqRel, Ordering::Acquire);
         Ok(())
     }
+}
+
+/// Records that a row of `kind` (see [`directory::REMOVED_KEY`]) was removed at `version`.
+async fn removed(
+    client: &impl deadpool_postgres::GenericClient,
+    version: i64,
+    kind: &str,
+    key: &[u8],
+) -> Result<(), StoreError> {
+    let sql = "INSERT INTO control_removals (version, kind, key) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+    client.execute(sql, &[&version, &kind, &key]).await?;
+    Ok(())
 }
 
 /// How often a node looks for changes other nodes made, and for a head it was not told of.
@@ -599,6 +645,12 @@ struct Memory {
     generation: Arc<AtomicU64>,
     /// The control plane's version `directory` reflects.
     known: Arc<AtomicU64>,
+    /// How many versions of the control plane, as of `known`, were moved by writes that
+    /// stamp no rows (a hookd of an older schema during an upgrade): when the database
+    /// counts more, memory is read whole.
+    untracked: Arc<AtomicU64>,
+    /// How many times memory was read whole after it was first loaded.
+    whole_reads: Arc<AtomicU64>,
     publication: Arc<Publication>,
     /// Rung when a head waits for a newer control plane than `directory` reflects.
     reload_wanted: Arc<tokio::sync::Notify>,
@@ -712,9 +764,41 @@ async fn listen(config: &tokio_postgres::Config, channel: &str, node: &str, memo
     result
 }
 
-/// The log's head with the control plane's version, and the control plane as of that
-/// version: one read-only snapshot, so the three agree.
-async fn snapshot(client: &mut deadpool_postgres::Object) -> Result<(Head, Directory), StoreError> {
+/// The control plane as read from the database: whole, or what changed since memory's version.
+enum Fresh {
+    Whole(Directory),
+    Changes(Changes),
+}
+
+impl Fresh {
+    /// Brings `directory` up to date; returns the listeners that changed.
+    fn fill(self, directory: &mut Directory) -> Vec<String> {
+        match self {
+            Fresh::Whole(fresh) => {
+                let changed = directory.changed_listeners(&fresh);
+                *directory = fresh;
+                changed
+            }
+            Fresh::Changes(changes) => directory.apply(changes),
+        }
+    }
+}
+
+/// Whether memory, at version `known` with `untracked` versions moved by writes that stamp
+/// no rows, can be brought to the database's snapshot (`version`, `untracked_now`, removals
+/// pruned up to `forgotten`) by reading what changed since `known`.
+fn changes_suffice(known: u64, untracked: u64, version: u64, untracked_now: u64, forgotten: u64) -> bool {
+    untracked_now == untracked && known >= forgotten && known <= version
+}
+
+/// The log's head with the control plane's version, how many versions writes that stamp no
+/// rows moved, and the control plane as of that version: whole, or, given memory's version
+/// and untracked count (`memory_at`), what changed since when that suffices. One read-only
+/// snapshot, so they agree.
+async fn snapshot(
+    client: &mut deadpool_postgres::Object,
+    memory_at: Option<(u64, u64)>,
+) -> Result<(Head, u64, Fresh), StoreError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -722,28 +806,36 @@ async fn snapshot(client: &mut deadpool_postgres::Object) -> Result<(Head, Direc
         .start()
         .await?;
     let head = Head::from_row(&tx.query_one(Head::SQL, &[]).await?);
-    let directory = Directory::load(&tx).await?;
+    let row = tx.query_one("SELECT version - tracked, forgotten FROM control_version WHERE id = 0", &[]).await?;
+    let (untracked, forgotten) = (unsigned(row.get(0)), unsigned(row.get(1)));
+    let fresh = match memory_at {
+        Some((known, was)) if changes_suffice(known, was, head.version, untracked, forgotten) => {
+            Fresh::Changes(Directory::changes_since(&tx, known).await?)
+        }
+        _ => Fresh::Whole(Directory::load(&tx).await?),
+    };
     tx.commit().await?;
-    Ok((head, directory))
+    Ok((head, untracked, fresh))
 }
 
-/// Reads the control plane again into memory, with the version it reflects, and publishes
-/// the head read with it, when memory may have missed a change. Called one at a time with
+/// Reads what changed in the control plane since the version memory reflects (all of it
+/// when that cannot tell, see [`changes_suffice`]) into memory, with the version it now
+/// reflects, and publishes the head read with it, when memory may have missed a change. Called one at a time with
 /// this node's admin writes. Logs and keeps what it has (and the version it had, so the next
 /// look tries again) when the database cannot say.
 async fn reload(pool: &Pool, memory: &Memory) {
+    let memory_at = (memory.known.load(Ordering::Acquire), memory.untracked.load(Ordering::Acquire));
     let fresh = async {
         let mut client = pool.get().await?;
-        snapshot(&mut client).await
+        snapshot(&mut client, Some(memory_at)).await
     };
     match fresh.await {
-        Ok((head, fresh)) => {
-            let changed = {
-                let mut directory = memory.directory.write().expect("the directory lock is never poisoned");
-                let changed = directory.changed_listeners(&fresh);
-                *directory = fresh;
-                changed
-            };
+        Ok((head, untracked, fresh)) => {
+            if matches!(fresh, Fresh::Whole(_)) {
+                memory.whole_reads.fetch_add(1, Ordering::AcqRel);
+            }
+            let changed = fresh.fill(&mut memory.directory.write().expect("the directory lock is never poisoned"));
+            memory.untracked.store(untracked, Ordering::Release);
             for listener_id in changed {
                 // Nobody may listen (a node that never delivers); that is no error.
                 let _ = memory.changes.send(RemoteChange::Listener(listener_id));
@@ -784,12 +876,17 @@ async fn write_meta(
     Ok(())
 }
 
-async fn write_listener(client: &impl deadpool_postgres::GenericClient, listener: &Listener) -> Result<(), StoreError> {
+/// Writes `listener`, stamped with the control plane's `version` (see [`Control::begin`]).
+async fn write_listener(
+    client: &impl deadpool_postgres::GenericClient,
+    listener: &Listener,
+    version: i64,
+) -> Result<(), StoreError> {
     client
         .execute(
-            "INSERT INTO listeners (id, producer_id, event_type, record) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-            &[&listener.id, &listener.producer_id, &listener.event_type, &encode(listener)],
+            "INSERT INTO listeners (id, producer_id, event_type, record, changed) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record, changed = excluded.changed",
+            &[&listener.id, &listener.producer_id, &listener.event_type, &encode(listener), &version],
         )
         .await?;
     Ok(())
@@ -815,11 +912,17 @@ async fn locked_producer(
     }
 }
 
-async fn write_producer(client: &impl deadpool_postgres::GenericClient, producer: &Producer) -> Result<(), StoreError> {
+/// Writes `producer`, stamped with the control plane's `version` (see [`Control::begin`]).
+async fn write_producer(
+    client: &impl deadpool_postgres::GenericClient,
+    producer: &Producer,
+    version: i64,
+) -> Result<(), StoreError> {
     client
         .execute(
-            "INSERT INTO producers (id, record) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-            &[&producer.id, &encode(producer)],
+            "INSERT INTO producers (id, record, changed) VALUES ($1, $2, $3) \
+             ON CONFLICT (id) DO UPDATE SET record = excluded.record, changed = excluded.changed",
+            &[&producer.id, &encode(producer), &version],
         )
         .await?;
     Ok(())
@@ -859,15 +962,17 @@ impl Store for PgStore {
         let directory = self.directory.clone();
         self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let version = control.begin(&tx).await?;
             // Producer before key, the order the intake locks them in.
-            write_producer(&tx, &producer).await?;
+            write_producer(&tx, &producer, version).await?;
             tx.execute(
-                "INSERT INTO api_keys (key_hash, producer_id, expires_at_ms) VALUES ($1, $2, 0) \
-                 ON CONFLICT (key_hash) DO UPDATE SET producer_id = excluded.producer_id, expires_at_ms = 0",
-                &[&&key_hash[..], &producer.id],
+                "INSERT INTO api_keys (key_hash, producer_id, expires_at_ms, changed) VALUES ($1, $2, 0, $3) \
+                 ON CONFLICT (key_hash) DO UPDATE SET producer_id = excluded.producer_id, expires_at_ms = 0, \
+                 changed = excluded.changed",
+                &[&&key_hash[..], &producer.id, &version],
             )
             .await?;
-            control.commit(tx).await?;
+            control.commit(tx, version).await?;
             let mut directory = directory.write().expect("the directory lock is never poisoned");
             directory
                 .keys
@@ -910,6 +1015,7 @@ impl Store for PgStore {
         let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
         self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let version = control.begin(&tx).await?;
             let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
                 return Ok(false);
             };
@@ -925,8 +1031,8 @@ impl Store for PgStore {
                         let end = now_ms.saturating_add(grace_ms);
                         entry.expires_at_ms = if entry.expires_at_ms == 0 { end } else { entry.expires_at_ms.min(end) };
                         tx.execute(
-                            "UPDATE api_keys SET expires_at_ms = $2 WHERE key_hash = $1",
-                            &[&old, &signed(entry.expires_at_ms)],
+                            "UPDATE api_keys SET expires_at_ms = $2, changed = $3 WHERE key_hash = $1",
+                            &[&old, &signed(entry.expires_at_ms), &version],
                         )
                         .await?;
                         changes.push((old.clone(), Some(entry)));
@@ -934,14 +1040,16 @@ impl Store for PgStore {
                     }
                     _ => {
                         tx.execute("DELETE FROM api_keys WHERE key_hash = $1", &[&old]).await?;
+                        removed(&tx, version, REMOVED_KEY, &old).await?;
                         changes.push((old, None));
                     }
                 }
             }
             tx.execute(
-                "INSERT INTO api_keys (key_hash, producer_id, expires_at_ms) VALUES ($1, $2, 0) \
-                 ON CONFLICT (key_hash) DO UPDATE SET producer_id = excluded.producer_id, expires_at_ms = 0",
-                &[&&new_key_hash[..], &producer_id],
+                "INSERT INTO api_keys (key_hash, producer_id, expires_at_ms, changed) VALUES ($1, $2, 0, $3) \
+                 ON CONFLICT (key_hash) DO UPDATE SET producer_id = excluded.producer_id, expires_at_ms = 0, \
+                 changed = excluded.changed",
+                &[&&new_key_hash[..], &producer_id, &version],
             )
             .await?;
             changes.push((
@@ -950,8 +1058,8 @@ impl Store for PgStore {
             ));
             kept.push(new_key_hash.to_vec());
             producer.key_hashes = kept;
-            write_producer(&tx, &producer).await?;
-            control.commit(tx).await?;
+            write_producer(&tx, &producer, version).await?;
+            control.commit(tx, version).await?;
             let mut directory = directory.write().expect("the directory lock is never poisoned");
             for (hash, entry) in changes {
                 match entry {
@@ -968,13 +1076,14 @@ impl Store for PgStore {
         let (producer_id, directory) = (producer_id.to_owned(), self.directory.clone());
         self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let version = control.begin(&tx).await?;
             let Some(mut producer) = locked_producer(&tx, &producer_id).await? else {
                 return Ok(None);
             };
             producer.enabled = enabled;
             producer.disabled_reason = if enabled { String::new() } else { reason };
-            write_producer(&tx, &producer).await?;
-            control.commit(tx).await?;
+            write_producer(&tx, &producer, version).await?;
+            control.commit(tx, version).await?;
             let mut directory = directory.write().expect("the directory lock is never poisoned");
             directory.producers.insert(producer_id, producer.clone());
             Ok(Some(producer))
@@ -985,13 +1094,15 @@ impl Store for PgStore {
         let (event_hash, directory) = (event_hash.to_owned(), self.directory.clone());
         self.admin(false, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let version = control.begin(&tx).await?;
             tx.execute(
-                "INSERT INTO event_hashes (event_hash, producer_id, event_type) VALUES ($1, $2, $3) \
-                 ON CONFLICT (event_hash) DO UPDATE SET producer_id = excluded.producer_id, event_type = excluded.event_type",
-                &[&event_hash, &entry.producer_id, &entry.event_type],
+                "INSERT INTO event_hashes (event_hash, producer_id, event_type, changed) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (event_hash) DO UPDATE SET producer_id = excluded.producer_id, \
+                 event_type = excluded.event_type, changed = excluded.changed",
+                &[&event_hash, &entry.producer_id, &entry.event_type, &version],
             )
             .await?;
-            control.commit(tx).await?;
+            control.commit(tx, version).await?;
             directory.write().expect("the directory lock is never poisoned").hashes.insert(event_hash, entry);
             Ok(())
         })
@@ -1005,9 +1116,10 @@ impl Store for PgStore {
         let (directory, generation) = (self.directory.clone(), self.listeners_generation.clone());
         self.admin(true, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let version = control.begin(&tx).await?;
             listener.enabled_from_seq = log_point(&tx).await?;
-            write_listener(&tx, &listener).await?;
-            control.commit(tx).await?;
+            write_listener(&tx, &listener, version).await?;
+            control.commit(tx, version).await?;
             directory.write().expect("the directory lock is never poisoned").put_listener(listener);
             generation.fetch_add(1, Ordering::AcqRel);
             Ok(())
@@ -1033,6 +1145,7 @@ impl Store for PgStore {
             (listener_id.to_owned(), self.directory.clone(), self.listeners_generation.clone());
         self.admin(true, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let version = control.begin(&tx).await?;
             let next_seq = log_point(&tx).await?;
             let Some(mut listener) = locked_listener(&tx, &listener_id).await? else {
                 return Ok(None);
@@ -1045,8 +1158,8 @@ impl Store for PgStore {
                 0
             };
             listener.edited(was_enabled, next_seq, fanout_next_seq);
-            write_listener(&tx, &listener).await?;
-            control.commit(tx).await?;
+            write_listener(&tx, &listener, version).await?;
+            control.commit(tx, version).await?;
             directory.write().expect("the directory lock is never poisoned").put_listener(listener.clone());
             generation.fetch_add(1, Ordering::AcqRel);
             Ok(Some(listener))
@@ -1060,6 +1173,7 @@ impl Store for PgStore {
         // fanned out before the removal is in memory, so none reaches the deleted listener.
         self.admin(true, move |mut client, control| async move {
             let tx = client.transaction().await?;
+            let version = control.begin(&tx).await?;
             let next_seq = log_point(&tx).await?;
             let Some(listener) = locked_listener(&tx, &listener_id).await? else {
                 return Ok(None);
@@ -1076,7 +1190,8 @@ impl Store for PgStore {
             )
             .await?;
             tx.execute("DELETE FROM listeners WHERE id = $1", &[&listener_id]).await?;
-            control.commit(tx).await?;
+            removed(&tx, version, REMOVED_LISTENER, listener_id.as_bytes()).await?;
+            control.commit(tx, version).await?;
             directory.write().expect("the directory lock is never poisoned").remove_listener(&listener_id);
             generation.fetch_add(1, Ordering::AcqRel);
             Ok(Some(DeletedListener { listener: ended, unsure_from_seq }))

@@ -117,6 +117,28 @@ const MIGRATIONS: &[&str] = &[
     // producers, keys, hashes or listeners changed.
     "CREATE TABLE control_version (id smallint PRIMARY KEY CHECK (id = 0), version bigint NOT NULL);
      INSERT INTO control_version VALUES (0, 0);",
+    // 4: each row of the control plane says at which version it last changed, and removals
+    // are kept for a while, so a node reads only what changed since the version it knows.
+    // `tracked` moves with `version` on every write that stamps its rows (a hookd of schema
+    // 3 still running during an upgrade moves `version` alone: the gap tells the others to
+    // read everything); removals at or below `forgotten` have been pruned.
+    "ALTER TABLE control_version ADD COLUMN tracked bigint NOT NULL DEFAULT 0,
+         ADD COLUMN forgotten bigint NOT NULL DEFAULT 0;
+     UPDATE control_version SET tracked = version, forgotten = version;
+     ALTER TABLE producers ADD COLUMN changed bigint NOT NULL DEFAULT 0;
+     ALTER TABLE api_keys ADD COLUMN changed bigint NOT NULL DEFAULT 0;
+     ALTER TABLE event_hashes ADD COLUMN changed bigint NOT NULL DEFAULT 0;
+     ALTER TABLE listeners ADD COLUMN changed bigint NOT NULL DEFAULT 0;
+     CREATE INDEX producers_by_change ON producers (changed);
+     CREATE INDEX api_keys_by_change ON api_keys (changed);
+     CREATE INDEX event_hashes_by_change ON event_hashes (changed);
+     CREATE INDEX listeners_by_change ON listeners (changed);
+     CREATE TABLE control_removals (
+         version bigint NOT NULL,
+         kind text COLLATE \"C\" NOT NULL,
+         key bytea NOT NULL,
+         PRIMARY KEY (version, kind, key)
+     );",
 ];
 
 /// The schema version this binary writes.

@@ -152,6 +152,8 @@ async fn a_schema_of_the_first_version_is_brought_up_to_date_at_start() {
         2,
         "migration 3, moved by the two producers' creation"
     );
+    assert_eq!(place.scalar("SELECT max(changed) FROM producers"), 2, "migration 4: rows carry their version");
+    assert_eq!(place.scalar("SELECT version - tracked FROM control_version"), 0, "every write stamped its rows");
 }
 
 /// Two stores on one database number their triggers from one log: every number once, no
@@ -438,22 +440,89 @@ async fn another_node_learns_of_producers_hashes_and_listeners_by_itself() {
     let entry = crate::store::EventHashEntry { producer_id: "prd_a".into(), event_type: "thing.happened".into() };
     here.put_event_hash("evh_thing", entry.clone()).await.unwrap();
     here.insert_listener(listener("lst_1", "prd_a", "thing.happened")).await.unwrap();
-    let within = |what: &'static str, seen: &dyn Fn() -> bool| {
-        // The bound is 250 ms and one reload; a loaded machine gets room.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !seen() {
-            assert!(std::time::Instant::now() < deadline, "{what} not seen by the other node in time");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    };
     within("the producer and its key", &|| there.producer_by_key(&key_of("prd_a"), 1).unwrap().is_some());
     within("the event hash", &|| there.event_hash("evh_thing").unwrap() == Some(entry.clone()));
     within("the listener", &|| there.listener("lst_1").unwrap().is_some());
     assert_ne!(there.listeners_generation(), generation, "its copies of listeners are known to be stale");
     here.delete_listener("lst_1").await.unwrap().unwrap();
     within("the deletion", &|| there.listener("lst_1").unwrap().is_none());
+    here.rotate_producer_key("prd_a", [7; 32], 1, 0).await.unwrap();
+    within("the new key", &|| there.producer_by_key(&[7; 32], 1).unwrap().is_some());
+    within("the old key's removal", &|| there.producer_by_key(&key_of("prd_a"), 1).unwrap().is_none());
+    assert_eq!(there.whole_reads(), 0, "only what changed was read");
     here.close().unwrap();
     there.close().unwrap();
+}
+
+/// Waits until `seen` (bounded: the bound is 250 ms and a read; a loaded machine gets room).
+fn within(what: &str, seen: &dyn Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen() {
+        assert!(std::time::Instant::now() < deadline, "{what} not seen by the other node in time");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A node reads the control plane whole when reading what changed would miss something: a
+/// write by a hookd of the previous schema (during an upgrade), which stamps no rows, or a
+/// removal already pruned from the record of removals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reads_everything_again_after_an_older_hookds_write_or_pruned_removals() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let (here, there) = (with_producers(place.open()).await, place.open());
+    within("the producers", &|| there.producer_by_key(&key_of("prd_a"), 1).unwrap().is_some());
+    let before = there.whole_reads();
+    // What a hookd of schema 3 does to add a key: the row is not stamped.
+    place.execute(
+        "BEGIN; INSERT INTO api_keys (key_hash, producer_id, expires_at_ms) VALUES (decode(repeat('07', 32), 'hex'), 'prd_a', 0); \
+         UPDATE control_version SET version = version + 1 WHERE id = 0; COMMIT;",
+    );
+    within("the older hookd's key", &|| there.producer_by_key(&[7; 32], 1).unwrap().is_some());
+    assert!(there.whole_reads() > before, "read whole");
+    // A stamped removal whose record is pruned already.
+    let before = there.whole_reads();
+    place.execute(
+        "BEGIN; DELETE FROM api_keys WHERE key_hash = decode(repeat('07', 32), 'hex'); \
+         UPDATE control_version SET version = version + 1, tracked = tracked + 1, forgotten = version + 1 WHERE id = 0; COMMIT;",
+    );
+    within("the key's removal", &|| there.producer_by_key(&[7; 32], 1).unwrap().is_none());
+    assert!(there.whole_reads() > before, "read whole");
+    // Back to reading changes only.
+    let before = there.whole_reads();
+    here.set_producer_enabled("prd_a", false, "leaked".into()).await.unwrap();
+    within("the disabling", &|| !there.producer("prd_a").unwrap().unwrap().enabled);
+    assert_eq!(there.whole_reads(), before, "only what changed was read");
+    here.close().unwrap();
+    there.close().unwrap();
+}
+
+/// The record of removals does not grow without bound: removals older than the versions kept
+/// are pruned, and the floor below which a node must read whole moves with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removals_are_pruned_once_old_enough() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let store = with_producers(place.open()).await;
+    store.insert_listener(listener("lst_gone", "prd_a", "thing.happened")).await.unwrap();
+    store.delete_listener("lst_gone").await.unwrap().unwrap();
+    let removed_at = place.scalar("SELECT version FROM control_removals");
+    let writes = super::REMOVALS_KEPT + super::PRUNE_EVERY;
+    for n in 0..writes {
+        let entry = crate::store::EventHashEntry { producer_id: "prd_a".into(), event_type: format!("type.{n}") };
+        store.put_event_hash(&format!("evh_{n}"), entry).await.unwrap();
+    }
+    assert!(place.scalar("SELECT forgotten FROM control_version") >= removed_at, "the floor moved past it");
+    assert_eq!(place.scalar("SELECT count(*) FROM control_removals"), 0, "the removal is pruned");
+    assert_eq!(
+        place.scalar("SELECT count(*) FROM control_removals WHERE version <= (SELECT forgotten FROM control_version)"),
+        0
+    );
+    store.close().unwrap();
 }
 
 /// Events another node commits reach this node's fan-out (the durable end it follows moves,
@@ -614,4 +683,25 @@ async fn the_database_part_of_the_store_is_measured_and_grows_with_the_log() {
     let after = store.database_bytes().unwrap().unwrap();
     assert!(after >= before + 400 * 4096 / 2, "{before} then {after} bytes");
     store.close().unwrap();
+}
+
+#[test]
+fn changes_suffice_only_when_nothing_unstamped_or_pruned_lies_between() {
+    use super::changes_suffice;
+    // (known, untracked then, version now, untracked now, forgotten) → read changes only
+    let cases = [
+        ((5, 0, 9, 0, 0), true),
+        ((5, 0, 5, 0, 5), true),
+        ((5, 0, 9, 1, 0), false), // an older hookd wrote since
+        ((5, 2, 9, 2, 0), true),  // it wrote before memory was read: memory has it
+        ((5, 0, 9, 0, 6), false), // removals after 5 were pruned
+        ((9, 0, 5, 0, 0), false), // memory ahead of the database (a database restored)
+    ];
+    for ((known, untracked, version, untracked_now, forgotten), expected) in cases {
+        assert_eq!(
+            changes_suffice(known, untracked, version, untracked_now, forgotten),
+            expected,
+            "known {known}, untracked {untracked}, version {version}, untracked now {untracked_now}, forgotten {forgotten}"
+        );
+    }
 }

@@ -141,6 +141,8 @@ pub struct PgStore {
     failure: watch::Sender<Option<Arc<str>>>,
     /// The version of the control plane that `directory` reflects (see [`Control`]).
     control_version: Arc<AtomicU64>,
+    /// Where every node hears of new heads, control-plane changes and notes (`NOTIFY`).
+    channel: Arc<str>,
     /// The above with the publication, for the tasks that keep them current.
     memory: Memory,
     /// Cancelled when the store is closed.
@@ -330,7 +332,13 @@ impl PgStore {
         ))
     }
 
-    pub fn open_config(mut config: tokio_postgres::Config) -> Result<Arc<Self>, StoreError> {
+    pub fn open_config(config: tokio_postgres::Config) -> Result<Arc<Self>, StoreError> {
+        Self::open_polling(config, CONTROL_POLL)
+    }
+
+    /// [`PgStore::open_config`], looking for other nodes' changes every `poll` besides
+    /// hearing of them.
+    fn open_polling(mut config: tokio_postgres::Config, poll: std::time::Duration) -> Result<Arc<Self>, StoreError> {
         if config.get_connect_timeout().is_none() {
             // A database out of reach fails its callers in seconds rather than hang them.
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -401,6 +409,7 @@ impl PgStore {
             known: control_version.clone(),
             untracked: Arc::new(AtomicU64::new(untracked)),
             whole_reads: Arc::default(),
+            poll,
             publication: publication.clone(),
             reload_wanted: reload_wanted.clone(),
             changes: changes_tx,
@@ -435,6 +444,7 @@ impl PgStore {
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             listeners_generation,
             control_version,
+            channel,
             memory,
             sync_seconds,
             failure,
@@ -490,7 +500,7 @@ impl PgStore {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let closed = self.closed();
-        let control = Control { known: self.control_version.clone() };
+        let control = Control { known: self.control_version.clone(), channel: self.channel.clone() };
         let (pool, publication, groups, serial) =
             (self.pool.clone(), self.publication.clone(), self.groups.clone(), self.admin_lock.clone());
         let memory = self.memory();
@@ -541,6 +551,8 @@ impl Drop for PgStore {
 pub(super) struct Control {
     /// The version this node's memory reflects.
     known: Arc<AtomicU64>,
+    /// Where the other nodes hear of the new version (see [`Control::commit`]).
+    channel: Arc<str>,
 }
 
 /// Removals are kept for this many versions of the control plane: a node further behind
@@ -568,9 +580,14 @@ impl Control {
         Ok(version)
     }
 
-    /// Commits `tx`, begun at `version`. When nothing else changed since this node's memory
-    /// was last current, it is current again with this write applied (the caller applies it).
+    /// Commits `tx`, begun at `version`, telling the other nodes (a head with the new version,
+    /// sent as the transaction commits, so they read the change at once rather than at their
+    /// next look). When nothing else changed since this node's memory was last current, it is
+    /// current again with this write applied (the caller applies it).
     async fn commit(&self, tx: deadpool_postgres::Transaction<'_>, version: i64) -> Result<(), StoreError> {
+        let told =
+            "SELECT pg_notify($1, (SELECT next_seq FROM log_head WHERE id = 0)::text || ' ' || $2::bigint::text)";
+        tx.execute(told, &[&&*self.channel, &version]).await?;
         tx.commit().await?;
         let version = unsigned(version);
         let _ = self.known.compare_exchange(version - 1, version, Ordering::AcqRel, Ordering::Acquire);
@@ -651,6 +668,8 @@ struct Memory {
     untracked: Arc<AtomicU64>,
     /// How many times memory was read whole after it was first loaded.
     whole_reads: Arc<AtomicU64>,
+    /// How often [`follow_control`] looks for changes it was not told of.
+    poll: std::time::Duration,
     publication: Arc<Publication>,
     /// Rung when a head waits for a newer control plane than `directory` reflects.
     reload_wanted: Arc<tokio::sync::Notify>,
@@ -662,7 +681,8 @@ struct Memory {
 /// Keeps memory current with changes other nodes make: reads the control plane again
 /// whenever its version is not the one memory reflects, and publishes the head read with it,
 /// every [`CONTROL_POLL`] or at once when a head waits for it, until `closing`. A head told by
-/// `NOTIFY` ([`follow_log`]) is faster; this is what keeps a node right without it.
+/// `NOTIFY` ([`follow_log`], sent by every trigger group and admin write) is faster; this is
+/// what keeps a node right without it.
 async fn follow_control(
     pool: Pool,
     memory: Memory,
@@ -672,7 +692,7 @@ async fn follow_control(
     loop {
         tokio::select! {
             () = closing.cancelled() => return,
-            () = tokio::time::sleep(CONTROL_POLL) => {}
+            () = tokio::time::sleep(memory.poll) => {}
             () = memory.reload_wanted.notified() => {}
         }
         let current = async {

@@ -463,6 +463,26 @@ fn within(what: &str, seen: &dyn Fn() -> bool) {
     }
 }
 
+/// A change made through one node reaches the others when it commits (they are told by
+/// `NOTIFY`), not at their next look: here the other node never looks by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_is_told_of_control_plane_changes_as_they_commit() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let here = place.open();
+    let there = PgStore::open_polling(place.config(), std::time::Duration::from_secs(3600)).unwrap();
+    with_producers(here.clone()).await;
+    within("the producer", &|| there.producer_by_key(&key_of("prd_a"), 1).unwrap().is_some());
+    here.insert_listener(listener("lst_1", "prd_a", "thing.happened")).await.unwrap();
+    within("the listener", &|| there.listener("lst_1").unwrap().is_some());
+    here.delete_listener("lst_1").await.unwrap().unwrap();
+    within("the deletion", &|| there.listener("lst_1").unwrap().is_none());
+    here.close().unwrap();
+    there.close().unwrap();
+}
+
 /// A node reads the control plane whole when reading what changed would miss something: a
 /// write by a hookd of the previous schema (during an upgrade), which stamps no rows, or a
 /// removal already pruned from the record of removals.

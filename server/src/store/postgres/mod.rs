@@ -409,6 +409,7 @@ impl PgStore {
             known: control_version.clone(),
             untracked: Arc::new(AtomicU64::new(untracked)),
             whole_reads: Arc::default(),
+            whole_next: Arc::default(),
             poll,
             publication: publication.clone(),
             reload_wanted: reload_wanted.clone(),
@@ -668,6 +669,10 @@ struct Memory {
     untracked: Arc<AtomicU64>,
     /// How many times memory was read whole after it was first loaded.
     whole_reads: Arc<AtomicU64>,
+    /// Set when the session listening to the other nodes was lost: the database may have
+    /// been restored or failed over meanwhile, its history then no longer the one memory
+    /// followed (versions repeat with other contents), so the next read is whole.
+    whole_next: Arc<std::sync::atomic::AtomicBool>,
     /// How often [`follow_control`] looks for changes it was not told of.
     poll: std::time::Duration,
     publication: Arc<Publication>,
@@ -700,7 +705,10 @@ async fn follow_control(
             Ok::<Head, StoreError>(Head::from_row(&client.query_one(Head::SQL, &[]).await?))
         };
         match current.await {
-            Ok(head) if head.version != memory.known.load(Ordering::Acquire) => {
+            Ok(head)
+                if head.version != memory.known.load(Ordering::Acquire)
+                    || memory.whole_next.load(Ordering::Acquire) =>
+            {
                 // Between this node's own writes, so a reload never puts older data over a
                 // change this node has just applied.
                 let _serial = serial.lock().await;
@@ -731,6 +739,7 @@ async fn follow_log(
             Some(Err(error)) => tracing::warn!(%error, "cannot listen for other nodes' triggers; trying again"),
             Some(Ok(())) => tracing::warn!("the session listening for other nodes' triggers ended; listening again"),
         }
+        memory.whole_next.store(true, Ordering::Release);
         if closing.run_until_cancelled(tokio::time::sleep(LISTEN_RETRY)).await.is_none() {
             return;
         }
@@ -844,10 +853,11 @@ async fn snapshot(
 /// this node's admin writes. Logs and keeps what it has (and the version it had, so the next
 /// look tries again) when the database cannot say.
 async fn reload(pool: &Pool, memory: &Memory) {
+    let whole = memory.whole_next.swap(false, Ordering::AcqRel);
     let memory_at = (memory.known.load(Ordering::Acquire), memory.untracked.load(Ordering::Acquire));
     let fresh = async {
         let mut client = pool.get().await?;
-        snapshot(&mut client, Some(memory_at)).await
+        snapshot(&mut client, (!whole).then_some(memory_at)).await
     };
     match fresh.await {
         Ok((head, untracked, fresh)) => {
@@ -865,7 +875,10 @@ async fn reload(pool: &Pool, memory: &Memory) {
             memory.publication.offer(head);
             memory.publication.recheck();
         }
-        Err(error) => tracing::warn!(%error, "cannot read producers and listeners again"),
+        Err(error) => {
+            memory.whole_next.fetch_or(whole, Ordering::AcqRel);
+            tracing::warn!(%error, "cannot read producers and listeners again");
+        }
     }
 }
 

@@ -147,9 +147,24 @@ pub(super) const VERSION: i32 = MIGRATIONS.len() as i32;
 /// Any number: it only has to be the same on every node.
 const MIGRATION_LOCK: i64 = 0x0068_6f6f_6b64;
 
+/// How many times a migration the database turned back as transient (a deadlock with a
+/// node of the previous version still running, which takes its locks in another order) is
+/// tried before the start fails.
+const MIGRATION_TRIES: u32 = 5;
+
 /// Brings the schema up to [`VERSION`], or refuses a newer one. Returns the version found.
 pub(super) async fn migrate(client: &mut Client) -> Result<i32, StoreError> {
-    migrate_to(client, VERSION).await
+    let mut tries = 1;
+    loop {
+        match migrate_to(client, VERSION).await {
+            Err(StoreError::Unavailable(error)) if tries < MIGRATION_TRIES && !client.is_closed() => {
+                tracing::warn!(%error, "a database migration was turned back; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(tries))).await;
+                tries += 1;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Brings the schema up to `target` (at most [`VERSION`]), or refuses one newer than this

@@ -449,6 +449,12 @@ async fn another_node_learns_of_producers_hashes_and_listeners_by_itself() {
     here.rotate_producer_key("prd_a", [7; 32], 1, 0).await.unwrap();
     within("the new key", &|| there.producer_by_key(&[7; 32], 1).unwrap().is_some());
     within("the old key's removal", &|| there.producer_by_key(&key_of("prd_a"), 1).unwrap().is_none());
+    // A key removed and then given again: it stands, whether the other node reads the two
+    // changes one at a time or together.
+    here.rotate_producer_key("prd_a", [8; 32], 1, 0).await.unwrap();
+    here.rotate_producer_key("prd_a", [7; 32], 1, 0).await.unwrap();
+    within("the key given again", &|| there.producer_by_key(&[8; 32], 1).unwrap().is_none());
+    assert!(there.producer_by_key(&[7; 32], 1).unwrap().is_some(), "the key given again stands");
     assert_eq!(there.whole_reads(), 0, "only what changed was read");
     here.close().unwrap();
     there.close().unwrap();
@@ -479,6 +485,26 @@ async fn another_node_is_told_of_control_plane_changes_as_they_commit() {
     within("the listener", &|| there.listener("lst_1").unwrap().is_some());
     here.delete_listener("lst_1").await.unwrap().unwrap();
     within("the deletion", &|| there.listener("lst_1").unwrap().is_none());
+    here.close().unwrap();
+    there.close().unwrap();
+}
+
+/// A node cut off from the database reads the control plane whole once it is back: the
+/// database may have been restored or failed over meanwhile, its versions then telling
+/// another history (here a row stamped with a version the node had already passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_the_database_reads_everything_again_once_back() {
+    let Some((place, relay, there)) = relayed().await else { return };
+    let here = place.open();
+    within("the producers", &|| there.producer_by_key(&key_of("prd_a"), 1).unwrap().is_some());
+    relay.cut();
+    place.execute(
+        "BEGIN; INSERT INTO api_keys (key_hash, producer_id, expires_at_ms, changed) \
+         VALUES (decode(repeat('07', 32), 'hex'), 'prd_a', 0, 1); \
+         UPDATE control_version SET version = version + 1, tracked = tracked + 1 WHERE id = 0; COMMIT;",
+    );
+    relay.restore();
+    within("the other history's key", &|| there.producer_by_key(&[7; 32], 1).unwrap().is_some());
     here.close().unwrap();
     there.close().unwrap();
 }
@@ -528,20 +554,26 @@ async fn removals_are_pruned_once_old_enough() {
         return;
     }
     let store = with_producers(place.open()).await;
-    store.insert_listener(listener("lst_gone", "prd_a", "thing.happened")).await.unwrap();
-    store.delete_listener("lst_gone").await.unwrap().unwrap();
-    let removed_at = place.scalar("SELECT version FROM control_removals");
-    let writes = super::REMOVALS_KEPT + super::PRUNE_EVERY;
-    for n in 0..writes {
-        let entry = crate::store::EventHashEntry { producer_id: "prd_a".into(), event_type: format!("type.{n}") };
-        store.put_event_hash(&format!("evh_{n}"), entry).await.unwrap();
-    }
-    assert!(place.scalar("SELECT forgotten FROM control_version") >= removed_at, "the floor moved past it");
-    assert_eq!(place.scalar("SELECT count(*) FROM control_removals"), 0, "the removal is pruned");
-    assert_eq!(
-        place.scalar("SELECT count(*) FROM control_removals WHERE version <= (SELECT forgotten FROM control_version)"),
-        0
-    );
+    let put_hashes = async |from: i64, to: i64| {
+        for n in from..to {
+            let entry = crate::store::EventHashEntry { producer_id: "prd_a".into(), event_type: format!("type.{n}") };
+            store.put_event_hash(&format!("evh_{n}"), entry).await.unwrap();
+        }
+    };
+    store.insert_listener(listener("lst_old", "prd_a", "thing.happened")).await.unwrap();
+    store.delete_listener("lst_old").await.unwrap().unwrap();
+    let old = place.scalar("SELECT version FROM control_removals");
+    put_hashes(0, super::REMOVALS_KEPT + super::PRUNE_EVERY).await;
+    store.insert_listener(listener("lst_recent", "prd_a", "thing.happened")).await.unwrap();
+    store.delete_listener("lst_recent").await.unwrap().unwrap();
+    // Past the next pruning, which keeps the recent removal.
+    put_hashes(super::REMOVALS_KEPT + super::PRUNE_EVERY, super::REMOVALS_KEPT + 3 * super::PRUNE_EVERY).await;
+    let forgotten = place.scalar("SELECT forgotten FROM control_version");
+    assert!(forgotten >= old, "the floor moved past the old removal");
+    assert_eq!(place.scalar(&format!("SELECT count(*) FROM control_removals WHERE version = {old}")), 0, "pruned");
+    let recent =
+        place.scalar("SELECT count(*) FROM control_removals WHERE version > (SELECT forgotten FROM control_version)");
+    assert_eq!(recent, 1, "the recent removal, above the floor, is kept");
     store.close().unwrap();
 }
 

@@ -220,3 +220,54 @@ async fn three_nodes_share_a_database_and_a_delivering_node_killed_mid_delivery_
         assert!(node.terminate().await.success());
     }
 }
+
+/// The operator's page on a node standing by says the delivering node shows how listeners
+/// are doing, rather than show every listener idle; the delivering node's page shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_nodes_web_page_points_to_the_delivering_node_for_listener_standing() {
+    let Some(postgres) = PgSchema::new("standby_web_page") else { return };
+    let (store, key) = (postgres.store_url(), master_key());
+    let env = [
+        ("HOOKD_STORE", store.as_str()),
+        ("HOOKD_MASTER_KEY", key.as_str()),
+        ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("HOOKD_UI_LISTEN", "127.0.0.1:0"),
+    ];
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = HookdProcess::start(dirs[0].path(), &env).await.unwrap();
+    eventually("the first node delivering", || {
+        let delivers = first.log_text().contains(DELIVERS);
+        async move { delivers.then_some(()) }
+    })
+    .await;
+    let second = HookdProcess::start(dirs[1].path(), &env).await.unwrap();
+
+    let admin = Client::connect(first.endpoint()).await.unwrap().with_api_key(ADMIN_TOKEN).unwrap();
+    let created = admin.admin().create_producer(CreateProducerRequest { name: "paged".into() }).await.unwrap();
+    let producer =
+        Client::connect(first.endpoint()).await.unwrap().with_api_key(&created.into_inner().api_key).unwrap();
+    let hash = derive(&producer, "paged.test").await;
+    producer.register().register_listener(listener_request(&hash, "http://127.0.0.1:9/hook")).await.unwrap();
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let page = |node: &HookdProcess| {
+        let log = node.log_text();
+        let http = http.clone();
+        async move {
+            let ui = log.lines().find(|line| line.contains("web page served")).and_then(crate::support::parse_addr)?;
+            let answer = http.get(format!("http://{ui}/listeners")).bearer_auth(ADMIN_TOKEN).send().await.ok()?;
+            let text = answer.text().await.ok()?;
+            // Both nodes know the listener (the second within 250 ms).
+            text.contains("paged.test").then_some(text)
+        }
+    };
+    let standing_by = eventually("the standby's page listing the listener", || page(&second)).await;
+    assert!(standing_by.contains("Another node of this database delivers"), "{standing_by}");
+    assert!(standing_by.contains("on the delivering node"), "{standing_by}");
+    assert!(!standing_by.contains(">idle<"), "no listener shown idle by a node that cannot know");
+    let delivering = eventually("the delivering node's page listing the listener", || page(&first)).await;
+    assert!(!delivering.contains("Another node of this database delivers"), "{delivering}");
+    assert!(first.terminate().await.success());
+    assert!(second.terminate().await.success());
+}

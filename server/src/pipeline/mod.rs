@@ -198,8 +198,9 @@ pub(crate) enum Command {
     ListenerDeleted(Box<DeletedListener>),
     /// Deliveries were queued outside fan-out (replay, retry, recovery).
     Queued,
-    /// How each listener the dispatcher knows is doing, for the operator.
-    Inspect(tokio::sync::oneshot::Sender<Vec<ListenerStatus>>),
+    /// How each listener the dispatcher knows is doing, for the operator (`None` from a
+    /// node standing by: the delivering node knows).
+    Inspect(tokio::sync::oneshot::Sender<Option<Vec<ListenerStatus>>>),
     /// A watcher of this producer was opened here (for the other nodes; never reaches the
     /// dispatcher).
     Watching(String),
@@ -259,14 +260,15 @@ impl PipelineHandle {
         let _ = self.commands.send(Command::Queued);
     }
 
-    /// How the listeners the pipeline holds work of are doing; empty when it has stopped or
-    /// this node does not deliver.
-    pub async fn listener_status(&self) -> Vec<ListenerStatus> {
+    /// How the listeners the pipeline holds work of are doing; empty when it has stopped,
+    /// `None` while this node stands by (another node of the database delivers, and only it
+    /// knows).
+    pub async fn listener_status(&self) -> Option<Vec<ListenerStatus>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if self.commands.send(Command::Inspect(reply)).is_err() {
-            return Vec::new();
+            return Some(Vec::new());
         }
-        answer.await.unwrap_or_default()
+        answer.await.unwrap_or_else(|_| Some(Vec::new()))
     }
 
     /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on,
@@ -469,7 +471,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                         match command {
                             Some(Command::Queued) => drop(parts.store.announce(Note::Queued)),
                             Some(Command::Watching(producer_id)) => drop(parts.store.announce(Note::Watching(producer_id))),
-                            Some(Command::Inspect(reply)) => drop(reply.send(Vec::new())),
+                            Some(Command::Inspect(reply)) => drop(reply.send(None)),
                             // The node that delivers hears of listener changes through the store.
                             Some(_) => {}
                             None => return,

@@ -268,16 +268,21 @@ impl Ui {
             }
         })
         .await?;
-        let status: HashMap<String, crate::pipeline::ListenerStatus> = self
-            .shared
-            .pipeline
-            .listener_status()
-            .await
-            .into_iter()
-            .map(|status| (status.listener_id.clone(), status))
-            .collect();
+        let status = self.shared.pipeline.listener_status().await;
+        // Standing by, this node knows nothing of how listeners are doing: it says so rather
+        // than show them idle.
+        let elsewhere = status.is_none();
+        let status: HashMap<String, crate::pipeline::ListenerStatus> =
+            status.into_iter().flatten().map(|status| (status.listener_id.clone(), status)).collect();
         let a_day_ago = rfc3339(now_ms().saturating_sub(24 * 3600 * 1000));
-        let mut content = String::from(
+        let mut content = String::new();
+        if elsewhere {
+            content.push_str(
+                "<p>Another node of this database delivers: how each listener is doing (slow, failing, \
+                 backed off) is shown on that node's page.</p>",
+            );
+        }
+        content.push_str(
             "<table><tr><th>Listener</th><th>Producer · type</th><th>URL</th><th>State</th><th>Health</th><th></th></tr>",
         );
         for listener in &listeners {
@@ -296,6 +301,7 @@ impl Ui {
                     }
                     health
                 }
+                None if elsewhere => "on the delivering node".to_owned(),
                 None => "idle".to_owned(),
             };
             let state = if listener.enabled {

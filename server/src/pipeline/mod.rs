@@ -56,7 +56,7 @@ pub(crate) use crate::blocking;
 
 use crate::crypto::Keyring;
 use crate::store::{
-    DeletedListener, DeliveryState, HistoryStore, NOTE_BYTES, Note, PipelineStore, QueuePosition, RemoteChange, Store,
+    DeletedListener, DeliveryState, HistoryStore, Note, PipelineStore, QueuePosition, RemoteChange, Store,
 };
 /// How long work waits in memory before it is parked, and how much may wait: with the
 /// attempt timeout, what bounds the pairs a crash makes hookd redo.
@@ -339,15 +339,13 @@ impl Pipeline {
         let watchers = Watchers::new(config.max_watchers_per_producer);
         let delivering = store.delivery_lease();
         let remote = store.remote_changes();
-        let (relay_tx, relayed) = mpsc::channel(watchers::RELAY_QUEUE);
-        watchers.relay_to(relay_tx);
         let parts = Parts { store, keyring, config, durable_seq, metrics, watchers: watchers.clone() };
         // Delivery starts here at once where it can, so a start that fails says so.
         let now = delivering.borrow().then(|| parts.deliver()).transpose()?;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
-        tasks.spawn(relay(parts.store.clone(), watchers.clone(), relayed, shutdown.clone()));
+        tasks.spawn(announce_watching(parts.store.clone(), watchers.clone(), shutdown.clone()));
         tasks.spawn(supervise(parts, now, inbox, remote, delivering, shutdown.clone()));
         tasks.close();
         Ok(Self { commands, watchers, tasks, shutdown })
@@ -541,17 +539,11 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
     }
 }
 
-/// Sends other nodes the outcomes their watchers want (queued by [`Watchers::publish`]), in
-/// notes of at most [`NOTE_BYTES`], and says which producers this node's watchers watch
-/// every [`watchers::ANNOUNCE_EVERY`], until `shutdown`.
-async fn relay<S: Store>(
-    store: Arc<S>,
-    watchers: Arc<Watchers>,
-    mut outcomes: mpsc::Receiver<AttemptOutcome>,
-    shutdown: CancellationToken,
-) {
+/// Tells the other nodes which producers this node's watchers watch, every
+/// [`watchers::ANNOUNCE_EVERY`], and forgets what theirs no longer do, until `shutdown`. (The
+/// delivering node tells them those producers' outcomes with their records.)
+async fn announce_watching<S: Store>(store: Arc<S>, watchers: Arc<Watchers>, shutdown: CancellationToken) {
     let mut announce = tokio::time::interval(watchers::ANNOUNCE_EVERY);
-    let mut batch = Vec::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -560,34 +552,6 @@ async fn relay<S: Store>(
                     store.announce(Note::Watching(producer_id));
                 }
                 watchers.forget_expired();
-            }
-            taken = outcomes.recv_many(&mut batch, watchers::RELAY_QUEUE) => {
-                if taken == 0 {
-                    return;
-                }
-                // Outcomes the store cannot take now are dropped, and their producers'
-                // watchers elsewhere told so.
-                let mut behind = std::collections::BTreeSet::new();
-                let mut note = String::new();
-                let mut producers = std::collections::BTreeSet::new();
-                for outcome in batch.drain(..) {
-                    let line = watchers::encode(std::slice::from_ref(&outcome));
-                    if note.len() + line.len() > NOTE_BYTES && !note.is_empty() {
-                        if !store.announce(Note::Outcomes(std::mem::take(&mut note))) {
-                            behind.append(&mut producers);
-                        }
-                        producers.clear();
-                    }
-                    note.push_str(&line);
-                    producers.insert(outcome.producer_id);
-                }
-                if !note.is_empty() && !store.announce(Note::Outcomes(note)) {
-                    behind.append(&mut producers);
-                }
-                behind.extend(watchers.relay_fell_behind());
-                for producer_id in behind {
-                    store.announce(Note::Behind(producer_id));
-                }
             }
         }
     }

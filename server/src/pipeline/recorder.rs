@@ -44,6 +44,8 @@ pub(crate) const ROOM_PER_WORKER: usize = 8;
 
 struct Job {
     completion: Completion,
+    /// The outcome's line for other nodes' watchers, told as the record commits.
+    told: Option<String>,
     written: oneshot::Sender<Result<(), StoreError>>,
     /// Someone waits for this record to go on (an ordered listener's next delivery): the
     /// group is written without lingering.
@@ -94,9 +96,19 @@ impl Recorder {
             crate::priority::background();
             while let Ok(first) = inbox.recv() {
                 let group = gather(first, &inbox, LINGER, most);
-                let (completions, waiting): (Vec<Completion>, Vec<_>) =
-                    group.into_iter().map(|job| (job.completion, job.written)).unzip();
-                let result = queue.complete_attempts(completions);
+                let mut told = String::new();
+                let (completions, waiting): (Vec<Completion>, Vec<_>) = group
+                    .into_iter()
+                    .map(|job| {
+                        told.extend(job.told);
+                        (job.completion, job.written)
+                    })
+                    .unzip();
+                let result = if told.is_empty() {
+                    queue.complete_attempts(completions)
+                } else {
+                    queue.complete_attempts_telling(completions, told)
+                };
                 for written in waiting {
                     // A worker that is gone (shutdown) needs no answer.
                     let _ = written.send(result.clone());
@@ -115,10 +127,11 @@ impl Recorder {
 
 impl Reserved<'_> {
     /// Writes one finished attempt (with others finishing about now); resolves once it is
-    /// written. `urgent`: someone waits on it, so its group does not linger.
-    pub async fn record(self, completion: Completion, urgent: bool) -> Result<(), StoreError> {
+    /// written. `urgent`: someone waits on it, so its group does not linger. `told`: the
+    /// outcome's line for other nodes' watchers, told with the write.
+    pub async fn record(self, completion: Completion, urgent: bool, told: Option<String>) -> Result<(), StoreError> {
         let (written, answer) = oneshot::channel();
-        self.recorder.jobs.send(Job { completion, written, urgent }).map_err(|_| StoreError::Closed)?;
+        self.recorder.jobs.send(Job { completion, told, written, urgent }).map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -137,7 +150,7 @@ mod tests {
             next: NextStep::Done,
             ordered: false,
         };
-        Job { completion, written: oneshot::channel().0, urgent }
+        Job { completion, told: None, written: oneshot::channel().0, urgent }
     }
 
     #[test]

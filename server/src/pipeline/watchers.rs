@@ -9,12 +9,11 @@
 //! Where several nodes share a database, one delivers and a watcher may be on any: a node
 //! with watchers says which producers it watches ([`Watchers::watched_producers`], announced
 //! again and again), every node keeps what the others watch for a while ([`Watchers::wanted_elsewhere`]),
-//! and the delivering node hands those producers' outcomes to [`Watchers::relayed`] as well,
-//! to be sent on in text ([`encode`], [`decode`]). Relaying never waits either: outcomes that
-//! do not fit its queue are dropped, and the other nodes' watchers of that producer are told
-//! they fell behind ([`Watchers::fell_behind_elsewhere`]).
+//! and the delivering node writes those producers' outcomes down in text ([`encode`],
+//! [`decode`]) to be told with their records ([`Watchers::wanted_by_others`]); the other
+//! nodes hand them to their watchers ([`Watchers::relayed`]), whose own queues bound them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,8 +24,6 @@ use super::AttemptOutcome;
 
 /// Outcomes queued for one watcher before it counts as too slow.
 pub const WATCH_QUEUE: usize = 256;
-/// Outcomes queued to be relayed to other nodes' watchers before the relay counts as behind.
-pub const RELAY_QUEUE: usize = 4096;
 /// How long a producer counts as watched elsewhere after another node last said so; a node
 /// says so every [`ANNOUNCE_EVERY`] while it has a watcher of it.
 const WANTED_FOR: Duration = Duration::from_secs(15);
@@ -54,10 +51,6 @@ pub struct Watchers {
     elsewhere: Mutex<HashMap<String, Instant>>,
     /// Entries in `elsewhere`, read without the lock: no watcher elsewhere, no work.
     elsewhere_count: AtomicUsize,
-    /// Where outcomes to relay go (set once by the pipeline).
-    relay: std::sync::OnceLock<mpsc::Sender<AttemptOutcome>>,
-    /// Producers whose outcomes did not fit the relay's queue since last looked at.
-    relay_behind: Mutex<HashSet<String>>,
 }
 
 /// One watcher's end: outcomes as they happen, until it is dropped or falls behind.
@@ -101,14 +94,7 @@ impl Watchers {
             per_producer: per_producer.max(1),
             elsewhere: Mutex::default(),
             elsewhere_count: AtomicUsize::new(0),
-            relay: std::sync::OnceLock::new(),
-            relay_behind: Mutex::default(),
         })
-    }
-
-    /// Outcomes of producers watched on other nodes go to `relay` from now on.
-    pub fn relay_to(&self, relay: mpsc::Sender<AttemptOutcome>) {
-        let _ = self.relay.set(relay);
     }
 
     /// Another node has a watcher of `producer_id`.
@@ -132,12 +118,6 @@ impl Watchers {
         by_producer.keys().cloned().collect()
     }
 
-    /// Producers whose outcomes could not all be relayed since the last call.
-    pub fn relay_fell_behind(&self) -> Vec<String> {
-        let mut behind = self.relay_behind.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        behind.drain().collect()
-    }
-
     /// Another node could not relay all of `producer_id`'s outcomes: its watchers here are
     /// dropped and told they fell behind, as if their own queues had filled.
     pub fn fell_behind_elsewhere(&self, producer_id: &str) {
@@ -155,25 +135,22 @@ impl Watchers {
         self.publish_here(outcome);
     }
 
-    /// Queues `outcome` for other nodes if one of theirs watches its producer.
-    fn relay_out(&self, outcome: &AttemptOutcome) {
-        let Some(relay) = self.relay.get() else { return };
-        {
-            let mut elsewhere = self.elsewhere.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let now = Instant::now();
-            match elsewhere.get(&outcome.producer_id) {
-                Some(until) if *until > now => {}
-                Some(_) => {
-                    elsewhere.retain(|_, until| *until > now);
-                    self.elsewhere_count.store(elsewhere.len(), Ordering::Release);
-                    return;
-                }
-                None => return,
-            }
+    /// Whether a watcher on another node wants `producer_id`'s outcomes (said within
+    /// [`WANTED_FOR`]).
+    pub fn wanted_by_others(&self, producer_id: &str) -> bool {
+        if self.elsewhere_count.load(Ordering::Acquire) == 0 {
+            return false;
         }
-        if let Err(mpsc::error::TrySendError::Full(outcome)) = relay.try_send(outcome.clone()) {
-            let mut behind = self.relay_behind.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            behind.insert(outcome.producer_id);
+        let mut elsewhere = self.elsewhere.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        match elsewhere.get(producer_id) {
+            Some(until) if *until > now => true,
+            Some(_) => {
+                elsewhere.retain(|_, until| *until > now);
+                self.elsewhere_count.store(elsewhere.len(), Ordering::Release);
+                false
+            }
+            None => false,
         }
     }
 
@@ -195,12 +172,9 @@ impl Watchers {
         Ok(Watch { outcomes, fell_behind, _registration: registration })
     }
 
-    /// Hands an outcome to its producer's watchers, here and (relayed) on other nodes,
-    /// dropping any that cannot take it now.
+    /// Hands an outcome to its producer's watchers here, dropping any that cannot take it
+    /// now (other nodes' watchers are told with the record, see [`Watchers::wanted_by_others`]).
     pub fn publish(&self, outcome: &AttemptOutcome) {
-        if self.elsewhere_count.load(Ordering::Acquire) > 0 {
-            self.relay_out(outcome);
-        }
         self.publish_here(outcome);
     }
 
@@ -360,34 +334,22 @@ mod tests {
     }
 
     #[test]
-    fn only_outcomes_of_producers_watched_elsewhere_are_relayed_and_an_overflow_is_told() {
+    fn only_producers_watched_elsewhere_are_told_to_other_nodes() {
         let watchers = Watchers::new(4);
-        let (relay, mut relayed) = mpsc::channel(2);
-        watchers.relay_to(relay);
-        watchers.publish(&outcome("prd_a", "evt_1"));
-        assert!(relayed.try_recv().is_err(), "nobody elsewhere watches: nothing is relayed");
+        assert!(!watchers.wanted_by_others("prd_a"), "nobody elsewhere watches");
         watchers.wanted_elsewhere("prd_a");
-        for event_id in ["evt_2", "evt_3", "evt_4"] {
-            watchers.publish(&outcome("prd_a", event_id));
-        }
-        watchers.publish(&outcome("prd_b", "evt_5"));
-        assert_eq!(relayed.try_recv().unwrap().event_id, "evt_2");
-        assert_eq!(relayed.try_recv().unwrap().event_id, "evt_3");
-        assert!(relayed.try_recv().is_err(), "the third did not fit, and prd_b is not watched elsewhere");
-        assert_eq!(watchers.relay_fell_behind(), ["prd_a"]);
-        assert!(watchers.relay_fell_behind().is_empty(), "told once");
+        assert!(watchers.wanted_by_others("prd_a"));
+        assert!(!watchers.wanted_by_others("prd_b"), "per producer");
+        let _here = watchers.watch("prd_b", None).unwrap();
+        assert!(!watchers.wanted_by_others("prd_b"), "a watcher here is not one elsewhere");
     }
 
     #[test]
-    fn relayed_outcomes_reach_watchers_here_and_a_relay_that_fell_behind_drops_them() {
+    fn outcomes_from_another_node_reach_watchers_here_and_one_that_fell_behind_drops_them() {
         let watchers = Watchers::new(4);
-        let (relay, mut relayed) = mpsc::channel(8);
-        watchers.relay_to(relay);
-        watchers.wanted_elsewhere("prd_a");
         let mut watch = watchers.watch("prd_a", None).unwrap();
         watchers.relayed(&outcome("prd_a", "evt_1"));
         assert_eq!(watch.outcomes.try_recv().unwrap().event_id, "evt_1");
-        assert!(relayed.try_recv().is_err(), "what was relayed here is never relayed on");
         assert_eq!(watchers.watched_producers(), ["prd_a"]);
         watchers.fell_behind_elsewhere("prd_a");
         assert!(watch.fell_behind());

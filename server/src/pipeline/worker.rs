@@ -366,9 +366,15 @@ async fn finish(
         turn.answered(outcome, fast);
     }
     let completion = Completion { delivery, attempt, entry, next, ordered: listener.ordered };
-    reserved.record(completion, listener.ordered).await?;
+    // Other nodes' watchers hear of it as the record commits (see
+    // `PipelineStore::complete_attempts_telling`), this node's once it is recorded; none
+    // listening is fine.
+    let told = context
+        .watchers
+        .wanted_by_others(&update.producer_id)
+        .then(|| super::watchers::encode(std::slice::from_ref(&update)));
+    reserved.record(completion, listener.ordered, told).await?;
     turn.answered(outcome, fast);
-    // Watchers hear of it once it is recorded; none listening is fine.
     context.watchers.publish(&update);
     let look_again_ms = match next {
         NextStep::RetryAt(due_ms) => Some(due_ms),

@@ -157,7 +157,9 @@ pub enum Note {
     /// A watcher on the announcing node wants this producer's outcomes (for a while).
     Watching(String),
     /// Outcomes of this producer were dropped on their way from the announcing node to the
-    /// other nodes' watchers: those watchers fell behind.
+    /// other nodes' watchers: those watchers fell behind. (Sent by earlier versions, which
+    /// relayed outcomes after their records through a bounded queue; still heard, for a
+    /// rolling upgrade.)
     Behind(String),
     /// Attempts' outcomes, as the pipeline writes them down.
     Outcomes(String),
@@ -391,6 +393,14 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// queue, and the delivery's next entry or its leaving the listener's unfinished ones. A
     /// delivery's first attempt is kept in the delivery's own record.
     fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError>;
+    /// [`PipelineStore::complete_attempts`], telling the other nodes of a shared database
+    /// `outcomes` (lines for their watchers, see [`Note::Outcomes`]) as the write commits, so
+    /// an outcome recorded is an outcome told, even by a node that dies the moment after. A
+    /// store no other node shares has nobody to tell.
+    fn complete_attempts_telling(&self, completions: Vec<Completion>, outcomes: String) -> Result<(), StoreError> {
+        let _ = outcomes;
+        self.complete_attempts(completions)
+    }
     /// Takes an entry with nothing left to do out of the queue.
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError>;
     /// Ends a delivery without an attempt (e.g. its listener was deleted).

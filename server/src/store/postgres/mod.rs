@@ -43,7 +43,9 @@ use self::intake::{Groups, Head, Intake, Job, Publication};
 use super::model::{
     ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, Listener, NewEvent, Producer, decode, encode,
 };
-use super::{ListenerEdit, Note, PENDING_BYTES, RemoteChange, Store, StoreError, StoreFuture, append_weight};
+use super::{
+    ListenerEdit, NOTE_BYTES, Note, PENDING_BYTES, RemoteChange, Store, StoreError, StoreFuture, append_weight,
+};
 use crate::ids;
 
 /// Connections in the pool: the intake task keeps one, admin writes take one at a time, the
@@ -143,6 +145,8 @@ pub struct PgStore {
     control_version: Arc<AtomicU64>,
     /// Where every node hears of new heads, control-plane changes and notes (`NOTIFY`).
     channel: Arc<str>,
+    /// This node's name on the channel, so it skips its own notes.
+    node: Arc<str>,
     /// The above with the publication, for the tasks that keep them current.
     memory: Memory,
     /// Cancelled when the store is closed.
@@ -420,7 +424,7 @@ impl PgStore {
         let node: Arc<str> = crate::crypto::hex(&rand_bytes()).into();
         handle.spawn(follow_log(lock_config, channel.clone(), node.clone(), memory.clone(), closing.clone()));
         let (notes, outgoing) = mpsc::channel(NOTES_QUEUE);
-        handle.spawn(announce_notes(pool.clone(), channel.clone(), node, outgoing));
+        handle.spawn(announce_notes(pool.clone(), channel.clone(), node.clone(), outgoing));
         let intake = Intake {
             pool: pool.clone(),
             directory: directory.clone(),
@@ -446,6 +450,7 @@ impl PgStore {
             listeners_generation,
             control_version,
             channel,
+            node,
             memory,
             sync_seconds,
             failure,
@@ -459,6 +464,22 @@ impl PgStore {
 
     fn memory(&self) -> Memory {
         self.memory.clone()
+    }
+
+    /// Outcome lines for other nodes' watchers, as notes of at most [`NOTE_BYTES`] each.
+    fn outcome_notes(&self, outcomes: &str) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut note = String::new();
+        for line in outcomes.split_inclusive('\n') {
+            if !note.is_empty() && note.len() + line.len() > NOTE_BYTES {
+                notes.push(note_text(&self.node, &Note::Outcomes(std::mem::take(&mut note))));
+            }
+            note.push_str(line);
+        }
+        if !note.is_empty() {
+            notes.push(note_text(&self.node, &Note::Outcomes(note)));
+        }
+        notes
     }
 
     /// How many times this node read the control plane whole after it opened.

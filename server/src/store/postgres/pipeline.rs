@@ -531,6 +531,12 @@ impl PipelineStore for PgStore {
     }
 
     fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError> {
+        self.complete_attempts_telling(completions, String::new())
+    }
+
+    fn complete_attempts_telling(&self, completions: Vec<Completion>, outcomes: String) -> Result<(), StoreError> {
+        let notes = self.outcome_notes(&outcomes);
+        let channel = self.channel.clone();
         self.read(move |mut client| async move {
             let mut deliveries = Vec::with_capacity(completions.len());
             let mut attempts: Vec<(String, i32, Vec<u8>)> = Vec::new();
@@ -587,6 +593,10 @@ impl PipelineStore for PgStore {
             queue_entries(&tx, &queued).await?;
             ordered_pending(&tx, &borrowed(&now_ordered), true).await?;
             ordered_pending(&tx, &borrowed(&no_longer_ordered), false).await?;
+            // Sent as the transaction commits, and only then.
+            for note in &notes {
+                tx.execute("SELECT pg_notify($1, $2)", &[&&*channel, note]).await?;
+            }
             tx.commit().await?;
             Ok(())
         })

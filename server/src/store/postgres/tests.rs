@@ -757,3 +757,61 @@ fn changes_suffice_only_when_nothing_unstamped_or_pruned_lies_between() {
         );
     }
 }
+
+/// Outcomes told with the attempts' record reach the other nodes as it commits, in notes
+/// PostgreSQL takes (split where many lines would not fit one), and nowhere else: a record
+/// that does not commit tells nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_told_with_their_records_reach_the_other_nodes_as_they_commit() {
+    use crate::store::{
+        Attempt, Completion, Delivery, DeliveryState, NextStep, Note, PipelineStore, RemoteChange, Store,
+    };
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let (here, there) = (with_producers(place.open()).await, place.open());
+    let mut heard = there.remote_changes().expect("the other node hears");
+    // The other node listens from a moment after it opens: a note it hears says it does.
+    loop {
+        assert!(here.announce(Note::Queued));
+        let change = tokio::time::timeout(std::time::Duration::from_millis(200), heard.recv()).await;
+        if let Ok(Some(RemoteChange::Note(Note::Queued))) = change {
+            break;
+        }
+    }
+    let mut next_outcomes = async || loop {
+        let change = tokio::time::timeout(std::time::Duration::from_secs(10), heard.recv()).await;
+        match change.expect("heard in time").expect("still hearing") {
+            RemoteChange::Note(Note::Outcomes(text)) => return text,
+            _ => continue,
+        }
+    };
+    let seq = crate::ids::event_seq(&here.append_event(new_event("prd_a", None, 1)).await.unwrap().event_id).unwrap();
+    let event = here.event_at(seq).unwrap().unwrap();
+    let completion = |listener_id: &str| {
+        let mut delivery = Delivery::pending(crate::ids::delivery_id(seq, listener_id), &event, listener_id, 0);
+        delivery.state = DeliveryState::Succeeded as i32;
+        delivery.attempts = 1;
+        let attempt = Attempt { number: 1, status_code: 200, ..Attempt::default() };
+        Completion { delivery, attempt, entry: None, next: NextStep::Done, ordered: false }
+    };
+    let line = |n: usize| format!("prd_a\tevt\tdlv_{n}\tlst\t1\t2\t200\t0\t{}\n", "x".repeat(200));
+    let lines: String = (0..80).map(line).collect();
+    here.complete_attempts_telling(vec![completion("lst_a")], lines.clone()).unwrap();
+    let mut told = String::new();
+    while told.len() < lines.len() {
+        let note = next_outcomes().await;
+        assert!(note.len() <= crate::store::NOTE_BYTES, "each note fits");
+        told.push_str(&note);
+    }
+    assert_eq!(told, lines, "every line, in order, once");
+
+    // A record that fails (the database refuses a text with a NUL byte) tells nothing.
+    let broken = completion("lst_\0b");
+    assert!(here.complete_attempts_telling(vec![broken], line(999)).is_err());
+    here.complete_attempts_telling(vec![completion("lst_c")], line(1000)).unwrap();
+    assert_eq!(next_outcomes().await, line(1000), "the next note heard is the next committed one");
+    here.close().unwrap();
+    there.close().unwrap();
+}

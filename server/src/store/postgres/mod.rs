@@ -488,6 +488,12 @@ impl PgStore {
         self.memory.whole_reads.load(Ordering::Acquire)
     }
 
+    /// The control plane's version this node's memory reflects.
+    #[cfg(test)]
+    fn known_version(&self) -> u64 {
+        self.control_version.load(Ordering::Acquire)
+    }
+
     fn directory(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
         self.directory.read().expect("the directory lock is never poisoned")
     }

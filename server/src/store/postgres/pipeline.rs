@@ -15,7 +15,7 @@ use crate::store::model::{
     Attempt, DeletedListener, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep,
     Quarantined, decode, encode,
 };
-use crate::store::{CancelledLot, Completion, NewDelivery, PipelineStore, QueuePosition, StoreError};
+use crate::store::{CancelledLot, Completion, NewDelivery, Note, PipelineStore, QueuePosition, Store, StoreError};
 
 /// Events read from the log by the first query of [`PipelineStore::events_from`]; each next
 /// query reads twice as many, up to [`EVENTS_PER_READ`]: a caller that takes a few events
@@ -531,75 +531,30 @@ impl PipelineStore for PgStore {
     }
 
     fn complete_attempts(&self, completions: Vec<Completion>) -> Result<(), StoreError> {
-        self.complete_attempts_telling(completions, String::new())
+        self.record_attempts(completions, Vec::new())
     }
 
     fn complete_attempts_telling(&self, completions: Vec<Completion>, outcomes: String) -> Result<(), StoreError> {
         let notes = self.outcome_notes(&outcomes);
-        let channel = self.channel.clone();
-        self.read(move |mut client| async move {
-            let mut deliveries = Vec::with_capacity(completions.len());
-            let mut attempts: Vec<(String, i32, Vec<u8>)> = Vec::new();
-            let mut unqueued: Vec<(u64, String)> = Vec::new();
-            let mut manual_done: Vec<(String, u64)> = Vec::new();
-            let mut queued: Vec<(u64, String, String)> = Vec::new();
-            let mut now_ordered: Vec<(String, String)> = Vec::new();
-            let mut no_longer_ordered: Vec<(String, String)> = Vec::new();
-            for Completion { mut delivery, attempt, entry, next, ordered } in completions {
-                if attempt.number == 1 {
-                    delivery.first_attempt = Some(attempt);
-                } else {
-                    attempts.push((delivery.id.clone(), i32::try_from(attempt.number).unwrap_or(i32::MAX), encode(&attempt)));
+        if notes.is_empty() {
+            return self.record_attempts(completions, notes);
+        }
+        match self.record_attempts(completions.clone(), notes) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // The record never depends on the telling (PostgreSQL refuses notifications
+                // when its queue is full, say): it is written untold, and the other nodes'
+                // watchers of those producers are told they fell behind.
+                tracing::warn!(%error, "attempts could not be recorded with their outcomes told; recording them untold");
+                self.record_attempts(completions, Vec::new())?;
+                let producers: std::collections::BTreeSet<&str> =
+                    outcomes.lines().filter_map(|line| line.split('\t').next()).collect();
+                for producer_id in producers {
+                    self.announce(Note::Behind(producer_id.to_owned()));
                 }
-                if let Some(entry) = &entry {
-                    unqueued.push((entry.due_ms, entry.key_id()));
-                    if entry.manual {
-                        manual_done.push((delivery.id.clone(), entry.due_ms));
-                    }
-                }
-                match next {
-                    NextStep::RetryAt(due_ms) => {
-                        queued.push((due_ms, delivery.id.clone(), delivery.listener_id.clone()));
-                        if entry.is_none() && ordered {
-                            now_ordered.push((delivery.listener_id.clone(), delivery.id.clone()));
-                        }
-                    }
-                    NextStep::Done if entry.is_some() => {
-                        no_longer_ordered.push((delivery.listener_id.clone(), delivery.id.clone()));
-                    }
-                    NextStep::Done | NextStep::Keep => {}
-                }
-                deliveries.push(delivery);
+                Ok(())
             }
-            let tx = client.transaction().await?;
-            put_deliveries(&tx, &deliveries.iter().collect::<Vec<_>>()).await?;
-            if !attempts.is_empty() {
-                let ids: Vec<&str> = attempts.iter().map(|(id, _, _)| id.as_str()).collect();
-                let numbers: Vec<i32> = attempts.iter().map(|(_, number, _)| *number).collect();
-                let records: Vec<&[u8]> = attempts.iter().map(|(_, _, record)| record.as_slice()).collect();
-                tx.execute(
-                    "INSERT INTO attempts (delivery_id, number, record) SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[]) \
-                     ON CONFLICT (delivery_id, number) DO UPDATE SET record = excluded.record",
-                    &[&ids, &numbers, &records],
-                )
-                .await?;
-            }
-            unqueue_entries(&tx, &unqueued).await?;
-            for (delivery_id, due_ms) in &manual_done {
-                unmark_manual(&tx, delivery_id, *due_ms).await?;
-            }
-            let queued: Vec<(u64, String, &str)> =
-                queued.iter().map(|(due_ms, id, listener)| (*due_ms, id.clone(), listener.as_str())).collect();
-            queue_entries(&tx, &queued).await?;
-            ordered_pending(&tx, &borrowed(&now_ordered), true).await?;
-            ordered_pending(&tx, &borrowed(&no_longer_ordered), false).await?;
-            // Sent as the transaction commits, and only then.
-            for note in &notes {
-                tx.execute("SELECT pg_notify($1, $2)", &[&&*channel, note]).await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })
+        }
     }
 
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError> {
@@ -717,6 +672,78 @@ impl PipelineStore for PgStore {
                     &[&id, &record],
                 )
                 .await?;
+            Ok(())
+        })
+    }
+}
+
+impl PgStore {
+    /// Records finished attempts in one transaction (see [`PipelineStore::complete_attempts`])
+    /// and sends `notes` on the nodes' channel as it commits.
+    fn record_attempts(&self, completions: Vec<Completion>, notes: Vec<String>) -> Result<(), StoreError> {
+        let channel = self.channel.clone();
+        self.read(move |mut client| async move {
+
+            let mut deliveries = Vec::with_capacity(completions.len());
+            let mut attempts: Vec<(String, i32, Vec<u8>)> = Vec::new();
+            let mut unqueued: Vec<(u64, String)> = Vec::new();
+            let mut manual_done: Vec<(String, u64)> = Vec::new();
+            let mut queued: Vec<(u64, String, String)> = Vec::new();
+            let mut now_ordered: Vec<(String, String)> = Vec::new();
+            let mut no_longer_ordered: Vec<(String, String)> = Vec::new();
+            for Completion { mut delivery, attempt, entry, next, ordered } in completions {
+                if attempt.number == 1 {
+                    delivery.first_attempt = Some(attempt);
+                } else {
+                    attempts.push((delivery.id.clone(), i32::try_from(attempt.number).unwrap_or(i32::MAX), encode(&attempt)));
+                }
+                if let Some(entry) = &entry {
+                    unqueued.push((entry.due_ms, entry.key_id()));
+                    if entry.manual {
+                        manual_done.push((delivery.id.clone(), entry.due_ms));
+                    }
+                }
+                match next {
+                    NextStep::RetryAt(due_ms) => {
+                        queued.push((due_ms, delivery.id.clone(), delivery.listener_id.clone()));
+                        if entry.is_none() && ordered {
+                            now_ordered.push((delivery.listener_id.clone(), delivery.id.clone()));
+                        }
+                    }
+                    NextStep::Done if entry.is_some() => {
+                        no_longer_ordered.push((delivery.listener_id.clone(), delivery.id.clone()));
+                    }
+                    NextStep::Done | NextStep::Keep => {}
+                }
+                deliveries.push(delivery);
+            }
+            let tx = client.transaction().await?;
+            put_deliveries(&tx, &deliveries.iter().collect::<Vec<_>>()).await?;
+            if !attempts.is_empty() {
+                let ids: Vec<&str> = attempts.iter().map(|(id, _, _)| id.as_str()).collect();
+                let numbers: Vec<i32> = attempts.iter().map(|(_, number, _)| *number).collect();
+                let records: Vec<&[u8]> = attempts.iter().map(|(_, _, record)| record.as_slice()).collect();
+                tx.execute(
+                    "INSERT INTO attempts (delivery_id, number, record) SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[]) \
+                     ON CONFLICT (delivery_id, number) DO UPDATE SET record = excluded.record",
+                    &[&ids, &numbers, &records],
+                )
+                .await?;
+            }
+            unqueue_entries(&tx, &unqueued).await?;
+            for (delivery_id, due_ms) in &manual_done {
+                unmark_manual(&tx, delivery_id, *due_ms).await?;
+            }
+            let queued: Vec<(u64, String, &str)> =
+                queued.iter().map(|(due_ms, id, listener)| (*due_ms, id.clone(), listener.as_str())).collect();
+            queue_entries(&tx, &queued).await?;
+            ordered_pending(&tx, &borrowed(&now_ordered), true).await?;
+            ordered_pending(&tx, &borrowed(&no_longer_ordered), false).await?;
+            // Sent as the transaction commits, and only then.
+            for note in &notes {
+                tx.execute("SELECT pg_notify($1, $2)", &[&&*channel, note]).await?;
+            }
+            tx.commit().await?;
             Ok(())
         })
     }

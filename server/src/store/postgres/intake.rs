@@ -47,7 +47,9 @@ pub(super) struct Job {
 /// the head's lock and moves the version in the same transaction, so once this node's memory
 /// reflects that version, it knows every listener change that applies to the events below
 /// the head. A head whose version this node has not read yet waits (the caller asks for a
-/// reload) and is published once memory catches up.
+/// reload) and is published once memory catches up. While memory is suspect (this node lost
+/// the database for a while: a restore or a failover may have given the same versions other
+/// contents) every head waits, until memory has been read whole.
 pub(super) struct Publication {
     state: Mutex<PublicationState>,
     watch: watch::Sender<u64>,
@@ -63,6 +65,8 @@ struct PublicationState {
     /// Points of the fences up, by token.
     fences: HashMap<u64, u64>,
     next_token: u64,
+    /// Memory's version may not mean what the database's does (see [`Publication::suspect`]).
+    suspect: bool,
 }
 
 /// The log's head as the database had it, with the control plane's version then.
@@ -131,7 +135,7 @@ impl Publication {
     /// control plane read again, then calls [`Publication::recheck`].
     pub fn offer(&self, head: Head) -> bool {
         let mut state = self.lock();
-        if head.version <= self.known.load(Ordering::Acquire) {
+        if !state.suspect && head.version <= self.known.load(Ordering::Acquire) {
             state.committed = state.committed.max(head.next_seq);
             if state.waiting.is_some_and(|waiting| waiting.next_seq <= head.next_seq) {
                 state.waiting = None;
@@ -144,6 +148,17 @@ impl Publication {
             }
             false
         }
+    }
+
+    /// Holds every head back from now on, until [`Publication::trust`]: memory is to be read
+    /// whole first.
+    pub fn suspect(&self) {
+        self.lock().suspect = true;
+    }
+
+    /// Memory has been read whole: heads go by their versions again (the caller rechecks).
+    pub fn trust(&self) {
+        self.lock().suspect = false;
     }
 
     /// Publishes what waited for memory to catch up, if it has; false if it still waits.

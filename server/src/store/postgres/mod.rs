@@ -766,7 +766,9 @@ async fn follow_log(
             Some(Err(error)) => tracing::warn!(%error, "cannot listen for other nodes' triggers; trying again"),
             Some(Ok(())) => tracing::warn!("the session listening for other nodes' triggers ended; listening again"),
         }
+        // Until memory is read whole, no head is published against it.
         memory.whole_next.store(true, Ordering::Release);
+        memory.publication.suspect();
         if closing.run_until_cancelled(tokio::time::sleep(LISTEN_RETRY)).await.is_none() {
             return;
         }
@@ -888,7 +890,8 @@ async fn reload(pool: &Pool, memory: &Memory) {
     };
     match fresh.await {
         Ok((head, untracked, fresh)) => {
-            if matches!(fresh, Fresh::Whole(_)) {
+            let read_whole = matches!(fresh, Fresh::Whole(_));
+            if read_whole {
                 memory.whole_reads.fetch_add(1, Ordering::AcqRel);
             }
             let changed = fresh.fill(&mut memory.directory.write().expect("the directory lock is never poisoned"));
@@ -899,6 +902,9 @@ async fn reload(pool: &Pool, memory: &Memory) {
             }
             memory.generation.fetch_add(1, Ordering::AcqRel);
             memory.known.store(head.version, Ordering::Release);
+            if read_whole {
+                memory.publication.trust();
+            }
             memory.publication.offer(head);
             memory.publication.recheck();
         }

@@ -834,3 +834,18 @@ async fn outcomes_told_with_their_records_reach_the_other_nodes_as_they_commit()
     here.close().unwrap();
     there.close().unwrap();
 }
+
+#[test]
+fn a_suspect_memory_holds_every_head_back_until_it_is_trusted_again() {
+    use super::intake::{Head, Publication};
+    let known = Arc::new(std::sync::atomic::AtomicU64::new(3));
+    let publication = Publication::new(Head { next_seq: 10, version: 3 }, known);
+    let published = publication.subscribe();
+    assert_eq!(*published.borrow(), 10);
+    publication.suspect();
+    assert!(!publication.offer(Head { next_seq: 12, version: 3 }), "held back, though memory knows version 3");
+    assert_eq!(*published.borrow(), 10);
+    publication.trust();
+    assert!(publication.recheck(), "published once memory is trusted again");
+    assert_eq!(*published.borrow(), 12);
+}

@@ -198,9 +198,8 @@ pub(crate) enum Command {
     ListenerDeleted(Box<DeletedListener>),
     /// Deliveries were queued outside fan-out (replay, retry, recovery).
     Queued,
-    /// How each listener the dispatcher knows is doing, for the operator (`None` from a
-    /// node standing by: the delivering node knows).
-    Inspect(tokio::sync::oneshot::Sender<Option<Vec<ListenerStatus>>>),
+    /// How each listener the dispatcher knows is doing, for the operator.
+    Inspect(tokio::sync::oneshot::Sender<Standing>),
     /// A watcher of this producer was opened here (for the other nodes; never reaches the
     /// dispatcher).
     Watching(String),
@@ -223,6 +222,22 @@ pub struct ListenerStatus {
     /// Its first attempts wait in the event log from this event on (it is detached).
     pub detached_from_seq: Option<u64>,
 }
+
+/// What a node can tell of how its listeners are doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    /// This node delivers: the listeners it holds anything of (the others are idle and in
+    /// good standing).
+    Here(Vec<ListenerStatus>),
+    /// This node stands by: another node of the shared database delivers, and only it knows.
+    Elsewhere,
+    /// This node should deliver but its delivery did not answer within
+    /// [`STANDING_WAIT`] (it cannot start, or it is too busy): nothing is known.
+    NotAnswering,
+}
+
+/// How long the operator's page waits for the pipeline to say how listeners are doing.
+pub const STANDING_WAIT: Duration = Duration::from_secs(2);
 
 /// A running pipeline: on a node that delivers, fan-out, dispatch and retention; on a node
 /// standing by (another node of a shared database delivers, see
@@ -260,15 +275,17 @@ impl PipelineHandle {
         let _ = self.commands.send(Command::Queued);
     }
 
-    /// How the listeners the pipeline holds work of are doing; empty when it has stopped,
-    /// `None` while this node stands by (another node of the database delivers, and only it
-    /// knows).
-    pub async fn listener_status(&self) -> Option<Vec<ListenerStatus>> {
+    /// How the listeners the pipeline holds work of are doing (none when it has stopped),
+    /// within [`STANDING_WAIT`].
+    pub async fn listener_status(&self) -> Standing {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if self.commands.send(Command::Inspect(reply)).is_err() {
-            return Some(Vec::new());
+            return Standing::Here(Vec::new());
         }
-        answer.await.unwrap_or_else(|_| Some(Vec::new()))
+        match tokio::time::timeout(STANDING_WAIT, answer).await {
+            Ok(answer) => answer.unwrap_or(Standing::Here(Vec::new())),
+            Err(_) => Standing::NotAnswering,
+        }
     }
 
     /// The outcomes of `producer_id`'s attempts (of one event, if given) from now on,
@@ -408,6 +425,19 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
         Ok(Delivering { commands, tasks, shutdown, abandon })
     }
 
+    /// Takes in a command while this node does not deliver: work queued and watchers are
+    /// announced to the node that does; `standing` answers the operator; the rest is read
+    /// afresh when delivery starts here.
+    fn not_delivering(&self, command: Command, standing: Standing) {
+        match command {
+            Command::Queued => drop(self.store.announce(Note::Queued)),
+            Command::Watching(producer_id) => drop(self.store.announce(Note::Watching(producer_id))),
+            Command::Inspect(reply) => drop(reply.send(standing)),
+            // The node that delivers hears of listener changes through the store.
+            _ => {}
+        }
+    }
+
     /// Takes in what another node said or did: watchers' business is done here, what is
     /// left is for the dispatcher (where this node delivers).
     fn remote(&self, change: RemoteChange, delivering: bool) -> Option<Command> {
@@ -466,14 +496,8 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     () = shutdown.cancelled() => return,
                     held = async { lease.wait_for(|held| *held).await.is_ok() } => if !held { return },
                     command = inbox.recv() => {
-                        match command {
-                            Some(Command::Queued) => drop(parts.store.announce(Note::Queued)),
-                            Some(Command::Watching(producer_id)) => drop(parts.store.announce(Note::Watching(producer_id))),
-                            Some(Command::Inspect(reply)) => drop(reply.send(None)),
-                            // The node that delivers hears of listener changes through the store.
-                            Some(_) => {}
-                            None => return,
-                        }
+                        let Some(command) = command else { return };
+                        parts.not_delivering(command, Standing::Elsewhere);
                         continue;
                     }
                     change = next_change(&mut remote) => {
@@ -491,8 +515,19 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                             error = &error as &dyn std::error::Error,
                             "cannot start delivery; trying again"
                         );
-                        if shutdown.run_until_cancelled(tokio::time::sleep(Duration::from_secs(1))).await.is_none() {
-                            return;
+                        // Meanwhile the inbox is served, so nothing waits on it or piles up.
+                        let again = tokio::time::sleep(Duration::from_secs(1));
+                        tokio::pin!(again);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                () = shutdown.cancelled() => return,
+                                () = &mut again => break,
+                                command = inbox.recv() => {
+                                    let Some(command) = command else { return };
+                                    parts.not_delivering(command, Standing::NotAnswering);
+                                }
+                            }
                         }
                         continue;
                     }
@@ -590,5 +625,22 @@ impl Context {
             recent: recent::Recent::default(),
             abandon: CancellationToken::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pipeline that does not answer (its delivery cannot start, say) leaves the operator's
+    /// page waiting [`STANDING_WAIT`] at most, and it says nothing is known.
+    #[tokio::test]
+    async fn the_operator_is_told_when_delivery_does_not_answer() {
+        let (commands, mut inbox) = mpsc::unbounded_channel();
+        let handle = PipelineHandle { commands, watchers: Watchers::new(1) };
+        let asked = std::time::Instant::now();
+        assert_eq!(handle.listener_status().await, Standing::NotAnswering);
+        assert!(asked.elapsed() >= STANDING_WAIT);
+        assert!(matches!(inbox.try_recv(), Ok(Command::Inspect(_))), "it was asked");
     }
 }

@@ -15,6 +15,7 @@ use super::{ADMIN, Shown, Ui, Visitor, html};
 use crate::api::ApiError;
 use crate::blocking;
 use crate::clock::{now_ms, parse_rfc3339, rfc3339, timestamp};
+use crate::pipeline::Standing;
 use crate::store::{EventFilter, Listener};
 
 /// Escapes text for HTML, attributes included.
@@ -268,19 +269,33 @@ impl Ui {
             }
         })
         .await?;
-        let status = self.shared.pipeline.listener_status().await;
-        // Standing by, this node knows nothing of how listeners are doing: it says so rather
-        // than show them idle.
-        let elsewhere = status.is_none();
+        // Where this node does not know how listeners are doing, it says so rather than show
+        // them idle.
+        let (status, unknown) = match self.shared.pipeline.listener_status().await {
+            Standing::Here(status) => (status, None),
+            Standing::Elsewhere => (
+                Vec::new(),
+                Some((
+                    "Another node of this database delivers: how each listener is doing (slow, failing, \
+                     backed off) is shown on that node's page.",
+                    "on the delivering node",
+                )),
+            ),
+            Standing::NotAnswering => (
+                Vec::new(),
+                Some((
+                    "Delivery on this node did not answer in time (it may be failing to start: see the \
+                     node's log), so how each listener is doing is not shown.",
+                    "not known",
+                )),
+            ),
+        };
         let status: HashMap<String, crate::pipeline::ListenerStatus> =
-            status.into_iter().flatten().map(|status| (status.listener_id.clone(), status)).collect();
+            status.into_iter().map(|status| (status.listener_id.clone(), status)).collect();
         let a_day_ago = rfc3339(now_ms().saturating_sub(24 * 3600 * 1000));
         let mut content = String::new();
-        if elsewhere {
-            content.push_str(
-                "<p>Another node of this database delivers: how each listener is doing (slow, failing, \
-                 backed off) is shown on that node's page.</p>",
-            );
+        if let Some((why, _)) = unknown {
+            let _ = write!(content, "<p>{why}</p>");
         }
         content.push_str(
             "<table><tr><th>Listener</th><th>Producer · type</th><th>URL</th><th>State</th><th>Health</th><th></th></tr>",
@@ -301,8 +316,7 @@ impl Ui {
                     }
                     health
                 }
-                None if elsewhere => "on the delivering node".to_owned(),
-                None => "idle".to_owned(),
+                None => unknown.map_or("idle", |(_, cell)| cell).to_owned(),
             };
             let state = if listener.enabled {
                 "enabled".to_owned()

@@ -260,7 +260,7 @@ impl Dispatcher {
                 self.stale = true;
             }
             Command::Inspect(reply) => {
-                let _ = reply.send(Some(self.status()));
+                let _ = reply.send(super::Standing::Here(self.status()));
             }
             // The pipeline's supervisor tells the other nodes; nothing for the dispatcher.
             Command::Watching(_) => {}

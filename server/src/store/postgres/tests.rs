@@ -156,6 +156,51 @@ async fn a_schema_of_the_first_version_is_brought_up_to_date_at_start() {
     assert_eq!(place.scalar("SELECT version - tracked FROM control_version"), 0, "every write stamped its rows");
 }
 
+/// A migration the database turns back as a deadlock is tried again and applied. Here the
+/// deadlock is with an admin write of a node of schema 3, which locks the listener it writes
+/// first and the control version last, where the migration locks them the other way round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_turned_back_by_a_deadlock_is_tried_again() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let connect = || async {
+        let (client, connection) = place.config().connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let mut migrating = connect().await;
+    super::schema::migrate_to(&mut migrating, 3).await.unwrap();
+    let mut older = connect().await;
+    let write = older.transaction().await.unwrap();
+    write.batch_execute("LOCK TABLE listeners IN ROW EXCLUSIVE MODE").await.unwrap();
+    let migration = tokio::spawn(async move { super::schema::migrate(&mut migrating).await });
+    // The migration holds the control version and waits for the listeners.
+    let look = connect().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'listeners'::regclass";
+    while look.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the migration never waited for the listeners table");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The older node's write now waits for the migration: a deadlock, which the migration
+    // (waiting first, so checking first) is the one to be turned back from.
+    write
+        .execute("UPDATE control_version SET version = version + 1 WHERE id = 0", &[])
+        .await
+        .expect("the older node's write goes through once the migration is turned back");
+    write.commit().await.unwrap();
+    let found = migration.await.unwrap().expect("the migration is tried again and applied");
+    assert_eq!(found, 3);
+    assert_eq!(place.scalar("SELECT version::bigint FROM hookd_schema"), i64::from(super::schema::VERSION));
+    assert_eq!(
+        place.scalar("SELECT version - tracked FROM control_version"),
+        0,
+        "migration 4 ran after the older node's write"
+    );
+}
+
 /// Two stores on one database number their triggers from one log: every number once, no
 /// hole, in the order they committed (the intake is ready for several nodes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,8 @@ async fn run(plan: &Plan, binary: &std::path::Path, receiver: &Receiver, count: 
     let events = plan.deliveries[1].0;
     let plan_calls = plan.latency_calls;
     let total = (events * LISTENERS) as u64;
+    let cpu_before: Vec<f64> = nodes.iter().map(|(node, _)| node.cpu_seconds()).collect();
+    let postgres_before = hookd::postgres_cpu_seconds();
     let started = Instant::now();
     let mut publishing = tokio::task::JoinSet::new();
     for (n, producer) in producers.iter().enumerate() {
@@ -93,15 +95,24 @@ async fn run(plan: &Plan, binary: &std::path::Path, receiver: &Receiver, count: 
     let complete = receiver.wait_for(total, Duration::from_secs(600)).await;
     let seconds = started.elapsed().as_secs_f64();
     let per_s = receiver.received() as f64 / seconds;
+    // CPU per delivery, of each node (the first is the one that delivers, as it started first)
+    // and of the database, until the last delivery arrived.
+    let per_delivery = |seconds: f64| seconds * 1e6 / total as f64;
+    let cpu_us: Vec<f64> =
+        nodes.iter().zip(&cpu_before).map(|((node, _), before)| per_delivery(node.cpu_seconds() - before)).collect();
+    let postgres_us = per_delivery(hookd::postgres_cpu_seconds() - postgres_before);
     delivered.store(true, Ordering::Release);
     let samples = probe.await??;
     for (node, _) in nodes {
         node.kill().await;
     }
+    let cpu_text: Vec<String> = cpu_us.iter().map(|us| format!("{us:.0}")).collect();
     eprintln!(
-        "nodes, {count}: {per_s:.0} deliveries/s to {LISTENERS} listeners, trigger p50 {:.2} ms p99 {:.2} ms{}",
+        "nodes, {count}: {per_s:.0} deliveries/s to {LISTENERS} listeners, trigger p50 {:.2} ms p99 {:.2} ms, \
+         CPU per delivery: hookd {} µs, PostgreSQL {postgres_us:.0} µs{}",
         samples.p50(),
         samples.p99(),
+        cpu_text.join(" + "),
         if complete { "" } else { " (INCOMPLETE within 10 min)" }
     );
     Ok(json!({
@@ -110,5 +121,7 @@ async fn run(plan: &Plan, binary: &std::path::Path, receiver: &Receiver, count: 
         "trigger_p50_ms": round(samples.p50()),
         "trigger_p99_ms": round(samples.p99()),
         "complete": complete,
+        "hookd_cpu_us_per_delivery": cpu_us.iter().map(|us| round(*us)).collect::<Vec<_>>(),
+        "postgres_cpu_us_per_delivery": round(postgres_us),
     }))
 }

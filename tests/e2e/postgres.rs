@@ -217,10 +217,10 @@ async fn three_nodes_share_a_database_and_a_delivering_node_killed_mid_delivery_
     }
 }
 
-/// The operator's page on a node standing by says the delivering node shows how listeners
-/// are doing, rather than show every listener idle; the delivering node's page shows them.
+/// The operator's page on a node standing by shows how listeners are doing as the delivering
+/// node tells it when asked: a failing listener failing, an idle one idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_nodes_web_page_points_to_the_delivering_node_for_listener_standing() {
+async fn a_standby_nodes_web_page_shows_listener_standing_as_the_delivering_node_tells_it() {
     let Some(postgres) = PgSchema::new("standby_web_page") else { return };
     let (store, key) = (postgres.store_url(), master_key());
     let env = [
@@ -242,28 +242,46 @@ async fn a_standby_nodes_web_page_points_to_the_delivering_node_for_listener_sta
     let created = admin.admin().create_producer(CreateProducerRequest { name: "paged".into() }).await.unwrap();
     let producer =
         Client::connect(first.endpoint()).await.unwrap().with_api_key(&created.into_inner().api_key).unwrap();
-    let hash = derive(&producer, "paged.test").await;
-    producer.register().register_listener(listener_request(&hash, "http://127.0.0.1:9/hook")).await.unwrap();
+    let register = |event_type: &'static str, path: &'static str| {
+        let producer = producer.clone();
+        async move {
+            let hash = derive(&producer, event_type).await;
+            let request = listener_request(&hash, &format!("http://127.0.0.1:9/{path}"));
+            let registered = producer.register().register_listener(request).await.unwrap().into_inner();
+            registered.listener.unwrap().id
+        }
+    };
+    // Nothing listens on port 9: every attempt fails.
+    let failing = register("paged.test", "hook").await;
+    let quiet = register("paged.quiet", "quiet").await;
+    producer.trigger("paged.test", "{}").await.unwrap();
 
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
-    let page = |node: &HookdProcess| {
+    // The row of `listener_id` on a node's page, once the node knows of the listener's
+    // first failure.
+    let row = |node: &HookdProcess, listener_id: String| {
         let log = node.log_text();
         let http = http.clone();
         async move {
             let ui = log.lines().find(|line| line.contains("web page served")).and_then(crate::support::parse_addr)?;
             let answer = http.get(format!("http://{ui}/listeners")).bearer_auth(ADMIN_TOKEN).send().await.ok()?;
             let text = answer.text().await.ok()?;
-            // Both nodes know the listener (the second within 250 ms).
-            text.contains("paged.test").then_some(text)
+            text.contains("failures in a row").then_some(())?;
+            let row = text.split("<tr>").find(|row| row.contains(&listener_id))?.to_owned();
+            Some((row, text))
         }
     };
-    let standing_by = eventually("the standby's page listing the listener", || page(&second)).await;
-    assert!(standing_by.contains("Another node of this database delivers"), "{standing_by}");
-    assert!(standing_by.contains("on the delivering node"), "{standing_by}");
-    assert!(!standing_by.contains(">idle<"), "no listener shown idle by a node that cannot know");
-    let delivering = eventually("the delivering node's page listing the listener", || page(&first)).await;
+    let (failing_row, standing_by) =
+        eventually("the standby's page showing the failure", || row(&second, failing.clone())).await;
+    assert!(standing_by.contains("as that node told it just now"), "{standing_by}");
+    assert!(failing_row.contains("failures in a row"), "{failing_row}");
+    let (quiet_row, _) = row(&second, quiet.clone()).await.expect("the quiet listener's row");
+    assert!(quiet_row.contains(">idle<"), "{quiet_row}");
+    let (failing_row, delivering) =
+        eventually("the delivering node's page showing the failure", || row(&first, failing.clone())).await;
     assert!(!delivering.contains("Another node of this database delivers"), "{delivering}");
+    assert!(failing_row.contains("failures in a row"), "{failing_row}");
     assert!(first.terminate().await.success());
     assert!(second.terminate().await.success());
 }

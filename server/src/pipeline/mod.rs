@@ -16,7 +16,9 @@
 //! Where several nodes share one database, the pipeline delivers only while this node holds
 //! the delivery lease ([`Store::delivery_lease`]): otherwise it stands by, passes work queued
 //! here on to the delivering node, and on taking over starts from the durable state, as
-//! after a restart. Changes other nodes make reach it through [`Store::remote_changes`].
+//! after a restart. Changes other nodes make reach it through [`Store::remote_changes`]. The
+//! operator's page of a node standing by asks the delivering node how listeners are doing
+//! ([`standing`]).
 //!
 //! The pipeline never sees gRPC types and never answers a caller; a failing request only
 //! ever produces an attempt record. Cancellation is a token; on shutdown in-flight attempts
@@ -40,6 +42,7 @@ mod recent;
 mod recorder;
 mod retention;
 pub mod retry;
+mod standing;
 pub mod target;
 mod turn;
 pub mod watchers;
@@ -65,6 +68,7 @@ pub use dispatch::{HOLD_LIMIT_MS, MEMORY_ITEMS};
 pub use fanout::CHUNK as FANOUT_CHUNK;
 pub use recorder::MAX_GROUP as RECORD_GROUP;
 pub use retry::RetrySchedule;
+pub use standing::StandingReport;
 pub use target::{PolicyKind, TargetPolicy};
 pub use watchers::{TooManyWatchers, Watch, Watchers};
 
@@ -229,7 +233,10 @@ pub enum Standing {
     /// This node delivers: the listeners it holds anything of (the others are idle and in
     /// good standing).
     Here(Vec<ListenerStatus>),
-    /// This node stands by: another node of the shared database delivers, and only it knows.
+    /// This node stands by: another node of the shared database delivers, and this is what it
+    /// answered when asked.
+    Relayed(StandingReport),
+    /// This node stands by, and the node that delivers did not answer in time.
     Elsewhere,
     /// This node should deliver but its delivery did not answer within
     /// [`STANDING_WAIT`] (it cannot start, or it is too busy): nothing is known.
@@ -460,6 +467,9 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
                 }
                 return None;
             }
+            // Questions and answers of the operator's page are the supervisor's business (a
+            // question waiting for an answer already being made is answered by it).
+            RemoteChange::Note(Note::Asking | Note::Standing { .. }) => return None,
         };
         if matches!(self.store.listener(&listener_id), Ok(None)) {
             // Deleted: what it was owed is cancelled, as where the deletion was made.
@@ -487,6 +497,11 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
     mut lease: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
+    // Standing by: the operator's questions put to the delivering node.
+    let mut asking = Asking::default();
+    // Delivering: the answer to the other nodes' questions being made, and how many were made.
+    let mut answering: Option<tokio::sync::oneshot::Receiver<Standing>> = None;
+    let mut answers = 0u64;
     loop {
         let delivering = match now.take() {
             Some(delivering) => delivering,
@@ -496,18 +511,31 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     () = shutdown.cancelled() => return,
                     held = async { lease.wait_for(|held| *held).await.is_ok() } => if !held { return },
                     command = inbox.recv() => {
-                        let Some(command) = command else { return };
-                        parts.not_delivering(command, Standing::Elsewhere);
-                        continue;
-                    }
-                    change = next_change(&mut remote) => {
-                        // What is for the dispatcher waits: the next start reads it all afresh.
-                        if let Some(change) = change {
-                            parts.remote(change, false);
+                        match command {
+                            Some(Command::Inspect(reply)) => asking.ask(reply, &*parts.store),
+                            Some(command) => parts.not_delivering(command, Standing::Elsewhere),
+                            None => return,
                         }
                         continue;
                     }
+                    change = next_change(&mut remote) => {
+                        match change {
+                            Some(RemoteChange::Note(Note::Standing { report, part, parts, text })) => {
+                                asking.heard(report, part, parts, &text);
+                            }
+                            // What is for the dispatcher waits: the next start reads it all afresh.
+                            Some(change) => drop(parts.remote(change, false)),
+                            None => {}
+                        }
+                        continue;
+                    }
+                    () = asking.given_up(), if asking.waiting() => {
+                        asking.answer(Standing::Elsewhere);
+                        continue;
+                    }
                 }
+                // Those asking how listeners are doing are answered by this node from now on.
+                asking.answer(Standing::Elsewhere);
                 match parts.deliver() {
                     Ok(delivering) => delivering,
                     Err(error) => {
@@ -526,6 +554,11 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                                 command = inbox.recv() => {
                                     let Some(command) = command else { return };
                                     parts.not_delivering(command, Standing::NotAnswering);
+                                }
+                                change = next_change(&mut remote) => {
+                                    if let Some(change) = change {
+                                        parts.remote(change, false);
+                                    }
                                 }
                             }
                         }
@@ -558,9 +591,29 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                         return;
                     }
                 },
-                change = next_change(&mut remote) => {
-                    if let Some(command) = change.and_then(|change| parts.remote(change, true)) {
-                        drop(delivering.commands.send(command));
+                change = next_change(&mut remote) => match change {
+                    // One answer at a time: those asking while it is made read it too.
+                    Some(RemoteChange::Note(Note::Asking)) if answering.is_none() => {
+                        let (reply, answer) = tokio::sync::oneshot::channel();
+                        answering = Some(answer);
+                        drop(delivering.commands.send(Command::Inspect(reply)));
+                    }
+                    Some(change) => {
+                        if let Some(command) = parts.remote(change, true) {
+                            drop(delivering.commands.send(command));
+                        }
+                    }
+                    None => {}
+                },
+                answer = async { answering.as_mut().expect("polled only while answering").await }, if answering.is_some() => {
+                    answering = None;
+                    if let Ok(Standing::Here(statuses)) = answer {
+                        answers += 1;
+                        for note in standing::notes(answers, statuses) {
+                            // A part not taken (too many notes wait) leaves an answer the
+                            // other node drops, and its page says only that this node knows.
+                            parts.store.announce(note);
+                        }
                     }
                 }
                 // A note lost on its way (the listening session was being made again, say)
@@ -570,7 +623,60 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
         }
         // Another node may take over now: nothing more is sent or recorded from here.
         tracing::warn!("delivery stops on this node: it no longer holds the delivery lease");
+        answering = None;
         delivering.abandon().await;
+    }
+}
+
+/// The operator's questions a node standing by put to the delivering node ([`Note::Asking`]),
+/// and its answer as it comes in ([`standing`]).
+#[derive(Default)]
+struct Asking {
+    waiting: Vec<tokio::sync::oneshot::Sender<Standing>>,
+    /// When the question was put; none while nobody waits.
+    since: Option<tokio::time::Instant>,
+    gathering: standing::Gathering,
+}
+
+impl Asking {
+    /// Puts the question, unless it is already put, and waits for its answer.
+    fn ask(&mut self, reply: tokio::sync::oneshot::Sender<Standing>, store: &dyn Store) {
+        self.waiting.push(reply);
+        if self.since.is_none() {
+            self.since = Some(tokio::time::Instant::now());
+            store.announce(Note::Asking);
+        }
+    }
+
+    fn waiting(&self) -> bool {
+        self.since.is_some()
+    }
+
+    /// Once the answer has been waited for [`standing::ANSWER_WAIT`].
+    async fn given_up(&self) {
+        match self.since {
+            Some(since) => tokio::time::sleep_until(since + standing::ANSWER_WAIT).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Takes in one part of an answer (of the delivering node to whoever asked); answers
+    /// everyone waiting once it is whole.
+    fn heard(&mut self, report: u64, part: u32, parts: u32, text: &str) {
+        if !self.waiting() {
+            return;
+        }
+        if let Some(whole) = self.gathering.heard(report, part, parts, text) {
+            self.answer(Standing::Relayed(whole));
+        }
+    }
+
+    fn answer(&mut self, standing: Standing) {
+        for reply in self.waiting.drain(..) {
+            let _ = reply.send(standing.clone());
+        }
+        self.since = None;
+        self.gathering.clear();
     }
 }
 

@@ -163,6 +163,12 @@ pub enum Note {
     Behind(String),
     /// Attempts' outcomes, as the pipeline writes them down.
     Outcomes(String),
+    /// A node standing by asks the delivering node how its listeners are doing (for the
+    /// operator's page).
+    Asking,
+    /// One part of the delivering node's answer to [`Note::Asking`]: part `part` (from 0) of
+    /// `parts`, of answer `report`, as the pipeline writes it down.
+    Standing { report: u64, part: u32, parts: u32, text: String },
 }
 
 /// A whole store, as hookd runs on one: everything it keeps ([`Store`], [`PipelineStore`],

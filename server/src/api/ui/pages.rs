@@ -270,31 +270,44 @@ impl Ui {
         })
         .await?;
         // Where this node does not know how listeners are doing, it says so rather than show
-        // them idle.
-        let (status, unknown) = match self.shared.pipeline.listener_status().await {
-            Standing::Here(status) => (status, None),
+        // them idle; a listener the answer leaves out reads `unlisted`.
+        let (status, why, unlisted) = match self.shared.pipeline.listener_status().await {
+            Standing::Here(status) => (status, String::new(), "idle"),
+            Standing::Relayed(report) => {
+                let mut why = "Another node of this database delivers: how each listener is doing is shown as \
+                               that node told it just now."
+                    .to_owned();
+                let cut = report.total > report.statuses.len();
+                if cut {
+                    let _ = write!(
+                        why,
+                        " It holds work of {} listeners and told of the {} doing worst.",
+                        report.total,
+                        report.statuses.len()
+                    );
+                }
+                (report.statuses, why, if cut { "not told" } else { "idle" })
+            }
             Standing::Elsewhere => (
                 Vec::new(),
-                Some((
-                    "Another node of this database delivers: how each listener is doing (slow, failing, \
-                     backed off) is shown on that node's page.",
-                    "on the delivering node",
-                )),
+                "Another node of this database delivers, and did not answer in time: how each listener is \
+                 doing (slow, failing, backed off) is shown on that node's page."
+                    .to_owned(),
+                "on the delivering node",
             ),
             Standing::NotAnswering => (
                 Vec::new(),
-                Some((
-                    "Delivery on this node did not answer in time (it may be failing to start: see the \
-                     node's log), so how each listener is doing is not shown.",
-                    "not known",
-                )),
+                "Delivery on this node did not answer in time (it may be failing to start: see the node's \
+                 log), so how each listener is doing is not shown."
+                    .to_owned(),
+                "not known",
             ),
         };
         let status: HashMap<String, crate::pipeline::ListenerStatus> =
             status.into_iter().map(|status| (status.listener_id.clone(), status)).collect();
         let a_day_ago = rfc3339(now_ms().saturating_sub(24 * 3600 * 1000));
         let mut content = String::new();
-        if let Some((why, _)) = unknown {
+        if !why.is_empty() {
             let _ = write!(content, "<p>{why}</p>");
         }
         content.push_str(
@@ -316,7 +329,7 @@ impl Ui {
                     }
                     health
                 }
-                None => unknown.map_or("idle", |(_, cell)| cell).to_owned(),
+                None => unlisted.to_owned(),
             };
             let state = if listener.enabled {
                 "enabled".to_owned()

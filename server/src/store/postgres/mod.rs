@@ -648,6 +648,8 @@ fn note_text(node: &str, note: &Note) -> String {
         Note::Watching(producer_id) => format!("watching {node} {producer_id}"),
         Note::Behind(producer_id) => format!("behind {node} {producer_id}"),
         Note::Outcomes(text) => format!("outcomes {node}\n{text}"),
+        Note::Asking => format!("asking {node}"),
+        Note::Standing { report, part, parts, text } => format!("standing {node} {report} {part} {parts}\n{text}"),
     }
 }
 
@@ -661,6 +663,17 @@ fn read_note(payload: &str) -> Option<(&str, Note)> {
         ("watching", Some(producer_id)) => Note::Watching(producer_id.to_owned()),
         ("behind", Some(producer_id)) => Note::Behind(producer_id.to_owned()),
         ("outcomes", None) => Note::Outcomes(body.to_owned()),
+        ("asking", None) => Note::Asking,
+        ("standing", Some(numbers)) => {
+            let mut numbers = numbers.split(' ').map(str::parse);
+            let (Some(Ok(report)), Some(Ok(part)), Some(Ok(parts)), None) =
+                (numbers.next(), numbers.next(), numbers.next(), numbers.next())
+            else {
+                return None;
+            };
+            let (part, parts) = (u32::try_from(part).ok()?, u32::try_from(parts).ok()?);
+            Note::Standing { report, part, parts, text: body.to_owned() }
+        }
         _ => return None,
     };
     Some((node, note))

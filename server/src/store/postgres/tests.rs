@@ -671,6 +671,9 @@ fn notes_read_back_as_sent_and_a_head_is_never_taken_for_one() {
         Note::Watching("prd_a".into()),
         Note::Behind("prd_b".into()),
         Note::Outcomes("a\tb\nc\n".into()),
+        Note::Asking,
+        Note::Standing { report: 7, part: 1, parts: 3, text: "lst_a failing\nlst_b slow\n".into() },
+        Note::Standing { report: 0, part: 0, parts: 1, text: String::new() },
     ];
     for note in notes {
         let text = super::note_text("node1", &note);
@@ -678,6 +681,7 @@ fn notes_read_back_as_sent_and_a_head_is_never_taken_for_one() {
     }
     let head = super::intake::Head { next_seq: 12, version: 7 }.to_text();
     assert_eq!(super::read_note(&head), None);
+    assert_eq!(super::read_note("standing node1 7 1\n"), None, "a part without its count is no note");
     assert!(super::intake::Head::parse(&head).is_some());
 }
 

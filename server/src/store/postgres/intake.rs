@@ -150,6 +150,11 @@ impl Publication {
         }
     }
 
+    /// How far this node has seen the log committed.
+    pub fn committed(&self) -> u64 {
+        self.lock().committed
+    }
+
     /// Holds every head back from now on, until [`Publication::trust`]: memory is to be read
     /// whole first.
     pub fn suspect(&self) {

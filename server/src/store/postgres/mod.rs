@@ -138,9 +138,10 @@ pub struct PgStore {
     pending_bytes: Arc<Semaphore>,
     listeners_generation: Arc<AtomicU64>,
     sync_seconds: Arc<OnceLock<prometheus_client::metrics::histogram::Histogram>>,
-    /// Why this node takes no more triggers, should it have to stop (no cause does on this
-    /// backend: a lost connection fails its own calls only, and the next one tries again).
-    failure: watch::Sender<Option<Arc<str>>>,
+    /// Why this node takes no more triggers, should it have to stop: only a database whose
+    /// event log went back behind what this node saw ([`Rewound`]). A lost connection fails
+    /// its own calls only, and the next one tries again.
+    failure: Arc<watch::Sender<Option<Arc<str>>>>,
     /// The version of the control plane that `directory` reflects (see [`Control`]).
     control_version: Arc<AtomicU64>,
     /// Where every node hears of new heads, control-plane changes and notes (`NOTIFY`).
@@ -400,10 +401,12 @@ impl PgStore {
         let groups = Groups::new();
         let sync_seconds = Arc::new(OnceLock::new());
         let (jobs_tx, jobs_rx) = mpsc::channel(QUEUE_CAPACITY);
-        let failure = watch::channel(None).0;
+        let failure = Arc::new(watch::channel(None).0);
         let closing = tokio_util::sync::CancellationToken::new();
+        // The lease is given up at close, and when this node must stop (see `Rewound`).
+        let lease_stop = closing.child_token();
         let (lease_tx, lease) = watch::channel(false);
-        let lease_task = handle.spawn(hold_lease(lock_config.clone(), lease_tx, closing.clone()));
+        let lease_task = handle.spawn(hold_lease(lock_config.clone(), lease_tx, lease_stop.clone()));
         let (changes_tx, remote_changes) = mpsc::unbounded_channel();
         let admin_lock: Arc<tokio::sync::Mutex<()>> = Arc::default();
         let listeners_generation = Arc::new(AtomicU64::new(0));
@@ -418,6 +421,7 @@ impl PgStore {
             publication: publication.clone(),
             reload_wanted: reload_wanted.clone(),
             changes: changes_tx,
+            rewound: Rewound { failure: failure.clone(), lease_stop },
         };
         handle.spawn(follow_control(pool.clone(), memory.clone(), admin_lock.clone(), closing.clone()));
         // This node's name on the channel, so it skips its own notes.
@@ -721,6 +725,40 @@ struct Memory {
     /// Listener changes found by a reload (made through other nodes), and work other nodes
     /// queued, for the pipeline.
     changes: mpsc::UnboundedSender<RemoteChange>,
+    rewound: Rewound,
+}
+
+/// What a node does when it finds the database's event log shorter than the log it has
+/// already seen committed: the database was restored to an earlier point, or failed over to a
+/// replica that had not received the last commits, while the node ran. The events it saw
+/// are gone from the database and new ones would get their numbers again, which delivery,
+/// already past those numbers here, would skip. So the node stops as a failed disk stops
+/// the embedded store: it takes no more triggers (they answer `UNAVAILABLE` with the cause,
+/// health says `NOT_SERVING`) and gives up the delivery lease, until it is restarted. A
+/// restarted node starts from the database as it is.
+#[derive(Clone)]
+struct Rewound {
+    failure: Arc<watch::Sender<Option<Arc<str>>>>,
+    lease_stop: tokio_util::sync::CancellationToken,
+}
+
+impl Rewound {
+    /// Stops the node if the log's head read (`read`), in a read begun after this node had
+    /// seen the log reach `seen`, is behind it.
+    fn check(&self, seen: u64, read: u64) {
+        if read >= seen {
+            return;
+        }
+        let cause: Arc<str> = format!(
+            "the database's event log ends at event {read}, before event {seen} this node saw committed: \
+             the database was restored or failed over to an earlier point while this node ran; \
+             this node takes no more triggers and does not deliver until it is restarted"
+        )
+        .into();
+        tracing::error!(%cause, "the database went back in time");
+        self.failure.send_replace(Some(cause));
+        self.lease_stop.cancel();
+    }
 }
 
 /// Keeps memory current with changes other nodes make: reads the control plane again
@@ -895,6 +933,8 @@ async fn snapshot(
 /// this node's admin writes. Logs and keeps what it has (and the version it had, so the next
 /// look tries again) when the database cannot say.
 async fn reload(pool: &Pool, memory: &Memory) {
+    // Whatever this node saw committed before the read, the read must see too.
+    let seen = memory.publication.committed();
     let whole = memory.whole_next.swap(false, Ordering::AcqRel);
     let memory_at = (memory.known.load(Ordering::Acquire), memory.untracked.load(Ordering::Acquire));
     let fresh = async {
@@ -903,6 +943,7 @@ async fn reload(pool: &Pool, memory: &Memory) {
     };
     match fresh.await {
         Ok((head, untracked, fresh)) => {
+            memory.rewound.check(seen, head.next_seq);
             let read_whole = matches!(fresh, Fresh::Whole(_));
             if read_whole {
                 memory.whole_reads.fetch_add(1, Ordering::AcqRel);

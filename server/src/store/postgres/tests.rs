@@ -555,6 +555,35 @@ async fn a_node_cut_off_from_the_database_reads_everything_again_once_back() {
     there.close().unwrap();
 }
 
+/// A node that finds the event log shorter than it saw it (the database restored to an
+/// earlier point while the node was cut off from it) stops: no more triggers, no delivery,
+/// and it says why. A node started afterwards works from the database as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_again() {
+    let Some((place, relay, there)) = relayed().await else { return };
+    for n in 0..5 {
+        there.append_event(new_event("prd_a", None, n)).await.unwrap();
+    }
+    lease_is(&there, true).await;
+    relay.cut();
+    // What a restore to a backup of when the log held three events leaves.
+    place.execute("BEGIN; DELETE FROM events WHERE seq >= 3; UPDATE log_head SET next_seq = 3 WHERE id = 0; COMMIT;");
+    relay.restore();
+    let mut failure = there.failure();
+    let failed = tokio::time::timeout(std::time::Duration::from_secs(10), failure.wait_for(Option::is_some)).await;
+    let cause = failed.expect("the node stopped in time").unwrap().clone().unwrap();
+    assert!(cause.contains("ends at event 3, before event 5"), "{cause}");
+    lease_is(&there, false).await;
+    let refused = there.append_event(new_event("prd_a", None, 9)).await.unwrap_err();
+    assert!(refused.to_string().contains("restored or failed over"), "{refused}");
+    there.close().unwrap();
+    let restarted = place.open();
+    let appended = restarted.append_event(new_event("prd_a", None, 10)).await.unwrap();
+    assert_eq!(crate::ids::event_seq(&appended.event_id), Some(3));
+    assert!(restarted.failure().borrow().is_none());
+    restarted.close().unwrap();
+}
+
 /// A node reads the control plane whole when reading what changed would miss something: a
 /// write by a hookd of the previous schema (during an upgrade), which stamps no rows, or a
 /// removal already pruned from the record of removals.

@@ -282,16 +282,16 @@ impl PipelineHandle {
         let _ = self.commands.send(Command::Queued);
     }
 
-    /// How the listeners the pipeline holds work of are doing (none when it has stopped),
-    /// within [`STANDING_WAIT`].
+    /// How the listeners the pipeline holds work of are doing, within [`STANDING_WAIT`].
     pub async fn listener_status(&self) -> Standing {
         let (reply, answer) = tokio::sync::oneshot::channel();
         if self.commands.send(Command::Inspect(reply)).is_err() {
-            return Standing::Here(Vec::new());
+            return Standing::NotAnswering;
         }
         match tokio::time::timeout(STANDING_WAIT, answer).await {
-            Ok(answer) => answer.unwrap_or(Standing::Here(Vec::new())),
-            Err(_) => Standing::NotAnswering,
+            Ok(Ok(standing)) => standing,
+            // Stopped (shutting down), or no answer in time.
+            Ok(Err(_)) | Err(_) => Standing::NotAnswering,
         }
     }
 
@@ -501,7 +501,12 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
     let mut asking = Asking::default();
     // Delivering: the answer to the other nodes' questions being made, and how many were made.
     let mut answering: Option<tokio::sync::oneshot::Receiver<Standing>> = None;
-    let mut answers = 0u64;
+    // Numbered from a random point, so answers of two nodes (before and after a takeover)
+    // are never taken for one.
+    let mut answers = {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_or(0, |()| u64::from_le_bytes(random))
+    };
     loop {
         let delivering = match now.take() {
             Some(delivering) => delivering,
@@ -509,6 +514,10 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                 tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return,
+                    () = asking.given_up(), if asking.waiting() => {
+                        asking.answer(Standing::Elsewhere);
+                        continue;
+                    }
                     held = async { lease.wait_for(|held| *held).await.is_ok() } => if !held { return },
                     command = inbox.recv() => {
                         match command {
@@ -529,16 +538,20 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                         }
                         continue;
                     }
-                    () = asking.given_up(), if asking.waiting() => {
-                        asking.answer(Standing::Elsewhere);
-                        continue;
-                    }
                 }
                 // Those asking how listeners are doing are answered by this node from now on.
-                asking.answer(Standing::Elsewhere);
+                let asked = asking.take();
                 match parts.deliver() {
-                    Ok(delivering) => delivering,
+                    Ok(delivering) => {
+                        for reply in asked {
+                            drop(delivering.commands.send(Command::Inspect(reply)));
+                        }
+                        delivering
+                    }
                     Err(error) => {
+                        for reply in asked {
+                            let _ = reply.send(Standing::NotAnswering);
+                        }
                         tracing::error!(
                             error = &error as &dyn std::error::Error,
                             "cannot start delivery; trying again"
@@ -608,7 +621,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                 answer = async { answering.as_mut().expect("polled only while answering").await }, if answering.is_some() => {
                     answering = None;
                     if let Ok(Standing::Here(statuses)) = answer {
-                        answers += 1;
+                        answers = answers.wrapping_add(1);
                         for note in standing::notes(answers, statuses) {
                             // A part not taken (too many notes wait) leaves an answer the
                             // other node drops, and its page says only that this node knows.
@@ -672,11 +685,16 @@ impl Asking {
     }
 
     fn answer(&mut self, standing: Standing) {
-        for reply in self.waiting.drain(..) {
+        for reply in self.take() {
             let _ = reply.send(standing.clone());
         }
+    }
+
+    /// Those waiting, no longer waiting here.
+    fn take(&mut self) -> Vec<tokio::sync::oneshot::Sender<Standing>> {
         self.since = None;
         self.gathering.clear();
+        std::mem::take(&mut self.waiting)
     }
 }
 

@@ -220,6 +220,8 @@ pub(super) struct Intake {
     pub reload: Arc<tokio::sync::Notify>,
     /// Where every node hears that the log grew (`NOTIFY`).
     pub channel: Arc<str>,
+    /// Stops this node should the log be shorter than it saw it (see `Rewound`).
+    pub rewound: super::Rewound,
 }
 
 impl Intake {
@@ -266,12 +268,15 @@ impl Intake {
             return;
         }
         let started = std::time::Instant::now();
+        // Whatever this node saw committed before this group began, the head it locks must
+        // have reached.
+        let seen = self.publication.committed();
         let written = match connection.as_mut() {
-            Some(client) => self.write(client, &accepted).await,
+            Some(client) => self.write(client, &accepted, seen).await,
             None => match self.pool.get().await {
                 // An acknowledged trigger is on disk, whatever the server's default says.
                 Ok(client) => match client.batch_execute("SET synchronous_commit = on").await {
-                    Ok(()) => self.write(connection.insert(client), &accepted).await,
+                    Ok(()) => self.write(connection.insert(client), &accepted, seen).await,
                     Err(error) => Err(error.into()),
                 },
                 Err(error) => Err(error.into()),
@@ -314,6 +319,7 @@ impl Intake {
         &self,
         client: &mut deadpool_postgres::Object,
         group: &[Job],
+        seen: u64,
     ) -> Result<(Vec<Result<Appended, StoreError>>, Head), StoreError> {
         let tx = client.transaction().await?;
         // Statements are prepared once per connection, and those that do not wait for one
@@ -322,6 +328,10 @@ impl Intake {
         let head = tx.prepare_cached(HEAD).await?;
         let head = tx.query_one(&head, &[]).await?;
         let (mut next_seq, mut last_created_ms) = (unsigned(head.get(0)), unsigned(head.get(1)));
+        if next_seq < seen {
+            // Numbering from here would give events numbers delivery has already passed.
+            return Err(StoreError::Failed(self.rewound.stop(seen, next_seq)));
+        }
 
         // The callers again, as the database has them now, whichever node changed them: a
         // producer disabled or a key rotated away on any node is refused from the next group

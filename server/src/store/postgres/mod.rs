@@ -186,13 +186,28 @@ const TAKE_LEASE: &str = "SELECT pg_try_advisory_lock(1752133483, hashtext(curre
 /// every [`LEASE_RETRY`] and take over the event log, the due queue and the parking lots from
 /// where the last holder durably left them. A node that loses its session, or whose checks
 /// go unanswered for [`LEASE_SILENCE`], stops delivering at once.
+///
+/// `stopping` (a child of `closing`) also ends it when this node must stop delivering for good
+/// (see [`Rewound`]): the lease is given back, and `lease` stays false until `closing`.
 async fn hold_lease(
     config: tokio_postgres::Config,
     lease: watch::Sender<bool>,
+    stopping: tokio_util::sync::CancellationToken,
+    closing: tokio_util::sync::CancellationToken,
+) {
+    hold_lease_until(config, &lease, stopping).await;
+    // The pipeline waits on `lease` for as long as the node runs.
+    closing.cancelled().await;
+}
+
+/// [`hold_lease`] until `closing`.
+async fn hold_lease_until(
+    config: tokio_postgres::Config,
+    lease: &watch::Sender<bool>,
     closing: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        let held = lease_session(&config, &lease, &closing).await;
+        let held = lease_session(&config, lease, &closing).await;
         let had = lease.send_replace(false);
         match held {
             Ok(()) if closing.is_cancelled() => return,
@@ -406,7 +421,7 @@ impl PgStore {
         // The lease is given up at close, and when this node must stop (see `Rewound`).
         let lease_stop = closing.child_token();
         let (lease_tx, lease) = watch::channel(false);
-        let lease_task = handle.spawn(hold_lease(lock_config.clone(), lease_tx, lease_stop.clone()));
+        let lease_task = handle.spawn(hold_lease(lock_config.clone(), lease_tx, lease_stop.clone(), closing.clone()));
         let (changes_tx, remote_changes) = mpsc::unbounded_channel();
         let admin_lock: Arc<tokio::sync::Mutex<()>> = Arc::default();
         let listeners_generation = Arc::new(AtomicU64::new(0));
@@ -438,6 +453,7 @@ impl PgStore {
             failure: failure.subscribe(),
             reload: reload_wanted.clone(),
             channel: channel.clone(),
+            rewound: memory.rewound.clone(),
         };
         let intake = handle.spawn(intake.run(jobs_rx));
         Ok(Arc::new(Self {
@@ -736,6 +752,13 @@ struct Memory {
 /// the embedded store: it takes no more triggers (they answer `UNAVAILABLE` with the cause,
 /// health says `NOT_SERVING`) and gives up the delivery lease, until it is restarted. A
 /// restarted node starts from the database as it is.
+///
+/// Every head this node has seen was committed on the primary, so a head read afterwards on
+/// the primary is never shorter unless the database went back. It is checked where numbers
+/// are given (each intake group, under the head's lock, before numbering) and at every fresh
+/// read of the head (each look for changes, each reload, each new listening session); a
+/// shorter head seen by a plain read is confirmed under a row lock first, which a read-only
+/// replica refuses (a read balanced to a lagging replica stops nothing).
 #[derive(Clone)]
 struct Rewound {
     failure: Arc<watch::Sender<Option<Arc<str>>>>,
@@ -743,21 +766,47 @@ struct Rewound {
 }
 
 impl Rewound {
-    /// Stops the node if the log's head read (`read`), in a read begun after this node had
-    /// seen the log reach `seen`, is behind it.
-    fn check(&self, seen: u64, read: u64) {
-        if read >= seen {
+    /// Stops the node: the head read on the primary (`read`), after this node had seen the
+    /// log reach `seen`, is behind it. The cause, once stopped (the first cause stands).
+    fn stop(&self, seen: u64, read: u64) -> Arc<str> {
+        let mut first = None;
+        self.failure.send_if_modified(|failure| {
+            if let Some(cause) = failure {
+                first = Some(cause.clone());
+                return false;
+            }
+            let cause: Arc<str> = format!(
+                "the database's event log ends at event {read}, before event {seen} this node saw committed: \
+                 the database was restored or failed over to an earlier point while this node ran; \
+                 this node takes no more triggers and does not deliver until it is restarted"
+            )
+            .into();
+            tracing::error!(%cause, "the database went back in time");
+            *failure = Some(cause.clone());
+            first = Some(cause);
+            true
+        });
+        self.lease_stop.cancel();
+        first.expect("set above or before")
+    }
+
+    /// Checks a head read without a lock (`read`, begun after this node had seen the log reach
+    /// `seen`): if shorter, reads it again under a row lock, which only the primary takes, and
+    /// stops the node if it is shorter still.
+    async fn check(&self, pool: &Pool, seen: u64, read: u64) {
+        if read >= seen || self.failure.borrow().is_some() {
             return;
         }
-        let cause: Arc<str> = format!(
-            "the database's event log ends at event {read}, before event {seen} this node saw committed: \
-             the database was restored or failed over to an earlier point while this node ran; \
-             this node takes no more triggers and does not deliver until it is restarted"
-        )
-        .into();
-        tracing::error!(%cause, "the database went back in time");
-        self.failure.send_replace(Some(cause));
-        self.lease_stop.cancel();
+        let confirmed = async {
+            let client = pool.get().await?;
+            let row = client.query_one("SELECT next_seq FROM log_head WHERE id = 0 FOR SHARE", &[]).await?;
+            Ok::<u64, StoreError>(unsigned(row.get(0)))
+        };
+        match confirmed.await {
+            Ok(head) if head < seen => drop(self.stop(seen, head)),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot confirm a log head shorter than this node saw"),
+        }
     }
 }
 
@@ -778,11 +827,16 @@ async fn follow_control(
             () = tokio::time::sleep(memory.poll) => {}
             () = memory.reload_wanted.notified() => {}
         }
+        let seen = memory.publication.committed();
         let current = async {
             let client = pool.get().await?;
             Ok::<Head, StoreError>(Head::from_row(&client.query_one(Head::SQL, &[]).await?))
         };
-        match current.await {
+        let current = current.await;
+        if let Ok(head) = &current {
+            memory.rewound.check(&pool, seen, head.next_seq).await;
+        }
+        match current {
             Ok(head)
                 if head.version != memory.known.load(Ordering::Acquire)
                     || memory.whole_next.load(Ordering::Acquire) =>
@@ -943,7 +997,7 @@ async fn reload(pool: &Pool, memory: &Memory) {
     };
     match fresh.await {
         Ok((head, untracked, fresh)) => {
-            memory.rewound.check(seen, head.next_seq);
+            memory.rewound.check(pool, seen, head.next_seq).await;
             let read_whole = matches!(fresh, Fresh::Whole(_));
             if read_whole {
                 memory.whole_reads.fetch_add(1, Ordering::AcqRel);

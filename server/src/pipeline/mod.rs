@@ -238,8 +238,11 @@ pub enum Standing {
     Relayed(StandingReport),
     /// This node stands by, and the node that delivers did not answer in time.
     Elsewhere,
-    /// This node should deliver but its delivery did not answer within
-    /// [`STANDING_WAIT`] (it cannot start, or it is too busy): nothing is known.
+    /// This node should deliver but its delivery cannot start (it tries again every second;
+    /// the log says why): nothing is known.
+    NotStarted,
+    /// The pipeline did not answer within [`STANDING_WAIT`] (too busy, or stopped): nothing
+    /// is known.
     NotAnswering,
 }
 
@@ -550,7 +553,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     }
                     Err(error) => {
                         for reply in asked {
-                            let _ = reply.send(Standing::NotAnswering);
+                            let _ = reply.send(Standing::NotStarted);
                         }
                         tracing::error!(
                             error = &error as &dyn std::error::Error,
@@ -566,7 +569,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                                 () = &mut again => break,
                                 command = inbox.recv() => {
                                     let Some(command) = command else { return };
-                                    parts.not_delivering(command, Standing::NotAnswering);
+                                    parts.not_delivering(command, Standing::NotStarted);
                                 }
                                 change = next_change(&mut remote) => {
                                     if let Some(change) = change {

@@ -295,11 +295,16 @@ impl Ui {
                     .to_owned(),
                 "on the delivering node",
             ),
+            Standing::NotStarted => (
+                Vec::new(),
+                "Delivery cannot start on this node (it tries again every second; the node's log says \
+                 why), so how each listener is doing is not known."
+                    .to_owned(),
+                "not known",
+            ),
             Standing::NotAnswering => (
                 Vec::new(),
-                "Delivery on this node did not answer in time (it may be failing to start: see the node's \
-                 log), so how each listener is doing is not shown."
-                    .to_owned(),
+                "Delivery on this node did not answer in time, so how each listener is doing is not shown.".to_owned(),
                 "not known",
             ),
         };

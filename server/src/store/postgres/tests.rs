@@ -824,6 +824,45 @@ async fn a_node_that_loses_the_lease_drops_its_requests_in_flight_at_once() {
     store.close().unwrap();
 }
 
+/// A node whose delivery cannot start when it takes the lease (here fan-out's position does
+/// not read) keeps trying, and meanwhile answers the operator's page at once: delivery
+/// cannot start here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_delivery_cannot_start_says_so_to_the_operator() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let holder = with_producers(place.open()).await;
+    lease_is(&holder, true).await;
+    let store = place.open();
+    let keyring = crate::crypto::Keyring::from_base64(&crate::crypto::mint_master_key_base64()).unwrap();
+    let runtime = crate::pipeline::runtime().unwrap();
+    let pipeline = {
+        let _inside = runtime.enter();
+        let config = crate::pipeline::PipelineConfig::default();
+        let metrics = crate::metrics::Metrics::new();
+        crate::pipeline::Pipeline::start(store.clone(), keyring, config, store.durable_seq(), metrics).unwrap()
+    };
+    let handle = pipeline.handle();
+    assert!(matches!(handle.listener_status().await, crate::pipeline::Standing::Elsewhere), "standing by");
+    place.execute("INSERT INTO fanout_cursor (id, record) VALUES (0, '\\xffffffff')");
+    holder.close().unwrap();
+    lease_is(&store, true).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match handle.listener_status().await {
+            crate::pipeline::Standing::NotStarted => break,
+            // The lease is held and the first start not yet tried.
+            _ if std::time::Instant::now() < deadline => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    pipeline.stop(std::time::Duration::from_secs(1)).await;
+    runtime.shutdown_background();
+    store.close().unwrap();
+}
+
 /// The size of hookd's tables, for `hookd_store_bytes{part="database"}`: it grows with the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_part_of_the_store_is_measured_and_grows_with_the_log() {

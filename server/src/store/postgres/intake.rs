@@ -293,6 +293,14 @@ impl Intake {
                 if !self.publication.offer(head) {
                     self.reload.notify_one();
                 }
+                if let Some((seq, event_id)) = answers
+                    .iter()
+                    .filter_map(|answer| answer.as_ref().ok())
+                    .filter_map(|appended| Some((ids::event_seq(&appended.event_id)?, &appended.event_id)))
+                    .max_by_key(|(seq, _)| *seq)
+                {
+                    self.rewound.committed_own(seq, event_id);
+                }
                 for (job, answer) in accepted.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);
                 }

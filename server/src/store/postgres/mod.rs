@@ -436,7 +436,7 @@ impl PgStore {
             publication: publication.clone(),
             reload_wanted: reload_wanted.clone(),
             changes: changes_tx,
-            rewound: Rewound { failure: failure.clone(), lease_stop },
+            rewound: Rewound { failure: failure.clone(), lease_stop, last_own: Arc::default() },
         };
         handle.spawn(follow_control(pool.clone(), memory.clone(), admin_lock.clone(), closing.clone()));
         // This node's name on the channel, so it skips its own notes.
@@ -756,19 +756,31 @@ struct Memory {
 /// Every head this node has seen was committed on the primary, so a head read afterwards on
 /// the primary is never shorter unless the database went back. It is checked where numbers
 /// are given (each intake group, under the head's lock, before numbering) and at every fresh
-/// read of the head (each look for changes, each reload, each new listening session); a
+/// read of the head (each look for changes, each reload, which a new listening session
+/// always brings); a
 /// shorter head seen by a plain read is confirmed under a row lock first, which a read-only
-/// replica refuses (a read balanced to a lagging replica stops nothing).
+/// replica refuses (a read balanced to a lagging replica stops nothing). Should other nodes
+/// have filled a log gone back past this node's position between two of its looks, the head
+/// is long enough again: each look also checks that the last event this node committed is
+/// still the one at its number.
 #[derive(Clone)]
 struct Rewound {
     failure: Arc<watch::Sender<Option<Arc<str>>>>,
     lease_stop: tokio_util::sync::CancellationToken,
+    /// The number and id of the last event this node's intake committed.
+    last_own: Arc<Mutex<Option<(u64, String)>>>,
 }
 
 impl Rewound {
     /// Stops the node: the head read on the primary (`read`), after this node had seen the
     /// log reach `seen`, is behind it. The cause, once stopped (the first cause stands).
     fn stop(&self, seen: u64, read: u64) -> Arc<str> {
+        self.stop_for(format!(
+            "the database's event log ends at event {read}, before event {seen} this node saw committed"
+        ))
+    }
+
+    fn stop_for(&self, what: String) -> Arc<str> {
         let mut first = None;
         self.failure.send_if_modified(|failure| {
             if let Some(cause) = failure {
@@ -776,8 +788,7 @@ impl Rewound {
                 return false;
             }
             let cause: Arc<str> = format!(
-                "the database's event log ends at event {read}, before event {seen} this node saw committed: \
-                 the database was restored or failed over to an earlier point while this node ran; \
+                "{what}: the database was restored or failed over to an earlier point while this node ran; \
                  this node takes no more triggers and does not deliver until it is restarted"
             )
             .into();
@@ -808,6 +819,38 @@ impl Rewound {
             Err(error) => tracing::warn!(%error, "cannot confirm a log head shorter than this node saw"),
         }
     }
+
+    /// Remembers an event this node's intake committed, if it is the latest.
+    fn committed_own(&self, seq: u64, event_id: &str) {
+        let mut last = self.last_own.lock().expect("the last event's lock is never poisoned");
+        if last.as_ref().is_none_or(|(last_seq, _)| *last_seq < seq) {
+            *last = Some((seq, event_id.to_owned()));
+        }
+    }
+
+    /// Stops the node if the last event it committed, below the head read (`read`), has
+    /// another id at its number now. An event gone (trimmed by retention) stops nothing.
+    async fn check_own(&self, pool: &Pool, read: u64) {
+        let last = self.last_own.lock().expect("the last event's lock is never poisoned").clone();
+        let Some((seq, event_id)) = last.filter(|(seq, _)| *seq < read) else { return };
+        if self.failure.borrow().is_some() {
+            return;
+        }
+        let found = async {
+            let client = pool.get().await?;
+            let row = client.query_opt("SELECT id FROM events WHERE seq = $1", &[&signed(seq)]).await?;
+            Ok::<Option<String>, StoreError>(row.map(|row| row.get(0)))
+        };
+        match found.await {
+            Ok(Some(found)) if found != event_id => {
+                drop(self.stop_for(format!(
+                    "the database holds event {found} at number {seq}, where this node committed {event_id}"
+                )));
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot check the last event this node committed"),
+        }
+    }
 }
 
 /// Keeps memory current with changes other nodes make: reads the control plane again
@@ -835,6 +878,7 @@ async fn follow_control(
         let current = current.await;
         if let Ok(head) = &current {
             memory.rewound.check(&pool, seen, head.next_seq).await;
+            memory.rewound.check_own(&pool, head.next_seq).await;
         }
         match current {
             Ok(head)

@@ -557,8 +557,9 @@ async fn a_node_cut_off_from_the_database_reads_everything_again_once_back() {
 
 /// A node with five events committed, cut off from the database while it is set back to
 /// when the log held three (what a restore to an earlier backup, or a failover to a replica
-/// that lacked the last commits, leaves), and connected again.
-async fn gone_back() -> Option<(PgPlace, Relay, Arc<PgStore>)> {
+/// that lacked the last commits, leaves) and another node takes `refill` triggers, and
+/// connected again.
+async fn gone_back(refill: u64) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
     let (place, relay, there) = relayed().await?;
     for n in 0..5 {
         there.append_event(new_event("prd_a", None, n)).await.unwrap();
@@ -566,6 +567,11 @@ async fn gone_back() -> Option<(PgPlace, Relay, Arc<PgStore>)> {
     lease_is(&there, true).await;
     relay.cut();
     place.execute("BEGIN; DELETE FROM events WHERE seq >= 3; UPDATE log_head SET next_seq = 3 WHERE id = 0; COMMIT;");
+    let other = place.open();
+    for n in 0..refill {
+        other.append_event(new_event("prd_a", None, 100 + n)).await.unwrap();
+    }
+    other.close().unwrap();
     relay.restore();
     Some((place, relay, there))
 }
@@ -576,7 +582,7 @@ async fn gone_back() -> Option<(PgPlace, Relay, Arc<PgStore>)> {
 /// A node started afterwards works from the database as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_again() {
-    let Some((place, _relay, there)) = gone_back().await else { return };
+    let Some((place, _relay, there)) = gone_back(0).await else { return };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let refused = loop {
         match there.append_event(new_event("prd_a", None, 9)).await {
@@ -605,13 +611,30 @@ async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_aga
 /// again after its session was lost, and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_taking_no_triggers_finds_the_log_gone_back_when_it_looks_again() {
-    let Some((_place, _relay, there)) = gone_back().await else { return };
-    let mut failure = there.failure();
-    let failed = tokio::time::timeout(std::time::Duration::from_secs(10), failure.wait_for(Option::is_some)).await;
-    let cause = failed.expect("the node stopped in time").unwrap().clone().unwrap();
+    let Some((_place, _relay, there)) = gone_back(0).await else { return };
+    let cause = stopped(&there).await;
     assert!(cause.contains("ends at event 3, before event 5"), "{cause}");
     lease_is(&there, false).await;
     there.close().unwrap();
+}
+
+/// Should other nodes fill a log gone back past where this node saw it before it looks
+/// again, the head is long enough again, but the last event this node committed is another
+/// one at its number: the node stops all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_finds_the_log_gone_back_even_once_other_nodes_filled_it_again() {
+    let Some((_place, _relay, there)) = gone_back(3).await else { return };
+    let cause = stopped(&there).await;
+    assert!(cause.contains("at number 4, where this node committed"), "{cause}");
+    lease_is(&there, false).await;
+    there.close().unwrap();
+}
+
+/// Why `store` stopped, once it has (10 s at most).
+async fn stopped(store: &PgStore) -> Arc<str> {
+    let mut failure = store.failure();
+    let failed = tokio::time::timeout(std::time::Duration::from_secs(10), failure.wait_for(Option::is_some)).await;
+    failed.expect("the node stopped in time").unwrap().clone().unwrap()
 }
 
 /// A node reads the control plane whole when reading what changed would miss something: a

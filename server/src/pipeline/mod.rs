@@ -236,7 +236,8 @@ pub enum Standing {
     /// This node stands by: another node of the shared database delivers, and this is what it
     /// answered when asked.
     Relayed(StandingReport),
-    /// This node stands by, and the node that delivers did not answer in time.
+    /// This node stands by, and no node that delivers answered in time (one may be taking
+    /// over, or this node may have lost its own lease session).
     Elsewhere,
     /// This node should deliver but its delivery cannot start (it tries again every second;
     /// the log says why): nothing is known.

@@ -290,8 +290,9 @@ impl Ui {
             }
             Standing::Elsewhere => (
                 Vec::new(),
-                "Another node of this database delivers, and did not answer in time: how each listener is \
-                 doing (slow, failing, backed off) is shown on that node's page."
+                "This node does not hold the delivery lease, and no node that delivers answered in time \
+                 (another node may be taking over, or this node may have lost its database session): how \
+                 each listener is doing (slow, failing, backed off) is shown on the delivering node's page."
                     .to_owned(),
                 "on the delivering node",
             ),

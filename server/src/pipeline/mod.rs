@@ -628,7 +628,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                         answers = answers.wrapping_add(1);
                         for note in standing::notes(answers, statuses) {
                             // A part not taken (too many notes wait) leaves an answer the
-                            // other node drops, and its page says only that this node knows.
+                            // other node drops, and its page says no answer came.
                             parts.store.announce(note);
                         }
                     }
@@ -760,8 +760,8 @@ impl Context {
 mod tests {
     use super::*;
 
-    /// A pipeline that does not answer (its delivery cannot start, say) leaves the operator's
-    /// page waiting [`STANDING_WAIT`] at most, and it says nothing is known.
+    /// A pipeline that does not answer (too busy, say) leaves the operator's page waiting
+    /// [`STANDING_WAIT`] at most, and it says nothing is known.
     #[tokio::test]
     async fn the_operator_is_told_when_delivery_does_not_answer() {
         let (commands, mut inbox) = mpsc::unbounded_channel();

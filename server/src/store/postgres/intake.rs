@@ -286,19 +286,14 @@ impl Intake {
             *connection = None;
         }
         match written {
-            Ok((answers, head)) => {
+            Ok((answers, head, last)) => {
                 if let Some(histogram) = self.sync_seconds.get() {
                     histogram.observe(started.elapsed().as_secs_f64());
                 }
                 if !self.publication.offer(head) {
                     self.reload.notify_one();
                 }
-                if let Some((seq, event_id)) = answers
-                    .iter()
-                    .filter_map(|answer| answer.as_ref().ok())
-                    .filter_map(|appended| Some((ids::event_seq(&appended.event_id)?, &appended.event_id)))
-                    .max_by_key(|(seq, _)| *seq)
-                {
+                if let Some((seq, event_id)) = last {
                     self.rewound.committed_own(seq, event_id);
                 }
                 for (job, answer) in accepted.into_iter().zip(answers) {
@@ -322,13 +317,14 @@ impl Intake {
         }
     }
 
-    /// Writes one group in one transaction; the answers, in order, and the head after it.
+    /// Writes one group in one transaction; the answers, in order, the head after it, and the
+    /// number and id of the last event it added, if it added any.
     async fn write(
         &self,
         client: &mut deadpool_postgres::Object,
         group: &[Job],
         seen: u64,
-    ) -> Result<(Vec<Result<Appended, StoreError>>, Head), StoreError> {
+    ) -> Result<(Vec<Result<Appended, StoreError>>, Head, Option<(u64, String)>), StoreError> {
         let tx = client.transaction().await?;
         // Statements are prepared once per connection, and those that do not wait for one
         // another go out together (tokio-postgres pipelines them): a group costs five round
@@ -475,7 +471,8 @@ impl Intake {
             },
         )?;
         tx.commit().await?;
-        Ok((answers, head))
+        let last = events.last().map(|event| (event.seq, event.id.clone()));
+        Ok((answers, head, last))
     }
 }
 

@@ -757,9 +757,9 @@ struct Memory {
 /// the primary is never shorter unless the database went back. It is checked where numbers
 /// are given (each intake group, under the head's lock, before numbering) and at every fresh
 /// read of the head (each look for changes, each reload, which a new listening session
-/// always brings); a
-/// shorter head seen by a plain read is confirmed under a row lock first, which a read-only
-/// replica refuses (a read balanced to a lagging replica stops nothing). Should other nodes
+/// always brings); a shorter head seen by a plain read is confirmed under a row lock first,
+/// which a read-only replica refuses (a read balanced to a lagging replica stops nothing).
+/// Should other nodes
 /// have filled a log gone back past this node's position between two of its looks, the head
 /// is long enough again: each look also checks that the last event this node committed is
 /// still the one at its number.
@@ -821,10 +821,10 @@ impl Rewound {
     }
 
     /// Remembers an event this node's intake committed, if it is the latest.
-    fn committed_own(&self, seq: u64, event_id: &str) {
+    fn committed_own(&self, seq: u64, event_id: String) {
         let mut last = self.last_own.lock().expect("the last event's lock is never poisoned");
         if last.as_ref().is_none_or(|(last_seq, _)| *last_seq < seq) {
-            *last = Some((seq, event_id.to_owned()));
+            *last = Some((seq, event_id));
         }
     }
 

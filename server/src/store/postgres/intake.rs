@@ -294,7 +294,7 @@ impl Intake {
                     self.reload.notify_one();
                 }
                 if let Some((seq, event_id)) = last {
-                    self.rewound.committed_own(seq, event_id);
+                    self.rewound.known(seq, &event_id);
                 }
                 for (job, answer) in accepted.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);

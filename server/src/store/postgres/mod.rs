@@ -436,7 +436,7 @@ impl PgStore {
             publication: publication.clone(),
             reload_wanted: reload_wanted.clone(),
             changes: changes_tx,
-            rewound: Rewound { failure: failure.clone(), lease_stop, last_own: Arc::default() },
+            rewound: Rewound { failure: failure.clone(), lease_stop, last_known: Arc::default() },
         };
         handle.spawn(follow_control(pool.clone(), memory.clone(), admin_lock.clone(), closing.clone()));
         // This node's name on the channel, so it skips its own notes.
@@ -761,14 +761,15 @@ struct Memory {
 /// which a read-only replica refuses (a read balanced to a lagging replica stops nothing).
 /// Should other nodes
 /// have filled a log gone back past this node's position between two of its looks, the head
-/// is long enough again: each look also checks that the last event this node committed is
-/// still the one at its number.
+/// is long enough again: each look also checks that the last event this node knows by its id
+/// (the last its intake committed or its fan-out read, whichever is later) is still the one
+/// at its number. So a delivering node that takes no triggers is caught too.
 #[derive(Clone)]
 struct Rewound {
     failure: Arc<watch::Sender<Option<Arc<str>>>>,
     lease_stop: tokio_util::sync::CancellationToken,
-    /// The number and id of the last event this node's intake committed.
-    last_own: Arc<Mutex<Option<(u64, String)>>>,
+    /// The number and id of the last event this node's intake committed or its fan-out read.
+    last_known: Arc<Mutex<Option<(u64, String)>>>,
 }
 
 impl Rewound {
@@ -820,18 +821,19 @@ impl Rewound {
         }
     }
 
-    /// Remembers an event this node's intake committed, if it is the latest.
-    fn committed_own(&self, seq: u64, event_id: String) {
-        let mut last = self.last_own.lock().expect("the last event's lock is never poisoned");
+    /// Remembers an event this node's intake committed or its fan-out read, if it is the
+    /// latest it knows.
+    fn known(&self, seq: u64, event_id: &str) {
+        let mut last = self.last_known.lock().expect("the last event's lock is never poisoned");
         if last.as_ref().is_none_or(|(last_seq, _)| *last_seq < seq) {
-            *last = Some((seq, event_id));
+            *last = Some((seq, event_id.to_owned()));
         }
     }
 
-    /// Stops the node if the last event it committed, below the head read (`read`), has
-    /// another id at its number now. An event gone (trimmed by retention) stops nothing.
-    async fn check_own(&self, pool: &Pool, read: u64) {
-        let last = self.last_own.lock().expect("the last event's lock is never poisoned").clone();
+    /// Stops the node if the last event it knows, below the head read (`read`), has another
+    /// id at its number now. An event gone (trimmed by retention) stops nothing.
+    async fn check_known(&self, pool: &Pool, read: u64) {
+        let last = self.last_known.lock().expect("the last event's lock is never poisoned").clone();
         let Some((seq, event_id)) = last.filter(|(seq, _)| *seq < read) else { return };
         if self.failure.borrow().is_some() {
             return;
@@ -844,7 +846,7 @@ impl Rewound {
         match found.await {
             Ok(Some(found)) if found != event_id => {
                 drop(self.stop_for(format!(
-                    "the database holds event {found} at number {seq}, where this node committed {event_id}"
+                    "the database holds event {found} at number {seq}, where this node saw {event_id}"
                 )));
             }
             Ok(_) => {}
@@ -878,7 +880,7 @@ async fn follow_control(
         let current = current.await;
         if let Ok(head) = &current {
             memory.rewound.check(&pool, seen, head.next_seq).await;
-            memory.rewound.check_own(&pool, head.next_seq).await;
+            memory.rewound.check_known(&pool, head.next_seq).await;
         }
         match current {
             Ok(head)

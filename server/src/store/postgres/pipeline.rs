@@ -230,6 +230,10 @@ impl Iterator for EventsFrom<'_> {
                         self.next = seq + 1;
                         self.buffer.push_back(decode(row.get(1)).ok_or(StoreError::DamagedEvent { seq }));
                     }
+                    // The last event fan-out read, for the check that the log did not go back.
+                    if let Some(Ok(event)) = self.buffer.back() {
+                        self.store.memory.rewound.known(self.next - 1, &event.id);
+                    }
                 }
                 Err(error) => {
                     self.done = true;

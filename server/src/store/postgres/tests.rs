@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::PgStore;
 use crate::store::conformance::{Place, key_of, listener, new_event, with_producers};
-use crate::store::{Refusal, Store, StoreError};
+use crate::store::{PipelineStore, Refusal, Store, StoreError};
 
 /// The database the tests use, if one is configured.
 pub(crate) fn database_url() -> Option<String> {
@@ -555,14 +555,34 @@ async fn a_node_cut_off_from_the_database_reads_everything_again_once_back() {
     there.close().unwrap();
 }
 
-/// A node with five events committed, cut off from the database while it is set back to
-/// when the log held three (what a restore to an earlier backup, or a failover to a replica
-/// that lacked the last commits, leaves) and another node takes `refill` triggers, and
-/// connected again.
-async fn gone_back(refill: u64) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
+/// A node with five events committed (by itself, or by another node and read here as
+/// fan-out reads them), cut off from the database while it is set back to when the log held
+/// three (what a restore to an earlier backup, or a failover to a replica that lacked the
+/// last commits, leaves) and another node takes `refill` triggers, and connected again.
+/// Who committed the five events of [`gone_back`].
+enum Numbered {
+    Here,
+    ElsewhereAndReadHere,
+}
+
+async fn gone_back(refill: u64, by: Numbered) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
     let (place, relay, there) = relayed().await?;
-    for n in 0..5 {
-        there.append_event(new_event("prd_a", None, n)).await.unwrap();
+    match by {
+        Numbered::Here => {
+            for n in 0..5 {
+                there.append_event(new_event("prd_a", None, n)).await.unwrap();
+            }
+        }
+        Numbered::ElsewhereAndReadHere => {
+            let other = place.open();
+            for n in 0..5 {
+                other.append_event(new_event("prd_a", None, n)).await.unwrap();
+            }
+            other.close().unwrap();
+            let reader = there.clone();
+            let read = tokio::task::spawn_blocking(move || reader.events_from(0).collect::<Result<Vec<_>, _>>());
+            assert_eq!(read.await.unwrap().unwrap().len(), 5, "fan-out reads the five events");
+        }
     }
     lease_is(&there, true).await;
     relay.cut();
@@ -582,7 +602,7 @@ async fn gone_back(refill: u64) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
 /// A node started afterwards works from the database as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_again() {
-    let Some((place, _relay, there)) = gone_back(0).await else { return };
+    let Some((place, _relay, there)) = gone_back(0, Numbered::Here).await else { return };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let refused = loop {
         match there.append_event(new_event("prd_a", None, 9)).await {
@@ -611,7 +631,7 @@ async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_aga
 /// again after its session was lost, and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_taking_no_triggers_finds_the_log_gone_back_when_it_looks_again() {
-    let Some((_place, _relay, there)) = gone_back(0).await else { return };
+    let Some((_place, _relay, there)) = gone_back(0, Numbered::Here).await else { return };
     let cause = stopped(&there).await;
     assert!(cause.contains("ends at event 3, before event 5"), "{cause}");
     lease_is(&there, false).await;
@@ -623,9 +643,21 @@ async fn a_node_taking_no_triggers_finds_the_log_gone_back_when_it_looks_again()
 /// one at its number: the node stops all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_finds_the_log_gone_back_even_once_other_nodes_filled_it_again() {
-    let Some((_place, _relay, there)) = gone_back(3).await else { return };
+    let Some((_place, _relay, there)) = gone_back(3, Numbered::Here).await else { return };
     let cause = stopped(&there).await;
-    assert!(cause.contains("at number 4, where this node committed"), "{cause}");
+    assert!(cause.contains("at number 4, where this node saw"), "{cause}");
+    lease_is(&there, false).await;
+    there.close().unwrap();
+}
+
+/// A delivering node that takes no triggers knows the events its fan-out read: should other
+/// nodes fill a log gone back past them before it looks again, another event at the number
+/// of the last one it read stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_only_read_the_events_finds_the_log_gone_back_once_refilled() {
+    let Some((_place, _relay, there)) = gone_back(3, Numbered::ElsewhereAndReadHere).await else { return };
+    let cause = stopped(&there).await;
+    assert!(cause.contains("at number 4, where this node saw"), "{cause}");
     lease_is(&there, false).await;
     there.close().unwrap();
 }

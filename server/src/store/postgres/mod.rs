@@ -759,16 +759,22 @@ struct Memory {
 /// read of the head (each look for changes, each reload, which a new listening session
 /// always brings); a shorter head seen by a plain read is confirmed under a row lock first,
 /// which a read-only replica refuses (a read balanced to a lagging replica stops nothing).
-/// Should other nodes
-/// have filled a log gone back past this node's position between two of its looks, the head
-/// is long enough again: each look also checks that the last event this node knows by its id
-/// (the last its intake committed or its fan-out read, whichever is later) is still the one
-/// at its number. So a delivering node that takes no triggers is caught too.
+///
+/// Should other nodes have filled a log gone back past this node's position before it reads
+/// the head again, the head is long enough again. So each of those reads also checks that
+/// the last event this node knows by its id, taken before the head is read, is still the one
+/// at its number: the last its intake committed or its fan-out read, whichever is later, so
+/// a delivering node that takes no triggers is caught too. Fan-out counts only rows below a
+/// head this node had seen: rows past it may be a refill of the log gone back, and would
+/// replace the evidence. What this cannot catch: a node that, between the refill and its
+/// next look (250 ms at most, and at once when a lost session is back), commits triggers of its own on the
+/// refilled log or reads refilled rows past the event it knew and below the head it had seen.
 #[derive(Clone)]
 struct Rewound {
     failure: Arc<watch::Sender<Option<Arc<str>>>>,
     lease_stop: tokio_util::sync::CancellationToken,
-    /// The number and id of the last event this node's intake committed or its fan-out read.
+    /// The number and id of the last event this node's intake committed or its fan-out read
+    /// (below the head it had seen).
     last_known: Arc<Mutex<Option<(u64, String)>>>,
 }
 
@@ -821,8 +827,8 @@ impl Rewound {
         }
     }
 
-    /// Remembers an event this node's intake committed or its fan-out read, if it is the
-    /// latest it knows.
+    /// Remembers an event this node's intake committed, or its fan-out read below the head
+    /// this node had seen, if it is the latest it knows.
     fn known(&self, seq: u64, event_id: &str) {
         let mut last = self.last_known.lock().expect("the last event's lock is never poisoned");
         if last.as_ref().is_none_or(|(last_seq, _)| *last_seq < seq) {
@@ -830,10 +836,16 @@ impl Rewound {
         }
     }
 
-    /// Stops the node if the last event it knows, below the head read (`read`), has another
-    /// id at its number now. An event gone (trimmed by retention) stops nothing.
-    async fn check_known(&self, pool: &Pool, read: u64) {
-        let last = self.last_known.lock().expect("the last event's lock is never poisoned").clone();
+    /// The last event this node knows (see [`Rewound::known`]), to check against a head read
+    /// after this: taken before, it is below that head unless the database went back.
+    fn last_known(&self) -> Option<(u64, String)> {
+        self.last_known.lock().expect("the last event's lock is never poisoned").clone()
+    }
+
+    /// Stops the node if `last` (from [`Rewound::last_known`], taken before the head was
+    /// read), below the head read (`read`), has another id at its number now. An event gone
+    /// (trimmed by retention) stops nothing.
+    async fn check_known(&self, pool: &Pool, last: Option<(u64, String)>, read: u64) {
         let Some((seq, event_id)) = last.filter(|(seq, _)| *seq < read) else { return };
         if self.failure.borrow().is_some() {
             return;
@@ -850,7 +862,7 @@ impl Rewound {
                 )));
             }
             Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "cannot check the last event this node committed"),
+            Err(error) => tracing::warn!(%error, "cannot check the last event this node knows"),
         }
     }
 }
@@ -872,7 +884,7 @@ async fn follow_control(
             () = tokio::time::sleep(memory.poll) => {}
             () = memory.reload_wanted.notified() => {}
         }
-        let seen = memory.publication.committed();
+        let (seen, known) = (memory.publication.committed(), memory.rewound.last_known());
         let current = async {
             let client = pool.get().await?;
             Ok::<Head, StoreError>(Head::from_row(&client.query_one(Head::SQL, &[]).await?))
@@ -880,7 +892,7 @@ async fn follow_control(
         let current = current.await;
         if let Ok(head) = &current {
             memory.rewound.check(&pool, seen, head.next_seq).await;
-            memory.rewound.check_known(&pool, head.next_seq).await;
+            memory.rewound.check_known(&pool, known, head.next_seq).await;
         }
         match current {
             Ok(head)

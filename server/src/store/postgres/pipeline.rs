@@ -225,14 +225,22 @@ impl Iterator for EventsFrom<'_> {
             match rows {
                 Ok(rows) => {
                     self.done = rows.len() < usize::try_from(read).unwrap_or(0);
+                    // For the check that the log did not go back: the last event read below
+                    // the head this node had seen (rows past it may be a refill of a log gone
+                    // back, which must not replace what this node knew).
+                    let seen = self.store.publication.committed();
+                    let mut last_seen = None;
                     for row in rows {
                         let seq = unsigned(row.get(0));
                         self.next = seq + 1;
-                        self.buffer.push_back(decode(row.get(1)).ok_or(StoreError::DamagedEvent { seq }));
+                        let event = decode::<Event>(row.get(1)).ok_or(StoreError::DamagedEvent { seq });
+                        if event.is_ok() && seq < seen {
+                            last_seen = Some(self.buffer.len());
+                        }
+                        self.buffer.push_back(event);
                     }
-                    // The last event fan-out read, for the check that the log did not go back.
-                    if let Some(Ok(event)) = self.buffer.back() {
-                        self.store.memory.rewound.known(self.next - 1, &event.id);
+                    if let Some(Ok(event)) = last_seen.and_then(|at| self.buffer.get(at)) {
+                        self.store.memory.rewound.known(event.seq, &event.id);
                     }
                 }
                 Err(error) => {

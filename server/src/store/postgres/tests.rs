@@ -346,13 +346,18 @@ async fn upstream(direct: &tokio_postgres::Config) -> Option<std::net::SocketAdd
 /// A store (with producers) on a schema of its own, reached through a relay; `None` where
 /// there is no database, or none reached over TCP.
 async fn relayed() -> Option<(PgPlace, Relay, Arc<PgStore>)> {
+    relayed_polling(super::CONTROL_POLL).await
+}
+
+/// [`relayed`], looking for changes by itself every `poll`.
+async fn relayed_polling(poll: std::time::Duration) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
     let place = PgPlace::new();
     if !place.available() {
         return None;
     }
     let direct = place.config();
     let relay = Relay::start(upstream(&direct).await?).await;
-    let store = with_producers(PgStore::open_config(through(&direct, &relay)).unwrap()).await;
+    let store = with_producers(PgStore::open_polling(through(&direct, &relay), poll).unwrap()).await;
     Some((place, relay, store))
 }
 
@@ -555,18 +560,19 @@ async fn a_node_cut_off_from_the_database_reads_everything_again_once_back() {
     there.close().unwrap();
 }
 
-/// A node with five events committed (by itself, or by another node and read here as
-/// fan-out reads them), cut off from the database while it is set back to when the log held
-/// three (what a restore to an earlier backup, or a failover to a replica that lacked the
-/// last commits, leaves) and another node takes `refill` triggers, and connected again.
 /// Who committed the five events of [`gone_back`].
 enum Numbered {
     Here,
+    /// Another node, and this one read them as fan-out does, once it had seen them committed.
     ElsewhereAndReadHere,
 }
 
-async fn gone_back(refill: u64, by: Numbered) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
-    let (place, relay, there) = relayed().await?;
+/// A node with five events committed, cut off from the database while it is set back to
+/// when the log held three (what a restore to an earlier backup, or a failover to a replica
+/// that lacked the last commits, leaves) and another node takes `refill` triggers, and
+/// connected again. The node looks for changes by itself every `poll`.
+async fn gone_back(refill: u64, by: Numbered, poll: std::time::Duration) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
+    let (place, relay, there) = relayed_polling(poll).await?;
     match by {
         Numbered::Here => {
             for n in 0..5 {
@@ -579,9 +585,11 @@ async fn gone_back(refill: u64, by: Numbered) -> Option<(PgPlace, Relay, Arc<PgS
                 other.append_event(new_event("prd_a", None, n)).await.unwrap();
             }
             other.close().unwrap();
+            within("the five events", &|| there.publication.committed() == 5);
             let reader = there.clone();
             let read = tokio::task::spawn_blocking(move || reader.events_from(0).collect::<Result<Vec<_>, _>>());
             assert_eq!(read.await.unwrap().unwrap().len(), 5, "fan-out reads the five events");
+            assert_eq!(there.memory.rewound.last_known().map(|(seq, _)| seq), Some(4));
         }
     }
     lease_is(&there, true).await;
@@ -602,7 +610,7 @@ async fn gone_back(refill: u64, by: Numbered) -> Option<(PgPlace, Relay, Arc<PgS
 /// A node started afterwards works from the database as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_again() {
-    let Some((place, _relay, there)) = gone_back(0, Numbered::Here).await else { return };
+    let Some((place, _relay, there)) = gone_back(0, Numbered::Here, super::CONTROL_POLL).await else { return };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let refused = loop {
         match there.append_event(new_event("prd_a", None, 9)).await {
@@ -631,7 +639,7 @@ async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_aga
 /// again after its session was lost, and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_taking_no_triggers_finds_the_log_gone_back_when_it_looks_again() {
-    let Some((_place, _relay, there)) = gone_back(0, Numbered::Here).await else { return };
+    let Some((_place, _relay, there)) = gone_back(0, Numbered::Here, super::CONTROL_POLL).await else { return };
     let cause = stopped(&there).await;
     assert!(cause.contains("ends at event 3, before event 5"), "{cause}");
     lease_is(&there, false).await;
@@ -643,7 +651,7 @@ async fn a_node_taking_no_triggers_finds_the_log_gone_back_when_it_looks_again()
 /// one at its number: the node stops all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_finds_the_log_gone_back_even_once_other_nodes_filled_it_again() {
-    let Some((_place, _relay, there)) = gone_back(3, Numbered::Here).await else { return };
+    let Some((_place, _relay, there)) = gone_back(3, Numbered::Here, super::CONTROL_POLL).await else { return };
     let cause = stopped(&there).await;
     assert!(cause.contains("at number 4, where this node saw"), "{cause}");
     lease_is(&there, false).await;
@@ -655,10 +663,54 @@ async fn a_node_finds_the_log_gone_back_even_once_other_nodes_filled_it_again() 
 /// of the last one it read stops it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_only_read_the_events_finds_the_log_gone_back_once_refilled() {
-    let Some((_place, _relay, there)) = gone_back(3, Numbered::ElsewhereAndReadHere).await else { return };
+    let Some((_place, _relay, there)) = gone_back(3, Numbered::ElsewhereAndReadHere, super::CONTROL_POLL).await else {
+        return;
+    };
     let cause = stopped(&there).await;
     assert!(cause.contains("at number 4, where this node saw"), "{cause}");
     lease_is(&there, false).await;
+    there.close().unwrap();
+}
+
+/// A node cut off from the database checks the last event it knows as soon as it is back
+/// (its new listening session makes it look at once): here it never looks by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_a_cut_checks_the_last_event_it_knows_at_once() {
+    let hour = std::time::Duration::from_secs(3600);
+    let Some((_place, _relay, there)) = gone_back(3, Numbered::ElsewhereAndReadHere, hour).await else { return };
+    let cause = stopped(&there).await;
+    assert!(cause.contains("at number 4, where this node saw"), "{cause}");
+    there.close().unwrap();
+}
+
+/// Rows read past the head a node has seen committed may be a refill of a log gone back:
+/// they never replace the last event the node knows (here a row written straight into the
+/// table, past the head, which no node announced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_read_past_the_head_a_node_saw_are_not_what_it_knows() {
+    let Some((place, _relay, there)) = relayed().await else { return };
+    for n in 0..3 {
+        there.append_event(new_event("prd_a", None, n)).await.unwrap();
+    }
+    let known = there.memory.rewound.last_known().expect("its intake committed three");
+    assert_eq!(known.0, 2);
+    let past = crate::store::Event {
+        seq: 7,
+        id: "evt_00000000000000070000000000000000".to_owned(),
+        producer_id: "prd_a".to_owned(),
+        event_type: "thing.happened".to_owned(),
+        ..Default::default()
+    };
+    let record: String = crate::store::model::encode(&past).iter().map(|byte| format!("{byte:02x}")).collect();
+    place.execute(&format!(
+        "INSERT INTO events (seq, id, producer_id, event_type, created_ms, record) \
+         VALUES (7, '{}', 'prd_a', '{}', 0, decode('{record}', 'hex'))",
+        past.id, past.event_type
+    ));
+    let reader = there.clone();
+    let read = tokio::task::spawn_blocking(move || reader.events_from(0).collect::<Result<Vec<_>, _>>());
+    assert_eq!(read.await.unwrap().unwrap().len(), 4, "the row past the head is read");
+    assert_eq!(there.memory.rewound.last_known(), Some(known), "and not taken for known");
     there.close().unwrap();
 }
 

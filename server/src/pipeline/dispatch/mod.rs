@@ -453,7 +453,10 @@ impl Dispatcher {
                     biased;
                     // Dropped mid-request: nothing sent from here on, nothing recorded.
                     () = abandon.cancelled() => None,
-                    finished = worker::attempt(context, request, work, listener, &mut turn) => Some(finished),
+                    // Boxed: the attempt's state (3.9 KB, reqwest's request in it) is then made
+                    // once, where it stays, instead of being copied into the task and moved
+                    // with it (about 3 % less CPU per delivery to one listener, quick bench).
+                    finished = Box::pin(worker::attempt(context, request, work, listener, &mut turn)) => Some(finished),
                 };
                 if let Some(finished) = finished {
                     turn.end(finished);

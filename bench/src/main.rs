@@ -173,7 +173,8 @@ async fn bench() -> Result<(), BoxError> {
     let mut report = stats::median_of(&results);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     report["machine"] = json!({ "cores": cores, "hookd_version": env!("CARGO_PKG_VERSION") });
-    report["store"] = json!(if hookd::on_postgres() { "postgres" } else { "embedded" });
+    // Not under "store": that is the store floor's result (its name since before PostgreSQL).
+    report["backend"] = json!(if hookd::on_postgres() { "postgres" } else { "embedded" });
     report["run"] = json!({ "plan": plan.name, "rounds": rounds, "seconds": round(started.elapsed().as_secs_f64()) });
     if rounds > 1 {
         report["rounds"] = Value::Array(results);

@@ -329,12 +329,23 @@ impl Intake {
         // Statements are prepared once per connection, and those that do not wait for one
         // another go out together (tokio-postgres pipelines them): a group costs five round
         // trips (begin, head, reads, writes, commit) whatever its size.
+        let known = self.rewound.last_known();
+        let known_seq = known.as_ref().map_or(-1, |(seq, _)| signed(*seq));
         let head = tx.prepare_cached(HEAD).await?;
-        let head = tx.query_one(&head, &[]).await?;
+        let head = tx.query_one(&head, &[&known_seq]).await?;
         let (mut next_seq, mut last_created_ms) = (unsigned(head.get(0)), unsigned(head.get(1)));
         if next_seq < seen {
             // Numbering from here would give events numbers delivery has already passed.
             return Err(StoreError::Failed(self.rewound.stop(seen, next_seq)));
+        }
+        // The log refilled past this node's position after going back: the event it knew is
+        // another one now. Checked in the same statement that locks the head, so the events
+        // this group adds follow the one this node knew (see `Rewound`).
+        let found: Option<String> = head.get(2);
+        if let (Some((seq, event_id)), Some(found)) = (&known, found)
+            && found != *event_id
+        {
+            return Err(StoreError::Failed(self.rewound.replaced(*seq, &found, event_id)));
         }
 
         // The callers again, as the database has them now, whichever node changed them: a
@@ -476,7 +487,10 @@ impl Intake {
     }
 }
 
-const HEAD: &str = "SELECT next_seq, last_created_ms FROM log_head WHERE id = 0 FOR UPDATE";
+/// The head, locked, with the id the log holds at the number of the last event this node
+/// knows (`$1`; none for -1), read in the same statement: see `Rewound`.
+const HEAD: &str = "SELECT h.next_seq, h.last_created_ms, (SELECT e.id FROM events e WHERE e.seq = $1) \
+                    FROM log_head h WHERE h.id = 0 FOR UPDATE OF h";
 const PRODUCERS: &str = "SELECT id, record FROM producers WHERE id = ANY($1) FOR SHARE";
 const KEYS: &str = "SELECT key_hash, producer_id, expires_at_ms FROM api_keys WHERE key_hash = ANY($1) FOR SHARE";
 const CLAIMS: &str = "SELECT i.producer_id, i.key, i.event_id, i.created_ms FROM idempotency i \

@@ -761,14 +761,16 @@ struct Memory {
 /// which a read-only replica refuses (a read balanced to a lagging replica stops nothing).
 ///
 /// Should other nodes have filled a log gone back past this node's position before it reads
-/// the head again, the head is long enough again. So each of those reads also checks that
-/// the last event this node knows by its id, taken before the head is read, is still the one
-/// at its number: the last its intake committed or its fan-out read, whichever is later, so
-/// a delivering node that takes no triggers is caught too. Fan-out counts only rows below a
-/// head this node had seen: rows past it may be a refill of the log gone back, and would
-/// replace the evidence. What this cannot catch: a node that, between the refill and its
-/// next look (250 ms at most, and at once when a lost session is back), commits triggers of its own on the
-/// refilled log or reads refilled rows past the event it knew and below the head it had seen.
+/// the head again, the head is long enough again. So the node also keeps the last event it
+/// knows by its id (the last its intake committed or its fan-out read, whichever is later)
+/// and checks that the log still holds it at its number: at each look for changes (taken
+/// before the head is read), in the statement by which the intake locks the head, and beside
+/// every page fan-out reads, on the same connection. So the events a node numbers or hands
+/// out next always follow the one it knew, and a log refilled under it stops it before it
+/// numbers or delivers anything past it. Fan-out takes as known only rows below a head this
+/// node had seen (the part of the log it has been told of). What no node can catch: events
+/// it only counted (heard of by a head) and never read or committed, and an event it knew
+/// that retention has trimmed since (a missing event stops nothing).
 #[derive(Clone)]
 struct Rewound {
     failure: Arc<watch::Sender<Option<Arc<str>>>>,
@@ -836,6 +838,12 @@ impl Rewound {
         }
     }
 
+    /// Stops the node: the database holds event `found` at number `seq`, where this node knew
+    /// `event_id`. The cause, once stopped.
+    fn replaced(&self, seq: u64, found: &str, event_id: &str) -> Arc<str> {
+        self.stop_for(format!("the database holds event {found} at number {seq}, where this node saw {event_id}"))
+    }
+
     /// The last event this node knows (see [`Rewound::known`]), to check against a head read
     /// after this: taken before, it is below that head unless the database went back.
     fn last_known(&self) -> Option<(u64, String)> {
@@ -856,11 +864,7 @@ impl Rewound {
             Ok::<Option<String>, StoreError>(row.map(|row| row.get(0)))
         };
         match found.await {
-            Ok(Some(found)) if found != event_id => {
-                drop(self.stop_for(format!(
-                    "the database holds event {found} at number {seq}, where this node saw {event_id}"
-                )));
-            }
+            Ok(Some(found)) if found != event_id => drop(self.replaced(seq, &found, &event_id)),
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot check the last event this node knows"),
         }

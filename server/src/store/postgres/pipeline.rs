@@ -217,17 +217,35 @@ impl Iterator for EventsFrom<'_> {
         if self.buffer.is_empty() && !self.done {
             let (from, read) = (signed(self.next), self.read);
             self.read = (self.read * 2).min(EVENTS_PER_READ);
+            // With the page, on the same connection (so the same database, not one restored
+            // or failed over in between), the id the log holds at the number of the last event
+            // this node knows: the events read next must follow that one (see `Rewound`).
+            let known = self.store.memory.rewound.last_known();
+            let known_seq = known.as_ref().map(|(seq, _)| signed(*seq));
             let rows = self.store.read(move |client| async move {
-                Ok(client
-                    .query("SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2", &[&from, &read])
-                    .await?)
+                let page = async {
+                    client
+                        .query("SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2", &[&from, &read])
+                        .await
+                };
+                let found = async {
+                    let Some(seq) = known_seq else { return Ok(None) };
+                    let row = client.query_opt("SELECT id FROM events WHERE seq = $1", &[&seq]).await?;
+                    Ok::<_, tokio_postgres::Error>(row.map(|row| row.get::<_, String>(0)))
+                };
+                Ok(tokio::try_join!(page, found)?)
+            });
+            let rows = rows.and_then(|(rows, found)| match (known, found) {
+                (Some((seq, event_id)), Some(found)) if found != event_id => {
+                    Err(StoreError::Failed(self.store.memory.rewound.replaced(seq, &found, &event_id)))
+                }
+                _ => Ok(rows),
             });
             match rows {
                 Ok(rows) => {
                     self.done = rows.len() < usize::try_from(read).unwrap_or(0);
                     // For the check that the log did not go back: the last event read below
-                    // the head this node had seen (rows past it may be a refill of a log gone
-                    // back, which must not replace what this node knew).
+                    // the head this node had seen.
                     let seen = self.store.publication.committed();
                     let mut last_seen = None;
                     for row in rows {

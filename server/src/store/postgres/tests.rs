@@ -573,6 +573,16 @@ enum Numbered {
 /// connected again. The node looks for changes by itself every `poll`.
 async fn gone_back(refill: u64, by: Numbered, poll: std::time::Duration) -> Option<(PgPlace, Relay, Arc<PgStore>)> {
     let (place, relay, there) = relayed_polling(poll).await?;
+    five_events(&place, &there, by).await;
+    lease_is(&there, true).await;
+    relay.cut();
+    back_to_three_and_refilled(&place, refill).await;
+    relay.restore();
+    Some((place, relay, there))
+}
+
+/// Five events committed, and known to `there` by their ids.
+async fn five_events(place: &PgPlace, there: &Arc<PgStore>, by: Numbered) {
     match by {
         Numbered::Here => {
             for n in 0..5 {
@@ -589,19 +599,63 @@ async fn gone_back(refill: u64, by: Numbered, poll: std::time::Duration) -> Opti
             let reader = there.clone();
             let read = tokio::task::spawn_blocking(move || reader.events_from(0).collect::<Result<Vec<_>, _>>());
             assert_eq!(read.await.unwrap().unwrap().len(), 5, "fan-out reads the five events");
-            assert_eq!(there.memory.rewound.last_known().map(|(seq, _)| seq), Some(4));
         }
     }
-    lease_is(&there, true).await;
-    relay.cut();
+    assert_eq!(there.memory.rewound.last_known().map(|(seq, _)| seq), Some(4));
+}
+
+/// Sets the log back to when it held three events, and has another node take `refill`
+/// triggers.
+async fn back_to_three_and_refilled(place: &PgPlace, refill: u64) {
     place.execute("BEGIN; DELETE FROM events WHERE seq >= 3; UPDATE log_head SET next_seq = 3 WHERE id = 0; COMMIT;");
     let other = place.open();
     for n in 0..refill {
         other.append_event(new_event("prd_a", None, 100 + n)).await.unwrap();
     }
     other.close().unwrap();
-    relay.restore();
-    Some((place, relay, there))
+}
+
+/// [`gone_back`] without the cut: the database set back under live connections (a restore
+/// into the running server) and refilled to six, which this node has heard of, and it never
+/// looks for changes by itself. Only the checks made where it numbers or reads events can
+/// find it.
+async fn refilled_under_it(by: Numbered) -> Option<(PgPlace, Arc<PgStore>)> {
+    let place = PgPlace::new();
+    if !place.available() {
+        return None;
+    }
+    let hour = std::time::Duration::from_secs(3600);
+    let there = with_producers(PgStore::open_polling(place.config(), hour).unwrap()).await;
+    five_events(&place, &there, by).await;
+    back_to_three_and_refilled(&place, 3).await;
+    within("the refilled head", &|| there.publication.committed() == 6);
+    assert!(there.failure().borrow().is_none(), "nothing has looked yet");
+    Some((place, there))
+}
+
+/// A node taking triggers on a log refilled under it past its position numbers nothing: the
+/// statement that locks the head finds another event where it committed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_numbers_nothing_on_a_log_refilled_under_it() {
+    let Some((place, there)) = refilled_under_it(Numbered::Here).await else { return };
+    let refused = there.append_event(new_event("prd_a", None, 9)).await.expect_err("nothing numbered");
+    assert!(refused.to_string().contains("at number 4, where this node saw"), "{refused}");
+    assert_eq!(place.scalar("SELECT next_seq FROM log_head"), 6, "nothing numbered");
+    lease_is(&there, false).await;
+    there.close().unwrap();
+}
+
+/// A delivering node reading a log refilled under it past its position hands out nothing
+/// from it: the page comes with the id at the number of the last event it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reads_nothing_from_a_log_refilled_under_it() {
+    let Some((_place, there)) = refilled_under_it(Numbered::ElsewhereAndReadHere).await else { return };
+    let reader = there.clone();
+    let read = tokio::task::spawn_blocking(move || reader.events_from(5).next());
+    let refused = read.await.unwrap().expect("an answer").expect_err("nothing read");
+    assert!(refused.to_string().contains("at number 4, where this node saw"), "{refused}");
+    lease_is(&there, false).await;
+    there.close().unwrap();
 }
 
 /// A node that finds the event log shorter than it saw it stops: no more triggers, no

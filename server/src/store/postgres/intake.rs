@@ -339,8 +339,9 @@ impl Intake {
             return Err(StoreError::Failed(self.rewound.stop(seen, next_seq)));
         }
         // The log refilled past this node's position after going back: the event it knew is
-        // another one now. Checked in the same statement that locks the head, so the events
-        // this group adds follow the one this node knew (see `Rewound`).
+        // another one now. Read by the statement that locks the head, on this group's
+        // connection (which a restore or failover ends), so the events this group adds follow
+        // the one this node knew (see `Rewound`).
         let found: Option<String> = head.get(2);
         if let (Some((seq, event_id)), Some(found)) = (&known, found)
             && found != *event_id

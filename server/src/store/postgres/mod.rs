@@ -764,10 +764,13 @@ struct Memory {
 /// the head again, the head is long enough again. So the node also keeps the last event it
 /// knows by its id (the last its intake committed or its fan-out read, whichever is later)
 /// and checks that the log still holds it at its number: at each look for changes (taken
-/// before the head is read), in the statement by which the intake locks the head, and beside
-/// every page fan-out reads, on the same connection. So the events a node numbers or hands
-/// out next always follow the one it knew, and a log refilled under it stops it before it
-/// numbers or delivers anything past it. Fan-out takes as known only rows below a head this
+/// before the head is read), in the statement by which the intake locks the head, and after
+/// every page fan-out reads, on the same connection. A restore or a failover ends every
+/// connection, so what one connection reads comes from one database: the events a node
+/// numbers or hands out next follow the one it knew, and a log refilled under it stops it
+/// before it numbers or delivers anything past it. (A restore into the running server, which
+/// README rules out, could slip between the statements of a connection; the tests model one
+/// done between a node's reads.) Fan-out takes as known only rows below a head this
 /// node had seen (the part of the log it has been told of). What no node can catch: events
 /// it only counted (heard of by a head) and never read or committed, and an event it knew
 /// that retention has trimmed since (a missing event stops nothing).

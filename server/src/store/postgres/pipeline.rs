@@ -217,23 +217,25 @@ impl Iterator for EventsFrom<'_> {
         if self.buffer.is_empty() && !self.done {
             let (from, read) = (signed(self.next), self.read);
             self.read = (self.read * 2).min(EVENTS_PER_READ);
-            // With the page, on the same connection (so the same database, not one restored
-            // or failed over in between), the id the log holds at the number of the last event
-            // this node knows: the events read next must follow that one (see `Rewound`).
+            // After the page, on the same connection (a restore or failover ends it, so both
+            // come from one database), the id the log holds at the number of the last event
+            // this node knows: the events read must follow that one (see `Rewound`). Sent
+            // after the page, so it sees the log at least as late as the page did.
             let known = self.store.memory.rewound.last_known();
             let known_seq = known.as_ref().map(|(seq, _)| signed(*seq));
             let rows = self.store.read(move |client| async move {
-                let page = async {
-                    client
-                        .query("SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2", &[&from, &read])
-                        .await
-                };
+                let (page_sql, id_sql) = tokio::try_join!(
+                    biased;
+                    client.prepare_cached("SELECT seq, record FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2"),
+                    client.prepare_cached("SELECT id FROM events WHERE seq = $1"),
+                )?;
+                let page = async { client.query(&page_sql, &[&from, &read]).await };
                 let found = async {
                     let Some(seq) = known_seq else { return Ok(None) };
-                    let row = client.query_opt("SELECT id FROM events WHERE seq = $1", &[&seq]).await?;
+                    let row = client.query_opt(&id_sql, &[&seq]).await?;
                     Ok::<_, tokio_postgres::Error>(row.map(|row| row.get::<_, String>(0)))
                 };
-                Ok(tokio::try_join!(page, found)?)
+                Ok(tokio::try_join!(biased; page, found)?)
             });
             let rows = rows.and_then(|(rows, found)| match (known, found) {
                 (Some((seq, event_id)), Some(found)) if found != event_id => {

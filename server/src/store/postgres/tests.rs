@@ -626,6 +626,7 @@ async fn refilled_under_it(by: Numbered) -> Option<(PgPlace, Arc<PgStore>)> {
     }
     let hour = std::time::Duration::from_secs(3600);
     let there = with_producers(PgStore::open_polling(place.config(), hour).unwrap()).await;
+    lease_is(&there, true).await;
     five_events(&place, &there, by).await;
     back_to_three_and_refilled(&place, 3).await;
     within("the refilled head", &|| there.publication.committed() == 6);

@@ -694,11 +694,7 @@ async fn a_node_that_finds_the_log_gone_back_stops_rather_than_number_events_aga
 /// again after its session was lost, and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_taking_no_triggers_finds_the_log_gone_back_when_it_looks_again() {
-    let Some((_place, _relay, there)) = gone_back(0, Numbered::Here, super::CONTROL_POLL).await else { return };
-    let cause = stopped(&there).await;
-    assert!(cause.contains("ends at event 3, before event 5"), "{cause}");
-    lease_is(&there, false).await;
-    there.close().unwrap();
+    stops_after(gone_back(0, Numbered::Here, super::CONTROL_POLL).await, "ends at event 3, before event 5").await;
 }
 
 /// Should other nodes fill a log gone back past where this node saw it before it looks
@@ -706,11 +702,7 @@ async fn a_node_taking_no_triggers_finds_the_log_gone_back_when_it_looks_again()
 /// one at its number: the node stops all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_finds_the_log_gone_back_even_once_other_nodes_filled_it_again() {
-    let Some((_place, _relay, there)) = gone_back(3, Numbered::Here, super::CONTROL_POLL).await else { return };
-    let cause = stopped(&there).await;
-    assert!(cause.contains("at number 4, where this node saw"), "{cause}");
-    lease_is(&there, false).await;
-    there.close().unwrap();
+    stops_after(gone_back(3, Numbered::Here, super::CONTROL_POLL).await, "at number 4, where this node saw").await;
 }
 
 /// A delivering node that takes no triggers knows the events its fan-out read: should other
@@ -718,13 +710,11 @@ async fn a_node_finds_the_log_gone_back_even_once_other_nodes_filled_it_again() 
 /// of the last one it read stops it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_only_read_the_events_finds_the_log_gone_back_once_refilled() {
-    let Some((_place, _relay, there)) = gone_back(3, Numbered::ElsewhereAndReadHere, super::CONTROL_POLL).await else {
-        return;
-    };
-    let cause = stopped(&there).await;
-    assert!(cause.contains("at number 4, where this node saw"), "{cause}");
-    lease_is(&there, false).await;
-    there.close().unwrap();
+    stops_after(
+        gone_back(3, Numbered::ElsewhereAndReadHere, super::CONTROL_POLL).await,
+        "at number 4, where this node saw",
+    )
+    .await;
 }
 
 /// A node cut off from the database checks the last event it knows as soon as it is back
@@ -732,10 +722,7 @@ async fn a_node_that_only_read_the_events_finds_the_log_gone_back_once_refilled(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_from_a_cut_checks_the_last_event_it_knows_at_once() {
     let hour = std::time::Duration::from_secs(3600);
-    let Some((_place, _relay, there)) = gone_back(3, Numbered::ElsewhereAndReadHere, hour).await else { return };
-    let cause = stopped(&there).await;
-    assert!(cause.contains("at number 4, where this node saw"), "{cause}");
-    there.close().unwrap();
+    stops_after(gone_back(3, Numbered::ElsewhereAndReadHere, hour).await, "at number 4, where this node saw").await;
 }
 
 /// Rows read past the head a node has seen committed may be a refill of a log gone back:
@@ -766,6 +753,15 @@ async fn events_read_past_the_head_a_node_saw_are_not_what_it_knows() {
     let read = tokio::task::spawn_blocking(move || reader.events_from(0).collect::<Result<Vec<_>, _>>());
     assert_eq!(read.await.unwrap().unwrap().len(), 4, "the row past the head is read");
     assert_eq!(there.memory.rewound.last_known(), Some(known), "and not taken for known");
+    there.close().unwrap();
+}
+
+/// Checks that the node of a [`gone_back`] stops, for `cause`, and gives up the lease.
+async fn stops_after(gone_back: Option<(PgPlace, Relay, Arc<PgStore>)>, cause: &str) {
+    let Some((_place, _relay, there)) = gone_back else { return };
+    let stopped_for = stopped(&there).await;
+    assert!(stopped_for.contains(cause), "{stopped_for}");
+    lease_is(&there, false).await;
     there.close().unwrap();
 }
 

@@ -44,6 +44,33 @@ async fn the_idempotency_window_holds_for_events_still_on_their_way_into_sled() 
     store.close().unwrap();
 }
 
+#[tokio::test]
+#[expect(clippy::await_holding_lock, reason = "the applier must wait while the appends are made")]
+async fn triggers_are_answered_while_the_applier_is_held_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    // The applier waits for the index turn (as behind a long sled batch of delivery records):
+    // every event below is acknowledged from the journal, one group each, and none waits for
+    // the applier to take the previous ones.
+    let hold = store.progress.index_turn();
+    let mut last = None;
+    for n in 0..300 {
+        let append = store.append_event(new_event("prd_a", None, 1_000 + n));
+        let appended = tokio::time::timeout(std::time::Duration::from_secs(30), append)
+            .await
+            .unwrap_or_else(|_| panic!("trigger {n} waited for the applier"))
+            .unwrap();
+        last = Some(appended.event_id);
+    }
+    let last_seq = ids::event_seq(last.as_deref().unwrap()).unwrap();
+    assert!(store.progress.in_flight(last_seq), "the events were still on their way into sled");
+    drop(hold);
+    // Let go, the applier takes them all in.
+    store.settled().await.unwrap();
+    assert!(store.event(last.as_deref().unwrap()).unwrap().is_some());
+    store.close().unwrap();
+}
+
 #[test]
 fn a_listener_keeps_a_bounded_number_of_skipped_ranges_and_drops_the_oldest() {
     let mut listener = Listener { enabled: true, ..Listener::default() };

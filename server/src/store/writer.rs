@@ -13,8 +13,10 @@
 //!   (`m/journal_from`): a restart writes in again every journal record from there on, and
 //!   the journal segments before it can go. It may trail the journal by at most 65,536
 //!   events (the store's pending-bytes semaphore, which every event holds until it is in
-//!   sled); beyond that, new triggers wait. Its batches and the writer's reads of sled take
-//!   turns ([`Progress::reading_turn`]): both need sled's process-wide lock.
+//!   sled); beyond that, new triggers wait, and only then: the writer hands groups over
+//!   without waiting, and the applier takes whatever groups are waiting into one batch. Its
+//!   batches and the writer's reads of sled take turns ([`Progress::reading_turn`]): both
+//!   need sled's process-wide lock.
 //!
 //! Every other write (producers, keys, hashes, listeners) stays off this line, so a trigger
 //! never waits behind it or its flush (see `SledStore::write`). What keeps them in step:
@@ -48,9 +50,6 @@ const MAX_GROUP: usize = 4096;
 const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
 /// Jobs waiting for the writer before senders wait (backpressure).
 pub(crate) const QUEUE_CAPACITY: usize = 8192;
-/// Steps waiting for the applier before the writer waits too. Their events stay bounded by
-/// the permits they carry (the store's pending-bytes semaphore).
-const APPLIES_IN_FLIGHT: usize = 64;
 /// Most events in one sled batch of the applier. Measured on the stream bench: 32 or 64
 /// per batch gave 29-37k events/s, 128 gave 39-42k, 512 31-34k, 2,048 26-27k.
 const APPLY_CHUNK: usize = 128;
@@ -429,7 +428,10 @@ impl Writer {
     /// what was acknowledged is still in the journal and is applied at the next start.
     pub(crate) fn run(mut self) {
         crate::priority::short_slice();
-        let (to_applier, applier_jobs) = std_mpsc::sync_channel::<Apply>(APPLIES_IN_FLIGHT);
+        // Unbounded: the events handed over are bounded by the permits they carry (the store's
+        // pending-bytes semaphore), and a writer that waited here for the applier would hold
+        // the next group's triggers behind sled.
+        let (to_applier, applier_jobs) = std_mpsc::channel::<Apply>();
         let applier = {
             let (tree, progress) = (self.tree.clone(), self.progress.clone());
             std::thread::Builder::new()
@@ -496,7 +498,7 @@ impl Writer {
 
     /// Writes a group to the journal, syncs it, answers its callers, and hands its events to
     /// the applier; false once the line stops. While it syncs, the next group gathers.
-    fn commit(&mut self, pending: Pending, applier: &std_mpsc::SyncSender<Apply>) -> bool {
+    fn commit(&mut self, pending: Pending, applier: &std_mpsc::Sender<Apply>) -> bool {
         if pending.answers.is_empty() {
             return true;
         }
@@ -686,7 +688,17 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let outcome = match step {
-            Some(Apply::Events { events, next_seq }) => apply_events(tree, progress, events).map(|()| {
+            Some(Apply::Events { mut events, mut next_seq }) => {
+                // Groups handed over meanwhile go into the same batches: one sled batch per
+                // group would cost a lock and a log reservation per trigger at one caller.
+                while events.len() < APPLY_CHUNK {
+                    let Ok(Apply::Events { events: more, next_seq: after }) = steps.try_recv() else { break };
+                    events.extend(more);
+                    next_seq = after;
+                }
+                apply_events(tree, progress, events)
+            }
+            .map(|()| {
                 progress.set_applied(next_seq);
                 unflushed = Some(next_seq);
             }),

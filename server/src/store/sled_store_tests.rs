@@ -56,7 +56,7 @@ async fn triggers_are_answered_while_the_applier_is_held_up() {
     let mut last = None;
     for n in 0..300 {
         let append = store.append_event(new_event("prd_a", None, 1_000 + n));
-        let appended = tokio::time::timeout(std::time::Duration::from_secs(30), append)
+        let appended = tokio::time::timeout(std::time::Duration::from_secs(10), append)
             .await
             .unwrap_or_else(|_| panic!("trigger {n} waited for the applier"))
             .unwrap();
@@ -68,6 +68,29 @@ async fn triggers_are_answered_while_the_applier_is_held_up() {
     // Let go, the applier takes them all in.
     store.settled().await.unwrap();
     assert!(store.event(last.as_deref().unwrap()).unwrap().is_some());
+    store.close().unwrap();
+}
+
+#[tokio::test]
+#[expect(clippy::await_holding_lock, reason = "the applier must wait while the appends are made")]
+async fn events_on_their_way_into_sled_hold_intake_to_its_bound() {
+    use std::future::Future as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_producers(dir.path()).await;
+    // Room for three events: each holds its weight until the applier has written it.
+    let weight = append_weight(new_event("prd_a", None, 0).payload.len()) as usize;
+    store.pending_bytes.forget_permits(PENDING_BYTES as usize - 3 * weight);
+    let hold = store.progress.index_turn();
+    for n in 0..3 {
+        let append = store.append_event(new_event("prd_a", None, 1_000 + n));
+        tokio::time::timeout(std::time::Duration::from_secs(10), append).await.unwrap().unwrap();
+    }
+    let mut fourth = std::pin::pin!(store.append_event(new_event("prd_a", None, 2_000)));
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(fourth.as_mut().poll(&mut context).is_pending(), "three events on their way fill the room");
+    drop(hold);
+    // Written into sled, they make room for the fourth.
+    tokio::time::timeout(std::time::Duration::from_secs(10), fourth).await.unwrap().unwrap();
     store.close().unwrap();
 }
 

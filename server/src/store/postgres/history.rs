@@ -546,6 +546,10 @@ impl HistoryStore for PgStore {
                     trimmed.kept += 1;
                     continue;
                 }
+                // The event before its deliveries: a replay holds it `FOR SHARE` while it adds
+                // deliveries, so they are committed (and read below) before this goes on, or
+                // the replay waits and then finds the event gone.
+                tx.execute("SELECT seq FROM events WHERE seq = $1 FOR UPDATE", &[&signed(seq)]).await?;
                 let deliveries = tx
                     .query("SELECT id, state FROM deliveries WHERE event_seq = $1 FOR UPDATE", &[&signed(seq)])
                     .await?;

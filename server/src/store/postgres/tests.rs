@@ -511,6 +511,55 @@ async fn another_node_learns_of_producers_hashes_and_listeners_by_itself() {
     there.close().unwrap();
 }
 
+/// A replay adding deliveries to an event while retention sweeps it: the sweep waits for the
+/// replay's lock on the event and then sees its pending delivery, so the event stays (before,
+/// it deleted the event under the new delivery, which then waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_committing_while_retention_sweeps_keeps_its_event() {
+    use crate::store::{Delivery, DeliveryState, FanoutCursor, HistoryStore};
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let store = with_producers(place.open()).await;
+    let event_id = store.append_event(new_event("prd_a", None, 1_000)).await.unwrap().event_id;
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 1, ..FanoutCursor::default() }).unwrap();
+    // The replay's transaction, as `create_deliveries` makes it: the event locked, a pending
+    // delivery added, not yet committed.
+    let (url, schema) = place.0.clone().unwrap();
+    let (replay, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    replay.batch_execute(&format!("SET search_path TO {schema}; BEGIN")).await.unwrap();
+    replay.execute("SELECT seq FROM events WHERE seq = 0 FOR SHARE", &[]).await.unwrap();
+    let xid: String = replay.query_one("SELECT pg_current_xact_id()::xid::text", &[]).await.unwrap().get(0);
+    let delivery = Delivery {
+        id: crate::ids::replay_delivery_id(0),
+        event_id: event_id.clone(),
+        event_seq: 0,
+        listener_id: "lst_replayed".into(),
+        producer_id: "prd_a".into(),
+        state: DeliveryState::Pending as i32,
+        ..Delivery::default()
+    };
+    replay
+        .execute(
+            "INSERT INTO deliveries (id, listener_id, event_seq, state, created_ms, record) VALUES ($1, $2, 0, $3, 0, $4)",
+            &[&delivery.id, &delivery.listener_id, &(DeliveryState::Pending as i16), &crate::store::model::encode(&delivery)],
+        )
+        .await
+        .unwrap();
+    // The sweep (every event is past its age) runs into the replay's lock.
+    let sweeper = store.clone();
+    let sweep = tokio::task::spawn_blocking(move || HistoryStore::trim(&*sweeper, u64::MAX, 0, 0, 100));
+    let waiting = format!("SELECT count(*) FROM pg_locks WHERE NOT granted AND transactionid::text = '{xid}'");
+    within("the sweep waiting for the replay", &|| place.scalar(&waiting) > 0);
+    replay.batch_execute("COMMIT").await.unwrap();
+    let trimmed = sweep.await.unwrap().unwrap();
+    assert_eq!((trimmed.events, trimmed.kept), (0, 1), "the event is kept for its pending delivery");
+    assert!(store.event(&event_id).unwrap().is_some());
+    store.close().unwrap();
+}
+
 /// Waits until `seen` (bounded: the bound is 250 ms and a read; a loaded machine gets room).
 fn within(what: &str, seen: &dyn Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -78,14 +78,24 @@ impl Dispatcher {
         let detached = lane.detached.as_mut().expect("read above");
         detached.read = read_to;
         for pair in pairs {
+            match self.claimed.get(&pair.delivery_id) {
+                // A queue entry of it is in hand (a retry, a manual attempt, a parked one): it
+                // has a record, so there is nothing to read back, and nothing outstanding.
+                Some((_, key_id)) if !key_id.is_empty() => {
+                    self.memory.add_permits(1);
+                    continue;
+                }
+                // Its first attempt is in hand already (under way, or waiting to be done
+                // again): not taken twice. Outstanding until that turn ends, which clears it.
+                Some(_) => {
+                    detached.outstanding.insert(pair.seq);
+                    self.memory.add_permits(1);
+                    continue;
+                }
+                None => {}
+            }
             // Unrecorded until its turn ends: where it stands does not pass it before that.
             detached.outstanding.insert(pair.seq);
-            // In hand already (under way, waiting to be done again, or a queue entry of it):
-            // not taken twice. The one in hand ends it.
-            if self.claimed.contains_key(&pair.delivery_id) {
-                self.memory.add_permits(1);
-                continue;
-            }
             self.claimed.insert(pair.delivery_id.clone(), (0, String::new()));
             lane.line.push(Work::First(pair), now);
         }
@@ -129,5 +139,85 @@ impl Dispatcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::pipeline::Context;
+    use crate::store::conformance::{listener, new_event, with_producers};
+    use crate::store::{
+        Attempt, Completion, Delivery, DeliveryState, FanoutCursor, NextStep, PipelineStore, SledStore, Store,
+    };
+
+    /// Regression (review): a read-back pair whose delivery a queue entry in hand held (a retry
+    /// of it due at once) was marked outstanding, and only a first attempt's end clears that:
+    /// the listener never followed fan-out again, and where it stood was never written past it.
+    #[tokio::test]
+    async fn a_read_back_pair_held_by_its_retry_does_not_keep_the_listener_detached() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_producers(SledStore::open(dir.path()).unwrap()).await;
+        store.insert_listener(listener("lst_l", "prd_a", "thing.happened")).await.unwrap();
+        let mut events = Vec::new();
+        for n in 0..3 {
+            events.push(store.append_event(new_event("prd_a", None, 1_000 + n)).await.unwrap().event_id);
+        }
+        store.settled().await.unwrap();
+        // Event 1's first attempt failed before the listener was detached at event 0: its
+        // retry is due now.
+        let retried = ids::delivery_id(1, "lst_l");
+        let delivery = Delivery {
+            id: retried.clone(),
+            event_id: events[1].clone(),
+            event_seq: 1,
+            listener_id: "lst_l".into(),
+            producer_id: "prd_a".into(),
+            state: DeliveryState::Pending as i32,
+            attempts: 1,
+            ..Delivery::default()
+        };
+        let attempt = Attempt { number: 1, status_code: 500, ..Attempt::default() };
+        let next = NextStep::RetryAt(now_ms().saturating_sub(1));
+        store.complete_attempts(vec![Completion { delivery, attempt, entry: None, next, ordered: false }]).unwrap();
+        store.set_fanout_cursor(&FanoutCursor { next_seq: 3, ..FanoutCursor::default() }).unwrap();
+        store.set_detached("lst_l", Some(0)).unwrap();
+
+        let context = Context::for_tests(store.clone());
+        let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
+        let (_fan_out, handed) = tokio::sync::mpsc::channel(1);
+        let memory = Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MEMORY_ITEMS));
+        let start = store.fanout_cursor().unwrap();
+        let durable = tokio::sync::watch::channel(3).1;
+        let mut dispatcher = Dispatcher::new(context, inbox, outbox, handed, memory, start, durable);
+        dispatcher.restore();
+        dispatcher.scan_queue(now_ms()).unwrap();
+        assert!(dispatcher.claimed.contains_key(&retried), "the retry is in hand");
+
+        dispatcher.catch_up("lst_l");
+        let detached = dispatcher.lanes["lst_l"].detached.as_ref().unwrap();
+        assert_eq!(detached.read, 3, "it read up to where fan-out is");
+        assert_eq!(detached.outstanding.iter().copied().collect::<Vec<_>>(), [0, 2], "event 1 is its retry's");
+
+        // The retry ends and the two pairs read back are recorded: it follows fan-out again.
+        dispatcher.release(&retried);
+        for seq in [0, 2] {
+            dispatcher.pair_recorded(Pair {
+                seq,
+                event_id: events[seq as usize].clone(),
+                producer_id: "prd_a".into(),
+                delivery_id: ids::delivery_id(seq, "lst_l"),
+                listener_id: "lst_l".into(),
+                due_ms: 0,
+                recheck: true,
+                lagging: true,
+            });
+        }
+        dispatcher.catch_up("lst_l");
+        assert!(dispatcher.lanes["lst_l"].detached.is_none(), "it follows fan-out again");
+        assert!(store.detached().unwrap().is_empty(), "and that is written");
+        store.close().unwrap();
     }
 }

@@ -101,8 +101,9 @@ pub(crate) struct Dispatcher {
     limits: [usize; 2],
     requests: HashMap<u64, Request>,
     next_request: u64,
-    /// Queue entries in a line or under way, and pairs that may have a record, by delivery:
-    /// another entry of the same delivery waits for it (see `deferred`).
+    /// Queue entries in a line or under way (at their position), and first attempts in hand
+    /// (at `(0, "")`: no entry has an empty key), by delivery: another entry of the same
+    /// delivery waits for it (see `deferred`).
     claimed: HashMap<String, QueuePosition>,
     /// Deliveries with an entry skipped because another of theirs was claimed, with the
     /// skipped entry's due time: read again once the claim ends.

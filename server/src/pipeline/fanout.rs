@@ -188,7 +188,7 @@ fn gather(
     if !pairs.is_empty() {
         tracing::debug!(pairs = pairs.len(), next_seq = position.next_seq, "fanned out");
     }
-    Ok(Some(Handed { pairs, next_seq: position.next_seq }))
+    Ok(Some(Handed { pairs, next_seq: position.next_seq, partial: position.after_listener.is_some() }))
 }
 
 /// Puts a damaged event aside: recorded (so it is visible) and logged, never fanned out.
@@ -250,6 +250,56 @@ mod tests {
         let seqs: Vec<u64> = handed.pairs.iter().map(|pair| pair.seq).collect();
         assert_eq!(seqs, [0, 1], "the events before it are handed over once it is put aside");
         assert_eq!(store.quarantined(), [2]);
+        store.close().unwrap();
+    }
+
+    // Regression (review): a hand-over inside a large event that held none of its pairs (a
+    // run of listeners that do not want it) said the event was done, though fan-out went on
+    // with it in the next one.
+    #[tokio::test]
+    async fn a_hand_over_inside_an_event_says_so_even_without_a_pair_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let producer = Producer { id: "prd_a".into(), enabled: true, ..Producer::default() };
+        store.create_producer(producer, [1; 32]).await.unwrap();
+        let listener = |id: String| Listener {
+            id,
+            producer_id: "prd_a".into(),
+            event_type: "thing".into(),
+            enabled: true,
+            ..Listener::default()
+        };
+        // `lst_a` and `lst_c` want the event; between them come listeners registered after
+        // it (they do not), as many as fill the rest of one chunk and the whole next.
+        for id in ["lst_a", "lst_c"] {
+            store.insert_listener(listener(id.to_owned())).await.unwrap();
+        }
+        let event = NewEvent {
+            producer_id: "prd_a".into(),
+            key_hash: [1; 32],
+            event_type: "thing".into(),
+            payload: b"{}".to_vec(),
+            content_type: "application/json".into(),
+            idempotency_key: None,
+            created_at_ms: 1,
+        };
+        store.append_event(event).await.unwrap();
+        store.settled().await.unwrap();
+        for n in 0..2 * CHUNK - 1 {
+            store.insert_listener(listener(format!("lst_b{n:04}"))).await.unwrap();
+        }
+        let context = Context::for_tests(store.clone());
+        let mut position = Position { next_seq: 0, after_listener: None };
+        let mut hand_overs = Vec::new();
+        while position.next_seq < 1 {
+            let handed = next_chunk(&context, &mut position, 1, 0).unwrap().unwrap();
+            let listeners: Vec<String> = handed.pairs.iter().map(|pair| pair.listener_id.clone()).collect();
+            hand_overs.push((listeners, handed.next_seq, handed.partial));
+        }
+        assert_eq!(
+            hand_overs,
+            [(vec!["lst_a".to_owned()], 0, true), (Vec::new(), 0, true), (vec!["lst_c".to_owned()], 1, false),]
+        );
         store.close().unwrap();
     }
 

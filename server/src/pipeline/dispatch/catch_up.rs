@@ -148,6 +148,7 @@ mod tests {
 
     use super::*;
     use crate::pipeline::Context;
+    use crate::pipeline::dispatch::Handed;
     use crate::store::conformance::{listener, new_event, with_producers};
     use crate::store::{
         Attempt, Completion, Delivery, DeliveryState, FanoutCursor, NextStep, PipelineStore, SledStore, Store,
@@ -218,6 +219,55 @@ mod tests {
         dispatcher.catch_up("lst_l");
         assert!(dispatcher.lanes["lst_l"].detached.is_none(), "it follows fan-out again");
         assert!(store.detached().unwrap().is_empty(), "and that is written");
+        store.close().unwrap();
+    }
+
+    /// Regression (review): a detached listener followed fan-out again after a hand-over in
+    /// the middle of an event that held none of that event's pairs, though its own pair of it
+    /// had been let go in an earlier one (to be read back): that delivery was never made.
+    #[tokio::test]
+    async fn a_detached_listener_waits_for_the_event_under_way_to_be_handed_out_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_producers(SledStore::open(dir.path()).unwrap()).await;
+        for id in ["lst_l", "lst_m"] {
+            store.insert_listener(listener(id, "prd_a", "thing.happened")).await.unwrap();
+        }
+        let event_id = store.append_event(new_event("prd_a", None, 1_000)).await.unwrap().event_id;
+        store.settled().await.unwrap();
+        store.set_detached("lst_l", Some(0)).unwrap();
+
+        let context = Context::for_tests(store.clone());
+        let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
+        let (_fan_out, handed) = tokio::sync::mpsc::channel(1);
+        let memory = Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MEMORY_ITEMS));
+        let start = store.fanout_cursor().unwrap();
+        let durable = tokio::sync::watch::channel(1).1;
+        let mut dispatcher = Dispatcher::new(context, inbox, outbox, handed, memory.clone(), start, durable);
+        dispatcher.restore();
+        let pair = |listener_id: &str| Pair {
+            seq: 0,
+            event_id: event_id.clone(),
+            producer_id: "prd_a".into(),
+            delivery_id: ids::delivery_id(0, listener_id),
+            listener_id: listener_id.into(),
+            due_ms: 0,
+            recheck: false,
+            lagging: false,
+        };
+        // Event 0 in three hand-overs: its pairs (the detached listener's is let go), then a
+        // stretch of listeners that do not want it, then the rest of it.
+        let mut hand_over = |pairs: Vec<Pair>, next_seq: u64, partial: bool| {
+            memory.try_acquire_many(pairs.len() as u32).unwrap().forget();
+            dispatcher.take_handed(Handed { pairs, next_seq, partial });
+        };
+        hand_over(vec![pair("lst_l"), pair("lst_m")], 0, true);
+        hand_over(Vec::new(), 0, true);
+        dispatcher.catch_up("lst_l");
+        assert!(dispatcher.lanes["lst_l"].detached.is_some(), "event 0 is still under way");
+        dispatcher.take_handed(Handed { pairs: Vec::new(), next_seq: 1, partial: false });
+        dispatcher.catch_up("lst_l");
+        let detached = dispatcher.lanes["lst_l"].detached.as_ref().unwrap();
+        assert_eq!(detached.outstanding.iter().copied().collect::<Vec<_>>(), [0], "it reads its pair of event 0 back");
         store.close().unwrap();
     }
 }

@@ -56,6 +56,9 @@ pub(crate) struct Handed {
     pub pairs: Vec<Pair>,
     /// Every pair of the events before this one is in this or an earlier hand-over.
     pub next_seq: u64,
+    /// Event `next_seq` is under way: some of its listeners were looked at, and the next
+    /// hand-over goes on with the others (whether or not this one holds a pair of it).
+    pub partial: bool,
 }
 
 /// One listener's gate and line, and the listener as last read.
@@ -701,7 +704,7 @@ impl Dispatcher {
         if let Some(Err(error)) = reserved {
             // Nothing of it may start before the reservation is written: offered again later
             // (claimed meanwhile, and checked then against detached listeners).
-            let partial = handed.pairs.last().is_some_and(|pair| pair.seq == handed.next_seq);
+            let partial = handed.partial;
             for pair in &handed.pairs {
                 self.progress.handed(pair.seq);
                 self.claimed.insert(pair.delivery_id.clone(), (0, String::new()));
@@ -713,8 +716,10 @@ impl Dispatcher {
             return;
         }
         let (mut park, mut cancel) = (Vec::new(), Vec::new());
-        // The last event is continued in the next hand-over (fan-out cut it in chunks).
-        let partial = handed.pairs.last().is_some_and(|pair| pair.seq == handed.next_seq);
+        // The last event is continued in the next hand-over (fan-out cut it in chunks), even
+        // where this one holds none of its pairs: a listener's pair of it may have been let
+        // go in an earlier one.
+        let partial = handed.partial;
         for pair in handed.pairs {
             self.progress.handed(pair.seq);
             // A detached listener reads this one back itself, later.

@@ -204,6 +204,19 @@ mod tests {
     use super::*;
     use crate::store::{Event, HistoryStore, NewEvent, PipelineStore, Producer, SledStore, Store};
 
+    /// An event of `prd_a`'s type `thing`.
+    fn thing() -> NewEvent {
+        NewEvent {
+            producer_id: "prd_a".into(),
+            key_hash: [1; 32],
+            event_type: "thing".into(),
+            payload: b"{}".to_vec(),
+            content_type: "application/json".into(),
+            idempotency_key: None,
+            created_at_ms: 1,
+        }
+    }
+
     /// Three events of one producer, with one listener for them.
     async fn three_events_to_one_listener() -> (tempfile::TempDir, Arc<SledStore>) {
         let dir = tempfile::tempdir().unwrap();
@@ -219,16 +232,7 @@ mod tests {
         };
         store.insert_listener(listener).await.unwrap();
         for _ in 0..3 {
-            let event = NewEvent {
-                producer_id: "prd_a".into(),
-                key_hash: [1; 32],
-                event_type: "thing".into(),
-                payload: b"{}".to_vec(),
-                content_type: "application/json".into(),
-                idempotency_key: None,
-                created_at_ms: 1,
-            };
-            store.append_event(event).await.unwrap();
+            store.append_event(thing()).await.unwrap();
         }
         store.settled().await.unwrap();
         (dir, store)
@@ -274,16 +278,7 @@ mod tests {
         for id in ["lst_a", "lst_c"] {
             store.insert_listener(listener(id.to_owned())).await.unwrap();
         }
-        let event = NewEvent {
-            producer_id: "prd_a".into(),
-            key_hash: [1; 32],
-            event_type: "thing".into(),
-            payload: b"{}".to_vec(),
-            content_type: "application/json".into(),
-            idempotency_key: None,
-            created_at_ms: 1,
-        };
-        store.append_event(event).await.unwrap();
+        store.append_event(thing()).await.unwrap();
         store.settled().await.unwrap();
         for n in 0..2 * CHUNK - 1 {
             store.insert_listener(listener(format!("lst_b{n:04}"))).await.unwrap();

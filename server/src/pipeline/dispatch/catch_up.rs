@@ -154,6 +154,21 @@ mod tests {
         Attempt, Completion, Delivery, DeliveryState, FanoutCursor, NextStep, PipelineStore, SledStore, Store,
     };
 
+    /// A dispatcher over `store`, from where fan-out durably stands, with the log durable up
+    /// to `durable_end`, as it starts (its detached listeners read), and its places in memory.
+    fn started(store: &Arc<SledStore>, durable_end: u64) -> (Dispatcher, Arc<tokio::sync::Semaphore>) {
+        let context = Context::for_tests(store.clone());
+        let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
+        // No fan-out here: the tests hand pairs over themselves.
+        let handed = tokio::sync::mpsc::channel(1).1;
+        let memory = Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MEMORY_ITEMS));
+        let start = store.fanout_cursor().unwrap();
+        let durable = tokio::sync::watch::channel(durable_end).1;
+        let mut dispatcher = Dispatcher::new(context, inbox, outbox, handed, memory.clone(), start, durable);
+        dispatcher.restore();
+        (dispatcher, memory)
+    }
+
     /// Regression (review): a read-back pair whose delivery a queue entry in hand held (a retry
     /// of it due at once) was marked outstanding, and only a first attempt's end clears that:
     /// the listener never followed fan-out again, and where it stood was never written past it.
@@ -186,14 +201,7 @@ mod tests {
         store.set_fanout_cursor(&FanoutCursor { next_seq: 3, ..FanoutCursor::default() }).unwrap();
         store.set_detached("lst_l", Some(0)).unwrap();
 
-        let context = Context::for_tests(store.clone());
-        let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
-        let (_fan_out, handed) = tokio::sync::mpsc::channel(1);
-        let memory = Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MEMORY_ITEMS));
-        let start = store.fanout_cursor().unwrap();
-        let durable = tokio::sync::watch::channel(3).1;
-        let mut dispatcher = Dispatcher::new(context, inbox, outbox, handed, memory, start, durable);
-        dispatcher.restore();
+        let (mut dispatcher, _) = started(&store, 3);
         dispatcher.scan_queue(now_ms()).unwrap();
         assert!(dispatcher.claimed.contains_key(&retried), "the retry is in hand");
 
@@ -236,14 +244,7 @@ mod tests {
         store.settled().await.unwrap();
         store.set_detached("lst_l", Some(0)).unwrap();
 
-        let context = Context::for_tests(store.clone());
-        let (outbox, inbox) = tokio::sync::mpsc::unbounded_channel();
-        let (_fan_out, handed) = tokio::sync::mpsc::channel(1);
-        let memory = Arc::new(tokio::sync::Semaphore::new(crate::pipeline::MEMORY_ITEMS));
-        let start = store.fanout_cursor().unwrap();
-        let durable = tokio::sync::watch::channel(1).1;
-        let mut dispatcher = Dispatcher::new(context, inbox, outbox, handed, memory.clone(), start, durable);
-        dispatcher.restore();
+        let (mut dispatcher, memory) = started(&store, 1);
         let pair = |listener_id: &str| Pair {
             seq: 0,
             event_id: event_id.clone(),

@@ -460,18 +460,7 @@ impl HistoryStore for SledStore {
         let events = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS)));
         for (looked_at, entry) in events.enumerate() {
             let (key, value) = entry?;
-            let Some(event) = decode::<Event>(&value) else {
-                // A damaged record (fan-out puts it aside): its age is unknown, so it stays, and
-                // the sweep goes on past it rather than stop there for good.
-                let seq = key.get(keys::EVENTS.len()..).and_then(|seq| <[u8; 8]>::try_from(seq).ok());
-                match seq.map(u64::from_be_bytes) {
-                    Some(seq) if seq < fanned_out && looked_at < max_events => {
-                        trimmed.kept += 1;
-                        continue;
-                    }
-                    _ => return Err(corrupt(&key)),
-                }
-            };
+            let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
             if event.created_at_ms >= before_ms || event.seq >= fanned_out {
                 trimmed.next_seq = None;
                 break;

@@ -94,25 +94,6 @@ async fn events_on_their_way_into_sled_hold_intake_to_its_bound() {
     store.close().unwrap();
 }
 
-// Regression (review): one event record that did not decode failed every retention sweep at
-// that record, so nothing after it was ever trimmed.
-#[tokio::test]
-async fn retention_goes_on_past_a_damaged_event_and_keeps_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open_with_producers(dir.path()).await;
-    for n in 0..3 {
-        store.append_event(new_event("prd_a", None, 1_000 + n)).await.unwrap();
-    }
-    store.settled().await.unwrap();
-    store.set_fanout_cursor(&FanoutCursor { next_seq: 3, ..FanoutCursor::default() }).unwrap();
-    store.damage_event(1);
-    let trimmed = HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap();
-    assert_eq!((trimmed.events, trimmed.kept, trimmed.next_seq), (2, 1, None));
-    assert!(store.event_at(0).unwrap().is_none() && store.event_at(2).unwrap().is_none());
-    assert!(store.event_at(1).is_err(), "the damaged record stays, as it was");
-    store.close().unwrap();
-}
-
 #[test]
 fn a_listener_keeps_a_bounded_number_of_skipped_ranges_and_drops_the_oldest() {
     let mut listener = Listener { enabled: true, ..Listener::default() };

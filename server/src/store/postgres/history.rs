@@ -539,7 +539,8 @@ impl HistoryStore for PgStore {
                     break;
                 }
                 // Looked at without locks first, so a pending delivery (which the recorder may
-                // be writing) is never locked here; those to delete are locked and checked again.
+                // be writing) is not locked here (but for one a replay commits while this waits
+                // for the event, below); those to delete are locked and checked again.
                 let unlocked =
                     tx.query("SELECT id, state FROM deliveries WHERE event_seq = $1", &[&signed(seq)]).await?;
                 if unfinished(&tx, &unlocked).await? {

@@ -54,6 +54,7 @@ macro_rules! conformance_tests {
             a_deleted_listener_is_answered_with_where_its_events_end_and_where_fan_out_stood,
             a_listeners_deliveries_are_listed_recorded_or_still_waiting_in_the_log_page_by_page,
             a_listener_fanned_out_apart_keeps_its_waiting_deliveries_listed_and_their_events_kept,
+            a_listener_reading_back_holds_back_retention_of_its_own_events_only,
             a_listeners_failed_deliveries_are_read_a_page_at_a_time,
             a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps,
             an_idempotency_key_outlives_an_event_trimmed_within_its_window,
@@ -470,6 +471,34 @@ pub(crate) async fn a_listener_fanned_out_apart_keeps_its_waiting_deliveries_lis
     assert_eq!(trimmed.events, 2);
     store.set_detached("lst_behind", None).unwrap();
     assert!(seqs("lst_behind").is_empty());
+    store.close().unwrap();
+}
+
+/// A listener reading its events back from the log keeps those events from retention, and no
+/// other producer's (before, it held back every later event, whoever triggered it).
+pub(crate) async fn a_listener_reading_back_holds_back_retention_of_its_own_events_only<P: Place>(place: P)
+where
+    P::Backend: Backend,
+{
+    let store = with_producers(place.open()).await;
+    store.insert_listener(listener("lst_behind", "prd_a", "thing.happened")).await.unwrap();
+    // Events 0-5, prd_a's and prd_b's in turn.
+    for at in 0..6 {
+        let producer = if at % 2 == 0 { "prd_a" } else { "prd_b" };
+        store.append_event(new_event(producer, None, at)).await.unwrap();
+    }
+    store.settled().await.unwrap();
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 6, ..FanoutCursor::default() }).unwrap();
+    store.set_detached("lst_behind", Some(2)).unwrap();
+    let left =
+        |store: &P::Backend| -> Vec<u64> { (0..6).filter(|seq| store.event_at(*seq).unwrap().is_some()).collect() };
+    let trimmed = HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap();
+    assert_eq!((trimmed.events, trimmed.kept, trimmed.next_seq), (4, 2, None));
+    assert_eq!(left(&store), [2, 4], "its own events from where it stands stay");
+    // Once it follows fan-out again, they go too.
+    store.set_detached("lst_behind", None).unwrap();
+    assert_eq!(HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap().events, 2);
+    assert!(left(&store).is_empty());
     store.close().unwrap();
 }
 

@@ -469,6 +469,24 @@ pub struct Counts {
 /// Most entries [`HistoryStore::counts`] counts in one keyspace.
 pub const COUNT_LIMIT: usize = 1_000_000;
 
+/// What retention must keep, read where it starts a step: every event from `stop` on (where
+/// fan-out durably stands, or a deleted listener's owed pairs are still being cancelled), and
+/// past where each detached listener stands, the events of its producer and type (it reads
+/// them back from the log). Other producers' events are not held back by such a listener.
+#[derive(Debug, Default)]
+pub(crate) struct Owed {
+    pub stop: u64,
+    /// Where each detached listener stands, with its producer and event type.
+    pub detached: Vec<(u64, String, String)>,
+}
+
+impl Owed {
+    /// Whether event `seq` (below `stop`) of this producer and type may still be read back.
+    pub fn keeps(&self, seq: u64, producer_id: &str, event_type: &str) -> bool {
+        self.detached.iter().any(|(from, producer, kind)| seq >= *from && producer == producer_id && kind == event_type)
+    }
+}
+
 /// The history of events, deliveries and attempts: what inspection, replay, recovery and
 /// retention need. Same rules as [`PipelineStore`]: atomic batches, no flush of their own,
 /// blocking calls for the blocking pool.

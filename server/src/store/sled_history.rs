@@ -16,7 +16,7 @@ use super::model::{
 };
 use super::producer_index;
 use super::sled_store::{SledStore, corrupt, keys, prefix_end, read, read_event};
-use super::{EventFilter, HistoryStore, Page, PipelineStore, StoreError, Trimmed};
+use super::{EventFilter, HistoryStore, Owed, Page, PipelineStore, Store, StoreError, Trimmed};
 
 fn seq_of(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
     let bytes: [u8; 8] =
@@ -106,6 +106,24 @@ impl SledStore {
         let detached = PipelineStore::detached(self)?.into_iter().map(|(_, seq)| seq);
         let deleted = PipelineStore::deleted_owing(self)?.into_iter().map(|deleted| deleted.unsure_from_seq);
         Ok(detached.chain(deleted).fold(cursor, u64::min))
+    }
+
+    /// What retention must keep (see [`Owed`]). Fan-out's cursor is read before the detached
+    /// listeners: a listener detached in between stands at or past it.
+    fn owed(&self) -> Result<Owed, StoreError> {
+        let mut stop = PipelineStore::fanout_cursor(self)?.next_seq;
+        let mut detached = Vec::new();
+        for (listener_id, from) in PipelineStore::detached(self)? {
+            match Store::listener(self, &listener_id)? {
+                Some(listener) => detached.push((from, listener.producer_id, listener.event_type)),
+                // Gone, its owed pairs being cancelled: everything from there stays.
+                None => stop = stop.min(from),
+            }
+        }
+        for deleted in PipelineStore::deleted_owing(self)? {
+            stop = stop.min(deleted.unsure_from_seq);
+        }
+        Ok(Owed { stop, detached })
     }
 
     /// Where one listener's deliveries may start waiting in the log.
@@ -447,7 +465,7 @@ impl HistoryStore for SledStore {
     ) -> Result<Trimmed, StoreError> {
         let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
         // Events with deliveries still waiting in the log stay.
-        let fanned_out = self.unrecorded_from()?;
+        let owed = self.owed()?;
         let mut trimmed = Trimmed::default();
         // Deliveries go first (queue database), then their events (intake database): a crash
         // in between leaves an event without deliveries, which the next sweep removes.
@@ -461,13 +479,17 @@ impl HistoryStore for SledStore {
         for (looked_at, entry) in events.enumerate() {
             let (key, value) = entry?;
             let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
-            if event.created_at_ms >= before_ms || event.seq >= fanned_out {
+            if event.created_at_ms >= before_ms || event.seq >= owed.stop {
                 trimmed.next_seq = None;
                 break;
             }
             if looked_at == max_events {
                 trimmed.next_seq = Some(event.seq);
                 break;
+            }
+            if owed.keeps(event.seq, &event.producer_id, &event.event_type) {
+                trimmed.kept += 1;
+                continue;
             }
             let prefix = keys::deliveries_of_event(event.seq);
             let mut deliveries = Vec::new();

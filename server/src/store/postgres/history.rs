@@ -5,7 +5,7 @@
 //! or at a scan budget, as on sled, so a filter that matches rarely never turns one call into
 //! a full scan. Changes are transactions that lock the rows they read before they write.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use deadpool_postgres::GenericClient;
@@ -17,7 +17,7 @@ use super::pipeline::{
 use super::{PgStore, corrupt, signed, unsigned};
 use crate::store::listing::{implicit, merge_pages, scan_budget};
 use crate::store::model::{Delivery, DeliveryState, DueEntry, Event, Listener, decode};
-use crate::store::{COUNT_LIMIT, Counts, EventFilter, HistoryStore, Page, StoreError, Trimmed};
+use crate::store::{COUNT_LIMIT, Counts, EventFilter, HistoryStore, Owed, Page, StoreError, Trimmed};
 
 type Shared = Arc<RwLock<Directory>>;
 
@@ -29,6 +29,29 @@ async fn unrecorded_from(client: &impl GenericClient) -> Result<u64, StoreError>
     let detached = detached(client).await?.into_iter().map(|(_, seq)| seq);
     let deleted = deleted_owing(client).await?.into_iter().map(|deleted| deleted.unsure_from_seq);
     Ok(detached.chain(deleted).fold(cursor, u64::min))
+}
+
+/// What retention must keep (see [`Owed`]). Fan-out's cursor is read before the detached
+/// listeners: a listener detached in between stands at or past it.
+async fn owed(client: &impl GenericClient) -> Result<Owed, StoreError> {
+    let mut stop = fanout_cursor(client).await?.next_seq;
+    let standing = detached(client).await?;
+    let ids: Vec<&str> = standing.iter().map(|(listener_id, _)| listener_id.as_str()).collect();
+    let rows = client.query("SELECT id, producer_id, event_type FROM listeners WHERE id = ANY($1)", &[&ids]).await?;
+    let kinds: HashMap<&str, (String, String)> =
+        rows.iter().map(|row| (row.get::<_, &str>(0), (row.get(1), row.get(2)))).collect();
+    let mut detached_kinds = Vec::new();
+    for (listener_id, from) in &standing {
+        match kinds.get(listener_id.as_str()) {
+            Some((producer_id, event_type)) => detached_kinds.push((*from, producer_id.clone(), event_type.clone())),
+            // Gone, its owed pairs being cancelled: everything from there stays.
+            None => stop = stop.min(*from),
+        }
+    }
+    for deleted in deleted_owing(client).await? {
+        stop = stop.min(deleted.unsure_from_seq);
+    }
+    Ok(Owed { stop, detached: detached_kinds })
 }
 
 /// Which of `ids` have a record.
@@ -519,24 +542,28 @@ impl HistoryStore for PgStore {
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
             // Events with deliveries still waiting in the log stay.
-            let fanned_out = unrecorded_from(&tx).await?;
+            let owed = owed(&tx).await?;
             // Their columns only: payloads are never read to be deleted.
             let rows = tx
                 .query(
-                    "SELECT seq, id, created_ms FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                    "SELECT seq, id, created_ms, producer_id, event_type FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
                     &[&signed(start_seq), &signed(max_events as u64 + 1)],
                 )
                 .await?;
             let mut trimmed = Trimmed::default();
             for (looked_at, row) in rows.iter().enumerate() {
                 let (seq, event_id, created_ms) = (unsigned(row.get(0)), row.get::<_, &str>(1), unsigned(row.get(2)));
-                if created_ms >= before_ms || seq >= fanned_out {
+                if created_ms >= before_ms || seq >= owed.stop {
                     trimmed.next_seq = None;
                     break;
                 }
                 if looked_at == max_events {
                     trimmed.next_seq = Some(seq);
                     break;
+                }
+                if owed.keeps(seq, row.get(3), row.get(4)) {
+                    trimmed.kept += 1;
+                    continue;
                 }
                 // Looked at without locks first, so a pending delivery (which the recorder may
                 // be writing) is not locked here (but for one a replay commits while this waits

@@ -71,7 +71,7 @@ pub(crate) async fn run(history: Arc<dyn HistoryStore>, retention: Duration, shu
             }
         }
         if events > 0 {
-            tracing::info!(events, deliveries, kept_pending = kept, "retention removed old events");
+            tracing::info!(events, deliveries, kept, "retention removed old events");
         }
         if shutdown.run_until_cancelled(tokio::time::sleep(interval)).await.is_none() {
             return;

@@ -482,22 +482,30 @@ where
 {
     let store = with_producers(place.open()).await;
     store.insert_listener(listener("lst_behind", "prd_a", "thing.happened")).await.unwrap();
-    // Events 0-5, prd_a's and prd_b's in turn.
+    // Events 0-5, prd_a's and prd_b's in turn, and a prd_a event of another type.
     for at in 0..6 {
         let producer = if at % 2 == 0 { "prd_a" } else { "prd_b" };
         store.append_event(new_event(producer, None, at)).await.unwrap();
     }
+    let other_type = NewEvent { event_type: "other.thing".into(), ..new_event("prd_a", None, 6) };
+    store.append_event(other_type).await.unwrap();
     store.settled().await.unwrap();
-    store.set_fanout_cursor(&FanoutCursor { next_seq: 6, ..FanoutCursor::default() }).unwrap();
+    store.set_fanout_cursor(&FanoutCursor { next_seq: 7, ..FanoutCursor::default() }).unwrap();
     store.set_detached("lst_behind", Some(2)).unwrap();
     let left =
-        |store: &P::Backend| -> Vec<u64> { (0..6).filter(|seq| store.event_at(*seq).unwrap().is_some()).collect() };
+        |store: &P::Backend| -> Vec<u64> { (0..7).filter(|seq| store.event_at(*seq).unwrap().is_some()).collect() };
     let trimmed = HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap();
-    assert_eq!((trimmed.events, trimmed.kept, trimmed.next_seq), (4, 2, None));
+    assert_eq!((trimmed.events, trimmed.kept, trimmed.next_seq), (5, 2, None));
     assert_eq!(left(&store), [2, 4], "its own events from where it stands stay");
-    // Once it follows fan-out again, they go too.
+    // A place in the log whose listener is gone (its owed pairs being cancelled) stops the
+    // sweep there, whoever's events lie beyond.
     store.set_detached("lst_behind", None).unwrap();
-    assert_eq!(HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap().events, 2);
+    store.set_detached("lst_gone", Some(3)).unwrap();
+    assert_eq!(HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap().events, 1);
+    assert_eq!(left(&store), [4]);
+    // Once nobody reads back, the rest goes too.
+    store.set_detached("lst_gone", None).unwrap();
+    assert_eq!(HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap().events, 1);
     assert!(left(&store).is_empty());
     store.close().unwrap();
 }

@@ -449,7 +449,8 @@ pub struct Page<T> {
 pub struct Trimmed {
     pub events: usize,
     pub deliveries: usize,
-    /// Old events kept because a delivery of theirs is still pending.
+    /// Old events kept because a delivery of theirs is still pending, or a listener reading
+    /// back from the log may still need them (see [`Owed`]).
     pub kept: usize,
     /// Where the next step starts; `None` when everything old enough was looked at.
     pub next_seq: Option<u64>,

@@ -2,7 +2,8 @@
 //! and index entries, in bounded steps that never hold up intake or delivery.
 //!
 //! Events with a pending delivery are kept (and looked at again on the next sweep), and so
-//! are events fan-out has not reached. Each step is one atomic write of at most
+//! are events fan-out has not reached. An event record that does not decode goes too, once
+//! the next one that does is old enough (its own age is unknown), and stays put aside. Each step is one atomic write of at most
 //! [`STEP_EVENTS`] events; sled reuses the space freed. Idempotency records stay for their
 //! 24 hours even when the retention is shorter: those of events removed sooner are swept
 //! once their time is up.

@@ -17,6 +17,12 @@ pub(crate) fn encode<M: Message>(record: &M) -> Vec<u8> {
     bytes
 }
 
+/// Whether a record that does not decode may have been written by a newer hookd: its version
+/// byte is one this build does not know yet. (A damaged record may look so too.)
+pub(crate) fn written_by_newer(bytes: &[u8]) -> bool {
+    bytes.first().is_some_and(|version| *version > RECORD_V1)
+}
+
 /// Decodes a stored record; `None` for an unknown version or corrupt bytes.
 pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Option<M> {
     match bytes.split_first() {
@@ -426,7 +432,8 @@ impl DueEntry {
     }
 }
 
-/// Why an event of the log was put aside instead of fanned out (its record does not decode).
+/// Why an event of the log was put aside (its record does not decode): by fan-out instead of
+/// fanned out, or by retention as it removes the record.
 #[derive(Clone, PartialEq, Message)]
 pub struct Quarantined {
     #[prost(uint64, tag = "1")]

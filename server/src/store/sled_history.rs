@@ -12,17 +12,15 @@ use sled::Batch;
 
 use super::listing::{implicit, merge_pages, scan_budget};
 use super::model::{
-    Delivery, DeliveryHead, DeliveryState, DueEntry, Event, IdempotencyEntry, Listener, decode, encode,
+    self, Delivery, DeliveryHead, DeliveryState, DueEntry, Event, IdempotencyEntry, Listener, Quarantined, decode,
+    encode,
 };
 use super::producer_index;
-use super::sled_store::{SledStore, corrupt, keys, prefix_end, read, read_event};
+use super::sled_store::{SledStore, corrupt, keys, prefix_end, read, read_event, seq_of};
 use super::{EventFilter, HistoryStore, Owed, Page, PipelineStore, Store, StoreError, Trimmed};
 
-fn seq_of(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
-    let bytes: [u8; 8] =
-        key.get(prefix_len..prefix_len + 8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(key))?;
-    Ok(u64::from_be_bytes(bytes))
-}
+/// Records looked at, at most, for the event that dates a run of damaged ones.
+const DATING_LIMIT: usize = 100_000;
 
 impl SledStore {
     /// The first position of the log whose event was created at or after `since_ms`
@@ -35,17 +33,58 @@ impl SledStore {
         while low < high {
             let middle = low + (high - low) / 2;
             let start = keys::event(middle).to_vec();
-            let found = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS))).next();
-            match found {
-                Some(entry) => {
-                    let (key, value) = entry?;
-                    let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
-                    if event.created_at_ms < since_ms { low = event.seq + 1 } else { high = middle }
+            // The first record from `middle` on that decodes: a damaged one has no time of its
+            // own.
+            let mut found = None;
+            for entry in self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS))) {
+                let (key, value) = entry?;
+                if let Some(event) = decode::<Event>(&value) {
+                    found = Some((seq_of(&key, keys::EVENTS.len())?, event.created_at_ms));
+                    break;
                 }
-                None => high = middle,
+            }
+            match found {
+                Some((seq, created_at_ms)) if created_at_ms < since_ms => low = seq + 1,
+                _ => high = middle,
             }
         }
         Ok(low)
+    }
+
+    /// Event `seq`, or `None` when it is gone or its record does not decode: for views of
+    /// deliveries, which have nothing to show of an event they cannot read.
+    fn readable_event(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+        match read_event(&self.tree, seq) {
+            Err(StoreError::DamagedEvent { .. }) => Ok(None),
+            read => read,
+        }
+    }
+
+    /// The first event after `seq` whose record decodes, as its number and when it was
+    /// created, looking at no more than [`DATING_LIMIT`] records; `None` when none does.
+    fn next_readable(&self, seq: u64) -> Result<Option<(u64, u64)>, StoreError> {
+        let start = keys::event(seq.saturating_add(1)).to_vec();
+        let records = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS)));
+        for entry in records.take(DATING_LIMIT) {
+            let (key, value) = entry?;
+            if let Some(event) = decode::<Event>(&value) {
+                return Ok(Some((seq_of(&key, keys::EVENTS.len())?, event.created_at_ms)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The recorded deliveries of event `seq`, or `None` while one of them is unfinished
+    /// (pending, or a manual attempt asked for and not yet made).
+    fn finished_deliveries_of(&self, seq: u64) -> Result<Option<Vec<DeliveryHead>>, StoreError> {
+        let mut deliveries = Vec::new();
+        for entry in self.queue.scan_prefix(keys::deliveries_of_event(seq)) {
+            let (key, value) = entry?;
+            deliveries.push(decode::<DeliveryHead>(&value).ok_or_else(|| corrupt(&key))?);
+        }
+        let unfinished = deliveries.iter().any(|d| d.state == DeliveryState::Pending as i32)
+            || deliveries.iter().any(|d| self.queue.scan_prefix(keys::manual_prefix(&d.id)).next().is_some());
+        Ok((!unfinished).then_some(deliveries))
     }
 
     /// Deliveries under `prefix` whose `d/` key (or index key) ends in a delivery id.
@@ -174,7 +213,7 @@ impl SledStore {
         if seq < self.unrecorded_from()? {
             return Ok(None);
         }
-        let Some(event) = read::<Event>(&self.tree, &keys::event(seq))? else { return Ok(None) };
+        let Some(event) = self.readable_event(seq)? else { return Ok(None) };
         let found = self.implicit_of_event(&event)?.into_iter().find(|delivery| delivery.id == delivery_id);
         Ok(found.map(|delivery| (delivery, false)))
     }
@@ -207,7 +246,7 @@ impl SledStore {
             if !listener.wants(seq) {
                 continue;
             }
-            let Some(event) = read::<Event>(&self.tree, &keys::event(seq))? else { continue };
+            let Some(event) = self.readable_event(seq)? else { continue };
             if event.producer_id != listener.producer_id || event.event_type != listener.event_type {
                 continue;
             }
@@ -259,9 +298,10 @@ impl HistoryStore for SledStore {
         for event in events.by_ref().take(scan_budget(limit)) {
             let event = match event {
                 Ok(event) => event,
-                // Put aside by fan-out; it must not break the listing of the others.
+                // Put aside; it must not break the listing of the others.
                 Err(StoreError::DamagedEvent { seq }) => {
                     tracing::error!(seq, "listing skips an event whose record does not decode");
+                    last = Some(seq);
                     continue;
                 }
                 Err(error) => return Err(error),
@@ -282,7 +322,12 @@ impl HistoryStore for SledStore {
             }
         }
         let resume_after = match last {
-            Some(seq) if !reached_until => events.next().transpose()?.is_some().then(|| seq.to_string()),
+            // A damaged record next is more to come too.
+            Some(seq) if !reached_until => match events.next() {
+                None => None,
+                Some(Ok(_) | Err(StoreError::DamagedEvent { .. })) => Some(seq.to_string()),
+                Some(Err(error)) => return Err(error),
+            },
             _ => None,
         };
         Ok(Page { items, resume_after })
@@ -297,11 +342,8 @@ impl HistoryStore for SledStore {
     ) -> Result<Page<Delivery>, StoreError> {
         let prefix = keys::deliveries_of_event(event_seq);
         let waiting = state.is_none_or(|state| state == DeliveryState::Pending);
-        let event = if waiting && event_seq >= self.unrecorded_from()? {
-            read::<Event>(&self.tree, &keys::event(event_seq))?
-        } else {
-            None
-        };
+        let event =
+            if waiting && event_seq >= self.unrecorded_from()? { self.readable_event(event_seq)? } else { None };
         let Some(event) = event else {
             return self.deliveries_under(&prefix, false, state, after, limit);
         };
@@ -476,36 +518,54 @@ impl HistoryStore for SledStore {
         let mut keyed: Vec<(Event, bool)> = Vec::new();
         let start = keys::event(start_seq).to_vec();
         let events = self.tree.range::<Vec<u8>, _>((Bound::Included(start), prefix_end(keys::EVENTS)));
+        // The first readable event after the damaged records met: (number, creation time).
+        let mut dated: Option<(u64, u64)> = None;
+        let mut removed_damaged = false;
         for (looked_at, entry) in events.enumerate() {
             let (key, value) = entry?;
-            let event: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
-            if event.created_at_ms >= before_ms || event.seq >= owed.stop {
+            let seq = seq_of(&key, keys::EVENTS.len())?;
+            let event = decode::<Event>(&value);
+            if event.is_none() && model::written_by_newer(&value) {
+                // Not damaged, perhaps: written by a newer hookd (run before this one). It
+                // stays, and so does everything after it.
+                tracing::warn!(seq, "retention stops at an event record of a newer format than this hookd knows");
+                trimmed.next_seq = None;
+                break;
+            }
+            // A damaged record's own age is unknown: it is old enough once the next event
+            // that decodes is (creation times never decrease along the log). A run of damaged
+            // records is dated by the one event after it, looked for once.
+            let old_enough = match &event {
+                Some(event) => event.created_at_ms < before_ms,
+                None => {
+                    if dated.is_none_or(|(readable, _)| readable < seq) {
+                        dated = self.next_readable(seq)?;
+                        if dated.is_none() {
+                            tracing::warn!(
+                                seq,
+                                "retention stops at a damaged event record: no event after it dates it"
+                            );
+                        }
+                    }
+                    dated.is_some_and(|(_, created)| created < before_ms)
+                }
+            };
+            if !old_enough || seq >= owed.stop {
                 trimmed.next_seq = None;
                 break;
             }
             if looked_at == max_events {
-                trimmed.next_seq = Some(event.seq);
+                trimmed.next_seq = Some(seq);
                 break;
             }
-            if owed.keeps(event.seq, &event.producer_id, &event.event_type) {
+            if event.as_ref().is_some_and(|event| owed.keeps(seq, &event.producer_id, &event.event_type)) {
                 trimmed.kept += 1;
                 continue;
             }
-            let prefix = keys::deliveries_of_event(event.seq);
-            let mut deliveries = Vec::new();
-            for entry in self.queue.scan_prefix(&prefix) {
-                let (key, value) = entry?;
-                deliveries.push(decode::<DeliveryHead>(&value).ok_or_else(|| corrupt(&key))?);
-            }
-            let mut unfinished = deliveries.iter().any(|d| d.state == DeliveryState::Pending as i32);
-            for delivery in &deliveries {
-                // A manual attempt asked for and not yet made keeps its delivery too.
-                unfinished = unfinished || self.queue.scan_prefix(keys::manual_prefix(&delivery.id)).next().is_some();
-            }
-            if unfinished {
+            let Some(deliveries) = self.finished_deliveries_of(seq)? else {
                 trimmed.kept += 1;
                 continue;
-            }
+            };
             for delivery in &deliveries {
                 deliveries_batch.remove(keys::delivery(&delivery.id));
                 deliveries_batch.remove(keys::by_listener(&delivery.listener_id, &delivery.id));
@@ -513,16 +573,35 @@ impl HistoryStore for SledStore {
                     deliveries_batch.remove(attempt?);
                 }
             }
-            index.clear(&event.producer_id, event.seq);
             events_batch.remove(key);
             trimmed.events += 1;
             trimmed.deliveries += deliveries.len();
+            let Some(event) = event else {
+                // Fan-out put it aside when it met it; one damaged after fan-out passed it is
+                // put aside here, so the operator still sees it once its record is gone. Its
+                // producer is unknown: its bit in the producer's bitmap stays, and readers
+                // skip a bit whose event is gone.
+                tracing::warn!(seq, "retention removes an event record that does not decode");
+                if !self.queue.contains_key(keys::quarantined(seq))? {
+                    let reason = "the event's record does not decode (found by retention)".to_owned();
+                    let record = Quarantined { seq, reason, at_ms: crate::clock::now_ms() };
+                    deliveries_batch.insert(keys::quarantined(seq), encode(&record));
+                }
+                removed_damaged = true;
+                continue;
+            };
+            index.clear(&event.producer_id, seq);
             if !event.idempotency_key.is_empty() {
                 let expired = event.created_at_ms < keys_before_ms;
                 keyed.push((event, expired));
             }
         }
         self.queue.apply_batch(deliveries_batch)?;
+        if removed_damaged {
+            // Its record put aside must outlive a power loss that keeps the removal (the two
+            // databases reach the disk on their own).
+            self.queue.flush()?;
+        }
         // The applier may be writing a bitmap trimmed here (retention reached its block), or
         // a newer record for one of these idempotency keys: both are read under its lock.
         let _index = self.progress.index_turn();

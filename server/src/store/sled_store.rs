@@ -210,6 +210,13 @@ impl std::fmt::Debug for SledStore {
     }
 }
 
+/// The number that follows `prefix_len` bytes of `key` (big-endian).
+pub(super) fn seq_of(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] =
+        key.get(prefix_len..prefix_len + 8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt(key))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
 pub(super) fn corrupt(key: &[u8]) -> StoreError {
     StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned() }
 }
@@ -327,14 +334,26 @@ impl SledStore {
         let tree = db.open_tree("hookd")?;
         let queue_db = open("queue")?;
         let queue = queue_db.open_tree("queue")?;
-        let (after_last_event, last_created_ms) = match tree.scan_prefix(keys::EVENTS).next_back() {
+        let after_last_event = match tree.scan_prefix(keys::EVENTS).next_back() {
             Some(entry) => {
                 let (key, value) = entry?;
-                let last: Event = decode(&value).ok_or_else(|| corrupt(&key))?;
-                (last.seq + 1, last.created_at_ms)
+                // A hookd started on the data of a newer one (rolled back) stops here rather
+                // than take newer records for damaged ones.
+                if decode::<Event>(&value).is_none() && super::model::written_by_newer(&value) {
+                    return Err(corrupt(&key));
+                }
+                seq_of(&key, keys::EVENTS.len())? + 1
             }
-            None => (0, 0),
+            None => 0,
         };
+        // From the newest record that decodes: a damaged one has no time.
+        let mut last_created_ms = 0;
+        for value in tree.scan_prefix(keys::EVENTS).values().rev() {
+            if let Some(last) = decode::<Event>(&value?) {
+                last_created_ms = last.created_at_ms;
+                break;
+            }
+        }
         let high_water = read_u64(&tree, keys::NEXT_SEQ)?.unwrap_or(0);
         let sled_next_seq = after_last_event.max(high_water);
         let migrated = producer_index::migrate_legacy(&tree)?;

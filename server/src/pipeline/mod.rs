@@ -396,6 +396,8 @@ impl Pipeline {
 impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
     /// Starts fan-out, dispatch and retention from where delivery durably stands.
     fn deliver(&self) -> Result<Delivering, PipelineError> {
+        // Every write from here on is for this term: none is made once another starts.
+        self.store.begin_delivery();
         let store = self.store.clone();
         let config = self.config.clone();
         let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
@@ -404,8 +406,8 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
         // Room for several pools' worth of attempts waiting to be recorded, so listeners get
         // their next requests while a batch lingers and is written.
         let room = config.workers.saturating_mul(recorder::ROOM_PER_WORKER);
-        let recorder = recorder::Recorder::start(store.clone(), room)?;
         let abandon = CancellationToken::new();
+        let recorder = recorder::Recorder::start(store.clone(), room, abandon.clone())?;
         let context = Arc::new(Context {
             store: store.clone(),
             queue: store,
@@ -739,10 +741,11 @@ impl Context {
     /// A context over `store` with the default configuration, for tests of the tasks.
     pub(crate) fn for_tests<S: Store + PipelineStore>(store: Arc<S>) -> Arc<Self> {
         let config = PipelineConfig::default();
+        let abandon = CancellationToken::new();
         Arc::new(Self {
             store: store.clone(),
             queue: store.clone(),
-            recorder: recorder::Recorder::start(store, 64).expect("the recorder starts"),
+            recorder: recorder::Recorder::start(store, 64, abandon.clone()).expect("the recorder starts"),
             keyring: Keyring::from_base64(&crate::crypto::mint_master_key_base64()).expect("a fresh key"),
             sender: deliver::Sender::new(config.attempt_timeout, config.target_policy.clone()).expect("a client"),
             config,
@@ -751,7 +754,7 @@ impl Context {
             watchers: Watchers::new(1),
             metrics: crate::metrics::Metrics::new(),
             recent: recent::Recent::default(),
-            abandon: CancellationToken::new(),
+            abandon,
         })
     }
 }

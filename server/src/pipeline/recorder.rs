@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{Completion, PipelineStore, StoreError};
 
@@ -87,8 +88,10 @@ fn gather(first: Job, inbox: &mpsc::Receiver<Job>, linger: Duration, most: usize
 
 impl Recorder {
     /// Starts the recorder thread, which runs with the pipeline's (lower) CPU priority.
-    /// At most `room` attempts wait to be written at once.
-    pub fn start(queue: Arc<dyn PipelineStore>, room: usize) -> std::io::Result<Self> {
+    /// At most `room` attempts wait to be written at once. Once `abandon` is cancelled
+    /// (another node delivers now), what waits is dropped unwritten: the node taking over
+    /// makes those attempts again.
+    pub fn start(queue: Arc<dyn PipelineStore>, room: usize, abandon: CancellationToken) -> std::io::Result<Self> {
         let room = room.max(1);
         let most = MAX_GROUP.min(room);
         let (jobs, inbox) = mpsc::channel::<Job>();
@@ -96,6 +99,12 @@ impl Recorder {
             crate::priority::background();
             while let Ok(first) = inbox.recv() {
                 let group = gather(first, &inbox, LINGER, most);
+                if abandon.is_cancelled() {
+                    for job in group {
+                        let _ = job.written.send(Err(StoreError::NotDelivering));
+                    }
+                    continue;
+                }
                 let mut told = String::new();
                 let (completions, waiting): (Vec<Completion>, Vec<_>) = group
                     .into_iter()
@@ -170,7 +179,7 @@ mod tests {
         use std::future::Future as _;
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn PipelineStore> = crate::store::SledStore::open(dir.path()).unwrap();
-        let recorder = Recorder::start(store, 2).unwrap();
+        let recorder = Recorder::start(store, 2, CancellationToken::new()).unwrap();
         let first = recorder.reserve().await.unwrap();
         let _second = recorder.reserve().await.unwrap();
         let mut third = std::pin::pin!(recorder.reserve());
@@ -178,6 +187,31 @@ mod tests {
         assert!(third.as_mut().poll(&mut context).is_pending(), "the room is full");
         drop(first);
         assert!(third.as_mut().poll(&mut context).is_ready(), "a reservation given back makes room");
+    }
+
+    // Regression (review): attempts waiting to be written when a node stopped delivering were
+    // written all the same, after another node had taken over.
+    #[tokio::test]
+    async fn once_abandoned_what_waits_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let abandon = CancellationToken::new();
+        let recorder = Recorder::start(store.clone(), 4, abandon.clone()).unwrap();
+        let event = crate::store::Event { seq: 1, ..Default::default() };
+        let completion = |id: &str| Completion {
+            delivery: Delivery::pending(id.into(), &event, "lst_a", 10),
+            attempt: Attempt { number: 1, status_code: 200, ..Attempt::default() },
+            entry: None,
+            next: NextStep::Done,
+            ordered: false,
+        };
+        recorder.reserve().await.unwrap().record(completion("dlv_before"), true, None).await.unwrap();
+        abandon.cancel();
+        let refused = recorder.reserve().await.unwrap().record(completion("dlv_after"), true, None).await;
+        assert!(matches!(refused, Err(StoreError::NotDelivering)), "{refused:?}");
+        assert!(store.delivery_exists("dlv_before").unwrap());
+        assert!(!store.delivery_exists("dlv_after").unwrap(), "nothing is written once abandoned");
+        crate::store::Store::close(&*store).unwrap();
     }
 
     #[test]

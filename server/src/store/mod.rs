@@ -65,6 +65,10 @@ pub enum StoreError {
     DamagedEvent { seq: u64 },
     #[error("the store is closed")]
     Closed,
+    /// A write of the delivery pipeline from a node whose delivery term has ended (another
+    /// node took the delivery lease over, or this one lost it): not made.
+    #[error("this node no longer delivers (another holds the delivery lease): the write was not made")]
+    NotDelivering,
     /// A write to disk failed and the intake line stopped; reads go on.
     #[error("{0}")]
     Failed(Arc<str>),
@@ -264,6 +268,10 @@ pub trait Store: Send + Sync + 'static {
     fn delivery_lease(&self) -> tokio::sync::watch::Receiver<bool> {
         tokio::sync::watch::channel(true).1
     }
+    /// The pipeline starts delivering for the lease held now: where nodes share the store,
+    /// its writes are refused ([`StoreError::NotDelivering`]) once another node's term starts,
+    /// and once this node loses the lease, until the pipeline begins again.
+    fn begin_delivery(&self) {}
     /// Changes made through other nodes, and what they tell this one, for the pipeline;
     /// `None` where no other node writes. The first caller takes them.
     fn remote_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<RemoteChange>> {

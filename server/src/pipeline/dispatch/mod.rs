@@ -226,7 +226,10 @@ impl Dispatcher {
                 () = shutdown.cancelled() => {}
             }
         }
-        self.write_cursor(now_ms(), true);
+        // Abandoned, another node delivers now: the cursor is its to move.
+        if !self.context.abandon.is_cancelled() {
+            self.write_cursor(now_ms(), true);
+        }
         self.workers.close();
         self.workers.wait().await;
     }

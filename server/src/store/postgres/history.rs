@@ -14,7 +14,7 @@ use super::directory::Directory;
 use super::pipeline::{
     deleted_owing, detached, fanout_cursor, ordered_pending, put_deliveries, queue_entries, read_delivery, read_event,
 };
-use super::{PgStore, corrupt, signed, unsigned};
+use super::{PgStore, corrupt, signed, term, unsigned};
 use crate::store::listing::{implicit, merge_pages, scan_budget};
 use crate::store::model::{Delivery, DeliveryState, DueEntry, Event, Listener, decode};
 use crate::store::{COUNT_LIMIT, Counts, EventFilter, HistoryStore, Owed, Page, StoreError, Trimmed};
@@ -539,8 +539,10 @@ impl HistoryStore for PgStore {
         start_seq: u64,
         max_events: usize,
     ) -> Result<Trimmed, StoreError> {
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             // Events with deliveries still waiting in the log stay.
             let owed = owed(&tx).await?;
             // Their columns only: payloads are never read to be deleted.

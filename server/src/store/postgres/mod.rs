@@ -26,6 +26,7 @@ mod history;
 mod intake;
 mod pipeline;
 mod schema;
+mod term;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -154,6 +155,8 @@ pub struct PgStore {
     closing: tokio_util::sync::CancellationToken,
     /// Whether this node holds the delivery lease (see [`hold_lease`]).
     lease: watch::Receiver<bool>,
+    /// The delivery term the pipeline's writes are fenced with (see [`term`]).
+    term: Arc<term::Term>,
     /// The task holding or seeking the lease, waited for at close (it gives the lease back).
     lease_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Other nodes' changes for the pipeline, until taken.
@@ -191,7 +194,7 @@ const TAKE_LEASE: &str = "SELECT pg_try_advisory_lock(1752133483, hashtext(curre
 /// (see [`Rewound`]): the lease is given back, and `lease` stays false until `closing`.
 async fn hold_lease(
     config: tokio_postgres::Config,
-    lease: watch::Sender<bool>,
+    lease: Lease,
     stopping: tokio_util::sync::CancellationToken,
     closing: tokio_util::sync::CancellationToken,
 ) {
@@ -201,14 +204,10 @@ async fn hold_lease(
 }
 
 /// [`hold_lease`] until `closing`.
-async fn hold_lease_until(
-    config: tokio_postgres::Config,
-    lease: &watch::Sender<bool>,
-    closing: tokio_util::sync::CancellationToken,
-) {
+async fn hold_lease_until(config: tokio_postgres::Config, lease: &Lease, closing: tokio_util::sync::CancellationToken) {
     loop {
         let held = lease_session(&config, lease, &closing).await;
-        let had = lease.send_replace(false);
+        let had = lease.lost();
         match held {
             Ok(()) if closing.is_cancelled() => return,
             Ok(()) if had => {
@@ -226,11 +225,31 @@ async fn hold_lease_until(
     }
 }
 
+/// The delivery lease as this node holds it: what the pipeline waits on, and the term its
+/// writes are fenced with.
+struct Lease {
+    watch: watch::Sender<bool>,
+    term: Arc<term::Term>,
+}
+
+impl Lease {
+    fn took(&self, epoch: u64) {
+        self.term.took(epoch);
+        self.watch.send_replace(true);
+    }
+
+    /// Refuses the pipeline's writes, then tells it; returns whether the lease was held.
+    fn lost(&self) -> bool {
+        self.term.lost();
+        self.watch.send_replace(false)
+    }
+}
+
 /// One session of [`hold_lease`]: seeks the lease, holds it while the session answers, and
 /// returns when the session ends (or, given back, at `closing`).
 async fn lease_session(
     config: &tokio_postgres::Config,
-    lease: &watch::Sender<bool>,
+    lease: &Lease,
     closing: &tokio_util::sync::CancellationToken,
 ) -> Result<(), StoreError> {
     let (client, connection) = config.connect(NoTls).await?;
@@ -250,8 +269,10 @@ async fn lease_session(
                 () = tokio::time::sleep(LEASE_RETRY) => {}
             }
         }
-        tracing::info!("this node holds the delivery lease: it delivers");
-        lease.send_replace(true);
+        // Whatever the last holder has under way commits before this, or not at all.
+        let epoch = term::start(&client).await?;
+        tracing::info!(term = epoch, "this node holds the delivery lease: it delivers");
+        lease.took(epoch);
         loop {
             tokio::select! {
                 () = ended.cancelled() => return Ok(()),
@@ -272,13 +293,13 @@ async fn lease_session(
         Some(result) => {
             // Delivery stops here now, not once the connection has given up (with a query
             // unanswered that may take as long as the socket's own timeout).
-            lease.send_replace(false);
+            lease.lost();
             result
         }
         None => {
             // Given back before the session ends, so a node started right after this one
             // stopped finds it free.
-            lease.send_replace(false);
+            lease.lost();
             let unlock = client.batch_execute("SELECT pg_advisory_unlock_all()");
             if !matches!(tokio::time::timeout(UNLOCK_WAIT, unlock).await, Ok(Ok(()))) {
                 tracing::warn!("cannot give the delivery lease back; it goes with the session");
@@ -421,7 +442,13 @@ impl PgStore {
         // The lease is given up at close, and when this node must stop (see `Rewound`).
         let lease_stop = closing.child_token();
         let (lease_tx, lease) = watch::channel(false);
-        let lease_task = handle.spawn(hold_lease(lock_config.clone(), lease_tx, lease_stop.clone(), closing.clone()));
+        let term = Arc::new(term::Term::default());
+        let lease_task = handle.spawn(hold_lease(
+            lock_config.clone(),
+            Lease { watch: lease_tx, term: term.clone() },
+            lease_stop.clone(),
+            closing.clone(),
+        ));
         let (changes_tx, remote_changes) = mpsc::unbounded_channel();
         let admin_lock: Arc<tokio::sync::Mutex<()>> = Arc::default();
         let listeners_generation = Arc::new(AtomicU64::new(0));
@@ -476,6 +503,7 @@ impl PgStore {
             failure,
             closing,
             lease,
+            term,
             lease_task: Mutex::new(Some(lease_task)),
             remote_changes: Mutex::new(Some(remote_changes)),
             notes,
@@ -1487,6 +1515,10 @@ impl Store for PgStore {
 
     fn delivery_lease(&self) -> watch::Receiver<bool> {
         self.lease.clone()
+    }
+
+    fn begin_delivery(&self) {
+        self.term.begin();
     }
 
     fn remote_changes(&self) -> Option<mpsc::UnboundedReceiver<RemoteChange>> {

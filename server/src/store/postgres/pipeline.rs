@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use deadpool_postgres::GenericClient;
 
-use super::{PgStore, corrupt, signed, unsigned};
+use super::{PgStore, corrupt, signed, term, unsigned};
 use crate::store::model::{
     Attempt, DeletedListener, Delivery, DeliveryState, DueEntry, Event, FanoutCursor, ListenerHealth, NextStep,
     Quarantined, decode, encode,
@@ -280,13 +280,16 @@ impl PipelineStore for PgStore {
 
     fn set_fanout_cursor(&self, cursor: &FanoutCursor) -> Result<(), StoreError> {
         let record = encode(cursor);
-        self.read(move |client| async move {
-            client
-                .execute(
-                    "INSERT INTO fanout_cursor (id, record) VALUES (0, $1) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-                    &[&record],
-                )
-                .await?;
+        let term = self.term.for_write()?;
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
+            tx.execute(
+                "INSERT INTO fanout_cursor (id, record) VALUES (0, $1) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                &[&record],
+            )
+            .await?;
+            tx.commit().await?;
             Ok(())
         })
     }
@@ -301,13 +304,16 @@ impl PipelineStore for PgStore {
 
     fn quarantine_event(&self, seq: u64, reason: &str, now_ms: u64) -> Result<(), StoreError> {
         let record = encode(&Quarantined { seq, reason: reason.to_owned(), at_ms: now_ms });
-        self.read(move |client| async move {
-            client
-                .execute(
-                    "INSERT INTO quarantined (seq, record) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET record = excluded.record",
-                    &[&signed(seq), &record],
-                )
-                .await?;
+        let term = self.term.for_write()?;
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
+            tx.execute(
+                "INSERT INTO quarantined (seq, record) VALUES ($1, $2) ON CONFLICT (seq) DO UPDATE SET record = excluded.record",
+                &[&signed(seq), &record],
+            )
+            .await?;
+            tx.commit().await?;
             Ok(())
         })
     }
@@ -321,8 +327,10 @@ impl PipelineStore for PgStore {
 
     fn park_new(&self, deliveries: &[NewDelivery]) -> Result<(), StoreError> {
         let deliveries = deliveries.to_vec();
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             put_deliveries(&tx, &deliveries.iter().map(|new| &new.delivery).collect::<Vec<_>>()).await?;
             let lots: Vec<&str> = deliveries.iter().map(|new| new.delivery.listener_id.as_str()).collect();
             let ids: Vec<&str> = deliveries.iter().map(|new| new.delivery.id.as_str()).collect();
@@ -346,12 +354,20 @@ impl PipelineStore for PgStore {
 
     fn cancel_new(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
         let cancelled: Vec<Delivery> = deliveries.iter().map(cancelled).collect();
-        self.read(move |client| async move { put_deliveries(&client, &cancelled.iter().collect::<Vec<_>>()).await })
+        let term = self.term.for_write()?;
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
+            put_deliveries(&tx, &cancelled.iter().collect::<Vec<_>>()).await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     fn cancel_unrecorded(&self, deliveries: &[Delivery]) -> Result<(), StoreError> {
         let cancelled: Vec<Delivery> = deliveries.iter().map(cancelled).collect();
-        self.read(move |client| async move {
+        let term = self.term.for_write()?;
+        self.read(move |mut client| async move {
             if cancelled.is_empty() {
                 return Ok(());
             }
@@ -362,33 +378,38 @@ impl PipelineStore for PgStore {
             let created: Vec<i64> = cancelled.iter().map(|d| signed(d.created_at_ms)).collect();
             let records: Vec<Vec<u8>> = cancelled.iter().map(encode).collect();
             // A record written meanwhile (a first attempt that just ended) is kept.
-            client
-                .execute(
-                    "INSERT INTO deliveries (id, listener_id, event_seq, state, created_ms, record) \
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::smallint[], $5::bigint[], $6::bytea[]) \
-                     ON CONFLICT (id) DO NOTHING",
-                    &[&ids, &listeners, &seqs, &states, &created, &records],
-                )
-                .await?;
+            let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
+            tx.execute(
+                "INSERT INTO deliveries (id, listener_id, event_seq, state, created_ms, record) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::smallint[], $5::bigint[], $6::bytea[]) \
+                 ON CONFLICT (id) DO NOTHING",
+                &[&ids, &listeners, &seqs, &states, &created, &records],
+            )
+            .await?;
+            tx.commit().await?;
             Ok(())
         })
     }
 
     fn set_detached(&self, listener_id: &str, from_seq: Option<u64>) -> Result<(), StoreError> {
         let id = listener_id.to_owned();
-        self.read(move |client| async move {
+        let term = self.term.for_write()?;
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             match from_seq {
                 Some(seq) => {
-                    client
-                        .execute(
-                            "INSERT INTO detached (listener_id, from_seq) VALUES ($1, $2) \
-                             ON CONFLICT (listener_id) DO UPDATE SET from_seq = excluded.from_seq",
-                            &[&id, &signed(seq)],
-                        )
-                        .await?
+                    tx.execute(
+                        "INSERT INTO detached (listener_id, from_seq) VALUES ($1, $2) \
+                         ON CONFLICT (listener_id) DO UPDATE SET from_seq = excluded.from_seq",
+                        &[&id, &signed(seq)],
+                    )
+                    .await?
                 }
-                None => client.execute("DELETE FROM detached WHERE listener_id = $1", &[&id]).await?,
+                None => tx.execute("DELETE FROM detached WHERE listener_id = $1", &[&id]).await?,
             };
+            tx.commit().await?;
             Ok(())
         })
     }
@@ -403,8 +424,12 @@ impl PipelineStore for PgStore {
 
     fn forget_deleted(&self, listener_id: &str) -> Result<(), StoreError> {
         let id = listener_id.to_owned();
-        self.read(move |client| async move {
-            client.execute("DELETE FROM deleted_owing WHERE listener_id = $1", &[&id]).await?;
+        let term = self.term.for_write()?;
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
+            tx.execute("DELETE FROM deleted_owing WHERE listener_id = $1", &[&id]).await?;
+            tx.commit().await?;
             Ok(())
         })
     }
@@ -493,8 +518,10 @@ impl PipelineStore for PgStore {
 
     fn park(&self, entries: &[DueEntry]) -> Result<(), StoreError> {
         let entries = entries.to_vec();
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             let keys: Vec<(u64, String)> = entries.iter().map(|entry| (entry.due_ms, entry.key_id())).collect();
             unqueue_entries(&tx, &keys).await?;
             let lots: Vec<&str> = entries.iter().map(|entry| entry.listener_id.as_str()).collect();
@@ -513,8 +540,10 @@ impl PipelineStore for PgStore {
 
     fn unpark(&self, listener_id: &str, limit: usize) -> Result<Vec<QueuePosition>, StoreError> {
         let listener_id = listener_id.to_owned();
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             let moved = take_from_lot(&tx, &listener_id, limit).await?;
             let entries: Vec<(u64, String, &str)> =
                 moved.iter().map(|(due_ms, key_id)| (*due_ms, key_id.clone(), listener_id.as_str())).collect();
@@ -591,8 +620,10 @@ impl PipelineStore for PgStore {
 
     fn drop_entry(&self, entry: &DueEntry) -> Result<(), StoreError> {
         let entry = entry.clone();
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             unqueue_entries(&tx, &[(entry.due_ms, entry.key_id())]).await?;
             if entry.manual {
                 unmark_manual(&tx, &entry.delivery_id, entry.due_ms).await?;
@@ -613,8 +644,10 @@ impl PipelineStore for PgStore {
 
     fn cancel_delivery(&self, delivery: &Delivery, entry: &DueEntry) -> Result<(), StoreError> {
         let (cancelled, entry) = (cancelled(delivery), entry.clone());
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             put_deliveries(&tx, &[&cancelled]).await?;
             unqueue_entries(&tx, &[(entry.due_ms, entry.key_id())]).await?;
             if entry.manual {
@@ -628,8 +661,10 @@ impl PipelineStore for PgStore {
 
     fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<CancelledLot, StoreError> {
         let listener_id = listener_id.to_owned();
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             let taken = take_from_lot(&tx, &listener_id, limit).await?;
             let mut lot = CancelledLot::default();
             let mut cancelled_ids = std::collections::HashSet::new();
@@ -696,14 +731,17 @@ impl PipelineStore for PgStore {
 
     fn set_listener_health(&self, listener_id: &str, health: &ListenerHealth) -> Result<(), StoreError> {
         let (id, record) = (listener_id.to_owned(), encode(health));
-        self.read(move |client| async move {
-            client
-                .execute(
-                    "INSERT INTO listener_health (listener_id, record) VALUES ($1, $2) \
-                     ON CONFLICT (listener_id) DO UPDATE SET record = excluded.record",
-                    &[&id, &record],
-                )
-                .await?;
+        let term = self.term.for_write()?;
+        self.read(move |mut client| async move {
+            let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
+            tx.execute(
+                "INSERT INTO listener_health (listener_id, record) VALUES ($1, $2) \
+                 ON CONFLICT (listener_id) DO UPDATE SET record = excluded.record",
+                &[&id, &record],
+            )
+            .await?;
+            tx.commit().await?;
             Ok(())
         })
     }
@@ -714,6 +752,7 @@ impl PgStore {
     /// and sends `notes` on the nodes' channel as it commits.
     fn record_attempts(&self, completions: Vec<Completion>, notes: Vec<String>) -> Result<(), StoreError> {
         let channel = self.channel.clone();
+        let term = self.term.for_write()?;
         self.read(move |mut client| async move {
 
             let mut deliveries = Vec::with_capacity(completions.len());
@@ -750,6 +789,7 @@ impl PgStore {
                 deliveries.push(delivery);
             }
             let tx = client.transaction().await?;
+            term::check(&tx, term).await?;
             put_deliveries(&tx, &deliveries.iter().collect::<Vec<_>>()).await?;
             if !attempts.is_empty() {
                 let ids: Vec<&str> = attempts.iter().map(|(id, _, _)| id.as_str()).collect();

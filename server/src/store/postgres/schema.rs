@@ -139,6 +139,10 @@ const MIGRATIONS: &[&str] = &[
          key bytea NOT NULL,
          PRIMARY KEY (version, kind, key)
      );",
+    // 5: the delivery term, moved on by each node that takes the delivery lease; every write
+    // of the pipeline checks it (see `term`).
+    "CREATE TABLE delivery_term (id smallint PRIMARY KEY CHECK (id = 0), epoch bigint NOT NULL);
+     INSERT INTO delivery_term VALUES (0, 0);",
 ];
 
 /// The schema version this binary writes.

@@ -272,6 +272,64 @@ async fn one_node_at_a_time_delivers_and_another_takes_over_when_it_stops() {
     other.close().unwrap();
 }
 
+/// Ends the lease session of the node holding `place`'s delivery lease, as a network cut or
+/// a restart of its connection would.
+fn end_lease_session(place: &PgPlace) {
+    let ended = place.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND classid = 1752133483 AND objid = hashtext(current_schema())::oid",
+    );
+    assert_eq!(ended, 1, "one node held the lease");
+}
+
+// Regression (review): the lease is a session lock, but the pipeline writes over other
+// connections, so a node that had lost the lease could still commit an attempt's record, a
+// retry or its fan-out cursor after another node had taken over (and undo the other's work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_delivery_term_ended_writes_nothing_after_another_takes_over() {
+    use crate::store::{Attempt, Completion, Delivery, Event, FanoutCursor, NextStep};
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let first = with_producers(place.open()).await;
+    lease_is(&first, true).await;
+    first.begin_delivery();
+    let first_term = first.term.held();
+    first.set_fanout_cursor(&FanoutCursor { next_seq: 1, ..FanoutCursor::default() }).unwrap();
+    let second = place.open();
+    end_lease_session(&place);
+    lease_is(&second, true).await;
+    second.begin_delivery();
+    assert!(second.term.held() > first_term, "the new holder starts a new term");
+
+    // Once it knows, the old holder refuses its own writes.
+    lease_is(&first, false).await;
+    let cursor = |next_seq| FanoutCursor { next_seq, ..FanoutCursor::default() };
+    assert!(matches!(first.set_fanout_cursor(&cursor(7)), Err(StoreError::NotDelivering)));
+    // Before it knows, the database refuses them.
+    first.term.write_as(first_term);
+    let event = Event { seq: 0, ..Event::default() };
+    let delivery = Delivery::pending(crate::ids::delivery_id(0, "lst_a"), &event, "lst_a", 10);
+    let attempt = Attempt { number: 1, status_code: 503, ..Attempt::default() };
+    let completion = Completion { delivery, attempt, entry: None, next: NextStep::RetryAt(50), ordered: true };
+    let refused = first.complete_attempts(vec![completion.clone()]);
+    assert!(matches!(refused, Err(StoreError::NotDelivering)), "{refused:?}");
+    assert!(matches!(first.set_fanout_cursor(&cursor(7)), Err(StoreError::NotDelivering)));
+    assert!(matches!(first.set_detached("lst_a", Some(0)), Err(StoreError::NotDelivering)));
+    assert!(!second.delivery_exists(&completion.delivery.id).unwrap(), "no record of the old term");
+    assert_eq!(second.fanout_cursor().unwrap().next_seq, 1, "nor its cursor");
+    assert!(second.detached().unwrap().is_empty());
+    assert_eq!(place.scalar("SELECT count(*) FROM due"), 0, "nor its retry");
+
+    // The new holder's writes go on.
+    second.complete_attempts(vec![completion.clone()]).unwrap();
+    second.set_fanout_cursor(&cursor(2)).unwrap();
+    assert!(second.delivery_exists(&completion.delivery.id).unwrap());
+    first.close().unwrap();
+    second.close().unwrap();
+}
+
 /// A TCP relay on loopback in front of the test database, which a test cuts (every
 /// connection through it ends, new ones are refused) and restores.
 struct Relay {

@@ -1,0 +1,105 @@
+//! The delivery term: fencing for the writes of the node that delivers.
+//!
+//! The delivery lease is a session advisory lock, but the pipeline writes over other
+//! connections of the pool. A node that lost the lease (its session reset, or gone silent)
+//! could still commit what it had under way after another node took over: an attempt's
+//! record written over the new holder's, a retry queued again behind an ordered listener's
+//! next delivery, a fan-out cursor moved back. So every holder of the lease starts a new
+//! term: it moves `delivery_term.epoch` on, in the lease's session, before it delivers. Every
+//! write of the pipeline (fan-out, dispatch, recording, retention) runs in a transaction that
+//! first locks that row `FOR SHARE` at the epoch of its own term, and is refused
+//! ([`StoreError::NotDelivering`]) when the epoch has moved on. The new holder's move waits
+//! for the old holder's writes under way, and every later one is refused: nothing of an old
+//! term commits after a new one starts.
+//!
+//! A node writes for the term its pipeline began ([`Term::begin`]), not for the lease it
+//! holds now: a node that loses the lease and takes it again never lets a straggler of its
+//! previous term write for the new one. Stores no pipeline runs on (tests, `hookd rekey`)
+//! never begin a term, and their writes are not fenced. This module never decides who
+//! delivers; the lease does.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use deadpool_postgres::GenericClient;
+
+use super::signed;
+use crate::store::StoreError;
+
+/// The writes of a store whose pipeline never began a term: not fenced.
+const UNFENCED: u64 = u64::MAX;
+/// No term: this node does not deliver, and the pipeline's writes are refused.
+const NONE: u64 = 0;
+
+/// This node's lease and the term its pipeline writes for.
+#[derive(Debug)]
+pub(super) struct Term {
+    /// The epoch this node's lease started, or [`NONE`] while it holds none.
+    held: AtomicU64,
+    /// The epoch the pipeline's writes are checked against, [`NONE`] or [`UNFENCED`].
+    writing: AtomicU64,
+}
+
+impl Default for Term {
+    fn default() -> Self {
+        Self { held: AtomicU64::new(NONE), writing: AtomicU64::new(UNFENCED) }
+    }
+}
+
+impl Term {
+    /// This node took the lease and moved the epoch to `epoch`.
+    pub(super) fn took(&self, epoch: u64) {
+        self.held.store(epoch, Ordering::SeqCst);
+    }
+
+    /// This node no longer holds the lease: the pipeline's writes are refused from now on,
+    /// before the pipeline hears of it.
+    pub(super) fn lost(&self) {
+        self.held.store(NONE, Ordering::SeqCst);
+        // A store that never began a term stays unfenced.
+        let _ = self
+            .writing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |writing| (writing != UNFENCED).then_some(NONE));
+    }
+
+    /// The pipeline starts delivering: its writes are for the lease held now.
+    pub(super) fn begin(&self) {
+        self.writing.store(self.held.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    /// The epoch a pipeline write is checked against: `None` when not fenced.
+    pub(super) fn for_write(&self) -> Result<Option<u64>, StoreError> {
+        match self.writing.load(Ordering::SeqCst) {
+            UNFENCED => Ok(None),
+            NONE => Err(StoreError::NotDelivering),
+            epoch => Ok(Some(epoch)),
+        }
+    }
+
+    /// Writes for the term `epoch` from now on, as a node that has not yet noticed it lost
+    /// the lease would.
+    #[cfg(test)]
+    pub(super) fn write_as(&self, epoch: u64) {
+        self.writing.store(epoch, Ordering::SeqCst);
+    }
+
+    #[cfg(test)]
+    pub(super) fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts a new term, in the lease's session once it holds the lock: waits for the writes
+/// of the previous term under way, and refuses its later ones.
+pub(super) async fn start(client: &tokio_postgres::Client) -> Result<u64, StoreError> {
+    let row = client.query_one("UPDATE delivery_term SET epoch = epoch + 1 WHERE id = 0 RETURNING epoch", &[]).await?;
+    Ok(super::unsigned(row.get(0)))
+}
+
+/// The first statement of a pipeline write's transaction: goes on only while `epoch` is the
+/// term in force, and keeps a new one from starting until the transaction ends.
+pub(super) async fn check(tx: &impl GenericClient, epoch: Option<u64>) -> Result<(), StoreError> {
+    let Some(epoch) = epoch else { return Ok(()) };
+    let row =
+        tx.query_opt("SELECT 1 FROM delivery_term WHERE id = 0 AND epoch = $1 FOR SHARE", &[&signed(epoch)]).await?;
+    row.map(drop).ok_or(StoreError::NotDelivering)
+}

@@ -10,7 +10,7 @@ use super::{
     Listener, NewDelivery, NewEvent, NextStep, PipelineStore, Producer, Refusal, SeqRange, Store, StoreError,
 };
 use crate::ids;
-use crate::store::{IDEMPOTENCY_WINDOW_MS, MAX_SKIPPED};
+use crate::store::{EventFilter, IDEMPOTENCY_WINDOW_MS, LIST_PAGE_BYTES, MAX_SKIPPED};
 
 /// Where one test's store lives.
 pub(crate) trait Place {
@@ -58,6 +58,7 @@ macro_rules! conformance_tests {
             a_listeners_failed_deliveries_are_read_a_page_at_a_time,
             a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps,
             an_idempotency_key_outlives_an_event_trimmed_within_its_window,
+            a_page_of_events_stops_at_its_byte_budget,
         ], []);
     };
     (@each $place:expr, [$($name:ident,)*], [$($multi:ident,)*]) => {
@@ -507,6 +508,41 @@ where
     store.set_detached("lst_gone", None).unwrap();
     assert_eq!(HistoryStore::trim(&*store, u64::MAX, 0, 0, 100).unwrap().events, 1);
     assert!(left(&store).is_empty());
+    store.close().unwrap();
+}
+
+// Regression (review): a page held up to a thousand events whatever their payloads, so one
+// listing of large events made a response of a gigabyte.
+pub(crate) async fn a_page_of_events_stops_at_its_byte_budget<P: Place>(place: P)
+where
+    P::Backend: Backend,
+{
+    let store = with_producers(place.open()).await;
+    let large = |at: u64| NewEvent { payload: vec![b'x'; 1 << 20], ..new_event("prd_a", None, at) };
+    for at in 0..5 {
+        store.append_event(large(at)).await.unwrap();
+    }
+    store.append_event(new_event("prd_a", None, 5)).await.unwrap();
+    store.settled().await.unwrap();
+    let mut pages = Vec::new();
+    let mut after = None;
+    for producer in [None, Some("prd_a".to_owned())] {
+        let filter = EventFilter { producer_id: producer, ..EventFilter::default() };
+        loop {
+            let page = HistoryStore::list_events(&*store, &filter, after, 1000).unwrap();
+            let bytes: usize = page.items.iter().map(|event| event.payload.len()).sum();
+            assert!(bytes <= LIST_PAGE_BYTES, "a page of {bytes} bytes");
+            pages.push(page.items.iter().map(|event| event.seq).collect::<Vec<_>>());
+            match page.resume_after {
+                Some(token) => after = Some(token.parse().unwrap()),
+                None => break,
+            }
+        }
+        after = None;
+    }
+    // Two large events to a page, and every event listed once, in order, by either path.
+    let expected: Vec<Vec<u64>> = vec![vec![0, 1], vec![2, 3], vec![4, 5]];
+    assert_eq!(pages, [expected.clone(), expected].concat());
     store.close().unwrap();
 }
 

@@ -431,6 +431,11 @@ pub trait PipelineStore: Send + Sync + 'static {
     fn set_listener_health(&self, listener_id: &str, health: &ListenerHealth) -> Result<(), StoreError>;
 }
 
+/// Bytes of events' records a page of a listing holds at most (a page of one event excepted):
+/// a page of a thousand large payloads stays well within a client's 4 MiB message limit, and
+/// within bounded memory here.
+pub const LIST_PAGE_BYTES: usize = 3 << 20;
+
 /// Which events a listing wants.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventFilter {

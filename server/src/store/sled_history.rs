@@ -295,6 +295,7 @@ impl HistoryStore for SledStore {
         let mut items = Vec::new();
         let mut last = None;
         let mut reached_until = false;
+        let mut bytes = 0;
         for event in events.by_ref().take(scan_budget(limit)) {
             let event = match event {
                 Ok(event) => event,
@@ -311,10 +312,16 @@ impl HistoryStore for SledStore {
                 reached_until = true;
                 break;
             }
+            let wanted = event.created_at_ms >= filter.since_ms
+                && filter.event_type.as_ref().is_none_or(|t| *t == event.event_type);
+            let size = prost::Message::encoded_len(&event);
+            if wanted && !items.is_empty() && bytes + size > super::LIST_PAGE_BYTES {
+                // The page is full: this event starts the next one.
+                return Ok(Page { items, resume_after: last.map(|seq: u64| seq.to_string()) });
+            }
             last = Some(event.seq);
-            if event.created_at_ms >= filter.since_ms
-                && filter.event_type.as_ref().is_none_or(|t| *t == event.event_type)
-            {
+            if wanted {
+                bytes += size;
                 items.push(event);
                 if items.len() == limit {
                     break;

@@ -17,7 +17,7 @@ use super::pipeline::{
 use super::{PgStore, corrupt, signed, term, unsigned};
 use crate::store::listing::{implicit, merge_pages, scan_budget};
 use crate::store::model::{Delivery, DeliveryState, DueEntry, Event, Listener, decode};
-use crate::store::{COUNT_LIMIT, Counts, EventFilter, HistoryStore, Owed, Page, StoreError, Trimmed};
+use crate::store::{COUNT_LIMIT, Counts, EventFilter, HistoryStore, LIST_PAGE_BYTES, Owed, Page, StoreError, Trimmed};
 
 type Shared = Arc<RwLock<Directory>>;
 
@@ -284,8 +284,8 @@ impl HistoryStore for PgStore {
                 Some(producer_id) => {
                     client
                         .query(
-                            "SELECT seq, event_type, created_ms FROM events WHERE producer_id = $1 AND seq >= $2 \
-                             ORDER BY seq LIMIT $3",
+                            "SELECT seq, event_type, created_ms, octet_length(record) FROM events \
+                             WHERE producer_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
                             &[producer_id, &signed(start_seq), &fetch],
                         )
                         .await?
@@ -293,7 +293,8 @@ impl HistoryStore for PgStore {
                 None => {
                     client
                         .query(
-                            "SELECT seq, event_type, created_ms FROM events WHERE seq >= $1 ORDER BY seq LIMIT $2",
+                            "SELECT seq, event_type, created_ms, octet_length(record) FROM events WHERE seq >= $1 \
+                             ORDER BY seq LIMIT $2",
                             &[&signed(start_seq), &fetch],
                         )
                         .await?
@@ -302,6 +303,7 @@ impl HistoryStore for PgStore {
             let mut chosen: Vec<i64> = Vec::new();
             let mut last = None;
             let mut reached_until = false;
+            let (mut bytes, mut full) = (0, false);
             for (index, row) in rows.iter().take(budget).enumerate() {
                 let (seq, event_type, created_ms) = (row.get::<_, i64>(0), row.get::<_, &str>(1), unsigned(row.get(2)));
                 if filter.until_ms.is_some_and(|until| created_ms >= until) {
@@ -309,8 +311,17 @@ impl HistoryStore for PgStore {
                     reached_until = true;
                     break;
                 }
+                let wanted =
+                    created_ms >= filter.since_ms && filter.event_type.as_deref().is_none_or(|t| t == event_type);
+                let size = usize::try_from(row.get::<_, i32>(3)).unwrap_or(0);
+                if wanted && !chosen.is_empty() && bytes + size > LIST_PAGE_BYTES {
+                    // The page is full: this event starts the next one.
+                    full = true;
+                    break;
+                }
                 last = Some((index, seq));
-                if created_ms >= filter.since_ms && filter.event_type.as_deref().is_none_or(|t| t == event_type) {
+                if wanted {
+                    bytes += size;
                     chosen.push(seq);
                     if chosen.len() == limit {
                         break;
@@ -329,6 +340,7 @@ impl HistoryStore for PgStore {
                 }
             }
             let resume_after = match last {
+                Some((_, seq)) if full => Some(seq.to_string()),
                 Some((index, seq)) if !reached_until && rows.len() > index + 1 => Some(seq.to_string()),
                 _ => None,
             };

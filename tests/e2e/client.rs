@@ -244,6 +244,32 @@ async fn the_publisher_survives_a_kill_9_mid_stream() {
     hookd.kill9().await;
 }
 
+// Regression (review): a watch was admitted once, when it opened, so a leaked key went on
+// watching outcomes after its producer was disabled or the key revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_once_its_producer_is_disabled_or_its_key_revoked() {
+    let receiver = Receiver::start().await;
+    let server = TestServer::start().await;
+    let admin = server.admin().await;
+    let (producer, producer_id, _) = server.producer("leaky").await;
+    producer.listen("thing.done", &receiver.url("/leaky")).await.unwrap();
+    let mut watch = producer.watch_deliveries(None).await.unwrap();
+    let event_id = producer.trigger("thing.done", "1").await.unwrap().event_id;
+    bounded("the update before", watch.next()).await.unwrap().unwrap();
+
+    admin.disable_producer(&producer_id, "its key leaked").await.unwrap();
+    // An outcome made after the producer is disabled is not told to the old watch.
+    admin.delivery().replay_event(hookd_client::v1::ReplayEventRequest { event_id }).await.unwrap();
+    let ended = bounded("the watch's end", watch.next()).await.expect("the watch ends with a status");
+    assert!(matches!(ended, Err(Error::PermissionDenied(_))), "{ended:?}");
+
+    admin.enable_producer(&producer_id).await.unwrap();
+    let mut watch = producer.watch_deliveries(None).await.unwrap();
+    admin.rotate_producer_key(&producer_id, std::time::Duration::ZERO).await.unwrap();
+    let ended = bounded("the watch's end", watch.next()).await.expect("the watch ends with a status");
+    assert!(matches!(ended, Err(Error::Unauthenticated(_))), "{ended:?}");
+}
+
 // Regression: watchers were unlimited, and each looked at every producer's outcomes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_may_open_only_so_many_watchers() {

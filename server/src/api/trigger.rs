@@ -249,7 +249,8 @@ impl TriggerService for TriggerApi {
         &self,
         request: Request<WatchDeliveriesRequest>,
     ) -> Result<Response<Self::WatchDeliveriesStream>, Status> {
-        let producer = auth::producer(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
+        let (producer, key_hash) =
+            auth::producer_with_key(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let only_event = Some(request.into_inner().event_id).filter(|id| !id.is_empty());
         let mut watch = self
             .shared
@@ -261,12 +262,21 @@ impl TriggerService for TriggerApi {
         let (last_word, ending) = mpsc::channel(1);
         let shared = self.shared.clone();
         tokio::spawn(async move {
+            let mut recheck = tokio::time::interval(WATCH_RECHECK);
             let end = loop {
                 let outcome = tokio::select! {
                     outcome = watch.outcomes.recv() => outcome,
                     () = updates.closed() => return,
                     () = shared.stopping() => break Status::unavailable("hookd is shutting down; reconnect later"),
+                    _ = recheck.tick() => match still_admitted(&shared, &key_hash) {
+                        Ok(()) => continue,
+                        Err(status) => break status,
+                    },
                 };
+                // Nothing is told once the key is revoked or the producer disabled.
+                if let Err(status) = still_admitted(&shared, &key_hash) {
+                    break status;
+                }
                 let Some(outcome) = outcome else {
                     // The pipeline let go of this watcher: it fell behind (or hookd stopped).
                     if watch.fell_behind() {
@@ -284,6 +294,25 @@ impl TriggerService for TriggerApi {
             let _ = last_word.try_send(Err(end));
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(outgoing).chain(ReceiverStream::new(ending)))))
+    }
+}
+
+/// How often an idle watch checks that its key still admits it.
+const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether the key a watch was opened with still admits its producer: a watch opened with a
+/// key that leaked ends once the key is revoked (or expires) or the producer is disabled.
+/// A store that cannot say (it is failing) ends no watch.
+fn still_admitted(shared: &Shared, key_hash: &[u8; 32]) -> Result<(), Status> {
+    match shared.store.producer_by_key(key_hash, now_ms()) {
+        Ok(Some(producer)) if producer.enabled => Ok(()),
+        Ok(Some(producer)) => {
+            Err(Status::permission_denied(format!("producer {} was disabled; this watch ends", producer.id)))
+        }
+        Ok(None) => {
+            Err(Status::unauthenticated("the API key of this watch was revoked or has expired; this watch ends"))
+        }
+        Err(_) => Ok(()),
     }
 }
 

@@ -287,3 +287,38 @@ async fn a_standby_nodes_web_page_shows_listener_standing_as_the_delivering_node
     assert!(first.terminate().await.success());
     assert!(second.terminate().await.success());
 }
+
+// Regression (review): on PostgreSQL, a NUL in a delivery id or a page token reached the
+// database, which refuses it in text, and the call answered INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_and_page_tokens_with_a_nul_are_answered_not_found_and_invalid() {
+    use hookd_client::v1::{ListAttemptsRequest, ListDeliveriesRequest, RetryDeliveryRequest};
+    let Some(postgres) = PgSchema::new("nul_bytes") else { return };
+    let (store, key) = (postgres.store_url(), master_key());
+    let env = [("HOOKD_STORE", store.as_str()), ("HOOKD_MASTER_KEY", key.as_str()), ("HOOKD_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let dir = tempfile::tempdir().unwrap();
+    let node = HookdProcess::start(dir.path(), &env).await.unwrap();
+    let admin = Client::connect(node.endpoint()).await.unwrap().with_api_key(ADMIN_TOKEN).unwrap();
+    let created = admin.admin().create_producer(CreateProducerRequest { name: "nul".into() }).await.unwrap();
+    let producer = Client::connect(node.endpoint()).await.unwrap().with_api_key(&created.into_inner().api_key).unwrap();
+    let hash = derive(&producer, "nul.test").await;
+    let request = listener_request(&hash, "http://127.0.0.1:9/hook");
+    let listener = producer.register().register_listener(request).await.unwrap().into_inner().listener.unwrap();
+
+    let delivery_id = "dlv_\u{0}".to_owned();
+    let attempts = producer.delivery().list_attempts(ListAttemptsRequest { delivery_id: delivery_id.clone() }).await;
+    assert_eq!(attempts.unwrap_err().code(), Code::NotFound);
+    let retried = producer.delivery().retry_delivery(RetryDeliveryRequest { delivery_id }).await;
+    assert_eq!(retried.unwrap_err().code(), Code::NotFound);
+    // "AA" is a NUL in base64.
+    let listed = producer
+        .delivery()
+        .list_deliveries(ListDeliveriesRequest {
+            listener_id: listener.id,
+            page_token: "AA".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(listed.unwrap_err().code(), Code::InvalidArgument);
+    node.kill9().await;
+}

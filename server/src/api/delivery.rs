@@ -59,6 +59,10 @@ impl DeliveryApi {
     /// The caller's delivery, recorded or still waiting in the event log for its first attempt
     /// (then `false`).
     async fn own_delivery(&self, caller: &Caller, delivery_id: &str) -> ApiResult<(Delivery, bool)> {
+        // Not one of ours, whatever it holds (a database refuses some bytes in text).
+        if !ids::is_well_formed(delivery_id, ids::DELIVERY_PREFIX) {
+            return Err(ApiError::NotFound("delivery"));
+        }
         let history = self.shared.history.clone();
         let id = delivery_id.to_owned();
         blocking(move || history.delivery_view(&id))

@@ -332,6 +332,8 @@ struct Parts<S> {
 
 /// Delivery under way on this node: its tasks and where to tell them things.
 struct Delivering {
+    /// The delivery term it runs in (see [`Store::delivery_lease`]).
+    term: u64,
     commands: mpsc::UnboundedSender<Command>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -369,7 +371,8 @@ impl Pipeline {
         let remote = store.remote_changes();
         let parts = Parts { store, keyring, config, durable_seq, metrics, watchers: watchers.clone() };
         // Delivery starts here at once where it can, so a start that fails says so.
-        let now = delivering.borrow().then(|| parts.deliver()).transpose()?;
+        let term = *delivering.borrow();
+        let now = (term != 0).then(|| parts.deliver(term)).transpose()?;
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (commands, inbox) = mpsc::unbounded_channel();
@@ -395,9 +398,9 @@ impl Pipeline {
 
 impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
     /// Starts fan-out, dispatch and retention from where delivery durably stands.
-    fn deliver(&self) -> Result<Delivering, PipelineError> {
+    fn deliver(&self, term: u64) -> Result<Delivering, PipelineError> {
         // Every write from here on is for this term: none is made once another starts.
-        self.store.begin_delivery();
+        self.store.begin_delivery(term);
         let store = self.store.clone();
         let config = self.config.clone();
         let sender = deliver::Sender::new(config.attempt_timeout, config.target_policy.clone())?;
@@ -435,7 +438,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
             dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start, self.durable_seq.clone());
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.close();
-        Ok(Delivering { commands, tasks, shutdown, abandon })
+        Ok(Delivering { term, commands, tasks, shutdown, abandon })
     }
 
     /// Takes in a command while this node does not deliver: work queued and watchers are
@@ -500,7 +503,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
     mut now: Option<Delivering>,
     mut inbox: mpsc::UnboundedReceiver<Command>,
     mut remote: Option<mpsc::UnboundedReceiver<RemoteChange>>,
-    mut lease: tokio::sync::watch::Receiver<bool>,
+    mut lease: tokio::sync::watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) {
     // Standing by: the operator's questions put to the delivering node.
@@ -517,14 +520,17 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
         let delivering = match now.take() {
             Some(delivering) => delivering,
             None => {
-                tokio::select! {
+                let term = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return,
                     () = asking.given_up(), if asking.waiting() => {
                         asking.answer(Standing::Elsewhere);
                         continue;
                     }
-                    held = async { lease.wait_for(|held| *held).await.is_ok() } => if !held { return },
+                    held = async { lease.wait_for(|term| *term != 0).await.map(|term| *term).ok() } => match held {
+                        Some(term) => term,
+                        None => return,
+                    },
                     command = inbox.recv() => {
                         match command {
                             Some(Command::Inspect(reply)) => asking.ask(reply, &*parts.store),
@@ -544,10 +550,10 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                         }
                         continue;
                     }
-                }
+                };
                 // Those asking how listeners are doing are answered by this node from now on.
                 let asked = asking.take();
-                match parts.deliver() {
+                match parts.deliver(term) {
                     Ok(delivering) => {
                         for reply in asked {
                             drop(delivering.commands.send(Command::Inspect(reply)));
@@ -598,7 +604,7 @@ async fn supervise<S: Store + PipelineStore + HistoryStore>(
                     delivering.stop().await;
                     return;
                 }
-                lost = async { lease.wait_for(|held| !*held).await.is_ok() }, if lease_open => {
+                lost = async { lease.wait_for(|term| *term != delivering.term).await.is_ok() }, if lease_open => {
                     if lost { break }
                     lease_open = false;
                 }

@@ -192,7 +192,7 @@ mod tests {
     // Regression (review): attempts waiting to be written when a node stopped delivering were
     // written all the same, after another node had taken over.
     #[tokio::test]
-    async fn once_abandoned_what_waits_is_not_written() {
+    async fn once_abandoned_the_recorder_writes_nothing_more() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::SledStore::open(dir.path()).unwrap();
         let abandon = CancellationToken::new();

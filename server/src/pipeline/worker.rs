@@ -127,6 +127,13 @@ pub(crate) async fn attempt(
             let again = step.again_now.then_some(0);
             (step, again)
         }
+        Err(StoreError::NotDelivering) => {
+            // Another node delivers now, and this one has not yet heard: nothing more is
+            // sent from this term (every attempt under way or to come is dropped unrecorded).
+            tracing::warn!("this node's delivery term ended (another node took the lease over): it stops sending");
+            context.abandon.cancel();
+            (Step::not_sent(), None)
+        }
         Err(error) => {
             tracing::error!(delivery_id = %work.delivery_id(), error = &error as &dyn std::error::Error, "delivery attempt could not be recorded");
             (Step::not_sent(), Some(AGAIN_AFTER_MS))

@@ -262,16 +262,17 @@ pub trait Store: Send + Sync + 'static {
     /// from now on.
     fn observe_syncs(&self, histogram: prometheus_client::metrics::histogram::Histogram);
 
-    /// Whether this node delivers now. A node with a database to itself always does; where
-    /// several nodes share one, one at a time does (it holds the delivery lease) and the
-    /// others stand by. The pipeline runs while this is true.
-    fn delivery_lease(&self) -> tokio::sync::watch::Receiver<bool> {
-        tokio::sync::watch::channel(true).1
+    /// The delivery term this node delivers in now, 0 while it does not. A node with a
+    /// database to itself always delivers (term 1); where several nodes share one, one at a
+    /// time does (it holds the delivery lease), each holding starting a new term, and the
+    /// others stand by. The pipeline runs in a term until the term changes: a lease lost and
+    /// taken again is another term, however quickly.
+    fn delivery_lease(&self) -> tokio::sync::watch::Receiver<u64> {
+        tokio::sync::watch::channel(1).1
     }
-    /// The pipeline starts delivering for the lease held now: where nodes share the store,
-    /// its writes are refused ([`StoreError::NotDelivering`]) once another node's term starts,
-    /// and once this node loses the lease, until the pipeline begins again.
-    fn begin_delivery(&self) {}
+    /// The pipeline starts delivering in `term`: where nodes share the store, its writes are
+    /// refused ([`StoreError::NotDelivering`]) once the term has ended.
+    fn begin_delivery(&self, _term: u64) {}
     /// Changes made through other nodes, and what they tell this one, for the pipeline;
     /// `None` where no other node writes. The first caller takes them.
     fn remote_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<RemoteChange>> {

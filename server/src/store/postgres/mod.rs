@@ -153,8 +153,9 @@ pub struct PgStore {
     memory: Memory,
     /// Cancelled when the store is closed.
     closing: tokio_util::sync::CancellationToken,
-    /// Whether this node holds the delivery lease (see [`hold_lease`]).
-    lease: watch::Receiver<bool>,
+    /// The delivery term this node holds the lease for, 0 while it holds none (see
+    /// [`hold_lease`]).
+    lease: watch::Receiver<u64>,
     /// The delivery term the pipeline's writes are fenced with (see [`term`]).
     term: Arc<term::Term>,
     /// The task holding or seeking the lease, waited for at close (it gives the lease back).
@@ -228,20 +229,20 @@ async fn hold_lease_until(config: tokio_postgres::Config, lease: &Lease, closing
 /// The delivery lease as this node holds it: what the pipeline waits on, and the term its
 /// writes are fenced with.
 struct Lease {
-    watch: watch::Sender<bool>,
+    watch: watch::Sender<u64>,
     term: Arc<term::Term>,
 }
 
 impl Lease {
     fn took(&self, epoch: u64) {
         self.term.took(epoch);
-        self.watch.send_replace(true);
+        self.watch.send_replace(epoch);
     }
 
     /// Refuses the pipeline's writes, then tells it; returns whether the lease was held.
     fn lost(&self) -> bool {
         self.term.lost();
-        self.watch.send_replace(false)
+        self.watch.send_replace(0) != 0
     }
 }
 
@@ -360,7 +361,7 @@ impl PgStore {
     fn alone(store: Arc<Self>) -> Result<Arc<Self>, StoreError> {
         let mut lease = store.lease.clone();
         let held = wait_on(&store.handle, async move {
-            let waited = tokio::time::timeout(ALONE_WAIT, lease.wait_for(|held| *held)).await;
+            let waited = tokio::time::timeout(ALONE_WAIT, lease.wait_for(|term| *term != 0)).await;
             Ok(matches!(waited, Ok(Ok(_))))
         });
         if matches!(held, Ok(true)) {
@@ -397,6 +398,10 @@ impl PgStore {
             .map_err(|error| StoreError::Failed(format!("cannot start the database threads: {error}").into()))?;
         let handle = runtime.handle().clone();
         let lock_config = config.clone();
+        // A node cut off in the middle of a transaction does not hold its locks for ever (see
+        // `term::start`).
+        let options = config.get_options().unwrap_or_default().to_owned();
+        config.options(format!("{options} -c idle_in_transaction_session_timeout={}", term::IDLE_IN_WRITE.as_millis()));
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -441,7 +446,7 @@ impl PgStore {
         let closing = tokio_util::sync::CancellationToken::new();
         // The lease is given up at close, and when this node must stop (see `Rewound`).
         let lease_stop = closing.child_token();
-        let (lease_tx, lease) = watch::channel(false);
+        let (lease_tx, lease) = watch::channel(0);
         let term = Arc::new(term::Term::default());
         let lease_task = handle.spawn(hold_lease(
             lock_config.clone(),
@@ -1513,12 +1518,12 @@ impl Store for PgStore {
         let _ = self.sync_seconds.set(histogram);
     }
 
-    fn delivery_lease(&self) -> watch::Receiver<bool> {
+    fn delivery_lease(&self) -> watch::Receiver<u64> {
         self.lease.clone()
     }
 
-    fn begin_delivery(&self) {
-        self.term.begin();
+    fn begin_delivery(&self, term: u64) {
+        self.term.begin(term);
     }
 
     fn remote_changes(&self) -> Option<mpsc::UnboundedReceiver<RemoteChange>> {

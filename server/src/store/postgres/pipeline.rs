@@ -602,6 +602,8 @@ impl PipelineStore for PgStore {
         }
         match self.record_attempts(completions.clone(), notes) {
             Ok(()) => Ok(()),
+            // Refused whether told or not.
+            Err(StoreError::NotDelivering) => Err(StoreError::NotDelivering),
             Err(error) => {
                 // The record never depends on the telling (PostgreSQL refuses notifications
                 // when its queue is full, say): it is written untold, and the other nodes'

@@ -13,8 +13,9 @@
 //! term commits after a new one starts.
 //!
 //! A node writes for the term its pipeline began ([`Term::begin`]), not for the lease it
-//! holds now: a node that loses the lease and takes it again never lets a straggler of its
-//! previous term write for the new one. Stores no pipeline runs on (tests, `hookd rekey`)
+//! holds now, and the pipeline follows the term (not merely whether a lease is held): a node
+//! that loses the lease and takes it again, however quickly, starts its pipeline again in the
+//! new term. Stores no pipeline runs on (tests, `hookd rekey`)
 //! never begin a term, and their writes are not fenced. This module never decides who
 //! delivers; the lease does.
 
@@ -61,9 +62,15 @@ impl Term {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |writing| (writing != UNFENCED).then_some(NONE));
     }
 
-    /// The pipeline starts delivering: its writes are for the lease held now.
-    pub(super) fn begin(&self) {
-        self.writing.store(self.held.load(Ordering::SeqCst), Ordering::SeqCst);
+    /// The pipeline starts delivering in term `epoch`: its writes are for that term, unless
+    /// the lease was lost or taken again since (the pipeline then hears the term changed, and
+    /// begins again).
+    pub(super) fn begin(&self, epoch: u64) {
+        self.writing.store(epoch, Ordering::SeqCst);
+        // A loss in between may have come before the store above: undone here.
+        if self.held.load(Ordering::SeqCst) != epoch {
+            let _ = self.writing.compare_exchange(epoch, NONE, Ordering::SeqCst, Ordering::SeqCst);
+        }
     }
 
     /// The epoch a pipeline write is checked against: `None` when not fenced.
@@ -81,19 +88,32 @@ impl Term {
     pub(super) fn write_as(&self, epoch: u64) {
         self.writing.store(epoch, Ordering::SeqCst);
     }
-
-    #[cfg(test)]
-    pub(super) fn held(&self) -> u64 {
-        self.held.load(Ordering::SeqCst)
-    }
 }
 
 /// Starts a new term, in the lease's session once it holds the lock: waits for the writes
-/// of the previous term under way, and refuses its later ones.
+/// of the previous term under way, and refuses its later ones. A write of the last holder
+/// left open (its node cut off mid-transaction) ends within the pool's
+/// `idle_in_transaction_session_timeout`; meanwhile this waits, saying so every
+/// [`START_WAIT`] (the session's `lock_timeout`).
 pub(super) async fn start(client: &tokio_postgres::Client) -> Result<u64, StoreError> {
-    let row = client.query_one("UPDATE delivery_term SET epoch = epoch + 1 WHERE id = 0 RETURNING epoch", &[]).await?;
-    Ok(super::unsigned(row.get(0)))
+    client.batch_execute(&format!("SET lock_timeout = {}", START_WAIT.as_millis())).await?;
+    loop {
+        match client.query_one("UPDATE delivery_term SET epoch = epoch + 1 WHERE id = 0 RETURNING epoch", &[]).await {
+            Ok(row) => return Ok(super::unsigned(row.get(0))),
+            Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                tracing::warn!("the new delivery term waits for a write of the last one still open");
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
+
+/// How long the start of a term waits for the last term's writes before it says so.
+const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A transaction of the pool left open this long, idle, is ended by the server: so a node cut
+/// off mid-write holds back the next term this long at most.
+pub(super) const IDLE_IN_WRITE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The first statement of a pipeline write's transaction: goes on only while `epoch` is the
 /// term in force, and keeps a new one from starting until the transaction ends.
@@ -102,4 +122,29 @@ pub(super) async fn check(tx: &impl GenericClient, epoch: Option<u64>) -> Result
     let row =
         tx.query_opt("SELECT 1 FROM delivery_term WHERE id = 0 AND epoch = $1 FOR SHARE", &[&signed(epoch)]).await?;
     row.map(drop).ok_or(StoreError::NotDelivering)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_term_is_written_for_only_while_it_lasts_and_a_new_one_only_once_begun() {
+        let term = Term::default();
+        assert_eq!(term.for_write().unwrap(), None, "never begun: not fenced");
+        term.took(5);
+        term.begin(5);
+        assert_eq!(term.for_write().unwrap(), Some(5));
+        // Lost and taken again before the pipeline heard: nothing is written until it begins
+        // the new term, and a late start of the old one does not write either.
+        term.lost();
+        term.took(6);
+        assert!(matches!(term.for_write(), Err(StoreError::NotDelivering)));
+        term.begin(5);
+        assert!(matches!(term.for_write(), Err(StoreError::NotDelivering)));
+        term.begin(6);
+        assert_eq!(term.for_write().unwrap(), Some(6));
+        term.lost();
+        assert!(matches!(term.for_write(), Err(StoreError::NotDelivering)));
+    }
 }

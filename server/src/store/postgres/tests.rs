@@ -236,7 +236,8 @@ async fn two_nodes_number_their_triggers_from_one_log() {
 /// Waits (10 s at most) for a store's delivery lease to be `held` or not.
 async fn lease_is(store: &PgStore, held: bool) {
     let mut lease = store.delivery_lease();
-    let waited = tokio::time::timeout(std::time::Duration::from_secs(10), lease.wait_for(|now| *now == held)).await;
+    let waited =
+        tokio::time::timeout(std::time::Duration::from_secs(10), lease.wait_for(|term| (*term != 0) == held)).await;
     assert!(waited.is_ok(), "the delivery lease did not become {held} in time");
 }
 
@@ -263,7 +264,7 @@ async fn one_node_at_a_time_delivers_and_another_takes_over_when_it_stops() {
     let elsewhere = PgPlace::new();
     let other = elsewhere.open();
     lease_is(&other, true).await;
-    assert!(!*second.delivery_lease().borrow(), "the second node stands by");
+    assert_eq!(*second.delivery_lease().borrow(), 0, "the second node stands by");
     assert_eq!(lease_holders(&place), 1);
     first.close().unwrap();
     lease_is(&second, true).await;
@@ -294,14 +295,15 @@ async fn a_node_whose_delivery_term_ended_writes_nothing_after_another_takes_ove
     }
     let first = with_producers(place.open()).await;
     lease_is(&first, true).await;
-    first.begin_delivery();
-    let first_term = first.term.held();
+    let first_term = *first.delivery_lease().borrow();
+    first.begin_delivery(first_term);
     first.set_fanout_cursor(&FanoutCursor { next_seq: 1, ..FanoutCursor::default() }).unwrap();
     let second = place.open();
     end_lease_session(&place);
     lease_is(&second, true).await;
-    second.begin_delivery();
-    assert!(second.term.held() > first_term, "the new holder starts a new term");
+    let second_term = *second.delivery_lease().borrow();
+    second.begin_delivery(second_term);
+    assert!(second_term > first_term, "the new holder starts a new term");
 
     // Once it knows, the old holder refuses its own writes.
     lease_is(&first, false).await;
@@ -1083,7 +1085,7 @@ async fn a_node_that_loses_the_lease_drops_its_requests_in_flight_at_once() {
     assert_eq!(next(&mut hearing).await, "request");
     relay.cut();
     assert_eq!(next(&mut hearing).await, "closed", "the request in flight is dropped when the lease is lost");
-    assert!(!*store.delivery_lease().borrow());
+    assert_eq!(*store.delivery_lease().borrow(), 0);
     pipeline.stop(std::time::Duration::from_secs(1)).await;
     runtime.shutdown_background();
     store.close().unwrap();

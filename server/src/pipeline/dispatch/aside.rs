@@ -157,6 +157,7 @@ impl Dispatcher {
 
     /// A write to set work aside or end it failed: it is tried again after a pause.
     pub(super) fn write_failed(&mut self, error: StoreError, works: Vec<Work>) {
+        self.ended_if_refused(&error);
         tracing::error!(error = &error as &dyn std::error::Error, "cannot set deliveries aside; trying again shortly");
         let at = now_ms() + crate::pipeline::turn::AGAIN_AFTER_MS;
         for work in works {

@@ -178,11 +178,12 @@ impl Dispatcher {
         self.context.config.listener_in_flight
     }
 
-    /// Dispatches until `shutdown`, then writes where fan-out stands and waits for the workers
-    /// it started.
+    /// Dispatches until `shutdown` (or until the term is abandoned), then writes where fan-out
+    /// stands and waits for the workers it started.
     pub async fn run(mut self, shutdown: CancellationToken) {
         self.restore();
-        while !shutdown.is_cancelled() {
+        let abandon = self.context.abandon.clone();
+        while !shutdown.is_cancelled() && !abandon.is_cancelled() {
             while let Ok(command) = self.inbox.try_recv() {
                 self.handle(command);
             }
@@ -224,6 +225,7 @@ impl Dispatcher {
                 () = self.context.wake.notified() => {}
                 () = tokio::time::sleep(Duration::from_millis(wake_at.saturating_sub(now_ms()))) => {}
                 () = shutdown.cancelled() => {}
+                () = abandon.cancelled() => {}
             }
         }
         // Abandoned, another node delivers now: the cursor is its to move.
@@ -929,7 +931,17 @@ impl Dispatcher {
             && let Err(error) = self.context.queue.set_fanout_cursor(&cursor)
         {
             self.progress.unwritten();
+            self.ended_if_refused(&error);
             tracing::error!(error = &error as &dyn std::error::Error, "cannot record where fan-out stands");
+        }
+    }
+
+    /// A write refused because this node's delivery term ended: nothing more is sent or
+    /// written from this term (the node taking over redoes what is left).
+    pub(super) fn ended_if_refused(&self, error: &StoreError) {
+        if matches!(error, StoreError::NotDelivering) {
+            tracing::warn!("this node's delivery term ended (another node took the lease over): it stops delivering");
+            self.context.abandon.cancel();
         }
     }
 }

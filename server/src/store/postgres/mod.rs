@@ -398,10 +398,6 @@ impl PgStore {
             .map_err(|error| StoreError::Failed(format!("cannot start the database threads: {error}").into()))?;
         let handle = runtime.handle().clone();
         let lock_config = config.clone();
-        // A node cut off in the middle of a transaction does not hold its locks for ever (see
-        // `term::start`).
-        let options = config.get_options().unwrap_or_default().to_owned();
-        config.options(format!("{options} -c idle_in_transaction_session_timeout={}", term::IDLE_IN_WRITE.as_millis()));
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)

@@ -92,8 +92,8 @@ impl Term {
 
 /// Starts a new term, in the lease's session once it holds the lock: waits for the writes
 /// of the previous term under way, and refuses its later ones. A write of the last holder
-/// left open (its node cut off mid-transaction) ends within the pool's
-/// `idle_in_transaction_session_timeout`; meanwhile this waits, saying so every
+/// left open (its node cut off mid-transaction) ends once idle for [`IDLE_IN_WRITE`] (each
+/// checked write sets it for its own transaction); meanwhile this waits, saying so every
 /// [`START_WAIT`] (the session's `lock_timeout`).
 pub(super) async fn start(client: &tokio_postgres::Client) -> Result<u64, StoreError> {
     client.batch_execute(&format!("SET lock_timeout = {}", START_WAIT.as_millis())).await?;
@@ -111,16 +111,23 @@ pub(super) async fn start(client: &tokio_postgres::Client) -> Result<u64, StoreE
 /// How long the start of a term waits for the last term's writes before it says so.
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// A transaction of the pool left open this long, idle, is ended by the server: so a node cut
-/// off mid-write holds back the next term this long at most.
-pub(super) const IDLE_IN_WRITE: std::time::Duration = std::time::Duration::from_secs(15);
+/// A checked write's transaction left open this long, idle, is ended by the server: so a node
+/// cut off mid-write holds back the next term about this long.
+const IDLE_IN_WRITE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The first statement of a pipeline write's transaction: goes on only while `epoch` is the
 /// term in force, and keeps a new one from starting until the transaction ends.
 pub(super) async fn check(tx: &impl GenericClient, epoch: Option<u64>) -> Result<(), StoreError> {
     let Some(epoch) = epoch else { return Ok(()) };
-    let row =
-        tx.query_opt("SELECT 1 FROM delivery_term WHERE id = 0 AND epoch = $1 FOR SHARE", &[&signed(epoch)]).await?;
+    // The transaction, left open, ends after IDLE_IN_WRITE (set for it alone).
+    let idle = IDLE_IN_WRITE.as_millis().to_string();
+    let row = tx
+        .query_opt(
+            "SELECT set_config('idle_in_transaction_session_timeout', $2, true) FROM delivery_term \
+             WHERE id = 0 AND epoch = $1 FOR SHARE",
+            &[&signed(epoch), &idle],
+        )
+        .await?;
     row.map(drop).ok_or(StoreError::NotDelivering)
 }
 

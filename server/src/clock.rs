@@ -54,7 +54,8 @@ pub fn parse_rfc3339(text: &str) -> Option<u64> {
     let text = text.trim().trim_end_matches('Z');
     let (date, time) = text.split_once(['T', ' '])?;
     let mut date = date.split('-');
-    let year: i64 = date.next()?.parse().ok()?;
+    // Years a page can mean: the arithmetic below stays far from overflow.
+    let year: i64 = date.next()?.parse().ok().filter(|y| (1970..=9999).contains(y))?;
     let month: u32 = date.next()?.parse().ok().filter(|m| (1..=12).contains(m))?;
     let day: u32 = date.next()?.parse().ok().filter(|d| (1..=31).contains(d))?;
     let mut time = time.split(':');
@@ -87,7 +88,8 @@ mod tests {
         }
         assert_eq!(parse_rfc3339("2026-12-06T20:51"), Some(1_796_590_260_000), "a datetime-local field");
         assert_eq!(parse_rfc3339("2026-12-06T20:51:14.5Z"), Some(1_796_590_274_500));
-        for bad in ["", "yesterday", "2026-13-01T00:00", "2026-12-06", "2026-12-06T25:00", "1969-12-31T23:59"] {
+        let huge = "9223372036854775807-01-01T00:00";
+        for bad in ["", "yesterday", "2026-13-01T00:00", "2026-12-06", "2026-12-06T25:00", "1969-12-31T23:59", huge] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }

@@ -313,8 +313,10 @@ impl DeliveryApi {
         self.ensure_listener_enabled(&delivery.listener_id)?;
         let history = self.shared.history.clone();
         let id = delivery.id.clone();
-        let queued_at = now_ms();
-        blocking(move || history.queue_manual_attempt(&id, queued_at)).await?.ok_or(ApiError::NotFound("delivery"))?;
+        let now = now_ms();
+        // One asked for earlier and not yet made is the one this asks for.
+        let (_, queued_at) =
+            blocking(move || history.queue_manual_attempt(&id, now)).await?.ok_or(ApiError::NotFound("delivery"))?;
         self.shared.pipeline.queued();
         Ok(RetryDeliveryResponse { delivery: Some(delivery_message(delivery)), queued_at: Some(timestamp(queued_at)) })
     }

@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use super::{
-    Appended, Attempt, Backend, CancelledLot, Completion, Delivery, DeliveryState, Event, FanoutCursor, HistoryStore,
-    Listener, NewDelivery, NewEvent, NextStep, PipelineStore, Producer, Refusal, SeqRange, Store, StoreError,
+    Appended, Attempt, Backend, CancelledLot, Completion, Delivery, DeliveryState, DueEntry, Event, FanoutCursor,
+    HistoryStore, Listener, NewDelivery, NewEvent, NextStep, PipelineStore, Producer, Refusal, SeqRange, Store,
+    StoreError,
 };
 use crate::ids;
 use crate::store::{EventFilter, IDEMPOTENCY_WINDOW_MS, LIST_PAGE_BYTES, MAX_SKIPPED};
@@ -59,6 +60,7 @@ macro_rules! conformance_tests {
             a_deleted_listeners_lot_is_cancelled_where_it_lies_in_bounded_steps,
             an_idempotency_key_outlives_an_event_trimmed_within_its_window,
             a_page_of_events_stops_at_its_byte_budget,
+            a_delivery_has_one_manual_attempt_queued_at_a_time,
         ], []);
     };
     (@each $place:expr, [$($name:ident,)*], [$($multi:ident,)*]) => {
@@ -543,6 +545,46 @@ where
     // Two large events to a page, and every event listed once, in order, by either path.
     let expected: Vec<Vec<u64>> = vec![vec![0, 1], vec![2, 3], vec![4, 5]];
     assert_eq!(pages, [expected.clone(), expected].concat());
+    store.close().unwrap();
+}
+
+// Regression (review): every RetryDelivery queued one more manual attempt, so a loop queued
+// as many real requests (and attempt records) as it made calls.
+pub(crate) async fn a_delivery_has_one_manual_attempt_queued_at_a_time<P: Place>(place: P)
+where
+    P::Backend: Backend,
+{
+    let store = with_producers(place.open()).await;
+    store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    store.settled().await.unwrap();
+    let event = store.event_at(0).unwrap().unwrap();
+    let mut delivery = Delivery::pending(ids::delivery_id(0, "lst_m"), &event, "lst_m", 10);
+    delivery.state = DeliveryState::Failed as i32;
+    delivery.attempts = 1;
+    let attempt = Attempt { number: 1, status_code: 500, ..Attempt::default() };
+    let completion =
+        Completion { delivery: delivery.clone(), attempt, entry: None, next: NextStep::Done, ordered: false };
+    store.complete_attempts(vec![completion]).unwrap();
+
+    let queued_at = |now| store.queue_manual_attempt(&delivery.id, now).unwrap().map(|(_, at)| at);
+    assert_eq!(queued_at(20), Some(20));
+    assert_eq!(queued_at(30), Some(20), "the one asked for first, not yet made, is the one");
+    let manual: Vec<DueEntry> = store.due(None, 100, 10).unwrap().into_iter().filter(|entry| entry.manual).collect();
+    assert_eq!(manual.len(), 1, "one request, whatever the calls");
+    // Once it is made, another may be asked for.
+    let attempt = Attempt { number: 2, status_code: 500, ..Attempt::default() };
+    let entry = manual.into_iter().next();
+    store
+        .complete_attempts(vec![Completion {
+            delivery: delivery.clone(),
+            attempt,
+            entry,
+            next: NextStep::Done,
+            ordered: false,
+        }])
+        .unwrap();
+    assert_eq!(queued_at(40), Some(40));
+    assert_eq!(store.queue_manual_attempt("dlv_none", 50).unwrap().map(|(_, at)| at), None);
     store.close().unwrap();
 }
 

@@ -534,9 +534,10 @@ pub trait HistoryStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<Delivery>, StoreError>;
-    /// Queues one manual attempt of a delivery, due at `now_ms`, durably; the delivery, or
-    /// `None`.
-    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError>;
+    /// Queues one manual attempt of a delivery, due at `now_ms`, durably, unless one asked
+    /// for earlier is still queued or under way (then nothing more is queued): the delivery
+    /// and when its manual attempt was asked for, or `None` for no such delivery.
+    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<(Delivery, u64)>, StoreError>;
     /// Creates new deliveries (a replay), each due at its `next_attempt_at_ms`, durably.
     /// False (and nothing written) when their event no longer exists.
     fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<bool, StoreError>;

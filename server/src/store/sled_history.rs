@@ -393,11 +393,15 @@ impl HistoryStore for SledStore {
         SledStore::delivery_view(self, delivery_id)
     }
 
-    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError> {
+    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<(Delivery, u64)>, StoreError> {
         let _serial = self.history_lock.lock().expect("the history lock is never poisoned");
         let Some(delivery) = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))? else {
             return Ok(None);
         };
+        let prefix = keys::manual_prefix(delivery_id);
+        if let Some(earlier) = self.queue.scan_prefix(&prefix).keys().next() {
+            return Ok(Some((delivery, seq_of(&earlier?, prefix.len())?)));
+        }
         let entry = DueEntry {
             due_ms: now_ms,
             delivery_id: delivery_id.to_owned(),
@@ -409,7 +413,7 @@ impl HistoryStore for SledStore {
         batch.insert(keys::manual(delivery_id, now_ms), &[] as &[u8]);
         self.queue.apply_batch(batch)?;
         self.queue.flush()?;
-        Ok(Some(delivery))
+        Ok(Some((delivery, now_ms)))
     }
 
     fn create_deliveries(&self, deliveries: &[Delivery]) -> Result<bool, StoreError> {

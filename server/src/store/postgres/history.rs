@@ -412,17 +412,22 @@ impl HistoryStore for PgStore {
         self.read(move |client| async move { delivery_view(&client, &directory, &id).await })
     }
 
-    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<Delivery>, StoreError> {
+    fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<(Delivery, u64)>, StoreError> {
         let id = delivery_id.to_owned();
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
             // Locked, so retention cannot take the delivery, nor a recovery requeue it,
-            // before the manual attempt is on record.
-            let row = tx.query_opt("SELECT record FROM deliveries WHERE id = $1 FOR SHARE", &[&id]).await?;
+            // before the manual attempt is on record; and so two asking at once queue one.
+            let row = tx.query_opt("SELECT record FROM deliveries WHERE id = $1 FOR UPDATE", &[&id]).await?;
             let Some(row) = row else {
                 return Ok(None);
             };
             let delivery: Delivery = decode(row.get(0)).ok_or_else(|| corrupt("deliveries", &id))?;
+            let earlier =
+                tx.query_opt("SELECT due_ms FROM manual_queued WHERE delivery_id = $1 LIMIT 1", &[&id]).await?;
+            if let Some(earlier) = earlier {
+                return Ok(Some((delivery, unsigned(earlier.get(0)))));
+            }
             let entry = DueEntry {
                 due_ms: now_ms,
                 delivery_id: id.clone(),
@@ -436,7 +441,7 @@ impl HistoryStore for PgStore {
             )
             .await?;
             tx.commit().await?;
-            Ok(Some(delivery))
+            Ok(Some((delivery, now_ms)))
         })
     }
 

@@ -270,6 +270,22 @@ async fn a_watch_ends_once_its_producer_is_disabled_or_its_key_revoked() {
     assert!(matches!(ended, Err(Error::Unauthenticated(_))), "{ended:?}");
 }
 
+// Regression (review): a watch of one event took any event_id, another producer's included,
+// and streamed nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_one_event_takes_only_an_event_of_the_caller() {
+    let server = TestServer::start().await;
+    let (producer, _, _) = server.producer("mine").await;
+    let (other, _, _) = server.producer("theirs").await;
+    let theirs = other.trigger("thing.done", "{}").await.unwrap().event_id;
+    let refused = producer.watch_deliveries(Some("not an event id")).await.err().expect("refused");
+    assert!(matches!(refused, Error::InvalidArgument(_)), "{refused:?}");
+    let refused = producer.watch_deliveries(Some(&theirs)).await.err().expect("refused");
+    assert!(matches!(refused, Error::NotFound(_)), "{refused:?}");
+    let mine = producer.trigger("thing.done", "{}").await.unwrap().event_id;
+    let _watch = producer.watch_deliveries(Some(&mine)).await.expect("its own event, just triggered");
+}
+
 // Regression: watchers were unlimited, and each looked at every producer's outcomes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_may_open_only_so_many_watchers() {

@@ -276,7 +276,11 @@ impl DeliveryApi {
                     .map(|listener| Delivery::pending(ids::replay_delivery_id(event.seq), &event, &listener.id, now))
                     .collect();
                 if !history.create_deliveries(&batch)? {
-                    return Err(ApiError::NotFound("event"));
+                    // Retention took the event meanwhile: the deliveries made before stay.
+                    return match created {
+                        0 => Err(ApiError::NotFound("event")),
+                        _ => Ok((created, answered)),
+                    };
                 }
                 created += batch.len();
                 let room = REPLAY_ANSWERED.saturating_sub(answered.len());

@@ -252,6 +252,20 @@ impl TriggerService for TriggerApi {
         let (producer, key_hash) =
             auth::producer_with_key(request.metadata(), &self.shared.config, self.shared.store.as_ref())?;
         let only_event = Some(request.into_inner().event_id).filter(|id| !id.is_empty());
+        if let Some(event_id) = &only_event {
+            if !crate::ids::is_well_formed(event_id, crate::ids::EVENT_PREFIX) {
+                return Err(
+                    ApiError::InvalidArgument("event_id is not an event id (evt_ and 32 hex digits)".into()).into()
+                );
+            }
+            // Another producer's event is not found, as everywhere else.
+            self.shared.store.settled().await.map_err(ApiError::from)?;
+            let (store, id) = (self.shared.store.clone(), event_id.clone());
+            let event = crate::blocking(move || store.event(&id)).await.map_err(ApiError::from)?;
+            if event.is_none_or(|event| event.producer_id != producer.id) {
+                return Err(ApiError::NotFound("event").into());
+            }
+        }
         let mut watch = self
             .shared
             .pipeline

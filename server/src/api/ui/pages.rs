@@ -251,6 +251,9 @@ impl Ui {
             loop {
                 let producers = store.list_producers(after.as_deref(), 500)?;
                 for producer in &producers {
+                    if all.len() >= 5000 {
+                        break;
+                    }
                     let mut from: Option<String> = None;
                     loop {
                         let page = store.list_listeners(&producer.id, None, from.as_deref(), 500)?;

@@ -584,7 +584,10 @@ where
         }])
         .unwrap();
     assert_eq!(queued_at(40), Some(40));
-    assert_eq!(store.queue_manual_attempt("dlv_none", 50).unwrap().map(|(_, at)| at), None);
+    // Parked with its listener (backed off, say), it is still the one.
+    store.park(&store.due(None, 100, 10).unwrap()).unwrap();
+    assert_eq!(queued_at(50), Some(40));
+    assert_eq!(store.queue_manual_attempt("dlv_none", 60).unwrap().map(|(_, at)| at), None);
     store.close().unwrap();
 }
 

@@ -398,18 +398,29 @@ impl HistoryStore for SledStore {
         let Some(delivery) = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))? else {
             return Ok(None);
         };
-        let prefix = keys::manual_prefix(delivery_id);
-        if let Some(earlier) = self.queue.scan_prefix(&prefix).keys().next() {
-            return Ok(Some((delivery, seq_of(&earlier?, prefix.len())?)));
-        }
         let entry = DueEntry {
             due_ms: now_ms,
             delivery_id: delivery_id.to_owned(),
             listener_id: delivery.listener_id.clone(),
             manual: true,
         };
+        let key_id = entry.key_id();
         let mut batch = Batch::default();
-        batch.insert(keys::due(now_ms, &entry.key_id()), entry.listener_id.as_bytes());
+        // One asked for earlier is still queued (or under way), or parked with its listener.
+        // A mark without its entry (two manual attempts parked at once before, whose lot
+        // entry was one) is stale: it goes.
+        let prefix = keys::manual_prefix(delivery_id);
+        for mark in self.queue.scan_prefix(&prefix).keys() {
+            let mark = mark?;
+            let due_ms = seq_of(&mark, prefix.len())?;
+            if self.queue.contains_key(keys::due(due_ms, &key_id))?
+                || self.queue.contains_key(keys::parked(&entry.listener_id, &key_id))?
+            {
+                return Ok(Some((delivery, due_ms)));
+            }
+            batch.remove(mark);
+        }
+        batch.insert(keys::due(now_ms, &key_id), entry.listener_id.as_bytes());
         batch.insert(keys::manual(delivery_id, now_ms), &[] as &[u8]);
         self.queue.apply_batch(batch)?;
         self.queue.flush()?;

@@ -423,17 +423,27 @@ impl HistoryStore for PgStore {
                 return Ok(None);
             };
             let delivery: Delivery = decode(row.get(0)).ok_or_else(|| corrupt("deliveries", &id))?;
-            let earlier =
-                tx.query_opt("SELECT due_ms FROM manual_queued WHERE delivery_id = $1 LIMIT 1", &[&id]).await?;
-            if let Some(earlier) = earlier {
-                return Ok(Some((delivery, unsigned(earlier.get(0)))));
-            }
             let entry = DueEntry {
                 due_ms: now_ms,
                 delivery_id: id.clone(),
                 listener_id: delivery.listener_id.clone(),
                 manual: true,
             };
+            // One asked for earlier is still queued (or under way), or parked with its
+            // listener. A mark without its entry (two manual attempts parked at once before,
+            // whose lot entry was one) is stale: it goes.
+            let earlier = tx
+                .query_opt(
+                    "SELECT m.due_ms FROM manual_queued m WHERE m.delivery_id = $1 \
+                     AND (EXISTS (SELECT 1 FROM due d WHERE d.due_ms = m.due_ms AND d.key_id = $2) \
+                     OR EXISTS (SELECT 1 FROM parked p WHERE p.listener_id = $3 AND p.key_id = $2)) LIMIT 1",
+                    &[&id, &entry.key_id(), &entry.listener_id],
+                )
+                .await?;
+            if let Some(earlier) = earlier {
+                return Ok(Some((delivery, unsigned(earlier.get(0)))));
+            }
+            tx.execute("DELETE FROM manual_queued WHERE delivery_id = $1", &[&id]).await?;
             queue_entries(&tx, &[(now_ms, entry.key_id(), &entry.listener_id)]).await?;
             tx.execute(
                 "INSERT INTO manual_queued (delivery_id, due_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",

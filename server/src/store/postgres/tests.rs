@@ -332,6 +332,38 @@ async fn a_node_whose_delivery_term_ended_writes_nothing_after_another_takes_ove
     second.close().unwrap();
 }
 
+// Regression (review): two manual attempts parked at once (possible before one was queued at
+// a time) share one lot entry, and the mark of the other stayed: it must not stand for a
+// manual attempt for ever.
+#[tokio::test]
+async fn a_manual_attempts_stale_mark_does_not_stand_for_one() {
+    use crate::store::{Attempt, Completion, Delivery, HistoryStore, NextStep};
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let store = with_producers(place.open()).await;
+    store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    store.settled().await.unwrap();
+    let event = store.event_at(0).unwrap().unwrap();
+    let delivery = Delivery::pending(crate::ids::delivery_id(0, "lst_a"), &event, "lst_a", 10);
+    let attempt = Attempt { number: 1, status_code: 500, ..Attempt::default() };
+    store
+        .complete_attempts(vec![Completion {
+            delivery: delivery.clone(),
+            attempt,
+            entry: None,
+            next: NextStep::Done,
+            ordered: false,
+        }])
+        .unwrap();
+    place.execute(&format!("INSERT INTO manual_queued (delivery_id, due_ms) VALUES ('{}', 5)", delivery.id));
+    let queued = store.queue_manual_attempt(&delivery.id, 20).unwrap().map(|(_, at)| at);
+    assert_eq!(queued, Some(20), "a new one is queued");
+    assert_eq!(place.scalar("SELECT count(*) FROM manual_queued WHERE due_ms = 5"), 0, "and the stale mark is gone");
+    store.close().unwrap();
+}
+
 /// A TCP relay on loopback in front of the test database, which a test cuts (every
 /// connection through it ends, new ones are refused) and restores.
 struct Relay {

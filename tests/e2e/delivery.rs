@@ -73,7 +73,7 @@ async fn recorded(server: TestServer, pairs: &[(&str, &str)]) -> Vec<(Delivery, 
         .map(|(event_id, listener_id)| {
             let id = ids::delivery_id(ids::event_seq(event_id).unwrap(), listener_id);
             let delivery = store.delivery(&id).unwrap().unwrap_or_else(|| panic!("no delivery {id}"));
-            (delivery, store.attempts(&id).unwrap())
+            (delivery, store.attempts(&id, 0, usize::MAX).unwrap())
         })
         .collect();
     store.close().unwrap();

@@ -81,7 +81,7 @@ async fn every_attempt_is_listed_with_its_outcome() {
     assert_eq!(delivered[0].last_status_code, 200);
     let attempts = producer
         .delivery()
-        .list_attempts(ListAttemptsRequest { delivery_id: delivered[0].id.clone() })
+        .list_attempts(ListAttemptsRequest { delivery_id: delivered[0].id.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
@@ -89,6 +89,17 @@ async fn every_attempt_is_listed_with_its_outcome() {
     assert_eq!(attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(), [500, 500, 200]);
     assert_eq!(attempts.iter().map(|a| a.number).collect::<Vec<_>>(), [1, 2, 3]);
     assert!(attempts.iter().all(|a| a.trigger == AttemptTrigger::Scheduled as i32));
+    // A page at a time.
+    let page = |page_token: String| {
+        let request = ListAttemptsRequest { delivery_id: delivered[0].id.clone(), page_size: 2, page_token };
+        let producer = producer.clone();
+        async move { producer.delivery().list_attempts(request).await.unwrap().into_inner() }
+    };
+    let first = page(String::new()).await;
+    assert_eq!(first.attempts.iter().map(|a| a.number).collect::<Vec<_>>(), [1, 2]);
+    let second = page(first.next_page_token).await;
+    assert_eq!(second.attempts.iter().map(|a| a.number).collect::<Vec<_>>(), [3]);
+    assert!(second.next_page_token.is_empty(), "the last page says so");
     assert!(attempts.iter().all(|a| a.response_body == b"recorded"));
 
     let fetched =
@@ -124,7 +135,7 @@ async fn a_failed_delivery_is_retried_by_hand_once_its_listener_recovers() {
     let attempts = eventually("the manual attempt", || {
         let (producer, id) = (producer.clone(), failed[0].id.clone());
         async move {
-            let request = ListAttemptsRequest { delivery_id: id };
+            let request = ListAttemptsRequest { delivery_id: id, ..Default::default() };
             let attempts = producer.delivery().list_attempts(request).await.unwrap().into_inner().attempts;
             (attempts.len() == 4).then_some(attempts)
         }
@@ -307,7 +318,11 @@ async fn another_producer_cannot_see_or_touch_what_it_does_not_own() {
             .list_deliveries(ListDeliveriesRequest { listener_id: listener.clone(), ..Default::default() })
             .await
             .map(|_| ()),
-        delivery_api.clone().list_attempts(ListAttemptsRequest { delivery_id: delivery.id.clone() }).await.map(|_| ()),
+        delivery_api
+            .clone()
+            .list_attempts(ListAttemptsRequest { delivery_id: delivery.id.clone(), ..Default::default() })
+            .await
+            .map(|_| ()),
         delivery_api
             .clone()
             .retry_delivery(RetryDeliveryRequest { delivery_id: delivery.id.clone() })
@@ -388,7 +403,7 @@ async fn targets_the_policy_refuses_are_refused_at_registration_or_failed_for_go
     let event = trigger(&producer, "probe", "{}").await;
     let [delivery] = settled(&producer, &event, 1, DeliveryState::Failed).await.try_into().unwrap();
     assert_eq!(delivery.listener_id, named);
-    let request = ListAttemptsRequest { delivery_id: delivery.id };
+    let request = ListAttemptsRequest { delivery_id: delivery.id, ..Default::default() };
     let attempts = producer.delivery().list_attempts(request).await.unwrap().into_inner().attempts;
     assert_eq!(attempts.len(), 1, "a refused target is not retried: {attempts:?}");
     assert!(attempts[0].status_code == 0 && attempts[0].error.starts_with("refused:"), "{attempts:?}");
@@ -445,7 +460,7 @@ async fn retention_keeps_a_failed_delivery_while_a_manual_attempt_of_it_is_pendi
     producer.delivery().get_event(GetEventRequest { event_id: kept.clone() }).await.expect("its event is kept");
     let deliveries = deliveries_of_event(&producer, &kept).await;
     assert_eq!(deliveries.len(), 1, "and its delivery");
-    let request = ListAttemptsRequest { delivery_id: deliveries[0].id.clone() };
+    let request = ListAttemptsRequest { delivery_id: deliveries[0].id.clone(), ..Default::default() };
     let attempts = producer.delivery().list_attempts(request).await.unwrap().into_inner().attempts;
     assert_eq!(attempts.len(), 3, "and the attempts made so far: {attempts:?}");
     // Once the manual attempt is done, nothing holds the event any longer.
@@ -542,7 +557,7 @@ async fn first_attempts_still_to_come_are_listed_as_pending() {
     assert_eq!(waiting[0].id, listed[EVENTS - 1].id, "the same delivery, however it is listed");
     let attempts = producer
         .delivery()
-        .list_attempts(ListAttemptsRequest { delivery_id: waiting[0].id.clone() })
+        .list_attempts(ListAttemptsRequest { delivery_id: waiting[0].id.clone(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
@@ -554,7 +569,10 @@ async fn first_attempts_still_to_come_are_listed_as_pending() {
     assert!(refused.message().contains("first attempt"), "{refused:?}");
     // Another producer sees none of it.
     let (stranger, _, _) = server.producer("stranger").await;
-    let peek = stranger.delivery().list_attempts(ListAttemptsRequest { delivery_id: waiting[0].id.clone() }).await;
+    let peek = stranger
+        .delivery()
+        .list_attempts(ListAttemptsRequest { delivery_id: waiting[0].id.clone(), ..Default::default() })
+        .await;
     assert_eq!(peek.unwrap_err().code(), Code::NotFound);
 
     // Once answered, each is recorded and the listings say so.

@@ -306,7 +306,10 @@ async fn ids_and_page_tokens_with_a_nul_are_answered_not_found_and_invalid() {
     let listener = producer.register().register_listener(request).await.unwrap().into_inner().listener.unwrap();
 
     let delivery_id = "dlv_\u{0}".to_owned();
-    let attempts = producer.delivery().list_attempts(ListAttemptsRequest { delivery_id: delivery_id.clone() }).await;
+    let attempts = producer
+        .delivery()
+        .list_attempts(ListAttemptsRequest { delivery_id: delivery_id.clone(), ..Default::default() })
+        .await;
     assert_eq!(attempts.unwrap_err().code(), Code::NotFound);
     let retried = producer.delivery().retry_delivery(RetryDeliveryRequest { delivery_id }).await;
     assert_eq!(retried.unwrap_err().code(), Code::NotFound);

@@ -75,7 +75,7 @@ async fn an_https_listener_whose_certificate_is_not_trusted_gets_nothing_and_the
         }
     })
     .await;
-    let request = ListAttemptsRequest { delivery_id: attempted.id };
+    let request = ListAttemptsRequest { delivery_id: attempted.id, ..Default::default() };
     let attempts = producer.delivery().list_attempts(request).await.unwrap().into_inner().attempts;
     assert_eq!(attempts[0].status_code, 0, "no HTTP answer: {:?}", attempts[0]);
     assert!(attempts[0].error.starts_with("tls:"), "the attempt says why: {:?}", attempts[0].error);

@@ -244,14 +244,28 @@ impl DeliveryApi {
         caller: &Caller,
         request: ListAttemptsRequest,
     ) -> ApiResult<ListAttemptsResponse> {
+        let limit = validate::page_size(request.page_size)?;
+        let after = match validate::page_token(&request.page_token)? {
+            Some(position) => position
+                .parse::<u32>()
+                .map_err(|_| ApiError::InvalidArgument("page_token is not one this server issued".into()))?,
+            None => 0,
+        };
         let (delivery, recorded) = self.own_delivery(caller, &request.delivery_id).await?;
         if !recorded {
             // Its first attempt is still to come.
-            return Ok(ListAttemptsResponse { attempts: Vec::new() });
+            return Ok(ListAttemptsResponse { attempts: Vec::new(), next_page_token: String::new() });
         }
         let queue = self.shared.queue.clone();
-        let attempts = blocking(move || queue.attempts(&delivery.id)).await?;
-        Ok(ListAttemptsResponse { attempts: attempts.into_iter().map(attempt_message).collect() })
+        // One more than the page says whether more follow.
+        let mut attempts = blocking(move || queue.attempts(&delivery.id, after, limit + 1)).await?;
+        let more = attempts.len() > limit;
+        attempts.truncate(limit);
+        let next = more.then(|| attempts.last().map(|attempt| attempt.number.to_string())).flatten();
+        Ok(ListAttemptsResponse {
+            attempts: attempts.into_iter().map(attempt_message).collect(),
+            next_page_token: token(next),
+        })
     }
 
     pub(crate) async fn replay_event_as(

@@ -61,6 +61,7 @@ macro_rules! conformance_tests {
             an_idempotency_key_outlives_an_event_trimmed_within_its_window,
             a_page_of_events_stops_at_its_byte_budget,
             a_delivery_has_one_manual_attempt_queued_at_a_time,
+            a_deliverys_attempts_are_read_a_page_at_a_time,
         ], []);
     };
     (@each $place:expr, [$($name:ident,)*], [$($multi:ident,)*]) => {
@@ -588,6 +589,33 @@ where
     store.park(&store.due(None, 100, 10).unwrap()).unwrap();
     assert_eq!(queued_at(50), Some(40));
     assert_eq!(store.queue_manual_attempt("dlv_none", 60).unwrap().map(|(_, at)| at), None);
+    store.close().unwrap();
+}
+
+// Regression (review): ListAttempts answered every attempt of a delivery in one message.
+pub(crate) async fn a_deliverys_attempts_are_read_a_page_at_a_time<P: Place>(place: P)
+where
+    P::Backend: Backend,
+{
+    let store = place.open();
+    let event = Event { id: ids::event_id(3), seq: 3, ..Event::default() };
+    let id = ids::delivery_id(3, "lst_p");
+    let mut delivery = Delivery::pending(id.clone(), &event, "lst_p", 10);
+    for number in 1..=4 {
+        delivery.attempts = number;
+        let attempt = Attempt { number, status_code: 500, ..Attempt::default() };
+        let completion =
+            Completion { delivery: delivery.clone(), attempt, entry: None, next: NextStep::Keep, ordered: false };
+        store.complete_attempts(vec![completion]).unwrap();
+        delivery = store.delivery(&id).unwrap().unwrap();
+    }
+    let page = |after, limit| -> Vec<u32> {
+        store.attempts(&id, after, limit).unwrap().iter().map(|attempt| attempt.number).collect()
+    };
+    assert_eq!(page(0, 2), [1, 2], "the first, from the delivery's record, then the next");
+    assert_eq!(page(2, 2), [3, 4]);
+    assert!(page(4, 2).is_empty());
+    assert_eq!(page(0, 100), [1, 2, 3, 4]);
     store.close().unwrap();
 }
 

@@ -425,8 +425,9 @@ pub trait PipelineStore: Send + Sync + 'static {
     /// manual attempt queued or under way goes back to the queue instead (that attempt
     /// writes the delivery back when it ends; the entry's worker cancels it after).
     fn cancel_parked(&self, listener_id: &str, limit: usize) -> Result<CancelledLot, StoreError>;
-    /// Attempts of a delivery, in order (the first is read from the delivery's record).
-    fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError>;
+    /// Attempts of a delivery numbered after `after`, in order, at most `limit` (the first is
+    /// read from the delivery's record).
+    fn attempts(&self, delivery_id: &str, after: u32, limit: usize) -> Result<Vec<Attempt>, StoreError>;
 
     fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError>;
     fn set_listener_health(&self, listener_id: &str, health: &ListenerHealth) -> Result<(), StoreError>;

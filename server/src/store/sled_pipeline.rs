@@ -413,21 +413,21 @@ impl PipelineStore for SledStore {
         Ok(lot)
     }
 
-    fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError> {
+    fn attempts(&self, delivery_id: &str, after: u32, limit: usize) -> Result<Vec<Attempt>, StoreError> {
         let first = read::<Delivery>(&self.queue, &keys::delivery(delivery_id))?.and_then(|d| d.first_attempt);
         let first_number = first.as_ref().map(|attempt| attempt.number);
+        let first = first.filter(|attempt| attempt.number > after);
         let prefix = keys::attempts_prefix(delivery_id);
-        let rest = self
-            .queue
-            .range::<Vec<u8>, _>((std::ops::Bound::Included(prefix.clone()), prefix_end(&prefix)))
-            .map(|entry| {
+        let start = keys::attempt(delivery_id, after.saturating_add(1));
+        let rest =
+            self.queue.range::<Vec<u8>, _>((std::ops::Bound::Included(start), prefix_end(&prefix))).map(|entry| {
                 let (key, value) = entry?;
                 decode::<Attempt>(&value).ok_or_else(|| corrupt(&key))
             });
         // hookd writes attempt 1 only into the delivery's record; should a record of its own
         // exist too (older data), it is the same attempt: list it once.
         let rest = rest.filter(|attempt| !matches!(attempt, Ok(attempt) if Some(attempt.number) == first_number));
-        first.map(Ok).into_iter().chain(rest).collect()
+        first.map(Ok).into_iter().chain(rest).take(limit).collect()
     }
 
     fn listener_health(&self, listener_id: &str) -> Result<ListenerHealth, StoreError> {

@@ -374,7 +374,7 @@ fn the_first_attempt_lives_in_the_delivery_record_and_later_ones_beside_it() {
 
     store.complete_attempts(vec![failed_attempt(&delivery, 2)]).unwrap();
     let numbers = |store: &SledStore| -> Vec<u32> {
-        store.attempts(&pending.id).unwrap().iter().map(|attempt| attempt.number).collect()
+        store.attempts(&pending.id, 0, usize::MAX).unwrap().iter().map(|attempt| attempt.number).collect()
     };
     assert_eq!(numbers(&store), [1, 2]);
     // The record rewritten for the second attempt keeps the first.
@@ -398,13 +398,15 @@ fn a_first_attempt_recorded_on_its_own_before_is_still_listed_once() {
     for number in [1, 2] {
         store.queue.insert(keys::attempt(&delivery.id, number), encode(&old(number))).unwrap();
     }
-    let listed: Vec<u32> = store.attempts(&delivery.id).unwrap().iter().map(|attempt| attempt.number).collect();
+    let listed: Vec<u32> =
+        store.attempts(&delivery.id, 0, usize::MAX).unwrap().iter().map(|attempt| attempt.number).collect();
     assert_eq!(listed, [1, 2]);
 
     // Both places at once (never written so, but never listed twice).
     delivery.first_attempt = Some(old(1));
     store.queue.insert(keys::delivery(&delivery.id), encode(&delivery)).unwrap();
-    let listed: Vec<u32> = store.attempts(&delivery.id).unwrap().iter().map(|attempt| attempt.number).collect();
+    let listed: Vec<u32> =
+        store.attempts(&delivery.id, 0, usize::MAX).unwrap().iter().map(|attempt| attempt.number).collect();
     assert_eq!(listed, [1, 2]);
 }
 

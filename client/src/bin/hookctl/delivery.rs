@@ -229,8 +229,17 @@ pub async fn list_deliveries(
 
 pub async fn attempts(context: &Context, delivery_id: &str) -> Result<(), CliError> {
     let client = context.inspector("attempts").await?;
-    let request = ListAttemptsRequest { delivery_id: delivery_id.to_owned() };
-    let attempts = client.delivery().list_attempts(request).await?.into_inner().attempts;
+    let mut attempts = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListAttemptsRequest { delivery_id: delivery_id.to_owned(), page_size: 1000, page_token };
+        let page = client.delivery().list_attempts(request).await?.into_inner();
+        attempts.extend(page.attempts);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     context.out.print(
         || attempts.iter().map(attempt_json).collect(),
         || table(ATTEMPT_HEADERS, &attempts.iter().map(attempt_row).collect::<Vec<_>>()),

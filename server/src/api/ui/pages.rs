@@ -223,8 +223,10 @@ impl Ui {
 
     /// One delivery's attempts, with its response headers and body.
     pub(super) async fn delivery(&self, visitor: &Visitor, delivery_id: &str) -> Shown {
-        let attempts =
-            self.delivery.list_attempts_as(&ADMIN, ListAttemptsRequest { delivery_id: delivery_id.to_owned() }).await?;
+        let attempts = self
+            .delivery
+            .list_attempts_as(&ADMIN, ListAttemptsRequest { delivery_id: delivery_id.to_owned(), ..Default::default() })
+            .await?;
         let mut content = format!(
             "<p>{}</p>",
             button(visitor, &format!("/deliveries/{delivery_id}/retry"), "Retry now (one manual attempt)", "")

@@ -701,15 +701,22 @@ impl PipelineStore for PgStore {
         })
     }
 
-    fn attempts(&self, delivery_id: &str) -> Result<Vec<Attempt>, StoreError> {
+    fn attempts(&self, delivery_id: &str, after: u32, limit: usize) -> Result<Vec<Attempt>, StoreError> {
         let id = delivery_id.to_owned();
         self.read(move |client| async move {
             let first = read_delivery(&client, &id).await?.and_then(|delivery| delivery.first_attempt);
             let first_number = first.as_ref().map(|attempt| attempt.number);
+            // One more than a page, should the first be listed again below.
+            let fetch = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+            let after = i32::try_from(after).unwrap_or(i32::MAX);
             let rows = client
-                .query("SELECT number, record FROM attempts WHERE delivery_id = $1 ORDER BY number", &[&id])
+                .query(
+                    "SELECT number, record FROM attempts WHERE delivery_id = $1 AND number > $2 ORDER BY number LIMIT $3",
+                    &[&id, &after, &fetch],
+                )
                 .await?;
-            let mut attempts: Vec<Attempt> = first.into_iter().collect();
+            let mut attempts: Vec<Attempt> =
+                first.into_iter().filter(|attempt| i64::from(attempt.number) > i64::from(after)).collect();
             for row in rows {
                 let attempt: Attempt = decode(row.get(1)).ok_or_else(|| corrupt("attempts", &id))?;
                 // Attempt 1 lives in the delivery's record; a record of its own would be the same.
@@ -717,6 +724,7 @@ impl PipelineStore for PgStore {
                     attempts.push(attempt);
                 }
             }
+            attempts.truncate(limit);
             Ok(attempts)
         })
     }

@@ -195,6 +195,7 @@ fn gather(
 fn quarantine(context: &Context, seq: u64) {
     tracing::error!(seq, "the record of an event in the log does not decode: it is put aside and not delivered");
     if let Err(error) = context.queue.quarantine_event(seq, "the event's record does not decode", now_ms()) {
+        context.ended_if_refused(&error);
         tracing::error!(seq, error = &error as &dyn std::error::Error, "cannot record a damaged event as put aside");
     }
 }

@@ -59,7 +59,7 @@ pub(crate) use crate::blocking;
 
 use crate::crypto::Keyring;
 use crate::store::{
-    DeletedListener, DeliveryState, HistoryStore, Note, PipelineStore, QueuePosition, RemoteChange, Store,
+    DeletedListener, DeliveryState, HistoryStore, Note, PipelineStore, QueuePosition, RemoteChange, Store, StoreError,
 };
 /// How long work waits in memory before it is parked, and how much may wait: with the
 /// attempt timeout, what bounds the pairs a crash makes hookd redo.
@@ -174,6 +174,16 @@ pub struct AttemptOutcome {
 }
 
 impl Context {
+    /// A write refused because this node's delivery term ended (another node took the lease
+    /// over): nothing more is sent or written from this term, whose work the node taking over
+    /// redoes.
+    pub(crate) fn ended_if_refused(&self, error: &StoreError) {
+        if matches!(error, StoreError::NotDelivering) && !self.abandon.is_cancelled() {
+            tracing::warn!("this node's delivery term ended (another node took the lease over): it stops delivering");
+            self.abandon.cancel();
+        }
+    }
+
     /// Tells the dispatcher that entries at `from` or later were queued (and written).
     pub fn queued(&self, from: QueuePosition) {
         {
@@ -779,5 +789,19 @@ mod tests {
         assert_eq!(handle.listener_status().await, Standing::NotAnswering);
         assert!(asked.elapsed() >= STANDING_WAIT);
         assert!(matches!(inbox.try_recv(), Ok(Command::Inspect(_))), "it was asked");
+    }
+
+    /// A write refused because the term ended stops the term's sending and writing; any other
+    /// failure is tried again as before.
+    #[tokio::test]
+    async fn a_write_refused_for_an_ended_term_abandons_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let context = Context::for_tests(store.clone());
+        context.ended_if_refused(&StoreError::Behind);
+        assert!(!context.abandon.is_cancelled());
+        context.ended_if_refused(&StoreError::NotDelivering);
+        assert!(context.abandon.is_cancelled());
+        store.close().unwrap();
     }
 }

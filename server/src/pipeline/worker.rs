@@ -127,11 +127,10 @@ pub(crate) async fn attempt(
             let again = step.again_now.then_some(0);
             (step, again)
         }
-        Err(StoreError::NotDelivering) => {
+        Err(error @ StoreError::NotDelivering) => {
             // Another node delivers now, and this one has not yet heard: nothing more is
             // sent from this term (every attempt under way or to come is dropped unrecorded).
-            tracing::warn!("this node's delivery term ended (another node took the lease over): it stops sending");
-            context.abandon.cancel();
+            context.ended_if_refused(&error);
             (Step::not_sent(), None)
         }
         Err(error) => {

@@ -194,6 +194,7 @@ impl Dispatcher {
                 lane.gate.released.extend(moved.into_iter().map(|(_, key_id)| key_id));
             }
             Err(error) => {
+                self.ended_if_refused(&error);
                 tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot put parked deliveries back");
             }
         }
@@ -211,6 +212,7 @@ impl Dispatcher {
                         // Deleted while its waiting deliveries were being cancelled: what is left
                         // of them is listed nowhere now its listener is gone.
                         if let Err(error) = self.context.queue.set_detached(&listener_id, None) {
+                            self.ended_if_refused(&error);
                             tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot forget a deleted listener's place in the log");
                         }
                         continue;
@@ -272,6 +274,7 @@ impl Dispatcher {
                         tokio::task::yield_now().await;
                     }
                     Err(error) => {
+                        context.ended_if_refused(&error);
                         tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's parked deliveries");
                         break;
                     }
@@ -302,6 +305,7 @@ impl Dispatcher {
             }
             let cancelled = cancel_range(&context, &listener, from, end).await;
             if let Err(error) = cancelled.and_then(|()| context.queue.forget_deleted(&listener.id)) {
+                context.ended_if_refused(&error);
                 tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's waiting deliveries");
             }
         });

@@ -106,6 +106,7 @@ impl Dispatcher {
     /// fan-out again.
     fn attach(&mut self, listener_id: &str) {
         if let Err(error) = self.context.queue.set_detached(listener_id, None) {
+            self.ended_if_refused(&error);
             tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot record a listener following fan-out again");
             return;
         }
@@ -135,6 +136,7 @@ impl Dispatcher {
                     }
                 }
                 Err(error) => {
+                    self.ended_if_refused(&error);
                     tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot record where a detached listener stands");
                 }
             }

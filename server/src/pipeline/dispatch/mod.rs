@@ -627,6 +627,7 @@ impl Dispatcher {
         if let Err(error) =
             self.context.queue.set_listener_health(listener_id, &ListenerHealth { failing_since_ms: since })
         {
+            self.ended_if_refused(&error);
             tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot record a listener's health");
         }
     }
@@ -683,6 +684,7 @@ impl Dispatcher {
                 // Enabled again, or changed: its run of failures starts afresh.
                 lane.gate.reset();
                 if let Err(error) = self.context.queue.set_listener_health(listener_id, &ListenerHealth::default()) {
+                    self.ended_if_refused(&error);
                     tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot reset a listener's run of failures");
                 }
             }
@@ -939,9 +941,6 @@ impl Dispatcher {
     /// A write refused because this node's delivery term ended: nothing more is sent or
     /// written from this term (the node taking over redoes what is left).
     pub(super) fn ended_if_refused(&self, error: &StoreError) {
-        if matches!(error, StoreError::NotDelivering) {
-            tracing::warn!("this node's delivery term ended (another node took the lease over): it stops delivering");
-            self.context.abandon.cancel();
-        }
+        self.context.ended_if_refused(error);
     }
 }

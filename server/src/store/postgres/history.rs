@@ -416,6 +416,7 @@ impl HistoryStore for PgStore {
         let id = delivery_id.to_owned();
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::limit_idle(&tx).await?;
             // Locked, so retention cannot take the delivery, nor a recovery requeue it,
             // before the manual attempt is on record; and so two asking at once queue one.
             let row = tx.query_opt("SELECT record FROM deliveries WHERE id = $1 FOR UPDATE", &[&id]).await?;
@@ -459,6 +460,7 @@ impl HistoryStore for PgStore {
         let deliveries = deliveries.to_vec();
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::limit_idle(&tx).await?;
             let mut seqs: Vec<i64> = deliveries.iter().map(|delivery| signed(delivery.event_seq)).collect();
             seqs.sort_unstable();
             seqs.dedup();
@@ -533,6 +535,7 @@ impl HistoryStore for PgStore {
         let ids = delivery_ids.to_vec();
         self.read(move |mut client| async move {
             let tx = client.transaction().await?;
+            term::limit_idle(&tx).await?;
             let rows = tx.query("SELECT id, record FROM deliveries WHERE id = ANY($1) FOR UPDATE", &[&ids]).await?;
             let mut requeued = Vec::new();
             for row in &rows {

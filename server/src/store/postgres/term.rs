@@ -108,6 +108,15 @@ pub(super) async fn start(client: &tokio_postgres::Client) -> Result<u64, StoreE
     }
 }
 
+/// For a transaction outside the pipeline that locks rows the pipeline writes (a manual
+/// attempt, a replay, a recovery): left open, idle, it ends after [`IDLE_IN_WRITE`] too, so a
+/// node cut off in the middle of one does not hold the recorder back for long.
+pub(super) async fn limit_idle(tx: &impl GenericClient) -> Result<(), StoreError> {
+    let idle = IDLE_IN_WRITE.as_millis().to_string();
+    tx.execute("SELECT set_config('idle_in_transaction_session_timeout', $1, true)", &[&idle]).await?;
+    Ok(())
+}
+
 /// How long the start of a term waits for the last term's writes before it says so.
 const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 

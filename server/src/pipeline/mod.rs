@@ -348,6 +348,8 @@ struct Delivering {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     abandon: CancellationToken,
+    /// The recorder's write under way, if any.
+    writing: recorder::Writing,
 }
 
 impl Delivering {
@@ -358,9 +360,13 @@ impl Delivering {
     }
 
     /// Stops at once: what is in flight is dropped unrecorded (see [`Context::abandon`]).
+    /// Returns once nothing of this term is being written any more, the recorder's group
+    /// under way included, so a term this node begins next never writes it.
     async fn abandon(self) {
         self.abandon.cancel();
+        let writing = self.writing.clone();
         self.stop().await;
+        writing.finished().await;
     }
 }
 
@@ -421,6 +427,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
         let room = config.workers.saturating_mul(recorder::ROOM_PER_WORKER);
         let abandon = CancellationToken::new();
         let recorder = recorder::Recorder::start(store.clone(), room, abandon.clone())?;
+        let writing = recorder.writing();
         let context = Arc::new(Context {
             store: store.clone(),
             queue: store,
@@ -448,7 +455,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
             dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start, self.durable_seq.clone());
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.close();
-        Ok(Delivering { term, commands, tasks, shutdown, abandon })
+        Ok(Delivering { term, commands, tasks, shutdown, abandon, writing })
     }
 
     /// Takes in a command while this node does not deliver: work queued and watchers are

@@ -58,6 +58,23 @@ pub(crate) struct Recorder {
     jobs: mpsc::Sender<Job>,
     /// Room for attempts waiting to be written.
     room: Semaphore,
+    writing: Writing,
+}
+
+/// Held by the recorder thread from its look at `abandon` until its group is written: once
+/// `abandon` is cancelled and this is taken once, nothing more of the term is written.
+#[derive(Clone, Default)]
+pub(crate) struct Writing(Arc<std::sync::Mutex<()>>);
+
+impl Writing {
+    /// Waits for a group being written to be written. Called once the term is abandoned, it
+    /// is the last word: every later group is dropped unwritten, so a term begun after it
+    /// (this node taking the lease again) never carries an old term's attempts.
+    pub async fn finished(&self) {
+        let writing = self.0.clone();
+        // A poisoned lock is a recorder thread that panicked: it writes nothing more either.
+        let _ = tokio::task::spawn_blocking(move || drop(writing.lock())).await;
+    }
 }
 
 /// Room reserved for one attempt's record.
@@ -90,15 +107,20 @@ impl Recorder {
     /// Starts the recorder thread, which runs with the pipeline's (lower) CPU priority.
     /// At most `room` attempts wait to be written at once. Once `abandon` is cancelled
     /// (another node delivers now), what waits is dropped unwritten: the node taking over
-    /// makes those attempts again.
+    /// makes those attempts again. [`Writing::finished`] says when a group whose write had
+    /// begun by then is written.
     pub fn start(queue: Arc<dyn PipelineStore>, room: usize, abandon: CancellationToken) -> std::io::Result<Self> {
         let room = room.max(1);
         let most = MAX_GROUP.min(room);
         let (jobs, inbox) = mpsc::channel::<Job>();
+        let writing = Writing::default();
+        let held = writing.clone();
         std::thread::Builder::new().name("hookd-recorder".into()).spawn(move || {
             crate::priority::background();
             while let Ok(first) = inbox.recv() {
                 let group = gather(first, &inbox, LINGER, most);
+                // Held through the write: see `Writing`.
+                let _writing = held.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if abandon.is_cancelled() {
                     for job in group {
                         let _ = job.written.send(Err(StoreError::NotDelivering));
@@ -124,7 +146,12 @@ impl Recorder {
                 }
             }
         })?;
-        Ok(Self { jobs, room: Semaphore::new(room) })
+        Ok(Self { jobs, room: Semaphore::new(room), writing })
+    }
+
+    /// What says when the group being written is written (see [`Writing`]).
+    pub fn writing(&self) -> Writing {
+        self.writing.clone()
     }
 
     /// Waits until there is room for one more attempt to be written.
@@ -211,6 +238,49 @@ mod tests {
         assert!(matches!(refused, Err(StoreError::NotDelivering)), "{refused:?}");
         assert!(store.delivery_exists("dlv_before").unwrap());
         assert!(!store.delivery_exists("dlv_after").unwrap(), "nothing is written once abandoned");
+        crate::store::Store::close(&*store).unwrap();
+    }
+
+    // Regression (review): a group the recorder had begun to write when the term was
+    // abandoned could commit after this node took the lease again, under its new term. Now
+    // the abandoning waits for it, and a group waiting for the write to end is dropped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(clippy::await_holding_lock, reason = "the test holds the lock as a write under way would")]
+    async fn once_abandoned_a_write_under_way_ends_before_the_term_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let abandon = CancellationToken::new();
+        let recorder = Arc::new(Recorder::start(store.clone(), 4, abandon.clone()).unwrap());
+        let event = crate::store::Event { seq: 1, ..Default::default() };
+        let completion = Completion {
+            delivery: Delivery::pending("dlv_waiting".into(), &event, "lst_a", 10),
+            attempt: Attempt { number: 1, status_code: 200, ..Attempt::default() },
+            entry: None,
+            next: NextStep::Done,
+            ordered: false,
+        };
+        // A write under way, as the recorder's own would be.
+        let writing = recorder.writing();
+        let held = writing.0.clone();
+        let under_way = held.lock().unwrap();
+        let waiting = {
+            let recorder = recorder.clone();
+            tokio::spawn(async move { recorder.reserve().await.unwrap().record(completion, true, None).await })
+        };
+        abandon.cancel();
+        let (done, finished) = oneshot::channel();
+        tokio::spawn(async move {
+            writing.finished().await;
+            let _ = done.send(());
+        });
+        let mut finished = std::pin::pin!(finished);
+        let early = tokio::time::timeout(Duration::from_millis(100), finished.as_mut()).await;
+        assert!(early.is_err(), "the term is not left while a write is under way");
+        drop(under_way);
+        finished.await.unwrap();
+        let refused = waiting.await.unwrap();
+        assert!(matches!(refused, Err(StoreError::NotDelivering)), "{refused:?}");
+        assert!(!store.delivery_exists("dlv_waiting").unwrap(), "a group looked at after the abandoning is dropped");
         crate::store::Store::close(&*store).unwrap();
     }
 

@@ -465,21 +465,22 @@ async fn a_node_that_loses_its_lease_session_stops_delivering_and_takes_the_leas
     lease_is(&store, false).await;
     relay.restore();
     lease_is(&store, true).await;
-    let mut appended = None;
+    assert!(append_once_back(&store).await.is_some(), "the node takes triggers again");
+    assert!(store.failure().borrow().is_none(), "and says nothing is wrong");
+    store.close().unwrap();
+}
+
+/// Appends an event once the database is back: a connection the pool had not yet found dead
+/// may fail a call or two. `None` if three calls fail.
+async fn append_once_back(store: &PgStore) -> Option<crate::store::Appended> {
     for _ in 0..3 {
-        // A connection the pool had not yet found dead may fail one more call.
         match store.append_event(new_event("prd_a", None, 2)).await {
-            Ok(done) => {
-                appended = Some(done);
-                break;
-            }
+            Ok(appended) => return Some(appended),
             Err(StoreError::Unavailable(_)) => continue,
             Err(error) => panic!("{error:?}"),
         }
     }
-    assert!(appended.is_some(), "the node takes triggers again");
-    assert!(store.failure().borrow().is_none(), "and says nothing is wrong");
-    store.close().unwrap();
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1095,20 +1096,7 @@ async fn a_node_that_loses_the_lease_drops_its_requests_in_flight_at_once() {
     hanging.url = url;
     store.insert_listener(hanging).await.unwrap();
     lease_is(&store, true).await;
-    let config = crate::pipeline::PipelineConfig {
-        attempt_timeout: std::time::Duration::from_secs(120),
-        target_policy: crate::pipeline::TargetPolicy { kind: crate::pipeline::PolicyKind::Open, allow: Vec::new() },
-        ..Default::default()
-    };
-    let keyring = crate::crypto::Keyring::from_base64(&crate::crypto::mint_master_key_base64()).unwrap();
-    let metrics = crate::metrics::Metrics::new();
-    // On a runtime of its own, as in the server: its store calls block its threads, and the
-    // relay runs on the test's.
-    let runtime = crate::pipeline::runtime().unwrap();
-    let pipeline = {
-        let _inside = runtime.enter();
-        crate::pipeline::Pipeline::start(store.clone(), keyring, config, store.durable_seq(), metrics).unwrap()
-    };
+    let (runtime, pipeline) = start_pipeline(&store, std::time::Duration::from_secs(120));
     store.append_event(new_event("prd_a", None, 1)).await.unwrap();
     async fn next(hearing: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> &'static str {
         let waited = tokio::time::timeout(std::time::Duration::from_secs(10), hearing.recv());
@@ -1118,6 +1106,106 @@ async fn a_node_that_loses_the_lease_drops_its_requests_in_flight_at_once() {
     relay.cut();
     assert_eq!(next(&mut hearing).await, "closed", "the request in flight is dropped when the lease is lost");
     assert_eq!(*store.delivery_lease().borrow(), 0);
+    pipeline.stop(std::time::Duration::from_secs(1)).await;
+    runtime.shutdown_background();
+    store.close().unwrap();
+}
+
+/// Starts `store`'s pipeline (to loopback receivers, with `attempt_timeout`) on a runtime of
+/// its own, as in the server: its store calls block its threads, and the relay runs on the
+/// test's.
+fn start_pipeline(
+    store: &Arc<PgStore>,
+    attempt_timeout: std::time::Duration,
+) -> (tokio::runtime::Runtime, crate::pipeline::Pipeline) {
+    let config = crate::pipeline::PipelineConfig {
+        attempt_timeout,
+        target_policy: crate::pipeline::TargetPolicy { kind: crate::pipeline::PolicyKind::Open, allow: Vec::new() },
+        ..Default::default()
+    };
+    let keyring = crate::crypto::Keyring::from_base64(&crate::crypto::mint_master_key_base64()).unwrap();
+    let metrics = crate::metrics::Metrics::new();
+    let runtime = crate::pipeline::runtime().unwrap();
+    let pipeline = {
+        let _inside = runtime.enter();
+        crate::pipeline::Pipeline::start(store.clone(), keyring, config, store.durable_seq(), metrics).unwrap()
+    };
+    (runtime, pipeline)
+}
+
+/// A receiver on loopback that answers every request `204 No Content`; its URL.
+async fn answering_receiver() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", receiver.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = receiver.accept().await {
+            tokio::spawn(async move {
+                let mut taken = Vec::new();
+                let mut buffer = [0u8; 4096];
+                loop {
+                    // One whole request (head and a body of content-length bytes), then its answer.
+                    if let Some(end) = taken.windows(4).position(|four| four == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&taken[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|line| line.strip_prefix("content-length:"))
+                            .and_then(|value| value.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if taken.len() >= end + 4 + length {
+                            taken.drain(..end + 4 + length);
+                            if socket.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => taken.extend_from_slice(&buffer[..read]),
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// Waits (up to 20 s) until the delivery of event `seq` to `listener_id` is recorded.
+async fn recorded(store: &PgStore, seq: u64, listener_id: &str) {
+    let id = crate::ids::delivery_id(seq, listener_id);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    // A connection the pool had not yet found dead may fail a call: asked again.
+    while !store.delivery_exists(&id).unwrap_or(false) {
+        assert!(tokio::time::Instant::now() < deadline, "the delivery of event {seq} was not recorded in time");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+// Regression (review): the pipeline followed the lease as held or not, so a node that lost it
+// and took it again before its pipeline looked stayed in its old term, every write refused.
+// Here the node's lease session is cut and the node (the only one) takes the lease again: its
+// pipeline delivers on and records in the new term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_takes_the_lease_again_delivers_and_records_in_its_new_term() {
+    let Some((_place, relay, store)) = relayed().await else { return };
+    let mut answering = listener("lst_ok", "prd_a", "thing.happened");
+    answering.url = answering_receiver().await;
+    store.insert_listener(answering).await.unwrap();
+    lease_is(&store, true).await;
+    let first_term = *store.delivery_lease().borrow();
+    let (runtime, pipeline) = start_pipeline(&store, std::time::Duration::from_secs(5));
+    let first = store.append_event(new_event("prd_a", None, 1)).await.unwrap();
+    recorded(&store, crate::ids::event_seq(&first.event_id).unwrap(), "lst_ok").await;
+
+    relay.cut();
+    lease_is(&store, false).await;
+    relay.restore();
+    lease_is(&store, true).await;
+    let second_term = *store.delivery_lease().borrow();
+    assert!(second_term > first_term, "taken again, in a new term");
+    let second = append_once_back(&store).await.expect("the node takes triggers again");
+    recorded(&store, crate::ids::event_seq(&second.event_id).unwrap(), "lst_ok").await;
     pipeline.stop(std::time::Duration::from_secs(1)).await;
     runtime.shutdown_background();
     store.close().unwrap();

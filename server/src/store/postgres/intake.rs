@@ -332,7 +332,7 @@ impl Intake {
         let known = self.rewound.last_known();
         let known_seq = known.as_ref().map_or(-1, |(seq, _)| signed(*seq));
         let head = tx.prepare_cached(HEAD).await?;
-        let head = tx.query_one(&head, &[&known_seq]).await?;
+        let head = tx.query_one(&head, &[&known_seq, &super::term::idle_limit()]).await?;
         let (mut next_seq, mut last_created_ms) = (unsigned(head.get(0)), unsigned(head.get(1)));
         if next_seq < seen {
             // Numbering from here would give events numbers delivery has already passed.
@@ -489,8 +489,11 @@ impl Intake {
 }
 
 /// The head, locked, with the id the log holds at the number of the last event this node
-/// knows (`$1`; none for -1), read in the same statement: see `Rewound`.
-const HEAD: &str = "SELECT h.next_seq, h.last_created_ms, (SELECT e.id FROM events e WHERE e.seq = $1) \
+/// knows (`$1`; none for -1), read in the same statement: see `Rewound`. Every node's triggers
+/// wait for that lock, so the group's transaction, left open idle (its node cut off mid-group),
+/// is ended by the server after `$2` ms.
+pub(super) const HEAD: &str = "SELECT h.next_seq, h.last_created_ms, (SELECT e.id FROM events e WHERE e.seq = $1), \
+                    set_config('idle_in_transaction_session_timeout', $2, true) \
                     FROM log_head h WHERE h.id = 0 FOR UPDATE OF h";
 const PRODUCERS: &str = "SELECT id, record FROM producers WHERE id = ANY($1) FOR SHARE";
 const KEYS: &str = "SELECT key_hash, producer_id, expires_at_ms FROM api_keys WHERE key_hash = ANY($1) FOR SHARE";

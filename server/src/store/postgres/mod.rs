@@ -411,6 +411,7 @@ impl PgStore {
             let pool = pool.clone();
             async move {
                 let mut client = pool.get().await?;
+                schema::check_isolation(&client).await?;
                 schema::migrate(&mut client).await?;
                 let (head, untracked, fresh) = snapshot(&mut client, None).await?;
                 let mut directory = Directory::default();
@@ -632,6 +633,10 @@ pub(super) struct Control {
     channel: Arc<str>,
 }
 
+/// The control plane's version moved on, first thing in an admin write's transaction.
+const BUMP: &str = "UPDATE control_version SET version = version + 1, tracked = tracked + 1 WHERE id = 0 \
+                    RETURNING version, set_config('idle_in_transaction_session_timeout', $1, true)";
+
 /// Removals are kept for this many versions of the control plane: a node further behind
 /// than that reads the control plane whole. (Small in tests, so they reach it.)
 const REMOVALS_KEPT: i64 = if cfg!(test) { 64 } else { 4096 };
@@ -642,12 +647,11 @@ impl Control {
     /// Moves the version on, first thing in `tx`, and returns it: the version this write's
     /// rows are stamped with. The version's row stays locked until `tx` ends, so writes from
     /// every node commit in the order of their versions, and a node that reads the version
-    /// in a snapshot sees every row stamped with it or before. Now and then it also prunes
-    /// old removals.
+    /// in a snapshot sees every row stamped with it or before; so the transaction, left open
+    /// idle (its node cut off mid-write), is ended by the server after a while (see
+    /// [`term::idle_limit`]). Now and then it also prunes old removals.
     async fn begin(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, StoreError> {
-        let bump =
-            "UPDATE control_version SET version = version + 1, tracked = tracked + 1 WHERE id = 0 RETURNING version";
-        let version: i64 = tx.query_one(bump, &[]).await?.get(0);
+        let version: i64 = tx.query_one(BUMP, &[&term::idle_limit()]).await?.get(0);
         if version % PRUNE_EVERY == 0 {
             let floor = version - REMOVALS_KEPT;
             tx.execute("DELETE FROM control_removals WHERE version <= $1", &[&floor]).await?;

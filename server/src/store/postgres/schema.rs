@@ -157,6 +157,25 @@ const MIGRATION_LOCK: i64 = 0x0068_6f6f_6b64;
 const MIGRATION_TRIES: u32 = 5;
 
 /// Brings the schema up to [`VERSION`], or refuses a newer one. Returns the version found.
+/// Refuses a database whose transactions are not `read committed` by default (a role or a
+/// database set to `repeatable read` or `serializable`): the intake, the migrations and every
+/// locking write are written for statements that see what committed before they ran.
+pub(super) async fn check_isolation(client: &Client) -> Result<(), StoreError> {
+    let row = client.query_one("SELECT current_setting('default_transaction_isolation')", &[]).await?;
+    let level: String = row.get(0);
+    if level == "read committed" {
+        return Ok(());
+    }
+    Err(StoreError::Failed(
+        format!(
+            "hookd needs transactions at the `read committed` isolation level, and this database's role or \
+             database sets `default_transaction_isolation` to `{level}`: set it back (ALTER ROLE … SET \
+             default_transaction_isolation = 'read committed') or give hookd a role of its own"
+        )
+        .into(),
+    ))
+}
+
 pub(super) async fn migrate(client: &mut Client) -> Result<i32, StoreError> {
     let mut tries = 1;
     loop {

@@ -112,9 +112,15 @@ pub(super) async fn start(client: &tokio_postgres::Client) -> Result<u64, StoreE
 /// attempt, a replay, a recovery): left open, idle, it ends after [`IDLE_IN_WRITE`] too, so a
 /// node cut off in the middle of one does not hold the recorder back for long.
 pub(super) async fn limit_idle(tx: &impl GenericClient) -> Result<(), StoreError> {
-    let idle = IDLE_IN_WRITE.as_millis().to_string();
-    tx.execute("SELECT set_config('idle_in_transaction_session_timeout', $1, true)", &[&idle]).await?;
+    tx.execute("SELECT set_config('idle_in_transaction_session_timeout', $1, true)", &[&idle_limit()]).await?;
     Ok(())
+}
+
+/// [`IDLE_IN_WRITE`] as `idle_in_transaction_session_timeout` takes it, for a statement that
+/// sets it for its own transaction: the intake's group and the control plane's writes set it
+/// in their first statement, as they lock rows every node's triggers and writes wait for.
+pub(super) fn idle_limit() -> String {
+    IDLE_IN_WRITE.as_millis().to_string()
 }
 
 /// How long the start of a term waits for the last term's writes before it says so.
@@ -129,7 +135,7 @@ const IDLE_IN_WRITE: std::time::Duration = std::time::Duration::from_secs(15);
 pub(super) async fn check(tx: &impl GenericClient, epoch: Option<u64>) -> Result<(), StoreError> {
     let Some(epoch) = epoch else { return Ok(()) };
     // The transaction, left open, ends after IDLE_IN_WRITE (set for it alone).
-    let idle = IDLE_IN_WRITE.as_millis().to_string();
+    let idle = idle_limit();
     let row = tx
         .query_opt(
             "SELECT set_config('idle_in_transaction_session_timeout', $2, true) FROM delivery_term \

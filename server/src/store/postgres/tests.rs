@@ -122,6 +122,62 @@ async fn a_database_with_a_newer_schema_is_refused_and_left_as_it_is() {
     assert!(error.contains("version 99, newer than this hookd knows"), "{error}");
 }
 
+// Review: the intake and the locking writes are written for `read committed`; a role or
+// database set to another level by default is refused at start, with what to do.
+#[tokio::test]
+async fn a_database_whose_transactions_are_not_read_committed_is_refused() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let mut config = place.config();
+    let options = format!("{} -c default_transaction_isolation=repeatable\\ read", config.get_options().unwrap());
+    config.options(options);
+    let error = PgStore::open_config(config).map(drop).expect_err("refused").to_string();
+    assert!(error.contains("`read committed`") && error.contains("`repeatable read`"), "{error}");
+}
+
+/// Starts a transaction on a session of its own that runs `statement` and is then left open,
+/// idle, as a node cut off mid-write would leave it; the session.
+async fn left_open(
+    place: &PgPlace,
+    statement: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> tokio_postgres::Client {
+    let (client, connection) = place.config().connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute("BEGIN").await.unwrap();
+    client.query(statement, params).await.unwrap();
+    client
+}
+
+// Regression (review): the intake's group locks the log's head, and every admin write the
+// control plane's version; left open by a node cut off mid-transaction, they held every other
+// node's triggers and admin writes back until the server's keepalive gave up (hours). Each
+// now sets its transaction's idle limit in its first statement (here 300 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_or_admin_write_left_open_by_a_silent_node_ends_on_its_own() {
+    let place = PgPlace::new();
+    if !place.available() {
+        return;
+    }
+    let store = with_producers(place.open()).await;
+    let limit = "300".to_owned();
+    let within = std::time::Duration::from_secs(20);
+
+    let group = left_open(&place, super::intake::HEAD, &[&-1i64, &limit]).await;
+    let appended = tokio::time::timeout(within, store.append_event(new_event("prd_a", None, 1))).await;
+    assert!(appended.expect("the trigger waits only for the limit").is_ok());
+    assert!(group.batch_execute("COMMIT").await.is_err(), "the server ended the transaction left open");
+
+    let admin = left_open(&place, super::BUMP, &[&limit]).await;
+    let entry = crate::store::EventHashEntry { producer_id: "prd_a".into(), event_type: "thing.happened".into() };
+    let put = tokio::time::timeout(within, store.put_event_hash("evh_thing.happened", entry)).await;
+    assert!(put.expect("the admin write waits only for the limit").is_ok());
+    assert!(admin.batch_execute("COMMIT").await.is_err(), "the server ended the transaction left open");
+    store.close().unwrap();
+}
+
 #[tokio::test]
 async fn a_schema_of_the_first_version_is_brought_up_to_date_at_start() {
     let place = PgPlace::new();

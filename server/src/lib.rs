@@ -22,6 +22,7 @@ pub mod priority;
 mod properties;
 pub mod rate;
 pub mod rekey;
+mod side_http;
 pub mod store;
 pub mod telemetry;
 pub mod validate;

@@ -8,7 +8,6 @@
 //! never an id, a URL or an event type, so the number of series stays bounded. This module
 //! never decides anything; it counts.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +17,6 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -176,32 +174,10 @@ pub fn bytes_under(dir: &Path) -> u64 {
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics: cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| answer(metrics.clone(), request));
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
-    }
+    crate::side_http::serve(listener, "metrics", move |request| answer(metrics.clone(), request), shutdown).await;
 }
 
-async fn answer(metrics: Metrics, request: Request<Incoming>) -> Result<Response<Full<bytes::Bytes>>, Infallible> {
+async fn answer(metrics: Metrics, request: Request<Incoming>) -> Response<Full<bytes::Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&hyper::Method::GET, "/metrics") => {
             (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
@@ -211,7 +187,7 @@ async fn answer(metrics: Metrics, request: Request<Incoming>) -> Result<Response
     let mut response = Response::new(Full::new(bytes::Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
-    Ok(response)
+    response
 }
 
 /// Binds the metrics listener.

@@ -12,16 +12,14 @@
 mod pages;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, COOKIE, HeaderValue, LOCATION, SET_COOKIE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -57,31 +55,11 @@ pub async fn serve(listener: TcpListener, shared: Shared, shutdown: Cancellation
         sessions: Mutex::new(HashMap::new()),
         form_key: crypto::random_bytes(),
     });
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "web page: cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => return,
-        };
-        let (ui, shutdown) = (ui.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let ui = ui.clone();
-                async move { Ok::<_, Infallible>(ui.answer(request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
-    }
+    let answer = move |request| {
+        let ui = ui.clone();
+        async move { ui.answer(request).await }
+    };
+    crate::side_http::serve(listener, "web page", answer, shutdown).await;
 }
 
 /// An answer under construction.
@@ -251,11 +229,18 @@ fn session_cookie(request: &Request<Incoming>) -> Option<String> {
 }
 
 async fn read_form(request: Request<Incoming>) -> Result<HashMap<String, String>, Page> {
-    let body = Limited::new(request.into_body(), MAX_FORM_BYTES)
-        .collect()
-        .await
-        .map_err(|_| html(StatusCode::PAYLOAD_TOO_LARGE, pages::message("Too large", "That form is too large.")))?
-        .to_bytes();
+    use crate::side_http::BodyRefused;
+    let body = crate::side_http::read_body_within(request, MAX_FORM_BYTES).await.map_err(|refused| match refused {
+        BodyRefused::TooLarge => {
+            html(StatusCode::PAYLOAD_TOO_LARGE, pages::message("Too large", "That form is too large."))
+        }
+        BodyRefused::TooSlow => {
+            html(StatusCode::REQUEST_TIMEOUT, pages::message("Too slow", "That form took too long to send."))
+        }
+        BodyRefused::Broken => {
+            html(StatusCode::BAD_REQUEST, pages::message("Not read", "That form could not be read."))
+        }
+    })?;
     Ok(fields(&String::from_utf8_lossy(&body)))
 }
 

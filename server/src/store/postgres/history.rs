@@ -72,9 +72,9 @@ fn listeners_of_type(directory: &Shared, producer_id: &str, event_type: &str) ->
     )
 }
 
-/// The deliveries of `event` still waiting in the log: one per listener that wants it and
-/// has no record of it.
-async fn implicit_of_event(
+/// The deliveries `event` would have, one per listener that wants it, where that listener's
+/// pairs may still lack a record; in id order. Whether each has one is not looked at.
+async fn unsure_of_event(
     client: &impl GenericClient,
     directory: &Shared,
     event: &Event,
@@ -90,9 +90,38 @@ async fn implicit_of_event(
             candidates.push(implicit(event, &listener.id));
         }
     }
-    let ids: Vec<&str> = candidates.iter().map(|delivery| delivery.id.as_str()).collect();
-    let recorded = recorded(client, &ids).await?;
-    Ok(candidates.into_iter().filter(|delivery| !recorded.contains(&delivery.id)).collect())
+    candidates.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(candidates)
+}
+
+/// The deliveries of `event` still waiting in the log (one per listener that wants it and has
+/// no record of it) after `after`, in id order: at most `limit`, and where the page stopped
+/// when more may follow. Records are looked up a page's worth at a time.
+async fn implicit_of_event(
+    client: &impl GenericClient,
+    directory: &Shared,
+    event: &Event,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<Delivery>, Option<String>), StoreError> {
+    let mut candidates = unsure_of_event(client, directory, event).await?;
+    candidates.retain(|delivery| after.is_none_or(|after| delivery.id.as_str() > after));
+    let mut found = Vec::new();
+    let mut rest = candidates.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<Delivery> = rest.by_ref().take(limit.max(1)).collect();
+        let ids: Vec<&str> = chunk.iter().map(|delivery| delivery.id.as_str()).collect();
+        let recorded = recorded(client, &ids).await?;
+        for delivery in chunk.into_iter().filter(|delivery| !recorded.contains(&delivery.id)) {
+            found.push(delivery);
+            if found.len() == limit {
+                // More may follow: the page ends here.
+                let more = rest.peek().is_some().then(|| found.last().map(|last| last.id.clone())).flatten();
+                return Ok((found, more));
+            }
+        }
+    }
+    Ok((found, None))
 }
 
 async fn delivery_view(
@@ -108,8 +137,23 @@ async fn delivery_view(
         return Ok(None);
     }
     let Some(event) = read_event(client, seq).await? else { return Ok(None) };
-    let found = implicit_of_event(client, directory, &event).await?.into_iter().find(|d| d.id == delivery_id);
+    // No record of it in this snapshot (read above): waiting, if a listener would have it.
+    let found = unsure_of_event(client, directory, &event).await?.into_iter().find(|d| d.id == delivery_id);
     Ok(found.map(|delivery| (delivery, false)))
+}
+
+/// A read-only transaction on `client` that sees one snapshot of the database: a listing
+/// that reads the records and then what still waits in the log sees a delivery recorded in
+/// between in neither or in both, never in neither half alone.
+async fn one_snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
 }
 
 /// A listener's deliveries still waiting in the log, after `after` (a delivery id), in id
@@ -356,33 +400,22 @@ impl HistoryStore for PgStore {
         limit: usize,
     ) -> Result<Page<Delivery>, StoreError> {
         let (after, directory) = (after.map(str::to_owned), self.directory.clone());
-        self.read(move |client| async move {
+        self.read(move |mut client| async move {
+            let tx = one_snapshot(&mut client).await?;
             let waiting = state.is_none_or(|state| state == DeliveryState::Pending);
-            let event = if waiting && event_seq >= unrecorded_from(&client).await? {
-                read_event(&client, event_seq).await?
+            let event = if waiting && event_seq >= unrecorded_from(&tx).await? {
+                read_event(&tx, event_seq).await?
             } else {
                 None
             };
+            let stored = recorded_page(&tx, Of::Event(event_seq), state, after.as_deref(), limit).await?;
             let Some(event) = event else {
-                return recorded_page(&client, Of::Event(event_seq), state, after.as_deref(), limit).await;
+                return Ok(stored);
             };
             // A recent event: its deliveries are those recorded and those still waiting in the
             // log, one per listener at most (as many as it has listeners, plus replays).
-            let rows =
-                client.query("SELECT id, record FROM deliveries WHERE event_seq = $1", &[&signed(event_seq)]).await?;
-            let mut all = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let id: &str = row.get(0);
-                let mut delivery: Delivery = decode(row.get(1)).ok_or_else(|| corrupt("deliveries", id))?;
-                delivery.first_attempt = None;
-                all.push(delivery);
-            }
-            all.extend(implicit_of_event(&client, &directory, &event).await?);
-            all.retain(|delivery| {
-                state.is_none_or(|state| delivery.state == state as i32)
-                    && after.as_deref().is_none_or(|after| delivery.id.as_str() > after)
-            });
-            Ok(merge_pages(all, Vec::new(), [None, None], limit))
+            let (implicit, stopped) = implicit_of_event(&tx, &directory, &event, after.as_deref(), limit).await?;
+            Ok(merge_pages(stored.items, implicit, [stored.resume_after, stopped], limit))
         })
     }
 
@@ -396,20 +429,23 @@ impl HistoryStore for PgStore {
         let waiting = state.is_none_or(|state| state == DeliveryState::Pending);
         let listener = if waiting { crate::store::Store::listener(self, listener_id)? } else { None };
         let (listener_id, after) = (listener_id.to_owned(), after.map(str::to_owned));
-        self.read(move |client| async move {
-            let stored = recorded_page(&client, Of::Listener(&listener_id), state, after.as_deref(), limit).await?;
+        self.read(move |mut client| async move {
+            let tx = one_snapshot(&mut client).await?;
+            let stored = recorded_page(&tx, Of::Listener(&listener_id), state, after.as_deref(), limit).await?;
             let Some(listener) = listener else {
                 return Ok(stored);
             };
             let (implicit, stopped) =
-                implicit_of_listener(&client, &listener, after.as_deref(), limit, scan_budget(limit)).await?;
+                implicit_of_listener(&tx, &listener, after.as_deref(), limit, scan_budget(limit)).await?;
             Ok(merge_pages(stored.items, implicit, [stored.resume_after, stopped], limit))
         })
     }
 
     fn delivery_view(&self, delivery_id: &str) -> Result<Option<(Delivery, bool)>, StoreError> {
         let (id, directory) = (delivery_id.to_owned(), self.directory.clone());
-        self.read(move |client| async move { delivery_view(&client, &directory, &id).await })
+        self.read(
+            move |mut client| async move { delivery_view(&one_snapshot(&mut client).await?, &directory, &id).await },
+        )
     }
 
     fn queue_manual_attempt(&self, delivery_id: &str, now_ms: u64) -> Result<Option<(Delivery, u64)>, StoreError> {

@@ -1,8 +1,12 @@
 //! Who is calling: the `authorization: Bearer <token>` metadata turned into a [`Caller`].
 //!
 //! API keys are compared by their SHA-256 only; the admin token by its SHA-256 in constant
-//! time. A disabled producer is refused here, on every call, from the moment it is disabled
-//! (the store is read each time, so no cache can lag). This module never logs a token.
+//! time. A disabled producer, or a revoked key, is refused here on every call, as the store
+//! knows it: on the embedded store from the moment it is disabled; on PostgreSQL from the
+//! moment the node hears of the change (other nodes' changes arrive within
+//! `postgres::CONTROL_POLL` at most), while a trigger is also checked again in the database as
+//! it commits, so no trigger is taken after the change commits. This module never logs a
+//! token.
 
 use tonic::metadata::MetadataMap;
 

@@ -352,7 +352,9 @@ async fn recover_resends_what_a_wrong_secret_failed() {
     let failed = ["deliveries", "--listener", &listener_id, "--state", "failed"];
     eventually(&producer, &failed, |deliveries| deliveries.as_array().is_some_and(|all| all.len() == 1)).await;
 
-    let rotated = producer.json(&["listeners", "rotate-secret", &listener_id, "--secret", SECRET]).await;
+    // From standard input, with the line end a shell's echo leaves, rather than on a command line.
+    let rotate = ["--json", "listeners", "rotate-secret", &listener_id, "--secret-file", "-"];
+    let rotated = producer.run_with_stdin(&rotate, format!("{SECRET}\n").as_bytes()).await.json();
     assert_eq!(rotated["listener"]["has_secret"], true);
     // With the admin token as a flag this time, as an operator would.
     let operator = Hookctl { token: None, ..producer.clone() };
@@ -377,7 +379,9 @@ async fn help_and_mistakes_are_clear_without_a_server() {
         assert!(help.contains(expected), "--help lacks {expected}:\n{help}");
     }
     let help = hookctl.run(&["listeners", "register", "--help"]).await.succeeded().stdout;
-    for expected in ["EVENT_TYPE", "URL", "--secret", "--generate-secret", "--ordered", "--description"] {
+    for expected in
+        ["EVENT_TYPE", "URL", "--secret", "--secret-file", "--generate-secret", "--ordered", "--description"]
+    {
         assert!(help.contains(expected), "listeners register --help lacks {expected}:\n{help}");
     }
 

@@ -34,7 +34,7 @@ pub enum CliError {
         source: std::io::Error,
     },
     /// Standard input could not be read.
-    #[error("cannot read the payload from standard input: {0}")]
+    #[error("cannot read standard input: {0}")]
     ReadStdin(#[source] std::io::Error),
     /// The receiver could not listen.
     #[error("cannot listen on {address}: {source}")]

@@ -5,6 +5,8 @@
 //! hookd asks (it is a capability, not something to keep). A secret is printed only when hookd
 //! minted it, in the one answer that carries it.
 
+use std::path::PathBuf;
+
 use clap::{ArgGroup, Args, Subcommand};
 use hookd_client::Client;
 use hookd_client::v1::{
@@ -53,6 +55,10 @@ pub struct RegisterArgs {
     /// characters (Standard Webhooks)
     #[arg(long, conflicts_with = "generate_secret")]
     secret: Option<String>,
+    /// Read the secret from this file, `-` for standard input (a command line is seen by
+    /// every user of the machine)
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["secret", "generate_secret"])]
+    secret_file: Option<PathBuf>,
     /// Let hookd mint a whsec_ secret and print it (shown only this once)
     #[arg(long)]
     generate_secret: bool,
@@ -93,13 +99,17 @@ pub struct UpdateArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("new_secret").required(true).args(["secret", "generate_secret"])))]
+#[command(group(ArgGroup::new("new_secret").required(true).args(["secret", "secret_file", "generate_secret"])))]
 pub struct RotateSecretArgs {
     /// The listener's id (lst_...)
     listener_id: String,
     /// The new secret: whsec_<base64> or any string of 8 to 256 characters
     #[arg(long)]
     secret: Option<String>,
+    /// Read the new secret from this file, `-` for standard input (a command line is seen by
+    /// every user of the machine)
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
     /// Let hookd mint a whsec_ secret and print it (shown only this once)
     #[arg(long)]
     generate_secret: bool,
@@ -164,7 +174,7 @@ pub async fn run(context: &Context, command: ListenersCommand) -> Result<(), Cli
         ListenersCommand::RotateSecret(args) => {
             let request = RotateListenerSecretRequest {
                 listener_id: args.listener_id,
-                secret: args.secret,
+                secret: secret_given(args.secret, args.secret_file).await?,
                 generate_secret: args.generate_secret,
                 grace_seconds: args.grace.map_or(0, |grace| u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
             };
@@ -181,7 +191,7 @@ async fn register(context: &Context, client: &Client, args: RegisterArgs) -> Res
     let request = RegisterListenerRequest {
         event_hash,
         url: args.url,
-        secret: args.secret,
+        secret: secret_given(args.secret, args.secret_file).await?,
         generate_secret: args.generate_secret,
         description: args.description.unwrap_or_default(),
         ordered: args.ordered,
@@ -191,6 +201,25 @@ async fn register(context: &Context, client: &Client, args: RegisterArgs) -> Res
     let listener = answer.listener.ok_or(CliError::Incomplete("listener"))?;
     print_with_secret(context, &listener, &answer.secret, "the listener's secret");
     Ok(())
+}
+
+/// The secret given on the command line, or read from `file` (`-`: standard input) without
+/// the line end that closes it.
+async fn secret_given(secret: Option<String>, file: Option<PathBuf>) -> Result<Option<String>, CliError> {
+    use tokio::io::AsyncReadExt as _;
+    let Some(path) = file else { return Ok(secret) };
+    let mut text = String::new();
+    if path.as_os_str() == "-" {
+        tokio::io::stdin().read_to_string(&mut text).await.map_err(CliError::ReadStdin)?;
+    } else {
+        let bytes = tokio::fs::read(&path).await.map_err(|source| CliError::ReadFile { path: path.clone(), source })?;
+        text = String::from_utf8(bytes).map_err(|_| CliError::ReadFile {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"),
+        })?;
+    }
+    let line = text.strip_suffix('\n').map_or(text.as_str(), |text| text.strip_suffix('\r').unwrap_or(text));
+    Ok(Some(line.to_owned()))
 }
 
 /// Prints a listener and, when hookd minted one, its secret with the warning that it is

@@ -414,7 +414,8 @@ where
         .map(|(n, id)| (ids::delivery_id(0, id), if n < 3 { DeliveryState::Succeeded } else { DeliveryState::Pending }))
         .collect();
     expected.sort_by(|a, b| a.0.cmp(&b.0));
-    for (state, page_size) in [(None, 1), (None, 2), (None, 3), (None, 100), (Some(DeliveryState::Pending), 2)] {
+    let pending = Some(DeliveryState::Pending);
+    for (state, page_size) in [(None, 1), (None, 2), (None, 3), (None, 100), (pending, 1), (pending, 2), (pending, 3)] {
         let mut listed = Vec::new();
         let mut after: Option<String> = None;
         loop {

@@ -14,7 +14,7 @@ use super::directory::Directory;
 use super::pipeline::{
     deleted_owing, detached, fanout_cursor, ordered_pending, put_deliveries, queue_entries, read_delivery, read_event,
 };
-use super::{PgStore, corrupt, signed, term, unsigned};
+use super::{PgStore, corrupt, one_snapshot, signed, term, unsigned};
 use crate::store::listing::{implicit, merge_pages, scan_budget};
 use crate::store::model::{Delivery, DeliveryState, DueEntry, Event, Listener, decode};
 use crate::store::{COUNT_LIMIT, Counts, EventFilter, HistoryStore, LIST_PAGE_BYTES, Owed, Page, StoreError, Trimmed};
@@ -107,17 +107,15 @@ async fn implicit_of_event(
     let mut candidates = unsure_of_event(client, directory, event).await?;
     candidates.retain(|delivery| after.is_none_or(|after| delivery.id.as_str() > after));
     let mut found = Vec::new();
-    let mut rest = candidates.into_iter().peekable();
-    while rest.peek().is_some() {
-        let chunk: Vec<Delivery> = rest.by_ref().take(limit.max(1)).collect();
+    for chunk in candidates.chunks(scan_budget(limit)) {
         let ids: Vec<&str> = chunk.iter().map(|delivery| delivery.id.as_str()).collect();
         let recorded = recorded(client, &ids).await?;
-        for delivery in chunk.into_iter().filter(|delivery| !recorded.contains(&delivery.id)) {
-            found.push(delivery);
+        for delivery in chunk.iter().filter(|delivery| !recorded.contains(&delivery.id)) {
+            found.push(delivery.clone());
             if found.len() == limit {
                 // More may follow: the page ends here.
-                let more = rest.peek().is_some().then(|| found.last().map(|last| last.id.clone())).flatten();
-                return Ok((found, more));
+                let last = found.last().map(|delivery| delivery.id.clone());
+                return Ok((found, last));
             }
         }
     }
@@ -140,20 +138,6 @@ async fn delivery_view(
     // No record of it in this snapshot (read above): waiting, if a listener would have it.
     let found = unsure_of_event(client, directory, &event).await?.into_iter().find(|d| d.id == delivery_id);
     Ok(found.map(|delivery| (delivery, false)))
-}
-
-/// A read-only transaction on `client` that sees one snapshot of the database: a listing
-/// that reads the records and then what still waits in the log sees a delivery recorded in
-/// between in neither or in both, never in neither half alone.
-async fn one_snapshot(
-    client: &mut deadpool_postgres::Object,
-) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
-    Ok(client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?)
 }
 
 /// A listener's deliveries still waiting in the log, after `after` (a delivery id), in id

@@ -1052,6 +1052,25 @@ fn changes_suffice(known: u64, untracked: u64, version: u64, untracked_now: u64,
     untracked_now == untracked && known >= forgotten && known <= version
 }
 
+/// A read-only transaction on `client` that sees one snapshot of the database: a listing
+/// that reads the records and then what still waits in the log shows a delivery recorded in
+/// between once, as recorded or as waiting, never in neither half; a node reading the
+/// control plane whole reads it as of one version. Left open idle (its node
+/// cut off mid-listing), it ends as a write does (see [`term::limit_idle`]), rather than hold
+/// vacuum and a migration's locks back for hours.
+pub(super) async fn one_snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    term::limit_idle(&tx).await?;
+    Ok(tx)
+}
+
 /// The log's head with the control plane's version, how many versions writes that stamp no
 /// rows moved, and the control plane as of that version: whole, or, given memory's version
 /// and untracked count (`memory_at`), what changed since when that suffices. One read-only
@@ -1060,12 +1079,7 @@ async fn snapshot(
     client: &mut deadpool_postgres::Object,
     memory_at: Option<(u64, u64)>,
 ) -> Result<(Head, u64, Fresh), StoreError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = one_snapshot(client).await?;
     let head = Head::from_row(&tx.query_one(Head::SQL, &[]).await?);
     let row = tx.query_one("SELECT version - tracked, forgotten FROM control_version WHERE id = 0", &[]).await?;
     let (untracked, forgotten) = (unsigned(row.get(0)), unsigned(row.get(1)));

@@ -155,6 +155,11 @@ pub(crate) struct Context {
     /// recorded, so nothing is sent or written from here after the other node starts. The
     /// node that takes over makes them again.
     pub abandon: CancellationToken,
+    /// Work the dispatcher starts on tasks of its own (cancelling a deleted listener's lot or
+    /// owed pairs, disabling a listener). Shutdown does not wait for it (each write is whole,
+    /// and a restart goes on from what is written); leaving a term does, once it has stopped
+    /// at the abandoning, so none of it writes under the term this node begins next.
+    pub background: TaskTracker,
 }
 
 /// What one attempt did, as watchers see it.
@@ -350,6 +355,8 @@ struct Delivering {
     abandon: CancellationToken,
     /// The recorder's write under way, if any.
     writing: recorder::Writing,
+    /// See [`Context::background`].
+    background: TaskTracker,
 }
 
 impl Delivering {
@@ -361,11 +368,14 @@ impl Delivering {
 
     /// Stops at once: what is in flight is dropped unrecorded (see [`Context::abandon`]).
     /// Returns once nothing of this term is being written any more, the recorder's group
-    /// under way included, so a term this node begins next never writes it.
+    /// under way and the dispatcher's own tasks included, so a term this node begins next
+    /// never writes it.
     async fn abandon(self) {
         self.abandon.cancel();
-        let writing = self.writing.clone();
+        let (writing, background) = (self.writing.clone(), self.background.clone());
         self.stop().await;
+        background.close();
+        background.wait().await;
         writing.finished().await;
     }
 }
@@ -428,6 +438,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
         let abandon = CancellationToken::new();
         let recorder = recorder::Recorder::start(store.clone(), room, abandon.clone())?;
         let writing = recorder.writing();
+        let background = TaskTracker::new();
         let context = Arc::new(Context {
             store: store.clone(),
             queue: store,
@@ -441,6 +452,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
             metrics: self.metrics.clone(),
             recent: recent::Recent::default(),
             abandon: abandon.clone(),
+            background: background.clone(),
         });
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -455,7 +467,7 @@ impl<S: Store + PipelineStore + HistoryStore> Parts<S> {
             dispatch::Dispatcher::new(context, inbox, commands.clone(), taken, memory, start, self.durable_seq.clone());
         tasks.spawn(dispatcher.run(shutdown.clone()));
         tasks.close();
-        Ok(Delivering { term, commands, tasks, shutdown, abandon, writing })
+        Ok(Delivering { term, commands, tasks, shutdown, abandon, writing, background })
     }
 
     /// Takes in a command while this node does not deliver: work queued and watchers are
@@ -778,6 +790,7 @@ impl Context {
             metrics: crate::metrics::Metrics::new(),
             recent: recent::Recent::default(),
             abandon,
+            background: TaskTracker::new(),
         })
     }
 }

@@ -260,11 +260,12 @@ impl Dispatcher {
     /// Cancels a deleted listener's lot where it lies, in short writes on a task of its own:
     /// put back in the queue, its old entries would come before everyone else's. Shutdown
     /// does not wait for it (each write is whole; a restart hands what is left of the lot to
-    /// workers, which cancel it).
+    /// workers, which cancel it); leaving a term stops it and waits for it.
     pub(super) fn cancel_lot(&mut self, listener_id: &str) {
         let (context, listener_id) = (self.context.clone(), listener_id.to_owned());
-        tokio::spawn(async move {
-            loop {
+        self.context.background.spawn(async move {
+            // Abandoned, another node delivers now: what is left is its to cancel.
+            while !context.abandon.is_cancelled() {
                 match context.queue.cancel_parked(&listener_id, UNPARK_CHUNK) {
                     Ok(lot) if lot.taken == 0 => break,
                     Ok(lot) => {
@@ -297,7 +298,7 @@ impl Dispatcher {
         let end = if listener.enabled { self.progress.handed_until_seq() } else { listener.disabled_from_seq };
         let mut handed = self.handed_watch.subscribe();
         let context = self.context.clone();
-        tokio::spawn(async move {
+        self.context.background.spawn(async move {
             // A closed watch: the dispatcher stopped (shutdown); the next start goes on from the
             // deletion's record.
             if handed.wait_for(|until| *until >= end).await.is_err() {
@@ -306,6 +307,10 @@ impl Dispatcher {
             let cancelled = cancel_range(&context, &listener, from, end).await;
             if let Err(error) = cancelled.and_then(|()| context.queue.forget_deleted(&listener.id)) {
                 context.ended_if_refused(&error);
+                if context.abandon.is_cancelled() {
+                    // Another node delivers now, and goes on from the deletion's record.
+                    return;
+                }
                 tracing::error!(listener_id = %listener.id, error = &error as &dyn std::error::Error, "cannot cancel a deleted listener's waiting deliveries");
             }
         });
@@ -321,6 +326,9 @@ async fn cancel_range(
     until: u64,
 ) -> Result<(), StoreError> {
     while from < until {
+        if context.abandon.is_cancelled() {
+            return Err(StoreError::NotDelivering);
+        }
         let (events, reached) = context.queue.events_of(
             &listener.producer_id,
             &listener.event_type,

@@ -640,7 +640,7 @@ impl Dispatcher {
             super::retry::format_duration(self.context.config.disable_after)
         );
         let (context, outbox, listener_id) = (self.context.clone(), self.outbox.clone(), listener_id.to_owned());
-        tokio::spawn(async move {
+        self.context.background.spawn(async move {
             let edit = Box::new(move |listener: &mut Listener| {
                 if listener.enabled {
                     listener.enabled = false;

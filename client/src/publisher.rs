@@ -235,19 +235,23 @@ async fn connection(
             ack = acks.message() => match ack {
                 Ok(Some(ack)) => {
                     let Some(item) = pending.remove(&ack.r#ref) else { continue };
-                    progressed = true;
                     match ack.result {
                         Some(AckResult::Ack(ack)) => {
+                            progressed = true;
                             let _ = item.reply.send(Ok(Ack { event_id: ack.event_id, duplicate: ack.duplicate }));
                         }
                         Some(AckResult::Error(error)) => {
                             let error = Error::from_code(tonic::Code::from(error.code), error.message);
                             if error.is_retryable() {
+                                // No progress: an outage answered item by item (a store that
+                                // cannot write, say) is given up on like one that drops the
+                                // connection.
                                 pending.insert(ack.r#ref, item);
                                 draining.get_or_insert(error);
                                 requests = None;
                                 continue;
                             }
+                            progressed = true;
                             let _ = item.reply.send(Err(error));
                         }
                         None => {

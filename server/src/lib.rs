@@ -82,6 +82,11 @@ pub enum RunError {
     },
 }
 
+/// How long a gRPC connection may be idle before hookd pings it, and how long the ping may
+/// go unanswered before hookd closes it.
+const PING_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const PING_ANSWER: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Serves hookd on `listener` until `shutdown` is cancelled, then stops intake, lets
 /// in-flight calls finish (up to a grace period), flushes the database and returns.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
@@ -294,6 +299,11 @@ async fn serve<B: Backend>(
     };
     let server = tonic::transport::Server::builder()
         .max_concurrent_streams(max_streams)
+        // A client gone silent (a dropped NAT entry, a machine switched off) gives its
+        // connection slot back within a minute, rather than hold it until the system's
+        // TCP keepalive gives up, hours later: hookd pings connections idle this long.
+        .http2_keepalive_interval(Some(PING_IDLE))
+        .http2_keepalive_timeout(Some(PING_ANSWER))
         .layer(api::OversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

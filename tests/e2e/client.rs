@@ -311,3 +311,74 @@ async fn a_producer_may_open_only_so_many_watchers() {
     })
     .await;
 }
+
+/// A TriggerService whose store cannot write: every streamed item is answered UNAVAILABLE on
+/// a stream that stays open (a real hookd answers so while its journal cannot be written).
+struct Unwritable;
+
+#[tonic::async_trait]
+impl hookd_client::v1::trigger_service_server::TriggerService for Unwritable {
+    async fn trigger(
+        &self,
+        _: tonic::Request<TriggerRequest>,
+    ) -> Result<tonic::Response<hookd_client::v1::TriggerAck>, tonic::Status> {
+        Err(tonic::Status::unavailable("writes need the operator"))
+    }
+
+    type TriggerStreamStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<hookd_client::v1::TriggerStreamAck, tonic::Status>> + Send>,
+    >;
+
+    async fn trigger_stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<TriggerStreamRequest>>,
+    ) -> Result<tonic::Response<Self::TriggerStreamStream>, tonic::Status> {
+        let mut incoming = request.into_inner();
+        let (acks, outgoing) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(Ok(item)) = incoming.next().await {
+                let error = hookd_client::v1::Error {
+                    code: tonic::Code::Unavailable as i32,
+                    message: "writes need the operator".into(),
+                };
+                let ack =
+                    hookd_client::v1::TriggerStreamAck { r#ref: item.r#ref, result: Some(AckResult::Error(error)) };
+                if acks.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(outgoing))))
+    }
+
+    type WatchDeliveriesStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<hookd_client::v1::DeliveryUpdate, tonic::Status>> + Send>,
+    >;
+
+    async fn watch_deliveries(
+        &self,
+        _: tonic::Request<hookd_client::v1::WatchDeliveriesRequest>,
+    ) -> Result<tonic::Response<Self::WatchDeliveriesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+// Regression (review): any ack counted as progress, retryable error acks included, so an
+// outage answered item by item (the store cannot write) reset the give-up clock on every
+// reconnect and callers waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_gives_up_on_an_outage_answered_item_by_item() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = hookd_client::v1::trigger_service_server::TriggerServiceServer::new(Unwritable);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client = Client::connect(format!("http://{addr}")).await.unwrap();
+    let options = hookd_client::PublisherOptions { give_up_after: std::time::Duration::from_secs(1) };
+    let publisher = client.publisher_with(options);
+    let answer = bounded("the publisher gives up", publisher.publish(Trigger::new("never.written", "{}"))).await;
+    assert!(matches!(answer, Err(Error::Unavailable(_))), "{answer:?}");
+}

@@ -157,6 +157,7 @@ async fn serve_stream<S, A, F>(
     F: Future<Output = TriggerStreamAck> + Send + 'static,
 {
     let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
+    let mut ended = None;
     loop {
         let slot = tokio::select! {
             slot = in_flight.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
@@ -173,17 +174,20 @@ async fn serve_stream<S, A, F>(
                 // The client finished sending.
                 None => break,
                 // A message the transport refused (e.g. too large) ends the stream with its
-                // status; a client that went away hears nothing.
+                // status, once the items read before it have their acks (a status ends the
+                // response stream: sent first, it would leave durable items unanswered).
                 Some(Err(status)) => {
-                    let _ = acks.try_send(Err(super::oversize::too_large_as_exhausted(status)));
+                    ended = Some(super::oversize::too_large_as_exhausted(status));
                     break;
                 }
             },
             // Shutting down: what was read is answered, the stream then ends.
             () = stopping.cancelled() => break,
         };
+        // An item weighs its payload and what it takes to hold it (its task, its event), so
+        // items of a few bytes are bounded too.
         let weight = item.trigger.as_ref().map_or(0, |trigger| trigger.payload.len());
-        let weight = u32::try_from(weight).unwrap_or(u32::MAX).clamp(1, budget.item_room);
+        let weight = crate::store::append_weight(weight).clamp(1, budget.item_room);
         let held = room.split(weight as usize).expect("an item weighs no more than the room it was given");
         drop(room);
         let (acks, stopping, answering) = (acks.clone(), stopping.clone(), answer(item));
@@ -191,8 +195,9 @@ async fn serve_stream<S, A, F>(
             let ack = answering.await;
             drop(held);
             // A client that went away, or stopped reading past shutdown, gets no ack; what was
-            // appended stays appended.
+            // appended stays appended. Sent first when it can be, shutdown or not.
             tokio::select! {
+                biased;
                 _ = acks.send(Ok(ack)) => {}
                 () = stopping.cancelled() => {}
             }
@@ -201,6 +206,13 @@ async fn serve_stream<S, A, F>(
     }
     // Every item read gets its ack before the stream ends.
     let _ = in_flight.acquire_many(STREAM_IN_FLIGHT as u32).await;
+    if let Some(status) = ended {
+        tokio::select! {
+            biased;
+            _ = acks.send(Err(status)) => {}
+            () = stopping.cancelled() => {}
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -226,7 +238,10 @@ impl TriggerService for TriggerApi {
         let producer = Arc::new(producer);
         let budget = StreamBudget {
             bytes: shared.stream_bytes.clone(),
-            item_room: u32::try_from(shared.config.max_payload_bytes).unwrap_or(u32::MAX).max(1),
+            // The largest item with what holding it takes, within the whole budget.
+            item_room: crate::store::append_weight(shared.config.max_payload_bytes)
+                .min(u32::try_from(shared.config.stream_bytes_in_flight).unwrap_or(u32::MAX))
+                .max(1),
         };
         let stopping = shared.stopping.clone();
         let answer = move |item: TriggerStreamRequest| {
@@ -397,5 +412,41 @@ mod tests {
         assert_eq!(acked, 30, "every item is answered once the budget frees up");
         assert!(peak.load(Ordering::SeqCst) <= 3, "never more items read than the budget holds");
         assert_eq!(shared_bytes.available_permits(), 3 * ITEM, "every byte is given back");
+    }
+
+    // Review: a message the transport refused ended the stream at once with its status,
+    // ahead of the acks of items read before it, which were durable but never answered.
+    #[tokio::test]
+    async fn a_refused_message_ends_the_stream_after_the_acks_of_what_was_read_before() {
+        let items = vec![
+            Ok(TriggerStreamRequest { r#ref: 1, trigger: Some(TriggerRequest::default()) }),
+            Err(Status::resource_exhausted("message too large")),
+        ];
+        let gate = Arc::new(Semaphore::new(0));
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let answer = {
+            let gate = gate.clone();
+            move |item: TriggerStreamRequest| {
+                let (gate, started_tx) = (gate.clone(), started_tx.clone());
+                async move {
+                    let _ = started_tx.send(());
+                    gate.acquire().await.unwrap().forget();
+                    stream_ack(item.r#ref, Ok(TriggerAck::default()))
+                }
+            }
+        };
+        let (acks, mut received) = mpsc::channel(STREAM_IN_FLIGHT);
+        let budget = StreamBudget { bytes: Arc::new(Semaphore::new(1 << 20)), item_room: 1 << 16 };
+        let serving =
+            tokio::spawn(serve_stream(tokio_stream::iter(items), budget, acks, CancellationToken::new(), answer));
+        started.recv().await.unwrap();
+        // The refused message is read while the first item is still being answered.
+        gate.add_permits(1);
+        let first = received.recv().await.unwrap().expect("the item read before is answered");
+        assert_eq!(first.r#ref, 1);
+        let ended = received.recv().await.unwrap().expect_err("then the stream ends with the status");
+        assert_eq!(ended.code(), tonic::Code::ResourceExhausted);
+        assert!(received.recv().await.is_none());
+        serving.await.unwrap();
     }
 }

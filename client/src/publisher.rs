@@ -119,7 +119,8 @@ enum Ended {
     /// Every publisher handle is gone and nothing is pending: done.
     Finished,
     /// The connection broke or the server went away. `progressed`: acks came back on it.
-    Broken { error: Error, progressed: bool },
+    /// `wait`: the least pause before the next, as the server asked (over the rate).
+    Broken { error: Error, progressed: bool, wait: Duration },
 }
 
 async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: PublisherOptions) {
@@ -140,7 +141,7 @@ async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: Publisher
         }
         match connection(&client, &mut queue, &mut pending, &mut next_ref).await {
             Ended::Finished => return,
-            Ended::Broken { error, progressed } => {
+            Ended::Broken { error, progressed, wait } => {
                 if progressed {
                     // The outage, if any, ended on that connection.
                     outage_started = None;
@@ -160,7 +161,7 @@ async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: Publisher
                     pause = FIRST_PAUSE;
                     continue;
                 }
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(pause.max(wait)).await;
                 pause = (pause * 2).min(LONGEST_PAUSE);
             }
         }
@@ -201,7 +202,7 @@ async fn connection(
     let mut requests = Some(requests_tx);
     let mut acks = match client.trigger_service().trigger_stream(ReceiverStream::new(outgoing)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return Ended::Broken { error: stream_error(status), progressed: false },
+        Err(status) => return Ended::Broken { error: stream_error(status), progressed: false, wait: Duration::ZERO },
     };
     // Every pending item with a reference up to this one was sent on this connection.
     let mut sent_up_to: Option<u64> = None;
@@ -210,6 +211,7 @@ async fn connection(
     // Set when the server refused an item for now (e.g. it is shutting down): send nothing
     // more, read the acks still coming, then reconnect.
     let mut draining: Option<Error> = None;
+    let mut wait = Duration::ZERO;
     loop {
         while let Some(sender) = &requests
             && let Some((reference, item)) = next_unsent(pending, sent_up_to)
@@ -241,7 +243,17 @@ async fn connection(
                             let _ = item.reply.send(Ok(Ack { event_id: ack.event_id, duplicate: ack.duplicate }));
                         }
                         Some(AckResult::Error(error)) => {
+                            // Over the producer's rate: sent again after a pause, as after an
+                            // outage (its key makes a resend of one recorded meanwhile a
+                            // duplicate, never a second event).
+                            let retry_after = Duration::from_millis(error.retry_after_ms);
                             let error = Error::from_code(tonic::Code::from(error.code), error.message);
+                            let error = if retry_after.is_zero() {
+                                error
+                            } else {
+                                wait = wait.max(retry_after);
+                                Error::Unavailable(format!("over the producer's trigger rate: {error}"))
+                            };
                             if error.is_retryable() {
                                 // No progress: an outage answered item by item (a store that
                                 // cannot write, say) is given up on like one that drops the
@@ -262,9 +274,9 @@ async fn connection(
                 }
                 Ok(None) => {
                     let error = draining.unwrap_or_else(|| Error::Unavailable("the server ended the stream".into()));
-                    return Ended::Broken { error, progressed };
+                    return Ended::Broken { error, progressed, wait };
                 }
-                Err(status) => return Ended::Broken { error: stream_error(status), progressed },
+                Err(status) => return Ended::Broken { error: stream_error(status), progressed, wait },
             },
         }
     }

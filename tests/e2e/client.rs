@@ -340,6 +340,7 @@ impl hookd_client::v1::trigger_service_server::TriggerService for Unwritable {
                 let error = hookd_client::v1::Error {
                     code: tonic::Code::Unavailable as i32,
                     message: "writes need the operator".into(),
+                    retry_after_ms: 0,
                 };
                 let ack =
                     hookd_client::v1::TriggerStreamAck { r#ref: item.r#ref, result: Some(AckResult::Error(error)) };
@@ -381,4 +382,21 @@ async fn the_publisher_gives_up_on_an_outage_answered_item_by_item() {
     let publisher = client.publisher_with(options);
     let answer = bounded("the publisher gives up", publisher.publish(Trigger::new("never.written", "{}"))).await;
     assert!(matches!(answer, Err(Error::Unavailable(_))), "{answer:?}");
+}
+
+// Review: an item over the producer's trigger rate failed for good in the publisher, even one
+// resent after a reconnect that had been recorded before; now the ack says when to send it
+// again, and the publisher does, so every publish succeeds once and is recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_waits_out_the_producers_trigger_rate() {
+    const EVENTS: usize = 300;
+    let server = TestServer::start_with(Arc::new(tempfile::tempdir().unwrap()), &master_key(), |config| {
+        config.producer_trigger_rate = 200;
+    })
+    .await;
+    let (producer, _, _) = server.producer("limited").await;
+    let publisher = producer.publisher();
+    let ids = InFlight::publish(&publisher, "paced.item", EVENTS).all_acked().await;
+    assert_eq!(ids.len(), EVENTS, "one event per publish");
+    assert_eq!(listed_event_ids(&producer).await.len(), EVENTS, "each recorded once");
 }

@@ -109,8 +109,16 @@ fn stream_ack(reference: u64, result: ApiResult<TriggerAck>) -> TriggerStreamAck
     let result = match result {
         Ok(ack) => AckResult::Ack(ack),
         Err(error) => {
+            let retry_after_ms = match &error {
+                ApiError::RateLimited { retry_after_ms, .. } => (*retry_after_ms).max(1),
+                _ => 0,
+            };
             let status = Status::from(error);
-            AckResult::Error(ItemError { code: status.code() as i32, message: status.message().to_owned() })
+            AckResult::Error(ItemError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                retry_after_ms,
+            })
         }
     };
     TriggerStreamAck { r#ref: reference, result: Some(result) }

@@ -11,6 +11,7 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+mod fs_sync;
 mod journal;
 mod listing;
 pub mod model;

@@ -49,6 +49,7 @@ use std::time::Duration;
 use sled::{Batch, Tree};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use super::fs_sync::FileSystem;
 use super::journal::{self, Journal};
 use super::model::{
     ApiKeyEntry, Appended, DeletedListener, Event, EventHashEntry, FanoutCursor, Listener, NewEvent, Producer, decode,
@@ -192,6 +193,8 @@ pub struct SledStore {
     pub(super) history_lock: Mutex<()>,
     /// Serialises writes of producers, keys, hashes and listeners (see [`SledStore::write`]).
     admin_lock: Arc<Mutex<()>>,
+    /// Makes the database's writes survive a power loss (see [`FileSystem`]).
+    filesystem: Arc<FileSystem>,
     /// Appends not yet in sled, weighed by [`append_weight`]: bounds intake memory whatever
     /// the payload limit and the number of callers, and how far sled may trail the journal.
     pending_bytes: Arc<Semaphore>,
@@ -250,8 +253,15 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
 
 /// Writes into sled again every journal record from the last checkpoint on (events
 /// acknowledged before a stop, perhaps not yet in sled; writing one twice changes nothing),
-/// and flushes. Returns the next sequence number and the newest creation time.
-fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) -> Result<(u64, u64), StoreError> {
+/// and flushes, down to the disk (the journal's segments are deleted next: see
+/// [`FileSystem`]). Returns the next sequence number and the newest creation time.
+fn replay_journal(
+    tree: &Tree,
+    filesystem: &FileSystem,
+    dir: &Path,
+    next_seq: u64,
+    last_created_ms: u64,
+) -> Result<(u64, u64), StoreError> {
     let from = read_u64(tree, keys::JOURNAL_FROM)?.unwrap_or(0);
     let (mut next, mut last_created) = (next_seq, last_created_ms);
     let mut batch = Batch::default();
@@ -273,6 +283,7 @@ fn replay_journal(tree: &Tree, dir: &Path, next_seq: u64, last_created_ms: u64) 
     index.write(tree, &mut batch)?;
     tree.apply_batch(batch)?;
     tree.flush()?;
+    filesystem.sync()?;
     if replayed > 0 {
         tracing::info!(events = replayed, "wrote in the events of the journal's last checkpoint");
     }
@@ -361,13 +372,22 @@ impl SledStore {
             tracing::info!(records = migrated, "converted the per-event producer index into bitmaps");
         }
         let journal_dir = dir.join("journal");
-        let (next_seq, last_created_ms) = replay_journal(&tree, &journal_dir, sled_next_seq, last_created_ms)?;
+        // Opened now, so that it reports any failed write-back of the database from here on.
+        let filesystem = Arc::new(FileSystem::open(&dir.join("db"))?);
+        let (next_seq, last_created_ms) =
+            replay_journal(&tree, &filesystem, &journal_dir, sled_next_seq, last_created_ms)?;
         let journal = Journal::start(&journal_dir, next_seq, journal::SEGMENT_BYTES)?;
         let progress = Progress::new(next_seq);
         let callers = Arc::new(Callers::default());
         let (jobs_tx, jobs_rx) = mpsc::channel(writer::QUEUE_CAPACITY);
-        let writer =
-            Writer::new(tree.clone(), jobs_rx, journal, (next_seq, last_created_ms), progress.clone(), callers.clone());
+        let writer = Writer::new(
+            tree.clone(),
+            jobs_rx,
+            (journal, filesystem.clone()),
+            (next_seq, last_created_ms),
+            progress.clone(),
+            callers.clone(),
+        );
         let handle = std::thread::Builder::new().name("hookd-writer".into()).spawn(move || writer.run())?;
         Ok(Arc::new(Self {
             db,
@@ -381,6 +401,7 @@ impl SledStore {
             pending_bytes: Arc::new(Semaphore::new(PENDING_BYTES as usize)),
             history_lock: Mutex::new(()),
             admin_lock: Arc::default(),
+            filesystem,
             listeners_generation: Arc::default(),
         }))
     }
@@ -403,6 +424,7 @@ impl SledStore {
     {
         let (tree, progress, callers, serial) =
             (self.tree.clone(), self.progress.clone(), self.callers.clone(), self.admin_lock.clone());
+        let filesystem = self.filesystem.clone();
         let closed = self.jobs.lock().expect("writer sender lock is never poisoned").is_none();
         Box::pin(async move {
             if closed {
@@ -416,7 +438,8 @@ impl SledStore {
                 } else {
                     apply(&tree, progress.staged())
                 };
-                let flushed = tree.flush();
+                // On disk before the answer, a power loss included (sled's flush alone is not).
+                let flushed = tree.flush().map_err(StoreError::from).and_then(|_| Ok(filesystem.sync_database()?));
                 callers.forget_all();
                 progress.wait_for_groups();
                 flushed?;
@@ -460,6 +483,7 @@ impl Store for SledStore {
         match self.tree.compare_and_swap(keys::KEY_CHECK, None as Option<&[u8]>, Some(first))? {
             Ok(()) => {
                 self.tree.flush()?;
+                self.filesystem.sync_database()?;
                 Ok(())
             }
             Err(existing) => super::match_master_key(existing.current.as_deref().unwrap_or_default(), accepted),
@@ -469,6 +493,7 @@ impl Store for SledStore {
     fn set_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
         self.tree.insert(keys::KEY_CHECK, super::key_check_value(key_id, check))?;
         self.tree.flush()?;
+        self.filesystem.sync_database()?;
         Ok(())
     }
 
@@ -479,6 +504,7 @@ impl Store for SledStore {
     fn set_sealed_hash_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
         self.tree.insert(keys::HASH_KEY, sealed)?;
         self.tree.flush()?;
+        self.filesystem.sync_database()?;
         Ok(())
     }
 

@@ -30,6 +30,8 @@
 //! `flush_async` (it hung under concurrent callers here).
 
 use sled::Tree;
+
+use super::fs_sync::FileSystem;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc as std_mpsc};
@@ -388,6 +390,8 @@ pub(crate) struct Writer {
     tree: Tree,
     jobs: mpsc::Receiver<Job>,
     journal: Journal,
+    /// The database's filesystem, synced at each checkpoint (see [`checkpoint`]).
+    filesystem: Arc<FileSystem>,
     next_seq: u64,
     /// Creation time of the newest event.
     last_created_ms: u64,
@@ -403,7 +407,7 @@ impl Writer {
     pub(crate) fn new(
         tree: Tree,
         jobs: mpsc::Receiver<Job>,
-        journal: Journal,
+        (journal, filesystem): (Journal, Arc<FileSystem>),
         (next_seq, last_created_ms): (u64, u64),
         progress: Arc<Progress>,
         callers: Arc<Callers>,
@@ -412,6 +416,7 @@ impl Writer {
             tree,
             jobs,
             journal,
+            filesystem,
             next_seq,
             last_created_ms,
             progress,
@@ -435,10 +440,10 @@ impl Writer {
         // the next group's triggers behind sled.
         let (to_applier, applier_jobs) = std_mpsc::channel::<Apply>();
         let applier = {
-            let (tree, progress) = (self.tree.clone(), self.progress.clone());
+            let (tree, progress, filesystem) = (self.tree.clone(), self.progress.clone(), self.filesystem.clone());
             std::thread::Builder::new()
                 .name("hookd-applier".into())
-                .spawn(move || apply_loop(&tree, &progress, &applier_jobs))
+                .spawn(move || apply_loop(&tree, &progress, &filesystem, &applier_jobs))
                 .expect("the applier thread starts")
         };
         let mut group = Vec::with_capacity(64);
@@ -669,17 +674,22 @@ struct Pending {
 }
 
 /// Makes everything applied so far durable in sled and records from where the journal is
-/// still needed (`m/journal_from`, read by the next start): events from `next_seq` on.
-fn checkpoint(tree: &Tree, progress: &Progress, next_seq: u64) -> Result<(), sled::Error> {
+/// still needed (`m/journal_from`, read by the next start): events from `next_seq` on. Only
+/// once the filesystem is synced (sled's flush alone does not survive a power loss, see
+/// [`FileSystem`]) may the journal delete the segments before `next_seq`.
+fn checkpoint(tree: &Tree, progress: &Progress, filesystem: &FileSystem, next_seq: u64) -> Result<(), StoreError> {
     tree.insert(keys::JOURNAL_FROM, &next_seq.to_be_bytes())?;
     tree.flush()?;
+    filesystem
+        .sync()
+        .map_err(|error| StoreError::Failed(format!("syncing the database's filesystem: {error}").into()))?;
     progress.checkpoint.fetch_max(next_seq, Ordering::AcqRel);
     Ok(())
 }
 
 /// Writes acknowledged events into sled; checkpoints every [`CHECKPOINT_EVERY`] and once
 /// more at the end.
-fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply>) {
+fn apply_loop(tree: &Tree, progress: &Progress, filesystem: &FileSystem, steps: &std_mpsc::Receiver<Apply>) {
     let mut last_checkpoint = Instant::now();
     // The next event not yet in sled, once something was applied since the last checkpoint.
     let mut unflushed: Option<u64> = None;
@@ -709,7 +719,7 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
                 return Ok(());
             }
             last_checkpoint = Instant::now();
-            unflushed.take().map_or(Ok(()), |next_seq| checkpoint(tree, progress, next_seq).map_err(StoreError::from))
+            unflushed.take().map_or(Ok(()), |next_seq| checkpoint(tree, progress, filesystem, next_seq))
         });
         if let Err(error) = outcome {
             progress.fail(format!("writing events into the database failed: {error}"));
@@ -717,7 +727,7 @@ fn apply_loop(tree: &Tree, progress: &Progress, steps: &std_mpsc::Receiver<Apply
         }
     }
     if let Some(next_seq) = unflushed
-        && let Err(error) = checkpoint(tree, progress, next_seq)
+        && let Err(error) = checkpoint(tree, progress, filesystem, next_seq)
     {
         progress.fail(format!("the final flush of the database failed: {error}"));
     }

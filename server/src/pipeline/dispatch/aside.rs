@@ -168,7 +168,8 @@ impl Dispatcher {
                     self.again.insert((at, order), Work::First(pair));
                 }
                 Work::Queued(entry) => {
-                    self.claimed.remove(&entry.delivery_id);
+                    // An entry deferred behind this claim (a manual attempt) is read again too.
+                    self.release(&entry.delivery_id);
                     self.later.insert((at, entry.due_ms));
                 }
             }

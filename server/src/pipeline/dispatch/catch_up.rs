@@ -171,6 +171,26 @@ mod tests {
         (dispatcher, memory)
     }
 
+    /// Records that the first attempt of event `seq` (`event_id`) to `lst_l` failed and that its
+    /// retry is due now; its delivery id.
+    fn retry_due_now(store: &SledStore, seq: u64, event_id: &str) -> String {
+        let id = ids::delivery_id(seq, "lst_l");
+        let delivery = Delivery {
+            id: id.clone(),
+            event_id: event_id.to_owned(),
+            event_seq: seq,
+            listener_id: "lst_l".into(),
+            producer_id: "prd_a".into(),
+            state: DeliveryState::Pending as i32,
+            attempts: 1,
+            ..Delivery::default()
+        };
+        let attempt = Attempt { number: 1, status_code: 500, ..Attempt::default() };
+        let next = NextStep::RetryAt(now_ms().saturating_sub(1));
+        store.complete_attempts(vec![Completion { delivery, attempt, entry: None, next, ordered: false }]).unwrap();
+        id
+    }
+
     /// Regression (review): a read-back pair whose delivery a queue entry in hand held (a retry
     /// of it due at once) was marked outstanding, and only a first attempt's end clears that:
     /// the listener never followed fan-out again, and where it stood was never written past it.
@@ -186,20 +206,7 @@ mod tests {
         store.settled().await.unwrap();
         // Event 1's first attempt failed before the listener was detached at event 0: its
         // retry is due now.
-        let retried = ids::delivery_id(1, "lst_l");
-        let delivery = Delivery {
-            id: retried.clone(),
-            event_id: events[1].clone(),
-            event_seq: 1,
-            listener_id: "lst_l".into(),
-            producer_id: "prd_a".into(),
-            state: DeliveryState::Pending as i32,
-            attempts: 1,
-            ..Delivery::default()
-        };
-        let attempt = Attempt { number: 1, status_code: 500, ..Attempt::default() };
-        let next = NextStep::RetryAt(now_ms().saturating_sub(1));
-        store.complete_attempts(vec![Completion { delivery, attempt, entry: None, next, ordered: false }]).unwrap();
+        let retried = retry_due_now(&store, 1, &events[1]);
         store.set_fanout_cursor(&FanoutCursor { next_seq: 3, ..FanoutCursor::default() }).unwrap();
         store.set_detached("lst_l", Some(0)).unwrap();
 
@@ -271,6 +278,35 @@ mod tests {
         dispatcher.catch_up("lst_l");
         let detached = dispatcher.lanes["lst_l"].detached.as_ref().unwrap();
         assert_eq!(detached.outstanding.iter().copied().collect::<Vec<_>>(), [0], "it reads its pair of event 0 back");
+        store.close().unwrap();
+    }
+
+    // Regression (review): lots are refilled as a listener's turns end, so a listener with
+    // nothing under way whose retry was parked (memory full as it came due) stayed parked, and
+    // every later retry of it behind it, until a restart.
+    #[tokio::test]
+    async fn a_listener_with_nothing_under_way_takes_its_parked_work_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_producers(SledStore::open(dir.path()).unwrap()).await;
+        store.insert_listener(listener("lst_l", "prd_a", "thing.happened")).await.unwrap();
+        let event_id = store.append_event(new_event("prd_a", None, 1_000)).await.unwrap().event_id;
+        store.settled().await.unwrap();
+        let retried = retry_due_now(&store, 0, &event_id);
+        store.set_fanout_cursor(&FanoutCursor { next_seq: 1, ..FanoutCursor::default() }).unwrap();
+
+        let (mut dispatcher, memory) = started(&store, 1);
+        // Memory is full as the retry comes due: it is parked.
+        let full = memory.clone().try_acquire_many_owned(crate::pipeline::MEMORY_ITEMS as u32).unwrap();
+        dispatcher.scan_queue(now_ms()).unwrap();
+        assert_eq!(dispatcher.lanes["lst_l"].gate.parked, 1, "parked");
+        assert!(!dispatcher.claimed.contains_key(&retried));
+
+        // Memory frees up; nothing of the listener is under way, so no turn ends.
+        drop(full);
+        dispatcher.tick(now_ms());
+        dispatcher.scan_queue(now_ms()).unwrap();
+        assert_eq!(dispatcher.lanes["lst_l"].gate.parked, 0, "the lot is taken back");
+        assert!(dispatcher.claimed.contains_key(&retried), "and the retry is in hand again");
         store.close().unwrap();
     }
 }

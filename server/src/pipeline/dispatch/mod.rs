@@ -48,6 +48,9 @@ const SCAN_LIMIT: usize = 512;
 const UNPARK_CHUNK: usize = 256;
 /// How often the cursor is written, held work looked at and back-offs ended.
 const TICK: Duration = Duration::from_millis(250);
+/// How long an ordered listener whose order could not be checked (a store error) waits before
+/// the check is made again.
+const ORDER_CHECK_AGAIN_MS: u64 = 1000;
 
 /// What fan-out hands the dispatcher: pairs in log order, each holding a place in memory,
 /// and how far the log is handed out.
@@ -432,7 +435,13 @@ impl Dispatcher {
                 let older = match self.context.queue.pending_head(listener_id) {
                     Ok(head) => head.is_some_and(|head| head < delivery_id),
                     Err(error) => {
-                        tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read an ordered listener's head");
+                        tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read an ordered listener's head; trying again in a second");
+                        // Set aside for a while: left startable, the lane would be taken up
+                        // again at once, and the dispatcher would go round it for ever.
+                        let at = now + ORDER_CHECK_AGAIN_MS;
+                        let lane = self.lanes.get_mut(listener_id).expect("read above");
+                        lane.gate.blocked_until_ms = lane.gate.blocked_until_ms.max(at);
+                        self.backoffs.insert((at, listener_id.to_owned()));
                         return false;
                     }
                 };
@@ -839,6 +848,27 @@ impl Dispatcher {
                 self.catch_up(&listener_id);
                 self.mark(&listener_id);
             }
+        }
+        // A lot is refilled as turns end; a listener with nothing under way and nothing in its
+        // line (its retries parked while memory was short, say) has no turn to end, so it is
+        // refilled here.
+        let idle_with_lot: Vec<String> = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| {
+                lane.gate.parked > 0
+                    && lane.gate.in_flight == 0
+                    && lane.line.is_empty()
+                    && lane.gate.enabled
+                    && !lane.gate.deleted
+                    && !lane.gate.backed_off(now)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for listener_id in idle_with_lot {
+            self.refill(&listener_id);
+            self.catch_up(&listener_id);
+            self.mark(&listener_id);
         }
         let overdue: Vec<String> = self
             .lanes

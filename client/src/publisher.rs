@@ -6,7 +6,7 @@
 //! the same key: the server answers a repeat with the first event's id, so nothing is lost
 //! and nothing is recorded twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -119,8 +119,7 @@ enum Ended {
     /// Every publisher handle is gone and nothing is pending: done.
     Finished,
     /// The connection broke or the server went away. `progressed`: acks came back on it.
-    /// `wait`: the least pause before the next, as the server asked (over the rate).
-    Broken { error: Error, progressed: bool, wait: Duration },
+    Broken { error: Error, progressed: bool },
 }
 
 async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: PublisherOptions) {
@@ -141,7 +140,7 @@ async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: Publisher
         }
         match connection(&client, &mut queue, &mut pending, &mut next_ref).await {
             Ended::Finished => return,
-            Ended::Broken { error, progressed, wait } => {
+            Ended::Broken { error, progressed } => {
                 if progressed {
                     // The outage, if any, ended on that connection.
                     outage_started = None;
@@ -161,7 +160,7 @@ async fn run(client: Client, mut queue: mpsc::Receiver<Item>, options: Publisher
                     pause = FIRST_PAUSE;
                     continue;
                 }
-                tokio::time::sleep(pause.max(wait)).await;
+                tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(LONGEST_PAUSE);
             }
         }
@@ -202,7 +201,7 @@ async fn connection(
     let mut requests = Some(requests_tx);
     let mut acks = match client.trigger_service().trigger_stream(ReceiverStream::new(outgoing)).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return Ended::Broken { error: stream_error(status), progressed: false, wait: Duration::ZERO },
+        Err(status) => return Ended::Broken { error: stream_error(status), progressed: false },
     };
     // Every pending item with a reference up to this one was sent on this connection.
     let mut sent_up_to: Option<u64> = None;
@@ -211,7 +210,13 @@ async fn connection(
     // Set when the server refused an item for now (e.g. it is shutting down): send nothing
     // more, read the acks still coming, then reconnect.
     let mut draining: Option<Error> = None;
-    let mut wait = Duration::ZERO;
+    // Items over the producer's trigger rate, oldest first: sent again on this stream one at a
+    // time, `spacing` apart (the wait the server named: about one trigger's share of the
+    // rate), so the publisher goes at the rate rather than resend its whole window each time.
+    // Nothing new is taken meanwhile.
+    let mut held: VecDeque<u64> = VecDeque::new();
+    let mut spacing = Duration::ZERO;
+    let mut release_at: Option<tokio::time::Instant> = None;
     loop {
         while let Some(sender) = &requests
             && let Some((reference, item)) = next_unsent(pending, sent_up_to)
@@ -225,8 +230,19 @@ async fn connection(
         if closed && pending.is_empty() {
             return Ended::Finished;
         }
-        let room = draining.is_none() && pending.len() < IN_FLIGHT && next_unsent(pending, sent_up_to).is_none();
+        let room = draining.is_none()
+            && held.is_empty()
+            && pending.len() < IN_FLIGHT
+            && next_unsent(pending, sent_up_to).is_none();
         tokio::select! {
+            () = tokio::time::sleep_until(release_at.unwrap_or_else(tokio::time::Instant::now)), if release_at.is_some() => {
+                // Sent again under a new reference, so it goes out after what was sent before.
+                if let Some(item) = held.pop_front().and_then(|reference| pending.remove(&reference)) {
+                    pending.insert(*next_ref, item);
+                    *next_ref += 1;
+                }
+                release_at = (!held.is_empty()).then(|| tokio::time::Instant::now() + spacing);
+            }
             item = queue.recv(), if room && !closed => match item {
                 Some(item) => {
                     pending.insert(*next_ref, item);
@@ -246,14 +262,16 @@ async fn connection(
                             // Over the producer's rate: sent again after a pause, as after an
                             // outage (its key makes a resend of one recorded meanwhile a
                             // duplicate, never a second event).
-                            let retry_after = Duration::from_millis(error.retry_after_ms);
-                            let error = Error::from_code(tonic::Code::from(error.code), error.message);
-                            let error = if retry_after.is_zero() {
-                                error
-                            } else {
-                                wait = wait.max(retry_after);
-                                Error::Unavailable(format!("over the producer's trigger rate: {error}"))
-                            };
+                            let code = tonic::Code::from(error.code);
+                            if code == tonic::Code::ResourceExhausted && error.retry_after_ms > 0 {
+                                // Over the rate: held, and sent again in its turn.
+                                spacing = Duration::from_millis(error.retry_after_ms).min(LONGEST_PAUSE);
+                                pending.insert(ack.r#ref, item);
+                                held.push_back(ack.r#ref);
+                                release_at.get_or_insert_with(|| tokio::time::Instant::now() + spacing);
+                                continue;
+                            }
+                            let error = Error::from_code(code, error.message);
                             if error.is_retryable() {
                                 // No progress: an outage answered item by item (a store that
                                 // cannot write, say) is given up on like one that drops the
@@ -274,9 +292,9 @@ async fn connection(
                 }
                 Ok(None) => {
                     let error = draining.unwrap_or_else(|| Error::Unavailable("the server ended the stream".into()));
-                    return Ended::Broken { error, progressed, wait };
+                    return Ended::Broken { error, progressed };
                 }
-                Err(status) => return Ended::Broken { error: stream_error(status), progressed, wait },
+                Err(status) => return Ended::Broken { error: stream_error(status), progressed },
             },
         }
     }

@@ -24,12 +24,19 @@ pub(crate) struct FileSystem {
     dir: File,
     /// sled's one file of pages (small values; large ones go to blob files beside it).
     database: File,
+    /// The pipeline's database's file of pages (see `sled_pipeline`).
+    queue: File,
 }
 
 impl FileSystem {
-    /// Opens the handles on the sled database at `dir` (already open, so its file exists).
-    pub(crate) fn open(dir: &Path) -> io::Result<Self> {
-        Ok(Self { dir: File::open(dir)?, database: File::open(dir.join("db"))? })
+    /// Opens the handles on the sled databases at `dir` and `queue_dir` (already open, so their
+    /// files exist).
+    pub(crate) fn open(dir: &Path, queue_dir: &Path) -> io::Result<Self> {
+        Ok(Self {
+            dir: File::open(dir)?,
+            database: File::open(dir.join("db"))?,
+            queue: File::open(queue_dir.join("db"))?,
+        })
     }
 
     /// Flushes every file of the filesystem to stable storage: what sled wrote, blob files
@@ -56,6 +63,13 @@ impl FileSystem {
     pub(crate) fn sync_database(&self) -> io::Result<()> {
         self.database.sync_data()
     }
+
+    /// The same for the pipeline's database: for what an answer promises is queued (a manual
+    /// attempt, a replay) or what must be on disk before another write (a deleted listener's
+    /// record of what it was owed).
+    pub(crate) fn sync_queue(&self) -> io::Result<()> {
+        self.queue.sync_data()
+    }
 }
 
 #[cfg(test)]
@@ -65,11 +79,13 @@ mod tests {
     #[test]
     fn a_database_on_a_working_filesystem_syncs() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let (db, queue) = (sled::open(dir.path().join("db")).unwrap(), sled::open(dir.path().join("queue")).unwrap());
         db.insert(b"key", b"value".as_slice()).unwrap();
         db.flush().unwrap();
-        let filesystem = FileSystem::open(dir.path()).unwrap();
+        queue.flush().unwrap();
+        let filesystem = FileSystem::open(&dir.path().join("db"), &dir.path().join("queue")).unwrap();
         filesystem.sync().unwrap();
         filesystem.sync_database().unwrap();
+        filesystem.sync_queue().unwrap();
     }
 }

@@ -194,7 +194,7 @@ pub struct SledStore {
     /// Serialises writes of producers, keys, hashes and listeners (see [`SledStore::write`]).
     admin_lock: Arc<Mutex<()>>,
     /// Makes the database's writes survive a power loss (see [`FileSystem`]).
-    filesystem: Arc<FileSystem>,
+    pub(super) filesystem: Arc<FileSystem>,
     /// Appends not yet in sled, weighed by [`append_weight`]: bounds intake memory whatever
     /// the payload limit and the number of callers, and how far sled may trail the journal.
     pending_bytes: Arc<Semaphore>,
@@ -373,7 +373,7 @@ impl SledStore {
         }
         let journal_dir = dir.join("journal");
         // Opened now, so that it reports any failed write-back of the database from here on.
-        let filesystem = Arc::new(FileSystem::open(&dir.join("db"))?);
+        let filesystem = Arc::new(FileSystem::open(&dir.join("db"), &dir.join("queue"))?);
         let (next_seq, last_created_ms) =
             replay_journal(&tree, &filesystem, &journal_dir, sled_next_seq, last_created_ms)?;
         let journal = Journal::start(&journal_dir, next_seq, journal::SEGMENT_BYTES)?;
@@ -646,7 +646,7 @@ impl Store for SledStore {
 
     fn update_listener(&self, listener_id: &str, edit: ListenerEdit) -> StoreFuture<Option<Listener>> {
         let key = keys::listener(listener_id);
-        let queue = self.queue.clone();
+        let (queue, filesystem) = (self.queue.clone(), self.filesystem.clone());
         let generation = self.listeners_generation.clone();
         self.write(true, move |tree, next_seq| {
             let Some(mut listener) = read::<Listener>(tree, &key)? else {
@@ -659,6 +659,7 @@ impl Store for SledStore {
             // queue database only when the list is full.
             let fanout_next_seq = if !was_enabled && listener.enabled && listener.reenabling_prunes() {
                 queue.flush()?;
+                filesystem.sync_queue()?;
                 let cursor = read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default().next_seq;
                 // A listener fanned out apart still reads from where it stands.
                 match queue.get(keys::detached(&listener.id))? {
@@ -680,7 +681,7 @@ impl Store for SledStore {
     fn delete_listener(&self, listener_id: &str) -> StoreFuture<Option<DeletedListener>> {
         let key = keys::listener(listener_id);
         let generation = self.listeners_generation.clone();
-        let queue = self.queue.clone();
+        let (queue, filesystem) = (self.queue.clone(), self.filesystem.clone());
         // Behind the fence, like disabling: no event numbered from the deletion point on is
         // fanned out before the removal can be read, so none reaches the deleted listener.
         self.write(true, move |tree, next_seq| {
@@ -701,6 +702,7 @@ impl Store for SledStore {
             let kept = ended.without_secrets();
             queue.insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&kept)].concat())?;
             queue.flush()?;
+            filesystem.sync_queue()?;
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, false);
             batch.remove(key);

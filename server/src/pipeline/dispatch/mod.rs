@@ -851,10 +851,13 @@ impl Dispatcher {
         }
         // A lot is refilled as turns end; a listener with nothing under way and nothing in its
         // line (its retries parked while memory was short, say) has no turn to end, so it is
-        // refilled here.
+        // refilled here, once memory has room (taken back with none, they would be parked
+        // again at once, at every tick).
+        let memory_free = self.memory.available_permits() > 0;
         let idle_with_lot: Vec<String> = self
             .lanes
             .iter()
+            .filter(|_| memory_free)
             .filter(|(_, lane)| {
                 lane.gate.parked > 0
                     && lane.gate.in_flight == 0

@@ -8,7 +8,7 @@
 //! lives only in sled, so before a checkpoint lets the journal delete segments, [`FileSystem::sync`]
 //! flushes the whole filesystem the database lives on (`syncfs`: data, metadata and the
 //! device's cache), and fails should any write-back since this handle was opened have failed.
-//! Once a second at most (the applier's checkpoints), off the intake's line. Writes of
+//! Every ten seconds (see `writer::SYNC_EVERY`), off the intake's line. Writes of
 //! producers, keys, hashes and listeners, answered once on disk, follow sled's flush with
 //! [`FileSystem::sync_database`]. This module never decides what is durable; it only makes it
 //! so.

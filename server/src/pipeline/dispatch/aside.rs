@@ -163,6 +163,7 @@ impl Dispatcher {
         for work in works {
             match work {
                 Work::First(pair) => {
+                    self.hold_ordered(&pair.listener_id, at);
                     let order = self.next_request;
                     self.next_request += 1;
                     self.again.insert((at, order), Work::First(pair));

@@ -309,4 +309,49 @@ mod tests {
         assert!(dispatcher.claimed.contains_key(&retried), "and the retry is in hand again");
         store.close().unwrap();
     }
+
+    // Regression (review): an ordered listener's first attempt whose turn could not record
+    // it waited apart when memory had no place for it, and its listener went on: the next
+    // delivery started before it.
+    #[tokio::test]
+    async fn an_ordered_listeners_unrecorded_pair_is_not_overtaken_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_producers(SledStore::open(dir.path()).unwrap()).await;
+        let mut ordered = listener("lst_l", "prd_a", "thing.happened");
+        ordered.ordered = true;
+        store.insert_listener(ordered).await.unwrap();
+        let mut events = Vec::new();
+        for n in 0..2 {
+            events.push(store.append_event(new_event("prd_a", None, 1_000 + n)).await.unwrap().event_id);
+        }
+        store.settled().await.unwrap();
+        let pair = |seq: u64| Pair {
+            seq,
+            event_id: events[seq as usize].clone(),
+            producer_id: "prd_a".into(),
+            delivery_id: ids::delivery_id(seq, "lst_l"),
+            listener_id: "lst_l".into(),
+            due_ms: 1_000 + seq,
+            recheck: false,
+            lagging: false,
+        };
+        let (mut dispatcher, memory) = started(&store, 2);
+        dispatcher.lane("lst_l");
+        let now = now_ms();
+        // Event 0's turn could not record it, with memory full: it waits apart.
+        let full = memory.clone().try_acquire_many_owned(crate::pipeline::MEMORY_ITEMS as u32).unwrap();
+        dispatcher.again_later(pair(0), now + 1_000);
+        drop(full);
+        // Event 1 arrives meanwhile: it does not start (it waits, or is left to be read back).
+        memory.try_acquire().unwrap().forget();
+        if let Some((_, work)) = dispatcher.offer(Work::First(pair(1)), false, now) {
+            dispatcher.set_aside(vec![work]);
+        }
+        assert!(!dispatcher.start_next("lst_l"), "nothing starts before event 0 is offered again");
+        // Once its time comes, event 0 is back, ahead of event 1.
+        dispatcher.tick(now + 1_000);
+        let front = dispatcher.lanes["lst_l"].line.front().map(|work| work.delivery_id().to_owned());
+        assert_eq!(front, Some(ids::delivery_id(0, "lst_l")));
+        store.close().unwrap();
+    }
 }

@@ -581,15 +581,27 @@ impl Dispatcher {
         let placed = ordered && self.memory.try_acquire().map(tokio::sync::SemaphorePermit::forget).is_ok();
         if placed {
             let listener_id = pair.listener_id.clone();
-            let lane = self.lane(&listener_id);
-            lane.line.push(Work::First(pair), at);
-            lane.gate.blocked_until_ms = lane.gate.blocked_until_ms.max(at);
-            self.backoffs.insert((at, listener_id));
+            self.lane(&listener_id).line.push(Work::First(pair), at);
+            self.hold_ordered(&listener_id, at);
             return;
         }
+        self.hold_ordered(&pair.listener_id, at);
         let order = self.next_request;
         self.next_request += 1;
         self.again.insert((at, order), Work::First(pair));
+    }
+
+    /// An ordered listener's first attempt waits to be offered again at `at` (in its line, or
+    /// apart when memory had no place for it): nothing of the listener starts before then, so
+    /// its next delivery does not overtake it. At `at` the back-off ends in the same tick that
+    /// offers the waiting pair again, before anything starts, and its line keeps due order.
+    pub(super) fn hold_ordered(&mut self, listener_id: &str, at: u64) {
+        let Some(lane) = self.lanes.get_mut(listener_id) else { return };
+        if !lane.gate.ordered {
+            return;
+        }
+        lane.gate.blocked_until_ms = lane.gate.blocked_until_ms.max(at);
+        self.backoffs.insert((at, listener_id.to_owned()));
     }
 
     /// A first attempt is recorded (or found recorded, or cancelled): it is no longer

@@ -412,8 +412,8 @@ impl SledStore {
 
     /// Runs a read-modify-write of producers, keys, hashes or listeners, and resolves once it
     /// is flushed: off the intake's line, so no trigger waits behind it, and one at a time.
-    /// `apply` gets the number the next event will get. With `fence`, fan-out is held back
-    /// from every event numbered from then on until `apply` has written (a listener's
+    /// `apply` gets where acknowledged events end ([`Progress::point`]). With `fence`, fan-out
+    /// is held back from every event from there on until `apply` has written (a listener's
     /// registration or disabling point must be in place before fan-out reaches it). Once
     /// written, cached callers are forgotten and the intake group under way is waited for, so
     /// every trigger answered after this returns was checked against the new state.
@@ -436,7 +436,7 @@ impl SledStore {
                     let fence = progress.fence();
                     apply(&tree, fence.next_seq)
                 } else {
-                    apply(&tree, progress.staged())
+                    apply(&tree, progress.point())
                 };
                 // On disk before the answer, a power loss included (sled's flush alone is not).
                 let flushed = tree.flush().map_err(StoreError::from).and_then(|_| Ok(filesystem.sync_database()?));

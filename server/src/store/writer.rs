@@ -21,9 +21,9 @@
 //!
 //! Every other write (producers, keys, hashes, listeners) stays off this line, so a trigger
 //! never waits behind it or its flush (see `SledStore::write`). What keeps them in step:
-//! the writer publishes the number the next event will get ([`Progress::staged`]), which a
-//! listener write takes as its registration or disabling point while it holds fan-out back
-//! from that number ([`Progress::fence`]) until the listener is written; and every such
+//! the writer publishes where acknowledged events end ([`Progress::point`]), which a listener
+//! write takes as its registration or disabling point while it holds fan-out back from that
+//! number ([`Progress::fence`]) until the listener is written; and every such
 //! write forgets the cached callers ([`Callers`]) and then waits for the group the writer is
 //! in the middle of ([`Progress::wait_for_groups`]), so a producer disabled (or a key
 //! revoked) is refused from the next trigger on. None of these threads awaits sled's
@@ -108,8 +108,6 @@ pub(crate) struct Progress {
     /// thread that failed first. Callers are told this instead of "closed", and health
     /// follows it.
     failure: watch::Sender<Option<Arc<str>>>,
-    /// The number the writer gives the next event it numbers.
-    staged: AtomicU64,
     /// Groups the writer has begun and finished (answered, or failed): (begun, finished).
     groups: Mutex<(u64, u64)>,
     group_finished: Condvar,
@@ -150,7 +148,6 @@ impl Progress {
             sled_turn: Mutex::new(()),
             index_lock: Mutex::new(()),
             failure: watch::channel(None).0,
-            staged: AtomicU64::new(next_seq),
             groups: Mutex::new((0, 0)),
             group_finished: Condvar::new(),
             fence: Mutex::new(None),
@@ -159,24 +156,30 @@ impl Progress {
         })
     }
 
-    /// The number the next event will get (or a higher one).
-    pub(crate) fn staged(&self) -> u64 {
-        self.staged.load(Ordering::Acquire)
+    /// Where acknowledged events end: a listener's registration or disabling point. Every
+    /// event before it is durable in the journal, so its number is never given again. An
+    /// event from it on may belong to a group still syncing, which (should the sync fail or
+    /// the power go) is not acknowledged, and whose numbers a restart gives to new events:
+    /// taken from where numbering stood instead, the point would leave a listener registered
+    /// meanwhile without those new events, triggered after its answer (review).
+    pub(crate) fn point(&self) -> u64 {
+        self.acknowledged.load(Ordering::Acquire)
     }
 
-    /// Holds fan-out back from every event not yet numbered, until the fence is dropped: an
-    /// event numbered at or after [`Fence::next_seq`] is fanned out only once what is written
-    /// under the fence can be read.
+    /// Holds fan-out back from every event not yet acknowledged, until the fence is dropped:
+    /// an event numbered at or after [`Fence::next_seq`] is fanned out only once what is
+    /// written under the fence can be read.
     pub(crate) fn fence(&self) -> Fence<'_> {
         let mut fence = self.fence.lock().expect("the fence lock is never poisoned");
-        // Nothing numbered from here on has been applied: fan-out has not seen it.
-        let at = self.staged();
+        // Nothing from here on has been applied (events are applied once acknowledged):
+        // fan-out has not seen it.
+        let at = self.point();
         *fence = Some(at);
         drop(fence);
         self.publish_fanout_end();
-        // Read again after the fence is up: the writer may have numbered more meanwhile, all
+        // Read again after the fence is up: more may have been acknowledged meanwhile, all
         // still held back.
-        Fence { progress: self, next_seq: self.staged() }
+        Fence { progress: self, next_seq: self.point() }
     }
 
     fn publish_fanout_end(&self) {
@@ -635,7 +638,6 @@ impl Writer {
         };
         journal::frame(buf, &encode(&record));
         self.next_seq += 1;
-        self.progress.staged.store(self.next_seq, Ordering::Release);
         self.last_created_ms = created_at_ms;
         if let Some(idem_key) = idempotency {
             self.claims.insert(idem_key.clone(), Claim { event_id: event_id.clone(), seq, created_at_ms });

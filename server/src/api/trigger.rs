@@ -166,6 +166,10 @@ async fn serve_stream<S, A, F>(
 {
     let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT));
     let mut ended = None;
+    // The caller's key revoked or its producer disabled, as an item's answer says: nothing
+    // more is read, and the stream ends with that status once what was read is answered.
+    let refused: Arc<std::sync::OnceLock<Status>> = Arc::default();
+    let refusing = CancellationToken::new();
     loop {
         let slot = tokio::select! {
             slot = in_flight.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
@@ -175,6 +179,7 @@ async fn serve_stream<S, A, F>(
             room = budget.bytes.clone().acquire_many_owned(budget.item_room) => room.expect("the budget is never closed"),
             () = acks.closed() => return,
             () = stopping.cancelled() => break,
+            () = refusing.cancelled() => break,
         };
         let item = tokio::select! {
             item = incoming.next() => match item {
@@ -191,6 +196,7 @@ async fn serve_stream<S, A, F>(
             },
             // Shutting down: what was read is answered, the stream then ends.
             () = stopping.cancelled() => break,
+            () = refusing.cancelled() => break,
         };
         // An item weighs its payload and what it takes to hold it (its task, its event), so
         // items of a few bytes are bounded too.
@@ -199,8 +205,15 @@ async fn serve_stream<S, A, F>(
         let held = room.split(weight as usize).expect("an item weighs no more than the room it was given");
         drop(room);
         let (acks, stopping, answering) = (acks.clone(), stopping.clone(), answer(item));
+        let (refused, refusing) = (refused.clone(), refusing.clone());
         tokio::spawn(async move {
             let ack = answering.await;
+            if let Some(AckResult::Error(error)) = &ack.result
+                && matches!(tonic::Code::from(error.code), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+            {
+                let _ = refused.set(Status::new(tonic::Code::from(error.code), error.message.clone()));
+                refusing.cancel();
+            }
             drop(held);
             // A client that went away, or stopped reading past shutdown, gets no ack; what was
             // appended stays appended. Sent first when it can be, shutdown or not.
@@ -214,7 +227,7 @@ async fn serve_stream<S, A, F>(
     }
     // Every item read gets its ack before the stream ends.
     let _ = in_flight.acquire_many(STREAM_IN_FLIGHT as u32).await;
-    if let Some(status) = ended {
+    if let Some(status) = ended.or_else(|| refused.get().cloned()) {
         tokio::select! {
             biased;
             _ = acks.send(Err(status)) => {}
@@ -420,6 +433,40 @@ mod tests {
         assert_eq!(acked, 30, "every item is answered once the budget frees up");
         assert!(peak.load(Ordering::SeqCst) <= 3, "never more items read than the budget holds");
         assert_eq!(shared_bytes.available_permits(), 3 * ITEM, "every byte is given back");
+    }
+
+    // Review: a stream whose key was revoked (or whose producer was disabled) went on reading,
+    // each item refused one by one, holding the store's intake and budget for nothing.
+    #[tokio::test]
+    async fn a_stream_refused_for_its_caller_ends_with_that_status() {
+        let items: Vec<Result<TriggerStreamRequest, Status>> = (1..=3u64)
+            .map(|reference| Ok(TriggerStreamRequest { r#ref: reference, trigger: Some(TriggerRequest::default()) }))
+            .collect();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let answer = {
+            let asked = asked.clone();
+            move |item: TriggerStreamRequest| {
+                asked.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let refused = ApiError::PermissionDenied("the producer is disabled".into());
+                    stream_ack(item.r#ref, if item.r#ref == 1 { Ok(TriggerAck::default()) } else { Err(refused) })
+                }
+            }
+        };
+        // One item in flight at a time, so the third is read only after the second's answer.
+        let (acks, mut received) = mpsc::channel(STREAM_IN_FLIGHT);
+        let budget = StreamBudget { bytes: Arc::new(Semaphore::new(8192)), item_room: 8192 };
+        serve_stream(tokio_stream::iter(items), budget, acks, CancellationToken::new(), answer).await;
+        let mut answered = Vec::new();
+        while let Some(answer) = received.recv().await {
+            answered.push(answer);
+        }
+        assert!(matches!(&answered[0], Ok(ack) if ack.r#ref == 1));
+        assert!(matches!(&answered[1], Ok(ack) if ack.r#ref == 2 && matches!(ack.result, Some(AckResult::Error(_)))));
+        let ended = answered[2].as_ref().expect_err("the stream ends with the refusal");
+        assert_eq!(ended.code(), tonic::Code::PermissionDenied);
+        assert_eq!(answered.len(), 3);
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "nothing more is read");
     }
 
     // Review: a message the transport refused ended the stream at once with its status,

@@ -115,6 +115,10 @@ pub struct Gate {
     pub backoffs: u32,
     /// While later than now, nothing but manual attempts starts.
     pub blocked_until_ms: u64,
+    /// An ordered listener's first attempt waits to be offered again until then (its record
+    /// failed): nothing but manual attempts starts, nothing is read back or taken from its
+    /// lot. Unlike a back-off, no outcome and no change of the listener lifts it.
+    pub held_until_ms: u64,
     /// Start of the current run of nothing but failures, as stored; 0 while none.
     pub failing_since_ms: u64,
     /// The listener keeps strict order.
@@ -163,11 +167,16 @@ impl Gate {
         self.blocked_until_ms > now_ms
     }
 
+    /// Backed off, or held for its order.
+    fn waiting_out(&self, now_ms: u64) -> bool {
+        self.backed_off(now_ms) || self.held_until_ms > now_ms
+    }
+
     /// Whether one more request may start now (the budget aside); `manual`: a manual attempt,
     /// which a back-off does not hold.
     pub fn may_start(&self, configured_cap: usize, now_ms: u64, manual: bool) -> bool {
         self.enabled
-            && (manual || !self.backed_off(now_ms))
+            && (manual || !self.waiting_out(now_ms))
             && self.in_flight < self.cap(configured_cap)
             && self.rate.is_none_or(|bucket| bucket.allows(now_ms))
     }
@@ -204,7 +213,7 @@ impl Gate {
             return Verdict::Cancel;
         }
         let must_park = !self.enabled
-            || (!offer.manual && self.backed_off(now_ms))
+            || (!offer.manual && self.waiting_out(now_ms))
             // Older work is parked: this waits behind it (manual attempts keep no order; an
             // ordered listener's order is checked when its work starts, against its oldest
             // unfinished delivery, parked ones included).
@@ -219,7 +228,7 @@ impl Gate {
     /// one per delivery), no more than `line_free`, what memory has left for all listeners.
     /// `waiting`: work in its line now.
     pub fn room(&self, configured_cap: usize, now_ms: u64, waiting: usize, line_free: usize) -> usize {
-        if !self.enabled || self.deleted || self.backed_off(now_ms) || self.parked == 0 {
+        if !self.enabled || self.deleted || self.waiting_out(now_ms) || self.parked == 0 {
             return 0;
         }
         let waiting = waiting + self.released.len();
@@ -241,7 +250,7 @@ impl Gate {
     /// not wait in memory behind requests that hang (and go back to the log after the hold
     /// limit, to be read again).
     pub fn read_back_room(&self, configured_cap: usize, now_ms: u64, waiting: usize) -> usize {
-        if !self.enabled || self.deleted || self.backed_off(now_ms) || self.parked > 0 {
+        if !self.enabled || self.deleted || self.waiting_out(now_ms) || self.parked > 0 {
             return 0;
         }
         if self.ordered {
@@ -313,6 +322,7 @@ impl Gate {
     /// bucket counts until it is full again, or forgetting it would grant a fresh burst.
     pub fn is_idle(&self, now_ms: u64) -> bool {
         self.in_flight == 0
+            && self.held_until_ms <= now_ms
             && self.parked == 0
             && self.released.is_empty()
             && self.failures == 0

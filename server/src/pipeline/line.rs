@@ -76,10 +76,15 @@ impl Work {
     }
 }
 
-/// A listener's work waiting in memory, in due order (arrival order among equals).
+/// Where work stands in a line: its due time, then, among equals, a first attempt by its
+/// event's number (events of one millisecond keep their order: an ordered listener's pair
+/// offered again after a later one was read keeps its place), then arrival.
+type Key = (u64, u64, u64);
+
+/// A listener's work waiting in memory, in due order (see [`Key`]).
 #[derive(Debug, Default)]
 pub struct Line {
-    items: BTreeMap<(u64, u64), (Work, u64)>,
+    items: BTreeMap<Key, (Work, u64)>,
     arrivals: u64,
 }
 
@@ -87,7 +92,11 @@ impl Line {
     /// Adds `work`, which joined at `now_ms`.
     pub fn push(&mut self, work: Work, now_ms: u64) {
         self.arrivals += 1;
-        self.items.insert((work.due_ms(), self.arrivals), (work, now_ms));
+        let seq = match &work {
+            Work::First(pair) => pair.seq,
+            Work::Queued(_) => u64::MAX,
+        };
+        self.items.insert((work.due_ms(), seq, self.arrivals), (work, now_ms));
     }
 
     pub fn front(&self) -> Option<&Work> {
@@ -113,7 +122,7 @@ impl Line {
 
     /// Takes out what has waited since before `joined_before_ms`, but manual attempts.
     pub fn take_waiting_since(&mut self, joined_before_ms: u64) -> Vec<Work> {
-        let keys: Vec<(u64, u64)> = self
+        let keys: Vec<Key> = self
             .items
             .iter()
             .filter(|(_, (work, joined))| *joined < joined_before_ms && !work.manual())
@@ -124,7 +133,7 @@ impl Line {
 
     /// Takes out every first attempt of an event numbered `from_seq` or later.
     pub fn take_pairs_from(&mut self, from_seq: u64) -> Vec<Pair> {
-        let keys: Vec<(u64, u64)> = self
+        let keys: Vec<Key> = self
             .items
             .iter()
             .filter(|(_, (work, _))| matches!(work, Work::First(pair) if pair.seq >= from_seq))
@@ -141,7 +150,7 @@ impl Line {
 
     /// Takes out the `count` due last (the newest), but manual attempts.
     pub fn take_newest(&mut self, count: usize) -> Vec<Work> {
-        let keys: Vec<(u64, u64)> =
+        let keys: Vec<Key> =
             self.items.iter().rev().filter(|(_, (work, _))| !work.manual()).take(count).map(|(key, _)| *key).collect();
         let mut taken: Vec<Work> =
             keys.into_iter().filter_map(|key| self.items.remove(&key)).map(|(work, _)| work).collect();

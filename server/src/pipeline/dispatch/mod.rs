@@ -440,7 +440,7 @@ impl Dispatcher {
                         // again at once, and the dispatcher would go round it for ever.
                         let at = now + ORDER_CHECK_AGAIN_MS;
                         let lane = self.lanes.get_mut(listener_id).expect("read above");
-                        lane.gate.blocked_until_ms = lane.gate.blocked_until_ms.max(at);
+                        lane.gate.held_until_ms = lane.gate.held_until_ms.max(at);
                         self.backoffs.insert((at, listener_id.to_owned()));
                         return false;
                     }
@@ -596,11 +596,13 @@ impl Dispatcher {
     /// its next delivery does not overtake it. At `at` the back-off ends in the same tick that
     /// offers the waiting pair again, before anything starts, and its line keeps due order.
     pub(super) fn hold_ordered(&mut self, listener_id: &str, at: u64) {
-        let Some(lane) = self.lanes.get_mut(listener_id) else { return };
+        // Its lane is made if need be (an idle listener has none), and is not forgotten while
+        // the hold lasts.
+        let lane = self.lane(listener_id);
         if !lane.gate.ordered {
             return;
         }
-        lane.gate.blocked_until_ms = lane.gate.blocked_until_ms.max(at);
+        lane.gate.held_until_ms = lane.gate.held_until_ms.max(at);
         self.backoffs.insert((at, listener_id.to_owned()));
     }
 
@@ -853,9 +855,14 @@ impl Dispatcher {
         {
             self.backoffs.pop_first();
             if let Some(lane) = self.lanes.get_mut(&listener_id)
-                && lane.gate.blocked_until_ms == at_ms
+                && (lane.gate.blocked_until_ms == at_ms || lane.gate.held_until_ms == at_ms)
             {
-                lane.gate.blocked_until_ms = 0;
+                if lane.gate.blocked_until_ms == at_ms {
+                    lane.gate.blocked_until_ms = 0;
+                }
+                if lane.gate.held_until_ms == at_ms {
+                    lane.gate.held_until_ms = 0;
+                }
                 self.refill(&listener_id);
                 self.catch_up(&listener_id);
                 self.mark(&listener_id);

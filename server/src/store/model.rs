@@ -155,8 +155,8 @@ impl Listener {
         self.skipped.len() >= MAX_SKIPPED
     }
 
-    /// Moves its registration points after an edit that found it `was_enabled`, now that
-    /// `next_seq` is the next event's number. Events from before it was disabled that fan-out
+    /// Moves its registration points after an edit that found it `was_enabled`, at the edit's
+    /// point in the log `next_seq` (events from it on come after the edit). Events from before it was disabled that fan-out
     /// has not reached are still owed to it: only those triggered while it was disabled are
     /// skipped. `fanout_next_seq` (read only when [`Listener::reenabling_prunes`]) is where
     /// fan-out durably stands for it.
@@ -168,7 +168,7 @@ impl Listener {
         }
     }
 
-    /// As its deletion leaves it when `next_seq` is the next event's number: disabled from
+    /// As its deletion at the log's point `next_seq` leaves it: disabled from
     /// there if it was enabled, so [`Listener::wants`] says which events were its.
     pub fn deleted_at(mut self, next_seq: u64) -> Self {
         if self.enabled {
@@ -184,7 +184,7 @@ impl Listener {
         Self { sealed_secret: Vec::new(), previous_sealed_secret: Vec::new(), ..self.clone() }
     }
 
-    /// Records that it is enabled again now that `next_seq` is the next event's number,
+    /// Records that it is enabled again at the log's point `next_seq`,
     /// forgetting the skipped ranges that fan-out (durably next at `fanout_next_seq`) has
     /// passed.
     pub fn reenabled(&mut self, next_seq: u64, fanout_next_seq: u64) {

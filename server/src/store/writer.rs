@@ -123,7 +123,8 @@ pub(crate) struct Progress {
 /// dropped.
 pub(crate) struct Fence<'a> {
     progress: &'a Progress,
-    /// Events numbered from here on were not numbered when the fence went up.
+    /// Events from here on were not acknowledged when the fence went up: a listener written
+    /// under the fence takes it as its point.
     pub next_seq: u64,
 }
 

@@ -115,9 +115,11 @@ pub struct Gate {
     pub backoffs: u32,
     /// While later than now, nothing but manual attempts starts.
     pub blocked_until_ms: u64,
-    /// An ordered listener's first attempt waits to be offered again until then (its record
-    /// failed): nothing but manual attempts starts, nothing is read back or taken from its
-    /// lot. Unlike a back-off, no outcome and no change of the listener lifts it.
+    /// An ordered listener's first attempt waits to be offered again at this time (its record
+    /// failed), or its order could not be checked: until the dispatcher's tick that offers it
+    /// again sets this back to 0 (not merely until the time passes), nothing but manual
+    /// attempts starts, nothing is read back or taken from its lot. Unlike a back-off, no
+    /// outcome and no change of the listener lifts it.
     pub held_until_ms: u64,
     /// Start of the current run of nothing but failures, as stored; 0 while none.
     pub failing_since_ms: u64,
@@ -169,7 +171,7 @@ impl Gate {
 
     /// Backed off, or held for its order.
     fn waiting_out(&self, now_ms: u64) -> bool {
-        self.backed_off(now_ms) || self.held_until_ms > now_ms
+        self.backed_off(now_ms) || self.held_until_ms != 0
     }
 
     /// Whether one more request may start now (the budget aside); `manual`: a manual attempt,
@@ -322,7 +324,7 @@ impl Gate {
     /// bucket counts until it is full again, or forgetting it would grant a fresh burst.
     pub fn is_idle(&self, now_ms: u64) -> bool {
         self.in_flight == 0
-            && self.held_until_ms <= now_ms
+            && self.held_until_ms == 0
             && self.parked == 0
             && self.released.is_empty()
             && self.failures == 0

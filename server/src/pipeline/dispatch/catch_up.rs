@@ -356,6 +356,8 @@ mod tests {
         // again, in the same tick): its millisecond is event 0's.
         memory.try_acquire().unwrap().forget();
         dispatcher.lanes.get_mut("lst_l").unwrap().line.push(Work::First(pair(1)), now);
+        // Its time passing is not enough: held until the tick that offers it again.
+        assert!(!dispatcher.lanes["lst_l"].gate.may_start(1, now + 2_000, false), "still held");
         // Once its time comes, event 0 is back, ahead of event 1.
         dispatcher.tick(now + 1_000);
         let front = dispatcher.lanes["lst_l"].line.front().map(|work| work.delivery_id().to_owned());

@@ -293,7 +293,10 @@ impl Dispatcher {
                     super::gate::Standing::Failing => "failing",
                 },
                 failures: lane.gate.failures,
-                backed_off_until_ms: lane.gate.backed_off(now).then_some(lane.gate.blocked_until_ms),
+                // Held for its order (a first attempt to be offered again) shows as waiting
+                // until then too.
+                backed_off_until_ms: (lane.gate.backed_off(now) || lane.gate.held_until_ms != 0)
+                    .then_some(lane.gate.blocked_until_ms.max(lane.gate.held_until_ms)),
                 in_flight: lane.gate.in_flight,
                 waiting: lane.line.len(),
                 detached_from_seq: lane.detached.as_ref().map(|detached| detached.read.min(detached.since)),
@@ -308,14 +311,17 @@ impl Dispatcher {
         let generation = self.context.store.listeners_generation();
         let stale = self.lanes.get(listener_id).is_none_or(|lane| lane.generation != generation);
         if stale {
-            let listener = match self.context.store.listener(listener_id) {
-                Ok(listener) => listener,
+            let (listener, read) = match self.context.store.listener(listener_id) {
+                Ok(listener) => (listener, true),
                 Err(error) => {
                     tracing::error!(%listener_id, error = &error as &dyn std::error::Error, "cannot read a listener");
-                    // Kept as it was; read again at the next change.
-                    self.lanes
+                    // Kept as it was (none for a new lane: nothing of it starts), and read
+                    // again at the next look.
+                    let kept = self
+                        .lanes
                         .get(listener_id)
-                        .and_then(|lane| lane.listener.as_ref().map(|target| target.listener.clone()))
+                        .and_then(|lane| lane.listener.as_ref().map(|target| target.listener.clone()));
+                    (kept, false)
                 }
             };
             let new = !self.lanes.contains_key(listener_id);
@@ -331,9 +337,11 @@ impl Dispatcher {
             lane.gate.enabled = listener.as_ref().is_some_and(|listener| listener.enabled);
             lane.gate.ordered = listener.as_ref().is_some_and(|listener| listener.ordered);
             lane.gate.set_rate(listener.as_ref().map_or(0, |listener| listener.max_per_second), now_ms());
-            lane.gate.deleted = listener.is_none();
+            // A listener that could not be read is not taken for deleted (its work would be
+            // cancelled); it is read again at the next look.
+            lane.gate.deleted = read && listener.is_none();
             lane.listener = listener.map(|listener| Arc::new(Target::new(listener)));
-            lane.generation = generation;
+            lane.generation = if read { generation } else { u64::MAX };
         }
         self.lanes.get_mut(listener_id).expect("made above")
     }
@@ -597,9 +605,10 @@ impl Dispatcher {
     /// offers the waiting pair again, before anything starts, and its line keeps due order.
     pub(super) fn hold_ordered(&mut self, listener_id: &str, at: u64) {
         // Its lane is made if need be (an idle listener has none), and is not forgotten while
-        // the hold lasts.
+        // the hold lasts; one made for another listener is let go again.
         let lane = self.lane(listener_id);
         if !lane.gate.ordered {
+            self.forget_if_idle(listener_id);
             return;
         }
         lane.gate.held_until_ms = lane.gate.held_until_ms.max(at);

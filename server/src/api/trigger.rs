@@ -175,13 +175,19 @@ async fn serve_stream<S, A, F>(
             slot = in_flight.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             () = acks.closed() => return,
         };
+        // Biased: a refusal or a shutdown seen stops the reading, whatever else is ready.
         let mut room = tokio::select! {
-            room = budget.bytes.clone().acquire_many_owned(budget.item_room) => room.expect("the budget is never closed"),
-            () = acks.closed() => return,
-            () = stopping.cancelled() => break,
+            biased;
             () = refusing.cancelled() => break,
+            () = stopping.cancelled() => break,
+            () = acks.closed() => return,
+            room = budget.bytes.clone().acquire_many_owned(budget.item_room) => room.expect("the budget is never closed"),
         };
         let item = tokio::select! {
+            biased;
+            () = refusing.cancelled() => break,
+            // Shutting down: what was read is answered, the stream then ends.
+            () = stopping.cancelled() => break,
             item = incoming.next() => match item {
                 Some(Ok(item)) => item,
                 // The client finished sending.
@@ -194,9 +200,6 @@ async fn serve_stream<S, A, F>(
                     break;
                 }
             },
-            // Shutting down: what was read is answered, the stream then ends.
-            () = stopping.cancelled() => break,
-            () = refusing.cancelled() => break,
         };
         // An item weighs its payload and what it takes to hold it (its task, its event), so
         // items of a few bytes are bounded too.

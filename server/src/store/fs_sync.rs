@@ -5,27 +5,33 @@
 //! a power loss (neither the file's size and other metadata, nor sled's separate blob files of
 //! large values, nor the disk's write cache are flushed), and sled's own periodic `fsync` logs
 //! a failure and goes on. Every journal segment deleted is an acknowledged event that then
-//! lives only in sled, so before a checkpoint lets the journal delete segments, [`FileSystem::sync`]
-//! flushes the whole filesystem the database lives on (`syncfs`: data, metadata and the
-//! device's cache), and fails should any write-back since this handle was opened have failed.
-//! Every ten seconds (see `writer::SYNC_EVERY`), off the intake's line. Writes of
-//! producers, keys, hashes and listeners, answered once on disk, follow sled's flush with
-//! [`FileSystem::sync_database`]. This module never decides what is durable; it only makes it
-//! so.
+//! lives only in sled, so before a checkpoint lets the journal delete segments,
+//! [`FileSystem::sync`] flushes sled's blob files written since the last time, their
+//! directory, and sled's file of pages, down to the disk, and fails should any write-back
+//! since these handles were opened have failed. Every ten seconds (see
+//! `writer::SYNC_EVERY`), off the intake's line. (A `syncfs` of the whole filesystem was
+//! tried first: it also flushes every other file there, many hookd instances' in the test
+//! suite.) Writes of producers, keys, hashes and listeners, answered once on disk, follow
+//! sled's flush with [`FileSystem::sync_database`]. This module never decides what is durable;
+//! it only makes it so.
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// Handles on the database's directory and its file, held open so that write-back errors from
-/// the moment they were opened are reported, even those sled's own `fsync` took and logged.
+/// Handles on the database's files, held open so that write-back errors from the moment they
+/// were opened are reported, even those sled's own `fsync` took and logged.
 #[derive(Debug)]
 pub(crate) struct FileSystem {
-    dir: File,
     /// sled's one file of pages (small values; large ones go to blob files beside it).
     database: File,
     /// The pipeline's database's file of pages (see `sled_pipeline`).
     queue: File,
+    /// Where sled keeps blob files, each named by the log position that wrote it.
+    blobs: PathBuf,
+    /// The highest blob file synced so far.
+    synced_blob: Mutex<u64>,
 }
 
 impl FileSystem {
@@ -33,29 +39,43 @@ impl FileSystem {
     /// files exist).
     pub(crate) fn open(dir: &Path, queue_dir: &Path) -> io::Result<Self> {
         Ok(Self {
-            dir: File::open(dir)?,
             database: File::open(dir.join("db"))?,
             queue: File::open(queue_dir.join("db"))?,
+            blobs: dir.join("blobs"),
+            synced_blob: Mutex::new(0),
         })
     }
 
-    /// Flushes every file of the filesystem to stable storage: what sled wrote, blob files
-    /// included. For checkpoints, which let the journal delete events' only other copy.
+    /// Flushes what sled wrote of the events applied so far to stable storage: the blob files
+    /// written since the last time (written before the log records that point to them, so
+    /// every one an applied event needs is there), their directory, then sled's file. For
+    /// checkpoints, which let the journal delete events' only other copy.
     pub(crate) fn sync(&self) -> io::Result<()> {
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::io::AsRawFd as _;
-            // SAFETY: the descriptor is open for as long as `self` lives.
-            if unsafe { libc::syncfs(self.dir.as_raw_fd()) } != 0 {
-                return Err(io::Error::last_os_error());
+        let mut synced = self.synced_blob.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut newest = *synced;
+        match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = entry?;
+                    let Some(id) = entry.file_name().to_str().and_then(|name| name.parse::<u64>().ok()) else {
+                        continue;
+                    };
+                    if id > *synced {
+                        File::open(entry.path())?.sync_all()?;
+                        newest = newest.max(id);
+                    }
+                }
+                if newest > *synced {
+                    File::open(&self.blobs)?.sync_all()?;
+                }
             }
-            Ok(())
+            // No blob written yet.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
         }
-        #[cfg(not(target_os = "linux"))]
-        {
-            self.database.sync_all()?;
-            self.dir.sync_all()
-        }
+        self.database.sync_all()?;
+        *synced = newest;
+        Ok(())
     }
 
     /// Flushes sled's file of pages (`fdatasync`): enough for small records written through
@@ -81,10 +101,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (db, queue) = (sled::open(dir.path().join("db")).unwrap(), sled::open(dir.path().join("queue")).unwrap());
         db.insert(b"key", b"value".as_slice()).unwrap();
+        // A value large enough for sled to keep in a blob file of its own.
+        db.insert(b"large", vec![7u8; 1 << 20]).unwrap();
         db.flush().unwrap();
         queue.flush().unwrap();
         let filesystem = FileSystem::open(&dir.path().join("db"), &dir.path().join("queue")).unwrap();
         filesystem.sync().unwrap();
+        assert!(*filesystem.synced_blob.lock().unwrap() > 0, "the blob file is found and synced");
         filesystem.sync_database().unwrap();
         filesystem.sync_queue().unwrap();
     }

@@ -61,7 +61,12 @@ impl FileSystem {
                         continue;
                     };
                     if id > *synced {
-                        File::open(entry.path())?.sync_all()?;
+                        match File::open(entry.path()) {
+                            Ok(blob) => blob.sync_all()?,
+                            // Removed by sled meanwhile (its value was replaced or deleted).
+                            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                            Err(error) => return Err(error),
+                        }
                         newest = newest.max(id);
                     }
                 }

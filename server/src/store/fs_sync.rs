@@ -1,37 +1,37 @@
-//! Making the embedded database durable against a power loss before the journal lets go of
-//! events.
+//! Making the embedded databases durable against a power loss where a promise needs it.
 //!
 //! sled's `flush` writes its log with `sync_file_range`: that survives a killed process, not
 //! a power loss (neither the file's size and other metadata, nor sled's separate blob files of
 //! large values, nor the disk's write cache are flushed), and sled's own periodic `fsync` logs
-//! a failure and goes on. Every journal segment deleted is an acknowledged event that then
-//! lives only in sled, so before a checkpoint lets the journal delete segments,
-//! [`FileSystem::sync`] flushes sled's blob files written since the last time, their
-//! directory, and sled's file of pages, down to the disk, and fails should any write-back
-//! since these handles were opened have failed. Every ten seconds (see
-//! `writer::SYNC_EVERY`), off the intake's line. (A `syncfs` of the whole filesystem was
-//! tried first: it also flushes every other file there, many hookd instances' in the test
-//! suite.) Writes of producers, keys, hashes and listeners, answered once on disk, follow
-//! sled's flush with [`FileSystem::sync_database`]. This module never decides what is durable;
-//! it only makes it so.
+//! a failure and goes on. So [`FileSystem::sync`] flushes sled's blob files written or grown
+//! since the last time, their directories, and each database's file, and fails should any
+//! write-back since these handles were opened have failed. It runs before a checkpoint lets
+//! the journal delete segments (their events then live only in sled; every second, see
+//! `writer::SYNC_EVERY`, off the intake's line), and before the answer to a write promised on
+//! disk (producers, keys, hashes, listeners; a manual attempt, a replay). At start one
+//! `syncfs` stands for all the blob files already there. (A `syncfs` of the whole filesystem
+//! at every sync was tried first: it also flushes every other file there, many hookd
+//! instances' in the test suite.) This module never decides what is durable; it only makes
+//! it so.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Handles on the database's files, held open so that write-back errors from the moment they
+/// Handles on the databases' files, held open so that write-back errors from the moment they
 /// were opened are reported, even those sled's own `fsync` took and logged.
 #[derive(Debug)]
 pub(crate) struct FileSystem {
-    /// sled's one file of pages (small values; large ones go to blob files beside it).
-    database: File,
-    /// The pipeline's database's file of pages (see `sled_pipeline`).
-    queue: File,
-    /// Where sled keeps blob files, each named by the log position that wrote it.
-    blobs: PathBuf,
-    /// The highest blob file synced so far.
-    synced_blob: Mutex<u64>,
+    /// The intake database's directory, for the one whole-filesystem sync at start.
+    dir: File,
+    /// Each database's file of pages (small values; large ones go to blob files beside it).
+    databases: [File; 2],
+    /// Each database's blob files (named by the log position that wrote them), with the length
+    /// each had when it was last synced: a blob seen while sled was still writing it is synced
+    /// again once it has grown.
+    blobs: [(PathBuf, Mutex<HashMap<u64, u64>>); 2],
 }
 
 impl FileSystem {
@@ -39,62 +39,88 @@ impl FileSystem {
     /// files exist).
     pub(crate) fn open(dir: &Path, queue_dir: &Path) -> io::Result<Self> {
         Ok(Self {
-            database: File::open(dir.join("db"))?,
-            queue: File::open(queue_dir.join("db"))?,
-            blobs: dir.join("blobs"),
-            synced_blob: Mutex::new(0),
+            dir: File::open(dir)?,
+            databases: [File::open(dir.join("db"))?, File::open(queue_dir.join("db"))?],
+            blobs: [(dir.join("blobs"), Mutex::default()), (queue_dir.join("blobs"), Mutex::default())],
         })
     }
 
-    /// Flushes what sled wrote of the events applied so far to stable storage: the blob files
-    /// written since the last time (written before the log records that point to them, so
-    /// every one an applied event needs is there), their directory, then sled's file. For
-    /// checkpoints, which let the journal delete events' only other copy.
-    pub(crate) fn sync(&self) -> io::Result<()> {
-        let mut synced = self.synced_blob.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut newest = *synced;
-        match std::fs::read_dir(&self.blobs) {
-            Ok(entries) => {
-                for entry in entries {
-                    let entry = entry?;
-                    let Some(id) = entry.file_name().to_str().and_then(|name| name.parse::<u64>().ok()) else {
-                        continue;
-                    };
-                    if id > *synced {
-                        match File::open(entry.path()) {
-                            Ok(blob) => blob.sync_all()?,
-                            // Removed by sled meanwhile (its value was replaced or deleted).
-                            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                            Err(error) => return Err(error),
-                        }
-                        newest = newest.max(id);
-                    }
-                }
-                if newest > *synced {
-                    File::open(&self.blobs)?.sync_all()?;
-                }
+    /// At start, before the journal starts afresh: everything on the filesystem, once
+    /// (`syncfs`; one flush rather than one per blob file already there), and notes every
+    /// blob file as synced.
+    pub(crate) fn sync_at_start(&self) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::io::AsRawFd as _;
+            // SAFETY: the descriptor is open for as long as `self` lives.
+            if unsafe { libc::syncfs(self.dir.as_raw_fd()) } != 0 {
+                return Err(io::Error::last_os_error());
             }
-            // No blob written yet.
+            for (dir, synced) in &self.blobs {
+                let mut synced = synced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                *synced = blob_files(dir)?.into_iter().collect();
+            }
+            Ok(())
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.dir.sync_all()?;
+            self.sync()
+        }
+    }
+
+    /// Flushes what sled wrote so far to stable storage: the blob files new or grown since the
+    /// last time (sled writes a blob before the log record that points to it, and reads its
+    /// log only up to the first blob it cannot read, so every one matters), their directory,
+    /// then each database's file. For checkpoints, which let the journal delete events' only
+    /// other copy, and for writes answered once on disk.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        for (dir, synced) in &self.blobs {
+            let mut synced = synced.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let found = blob_files(dir)?;
+            let mut any = false;
+            for (id, len) in &found {
+                if synced.get(id) == Some(len) {
+                    continue;
+                }
+                match File::open(dir.join(id.to_string())) {
+                    Ok(blob) => blob.sync_all()?,
+                    // Removed by sled meanwhile (its value was replaced or deleted).
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(error),
+                }
+                any = true;
+            }
+            if any {
+                File::open(dir)?.sync_all()?;
+            }
+            *synced = found.into_iter().collect();
+        }
+        for database in &self.databases {
+            database.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// The blob files under `dir` with their lengths; none when sled has written none yet.
+fn blob_files(dir: &Path) -> io::Result<Vec<(u64, u64)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let Some(id) = entry.file_name().to_str().and_then(|name| name.parse::<u64>().ok()) else { continue };
+        match entry.metadata() {
+            Ok(metadata) => found.push((id, metadata.len())),
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
             Err(error) => return Err(error),
         }
-        self.database.sync_all()?;
-        *synced = newest;
-        Ok(())
     }
-
-    /// Flushes sled's file of pages (`fdatasync`): enough for small records written through
-    /// sled's flush (producers, keys, hashes, listeners), which never go to blob files.
-    pub(crate) fn sync_database(&self) -> io::Result<()> {
-        self.database.sync_data()
-    }
-
-    /// The same for the pipeline's database: for what an answer promises is queued (a manual
-    /// attempt, a replay) or what must be on disk before another write (a deleted listener's
-    /// record of what it was owed).
-    pub(crate) fn sync_queue(&self) -> io::Result<()> {
-        self.queue.sync_data()
-    }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -102,7 +128,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_database_on_a_working_filesystem_syncs() {
+    fn a_blob_file_is_synced_again_once_it_has_grown() {
         let dir = tempfile::tempdir().unwrap();
         let (db, queue) = (sled::open(dir.path().join("db")).unwrap(), sled::open(dir.path().join("queue")).unwrap());
         db.insert(b"key", b"value".as_slice()).unwrap();
@@ -112,8 +138,13 @@ mod tests {
         queue.flush().unwrap();
         let filesystem = FileSystem::open(&dir.path().join("db"), &dir.path().join("queue")).unwrap();
         filesystem.sync().unwrap();
-        assert!(*filesystem.synced_blob.lock().unwrap() > 0, "the blob file is found and synced");
-        filesystem.sync_database().unwrap();
-        filesystem.sync_queue().unwrap();
+        let synced = filesystem.blobs[0].1.lock().unwrap().clone();
+        assert!(!synced.is_empty(), "the blob file is found and synced");
+        // As if the sync had seen it while sled was still writing it.
+        let (&id, _) = synced.iter().next().unwrap();
+        filesystem.blobs[0].1.lock().unwrap().insert(id, 1);
+        filesystem.sync().unwrap();
+        assert_eq!(*filesystem.blobs[0].1.lock().unwrap(), synced, "synced again at its full length");
+        filesystem.sync_at_start().unwrap();
     }
 }

@@ -424,7 +424,7 @@ impl HistoryStore for SledStore {
         batch.insert(keys::manual(delivery_id, now_ms), &[] as &[u8]);
         self.queue.apply_batch(batch)?;
         self.queue.flush()?;
-        self.filesystem.sync_queue()?;
+        self.filesystem.sync()?;
         Ok(Some((delivery, now_ms)))
     }
 
@@ -444,7 +444,7 @@ impl HistoryStore for SledStore {
         self.queue.apply_batch(batch)?;
         // A replay is answered to a caller: make it durable first.
         self.queue.flush()?;
-        self.filesystem.sync_queue()?;
+        self.filesystem.sync()?;
         Ok(true)
     }
 
@@ -519,7 +519,7 @@ impl HistoryStore for SledStore {
         }
         self.queue.apply_batch(batch)?;
         self.queue.flush()?;
-        self.filesystem.sync_queue()?;
+        self.filesystem.sync()?;
         Ok(requeued)
     }
 
@@ -626,7 +626,7 @@ impl HistoryStore for SledStore {
             // Its record put aside must outlive a power loss that keeps the removal (the two
             // databases reach the disk on their own).
             self.queue.flush()?;
-            self.filesystem.sync_queue()?;
+            self.filesystem.sync()?;
         }
         // The applier may be writing a bitmap trimmed here (retention reached its block), or
         // a newer record for one of these idempotency keys: both are read under its lock.

@@ -283,7 +283,7 @@ fn replay_journal(
     index.write(tree, &mut batch)?;
     tree.apply_batch(batch)?;
     tree.flush()?;
-    filesystem.sync()?;
+    filesystem.sync_at_start()?;
     if replayed > 0 {
         tracing::info!(events = replayed, "wrote in the events of the journal's last checkpoint");
     }
@@ -439,7 +439,7 @@ impl SledStore {
                     apply(&tree, progress.point())
                 };
                 // On disk before the answer, a power loss included (sled's flush alone is not).
-                let flushed = tree.flush().map_err(StoreError::from).and_then(|_| Ok(filesystem.sync_database()?));
+                let flushed = tree.flush().map_err(StoreError::from).and_then(|_| Ok(filesystem.sync()?));
                 callers.forget_all();
                 progress.wait_for_groups();
                 flushed?;
@@ -483,7 +483,7 @@ impl Store for SledStore {
         match self.tree.compare_and_swap(keys::KEY_CHECK, None as Option<&[u8]>, Some(first))? {
             Ok(()) => {
                 self.tree.flush()?;
-                self.filesystem.sync_database()?;
+                self.filesystem.sync()?;
                 Ok(())
             }
             Err(existing) => super::match_master_key(existing.current.as_deref().unwrap_or_default(), accepted),
@@ -493,7 +493,7 @@ impl Store for SledStore {
     fn set_master_key(&self, key_id: &str, check: &[u8; 32]) -> Result<(), StoreError> {
         self.tree.insert(keys::KEY_CHECK, super::key_check_value(key_id, check))?;
         self.tree.flush()?;
-        self.filesystem.sync_database()?;
+        self.filesystem.sync()?;
         Ok(())
     }
 
@@ -504,7 +504,7 @@ impl Store for SledStore {
     fn set_sealed_hash_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
         self.tree.insert(keys::HASH_KEY, sealed)?;
         self.tree.flush()?;
-        self.filesystem.sync_database()?;
+        self.filesystem.sync()?;
         Ok(())
     }
 
@@ -659,7 +659,7 @@ impl Store for SledStore {
             // queue database only when the list is full.
             let fanout_next_seq = if !was_enabled && listener.enabled && listener.reenabling_prunes() {
                 queue.flush()?;
-                filesystem.sync_queue()?;
+                filesystem.sync()?;
                 let cursor = read::<FanoutCursor>(&queue, keys::FANOUT_CURSOR)?.unwrap_or_default().next_seq;
                 // A listener fanned out apart still reads from where it stands.
                 match queue.get(keys::detached(&listener.id))? {
@@ -702,7 +702,7 @@ impl Store for SledStore {
             let kept = ended.without_secrets();
             queue.insert(keys::owing(&listener.id), [&unsure_from_seq.to_be_bytes()[..], &encode(&kept)].concat())?;
             queue.flush()?;
-            filesystem.sync_queue()?;
+            filesystem.sync()?;
             let mut batch = Batch::default();
             index_listener(&mut batch, &listener, false);
             batch.remove(key);

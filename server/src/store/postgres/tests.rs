@@ -583,7 +583,12 @@ async fn a_producer_disabled_or_a_key_rotated_on_one_node_is_refused_on_another_
     there.append_event(new_event("prd_a", None, 1)).await.unwrap();
 
     here.set_producer_enabled("prd_a", false, "leaked".into()).await.unwrap();
-    assert!(there.producer("prd_a").unwrap().unwrap().enabled, "the other store's memory is behind");
+    // The other store's memory is nearly always still behind here (it hears of the change
+    // some 13 ms later), but on a loaded machine it has sometimes caught up already: the
+    // refusal below must hold either way, and the run says which case it checked.
+    if !there.producer("prd_a").unwrap().unwrap().enabled {
+        eprintln!("note: the other store had already heard of the change; its memory was not behind");
+    }
     let refused = there.append_event(new_event("prd_a", None, 2)).await.unwrap_err();
     assert!(matches!(refused, StoreError::Refused(Refusal::ProducerDisabled(ref reason)) if reason == "leaked"));
 

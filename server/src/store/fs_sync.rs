@@ -6,8 +6,8 @@
 //! a failure and goes on. So [`FileSystem::sync`] flushes sled's blob files written or grown
 //! since the last time, their directories, and each database's file, and fails should any
 //! write-back since these handles were opened have failed. It runs before a checkpoint lets
-//! the journal delete segments (their events then live only in sled; every second, see
-//! `writer::SYNC_EVERY`, off the intake's line), and before the answer to a write promised on
+//! the journal delete segments (their events then live only in sled; at every checkpoint, on a
+//! thread of its own, see `writer::sync_loop`), and before the answer to a write promised on
 //! disk (producers, keys, hashes, listeners; a manual attempt, a replay). At start one
 //! `syncfs` stands for all the blob files already there. (A `syncfs` of the whole filesystem
 //! at every sync was tried first: it also flushes every other file there, many hookd

@@ -58,15 +58,6 @@ pub(crate) const QUEUE_CAPACITY: usize = 8192;
 const APPLY_CHUNK: usize = 128;
 /// How often the applier flushes sled and records where a restart replays the journal from.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-/// How often the applier syncs the database's files (see [`sync_checkpoint`]), letting the
-/// journal delete the segments sled holds safe from a power loss: at every checkpoint. A
-/// `syncfs` of the whole filesystem there cost unary triggers at 64 callers with 1,000
-/// listeners about a tenth of their rate (quick bench, four alternating pairs:
-/// 18,751-23,231/s against 22,562-24,402/s without syncing); syncing sled's own files costs
-/// nothing measurable (24,893 and 26,324/s against 25,489 and 24,740/s). Every ten seconds
-/// instead kept ten seconds of journal more, which a test of the data directory's growth
-/// under steady load saw.
-const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// Callers cached at most; the cache starts afresh when full.
 const CALLERS_CACHED: usize = 10_000;
 
@@ -452,11 +443,21 @@ impl Writer {
         // pending-bytes semaphore), and a writer that waited here for the applier would hold
         // the next group's triggers behind sled.
         let (to_applier, applier_jobs) = std_mpsc::channel::<Apply>();
+        // Checkpoints to sync, off the applier's thread (a sync under load would hold the
+        // applying, and fan-out behind it, for as long as it takes).
+        let (to_syncer, syncer_points) = std_mpsc::channel::<u64>();
+        let syncer = {
+            let (progress, filesystem) = (self.progress.clone(), self.filesystem.clone());
+            std::thread::Builder::new()
+                .name("hookd-syncer".into())
+                .spawn(move || sync_loop(&progress, &filesystem, &syncer_points))
+                .expect("the syncer thread starts")
+        };
         let applier = {
             let (tree, progress, filesystem) = (self.tree.clone(), self.progress.clone(), self.filesystem.clone());
             std::thread::Builder::new()
                 .name("hookd-applier".into())
-                .spawn(move || apply_loop(&tree, &progress, &filesystem, &applier_jobs))
+                .spawn(move || apply_loop(&tree, &progress, &filesystem, &applier_jobs, &to_syncer))
                 .expect("the applier thread starts")
         };
         let mut group = Vec::with_capacity(64);
@@ -513,6 +514,9 @@ impl Writer {
         drop(to_applier);
         if applier.join().is_err() {
             tracing::error!("the event applier thread panicked");
+        }
+        if syncer.join().is_err() {
+            tracing::error!("the database syncer thread panicked");
         }
     }
 
@@ -703,16 +707,38 @@ fn sync_checkpoint(progress: &Progress, filesystem: &FileSystem, next_seq: u64) 
     Ok(())
 }
 
-/// Writes acknowledged events into sled; checkpoints every [`CHECKPOINT_EVERY`], syncs the
-/// database's files for the journal's sake every [`SYNC_EVERY`], and does both once more at
-/// the end.
-fn apply_loop(tree: &Tree, progress: &Progress, filesystem: &FileSystem, steps: &std_mpsc::Receiver<Apply>) {
+/// Syncs the database's files for each checkpoint the applier hands over (the latest of those
+/// waiting), then lets the journal delete the segments before it (see [`sync_checkpoint`]),
+/// until the applier is done. A `syncfs` of the whole filesystem at every checkpoint cost
+/// unary triggers at 64 callers with 1,000 listeners about a tenth of their rate (quick bench,
+/// four alternating pairs: 18,751-23,231/s against 22,562-24,402/s without syncing); syncing
+/// sled's own files costs nothing measurable (24,893 and 26,324/s against 25,489 and
+/// 24,740/s). On the applier's own thread, a slow sync under load held the applying, and
+/// fan-out behind it, for as long as it took.
+fn sync_loop(progress: &Progress, filesystem: &FileSystem, points: &std_mpsc::Receiver<u64>) {
+    while let Ok(mut point) = points.recv() {
+        while let Ok(later) = points.try_recv() {
+            point = point.max(later);
+        }
+        if let Err(error) = sync_checkpoint(progress, filesystem, point) {
+            progress.fail(format!("syncing the database failed: {error}"));
+            return;
+        }
+    }
+}
+
+/// Writes acknowledged events into sled; checkpoints every [`CHECKPOINT_EVERY`], handing each
+/// to `syncer` (see [`sync_loop`]), and once more at the end, synced here.
+fn apply_loop(
+    tree: &Tree,
+    progress: &Progress,
+    filesystem: &FileSystem,
+    steps: &std_mpsc::Receiver<Apply>,
+    syncer: &std_mpsc::Sender<u64>,
+) {
     let mut last_checkpoint = Instant::now();
-    let mut last_sync = Instant::now();
     // The next event not yet in sled, once something was applied since the last checkpoint.
     let mut unflushed: Option<u64> = None;
-    // The last checkpoint flushed and not yet synced.
-    let mut unsynced: Option<u64> = None;
     loop {
         let step = match steps.recv_timeout(CHECKPOINT_EVERY.saturating_sub(last_checkpoint.elapsed())) {
             Ok(step) => Some(step),
@@ -741,23 +767,21 @@ fn apply_loop(tree: &Tree, progress: &Progress, filesystem: &FileSystem, steps: 
             last_checkpoint = Instant::now();
             if let Some(next_seq) = unflushed.take() {
                 checkpoint(tree, next_seq)?;
-                unsynced = Some(next_seq);
+                // A syncer gone has failed, and said so.
+                let _ = syncer.send(next_seq);
             }
-            if last_sync.elapsed() < SYNC_EVERY {
-                return Ok(());
-            }
-            last_sync = Instant::now();
-            unsynced.take().map_or(Ok(()), |next_seq| sync_checkpoint(progress, filesystem, next_seq))
+            Ok(())
         });
         if let Err(error) = outcome {
             progress.fail(format!("writing events into the database failed: {error}"));
             return;
         }
     }
-    let last = unflushed.map_or(Ok(()), |next_seq| checkpoint(tree, next_seq).map_err(StoreError::from));
-    if let Err(error) = last.and_then(|()| {
-        unflushed.or(unsynced).map_or(Ok(()), |next_seq| sync_checkpoint(progress, filesystem, next_seq))
-    }) {
+    if let Some(next_seq) = unflushed
+        && let Err(error) = checkpoint(tree, next_seq)
+            .map_err(StoreError::from)
+            .and_then(|()| sync_checkpoint(progress, filesystem, next_seq))
+    {
         progress.fail(format!("the final flush of the database failed: {error}"));
     }
 }
